@@ -1,0 +1,26 @@
+"""Exceptions raised by upsr_core."""
+from __future__ import annotations
+
+from typing import Mapping
+
+__all__ = ["UnsupportedCheckpointError", "describe_state_dict"]
+
+
+def describe_state_dict(sd: Mapping, limit: int = 4) -> str:
+    """One line saying what a state dict looks like: key count and its first keys."""
+    keys = list(sd.keys())
+    head = ", ".join(repr(k) for k in keys[:limit])
+    more = f", … ({len(keys)} keys)" if len(keys) > limit else f" ({len(keys)} keys)"
+    return f"[{head}{more}]" if keys else "an empty state dict"
+
+
+class UnsupportedCheckpointError(ValueError):
+    """A file is not a checkpoint of the network it was given as.
+
+    The message says what was expected and what the file looks like.
+    """
+
+    def __init__(self, message: str, sd: Mapping | None = None):
+        if sd is not None:
+            message = f"{message}; the file holds {describe_state_dict(sd)}"
+        super().__init__(message)

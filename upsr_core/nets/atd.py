@@ -1,0 +1,290 @@
+"""The auxiliary SR net g: ATD, "real" variant used by UPSR (official ``atd_real_arch.ATD``).
+
+Written from SPEC §5 (Adaptive Token Dictionary, Zhang et al. CVPR 2024, with UPSR's
+changes: branch sum divided by √3, token dictionary L2-normalised before every layer,
+LayerNorm in each block's ``patch_embed``, (x−0.5)/0.5 in/out normalisation).
+Names follow the official state_dict, so ``atd_real.pth`` loads with ``strict=True``.
+
+``ATD(x)``: x (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w), nominally [0, 1], not clamped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ATDConfig
+from .attention import attend, relative_position_index, window_partition, window_reverse
+
+__all__ = ["ATD", "official_sort"]
+
+SortFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def official_sort(category: torch.Tensor) -> torch.Tensor:
+    """The official AC-MSA permutation: ``torch.sort(stable=False)`` (SPEC §8.3).
+
+    Ties are broken in an implementation-defined order, so results depend on the device.
+    """
+    return torch.sort(category, dim=-1, stable=False).indices
+
+
+def swin_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """Standard Swin shifted-window mask (nW, N, N) with -100 between regions."""
+    img = torch.zeros(h, w)
+    cnt = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            img[hs, ws] = cnt
+            cnt += 1
+    lab = window_partition(img[None, :, :, None], window).squeeze(-1)
+    return (lab[:, None, :] != lab[:, :, None]).float() * -100.0
+
+
+class Norm(nn.Module):
+    """Holds a LayerNorm under the key ``norm`` (official ``PatchEmbed``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class DWConv(nn.Module):
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.depthwise_conv = nn.Sequential(nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim), nn.GELU())
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, n, c = x.shape
+        y = self.depthwise_conv(x.transpose(1, 2).reshape(b, c, *hw))
+        return y.flatten(2).transpose(1, 2)
+
+
+class ConvFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, kernel: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.dwconv = DWConv(hidden, kernel)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        return self.fc2(x + self.dwconv(x, hw))
+
+
+class WindowBranch(nn.Module):
+    """ATD window attention on a precomputed qkv (no qkv layer of its own)."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.scale = (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None, fused: bool) -> torch.Tensor:
+        bw, n, c3 = qkv.shape
+        c = c3 // 3
+        qkv = qkv.reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        out = attend(qkv[0], qkv[1], qkv[2], bias, mask, self.scale, fused)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class TokenDictionaryAttention(nn.Module):
+    """ATD-CA: cross-attention from image tokens to the m dictionary tokens."""
+
+    def __init__(self, dim: int, reducted: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.scale = nn.Parameter(torch.ones(num_tokens))
+        self.wq = nn.Linear(dim, reducted)
+        self.wk = nn.Linear(dim, reducted)
+        self.wv = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, td: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, n, C), td (B, m, C) -> (x_atd (B, n, C), similarity (B, n, m))."""
+        q, k, v = self.wq(x), self.wk(td), self.wv(td)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * (1 + torch.clamp(self.scale, 0, 1) * math.log(self.num_tokens))
+        attn = attn.softmax(dim=-1)
+        return attn @ v, attn
+
+
+class CategoryAttention(nn.Module):
+    """AC-MSA: tokens sorted by dictionary category, attention within groups of ``category_size``."""
+
+    def __init__(self, dim: int, heads: int, category_size: int):
+        super().__init__()
+        self.heads, self.category_size = heads, category_size
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(1, 1)))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, qkv: torch.Tensor, sim: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """qkv (B, n, 3C), sim (B, n, m), perm (B, n) sorting permutation -> (B, n, C)."""
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        gs = min(n, self.category_size)
+        ng = (n + gs - 1) // gs
+        pad = ng * gs - n
+        shuffled = torch.gather(qkv, 1, perm.unsqueeze(-1).expand(-1, -1, c3))
+        if pad:  # the last `pad` sorted tokens, reversed (official padding)
+            shuffled = torch.cat([shuffled, torch.flip(shuffled[:, n - pad : n], dims=[1])], dim=1)
+        q, k, v = shuffled.reshape(b, ng, gs, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
+        # no 1/sqrt(d) and no q/k normalisation (official)
+        attn = (q @ k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        y = (attn.softmax(dim=-1) @ v).permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
+        inverse = torch.argsort(perm, dim=-1)
+        y = torch.gather(y, 1, inverse.unsqueeze(-1).expand(-1, -1, c))
+        return self.proj(y)
+
+
+class ATDLayer(nn.Module):
+    """One ``ATDTransformerLayer``: window + dictionary + category attention, ConvFFN, td refinement."""
+
+    def __init__(self, cfg: ATDConfig, heads: int, shift: int, is_last: bool):
+        super().__init__()
+        dim, m = cfg.embed_dim, cfg.num_tokens
+        self.shift, self.is_last, self.window = shift, is_last, cfg.window_size
+        if not is_last:
+            self.sigma = nn.Parameter(torch.zeros(m, 1))
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        if not is_last:
+            self.norm3 = nn.InstanceNorm1d(m, affine=True)
+        self.wqkv = nn.Linear(dim, 3 * dim)
+        self.attn_win = WindowBranch(dim, heads, cfg.window_size)
+        self.attn_atd = TokenDictionaryAttention(dim, cfg.reducted_dim, m)
+        self.attn_aca = CategoryAttention(dim, heads, cfg.category_size)
+        self.convffn = ConvFFN(dim, dim * cfg.mlp_ratio, cfg.convffn_kernel_size)
+
+    def forward(
+        self, x: torch.Tensor, td: torch.Tensor, hw: tuple[int, int], ctx: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = hw
+        b, n, c = x.shape
+        shortcut = x
+        xn = self.norm1(x)
+        qkv = self.wqkv(xn)
+        x_atd, sim = self.attn_atd(xn, td)
+        category = torch.argmax(sim, dim=-1)
+        perm = ctx["sort"](category)
+        x_aca = self.attn_aca(qkv, sim, perm)
+        grid = qkv.reshape(b, h, w, 3 * c)
+        s = self.shift
+        if s:
+            grid = torch.roll(grid, (-s, -s), dims=(1, 2))
+        win = self.attn_win(window_partition(grid, self.window), ctx["rpi"], ctx["mask"] if s else None, ctx["fused"])
+        grid = window_reverse(win, self.window, h, w)
+        if s:
+            grid = torch.roll(grid, (s, s), dims=(1, 2))
+        x = shortcut + (grid.reshape(b, n, c) + x_atd + x_aca) / math.sqrt(3)
+        x = x + self.convffn(self.norm2(x), hw)
+        if not self.is_last:
+            mask_soft = self.norm3(sim.transpose(-1, -2)).softmax(dim=-1)
+            g = torch.sigmoid(self.sigma)
+            td = g * td + (1 - g) * (mask_soft @ x)
+        return x, td
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cfg: ATDConfig, depth: int, heads: int):
+        super().__init__()
+        self.td = nn.Parameter(torch.randn(cfg.num_tokens, cfg.embed_dim))
+        self.layers = nn.ModuleList(
+            ATDLayer(cfg, heads, cfg.window_size // 2 if i % 2 else 0, i == depth - 1) for i in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], ctx: dict) -> torch.Tensor:
+        td = self.td.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            td = F.normalize(td, dim=-1)
+            x, td = layer(x, td, hw, ctx)
+        return x
+
+
+class ATDB(nn.Module):
+    def __init__(self, cfg: ATDConfig, depth: int, heads: int):
+        super().__init__()
+        self.patch_embed = Norm(cfg.embed_dim)
+        self.residual_group = BasicBlock(cfg, depth, heads)
+        self.conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], ctx: dict) -> torch.Tensor:
+        b, n, c = x.shape
+        y = self.residual_group(x, hw, ctx)
+        y = self.conv(y.transpose(1, 2).reshape(b, c, *hw))
+        return self.patch_embed(y.flatten(2).transpose(1, 2)) + x
+
+
+class ATD(nn.Module):
+    """ATD x4 estimator (real variant). Input (B,3,h,w) in [0,1] -> (B,3,4h,4w), unclamped."""
+
+    fused: bool = False
+
+    def __init__(self, config: ATDConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.register_buffer("relative_position_index_SA", relative_position_index(cfg.window_size))
+        self.conv_first = nn.Conv2d(cfg.in_chans, cfg.embed_dim, 3, padding=1)
+        self.patch_embed = Norm(cfg.embed_dim)
+        self.layers = nn.ModuleList(ATDB(cfg, d, h) for d, h in zip(cfg.depths, cfg.num_heads))
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.conv_after_body = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 3, padding=1)
+        self.upsample = nn.Sequential(
+            nn.Conv2d(cfg.embed_dim, cfg.upscale**2 * cfg.in_chans, 3, padding=1), nn.PixelShuffle(cfg.upscale)
+        )
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def multiple_of(self) -> int:
+        return self.config.window_size
+
+    def _shift_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
+        key = (h, w, ref.device, ref.dtype)
+        if key not in self._mask_cache:
+            ws = self.config.window_size
+            self._mask_cache[key] = swin_shift_mask(h, w, ws, ws // 2).to(ref.device, ref.dtype)
+        return self._mask_cache[key]
+
+    def forward(self, x: torch.Tensor, *, sort_fn: SortFn | Iterator[torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B,3,h,w) in [0,1] -> (B,3,4h,4w).
+
+        ``sort_fn``: the AC-MSA permutation source — :func:`official_sort` by default;
+        tests pass an iterator of recorded permutations to replay the official run.
+        """
+        h, w = x.shape[-2:]
+        ws = self.config.window_size
+        ph, pw = (-h) % ws, (-w) % ws
+        if ph:  # symmetric flip padding (official check_image_size)
+            x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, : h + ph]
+        if pw:
+            x = torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, : w + pw]
+        x = (x - 0.5) / 0.5
+        x0 = self.conv_first(x)
+        b, c, hp, wp = x0.shape
+        if sort_fn is None:
+            sort_fn = official_sort
+        elif not callable(sort_fn):
+            it = sort_fn
+            sort_fn = lambda _cat: next(it)  # noqa: E731
+        ctx = {
+            "sort": sort_fn,
+            "rpi": self.relative_position_index_SA,
+            "mask": self._shift_mask(hp, wp, x0),
+            "fused": self.fused,
+        }
+        t = self.patch_embed(x0.flatten(2).transpose(1, 2))
+        for layer in self.layers:
+            t = layer(t, (hp, wp), ctx)
+        feat = self.norm(t).transpose(1, 2).reshape(b, c, hp, wp)
+        out = self.upsample(self.conv_after_body(feat) + x0)
+        s = self.config.upscale
+        return (out * 0.5 + 0.5)[:, :, : h * s, : w * s]

@@ -1,0 +1,92 @@
+"""Window attention shared by the denoiser's Swin layers and ATD's window branch.
+
+Two numerically equivalent paths: the reference path writes the official math out
+(``softmax(q·scale @ kᵀ + bias + mask) @ v``); the fused path hands the same bias and
+mask, precomputed once per (shape, device, dtype), to ``scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["window_partition", "window_reverse", "relative_position_index", "attend", "WindowAttention"]
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B·nW, window², C); windows and tokens in row-major order."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """(B·nW, window², C) -> (B, H, W, C), inverse of :func:`window_partition`."""
+    c = windows.shape[-1]
+    x = windows.reshape(-1, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """Standard Swin index (N, N), N = window²: ``(Δr + w - 1)·(2w - 1) + (Δc + w - 1)``."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    fused: bool,
+) -> torch.Tensor:
+    """Windowed multi-head attention.
+
+    q, k, v: (B·nW, heads, N, d); bias: (heads, N, N); mask: (nW, N, N) or None.
+    Returns (B·nW, heads, N, d).
+    """
+    bw, heads, n, _ = q.shape
+    if fused:
+        full = bias.unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            full = (full + mask.unsqueeze(1)).unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, heads, n, n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype), scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = attn.view(bw // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(bw, heads, n, n)
+    return attn.softmax(dim=-1) @ v
+
+
+class WindowAttention(nn.Module):
+    """Denoiser Swin attention: ``qkv`` and ``proj`` Linear, bias table ((2w-1)², heads)."""
+
+    fused: bool = False
+
+    def __init__(self, dim: int, heads: int, window: int, index_key: str = "relative_position_index"):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.scale = (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        self.register_buffer(index_key, relative_position_index(window))
+        self._index_key = index_key
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def bias(self) -> torch.Tensor:
+        """(heads, N, N) relative position bias."""
+        n = self.window * self.window
+        idx = getattr(self, self._index_key).reshape(-1)
+        return self.relative_position_bias_table[idx].reshape(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B·nW, N, C) -> (B·nW, N, C)."""
+        bw, n, c = x.shape
+        qkv = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = attend(qkv[0], qkv[1], qkv[2], self.bias(), mask, self.scale, self.fused)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))

@@ -1,0 +1,259 @@
+"""The UPSR denoiser: a Swin-UNet on PixelUnshuffled pixels (official ``UNetModelSwin``).
+
+Written from SPEC §3. Module and parameter names follow the official state_dict so
+``load_state_dict(strict=True)`` takes the authors' ``upsr.pth`` without remapping.
+Quirks of the official code that the trained weights depend on are replicated on
+purpose and marked ``# SPEC §8.N``.
+
+Shapes: ``forward(x, t, lq)`` takes ``x`` (B, in_channels, h, w) — the scaled,
+unshuffled state — ``t`` int64 (B,) raw step indices, ``lq`` (B, 96, h, w), and returns
+the x0 prediction (B, out_channels, 4h, 4w) in [-1, 1] space (not clamped). ``h`` and
+``w`` must be multiples of ``config.multiple_of`` (64 for the official net).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DenoiserConfig
+from .attention import WindowAttention, window_partition, window_reverse
+
+__all__ = ["UPSRDenoiser", "timestep_embedding"]
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in float32 and cast back (official ``normalization``)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps, (B,) -> (B, dim); cosines first (SPEC §3.2)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """Residual block with scale-shift conditioning on the time embedding."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb).to(h.dtype)[..., None, None].chunk(2, dim=1)
+        h = self.out_layers[0](h) * (1 + scale) + shift
+        h = self.out_layers[3](self.out_layers[1](h))
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Conv1x1(nn.Module):
+    """Holds a 1x1 conv under the key ``proj`` (official ``patch_embed``/``patch_unembed``)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def official_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """The attention mask the official shifted blocks actually apply, (nW, N, N) float32.
+
+    SPEC §8.2: the official code indexes a (1,1,H,W) map as if it were (1,H,W,1), so
+    only windows in the last window-row are masked, and there by the token's *column*
+    inside the window (label A for column < window - shift, else B). -100 between labels.
+    """
+    nwh, nww = h // window, w // window
+    col = torch.arange(window * window) % window
+    label = col >= window - shift
+    pair = (label[:, None] != label[None, :]).float() * -100.0
+    mask = torch.zeros(nwh * nww, window * window, window * window)
+    mask[(nwh - 1) * nww :] = pair
+    return mask
+
+
+class SwinBlock(nn.Module):
+    """Swin block on channels-first maps with GroupNorm and 1x1-conv MLP (SPEC §3.3, §8.9)."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_ratio: int, nominal: int):
+        super().__init__()
+        self.window, self.shift = window, shift
+        if shift:
+            # Stored in official checkpoints but never read by the official forward (§1).
+            self.register_buffer("attn_mask", official_shift_mask(nominal, nominal, window, shift))
+        self.norm1 = GroupNorm32(dim)
+        self.attn = WindowAttention(dim, heads, window, index_key="relative_position_index")
+        self.norm2 = GroupNorm32(dim)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+        self._mask_cache: dict[tuple, torch.Tensor] = {}
+
+    def _runtime_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor | None:
+        if not self.shift:
+            return None
+        key = (h, w, ref.device, ref.dtype)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)
+        return self._mask_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s = self.shift
+        y = self.norm1(x)
+        if s:
+            y = torch.roll(y, (-s, -s), dims=(2, 3))
+        win = window_partition(y.permute(0, 2, 3, 1), self.window)
+        win = self.attn(win, mask=self._runtime_mask(h, w, x))
+        y = window_reverse(win, self.window, h, w).permute(0, 3, 1, 2)
+        if s:
+            y = torch.roll(y, (s, s), dims=(2, 3))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class SwinLayer(nn.Module):
+    """Official ``BasicLayer``: 1x1 in, ``depth`` Swin blocks, 1x1 out, no outer residual (§8.9)."""
+
+    def __init__(self, channels: int, cfg: DenoiserConfig, nominal: int):
+        super().__init__()
+        dim, ws = cfg.swin_embed_dim, cfg.window_size
+        if nominal <= ws:  # official: window shrinks to the map, no shift (§8.10)
+            ws, shifts = nominal, [0] * cfg.swin_depth
+        else:
+            shifts = [0 if i % 2 == 0 else ws // 2 for i in range(cfg.swin_depth)]
+        self.patch_embed = Conv1x1(channels, dim)
+        self.patch_unembed = Conv1x1(dim, channels)
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, cfg.swin_num_heads, ws, sh, cfg.mlp_ratio, nominal) for sh in shifts
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.patch_unembed(x)
+
+
+class EmbedSequential(nn.Sequential):
+    """Sequential that feeds the time embedding to ResBlocks."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UPSRDenoiser(nn.Module):
+    """Swin-UNet x0-predictor of UPSR, key-compatible with the official ``UNetModelSwin``."""
+
+    def __init__(self, config: DenoiserConfig):
+        super().__init__()
+        self.config = cfg = config
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.input_blocks = nn.ModuleList(
+            [EmbedSequential(nn.Conv2d(cfg.in_channels + cfg.lq_channels, mc, 3, padding=1))]
+        )
+        chans, ch, ds = [mc], mc, cfg.image_size
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for j in range(cfg.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ch, mult * mc, emb_dim)]
+                ch = mult * mc
+                if ds in cfg.swin_levels and j == 0:  # official: Swin after the first ResBlock only
+                    layers.append(SwinLayer(ch, cfg, ds))
+                self.input_blocks.append(EmbedSequential(*layers))
+                chans.append(ch)
+            if level != last:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                chans.append(ch)
+                ds //= 2
+        middle: list[nn.Module] = [ResBlock(ch, ch, emb_dim)]
+        if cfg.middle_swin:
+            middle.append(SwinLayer(ch, cfg, ds))
+        middle.append(ResBlock(ch, ch, emb_dim))
+        self.middle_block = EmbedSequential(*middle)
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks[level] + 1):
+                layers = [ResBlock(ch + chans.pop(), mc * mult, emb_dim)]
+                ch = mc * mult
+                if ds in cfg.swin_levels and i == 0:
+                    layers.append(SwinLayer(ch, cfg, ds))
+                if level and i == cfg.num_res_blocks[level]:
+                    layers.append(Upsample(ch))
+                    ds *= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        nf = cfg.num_feat
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(mc, nf, 3, padding=1), nn.LeakyReLU(inplace=True))
+        self.conv_up1 = nn.Conv2d(nf, nf, 3, padding=1)
+        self.conv_up2 = nn.Conv2d(nf, nf, 3, padding=1)
+        self.conv_hr = nn.Conv2d(nf, nf, 3, padding=1)
+        self.conv_last = nn.Conv2d(nf, cfg.out_channels, 3, padding=1)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+
+    @property
+    def multiple_of(self) -> int:
+        return self.config.multiple_of
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """x (B,in_ch,h,w), timesteps int (B,), lq (B,96,h,w) -> x0 (B,out_ch,4h,4w), [-1,1] space."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        h = torch.cat([x, lq.to(x.dtype)], dim=1)
+        skips = []
+        for blk in self.input_blocks:
+            h = blk(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for blk in self.output_blocks:
+            h = blk(torch.cat([h, skips.pop()], dim=1), emb)
+        # Head: slope 0.01 on the first LeakyReLU, 0.2 on the rest (SPEC §8.8).
+        h = self.conv_before_upsample(h)
+        h = self.lrelu(self.conv_up1(F.interpolate(h, scale_factor=2, mode="nearest")))
+        h = self.lrelu(self.conv_up2(F.interpolate(h, scale_factor=2, mode="nearest")))
+        return self.conv_last(self.lrelu(self.conv_hr(h)))
