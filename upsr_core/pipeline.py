@@ -1,0 +1,195 @@
+"""UPSR inference as stages (SPEC §2), each runnable, inspectable and replaceable alone.
+
+    lr (B,3,h,w) [0,1]
+      │ pad_lr            reflect-pad right/bottom to a multiple of 64, [-1,1] space
+      │ bicubic_x4        y↑ = bicubic ×4 of the padded LR (no antialias, no clamp)
+      │ run_estimator     ŷ = g(y) (ATD), [-1,1] space, not clamped
+      ├─> Estimate        the three padded tensors + the crop size
+      │ estimate.uncertainty     ψ = ½|ŷ − y↑| in [0,1] units   (uncertainty.py)
+      │ weight_noise             w = b_u + (1−b_u)·min(ψ/ψ_max, 1)
+      │ starting_noise    ε, one generator per image: seed + i
+      │ denoise_estimate  x_T = y↑ + κ√η_T·w⊙ε, 5 DDIM steps, crop, clamp → sr [0,1]
+      └─> sr (B,3,4h,4w) [0,1]
+
+Tensors between stages keep the padded size (4·Hp, 4·Wp); ``crop_hr`` gives the visible
+part. The official code crashes for LR sides <= 32 that need padding (SPEC §8.1); here
+the reflection is repeated until the size is reached, which equals the official
+padding wherever that one works.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import ResShiftSchedule, make_schedule
+from .sampler import StepCallback, prior_sample, sample
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, estimate_uncertainty, weight_noise
+
+__all__ = [
+    "Estimate",
+    "pad_lr",
+    "reflect_pad",
+    "bicubic_x4",
+    "run_estimator",
+    "estimate",
+    "starting_noise",
+    "denoise_estimate",
+    "crop_hr",
+    "check_lr",
+    "SCALE",
+]
+
+SCALE = 4
+
+
+def check_lr(lr: torch.Tensor) -> None:
+    """Raise ValueError unless lr is a finite float (B, 3, h, w) tensor with B, h, w >= 1."""
+    if not isinstance(lr, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(lr).__name__}")
+    if lr.ndim != 4 or lr.shape[1] != 3:
+        raise ValueError(f"expected an LR image (B, 3, h, w), got {tuple(lr.shape)}")
+    if lr.shape[0] == 0 or lr.shape[2] == 0 or lr.shape[3] == 0:
+        raise ValueError(f"expected a non-empty LR image (B, 3, h, w), got {tuple(lr.shape)}")
+    if not lr.is_floating_point():
+        raise TypeError(f"expected a float image in [0, 1], got dtype {lr.dtype}")
+    if not torch.isfinite(lr).all():
+        raise ValueError("the LR image contains NaN or Inf values")
+
+
+def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Reflect-pad (excluding the edge pixel) right and bottom; repeats the reflection
+    when the pad exceeds the size − 1 (sizes of 1 are replicated)."""
+    while pad_h > 0 or pad_w > 0:
+        h, w = x.shape[-2:]
+        ph, pw = min(pad_h, max(h - 1, 0)), min(pad_w, max(w - 1, 0))
+        if (h == 1 and pad_h) or (w == 1 and pad_w):
+            x = F.pad(x, (0, pad_w if w == 1 else 0, 0, pad_h if h == 1 else 0), mode="replicate")
+            pad_h, pad_w = (0 if h == 1 else pad_h), (0 if w == 1 else pad_w)
+            continue
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+        pad_h, pad_w = pad_h - ph, pad_w - pw
+    return x
+
+
+def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``."""
+    y0 = (lr - 0.5) / 0.5
+    h, w = y0.shape[-2:]
+    return reflect_pad(y0, (-h) % multiple, (-w) % multiple)
+
+
+def bicubic_x4(lr_pm: torch.Tensor) -> torch.Tensor:
+    """Bicubic ×4 (A = −0.75, align_corners=False, no antialias, no clamp); any range."""
+    return F.interpolate(lr_pm, scale_factor=SCALE, mode="bicubic", align_corners=False)
+
+
+def run_estimator(
+    estimator: Callable[[torch.Tensor], torch.Tensor], lr_pm: torch.Tensor
+) -> torch.Tensor:
+    """ŷ = g(y) in [-1,1] space: the estimator takes [0,1] input (SPEC §2 round trips kept)."""
+    return (estimator(lr_pm * 0.5 + 0.5) - 0.5) / 0.5
+
+
+@dataclass
+class Estimate:
+    """Output of the estimation stage; all HR tensors at the padded size (B,3,4Hp,4Wp).
+
+    ``lr_pm``: padded LR in [-1,1]; ``bicubic_pm``/``sr_estimate_pm``: y↑ and ŷ in [-1,1];
+    ``size``: the LR (h, w) before padding.
+    """
+
+    lr_pm: torch.Tensor
+    bicubic_pm: torch.Tensor
+    sr_estimate_pm: torch.Tensor
+    size: tuple[int, int]
+
+    @property
+    def sr_estimate(self) -> torch.Tensor:
+        """ŷ in [0,1] units (unclamped), padded size."""
+        return self.sr_estimate_pm * 0.5 + 0.5
+
+    def uncertainty(self) -> torch.Tensor:
+        """ψ = ½|ŷ − y↑| in [0,1] units, padded size (B,3,4Hp,4Wp).
+
+        Computed as ``estimate_uncertainty(ŷ_pm/2, y↑_pm/2)``: halving is exact, so the
+        noise weight matches the official pm-space expression bit for bit.
+        """
+        return estimate_uncertainty(self.sr_estimate_pm * 0.5, self.bicubic_pm * 0.5)
+
+    def to(self, device: torch.device | str) -> "Estimate":
+        return Estimate(self.lr_pm.to(device), self.bicubic_pm.to(device), self.sr_estimate_pm.to(device), self.size)
+
+
+def estimate(
+    estimator: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, multiple: int = 64
+) -> Estimate:
+    """Pad, bicubic and g(y) for lr (B,3,h,w) in [0,1]. Returns an :class:`Estimate`."""
+    check_lr(lr)
+    lr_pm = pad_lr(lr, multiple)
+    return Estimate(lr_pm, bicubic_x4(lr_pm), run_estimator(estimator, lr_pm), tuple(lr.shape[-2:]))
+
+
+def starting_noise(seed: int, batch: int, lr_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """ε (B, 48, Hp, Wp) float32: image i from ``torch.Generator('cpu').manual_seed(seed + i)``.
+
+    Drawn on the CPU so results do not depend on the device or the batch size.
+    """
+    if not isinstance(seed, int) or seed < 0 or seed + batch - 1 > 2**63 - 1:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
+    hp, wp = lr_hw
+    eps = [
+        torch.randn((1, 3 * SCALE * SCALE, hp, wp), generator=torch.Generator("cpu").manual_seed(seed + i))
+        for i in range(batch)
+    ]
+    return torch.cat(eps).to(device)
+
+
+def denoise_estimate(
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    est: Estimate,
+    weight: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    schedule: ResShiftSchedule | None = None,
+    callback: StepCallback | None = None,
+    crop: bool = True,
+) -> torch.Tensor:
+    """Diffusion stage: returns sr (B,3,4h,4w) in [0,1] (or the padded [-1,1] sample if crop=False).
+
+    weight: noise weight w (B,3 or 1,4Hp,4Wp) in [0,1]; noise: ε (B,48,Hp,Wp).
+    ``denoiser(x, t, lq)`` is the network (x (B,48,Hp,Wp), t int64 (B,), lq (B,96,Hp,Wp)).
+    """
+    schedule = schedule or make_schedule()
+    b = est.lr_pm.shape[0]
+    hr = est.bicubic_pm.shape[-2:]
+    if weight.shape[-2:] != hr or weight.shape[0] != b:
+        raise ValueError(f"noise weight {tuple(weight.shape)} does not match the estimate ({b}, 3, {hr[0]}, {hr[1]})")
+    if noise.shape != (b, 3 * SCALE * SCALE, hr[0] // SCALE, hr[1] // SCALE):
+        raise ValueError(f"noise {tuple(noise.shape)} does not match the padded LR grid {tuple(est.lr_pm.shape)}")
+    weight = weight.expand(b, 3, *hr)
+    y = F.pixel_unshuffle(est.bicubic_pm, SCALE)
+    lq = F.pixel_unshuffle(torch.cat([est.sr_estimate_pm, est.bicubic_pm], dim=1), SCALE)
+    x_T = prior_sample(y, F.pixel_unshuffle(weight, SCALE), noise.to(y.device, y.dtype), schedule)
+
+    def denoise(x_in: torch.Tensor, t: int) -> torch.Tensor:
+        ts = torch.full((b,), t, dtype=torch.long, device=x_in.device)
+        return F.pixel_unshuffle(denoiser(x_in, ts, lq), SCALE)
+
+    x = F.pixel_shuffle(sample(denoise, y, x_T, schedule, callback=callback), SCALE)
+    if not crop:
+        return x
+    return crop_hr(x, est.size).clamp(-1, 1) * 0.5 + 0.5
+
+
+def crop_hr(x: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
+    """Crop an HR tensor at the padded size to the visible 4h × 4w."""
+    h, w = lr_size
+    return x[..., : SCALE * h, : SCALE * w]
+
+
+def default_weight(est: Estimate, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
+    """w from the estimate's own ψ (the official behaviour with the defaults)."""
+    return weight_noise(est.uncertainty(), b_u, psi_max)

@@ -1,0 +1,53 @@
+"""The UPSR sampler: DDIM (η = 0) on the ResShift residual process (SPEC §4).
+
+A sampler is a function of a denoiser callable and a schedule (k-diffusion style).
+Everything happens in the PixelUnshuffled layout (B, 48, h, w) of the padded LR grid.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from .schedule import ResShiftSchedule
+
+__all__ = ["sample", "prior_sample", "Denoise", "StepCallback"]
+
+
+class Denoise(Protocol):
+    def __call__(self, x_in: torch.Tensor, t: int) -> torch.Tensor:
+        """x_in (B, 48, h, w) scaled state, step t -> x̂0 (B, 48, h, w), unshuffled."""
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def prior_sample(y: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor, schedule: ResShiftSchedule) -> torch.Tensor:
+    """x_T = y + κ·√η_T·w ⊙ ε (UPSR eq. 8); all (B, 48, h, w), unshuffled, [-1, 1] space."""
+    coef = schedule.f32()["prior"].to(y.device)
+    return y + coef * weight * noise
+
+
+def sample(
+    denoise: Denoise,
+    y: torch.Tensor,
+    x_T: torch.Tensor,
+    schedule: ResShiftSchedule,
+    *,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the T-step DDIM (η = 0) sampler from x_T, return the final x̂0.
+
+    y: PixelUnshuffle(bicubic(y)) (B, 48, h, w) in [-1, 1] space; x_T from :func:`prior_sample`.
+    ``callback(i, x_t, x0_hat)`` is called after each of the T steps (i = 0..T-1).
+    """
+    co = {k: v.to(y.device) for k, v in schedule.f32().items()}
+    x = x_T
+    for i, t in enumerate(reversed(range(schedule.num_steps))):
+        # ResShift eq. 7: the network sees x_t / √(η_t κ² var_un + 1/4)  (SPEC §8.5)
+        x0 = denoise(x / co["std"][t], t)
+        # DDIM with η = 0 (ResShift appendix): x_{t−1} = k_t x̂0 + m_t x_t + c_t y
+        x = x0 * co["k"][t] + x * co["m"][t] + y * co["c"][t]
+        if callback is not None:
+            callback(i, x, x0)
+    return x

@@ -1,0 +1,53 @@
+"""Uncertainty-guided noise weighting (UPSR paper §3.2, SPEC §7).
+
+In [0, 1] image units, per pixel and per colour channel:
+
+    ψ = ½ · |g(y) − y↑|                     (uncertainty; g = estimator, y↑ = bicubic)
+    w = b_u + (1 − b_u) · min(ψ / ψ_max, 1)  (noise weight, in [b_u, 1])
+
+With b_u = 0.4, ψ_max = 0.05 this is exactly the official
+``0.4 + 0.6·clamp(|y_hat − y_bic|/2, 0, 0.1)/0.1`` on [-1, 1] tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["estimate_uncertainty", "weight_noise", "DEFAULT_B_U", "DEFAULT_PSI_MAX"]
+
+DEFAULT_B_U = 0.4
+DEFAULT_PSI_MAX = 0.05
+
+
+def estimate_uncertainty(sr_estimate: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
+    """ψ = ½|g(y) − bicubic(y)|, both (B, C, H, W) in [0, 1] units -> (B, C, H, W) >= 0.
+
+    The inputs are not clamped (SPEC §8.13: the official code does not clamp either).
+    """
+    if sr_estimate.shape != bicubic.shape:
+        raise ValueError(
+            f"sr_estimate {tuple(sr_estimate.shape)} and bicubic {tuple(bicubic.shape)} must have the same shape"
+        )
+    return (sr_estimate - bicubic).abs() * 0.5
+
+
+def check_weight_params(b_u: float, psi_max: float) -> None:
+    """Raise ValueError unless 0 <= b_u <= 1 and psi_max > 0 (both finite)."""
+    if not (math.isfinite(b_u) and 0.0 <= b_u <= 1.0):
+        raise ValueError(f"b_u must be in [0, 1], got {b_u}")
+    if not (math.isfinite(psi_max) and psi_max > 0.0):
+        raise ValueError(f"psi_max must be > 0, got {psi_max}")
+
+
+def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
+    """Noise weight w = b_u + (1 − b_u)·min(ψ/ψ_max, 1), shape of ψ, values in [b_u, 1].
+
+    ψ may have 1 channel (an edited mask) or 3; it must be finite and >= 0.
+    """
+    check_weight_params(b_u, psi_max)
+    if not torch.isfinite(psi).all() or (psi < 0).any():
+        raise ValueError("uncertainty ψ must be finite and >= 0")
+    # |g − y| = 2ψ, clamped at 2ψ_max, scaled to [0, 1]: the official operation order.
+    u = torch.clamp(psi * 2.0, 0.0, 2.0 * psi_max) / (2.0 * psi_max)
+    return b_u + (1.0 - b_u) * u
