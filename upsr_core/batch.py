@@ -1,0 +1,109 @@
+"""`upscale` over files and folders: streaming, resumable, sharded over torchrun ranks.
+
+Every input file is its own image under the seed contract (its noise comes from
+``seed``), so a file's result does not depend on the folder, the batch or the rank.
+Existing outputs are skipped unless ``--overwrite``: an interrupted run resumes.
+With ``torchrun --nproc-per-node N``, rank r takes files r, r+N, … (no process pool).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .imageio import IMAGE_SUFFIXES, read_image, write_png
+from .model import load_upsr
+from .pipeline import starting_noise
+from .uncertainty import check_weight_params, weight_noise
+
+__all__ = ["run_upscale", "collect_inputs", "plan_outputs"]
+
+log = logging.getLogger("upsr_core")
+
+
+def collect_inputs(items: list[str]) -> list[tuple[Path, Path]]:
+    """Expand files and folders -> [(file, root)] in sorted order; root is the folder given."""
+    out: list[tuple[Path, Path]] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"folder {it!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += [(f, p) for f in files]
+        elif p.is_file():
+            out.append((p, p.parent))
+        else:
+            raise FileNotFoundError(f"input not found: {it!r}")
+    return out
+
+
+def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> list[Path]:
+    """Output paths: OUT itself for one input file, else OUT/<relative path>.png."""
+    out = Path(output)
+    if single:
+        if out.is_dir():
+            return [out / (inputs[0][0].stem + ".png")]
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"-o {output!r} must be a folder when several images are given")
+    return [out / f.relative_to(root).with_suffix(".png") for f, root in inputs]
+
+
+def _shard(n: int) -> range:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} must be in [0, WORLD_SIZE {world})")
+    return range(rank, n, world)
+
+
+def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callable, bar_cls: type) -> int:
+    from .cli import default_model_path
+
+    check_weight_params(args.b_u, args.psi_max)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    inputs = collect_inputs(args.inputs)
+    single = len(inputs) == 1 and Path(args.inputs[0]).is_file() and len(args.inputs) == 1
+    outputs = plan_outputs(inputs, args.output, single)
+    model_path = args.model or default_model_path()
+    if args.model is None and not Path(model_path).is_file():
+        raise FileNotFoundError(f"the bundled demo model is missing ({model_path}); pass --model")
+    model = load_upsr(model_path, args.estimator, device=device, dtype=dtype_of(args.dtype, device))
+    if model.estimator is None:
+        raise ValueError("no estimator: --model holds only the denoiser, so pass --estimator atd_real.pth")
+    if args.fast:
+        from .fast import enable_fast
+
+        enable_fast(model)
+    todo = [i for i in _shard(len(inputs)) if args.overwrite or not outputs[i].exists()]
+    skipped = len(_shard(len(inputs))) - len(todo)
+    if skipped:
+        log.info("skipping %d image(s) whose output exists (use --overwrite to redo)", skipped)
+    show = not args.quiet
+    for n, i in enumerate(todo):
+        src, dst = inputs[i][0], outputs[i]
+        img = read_image(src)
+        lr = img.rgb.unsqueeze(0)
+        bar = bar_cls(1, f"[{n + 1}/{len(todo)}] {src.name}", show)
+        est = model.estimate(lr, tile=args.tile, overlap=args.overlap)
+        w = weight_noise(est.uncertainty(), args.b_u, args.psi_max)
+        noise = starting_noise(args.seed, 1, tuple(est.lr_pm.shape[-2:]))
+        sr = model.denoise(est, w, noise=noise, tile=args.tile, overlap=args.overlap,
+                           tile_batch=args.tile_batch, progress=bar.update)[0]
+        bar.close()
+        alpha = None
+        if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
+            alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        bits = img.bits if args.bits == "auto" else int(args.bits)
+        tmp = dst.with_name(dst.name + ".part")
+        write_png(tmp, sr, alpha, bits=bits, gray=img.gray)
+        os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
+        if not args.quiet:
+            log.info("wrote %s (%dx%d)", dst, sr.shape[-1], sr.shape[-2])
+    return 0

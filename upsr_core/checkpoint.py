@@ -1,0 +1,218 @@
+"""Reading and writing UPSR checkpoints, safely.
+
+Accepted everywhere a checkpoint is:
+
+* the official ``.pth`` files: ``{'params_ema'|'params': state_dict}`` or a bare state
+  dict, optional ``module.`` prefixes (SPEC §1) — read with ``torch.load(weights_only=True)``,
+  so a pickle that tries to run code is refused before anything runs;
+* ``.safetensors`` holding one net, or both nets under ``denoiser.`` / ``estimator.``
+  prefixes (what ``python -m upsr_core convert`` writes, with the configs as metadata).
+
+fp16/bf16 weights are up-cast to float32 on load. A file of the wrong kind raises
+:class:`UnsupportedCheckpointError` saying what was expected and what was found.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ATDConfig, DenoiserConfig, atd_config_from_state_dict, denoiser_config_from_state_dict
+from .errors import UnsupportedCheckpointError, describe_state_dict
+from .nets import ATD, UPSRDenoiser
+
+__all__ = [
+    "read_checkpoint",
+    "canonicalize_state_dict",
+    "split_nets",
+    "detect_kind",
+    "build_denoiser",
+    "build_estimator",
+    "save_converted",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
+
+FORMAT_NAME = "upsr-core"
+FORMAT_VERSION = "1"
+_PREFIXES = {"denoiser": ("denoiser.",), "estimator": ("estimator.", "atd.")}
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint file -> (flat state dict of CPU tensors, metadata dict).
+
+    Never executes pickled code. Raises FileNotFoundError or UnsupportedCheckpointError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UnsupportedCheckpointError(f"{path.name}: not a readable .safetensors file ({e})") from None
+        return canonicalize_state_dict(sd), meta
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedCheckpointError(
+            f"{path.name}: refused to load — the pickle asks for code or objects outside plain tensors "
+            f"(nothing was executed): {first}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedCheckpointError(f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupted?): {msg}") from None
+    return canonicalize_state_dict(obj), {}
+
+
+def canonicalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
+    """Unwrap ``params_ema``/``params``/``state_dict``, strip ``module.``; returns a new dict.
+
+    Follows the official loader: ``params_ema`` first, then ``params``, else the dict itself.
+    """
+    if not isinstance(obj, Mapping):
+        raise UnsupportedCheckpointError(f"expected a state dict (a mapping of tensors), found {type(obj).__name__}")
+    for key in ("params_ema", "params", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise UnsupportedCheckpointError(
+                f"expected a state dict of tensors, found entry {k!r} of type {type(v).__name__}", obj
+            )
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    if not out:
+        raise UnsupportedCheckpointError("the checkpoint holds no tensors")
+    return out
+
+
+def detect_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """'denoiser', 'estimator', 'both' or None for an unknown state dict."""
+    if any(k.startswith(p) for k in sd for p in _PREFIXES["denoiser"]) and any(
+        k.startswith(p) for k in sd for p in _PREFIXES["estimator"]
+    ):
+        return "both"
+    if "input_blocks.0.0.weight" in sd and "time_embed.0.weight" in sd:
+        return "denoiser"
+    if "conv_first.weight" in sd and "layers.0.residual_group.td" in sd:
+        return "estimator"
+    return None
+
+
+def split_nets(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split a state dict into {'denoiser': …, 'estimator': …} (either may be absent)."""
+    kind = detect_kind(sd)
+    if kind in ("denoiser", "estimator"):
+        return {kind: dict(sd)}
+    if kind is None:
+        raise UnsupportedCheckpointError(
+            "expected an UPSR denoiser (keys 'input_blocks.*', 'time_embed.*'), an ATD estimator "
+            "(keys 'conv_first.*', 'layers.*.residual_group.td') or a converted file holding both",
+            sd,
+        )
+    out: dict[str, dict[str, torch.Tensor]] = {"denoiser": {}, "estimator": {}}
+    for k, v in sd.items():
+        for name, prefixes in _PREFIXES.items():
+            p = next((p for p in prefixes if k.startswith(p)), None)
+            if p is not None:
+                out[name][k[len(p):]] = v
+                break
+        else:
+            raise UnsupportedCheckpointError(f"unexpected key {k!r} in a file holding both nets", sd)
+    return out
+
+
+def _load_strict(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+        if bad:
+            parts.append(f"{len(bad)} with other shapes (e.g. {bad[0]!r}: file {tuple(sd[bad[0]].shape)}, "
+                         f"expected {tuple(own[bad[0]].shape)})")
+        raise UnsupportedCheckpointError(f"{what}: keys do not fit — " + "; ".join(parts), sd)
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UnsupportedCheckpointError(f"{what}: tensor {k!r} holds NaN or Inf values")
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}, strict=True)
+
+
+def build_denoiser(sd: Mapping[str, torch.Tensor], config: DenoiserConfig | None = None) -> UPSRDenoiser:
+    """Build an :class:`UPSRDenoiser` (float32, eval mode) from its state dict."""
+    if detect_kind(sd) != "denoiser":
+        found = "ATD estimator weights" if detect_kind(sd) == "estimator" else describe_state_dict(sd)
+        raise UnsupportedCheckpointError(
+            f"expected UPSR denoiser weights (UNetModelSwin: 'input_blocks.*', 'time_embed.*'), found {found}"
+        )
+    config = config or denoiser_config_from_state_dict(sd)
+    net = UPSRDenoiser(config)
+    _load_strict(net, sd, "UPSR denoiser")
+    return net.eval().requires_grad_(False)
+
+
+def build_estimator(sd: Mapping[str, torch.Tensor], config: ATDConfig | None = None) -> ATD:
+    """Build an :class:`ATD` estimator (float32, eval mode) from its state dict."""
+    if detect_kind(sd) != "estimator":
+        found = "UPSR denoiser weights" if detect_kind(sd) == "denoiser" else describe_state_dict(sd)
+        raise UnsupportedCheckpointError(
+            f"expected ATD estimator weights ('conv_first.*', 'layers.*.residual_group.td'), found {found}"
+        )
+    config = config or atd_config_from_state_dict(sd)
+    net = ATD(config)
+    _load_strict(net, sd, "ATD estimator")
+    return net.eval().requires_grad_(False)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save_converted(
+    path: str | os.PathLike,
+    denoiser: UPSRDenoiser,
+    estimator: ATD | None,
+    *,
+    dtype: str = "fp32",
+    extra_metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write one ``.safetensors`` with both nets (``denoiser.*``/``estimator.*``) and metadata.
+
+    ``dtype`` applies to floating-point parameters; integer buffers keep their dtype.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    nets = {"denoiser": denoiser, "estimator": estimator}
+    for name, net in nets.items():
+        if net is None:
+            continue
+        for k, v in net.state_dict().items():
+            v = v.detach().cpu()
+            tensors[f"{name}.{k}"] = (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "denoiser_config": json.dumps(denoiser.config.to_dict()),
+    }
+    if estimator is not None:
+        meta["estimator_config"] = json.dumps(estimator.config.to_dict())
+    meta.update(extra_metadata or {})
+    save_file(tensors, str(path), metadata=meta)

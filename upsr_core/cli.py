@@ -1,0 +1,157 @@
+"""Command line: ``python -m upsr_core {upscale,convert,bench,train,eval} …``.
+
+User mistakes (missing files, bad images, wrong checkpoints, bad parameters) end with a
+one-line ``error: …`` on stderr and exit code 2; Ctrl-C exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UnsupportedCheckpointError
+
+__all__ = ["main", "default_model_path"]
+
+log = logging.getLogger("upsr_core")
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEMO_MODEL = "upsr_demo_x4.safetensors"
+
+
+def default_model_path() -> Path:
+    """The bundled demo model (estimator + denoiser, trained by this project)."""
+    return WEIGHTS_DIR / DEMO_MODEL
+
+
+class ProgressBar:
+    """A small stderr progress bar (shown only on a terminal or when forced)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc = max(total, 1), desc
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.n = 0
+
+    def update(self, n: int, total: int | None = None) -> None:
+        self.n = n
+        if total:
+            self.total = total
+        if not self.enabled:
+            return
+        frac = min(self.n / self.total, 1.0)
+        el = time.perf_counter() - self.t0
+        bar = "#" * int(frac * 30)
+        eta = el / frac - el if frac > 0 else 0.0
+        sys.stderr.write(f"\r{self.desc} [{bar:<30}] {self.n}/{self.total} {el:6.1f}s eta {eta:5.1f}s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[name]
+
+
+def _add_upscale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("upscale", help="×4 super-resolution of images or folders")
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("-o", "--output", required=True, help="output PNG for one input, else a folder")
+    p.add_argument("--model", default=None, help="upsr.pth, or a converted .safetensors with both nets "
+                   "(default: the bundled demo model)")
+    p.add_argument("--estimator", default=None, help="atd_real.pth when --model holds only the denoiser")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="denoiser precision (fp32 = the faithful reference path)")
+    p.add_argument("--b-u", type=float, default=0.4, help="noise floor b_u in [0, 1]")
+    p.add_argument("--psi-max", type=float, default=0.05, help="uncertainty ψ_max > 0 ([0,1] units)")
+    p.add_argument("--tile", type=int, default=512, help="tile size in LR pixels (multiple of 64)")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in LR pixels")
+    p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser batch")
+    p.add_argument("--fast", action="store_true", help="fused attention / compile (see bench)")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--bits", choices=["auto", "8", "16"], default="auto", help="PNG bit depth (auto: as the input)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write one .safetensors holding both nets")
+    p.add_argument("--model", required=True, help="denoiser: upsr.pth or .safetensors")
+    p.add_argument("--estimator", default=None, help="ATD: atd_real.pth (optional if --model holds both)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m upsr_core", description="UPSR ×4 super-resolution (CVPR 2025)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_upscale(sub)
+    _add_convert(sub)
+    for name in ("bench", "evaluate", "train.cli"):  # optional subcommands register themselves
+        if importlib.util.find_spec(f"{__package__}.{name}") is not None:
+            importlib.import_module(f"{__package__}.{name}").add_parser(sub)
+    return ap
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import save_converted
+    from .model import load_upsr
+
+    m = load_upsr(args.model, args.estimator)
+    if m.estimator is None:
+        raise ValueError("convert needs the estimator too: pass --estimator atd_real.pth")
+    save_converted(args.output, m.denoiser, m.estimator, dtype=args.dtype)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "upscale":
+            from .batch import run_upscale
+
+            return run_upscale(args, _device(args.device), _dtype, ProgressBar)
+        if args.command == "convert":
+            return _cmd_convert(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, UnsupportedCheckpointError, NotADirectoryError,
+            IsADirectoryError, PermissionError, torch.cuda.OutOfMemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

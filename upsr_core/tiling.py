@@ -1,0 +1,91 @@
+"""Overlapping tiles with feathered (raised-cosine) blending.
+
+Tiles are laid on the LR grid; every tile has the same size (the last one in a row or
+column is moved back to end at the border), so tiles batch without padding. A tile
+ramps its weight only on sides shared with a neighbour, over the actual overlap, so an
+image that fits in one tile is returned exactly and the blend weights never vanish.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+__all__ = ["Tile", "tile_starts", "plan_tiles", "tile_weight", "official_chop_starts", "check_tiling"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile in LR coordinates: rows [y, y+h), columns [x, x+w)."""
+
+    y: int
+    x: int
+    h: int
+    w: int
+
+    def scaled(self, s: int) -> "Tile":
+        return Tile(self.y * s, self.x * s, self.h * s, self.w * s)
+
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y, self.y + self.h), slice(self.x, self.x + self.w)
+
+
+def check_tiling(tile: int, overlap: int, multiple: int) -> None:
+    """Raise ValueError unless tile is a positive multiple of ``multiple`` and 0 <= overlap < tile."""
+    if not isinstance(tile, int) or tile <= 0 or tile % multiple:
+        raise ValueError(f"tile size must be a positive multiple of {multiple}, got {tile!r}")
+    if not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile size {tile}), got {overlap!r}")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering [0, length) with tiles of ``tile`` and at least ``overlap`` shared."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def plan_tiles(h: int, w: int, tile: int, overlap: int) -> list[Tile]:
+    """Row-major tiles over an (h, w) grid; tile sides are min(tile, side)."""
+    th, tw = min(tile, h), min(tile, w)
+    return [Tile(y, x, th, tw) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
+
+
+def _ramp(n: int, length: int, before: int, after: int) -> torch.Tensor:
+    """1D weights of a tile of ``length`` with ``before``/``after`` samples shared with neighbours."""
+    wgt = torch.ones(length, dtype=torch.float64)
+    for ov, sl in ((before, slice(0, before)), (after, slice(length - after, length))):
+        if ov > 0:
+            r = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ov, dtype=torch.float64) + 0.5) / ov)
+            wgt[sl] *= r if sl.start == 0 else r.flip(0)
+    return wgt
+
+
+def tile_weight(t: Tile, tiles: list[Tile], scale: int = 1) -> torch.Tensor:
+    """Blend weight (h·scale, w·scale), float32: raised-cosine ramps over overlaps with neighbours."""
+    up = max((o.y + o.h - t.y for o in tiles if o.y < t.y and o.x == t.x), default=0)
+    down = max((t.y + t.h - o.y for o in tiles if o.y > t.y and o.x == t.x), default=0)
+    left = max((o.x + o.w - t.x for o in tiles if o.x < t.x and o.y == t.y), default=0)
+    right = max((t.x + t.w - o.x for o in tiles if o.x > t.x and o.y == t.y), default=0)
+    wy = _ramp(t.h, t.h * scale, max(up, 0) * scale, max(down, 0) * scale)
+    wx = _ramp(t.w, t.w * scale, max(left, 0) * scale, max(right, 0) * scale)
+    return (wy[:, None] * wx[None, :]).float()
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    """Consecutive chunks of at most ``size`` items."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def official_chop_starts(length: int, chop: int = 512, stride: int = 448) -> list[int]:
+    """The official ``ImageSpliterTh`` starts (SPEC §6): used to replay its uniform average."""
+    if length <= chop:
+        return [0]
+    starts = [s if s + chop <= length else length - chop for s in range(0, length, stride)]
+    return list(dict.fromkeys(starts))

@@ -1,0 +1,137 @@
+"""Baseline JPEG compress + decompress in torch (runs on any device, batched, per-image quality).
+
+What a baseline libjpeg encoder/decoder pair does, in the same order:
+
+1. RGB [0,1] → 8-bit levels; pad right/bottom to a multiple of 16 by edge replication.
+2. RGB → YCbCr (JFIF/BT.601 full range), rounded to 8-bit.
+3. 4:2:0 chroma subsampling: mean of each 2×2 block, rounded.
+4. Per 8×8 block, level shift −128, orthonormal DCT-II (this *is* the JPEG DCT:
+   ``F(u,v) = ¼ C(u) C(v) ΣΣ f cos cos``), quantise ``round(F / Q)`` (halves away from zero, as libjpeg), dequantise ``·Q``, inverse DCT,
+   +128, round and clamp to [0, 255].
+5. Chroma upsampling with the triangle ("fancy") filter of libjpeg: weights ¾/¼ with edge
+   replication, which is bilinear interpolation with ``align_corners=False``.
+6. YCbCr → RGB, round, clamp, crop, /255.
+
+Quantisation tables are the ITU-T T.81 Annex K luminance/chrominance tables scaled by
+quality like libjpeg (``S = ⌊5000/q⌋`` for q < 50 else ``⌊200 − 2q⌋``; ``Q = clamp(⌊(T·S + 50)/100⌋,
+1, 255)``). Quality may be fractional. Not modelled: libjpeg's integer DCT approximations
+(differences of ±1 level at most on a few pixels), entropy coding (lossless anyway).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CHROMA_TABLE", "LUMA_TABLE", "jpeg_compress", "quant_tables"]
+
+# ITU-T T.81 Annex K, Table K.1 (luminance) and K.2 (chrominance), row-major.
+LUMA_TABLE = (
+    (16, 11, 10, 16, 24, 40, 51, 61),
+    (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77),
+    (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101),
+    (72, 92, 95, 98, 112, 100, 103, 99),
+)
+CHROMA_TABLE = (
+    (17, 18, 24, 47, 99, 99, 99, 99),
+    (18, 21, 26, 66, 99, 99, 99, 99),
+    (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99),
+) + ((99,) * 8,) * 4
+
+
+def quant_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """libjpeg-scaled quantisation tables for qualities in [1, 100].
+
+    ``quality``: (B,) float. Returns (luma, chroma), each float32 ``(B, 8, 8)`` with integer
+    values in [1, 255], on ``quality.device``.
+    """
+    q = quality.to(torch.float32)
+    if q.ndim != 1:
+        raise ValueError(f"expected quality of shape (B,), got {tuple(q.shape)}")
+    if bool(((q < 1) | (q > 100)).any()):
+        raise ValueError(f"JPEG quality must be in [1, 100], got {q.tolist()}")
+    # libjpeg computes the scale in integer arithmetic (5000 / q truncates)
+    scale = torch.floor(torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q))[:, None, None]
+    out = []
+    for table in (LUMA_TABLE, CHROMA_TABLE):
+        t = torch.tensor(table, dtype=torch.float32, device=q.device)[None]
+        out.append(torch.floor((t * scale + 50.0) / 100.0).clamp(1.0, 255.0))
+    return out[0], out[1]
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Round halves up, like libjpeg's fixed-point ``(x + ½) >> n`` descaling."""
+    return torch.floor(x + 0.5)
+
+
+def _dct_matrix(device: torch.device) -> torch.Tensor:
+    """Orthonormal 8-point DCT-II matrix D, so that ``D @ X @ D.T`` is the 2-D DCT of X."""
+    k = torch.arange(8, dtype=torch.float64)[:, None]
+    n = torch.arange(8, dtype=torch.float64)[None, :]
+    d = torch.cos((2 * n + 1) * k * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] = math.sqrt(1 / 8)
+    return d.to(device=device, dtype=torch.float32)
+
+
+def _code_plane(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """Quantise one 8-bit plane through the block DCT: (B, H, W) in [0,255] → same, rounded.
+
+    ``table``: (B, 8, 8). H and W must be multiples of 8.
+    """
+    b, h, w = plane.shape
+    blocks = (plane - 128.0).reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+    coef = dct @ blocks @ dct.T
+    # the DC term is sum/8: computed exactly so that ties round like libjpeg (half away from 0)
+    coef[..., 0, 0] = blocks.sum(dim=(-2, -1)) / 8.0
+    t = table[:, None, None]
+    scaled = coef / t
+    coef = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) * t
+    rec = dct.T @ coef @ dct
+    rec = rec.permute(0, 1, 3, 2, 4).reshape(b, h, w)
+    return _round(rec + 128.0).clamp(0.0, 255.0)
+
+
+def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
+    """JPEG round trip (encode + decode, 4:2:0) of each image at its own quality.
+
+    ``x``: float ``(B, 3, H, W)`` in [0, 1] (values outside are clamped; any H, W ≥ 1).
+    ``quality``: a float or a (B,) tensor, values in [1, 100] (libjpeg scale; 100 means all
+    quantisation steps are 1). Returns float ``(B, 3, H, W)`` on 8-bit levels in [0, 1], same
+    dtype and device as ``x``.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W), got {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    q = torch.as_tensor(quality, dtype=torch.float32, device=x.device)
+    q = q.expand(b) if q.ndim == 0 else q.to(x.device)
+    if q.shape != (b,):
+        raise ValueError(f"expected one quality per image ({b}), got shape {tuple(q.shape)}")
+    luma_t, chroma_t = quant_tables(q)
+    dct = _dct_matrix(x.device)
+
+    v = _round(x.float().clamp(0.0, 1.0) * 255.0)
+    ph, pw = (-h) % 16, (-w) % 16
+    if ph or pw:
+        v = F.pad(v, (0, pw, 0, ph), mode="replicate")
+    r, g, bl = v[:, 0], v[:, 1], v[:, 2]
+    y = _round(0.299 * r + 0.587 * g + 0.114 * bl)
+    cb = _round(-0.168736 * r - 0.331264 * g + 0.5 * bl + 128.0).clamp(0.0, 255.0)
+    cr = _round(0.5 * r - 0.418688 * g - 0.081312 * bl + 128.0).clamp(0.0, 255.0)
+    chroma = _round(F.avg_pool2d(torch.stack([cb, cr], 1), 2))  # 4:2:0
+
+    y = _code_plane(y, luma_t, dct)
+    cb = _code_plane(chroma[:, 0], chroma_t, dct)
+    cr = _code_plane(chroma[:, 1], chroma_t, dct)
+    chroma = F.interpolate(torch.stack([cb, cr], 1), scale_factor=2, mode="bilinear", align_corners=False)
+    chroma = _round(chroma)  # libjpeg upsamples to 8-bit samples
+    cb, cr = chroma[:, 0] - 128.0, chroma[:, 1] - 128.0
+
+    rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+    rgb = _round(rgb).clamp(0.0, 255.0)[:, :, :h, :w] / 255.0
+    return rgb.to(x.dtype)
