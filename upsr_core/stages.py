@@ -1,0 +1,179 @@
+"""Stage runners on visible-size maps, for callers that pass images between stages
+(the ComfyUI nodes): estimate -> ψ -> w -> sample, each on (B, C, 4h, 4w) tensors.
+
+The networks work on the LR padded to a multiple of 64, and the official result depends
+on the estimator's output in that padded border. Each visible map therefore carries its
+padded original as an attribute; :func:`recover_full` takes it back when the visible
+map is unchanged (checked by exact equality) and otherwise — an edited map, or one
+made elsewhere — pads the visible map by the HR mirror of the LR reflection. So the
+default chain gives exactly :meth:`UPSRModel.upscale`, and edited maps still work.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, Progress, UPSRModel
+from .pipeline import SCALE, Estimate, bicubic_x4, check_lr, crop_hr, pad_lr, reflect_pad, run_estimator
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, weight_noise
+
+__all__ = [
+    "make_visible",
+    "recover_full",
+    "mirror_pad_hr",
+    "estimate_maps",
+    "weight_map",
+    "sample_maps",
+    "heatmap",
+]
+
+_ATTR = "_upsr_full"
+
+
+def make_visible(full: torch.Tensor, size: tuple[int, int], *, pm: bool = False) -> torch.Tensor:
+    """Visible part (B, C, 4h, 4w) of a padded HR map; ``pm`` maps [-1,1] to [0,1] first.
+
+    The padded original rides along as an attribute (see :func:`recover_full`).
+    """
+    vis = crop_hr(full * 0.5 + 0.5 if pm else full, size).contiguous()
+    setattr(vis, _ATTR, (full, pm))
+    return vis
+
+
+def carry_padding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Copy the padded original from ``src`` to ``dst`` (a re-laid-out view of it)."""
+    info = getattr(src, _ATTR, None)
+    if info is not None:
+        setattr(dst, _ATTR, info)
+    return dst
+
+
+def mirror_pad_hr(x: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int]) -> torch.Tensor:
+    """Pad an HR map (…, 4h, 4w) to (…, 4Hp, 4Wp) mirroring what reflect-padding the LR does."""
+    def index(n: int, target: int) -> torch.Tensor:
+        lr_map = reflect_pad(torch.arange(n, dtype=torch.float32).view(1, 1, n, 1), target - n, 0).view(-1).long()
+        idx = list(range(SCALE * n))
+        for r in range(n, target):
+            down = lr_map[r] < lr_map[r - 1]
+            for o in range(SCALE):
+                idx.append(SCALE * int(lr_map[r]) + (SCALE - 1 - o if down else o))
+        return torch.tensor(idx)
+
+    (h, w), (hp, wp) = lr_size, padded_lr
+    if x.shape[-2:] != (SCALE * h, SCALE * w):
+        raise ValueError(f"expected an HR map of {SCALE * h}x{SCALE * w}, got {tuple(x.shape[-2:])}")
+    return x.index_select(-2, index(h, hp)).index_select(-1, index(w, wp))
+
+
+def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int], *, pm: bool = False) -> torch.Tensor:
+    """The padded map behind ``vis`` if ``vis`` is unchanged, else ``vis`` mirror-padded.
+
+    Returns [-1,1] values when ``pm`` (``vis`` itself is always in [0,1] units).
+    """
+    info = getattr(vis, _ATTR, None)
+    if info is not None:
+        full, was_pm = info
+        if (was_pm == pm and full.shape[-2:] == (SCALE * padded_lr[0], SCALE * padded_lr[1])
+                and full.shape[:2] == vis.shape[:2]):
+            again = crop_hr(full * 0.5 + 0.5 if pm else full, lr_size)
+            if again.shape == vis.shape and torch.equal(again.to(vis.device), vis):
+                return full
+    x = (vis - 0.5) / 0.5 if pm else vis
+    return mirror_pad_hr(x, lr_size, padded_lr)
+
+
+def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...]) -> None:
+    b, _, h, w = lr.shape
+    want = (SCALE * h, SCALE * w)
+    if x.ndim != 4 or x.shape[1] not in channels or tuple(x.shape[-2:]) != want or x.shape[0] not in (1, b):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; expected ({b} or 1, {'|'.join(map(str, channels))}, "
+            f"{want[0]}, {want[1]}) to match the LR image {tuple(lr.shape)} at ×{SCALE}"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+@torch.no_grad()
+def estimate_maps(
+    model: UPSRModel,
+    lr: torch.Tensor,
+    *,
+    estimator: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lr (B,3,h,w) [0,1] -> (sr_estimate, ψ), both (B,3,4h,4w) in [0,1] units.
+
+    ``estimator``: another ×4 model g (takes and returns [0,1] images) instead of ATD.
+    """
+    if estimator is None:
+        est = model.estimate(lr, tile=tile, overlap=overlap)
+    else:
+        check_lr(lr)
+        lr_pm = pad_lr(lr.float().cpu(), model.multiple_of)
+        y_hat = run_estimator(lambda x: estimator(x).float().cpu(), lr_pm)
+        if y_hat.shape[-2:] != (SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1]):
+            raise ValueError(f"the estimator must upscale ×{SCALE}: {tuple(lr_pm.shape)} gave {tuple(y_hat.shape)}")
+        est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, tuple(lr.shape[-2:]))
+    return make_visible(est.sr_estimate_pm, est.size, pm=True), make_visible(est.uncertainty(), est.size)
+
+
+def weight_map(
+    psi: torch.Tensor, lr_size: tuple[int, int], multiple: int, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX
+) -> torch.Tensor:
+    """ψ (B, 1|3, 4h, 4w) in [0,1] units -> w (same shape) in [b_u, 1] (padded original kept)."""
+    h, w = lr_size
+    padded = (h + (-h) % multiple, w + (-w) % multiple)
+    if psi.ndim != 4 or tuple(psi.shape[-2:]) != (SCALE * h, SCALE * w):
+        raise ValueError(f"uncertainty has shape {tuple(psi.shape)}; expected (B, 1|3, {SCALE * h}, {SCALE * w})")
+    full = recover_full(psi, lr_size, padded)
+    return make_visible(weight_noise(full, b_u, psi_max), lr_size)
+
+
+def sample_maps(
+    model: UPSRModel,
+    lr: torch.Tensor,
+    sr_estimate: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    seed: int = 0,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    tile_batch: int = 1,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Diffusion stage from visible maps -> sr (B,3,4h,4w) in [0,1].
+
+    lr (B,3,h,w) [0,1]; sr_estimate (B|1,3,4h,4w) [0,1]; weight (B|1,1|3,4h,4w) in [0,1].
+    """
+    check_lr(lr)
+    _check_map("sr_estimate", sr_estimate, lr, (3,))
+    _check_map("noise weight", weight, lr, (1, 3))
+    if weight.min() < 0 or weight.max() > 1:
+        raise ValueError(f"noise weight must be in [0, 1], got [{weight.min().item():.4g}, {weight.max().item():.4g}]")
+    lr = lr.float().cpu()
+    lr_pm = pad_lr(lr, model.multiple_of)
+    size, padded = tuple(lr.shape[-2:]), tuple(lr_pm.shape[-2:])
+    b = lr.shape[0]
+    y_hat = recover_full(sr_estimate.float().cpu(), size, padded, pm=True).expand(b, -1, -1, -1)
+    w = recover_full(weight.float().cpu(), size, padded).expand(b, -1, -1, -1)
+    est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, size)
+    return model.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress)
+
+
+def heatmap(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Colour preview of a map (B, C, H, W) (channel mean) -> (B, 3, H, W) in [0,1], 'inferno'-like."""
+    if hi <= lo:
+        raise ValueError(f"heatmap range must have hi > lo, got [{lo}, {hi}]")
+    t = ((x.float().mean(dim=1, keepdim=True) - lo) / (hi - lo)).clamp(0, 1)
+    # piecewise-linear black -> purple -> orange -> pale yellow
+    stops = torch.tensor([[0.0, 0.0, 0.02], [0.34, 0.06, 0.43], [0.87, 0.32, 0.23], [0.99, 0.64, 0.04],
+                          [0.99, 1.0, 0.64]], dtype=torch.float32)
+    pos = t * (len(stops) - 1)
+    i0 = pos.floor().clamp(max=len(stops) - 2).long()
+    f = pos - i0
+    c0 = stops[i0.squeeze(1)].permute(0, 3, 1, 2)
+    c1 = stops[(i0 + 1).squeeze(1)].permute(0, 3, 1, 2)
+    return c0 + (c1 - c0) * f
