@@ -24,6 +24,7 @@ __all__ = [
     "mirror_pad_hr",
     "estimate_maps",
     "weight_map",
+    "uncertainty_mask",
     "sample_maps",
     "heatmap",
 ]
@@ -120,16 +121,25 @@ def estimate_maps(
     return make_visible(est.sr_estimate_pm, est.size, pm=True), make_visible(est.uncertainty(), est.size)
 
 
-def weight_map(
-    psi: torch.Tensor, lr_size: tuple[int, int], multiple: int, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX
-) -> torch.Tensor:
-    """ψ (B, 1|3, 4h, 4w) in [0,1] units -> w (same shape) in [b_u, 1] (padded original kept)."""
-    h, w = lr_size
-    padded = (h + (-h) % multiple, w + (-w) % multiple)
-    if psi.ndim != 4 or tuple(psi.shape[-2:]) != (SCALE * h, SCALE * w):
-        raise ValueError(f"uncertainty has shape {tuple(psi.shape)}; expected (B, 1|3, {SCALE * h}, {SCALE * w})")
-    full = recover_full(psi, lr_size, padded)
-    return make_visible(weight_noise(full, b_u, psi_max), lr_size)
+def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
+    """ψ (B, 1|3, H, W) in [0,1] units -> w (same shape) in [b_u, 1].
+
+    When ψ is an unchanged visible map, w is computed on its padded original too.
+    """
+    if psi.ndim != 4 or psi.shape[1] not in (1, 3):
+        raise ValueError(f"uncertainty must be (B, 1|3, H, W), got {tuple(psi.shape)}")
+    info = getattr(psi, _ATTR, None)
+    if info is not None and not info[1]:
+        full = info[0]
+        size = (psi.shape[-2] // SCALE, psi.shape[-1] // SCALE)
+        if full.shape[:2] == psi.shape[:2] and torch.equal(crop_hr(full, size).to(psi.device), psi):
+            return make_visible(weight_noise(full, b_u, psi_max), size)
+    return weight_noise(psi, b_u, psi_max)
+
+
+def uncertainty_mask(psi: torch.Tensor) -> torch.Tensor:
+    """ψ (B, 3, H, W) -> an editable one-channel map (B, 1, H, W): the channel mean, in [0, 1]."""
+    return psi.mean(dim=1, keepdim=True).clamp(0, 1)
 
 
 def sample_maps(
