@@ -19,7 +19,7 @@ equally likely). Parameter ranges follow the Real-ESRGAN x4 training configurati
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -172,5 +172,6 @@ def sample_blur_kernels(
         sinc_kernels(size, omega, pad_to),
         mixed_kernels(kind, size, sx, sy, theta, beta, pad_to),
     )
-    params = dict(sinc=is_sinc, size=size, type=kind, sigma_x=sx, sigma_y=sy, theta=theta, beta=beta, omega_c=omega)
+    params = {"sinc": is_sinc, "size": size, "type": kind, "sigma_x": sx, "sigma_y": sy, "theta": theta,
+              "beta": beta, "omega_c": omega}
     return k, params

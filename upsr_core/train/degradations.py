@@ -277,8 +277,8 @@ def degrade(
     _check_input(hr, scale)
     _, _, h, w = hr.shape
     plan = _draw_plan(hr.shape[0], generator, cfg)
-    # first order
-    x = _filter(hr, plan.k1)
+    # first order (computed in float32 whatever the input dtype: 8-bit levels must stay exact)
+    x = _filter(hr.float(), plan.k1)
     f, mode = plan.resize1
     x = _resize(x, (int(h * f), int(w * f)), mode)
     x = _add_noise(x, plan.noise1, cfg.first, generator)
@@ -296,7 +296,7 @@ def degrade(
     else:
         x = jpeg_compress(x, plan.q2.to(x.device))
         x = _filter(_resize(x, lr_size, plan.final_mode), plan.k3)
-    return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+    return (torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0).to(hr.dtype)
 
 
 def bicubic_degrade(hr: torch.Tensor, scale: int = 4) -> torch.Tensor:

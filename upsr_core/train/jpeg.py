@@ -3,19 +3,24 @@
 What a baseline libjpeg encoder/decoder pair does, in the same order:
 
 1. RGB [0,1] → 8-bit levels; pad right/bottom to a multiple of 16 by edge replication.
-2. RGB → YCbCr (JFIF/BT.601 full range), rounded to 8-bit.
-3. 4:2:0 chroma subsampling: mean of each 2×2 block, rounded.
+2. RGB → YCbCr (JFIF/BT.601 full range), rounded to 8-bit (all roundings: halves up, like
+   libjpeg's fixed-point descaling).
+3. 4:2:0 chroma subsampling: sum of each 2×2 block + bias, // 4 (bias 1, 2, 1, 2, … along
+   a row, as libjpeg's ``h2v2_downsample``).
 4. Per 8×8 block, level shift −128, orthonormal DCT-II (this *is* the JPEG DCT:
-   ``F(u,v) = ¼ C(u) C(v) ΣΣ f cos cos``), quantise ``round(F / Q)`` (halves away from zero, as libjpeg), dequantise ``·Q``, inverse DCT,
-   +128, round and clamp to [0, 255].
-5. Chroma upsampling with the triangle ("fancy") filter of libjpeg: weights ¾/¼ with edge
-   replication, which is bilinear interpolation with ``align_corners=False``.
+   ``F(u,v) = ¼ C(u) C(v) ΣΣ f cos cos``), quantise ``round(F / Q)`` (halves away from zero,
+   as libjpeg), dequantise ``·Q``, inverse DCT, +128, round and clamp to [0, 255].
+5. Chroma upsampling with libjpeg's triangle ("fancy", ``h2v2_fancy_upsample``) filter:
+   weights ¾/¼ in each direction with edge replication (= bilinear, ``align_corners=False``),
+   in integers: column sums ``3·near + far``, then ``(3·this + other + 8 or 7) >> 4``.
 6. YCbCr → RGB, round, clamp, crop, /255.
 
 Quantisation tables are the ITU-T T.81 Annex K luminance/chrominance tables scaled by
 quality like libjpeg (``S = ⌊5000/q⌋`` for q < 50 else ``⌊200 − 2q⌋``; ``Q = clamp(⌊(T·S + 50)/100⌋,
 1, 255)``). Quality may be fractional. Not modelled: libjpeg's integer DCT approximations
-(differences of ±1 level at most on a few pixels), entropy coding (lossless anyway).
+and its exact rounding biases: against Pillow/libjpeg the decoded pixels differ by < 1 level
+on average (a few pixels by more, where a coefficient lands on the other side of a step);
+entropy coding is lossless and not needed.
 """
 from __future__ import annotations
 
@@ -97,6 +102,25 @@ def _code_plane(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> 
     return _round(rec + 128.0).clamp(0.0, 255.0)
 
 
+def _downsample_h2v2(c: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) integer-valued → (B, C, H/2, W/2): 2×2 sums with libjpeg's alternating bias."""
+    sums = F.avg_pool2d(c, 2) * 4.0
+    bias = 1.0 + (torch.arange(sums.shape[-1], device=c.device) % 2).to(c.dtype)
+    return torch.floor((sums + bias) / 4.0)
+
+
+def _upsample_h2v2_fancy(c: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) integer-valued → (B, C, 2h, 2w), libjpeg's triangle filter in integers."""
+    b, ch, h, w = c.shape
+    rows = F.pad(c, (0, 0, 1, 1), mode="replicate")
+    above, below = 3.0 * c + rows[:, :, :-2], 3.0 * c + rows[:, :, 2:]
+    col = torch.stack([above, below], dim=3).reshape(b, ch, 2 * h, w)
+    cols = F.pad(col, (1, 1, 0, 0), mode="replicate")
+    left = torch.floor((3.0 * col + cols[..., :-2] + 8.0) / 16.0)
+    right = torch.floor((3.0 * col + cols[..., 2:] + 7.0) / 16.0)
+    return torch.stack([left, right], dim=-1).reshape(b, ch, 2 * h, 2 * w)
+
+
 def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
     """JPEG round trip (encode + decode, 4:2:0) of each image at its own quality.
 
@@ -123,13 +147,12 @@ def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tenso
     y = _round(0.299 * r + 0.587 * g + 0.114 * bl)
     cb = _round(-0.168736 * r - 0.331264 * g + 0.5 * bl + 128.0).clamp(0.0, 255.0)
     cr = _round(0.5 * r - 0.418688 * g - 0.081312 * bl + 128.0).clamp(0.0, 255.0)
-    chroma = _round(F.avg_pool2d(torch.stack([cb, cr], 1), 2))  # 4:2:0
+    chroma = _downsample_h2v2(torch.stack([cb, cr], 1))  # 4:2:0
 
     y = _code_plane(y, luma_t, dct)
     cb = _code_plane(chroma[:, 0], chroma_t, dct)
     cr = _code_plane(chroma[:, 1], chroma_t, dct)
-    chroma = F.interpolate(torch.stack([cb, cr], 1), scale_factor=2, mode="bilinear", align_corners=False)
-    chroma = _round(chroma)  # libjpeg upsamples to 8-bit samples
+    chroma = _upsample_h2v2_fancy(torch.stack([cb, cr], 1))
     cb, cr = chroma[:, 0] - 128.0, chroma[:, 1] - 128.0
 
     rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)

@@ -1,0 +1,374 @@
+"""Training data: random HR crops from image folders, and a compact "packed crops" file.
+
+* ``ImageFolderDataset``: any folder of png/jpg/jpeg/webp/bmp (recursive), random square
+  crops with random flips and 90° rotations, ``float32 (3, crop, crop)`` in [0, 1].
+* ``pack_crops`` / ``PackedCropsDataset``: crops cut once, stored as one ``uint8
+  (N, 3, crop, crop)`` array (``.npy`` or ``.safetensors``) plus a JSON side file naming the
+  source of every crop: a training set that travels to a remote GPU machine as one file.
+* ``photos_of_group``: the photos of a split group (``A_train``, ``A_val``) from the
+  ``SOURCES.tsv`` written by ``get_photos.py``.
+
+Randomness in the datasets uses torch's global RNG, which ``DataLoader`` seeds per worker
+from the main process seed. Pixel reading: EXIF orientation applied; gray → 3 equal channels;
+alpha composited over white; 16-bit gray scaled by 1/65535 (Pillow reads 16-bit colour PNGs as
+8-bit, so their extra precision is lost). Run ``python -m upsr_core.train.data --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "augment_dihedral", "list_images",
+    "load_image_array", "pack_crops", "photos_of_group",
+]
+
+log = logging.getLogger(__name__)
+Image.MAX_IMAGE_PIXELS = None  # the photos are trusted, and some exceed Pillow's bomb limit
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+Prescale = int | Literal["auto"]
+Small = Literal["pad", "skip"]
+
+
+# ----------------------------------------------------------------------------- files
+def list_images(root: str | Path) -> list[Path]:
+    """All images under ``root`` (recursive, suffix in ``IMAGE_SUFFIXES``, any case), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
+    """Photos of one split group listed in ``photos_dir/SOURCES.tsv`` (column ``group``), sorted."""
+    tsv = Path(photos_dir) / "SOURCES.tsv"
+    if not tsv.is_file():
+        raise FileNotFoundError(f"{str(tsv)!r} not found: run get_photos.py --out {photos_dir} first")
+    with open(tsv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if rows and ("group" not in rows[0] or "file" not in rows[0]):
+        raise ValueError(f"{str(tsv)!r} has no 'file'/'group' columns, got {list(rows[0])}")
+    groups = sorted({r["group"] for r in rows})
+    if group not in groups:
+        raise ValueError(f"group {group!r} not in {str(tsv)!r}; expected one of {groups}")
+    return sorted(Path(photos_dir) / r["file"] for r in rows if r["group"] == group)
+
+
+# ----------------------------------------------------------------------------- pixels
+def _prescale_factor(size: tuple[int, int], prescale: Prescale) -> int:
+    """'auto': reduce by floor(short/1024) when that is >= 2 (as the eval pairs do)."""
+    if prescale == "auto":
+        return max(1, min(size) // 1024)
+    if isinstance(prescale, int) and prescale >= 1:
+        return prescale
+    raise ValueError(f"prescale must be 'auto' or an int >= 1, got {prescale!r}")
+
+
+def load_image_array(path: str | Path, prescale: Prescale = 1) -> tuple[np.ndarray, int]:
+    """Read an image as ``(H, W, 3)`` uint8 or uint16 and its full-scale value (255 or 65535).
+
+    ``prescale``: integer reduction factor (Lanczos) or 'auto' (see ``_prescale_factor``).
+    """
+    with Image.open(path) as opened:
+        im = ImageOps.exif_transpose(opened)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            im, maxval = im.convert("I"), 65535
+        elif im.mode in ("1", "L"):
+            im, maxval = im.convert("L"), 255
+        elif im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im, maxval = Image.alpha_composite(white, rgba).convert("RGB"), 255
+        elif im.mode == "RGB":
+            maxval = 255
+        else:  # P, CMYK, YCbCr, LAB, HSV, F, ...
+            im, maxval = im.convert("RGB"), 255
+        f = _prescale_factor(im.size, prescale)
+        if f > 1:
+            im = im.resize((im.width // f, im.height // f), Image.LANCZOS)
+        a = np.asarray(im)
+    if maxval == 65535:
+        a = np.clip(a, 0, 65535).astype(np.uint16)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(a), maxval
+
+
+def _pad_to(a: np.ndarray, crop: int) -> np.ndarray:
+    """Reflect-pad (H, W, C) symmetrically so that both sides are at least ``crop``."""
+    ph, pw = max(0, crop - a.shape[0]), max(0, crop - a.shape[1])
+    if not ph and not pw:
+        return a
+    return np.pad(a, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+
+
+def augment_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random horizontal flip, vertical flip and 90° rotation (each p = ½): the 8 symmetries
+    of the square, equally likely. ``x``: ``(..., H, W)`` with H == W. Returns the same shape."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"expected a square crop, got {tuple(x.shape[-2:])}")
+    h, v, r = torch.randint(0, 2, (3,), generator=generator).tolist()
+    if h:
+        x = x.flip(-1)
+    if v:
+        x = x.flip(-2)
+    if r:
+        x = x.rot90(1, (-2, -1))
+    return x
+
+
+def _crop_tensor(a: np.ndarray | torch.Tensor, y: int, x: int, crop: int, maxval: int) -> torch.Tensor:
+    """(H, W, 3) integer array → float32 (3, crop, crop) in [0, 1]."""
+    c = torch.as_tensor(np.ascontiguousarray(a[y:y + crop, x:x + crop]).astype(np.float32))
+    return c.permute(2, 0, 1).contiguous() / float(maxval)
+
+
+def _check_crop(crop: int) -> None:
+    if not isinstance(crop, int) or crop < 1:
+        raise ValueError(f"crop must be a positive int, got {crop!r}")
+
+
+def _check_small(small: str) -> None:
+    if small not in ("pad", "skip"):
+        raise ValueError(f"small must be 'pad' or 'skip', got {small!r}")
+
+
+def _keep_large_enough(files: Sequence[Path], crop: int, prescale: Prescale) -> list[Path]:
+    kept = []
+    for p in files:
+        with Image.open(p) as im:  # header only; EXIF rotation does not change the short side
+            w, h = im.size
+        f = _prescale_factor((w, h), prescale)
+        if min(w // f, h // f) >= crop:
+            kept.append(p)
+        else:
+            log.info("skipping %s: %dx%d (after /%d) is smaller than crop %d", p, w // f, h // f, f, crop)
+    return kept
+
+
+# ----------------------------------------------------------------------------- datasets
+class ImageFolderDataset(Dataset):
+    """Random square crops of the images in a folder (or of an explicit file list).
+
+    ``root``: folder searched recursively (ignored when ``files`` is given). ``crop``: side in
+    pixels. ``small``: images with a side below ``crop`` are reflect-padded ('pad') or left out
+    ('skip', decided at construction from the file headers). ``augment``: random flips/rotations.
+    ``random_crop``: False takes the centre crop. ``prescale``: see ``load_image_array``.
+    ``repeat``: the dataset lists every image ``repeat`` times (longer epochs).
+    ``cache``: keep decoded images in memory (per worker process).
+    Items: float32 ``(3, crop, crop)`` in [0, 1].
+    """
+
+    def __init__(
+        self, root: str | Path | None, crop: int = 256, *, files: Sequence[str | Path] | None = None,
+        small: Small = "pad", augment: bool = True, random_crop: bool = True, prescale: Prescale = 1,
+        repeat: int = 1, cache: bool = False,
+    ) -> None:
+        _check_crop(crop)
+        _check_small(small)
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
+        if small == "skip":
+            paths = _keep_large_enough(paths, crop, prescale)
+        if not paths:
+            raise ValueError(f"no usable images (root={root!r}, files given: {files is not None}, crop={crop})")
+        self.files, self.crop, self.augment, self.random_crop = paths, crop, augment, random_crop
+        self.prescale, self.repeat = prescale, repeat
+        self._cache: dict[int, tuple[np.ndarray, int]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.files) * self.repeat
+
+    def _array(self, i: int) -> tuple[np.ndarray, int]:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        a, maxval = load_image_array(self.files[i], self.prescale)
+        a = _pad_to(a, self.crop)
+        if self._cache is not None:
+            self._cache[i] = (a, maxval)
+        return a, maxval
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        a, maxval = self._array(index % len(self.files))
+        h, w = a.shape[:2]
+        if self.random_crop:
+            y, x = (int(v) for v in (torch.randint(0, h - self.crop + 1, ()), torch.randint(0, w - self.crop + 1, ())))
+        else:
+            y, x = (h - self.crop) // 2, (w - self.crop) // 2
+        t = _crop_tensor(a, y, x, self.crop, maxval)
+        return augment_dihedral(t) if self.augment else t
+
+
+class PackedCropsDataset(Dataset):
+    """Crops from a ``pack_crops`` file, optionally re-cropped smaller, with the same augmentations.
+
+    ``path``: ``.npy`` or ``.safetensors`` holding uint8 ``(N, 3, S, S)``. ``crop``: output side
+    (default S; a smaller value takes a random, or with ``random_crop=False`` central, window).
+    Items: float32 ``(3, crop, crop)`` in [0, 1].
+    """
+
+    def __init__(
+        self, path: str | Path, crop: int | None = None, *, augment: bool = True, random_crop: bool = True,
+        repeat: int = 1,
+    ) -> None:
+        self.data = read_packed(path)
+        size = self.data.shape[-1]
+        self.crop = size if crop is None else crop
+        _check_crop(self.crop)
+        if self.crop > size:
+            raise ValueError(f"crop {self.crop} is larger than the packed crops ({size}) in {str(path)!r}")
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        self.augment, self.random_crop, self.repeat = augment, random_crop, repeat
+
+    def __len__(self) -> int:
+        return self.data.shape[0] * self.repeat
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        c = self.data[index % self.data.shape[0]]
+        room = c.shape[-1] - self.crop
+        if room and self.random_crop:
+            y, x = torch.randint(0, room + 1, (2,)).tolist()
+        else:
+            y = x = room // 2
+        t = c[:, y:y + self.crop, x:x + self.crop].float() / 255.0
+        return augment_dihedral(t) if self.augment else t
+
+
+# ----------------------------------------------------------------------------- packing
+def read_packed(path: str | Path) -> torch.Tensor:
+    """Load a packed-crops file: uint8 ``(N, 3, S, S)`` tensor (CPU)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        data = torch.from_numpy(np.load(path))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))["crops"]
+    else:
+        raise ValueError(f"packed crops must be .npy or .safetensors, got {str(path)!r}")
+    if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[1] != 3 or data.shape[2] != data.shape[3]:
+        raise ValueError(f"expected uint8 (N, 3, S, S) in {str(path)!r}, got {data.dtype} {tuple(data.shape)}")
+    return data
+
+
+def _texture(c: np.ndarray, maxval: int) -> float:
+    """Mean |gradient| of luma in 8-bit units (the eval pairs' texture measure)."""
+    y = c.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) * (255.0 / maxval)
+    return float((np.abs(np.diff(y, axis=0)).mean() + np.abs(np.diff(y, axis=1)).mean()) / 2)
+
+
+def _cut(a: np.ndarray, maxval: int, crop: int, n: int, rng: np.random.Generator, min_texture: float,
+         tries: int = 10) -> list[tuple[int, int, np.ndarray]]:
+    """``n`` random crops (y, x, uint8 (crop, crop, 3)); each re-drawn up to ``tries`` times
+    until its texture reaches ``min_texture`` (else the most textured draw is kept)."""
+    h, w = a.shape[:2]
+    out = []
+    for _ in range(n):
+        best: tuple[float, int, int] | None = None
+        for _ in range(tries):
+            y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            t = _texture(a[y:y + crop, x:x + crop], maxval)
+            if best is None or t > best[0]:
+                best = (t, y, x)
+            if t >= min_texture:
+                break
+        _, y, x = best
+        c = a[y:y + crop, x:x + crop]
+        c8 = c if maxval == 255 else np.round(c.astype(np.float64) * (255.0 / maxval)).astype(np.uint8)
+        out.append((y, x, c8))
+    return out
+
+
+def pack_crops(
+    root: str | Path | None, out_path: str | Path, crop: int = 256, per_image: int = 12, seed: int = 0, *,
+    files: Sequence[str | Path] | None = None, prescale: Prescale = "auto", small: Small = "skip",
+    min_texture: float = 0.0,
+) -> dict:
+    """Cut ``per_image`` random crops of every image and store them in one file.
+
+    Images come from ``files`` or, if None, ``list_images(root)``. Crop positions depend only on
+    ``seed`` and the file name (not on the list order). ``small``: images below ``crop`` are
+    reflect-padded or skipped. ``min_texture``: re-draw flat crops (see ``_cut``).
+    Writes ``out_path`` (``.npy`` or ``.safetensors``; uint8 ``(N, 3, crop, crop)``, 16-bit
+    sources rounded to 8 bits) and ``out_path`` with suffix ``.json`` (settings and, per crop,
+    source file, y, x, prescale factor). Returns that JSON content.
+    """
+    _check_crop(crop)
+    _check_small(small)
+    out_path = Path(out_path)
+    if out_path.suffix not in (".npy", ".safetensors"):
+        raise ValueError(f"out_path must end in .npy or .safetensors, got {str(out_path)!r}")
+    if per_image < 1:
+        raise ValueError(f"per_image must be >= 1, got {per_image}")
+    paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
+    if small == "skip":
+        paths = _keep_large_enough(paths, crop, prescale)
+    if not paths:
+        raise ValueError(f"no usable images to pack (root={root!r}, crop={crop})")
+    crops, items = [], []
+    for p in paths:
+        a, maxval = load_image_array(p, prescale)
+        with Image.open(p) as im:
+            factor = _prescale_factor(im.size, prescale)
+        a = _pad_to(a, crop)
+        rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
+        for y, x, c in _cut(a, maxval, crop, per_image, rng, min_texture):
+            crops.append(c.transpose(2, 0, 1))
+            items.append({"file": p.name, "y": y, "x": x, "prescale": factor})
+        log.info("packed %d crops of %s", per_image, p.name)
+    data = np.ascontiguousarray(np.stack(crops))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix == ".npy":
+        np.save(out_path, data)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"crops": torch.from_numpy(data)}, str(out_path))
+    info = {"format": "upsr-packed-crops-1", "count": len(items), "crop": crop, "per_image": per_image, "seed": seed,
+                "prescale": prescale, "min_texture": min_texture, "small": small, "items": items}
+    out_path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: pack the crops of a folder or of a SOURCES.tsv group into one file."""
+    ap = argparse.ArgumentParser(description="Pack random HR crops into one uint8 file for training.")
+    ap.add_argument("--photos", required=True, help="image folder (with SOURCES.tsv when --group is used)")
+    ap.add_argument("--group", default=None, help="SOURCES.tsv group to pack, e.g. A_train (default: all images)")
+    ap.add_argument("--out", required=True, help="output .npy or .safetensors (a .json is written beside it)")
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--per-image", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prescale", default="auto", help="'auto' or an integer reduction factor")
+    ap.add_argument("--min-texture", type=float, default=0.0)
+    ap.add_argument("--small", choices=("pad", "skip"), default="skip")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    files = photos_of_group(a.photos, a.group) if a.group else None
+    prescale: Prescale = "auto" if a.prescale == "auto" else int(a.prescale)
+    info = pack_crops(a.photos, a.out, a.crop, a.per_image, a.seed, files=files, prescale=prescale,
+                      small=a.small, min_texture=a.min_texture)
+    size = Path(a.out).stat().st_size
+    print(f"{info['count']} crops of {a.crop}px from {len({i['file'] for i in info['items']})} images "
+          f"-> {a.out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
