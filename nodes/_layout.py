@@ -1,0 +1,41 @@
+"""The only layout code of the pack: ComfyUI IMAGE [B,H,W,C] / MASK [B,H,W] <-> (B,C,H,W).
+
+Padded originals that upsr_core attaches to visible maps are carried across the views.
+"""
+from __future__ import annotations
+
+import torch
+
+from upsr_core.stages import carry_padding
+
+
+def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
+    """IMAGE [B,H,W,3] -> (B,3,H,W) float32."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected an IMAGE [B,H,W,3], got {shape}")
+    if image.shape[0] == 0:
+        raise ValueError(f"{name}: the image batch is empty")
+    return carry_padding(image, image.movedim(-1, 1).float())
+
+
+def image_out(x: torch.Tensor) -> torch.Tensor:
+    """(B,1|3,H,W) -> IMAGE [B,H,W,3] on the CPU."""
+    y = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return carry_padding(x, y.movedim(1, -1).cpu())
+
+
+def mask_in(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """MASK [B,H,W] (or [H,W]) -> (B,1,H,W) float32."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: expected a MASK [B,H,W], got {shape}")
+    m = mask if mask.ndim == 3 else mask.unsqueeze(0)
+    if m.shape[0] == 0:
+        raise ValueError(f"{name}: the mask batch is empty")
+    return m.unsqueeze(1).float()
+
+
+def mask_out(x: torch.Tensor) -> torch.Tensor:
+    """(B,1,H,W) -> MASK [B,H,W] on the CPU."""
+    return x[:, 0].cpu()
