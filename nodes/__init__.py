@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .load_model import LoadUPSRModel, register_model_folder
+from .load_model import LoadUPSRModel
 from .sample import UPSRSample, UPSRUpscale
 from .uncertainty import EstimateUncertainty, WeightNoise
 
@@ -11,8 +11,5 @@ NODES: list[type[io.ComfyNode]] = [LoadUPSRModel, EstimateUncertainty, WeightNoi
 
 
 class UPSRExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        register_model_folder()
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return NODES

@@ -34,8 +34,10 @@ def register_model_folder() -> None:
 
 
 def _model_files() -> list[str]:
-    register_model_folder()
     return folder_paths.get_filename_list(FOLDER)
+
+
+register_model_folder()  # at import: ComfyExtension.on_load is not called by ComfyUI 0.3.64
 
 
 @dataclass
@@ -47,7 +49,7 @@ class UPSRHandle:
 
     def load(self) -> UPSRModel:
         """Put the nets on ComfyUI's device, offloading other models the ComfyUI way."""
-        mm.load_models_gpu([self.patcher])
+        mm.load_models_gpu([self.patcher], force_full_load=True)
         return self.model
 
 
