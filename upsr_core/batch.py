@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from .imageio import IMAGE_SUFFIXES, read_image, write_png
 from .model import load_upsr
-from .pipeline import starting_noise
-from .uncertainty import check_weight_params, weight_noise
+from .uncertainty import check_weight_params
 
 __all__ = ["run_upscale", "collect_inputs", "plan_outputs"]
 
@@ -91,11 +90,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         img = read_image(src)
         lr = img.rgb.unsqueeze(0)
         bar = bar_cls(1, f"[{n + 1}/{len(todo)}] {src.name}", show)
-        est = model.estimate(lr, tile=args.tile, overlap=args.overlap)
-        w = weight_noise(est.uncertainty(), args.b_u, args.psi_max)
-        noise = starting_noise(args.seed, 1, tuple(est.lr_pm.shape[-2:]))
-        sr = model.denoise(est, w, noise=noise, tile=args.tile, overlap=args.overlap,
-                           tile_batch=args.tile_batch, progress=bar.update)[0]
+        sr = model.upscale(lr, seed=args.seed, b_u=args.b_u, psi_max=args.psi_max, tile=args.tile,
+                           overlap=args.overlap, tile_batch=args.tile_batch, progress=bar.update)[0]
         bar.close()
         alpha = None
         if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model

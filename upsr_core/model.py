@@ -24,13 +24,15 @@ from .errors import UnsupportedCheckpointError
 from .nets import ATD, UPSRDenoiser
 from .pipeline import SCALE, Estimate, bicubic_x4, check_lr, crop_hr, denoise_estimate, pad_lr, run_estimator, starting_noise
 from .schedule import make_schedule
-from .tiling import Tile, batches, check_tiling, plan_tiles, tile_weight
+from .tiling import Tile, batches, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise
 
 __all__ = ["UPSRModel", "load_upsr", "Progress", "DEFAULT_TILE", "DEFAULT_OVERLAP"]
 
 DEFAULT_TILE = 512  # LR pixels: the official chop size, so images up to 512 px run untiled
 DEFAULT_OVERLAP = 64  # LR pixels: the official chop overlap (512 − 448)
+ESTIMATOR_BLOCK = 512  # LR pixels: the estimator runs whole up to this size (as the official code)
+ESTIMATOR_MARGIN = 32  # LR pixels of context around each estimator block (two ATD windows)
 
 Progress = Callable[[int, int], None]
 """progress(done, total): called after each denoiser step over all tiles; may raise to cancel."""
@@ -80,30 +82,31 @@ class UPSRModel:
         return self.estimator(x01.to(edt)).float()
 
     # ------------------------------------------------------------------ stages
+    def _estimator_block(self, lr_pm: torch.Tensor, blk: Tile, margin: int) -> torch.Tensor:
+        """ŷ (B,3,4·blk.h,4·blk.w) in [-1,1] for one block, computed with ``margin`` LR px of context."""
+        hp, wp = lr_pm.shape[-2:]
+        y0, x0 = max(blk.y - margin, 0), max(blk.x - margin, 0)
+        y1, x1 = min(blk.y + blk.h + margin, hp), min(blk.x + blk.w + margin, wp)
+        out = torch.cat([run_estimator(self._estimator_call, lr_pm[i : i + 1, :, y0:y1, x0:x1].to(self.device)).cpu()
+                         for i in range(lr_pm.shape[0])])
+        oy, ox = (blk.y - y0) * SCALE, (blk.x - x0) * SCALE
+        return out[:, :, oy : oy + blk.h * SCALE, ox : ox + blk.w * SCALE]
+
     @torch.no_grad()
-    def estimate(self, lr: torch.Tensor, *, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Estimate:
-        """lr (B,3,h,w) in [0,1] -> Estimate at the padded size; ATD runs tiled when the
-        padded LR exceeds ``tile`` (LR px), else exactly as the official code."""
+    def estimate(self, lr: torch.Tensor, *, block: int | None = None) -> Estimate:
+        """lr (B,3,h,w) in [0,1] -> Estimate at the padded size.
+
+        The estimator runs on disjoint ``block``-px blocks, each with ESTIMATOR_MARGIN px of
+        context; a padded LR that fits one block runs whole, exactly as the official code.
+        """
         check_lr(lr)
-        check_tiling(tile, overlap, self.multiple_of)
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
-        bic = bicubic_x4(lr_pm)
-        tiles = plan_tiles(*lr_pm.shape[-2:], tile, overlap)
-        dev = self.device
-        if len(tiles) == 1:
-            y_hat = run_estimator(self._estimator_call, lr_pm.to(dev)).cpu()
-            return Estimate(lr_pm, bic, y_hat, tuple(lr.shape[-2:]))
-        acc = torch.zeros_like(bic)
-        for t in tiles:
-            ys, xs = t.slices()
-            out = run_estimator(self._estimator_call, lr_pm[:, :, ys, xs].to(dev)).cpu()
-            hs, ws_ = t.scaled(SCALE).slices()
-            acc[:, :, hs, ws_] += out * tile_weight(t, tiles, SCALE)
-        norm = torch.zeros(bic.shape[-2:])
-        for t in tiles:
-            hs, ws_ = t.scaled(SCALE).slices()
-            norm[hs, ws_] += tile_weight(t, tiles, SCALE)
-        return Estimate(lr_pm, bic, acc / norm, tuple(lr.shape[-2:]))
+        bic = torch.cat([bicubic_x4(lr_pm[i : i + 1]) for i in range(lr_pm.shape[0])])
+        y_hat = torch.empty_like(bic)
+        for blk in partition(*lr_pm.shape[-2:], block or ESTIMATOR_BLOCK):
+            hs, ws_ = blk.scaled(SCALE).slices()
+            y_hat[:, :, hs, ws_] = self._estimator_block(lr_pm, blk, ESTIMATOR_MARGIN)
+        return Estimate(lr_pm, bic, y_hat, tuple(lr.shape[-2:]))
 
     @torch.no_grad()
     def denoise(
@@ -123,23 +126,33 @@ class UPSRModel:
         weight: w (B, 1|3, 4Hp, 4Wp) in [0,1]. One ε field (seed contract: image i uses
         seed + i) covers the whole padded image and is sliced per tile.
         """
-        check_tiling(tile, overlap, self.multiple_of)
-        if tile_batch < 1:
-            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
         b, _, hp, wp = est.lr_pm.shape
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp))
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
+        return self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
+                               tile, overlap, tile_batch, progress)
+
+    def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
+                   tile_batch: int, progress: Progress | None) -> torch.Tensor:
+        """Denoise every tile of every image; blend into a (B,3,4h,4w) canvas -> sr in [0,1].
+
+        ``inputs(i, tiles)`` returns the (Estimate, weight, noise) batch of image i under ``tiles``.
+        """
+        check_tiling(tile, overlap, self.multiple_of)
+        if tile_batch < 1:
+            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+        b, _, hp, wp = lr_pm.shape
+        h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap)
         schedule = make_schedule()
-        total = schedule.num_steps * len(tiles) * b
+        total, done = schedule.num_steps * len(tiles) * b, 0
+        out = torch.zeros(b, 3, h4, w4)
+        norm = torch.zeros(h4, w4)
         dev = self.device
-        out = torch.zeros_like(est.bicubic_pm)
-        norm = torch.zeros(est.bicubic_pm.shape[-2:])
-        done = 0
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(tiles, tile_batch):
-                sub, w_sub, n_sub = _gather(est, weight, noise, i, group)
+                sub, w_sub, n_sub = inputs(i, group)
 
                 def step(_k: int, _x: torch.Tensor, _x0: torch.Tensor, n: int = len(group)) -> None:
                     nonlocal done
@@ -150,13 +163,15 @@ class UPSRModel:
                 x = denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev),
                                      schedule=schedule, callback=step, crop=False).cpu()
                 for j, t in enumerate(group):
-                    hs, ws_ = t.scaled(SCALE).slices()
-                    wt = tile_weight(t, tiles, SCALE) if len(tiles) > 1 else 1.0
-                    out[i, :, hs, ws_] += x[j] * wt
+                    r = t.scaled(SCALE)
+                    hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
+                    wt = tile_weight(t, tiles, SCALE)[:hh, :ww] if len(tiles) > 1 else 1.0
+                    out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[j, :, :hh, :ww] * wt
                     if i == 0:
-                        norm[hs, ws_] += wt
-        return crop_hr(out / norm, est.size).clamp(-1, 1) * 0.5 + 0.5
+                        norm[r.y : r.y + hh, r.x : r.x + ww] += wt
+        return (out / norm).clamp(-1, 1) * 0.5 + 0.5
 
+    @torch.no_grad()
     def upscale(
         self,
         lr: torch.Tensor,
@@ -168,12 +183,65 @@ class UPSRModel:
         overlap: int = DEFAULT_OVERLAP,
         tile_batch: int = 1,
         progress: Progress | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile."""
+        """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile.
+
+        Streams: bicubic, ŷ, ψ and w are made per tile (ŷ from cached estimator blocks), so
+        besides the LR, the noise field and the output canvas nothing grows with the image.
+        Equals ``denoise(estimate(lr), weight_noise(ψ))`` bit for bit.
+        """
+        check_lr(lr)
         check_weight_params(b_u, psi_max)
-        est = self.estimate(lr, tile=tile, overlap=overlap)
-        w = weight_noise(est.uncertainty(), b_u, psi_max)
-        return self.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress)
+        check_tiling(tile, overlap, self.multiple_of)
+        lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
+        b, _, hp, wp = lr_pm.shape
+        if noise is None:
+            noise = starting_noise(seed, b, (hp, wp))
+        blocks = partition(hp, wp, ESTIMATOR_BLOCK)
+        cache: dict[tuple[int, Tile], torch.Tensor] = {}
+
+        def inputs(i: int, group: list[Tile]):
+            for key in [k for k in cache if k[0] != i or k[1].y + k[1].h <= group[0].y]:
+                del cache[key]  # blocks above the current tile row are done with
+            subs = []
+            for t in group:
+                lr_t = lr_pm[i : i + 1, :, t.y : t.y + t.h, t.x : t.x + t.w]
+                bic = _bicubic_region(lr_pm[i : i + 1], t)
+                y_hat = torch.empty_like(bic)
+                for blk in blocks:
+                    if blk.y < t.y + t.h and t.y < blk.y + blk.h and blk.x < t.x + t.w and t.x < blk.x + blk.w:
+                        if (i, blk) not in cache:
+                            cache[(i, blk)] = self._estimator_block(lr_pm[i : i + 1], blk, ESTIMATOR_MARGIN)
+                        _paste(y_hat, cache[(i, blk)], blk, t)
+                subs.append(Estimate(lr_t, bic, y_hat, (t.h, t.w)))
+            sub = Estimate(*(torch.cat([getattr(e, f) for e in subs]) for f in ("lr_pm", "bicubic_pm", "sr_estimate_pm")),
+                           subs[0].size)
+            w = weight_noise(sub.uncertainty(), b_u, psi_max)
+            n = torch.stack([noise[i, :, t.y : t.y + t.h, t.x : t.x + t.w] for t in group])
+            return sub, w, n
+
+        return self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress)
+
+
+def _bicubic_region(lr_pm: torch.Tensor, t: Tile, margin: int = 2) -> torch.Tensor:
+    """bicubic ×4 of one tile, computed from the tile plus ``margin`` LR px (the bicubic support),
+    so it equals the same region of the whole-image bicubic."""
+    hp, wp = lr_pm.shape[-2:]
+    y0, x0 = max(t.y - margin, 0), max(t.x - margin, 0)
+    y1, x1 = min(t.y + t.h + margin, hp), min(t.x + t.w + margin, wp)
+    up = bicubic_x4(lr_pm[:, :, y0:y1, x0:x1])
+    oy, ox = (t.y - y0) * SCALE, (t.x - x0) * SCALE
+    return up[:, :, oy : oy + t.h * SCALE, ox : ox + t.w * SCALE]
+
+
+def _paste(dst: torch.Tensor, src: torch.Tensor, blk: Tile, t: Tile) -> None:
+    """Copy the part of block ``blk`` (HR tensor ``src``) inside tile ``t`` into ``dst`` (tile HR)."""
+    y0, y1 = max(blk.y, t.y), min(blk.y + blk.h, t.y + t.h)
+    x0, x1 = max(blk.x, t.x), min(blk.x + blk.w, t.x + t.w)
+    s = SCALE
+    dst[:, :, (y0 - t.y) * s : (y1 - t.y) * s, (x0 - t.x) * s : (x1 - t.x) * s] = \
+        src[:, :, (y0 - blk.y) * s : (y1 - blk.y) * s, (x0 - blk.x) * s : (x1 - blk.x) * s]
 
 
 def _gather(est: Estimate, weight: torch.Tensor, noise: torch.Tensor, i: int, group: list[Tile]):

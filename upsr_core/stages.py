@@ -102,15 +102,13 @@ def estimate_maps(
     lr: torch.Tensor,
     *,
     estimator: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lr (B,3,h,w) [0,1] -> (sr_estimate, ψ), both (B,3,4h,4w) in [0,1] units.
 
     ``estimator``: another ×4 model g (takes and returns [0,1] images) instead of ATD.
     """
     if estimator is None:
-        est = model.estimate(lr, tile=tile, overlap=overlap)
+        est = model.estimate(lr)
     else:
         check_lr(lr)
         lr_pm = pad_lr(lr.float().cpu(), model.multiple_of)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Tile", "tile_starts", "plan_tiles", "tile_weight", "official_chop_starts", "check_tiling"]
+__all__ = ["Tile", "tile_starts", "plan_tiles", "partition", "tile_weight", "official_chop_starts", "check_tiling"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,13 @@ def plan_tiles(h: int, w: int, tile: int, overlap: int) -> list[Tile]:
     """Row-major tiles over an (h, w) grid; tile sides are min(tile, side)."""
     th, tw = min(tile, h), min(tile, w)
     return [Tile(y, x, th, tw) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
+
+
+def partition(h: int, w: int, block: int) -> list[Tile]:
+    """Disjoint row-major blocks of at most ``block`` covering an (h, w) grid."""
+    if block <= 0:
+        raise ValueError(f"block must be > 0, got {block}")
+    return [Tile(y, x, min(block, h - y), min(block, w - x)) for y in range(0, h, block) for x in range(0, w, block)]
 
 
 def _ramp(n: int, length: int, before: int, after: int) -> torch.Tensor:
