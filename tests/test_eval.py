@@ -1,0 +1,99 @@
+"""Metrics on known values, NIQE plumbing, and the eval CLI on a tiny folder with a tiny model."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from upsr_core.checkpoint import save_converted
+from upsr_core.cli import main
+from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
+from upsr_core.niqe import NIQEUnavailable, _resize_matrix, load_niqe_params, matlab_resize_half, niqe
+from upsr_core.train.denoiser import build_denoiser_net
+from upsr_core.train.estimator import build_estimator_net
+from upsr_core.train.presets import get_preset
+
+
+def test_psnr_identical_is_inf_and_known_mse():
+    a = torch.rand(2, 3, 16, 16)
+    assert torch.isinf(psnr(a, a)).all()
+    b = torch.zeros(1, 3, 8, 8)
+    c = b + 5 / 255  # MSE = 25 on the 0-255 scale
+    assert float(psnr(c, b)[0]) == pytest.approx(10 * math.log10(255**2 / 25))
+    assert float(psnr(c, b, y_channel=True)[0]) > float(psnr(c, b)[0])  # Y scales differences by < 1
+
+
+def test_ssim_identical_is_one_and_drops_with_noise():
+    a = torch.rand(1, 3, 32, 32)
+    assert float(ssim(a, a)[0]) == pytest.approx(1.0)
+    assert float(ssim(a, a, y_channel=True)[0]) == pytest.approx(1.0)
+    noisy = (a + 0.2 * torch.randn_like(a)).clamp(0, 1)
+    assert float(ssim(noisy, a)[0]) < 0.9
+    with pytest.raises(ValueError, match="differ in shape"):
+        ssim(a, a[..., :16])
+
+
+def test_rgb_to_y_range_and_quantise():
+    assert float(rgb_to_y(torch.ones(1, 3, 1, 1))) * 255 == pytest.approx(235.0, abs=1e-3)
+    assert float(rgb_to_y(torch.zeros(1, 3, 1, 1))) * 255 == pytest.approx(16.0)
+    q = to_uint8_levels(torch.tensor([-0.1, 0.5, 1.2]))
+    torch.testing.assert_close(q, torch.tensor([0.0, 128 / 255, 1.0]))
+
+
+def test_matlab_half_resize_rows_and_constant():
+    m = _resize_matrix(10, 0.5)
+    assert m.shape == (5, 10)
+    torch.testing.assert_close(m.sum(1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(matlab_resize_half(torch.full((8, 6), 3.0, dtype=torch.float64)),
+                               torch.full((4, 3), 3.0, dtype=torch.float64))
+
+
+def test_niqe_with_a_parameter_file(tmp_path, monkeypatch):
+    p = tmp_path / "params.npz"
+    g = np.exp(-((np.arange(7) - 3) ** 2) / (2 * (7 / 6) ** 2))
+    win = np.outer(g, g) / np.outer(g, g).sum()
+    np.savez(p, mu_pris_param=np.ones((1, 36)), cov_pris_param=np.eye(36), gaussian_window=win)
+    params = load_niqe_params(p)
+    img = torch.rand(2, 3, 200, 200)
+    q = niqe(img, params)
+    assert q.shape == (2,) and torch.isfinite(q).all()
+    with pytest.raises(ValueError, match="at least 96"):
+        niqe(torch.rand(1, 3, 64, 64), params)
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(tmp_path / "missing.npz"))
+    with pytest.raises(NIQEUnavailable, match="iqa-torch"):
+        load_niqe_params()
+
+
+@pytest.fixture()
+def tiny_pairs(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "hr").mkdir()
+    (tmp_path / "lr").mkdir()
+    for i in range(2):
+        hr = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+        Image.fromarray(hr).save(tmp_path / "hr" / f"img{i}.png")
+        Image.fromarray(hr).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / f"img{i}.png")
+    torch.manual_seed(0)
+    p = get_preset("tiny")
+    model = tmp_path / "tiny.safetensors"
+    save_converted(model, build_denoiser_net(p.denoiser).eval(), build_estimator_net(p.estimator).eval())
+    return tmp_path, model
+
+
+def test_eval_cli_tiny(tiny_pairs, monkeypatch):
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))  # NIQE skipped with a warning
+    out = root / "ev"
+    rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
+               "--device", "cpu", "--sheet", "1", "--limit", "1"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["mean"]) == {"bicubic", "estimator", "upsr_w1", "upsr"}
+    assert {"psnr", "psnr_y", "ssim", "ssim_y"} <= set(res["mean"]["upsr"])
+    assert len(res["per_image"]) == 1 and not res["info"]["niqe"]
+    assert Image.open(out / "contact_sheet.png").size == (192 * 6, 16 + 192)
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--method", "nope"]) == 2

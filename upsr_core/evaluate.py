@@ -1,0 +1,223 @@
+"""``python -m upsr_core eval --hr DIR --lr DIR [--method …]``: metrics table and contact sheet.
+
+Methods (all from the same LR, outputs rounded to 8 bits like a saved PNG):
+
+* ``bicubic``  — y↑, bicubic ×4 (the diffusion's centre, clamped to [0,1])
+* ``estimator``— g(y), the SR estimate alone
+* ``upsr_w1``  — UPSR with w ≡ 1 (no uncertainty weighting, b_u = 1), same ε
+* ``upsr``     — UPSR with the model's uncertainty-weighted noise (b_u 0.4, ψ_max 0.05)
+
+Metrics: PSNR / SSIM on RGB and on Y (BT.601), NIQE with the official pristine model
+(optional: see :mod:`upsr_core.niqe`), and — when ``pyiqa`` with its weights is installed —
+``--pyiqa lpips,clipiqa,musiq,maniqa``. Writes ``OUT/results.json``, ``OUT/results.md`` and
+``OUT/contact_sheet.png`` (rows: images; columns: LR, methods, HR).
+HR/LR pairs are matched by file name; ``--manifest``+``--group`` keep one split group.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .imageio import IMAGE_SUFFIXES, read_image
+from .metrics import psnr, ssim, to_uint8_levels
+from .niqe import NIQEUnavailable, load_niqe_params, niqe
+from .pipeline import bicubic_x4, crop_hr
+
+__all__ = ["add_parser", "evaluate", "METHODS", "pair_files"]
+
+log = logging.getLogger(__name__)
+METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="PSNR/SSIM/NIQE (+pyiqa) of bicubic, g(y), UPSR w≡1 and UPSR on HR/LR pairs")
+    p.add_argument("--hr", required=True, help="folder of HR images")
+    p.add_argument("--lr", required=True, help="folder of LR images (same file names, ×4 smaller)")
+    p.add_argument("--model", default=None, help="converted .safetensors with both nets (default: the demo model)")
+    p.add_argument("--estimator", default=None, help="ATD file when --model holds only the denoiser")
+    p.add_argument("--method", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--manifest", default=None, help="manifest.jsonl with 'id' and 'group' per image")
+    p.add_argument("--group", default=None, help="keep only this manifest group (e.g. A_val)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
+    p.add_argument("--out", default="runs/eval", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--crop-border", type=int, default=0, help="pixels dropped at each side for PSNR/SSIM")
+    p.add_argument("--niqe-params", default=None, help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS or iqa)")
+    p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
+    p.add_argument("--sheet", type=int, default=6, help="images on the contact sheet (0: none)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[Path, Path]]:
+    """(hr, lr) paths with the same stem, sorted; ``ids`` keeps only those stems."""
+    hr_dir, lr_dir = Path(hr_dir), Path(lr_dir)
+    for d in (hr_dir, lr_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"image folder {str(d)!r} does not exist")
+    lrs = {p.stem: p for p in lr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs = [(p, lrs[p.stem]) for p in sorted(hr_dir.iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in lrs and (ids is None or p.stem in ids)]
+    if not pairs:
+        raise ValueError(f"no HR/LR pairs with matching names in {str(hr_dir)!r} and {str(lr_dir)!r}"
+                         + (f" for the {len(ids)} selected ids" if ids is not None else ""))
+    return pairs
+
+
+def _manifest_ids(path: str, group: str) -> set[str]:
+    ids = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                if d.get("group") == group:
+                    ids.add(d["id"])
+    if not ids:
+        raise ValueError(f"no entries of group {group!r} in {path!r}")
+    return ids
+
+
+def _pyiqa_metrics(names: list[str], device: torch.device) -> dict:
+    if not names:
+        return {}
+    try:
+        import pyiqa  # type: ignore[import-not-found]
+    except ImportError:
+        log.warning("pyiqa is not installed: skipping %s", ", ".join(names))
+        return {}
+    out = {}
+    for n in names:
+        try:
+            out[n] = pyiqa.create_metric(n, device=device)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            log.warning("pyiqa metric %s unavailable (%s): skipped", n, e)
+    return out
+
+
+@torch.no_grad()
+def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """lr (1,3,h,w) [0,1] -> {method: sr (1,3,4h,4w) in [0,1], 8-bit levels}."""
+    from .pipeline import default_weight
+
+    out = {}
+    if "bicubic" in methods:
+        out["bicubic"] = bicubic_x4(lr.float() * 2 - 1) * 0.5 + 0.5
+    if any(m != "bicubic" for m in methods):
+        est = model.estimate(lr)
+        if "estimator" in methods:
+            out["estimator"] = crop_hr(est.sr_estimate, est.size)
+        if "upsr_w1" in methods:
+            out["upsr_w1"] = model.denoise(est, torch.ones_like(est.bicubic_pm), seed=seed)
+        if "upsr" in methods:
+            out["upsr"] = model.denoise(est, default_weight(est), seed=seed)
+    return {m: to_uint8_levels(out[m].cpu()) for m in methods}
+
+
+def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed: int = 0, crop_border: int = 0,
+             niqe_params=None, extra: dict | None = None, keep: int = 0) -> tuple[dict, list]:
+    """Metrics per image and method -> ({method: {metric: mean}}, per-image rows); also returns
+    the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet."""
+    rows = []
+    for i, (hp, lp) in enumerate(pairs):
+        hr = read_image(hp).rgb[None]
+        lr = read_image(lp).rgb[None]
+        if hr.shape[-2:] != (lr.shape[-2] * 4, lr.shape[-1] * 4):
+            raise ValueError(f"{hp.name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr.shape[-2:])}")
+        outs = run_methods(model, lr, methods, seed)
+        row = {"image": hp.stem, "metrics": {}}
+        for m, sr in outs.items():
+            r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
+                 "psnr_y": float(psnr(sr, hr, crop_border=crop_border, y_channel=True)[0]),
+                 "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
+                 "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
+            if niqe_params is not None:
+                r["niqe"] = float(niqe(sr, niqe_params)[0])
+            for name, metric in (extra or {}).items():
+                dev = getattr(metric, "device", "cpu")
+                r[name] = float(metric(sr.to(dev), hr.to(dev)) if getattr(metric, "metric_mode", "") == "FR"
+                                else metric(sr.to(dev)))
+            row["metrics"][m] = r
+        if i < keep:
+            row["images"] = {"lr": lr, "hr": hr, **outs}
+        rows.append(row)
+        log.info("%d/%d %s  %s", i + 1, len(pairs), hp.stem,
+                 "  ".join(f"{m} {row['metrics'][m]['psnr']:.2f}dB" for m in methods))
+    means = {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
+             for m in methods}
+    return means, rows
+
+
+def table(means: dict) -> str:
+    """Markdown table: one row per method, one column per metric."""
+    keys = list(next(iter(means.values())))
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m, r in means.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r[k]:.4f}" if "ssim" in k else f"{r[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -> None:
+    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR; labelled."""
+    rows = [r for r in rows if "images" in r]
+    if not rows:
+        return
+    cols = ["lr", *methods, "hr"]
+    head = 16
+    sheet = Image.new("RGB", (tile * len(cols), head + tile * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, c in enumerate(cols):
+        draw.text((j * tile + 4, 2), c, fill=(0, 0, 0))
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            x = r["images"][c][0].clamp(0, 1)
+            a = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            im = Image.fromarray(a).resize((tile, tile), Image.NEAREST if c == "lr" else Image.BICUBIC)
+            sheet.paste(im, (j * tile, head + i * tile))
+            if c in r["metrics"]:
+                draw.text((j * tile + 3, head + i * tile + 3), f"{r['metrics'][c]['psnr']:.2f}dB", fill=(255, 255, 0))
+    sheet.save(path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .cli import _device, default_model_path
+    from .model import load_upsr
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"--method: unknown {bad or methods}; choose from {', '.join(METHODS)}")
+    if (args.manifest is None) != (args.group is None):
+        raise ValueError("--manifest and --group go together")
+    ids = _manifest_ids(args.manifest, args.group) if args.manifest else None
+    pairs = pair_files(args.hr, args.lr, ids)[: args.limit]
+    dev = _device(args.device)
+    model_path = args.model or default_model_path()
+    model = load_upsr(model_path, args.estimator, device=dev) if methods != ["bicubic"] else None
+    try:
+        params = load_niqe_params(args.niqe_params)
+    except NIQEUnavailable as e:
+        log.warning("NIQE skipped: %s", e)
+        params = None
+    extra = _pyiqa_metrics([n for n in args.pyiqa.split(",") if n], dev)
+    means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
+                           extra=extra, keep=args.sheet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(means)
+    info = {"model": str(model_path), "pairs": len(pairs), "hr": str(args.hr), "lr": str(args.lr),
+            "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None}
+    (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
+                                                  "per_image": [{k: v for k, v in r.items() if k != "images"}
+                                                                for r in rows]}, indent=1) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(f"{len(pairs)} pairs, model {model_path}\n\n{md}\n", encoding="utf-8")
+    if args.sheet:
+        contact_sheet(rows, methods, out / "contact_sheet.png")
+    print(md)
+    return 0

@@ -1,0 +1,211 @@
+"""``python -m upsr_core train {estimator,denoiser,bench} …`` — see ``--help`` of each.
+
+Stage 1 writes ``OUT/estimator.safetensors`` (EMA weights + config metadata); stage 2 takes
+it with ``--estimator`` (frozen) and writes ``OUT/denoiser.safetensors`` and, with
+``--export``, one file holding both nets (``upsr_core.checkpoint.save_converted``) with the
+training record in its metadata. Each stage keeps a resumable ``OUT/<stage>.ckpt`` (resumed
+automatically unless ``--fresh``) and a JSON log ``OUT/<stage>_log.json``.
+Several GPUs: ``torchrun --nproc-per-node N -m upsr_core train …`` (DDP; batch is per GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoint import build_estimator, read_checkpoint, save_converted, split_nets
+from ..config import ATDConfig
+from ..nets import ATD
+from ..nets.attention import WindowAttention
+from .denoiser import DenoiserTask, build_denoiser_net
+from .estimator import EstimatorTask, build_estimator_net
+from .feed import make_feed
+from .loop import DistInfo, LoopConfig, Trainer, setup_distributed
+from .losses import LPIPSHook
+from .presets import get_preset
+
+__all__ = ["add_parser", "run_stage", "hardware"]
+
+log = logging.getLogger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="folder of images, or a packed-crops .npy/.safetensors (or its folder)")
+    p.add_argument("--config", default="small", choices=["small", "full", "tiny"])
+    p.add_argument("--out", default="runs/train", help="output folder (weights, checkpoint, log)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this run")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch per device (default: the preset's)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--crop", type=int, default=None, help="HR crop side (default: the preset's, 256)")
+    p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on CUDA, off on CPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                   help="fused SDPA attention (auto: on for CUDA)")
+    p.add_argument("--degrade-rng", choices=["device", "cpu"], default="device",
+                   help="generator of the degradations: on the training device (resumable) or a CPU one "
+                        "(fallback where device generators are not supported; not bit-resumable)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for an image folder")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the estimator (stage 1) or the denoiser (stage 2)")
+    stages = p.add_subparsers(dest="stage", required=True)
+    e = stages.add_parser("estimator", help="stage 1: ATD estimator g, L1 loss")
+    _common(e)
+    e.set_defaults(func=_cmd_train)
+    d = stages.add_parser("denoiser", help="stage 2: UPSR denoiser, uncertainty-weighted noise, MSE")
+    _common(d)
+    d.add_argument("--estimator", required=True, help="stage-1 estimator.safetensors (or any file holding ATD)")
+    d.add_argument("--b-u", type=float, default=0.4, help="noise floor b_u (1 = no uncertainty weighting)")
+    d.add_argument("--psi-max", type=float, default=0.05)
+    d.add_argument("--lpips", default="off", help="off | lpips | pyiqa (needs the package and its weights)")
+    d.add_argument("--lpips-weight", type=float, default=0.5)
+    d.add_argument("--export", default=None, help="write one .safetensors with both nets (EMA) here")
+    d.add_argument("--export-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    d.add_argument("--data-note", default=None, help="free text about the data for the export metadata")
+    d.set_defaults(func=_cmd_train)
+    from .bench import add_bench_parser
+
+    add_bench_parser(stages)
+
+
+def hardware(device: torch.device) -> str:
+    """One line naming the device (GPU name or CPU) and torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{name}; torch {torch.__version__}"
+
+
+def set_fused(mode: str, device: torch.device) -> bool:
+    """Switch the fused (SDPA) attention path of both nets; returns whether it is on."""
+    on = mode == "on" or (mode == "auto" and device.type == "cuda")
+    WindowAttention.fused = on
+    ATD.fused = on
+    return on
+
+
+def load_estimator_file(path: str | Path) -> ATD:
+    """The ATD of a stage-1 file or of a converted file holding both nets (frozen)."""
+    sd, meta = read_checkpoint(path)
+    nets = split_nets(sd)
+    if "estimator" not in nets:
+        raise ValueError(f"--estimator {str(path)!r} holds no ATD estimator weights")
+    cfg = ATDConfig.from_dict(json.loads(meta["estimator_config"])) if "estimator_config" in meta else None
+    return build_estimator(nets["estimator"], cfg)
+
+
+def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
+    stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
+    return LoopConfig(
+        steps=args.steps or preset.total_steps, max_minutes=args.max_minutes, batch=args.batch or preset.batch,
+        accum=args.accum, lr=args.lr or stage_lr, warmup=preset.warmup if args.warmup is None else args.warmup,
+        schedule=args.schedule, weight_decay=preset.weight_decay,
+        ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
+        amp=args.amp or ("bf16" if di.device.type == "cuda" else "off"), seed=args.seed,
+        checkpoint=str(out / f"{args.stage}.ckpt"), ckpt_every=args.ckpt_every, log_every=args.log_every,
+    )
+
+
+def run_stage(args: argparse.Namespace) -> dict:
+    """Train one stage as described by parsed CLI ``args``; returns the JSON record written."""
+    t_start = time.time()
+    di = setup_distributed(args.device)
+    preset = get_preset(args.config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _loop_config(args, preset, di, out)
+    crop = args.crop or preset.hr_size
+    fused = set_fused(args.fused, di.device)
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
+                     seed=args.seed)
+    deg_gen = torch.Generator().manual_seed(args.seed + 17 + di.rank) if args.degrade_rng == "cpu" else None
+    if args.stage == "estimator":
+        net = build_estimator_net(preset.estimator)
+        task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen)
+    else:
+        est = load_estimator_file(args.estimator).to(di.device)
+        net = build_denoiser_net(preset.denoiser)
+        lp = LPIPSHook.from_name(args.lpips, di.device)
+        if not lp.available:
+            log.info("LPIPS term off (no LPIPS weights offline): loss = MSE only")
+        task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
+                            args.lpips_weight, deg_generator=deg_gen)
+    trainer = Trainer(task, cfg, di)
+    ckpt = Path(cfg.checkpoint)
+    if ckpt.is_file() and not args.fresh:
+        trainer.load(ckpt)
+    n_params = sum(p.numel() for p in net.parameters())
+    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, amp %s, fused %s, on %s",
+             args.stage, args.config, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop, cfg.amp, fused,
+             hardware(di.device))
+    summary = trainer.fit()
+    record = {
+        "stage": args.stage, "config": args.config, "params": n_params, "loop": cfg.__dict__ | {"betas": list(cfg.betas)},
+        "crop": crop, "data": str(args.data), "degradation": args.degradation, "hardware": hardware(di.device),
+        "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,
+    }
+    if args.stage == "denoiser":
+        record |= {"b_u": args.b_u, "psi_max": args.psi_max, "lpips": args.lpips if task.lpips.available else "off",
+                   "estimator_file": str(args.estimator)}
+    if di.main:
+        _write_outputs(args, trainer, net, record, out, preset)
+    if di.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return record
+
+
+def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path, preset) -> None:
+    ema_net = trainer.ema_model(lambda: type(net)(net.config)).cpu()
+    if args.stage == "estimator":
+        sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
+        save_file(sd, str(out / "estimator.safetensors"),
+                  metadata={"estimator_config": json.dumps(preset.estimator.to_dict()),
+                            "training": json.dumps(_brief(record))})
+    else:
+        sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
+        save_file(sd, str(out / "denoiser.safetensors"),
+                  metadata={"denoiser_config": json.dumps(preset.denoiser.to_dict()),
+                            "training": json.dumps(_brief(record))})
+        if args.export:
+            est = load_estimator_file(args.estimator)
+            meta = {"training": json.dumps(_brief(record) | {"data_note": args.data_note}),
+                    "estimator_training": _estimator_training(args.estimator)}
+            save_converted(args.export, ema_net, est, dtype=args.export_dtype, extra_metadata=meta)
+            log.info("exported %s", args.export)
+    (out / f"{args.stage}_log.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    log.info("%s done: %s", args.stage, json.dumps(record["summary"]))
+
+
+def _brief(record: dict) -> dict:
+    """The record without the per-step history (for file metadata)."""
+    return {k: v for k, v in record.items() if k != "history"}
+
+
+def _estimator_training(path: str) -> str:
+    _, meta = read_checkpoint(path)
+    return meta.get("training", meta.get("estimator_training", "unknown"))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    run_stage(args)
+    return 0

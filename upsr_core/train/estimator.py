@@ -1,0 +1,42 @@
+"""Stage 1: train the SR estimator g (ATD) with an L1 loss on Real-ESRGAN-degraded pairs.
+
+Per micro-batch: HR crops (B,3,H,W) [0,1] from the feed → LR = degrade(HR) on the device →
+g(LR) (B,3,H,W) → L1 to HR. The estimator output is not clamped (as at inference).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ATDConfig
+from ..nets import ATD
+from .feed import make_lr
+from .losses import estimator_loss
+
+__all__ = ["EstimatorTask", "build_estimator_net"]
+
+log = logging.getLogger(__name__)
+
+
+def build_estimator_net(cfg: ATDConfig) -> ATD:
+    """A freshly initialised ATD (training mode)."""
+    return ATD(cfg)
+
+
+@dataclass
+class EstimatorTask:
+    """``feed.next(batch, generator)`` gives HR crops; ``degradation``: realesrgan|bicubic."""
+
+    model: nn.Module
+    feed: object
+    batch: int
+    degradation: str = "realesrgan"
+    deg_generator: torch.Generator | None = None  # degradation RNG if not the step's (e.g. a CPU one)
+
+    def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        hr = self.feed.next(self.batch, generator)
+        lr = make_lr(hr, self.deg_generator or generator, self.degradation)
+        return estimator_loss(model(lr), hr)

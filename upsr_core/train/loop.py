@@ -1,0 +1,326 @@
+"""The training loop shared by both stages: AdamW, EMA, autocast, accumulation, DDP,
+wall-clock budget, resumable checkpoints, progress bar and a JSON log.
+
+A *task* supplies the trainable model and the loss of one micro-batch::
+
+    class Task:
+        model: nn.Module                          # trained (wrapped in DDP when distributed)
+        def loss(self, model, generator) -> (loss tensor, {name: float})
+
+Checkpoint (``torch.save``; atomic rename; rank 0 only): model, EMA shadow, optimiser,
+step, elapsed seconds, generator states (data + torch CPU), the loop config. Resuming
+with the same data and settings continues the exact random stream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ema import EMA
+
+__all__ = ["LoopConfig", "Task", "Trainer", "setup_distributed", "DistInfo"]
+
+log = logging.getLogger(__name__)
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation and bookkeeping settings of one training run."""
+
+    steps: int = 1000  # optimiser steps (stop at whichever of steps / max_minutes comes first)
+    max_minutes: float | None = None  # wall-clock budget of this run (excl. model build)
+    batch: int = 16  # per-device micro-batch
+    accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-4
+    warmup: int = 0
+    schedule: str = "constant"  # or "cosine" (to 10 %, by the larger of step and time progress)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    amp: str = "bf16"  # bf16 | fp16 | off
+    seed: int = 0
+    checkpoint: str | None = None  # path of the resumable checkpoint
+    ckpt_every: int = 1000  # steps
+    ckpt_minutes: float = 10.0  # and at least this often
+    log_every: int = 50
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.amp not in _AMP:
+            raise ValueError(f"amp must be one of {sorted(_AMP)}, got {self.amp!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        for name in ("steps", "batch", "accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed from torchrun's env (nccl on CUDA, gloo on CPU), pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    dev = torch.device("cuda", local if world > 1 or device in ("auto", "cuda") else int(device.split(":")[1])) \
+        if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        # cudnn.benchmark stays off: the degradations convolve ever-changing sizes (random
+        # resizes), and benchmarking each new shape would cost more than it saves.
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+class _Bar:
+    """One-line progress on a terminal; a log line every ``every`` steps otherwise."""
+
+    def __init__(self, total: int, every: int, enabled: bool):
+        self.total, self.every, self.enabled = total, max(every, 1), enabled
+        self.tty = enabled and sys.stderr.isatty()
+
+    def show(self, step: int, logs: dict[str, float], it_s: float, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        vals = " ".join(f"{k} {v:.4g}" for k, v in logs.items())
+        msg = f"step {step}/{self.total} {vals} {it_s:.2f} it/s {elapsed / 60:.1f} min"
+        if self.tty:
+            frac = min(step / self.total, 1.0)
+            sys.stderr.write(f"\r[{'#' * int(frac * 24):<24}] {msg}   ")
+            sys.stderr.flush()
+        elif step % self.every == 0 or step == 1:
+            log.info(msg)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class Trainer:
+    """Runs ``task`` for ``cfg.steps`` optimiser steps (or until ``cfg.max_minutes``)."""
+
+    def __init__(self, task: Task, cfg: LoopConfig, dist_info: DistInfo | None = None):
+        self.task, self.cfg = task, cfg
+        self.di = dist_info or DistInfo()
+        self.device = self.di.device
+        self.model = task.model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda",
+        )
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.wrapped: nn.Module = self.model
+        if self.di.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1000 * self.di.rank)
+        self.step, self.elapsed_before = 0, 0.0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ schedule
+    def lr_at(self, step: int, elapsed_s: float) -> float:
+        c = self.cfg
+        if c.warmup and step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        if c.schedule == "constant":
+            return c.lr
+        prog = (step - c.warmup) / max(c.steps - c.warmup, 1)
+        if c.max_minutes:
+            prog = max(prog, elapsed_s / (c.max_minutes * 60))
+        prog = min(max(prog, 0.0), 1.0)
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed_before,
+            "generator": self.generator.get_state(),
+            "cpu_rng": torch.get_rng_state(),
+            "history": self.history,
+            "loop": asdict(self.cfg),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resumable checkpoint (rank 0; atomic)."""
+        if not self.di.main:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a checkpoint written by :meth:`save` for the same model."""
+        sd = torch.load(str(path), map_location="cpu", weights_only=False)
+        for key in ("model", "ema", "opt", "step"):
+            if key not in sd:
+                raise ValueError(f"{str(path)!r} is not a training checkpoint (no {key!r} entry)")
+        self.model.load_state_dict(sd["model"])
+        self.ema.load_state_dict(sd["ema"])
+        self.opt.load_state_dict(sd["opt"])
+        self.scaler.load_state_dict(sd["scaler"])
+        self.step, self.elapsed_before = int(sd["step"]), float(sd["elapsed"])
+        if self.di.world == 1:  # other ranks' streams are not stored
+            self.generator.set_state(sd["generator"])
+            torch.set_rng_state(sd["cpu_rng"])
+        self.history = list(sd.get("history", []))
+        log.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed_before / 60)
+
+    # ------------------------------------------------------------------ loop
+    def _micro(self, last: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        amp = _AMP[self.cfg.amp]
+        sync = self.di.world == 1 or last
+        ctx = self.wrapped.no_sync() if not sync else _nullcontext()
+        with ctx:
+            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, logs = self.task.loss(self.wrapped, self.generator)
+            self.scaler.scale(loss / self.cfg.accum).backward()
+        return loss.detach(), logs
+
+    def train_step(self, elapsed_s: float = 0.0) -> dict[str, float]:
+        """One optimiser step over ``accum`` micro-batches; returns averaged logs."""
+        lr = self.lr_at(self.step, elapsed_s)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total, agg = 0.0, {}
+        for i in range(self.cfg.accum):
+            loss, logs = self._micro(i == self.cfg.accum - 1)
+            total += float(loss)
+            for k, v in logs.items():
+                agg[k] = agg.get(k, 0.0) + v / self.cfg.accum
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {self.step}: lower --lr or use --amp off")
+        self.scaler.unscale_(self.opt)
+        if self.cfg.grad_clip:
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            agg["gnorm"] = float(gn)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": total / self.cfg.accum, **agg, "lr": lr}
+
+    def fit(self) -> dict:
+        """Train until ``steps`` or the time budget; checkpoint at the end. Returns a summary."""
+        c = self.cfg
+        bar = _Bar(c.steps, c.log_every, c.progress and self.di.main)
+        t0 = time.perf_counter()
+        last_ckpt, window_t, window_n = t0, t0, 0
+        start_step = self.step
+        budget = c.max_minutes * 60 if c.max_minutes else math.inf
+        logs: dict[str, float] = {}
+        while self.step < c.steps:
+            run_s = time.perf_counter() - t0
+            if self._stop(run_s >= budget):
+                log.info("time budget of %.2f min reached at step %d", c.max_minutes, self.step)
+                break
+            logs = self.train_step(self.elapsed_before + run_s)
+            window_n += 1
+            now = time.perf_counter()
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+                it_s = window_n / max(now - window_t, 1e-9)
+                self.history.append({"step": self.step, "t": round(self.elapsed_before + now - t0, 2),
+                                     "it_s": round(it_s, 3), **{k: round(v, 6) for k, v in logs.items()}})
+                window_t, window_n = now, 0
+                bar.show(self.step, logs, it_s, self.elapsed_before + now - t0)
+            if c.checkpoint and (self.step % c.ckpt_every == 0 or now - last_ckpt > c.ckpt_minutes * 60):
+                self._save_now(t0)
+                last_ckpt = time.perf_counter()
+        bar.close()
+        run_s = time.perf_counter() - t0
+        self.elapsed_before += run_s
+        if c.checkpoint:
+            self.save(c.checkpoint)
+        steps = self.step - start_step
+        summary = {"steps": self.step, "steps_this_run": steps, "minutes_this_run": round(run_s / 60, 3),
+                   "it_s": round(steps / run_s, 3) if run_s > 0 else None, "last": logs,
+                   "world_size": self.di.world}
+        if self.device.type == "cuda":
+            summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return summary
+
+    def _save_now(self, t0: float) -> None:
+        run_s = time.perf_counter() - t0
+        self.elapsed_before += run_s
+        self.save(self.cfg.checkpoint)
+        self.elapsed_before -= run_s
+
+    def _stop(self, local: bool) -> bool:
+        """All ranks stop together (rank 0's clock decides)."""
+        if self.di.world == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def ema_model(self, build: "callable") -> nn.Module:
+        """A fresh copy of the model (``build()``) holding the EMA weights, eval mode."""
+        m = build().to(self.device)
+        m.load_state_dict(self.model.state_dict())
+        self.ema.copy_to(m)
+        return m.eval().requires_grad_(False)
+
+    def write_history(self, path: str | os.PathLike) -> None:
+        if self.di.main:
+            Path(path).write_text(json.dumps(self.history, indent=0) + "\n", encoding="utf-8")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
