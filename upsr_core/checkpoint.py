@@ -64,15 +64,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedCheckpointError(
-            f"{path.name}: refused to load — the pickle asks for code or objects outside plain tensors "
-            f"(nothing was executed): {first}"
+            f"{path.name}: refused to load — expected a state dict of plain tensors, but the pickle asks for "
+            f"code or objects outside them, or is corrupted (nothing was executed): {_reason(e)}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedCheckpointError(f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupted?): {msg}") from None
+    # A corrupted pickle can also fail inside the unpickler with these (seen by fuzzing torch 2.13).
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            KeyError, IndexError, AssertionError, TypeError, AttributeError) as e:
+        raise UnsupportedCheckpointError(
+            f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(e)}"
+        ) from None
     return canonicalize_state_dict(obj), {}
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a torch.load error (its first lines are generic advice to
+    retry with weights_only=False, which must not be shown to a user as the cause)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    key = next((ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")), None)
+    return key or (lines[0] if lines else type(e).__name__)
 
 
 def canonicalize_state_dict(obj: object) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from .schedule import ResShiftSchedule
 
-__all__ = ["sample", "prior_sample", "Denoise", "StepCallback"]
+__all__ = ["sample", "prior_sample", "scale_input", "ddim_step", "Denoise", "StepCallback"]
 
 
 class Denoise(Protocol):
@@ -26,6 +26,18 @@ def prior_sample(y: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor, sch
     """x_T = y + κ·√η_T·w ⊙ ε (UPSR eq. 8); all (B, 48, h, w), unshuffled, [-1, 1] space."""
     coef = schedule.f32()["prior"].to(y.device)
     return y + coef * weight * noise
+
+
+def scale_input(x_t: torch.Tensor, t: int, co: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ResShift eq. 7: the network sees x_t / √(η_t κ² var_un + 1/4) (SPEC §8.5); co = schedule.f32()."""
+    return x_t / co["std"][t]
+
+
+def ddim_step(
+    x_t: torch.Tensor, x0: torch.Tensor, y: torch.Tensor, t: int, co: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """DDIM with η = 0 (ResShift appendix): x_{t−1} = k_t x̂0 + m_t x_t + c_t y; co = schedule.f32()."""
+    return x0 * co["k"][t] + x_t * co["m"][t] + y * co["c"][t]
 
 
 def sample(
@@ -44,10 +56,8 @@ def sample(
     co = {k: v.to(y.device) for k, v in schedule.f32().items()}
     x = x_T
     for i, t in enumerate(reversed(range(schedule.num_steps))):
-        # ResShift eq. 7: the network sees x_t / √(η_t κ² var_un + 1/4)  (SPEC §8.5)
-        x0 = denoise(x / co["std"][t], t)
-        # DDIM with η = 0 (ResShift appendix): x_{t−1} = k_t x̂0 + m_t x_t + c_t y
-        x = x0 * co["k"][t] + x * co["m"][t] + y * co["c"][t]
+        x0 = denoise(scale_input(x, t, co), t)  # ResShift eq. 7 input scaling
+        x = ddim_step(x, x0, y, t, co)  # DDIM η = 0: x_{t−1} = k_t x̂0 + m_t x_t + c_t y
         if callback is not None:
             callback(i, x, x0)
     return x
