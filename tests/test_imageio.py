@@ -1,0 +1,229 @@
+"""Image files <-> tensors (upsr_core.imageio): formats, modes, bit depths, refusals."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, features
+
+from upsr_core.imageio import read_image, write_png
+
+
+def rgb_u8(h: int = 10, w: int = 14) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def as_u8(t: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0,1] holding k/255 values -> (H, W, C) uint8 (exact for such values)."""
+    return (t * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def test_png_rgb(tmp_path):
+    a = rgb_u8()
+    Image.fromarray(a).save(tmp_path / "x.png")
+    img = read_image(tmp_path / "x.png")
+    assert img.rgb.shape == (3, 10, 14) and img.rgb.dtype == torch.float32
+    assert (img.alpha, img.bits, img.gray) == (None, 8, False)
+    assert torch.equal(img.rgb, torch.from_numpy(a).permute(2, 0, 1).float() / 255)
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("jpg", {"quality": 90}), ("webp", {"quality": 80})])
+def test_lossy_formats_decode_like_pillow(tmp_path, fmt, kwargs):
+    if fmt == "webp" and not features.check("webp"):
+        pytest.skip("this Pillow build has no WebP codec")
+    path = tmp_path / f"x.{fmt}"
+    Image.fromarray(rgb_u8()).save(path, **kwargs)
+    with Image.open(path) as im:
+        ref = np.asarray(im.convert("RGB"))
+    img = read_image(path)
+    assert (img.bits, img.gray, img.alpha) == (8, False, None)
+    np.testing.assert_array_equal(as_u8(img.rgb), ref)
+
+
+def test_webp_lossless_exact(tmp_path):
+    if not features.check("webp"):
+        pytest.skip("this Pillow build has no WebP codec")
+    a = rgb_u8()
+    Image.fromarray(a).save(tmp_path / "x.webp", lossless=True)
+    np.testing.assert_array_equal(as_u8(read_image(tmp_path / "x.webp").rgb), a)
+
+
+def test_gray_png_is_replicated_to_three_channels(tmp_path):
+    g = rgb_u8()[..., 0]
+    Image.fromarray(g, "L").save(tmp_path / "g.png")
+    img = read_image(tmp_path / "g.png")
+    assert (img.gray, img.bits, img.alpha) == (True, 8, None)
+    for c in range(3):
+        assert torch.equal(img.rgb[c], torch.from_numpy(g).float() / 255)
+
+
+def test_gray_with_alpha(tmp_path):
+    Image.new("LA", (5, 4), (100, 50)).save(tmp_path / "la.png")
+    img = read_image(tmp_path / "la.png")
+    assert img.gray and img.alpha.shape == (1, 4, 5)
+    assert (as_u8(img.rgb) == 100).all() and (as_u8(img.alpha) == 50).all()
+
+
+def test_rgba_png(tmp_path):
+    a = rgb_u8()
+    alpha = np.arange(140, dtype=np.uint8).reshape(10, 14)
+    Image.fromarray(np.concatenate([a, alpha[..., None]], -1), "RGBA").save(tmp_path / "x.png")
+    img = read_image(tmp_path / "x.png")
+    assert not img.gray and img.bits == 8
+    np.testing.assert_array_equal(as_u8(img.rgb), a)
+    np.testing.assert_array_equal(as_u8(img.alpha)[..., 0], alpha)
+
+
+def test_16bit_gray_png(tmp_path):
+    a = (np.arange(10 * 14, dtype=np.uint16) * 467).reshape(10, 14)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    img = read_image(tmp_path / "g16.png")
+    assert (img.bits, img.gray) == (16, True)
+    assert torch.equal(img.rgb[0], torch.from_numpy(a.astype(np.float32)) / 65535)
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (16, 8), (255, 0, 0, 0)).save(tmp_path / "c.jpg", quality=95)  # pure cyan
+    with Image.open(tmp_path / "c.jpg") as im:
+        assert im.mode == "CMYK"
+    img = read_image(tmp_path / "c.jpg")
+    assert (img.bits, img.gray, img.alpha) == (8, False, None)
+    # a flat colour survives JPEG to within 2 levels (quantisation of the DC term)
+    cyan = torch.tensor([0.0, 1.0, 1.0])[:, None, None].expand(3, 8, 16)
+    torch.testing.assert_close(img.rgb, cyan, rtol=0, atol=2 / 255)
+
+
+def test_palette_png(tmp_path):
+    p = Image.new("P", (4, 2))
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.putdata([0, 1] * 4)
+    p.save(tmp_path / "p.png")
+    img = read_image(tmp_path / "p.png")
+    assert img.alpha is None and not img.gray
+    np.testing.assert_array_equal(as_u8(img.rgb)[0], [[255, 0, 0], [0, 255, 0]] * 2)
+
+
+def test_palette_png_with_transparency(tmp_path):
+    p = Image.new("P", (4, 2))
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.putdata([0, 1] * 4)
+    p.save(tmp_path / "p.png", transparency=1)
+    img = read_image(tmp_path / "p.png")
+    np.testing.assert_array_equal(as_u8(img.alpha)[0, :, 0], [255, 0, 255, 0])
+
+
+def test_multi_frame_gif_is_refused(tmp_path):
+    frames = [Image.new("RGB", (8, 8), (80 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match="has 3 frames"):
+        read_image(tmp_path / "a.gif")
+
+
+def test_single_frame_gif_is_read(tmp_path):
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "a.gif")
+    np.testing.assert_array_equal(as_u8(read_image(tmp_path / "a.gif").rgb)[0, 0], [0, 255, 0])
+
+
+@pytest.mark.parametrize("damage", ["truncated-png", "truncated-jpeg", "random-bytes", "empty", "text"])
+def test_corrupted_files_raise_value_error(tmp_path, damage):
+    good_png, good_jpg = tmp_path / "g.png", tmp_path / "g.jpg"
+    Image.fromarray(rgb_u8(64, 64)).save(good_png)
+    Image.fromarray(rgb_u8(64, 64)).save(good_jpg)
+    data = {
+        "truncated-png": good_png.read_bytes()[:100],
+        "truncated-jpeg": good_jpg.read_bytes()[: len(good_jpg.read_bytes()) // 2],
+        "random-bytes": np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes(),
+        "empty": b"",
+        "text": b"hello, not an image\n",
+    }[damage]
+    bad = tmp_path / ("bad.jpg" if "jpeg" in damage else "bad.png")
+    bad.write_bytes(data)
+    with pytest.raises(ValueError, match=bad.name):
+        read_image(bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        read_image(tmp_path / "nope.png")
+
+
+# ------------------------------------------------------------------ write_png
+def test_write_png_8bit_round_trip(tmp_path):
+    a = rgb_u8()
+    x = torch.from_numpy(a).permute(2, 0, 1).float() / 255
+    write_png(tmp_path / "o.png", x)
+    assert torch.equal(read_image(tmp_path / "o.png").rgb, x)
+
+
+def test_write_png_8bit_rgba_round_trip(tmp_path):
+    x = torch.from_numpy(rgb_u8()).permute(2, 0, 1).float() / 255
+    alpha = torch.arange(140, dtype=torch.float32).reshape(1, 10, 14) / 255
+    write_png(tmp_path / "o.png", x, alpha)
+    back = read_image(tmp_path / "o.png")
+    assert torch.equal(back.rgb, x) and torch.equal(back.alpha, alpha)
+
+
+def test_write_png_clamps_and_rounds(tmp_path):
+    x = torch.tensor([-0.5, 0.2 / 255, 0.6 / 255, 1.7]).reshape(1, 1, 4).expand(3, 1, 4)
+    write_png(tmp_path / "o.png", x)
+    np.testing.assert_array_equal(as_u8(read_image(tmp_path / "o.png").rgb)[0, :, 0], [0, 0, 1, 255])
+
+
+def test_write_png_16bit_gray_round_trip(tmp_path):
+    levels = torch.arange(0, 65536, 997, dtype=torch.float32)[:60].reshape(1, 6, 10)
+    x = (levels / 65535).expand(3, -1, -1)
+    write_png(tmp_path / "o.png", x, bits=16, gray=True)
+    back = read_image(tmp_path / "o.png")
+    assert (back.bits, back.gray) == (16, True)
+    assert torch.equal((back.rgb[0] * 65535).round(), levels[0])
+
+
+def read_png16(path: Path) -> np.ndarray:
+    """Decode a 16-bit PNG written with filter type 0 (what write_png writes) -> (H, W, C) uint16."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        n, tag = struct.unpack(">I4s", data[pos : pos + 8])
+        chunks.setdefault(tag, b"")
+        chunks[tag] += data[pos + 8 : pos + 8 + n]
+        pos += 12 + n
+    w, h, depth, ctype = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 16
+    c = {0: 1, 4: 2, 2: 3, 6: 4}[ctype]
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * c * 2)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].copy().view(">u2").reshape(h, w, c).astype(np.uint16)
+
+
+def test_write_png_16bit_rgba_round_trip(tmp_path):
+    levels = torch.randint(0, 65536, (4, 6, 10)).float()
+    write_png(tmp_path / "o.png", levels[:3] / 65535, levels[3:] / 65535, bits=16)
+    np.testing.assert_array_equal(read_png16(tmp_path / "o.png"), levels.permute(1, 2, 0).numpy().astype(np.uint16))
+
+
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_16bit_colour_png_is_never_silently_reduced_to_8_bit(tmp_path, with_alpha):
+    """Pillow decodes 16-bit colour PNGs at 8 bits: read_image must refuse them or read all 16."""
+    levels = torch.randint(0, 65536, (4, 6, 10)).float()
+    write_png(tmp_path / "o.png", levels[:3] / 65535, levels[3:] / 65535 if with_alpha else None, bits=16)
+    try:
+        img = read_image(tmp_path / "o.png")
+    except ValueError as e:
+        assert "16-bit" in str(e)  # an explicit refusal that says why
+        return
+    assert img.bits == 16
+    assert torch.equal((img.rgb * 65535).round(), levels[:3])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rgb=torch.zeros(1, 4, 4)), "expected rgb"),
+    (dict(rgb=torch.zeros(3, 4, 4), bits=12), "bits must be 8 or 16"),
+])
+def test_write_png_rejects_bad_arguments(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        write_png(tmp_path / "o.png", **bad)
