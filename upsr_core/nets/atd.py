@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ATDConfig
-from .attention import attend, relative_position_index, window_partition, window_reverse
+from .attention import attend, attend_windows, relative_position_index, window_partition, window_reverse
 
 __all__ = ["ATD", "official_sort"]
 
@@ -88,6 +88,34 @@ class WindowBranch(nn.Module):
         self.scale = (dim // heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         self.proj = nn.Linear(dim, dim)
+
+    def prepare_fast(self, rpi: torch.Tensor, shift: int) -> None:
+        """Precompute ``fast_masks``: the bias (1, heads, N, N) and, when shifted, bias plus the
+        standard Swin mask of a last-row, a last-column and the corner window. These three
+        patterns do not depend on the image size, so they are read off a 2×2-window map."""
+        with torch.no_grad():
+            n = self.window * self.window
+            bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)[None]
+            bias = bias.contiguous()
+            regions = ()
+            if shift:
+                m = swin_shift_mask(2 * self.window, 2 * self.window, self.window, shift).to(bias)
+                regions = tuple((bias + m[i]).contiguous() for i in (2, 1, 3))  # row, column, corner
+            self.fast_masks = (bias, regions)
+
+    def forward_windows(self, qkv: torch.Tensor, grid: tuple[int, int, int], shifted: bool) -> torch.Tensor:
+        """Fast path: qkv windows (B·nWh·nWw, N, 3C) -> (B·nWh·nWw, N, C)."""
+        bw, n, c3 = qkv.shape
+        c = c3 // 3
+        bias, (row, col, corner) = self.fast_masks if shifted else (self.fast_masks[0], (None, None, None))
+        qkv = qkv.reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        fixups = ()
+        if shifted:
+            r, k = grid[1] - 1, grid[2] - 1
+            fixups = ((slice(r, r + 1), slice(0, k), row), (slice(0, r), slice(k, k + 1), col),
+                      (slice(r, r + 1), slice(k, k + 1), corner))
+        out = attend_windows(qkv[0], qkv[1], qkv[2], grid, bias, fixups, self.scale)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
     def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None, fused: bool) -> torch.Tensor:
         bw, n, c3 = qkv.shape
@@ -181,7 +209,12 @@ class ATDLayer(nn.Module):
         s = self.shift
         if s:
             grid = torch.roll(grid, (-s, -s), dims=(1, 2))
-        win = self.attn_win(window_partition(grid, self.window), ctx["rpi"], ctx["mask"] if s else None, ctx["fused"])
+        if ctx["fast"]:
+            win = self.attn_win.forward_windows(
+                window_partition(grid, self.window), (b, h // self.window, w // self.window), bool(s)
+            )
+        else:
+            win = self.attn_win(window_partition(grid, self.window), ctx["rpi"], ctx["mask"] if s else None, ctx["fused"])
         grid = window_reverse(win, self.window, h, w)
         if s:
             grid = torch.roll(grid, (s, s), dims=(1, 2))
@@ -228,6 +261,7 @@ class ATD(nn.Module):
     """ATD x4 estimator (real variant). Input (B,3,h,w) in [0,1] -> (B,3,4h,4w), unclamped."""
 
     fused: bool = False
+    fast: bool = False  # inference-only window attention with precomputed masks (prepare_fast)
 
     def __init__(self, config: ATDConfig):
         super().__init__()
@@ -246,6 +280,13 @@ class ATD(nn.Module):
     @property
     def multiple_of(self) -> int:
         return self.config.window_size
+
+    def prepare_fast(self) -> None:
+        """Precompute every layer's window-attention masks and switch on the fast path."""
+        for blk in self.layers:
+            for layer in blk.residual_group.layers:
+                layer.attn_win.prepare_fast(self.relative_position_index_SA, layer.shift)
+        self.fast = True
 
     def _shift_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
         key = (h, w, ref.device, ref.dtype)
@@ -278,8 +319,9 @@ class ATD(nn.Module):
         ctx = {
             "sort": sort_fn,
             "rpi": self.relative_position_index_SA,
-            "mask": self._shift_mask(hp, wp, x0),
+            "mask": None if self.fast else self._shift_mask(hp, wp, x0),
             "fused": self.fused,
+            "fast": self.fast,
         }
         t = self.patch_embed(x0.flatten(2).transpose(1, 2))
         for layer in self.layers:

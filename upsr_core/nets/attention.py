@@ -10,7 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["window_partition", "window_reverse", "relative_position_index", "attend", "WindowAttention"]
+__all__ = [
+    "window_partition",
+    "window_reverse",
+    "relative_position_index",
+    "attend",
+    "attend_windows",
+    "WindowAttention",
+]
+
+Fixup = tuple[slice, slice, torch.Tensor]
+"""(window rows, window columns, additive mask (1, heads, N, N)): windows that need a mask."""
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -63,6 +73,41 @@ def attend(
     return attn.softmax(dim=-1) @ v
 
 
+def attend_windows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int, int],
+    bias: torch.Tensor,
+    fixups: tuple[Fixup, ...],
+    scale: float,
+) -> torch.Tensor:
+    """Inference-only windowed attention with precomputed additive masks (fast path).
+
+    q, k, v: (B·nWh·nWw, heads, N, d), windows row-major per image; ``grid`` = (B, nWh, nWw);
+    bias: (1, heads, N, N), applied to every window; ``fixups``: windows ``[rows, cols]`` of
+    each image are recomputed with their own mask (bias included). The shift masks of both
+    nets are the same for every masked window of a region, so no mask of size nW·N² is
+    ever built. Returns (B·nWh·nWw, heads, N, d). Writes in place: not for autograd.
+    """
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    if not fixups:
+        return out
+    shape = tuple(grid) + tuple(q.shape[1:])
+    qg, kg, vg, og = q.view(shape), k.view(shape), v.view(shape), out.view(shape)
+    for rows, cols, mask in fixups:
+        sub = og[:, rows, cols]
+        if sub.numel() == 0:
+            continue
+        flat = (-1,) + tuple(q.shape[1:])
+        o = F.scaled_dot_product_attention(
+            qg[:, rows, cols].reshape(flat), kg[:, rows, cols].reshape(flat), vg[:, rows, cols].reshape(flat),
+            attn_mask=mask, scale=scale,
+        )
+        sub.copy_(o.view(sub.shape))
+    return out
+
+
 class WindowAttention(nn.Module):
     """Denoiser Swin attention: ``qkv`` and ``proj`` Linear, bias table ((2w-1)², heads)."""
 
@@ -83,6 +128,30 @@ class WindowAttention(nn.Module):
         n = self.window * self.window
         idx = getattr(self, self._index_key).reshape(-1)
         return self.relative_position_bias_table[idx].reshape(n, n, -1).permute(2, 0, 1)
+
+    def prepare_fast(self, masked: torch.Tensor | None) -> None:
+        """Precompute the fast path's masks in the parameters' dtype and device.
+
+        ``masked``: (N, N) additive mask of the masked windows (None for unshifted blocks).
+        Stores ``fast_masks`` = (bias, bias + masked), each (1, heads, N, N). Call again
+        after moving the module or changing its weights.
+        """
+        with torch.no_grad():
+            bias = self.bias().unsqueeze(0)
+            ref = self.qkv.weight
+            masked_bias = None if masked is None else (bias + masked.to(bias)).to(ref.dtype).contiguous()
+            self.fast_masks = (bias.to(ref.dtype).contiguous(), masked_bias)
+
+    def forward_windows(self, x: torch.Tensor, grid: tuple[int, int, int], rows: slice | None) -> torch.Tensor:
+        """Fast path: x (B·nWh·nWw, N, C) -> same; windows in ``rows`` use the shift mask."""
+        bw, n, c = x.shape
+        masks = getattr(self, "fast_masks", None)
+        if masks is None:
+            raise ValueError("WindowAttention.forward_windows needs prepare_fast() first (see upsr_core.fast)")
+        qkv = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        fixups = () if rows is None else ((rows, slice(None), masks[1]),)
+        out = attend_windows(qkv[0], qkv[1], qkv[2], grid, masks[0], fixups, self.scale)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B·nW, N, C) -> (B·nW, N, C)."""

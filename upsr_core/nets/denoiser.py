@@ -25,13 +25,23 @@ __all__ = ["UPSRDenoiser", "timestep_embedding"]
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) computed in float32 and cast back (official ``normalization``)."""
+    """GroupNorm(32) computed in float32 and cast back (official ``normalization``).
+
+    The affine parameters are used in float32 too, so a bf16/fp16 net runs on any device
+    (the official fp16 conversion keeps them float32). ``native`` (fast path, set per
+    instance by :func:`upsr_core.fast.enable_fast`): normalise in the input dtype; the
+    kernels still accumulate the statistics in float32.
+    """
+
+    native: bool = False
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        if self.native:
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -119,7 +129,12 @@ def official_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor
 
 
 class SwinBlock(nn.Module):
-    """Swin block on channels-first maps with GroupNorm and 1x1-conv MLP (SPEC §3.3, §8.9)."""
+    """Swin block on channels-first maps with GroupNorm and 1x1-conv MLP (SPEC §3.3, §8.9).
+
+    ``fast`` (inference only, set by :meth:`prepare_fast`): SDPA with masks precomputed once.
+    """
+
+    fast: bool = False
 
     def __init__(self, dim: int, heads: int, window: int, shift: int, mlp_ratio: int, nominal: int):
         super().__init__()
@@ -141,7 +156,35 @@ class SwinBlock(nn.Module):
             self._mask_cache[key] = official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)
         return self._mask_cache[key]
 
+    def prepare_fast(self) -> None:
+        """Precompute the fast path's attention masks (see :meth:`WindowAttention.prepare_fast`).
+
+        The official mask is the same pair pattern in every masked window (SPEC §8.2), so
+        one (N, N) pattern, taken from :func:`official_shift_mask` itself, serves every size.
+        """
+        ws = self.window
+        self.attn.prepare_fast(official_shift_mask(ws, ws, ws, self.shift)[-1] if self.shift else None)
+        self.fast = True
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s, ws = self.shift, self.window
+        y = self.norm1(x)
+        if s:
+            y = torch.roll(y, (-s, -s), dims=(2, 3))
+        grid = (b, h // ws, w // ws)
+        win = window_partition(y.permute(0, 2, 3, 1), ws)
+        # official mask: only the last window-row is masked (SPEC §8.2)
+        win = self.attn.forward_windows(win, grid, slice(grid[1] - 1, grid[1]) if s else None)
+        y = window_reverse(win, ws, h, w).permute(0, 3, 1, 2)
+        if s:
+            y = torch.roll(y, (s, s), dims=(2, 3))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return self._forward_fast(x)
         b, c, h, w = x.shape
         s = self.shift
         y = self.norm1(x)

@@ -1,0 +1,187 @@
+"""The fast path (upsr_core.fast) against the reference path, on the CPU.
+
+Tolerances: the fast path changes the order of floating-point operations, never the math
+(SDPA instead of matmul-softmax-matmul, the same GroupNorm, the same sampler arithmetic),
+so in fp32 it differs from the reference only by rounding: about 1e-7 relative per op,
+grown through ~40 layers and 5 denoiser passes. Observed max |Δ| on the oracle nets is
+7e-6 in [0,1]; FP32_ATOL = 5e-5 leaves room for other CPUs and thread counts and is still
+far below one 16-bit gray level (1.5e-5 · 255 ≈ 4e-3 of an 8-bit level). bf16 keeps
+8 mantissa bits (relative rounding 2^-9 ≈ 2e-3 per op), so BF16_* bound its drift.
+Speed is measured by ``python -m upsr_core bench``, never here.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from upsr_core.fast import FastUPSRModel, enable_fast, noise_weight
+from upsr_core.graphs import GraphCache
+from upsr_core.model import UPSRModel
+from upsr_core.nets.atd import ATD
+from upsr_core.nets.denoiser import SwinBlock
+from upsr_core.pipeline import starting_noise
+from upsr_core.uncertainty import weight_noise
+
+FP32_ATOL = 5e-5  # see the module docstring
+# max / mean |Δ| in [0,1] of a half-precision denoiser vs the fp32 reference on the oracle
+# nets (random weights), about 2x the observed values: bf16 6.8e-2 / 5.7e-3 (2% relative
+# error per denoiser pass), fp16 5.9e-3 / 5.8e-4 (0.2% per pass).
+HALF_BOUNDS = {torch.bfloat16: (0.15, 0.012), torch.float16: (0.015, 1.2e-3)}
+
+
+def _fast(small_nets, dtype: torch.dtype = torch.float32) -> FastUPSRModel:
+    den, atd = (copy.deepcopy(n) for n in small_nets)
+    return enable_fast(UPSRModel(den.to(dtype=dtype), atd, dtype=dtype))
+
+
+@pytest.fixture(scope="module")
+def fast32(small_nets) -> FastUPSRModel:
+    return _fast(small_nets)
+
+
+@pytest.mark.parametrize(
+    "shape,tile,overlap,tile_batch",
+    [((1, 3, 16, 16), 512, 64, 1), ((2, 3, 20, 44), 512, 64, 1), ((1, 3, 40, 72), 32, 16, 1), ((2, 3, 40, 72), 32, 16, 3)],
+)
+def test_fast_fp32_equals_reference(small_model, fast32, shape, tile, overlap, tile_batch):
+    lr = torch.rand(shape)
+    kw = dict(seed=3, tile=tile, overlap=overlap, tile_batch=tile_batch)
+    ref = small_model.upscale(lr, **kw)
+    out = fast32.upscale(lr, **kw)
+    assert out.shape == ref.shape == (shape[0], 3, 4 * shape[2], 4 * shape[3])
+    torch.testing.assert_close(out, ref, atol=FP32_ATOL, rtol=0)
+
+
+def test_fast_denoise_equals_reference(small_model, fast32):
+    lr = torch.rand(2, 3, 40, 72)
+    est = small_model.estimate(lr)
+    w = weight_noise(est.uncertainty())
+    kw = dict(seed=5, tile=32, overlap=16, tile_batch=2)
+    torch.testing.assert_close(fast32.denoise(est, w, **kw), small_model.denoise(est, w, **kw), atol=FP32_ATOL, rtol=0)
+
+
+def test_fast_matches_the_official_oracle(oracle, fast32):
+    """Case a of the official run, through the fast fused path with the recorded noise."""
+    lr, noise = oracle["case_a.lr"], oracle["case_a.noise_xT"]
+    out = fast32.upscale(lr, noise=noise, tile=512)
+    torch.testing.assert_close(out, oracle["case_a.sr"], atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (4, 6), (8, 4)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_swin_block_fast_equals_reference(small_nets, hw, batch):
+    """Shifted and unshifted blocks, including one window-row (nWh = 1) and non-square grids."""
+    den = copy.deepcopy(small_nets[0])
+    blocks = [m for m in den.modules() if isinstance(m, SwinBlock)]
+    assert any(b.shift for b in blocks) and any(not b.shift for b in blocks)
+    for blk in blocks[:2]:
+        ws = blk.window
+        x = torch.randn(batch, blk.norm1.num_channels, hw[0] * ws, hw[1] * ws)
+        with torch.no_grad():
+            ref = blk(x)
+            blk.prepare_fast()
+            out = blk(x)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (16, 24), (24, 8)])
+def test_atd_fast_equals_reference(small_nets, hw):
+    """Window fix-ups of the standard shift mask: last row, last column, corner, one-row maps."""
+    atd = copy.deepcopy(small_nets[1])
+    x = torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        ref = atd(x)
+        atd.prepare_fast()
+        out = atd(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_agrees_with_fp32(small_model, small_nets, dtype):
+    half = _fast(small_nets, dtype)
+    lr = torch.rand(2, 3, 20, 44)
+    ref = small_model.upscale(lr, seed=1)
+    out = half.upscale(lr, seed=1)
+    d = (out.float() - ref).abs()
+    max_bound, mean_bound = HALF_BOUNDS[dtype]
+    assert torch.isfinite(out).all()
+    assert d.max().item() <= max_bound, d.max().item()
+    assert d.mean().item() <= mean_bound, d.mean().item()
+
+
+def test_reference_runs_in_bf16_on_cpu(small_nets):
+    """GroupNorm keeps float32 affine parameters, so a bf16 reference net runs on the CPU."""
+    den, atd = (copy.deepcopy(n) for n in small_nets)
+    m = UPSRModel(den, atd).to(dtype=torch.bfloat16)
+    out = m.upscale(torch.rand(1, 3, 16, 16), seed=0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_noise_weight_is_weight_noise():
+    y_hat, bic = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    from upsr_core.pipeline import Estimate
+
+    est = Estimate(torch.zeros(2, 3, 2, 2), bic, y_hat, (2, 2))
+    assert torch.equal(noise_weight(y_hat, bic, 0.3, 0.07), weight_noise(est.uncertainty(), 0.3, 0.07))
+
+
+def test_upscale_checks_noise_shape(fast32):
+    with pytest.raises(ValueError, match="noise"):
+        fast32.upscale(torch.rand(1, 3, 16, 16), noise=torch.zeros(1, 48, 8, 8))
+
+
+def test_fast_upscale_uses_the_seed_contract(fast32):
+    lr = torch.rand(2, 3, 16, 16)
+    hp = -(-16 // fast32.multiple_of) * fast32.multiple_of
+    a = fast32.upscale(lr, seed=7)
+    b = fast32.upscale(lr, noise=starting_noise(7, 2, (hp, hp)))
+    assert torch.equal(a, b)
+    # images are batched in the fast path, so only rounding may differ from a batch of one
+    torch.testing.assert_close(fast32.upscale(lr[1:], seed=8), a[1:], atol=FP32_ATOL, rtol=0)
+
+
+def test_enable_fast_rejects_bad_arguments(small_nets):
+    with pytest.raises(TypeError, match="UPSRModel"):
+        enable_fast(small_nets[0])
+    with pytest.raises(ValueError, match="compile"):
+        enable_fast(UPSRModel(*(copy.deepcopy(n) for n in small_nets)), compile="yes")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        enable_fast(UPSRModel(*(copy.deepcopy(n) for n in small_nets)), compile_mode="reduce-overhead")
+
+
+def test_fast_to_reprepares_masks(small_nets):
+    m = _fast(small_nets)
+    m.to(dtype=torch.bfloat16)
+    blk = next(b for b in m.denoiser.modules() if isinstance(b, SwinBlock))
+    assert blk.attn.fast_masks[0].dtype == torch.bfloat16
+    assert m.upscale(torch.rand(1, 3, 16, 16), seed=0).isfinite().all()
+
+
+def test_graph_cache_runs_eagerly_off_cuda():
+    cache = GraphCache(enabled=True)
+    x = torch.arange(4.0)
+    (y,) = cache.run("k", lambda t: (t * 2,), x)
+    assert torch.equal(y, x * 2) and len(cache) == 0
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphCache(max_graphs=0)
+
+
+def test_bench_parser_registers():
+    import argparse
+
+    from upsr_core.bench import _dtypes, add_parser
+
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    args = ap.parse_args(["bench", "--device", "cpu", "--sizes", "64"])
+    assert callable(args.func) and args.sizes == "64"
+    with pytest.raises(ValueError, match="fp8"):
+        _dtypes("fp32,fp8")
+
+
+def test_atd_fast_flag_is_per_instance(small_nets):
+    atd = copy.deepcopy(small_nets[1])
+    atd.prepare_fast()
+    assert atd.fast and not ATD.fast and not small_nets[1].fast

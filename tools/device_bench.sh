@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU benchmark of the fast path, self-contained: run from the repository root on the
+# device machine (any CUDA box with torch). Random full-size weights (no checkpoint).
+#   OUT=/some/dir tools/device_bench.sh [extra bench args, e.g. --sizes 64,256]
+# Writes $OUT/bench.txt (the table, also printed as rows finish), $OUT/bench.json and
+# $OUT/env.txt. Needs only torch: a stub stands in for safetensors if it is missing
+# (the bench never reads a checkpoint unless --model is given).
+# Wall time: bench stops starting rows after BUDGET s (default 140); the whole run is
+# killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/upsr_bench}
+PY=${PY:-python}
+BUDGET=${BUDGET:-140}
+LIMIT=${LIMIT:-170}
+mkdir -p "$OUT"
+STUBS=$(mktemp -d)
+if ! "$PY" -c "import safetensors.torch" 2>/dev/null; then
+  mkdir -p "$STUBS/safetensors"
+  cat > "$STUBS/safetensors/__init__.py" <<'PYEOF'
+"""Stub used by tools/device_bench.sh where safetensors is not installed (random weights only)."""
+class SafetensorError(Exception):
+    pass
+def safe_open(*args, **kwargs):
+    raise ImportError("safetensors is not installed on this machine")
+PYEOF
+  cat > "$STUBS/safetensors/torch.py" <<'PYEOF'
+def save_file(*args, **kwargs):
+    raise ImportError("safetensors is not installed on this machine")
+def load_file(*args, **kwargs):
+    raise ImportError("safetensors is not installed on this machine")
+PYEOF
+  echo "safetensors missing: using a stub" | tee -a "$OUT/env.txt"
+fi
+export PYTHONPATH="$PWD:$STUBS${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/env.txt"
+import importlib.util, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), "cudnn", torch.backends.cudnn.version())
+print("missing:", [m for m in ("numpy", "safetensors", "einops", "triton", "PIL") if importlib.util.find_spec(m) is None])
+PYEOF
+DEV=${DEV:-cuda}
+DEFAULTS=${DEFAULTS:---sizes 64,128,256 --batches 1,8 --dtypes fp32,bf16,fp16 --tiled 1024 --tiled-dtypes bf16,fp16}
+timeout -k 10 "$LIMIT" "$PY" -m upsr_core.bench --device "$DEV" --budget-s "$BUDGET" \
+  --json "$OUT/bench.json" $DEFAULTS "$@" 2>&1 | tee "$OUT/bench.txt"
+rc=${PIPESTATUS[0]}
+rm -rf "$STUBS"
+echo "bench exit code $rc (124 = killed at LIMIT=${LIMIT}s; finished rows are kept)" | tee -a "$OUT/bench.txt"
+exit "$rc"

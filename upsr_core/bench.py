@@ -1,0 +1,365 @@
+"""``python -m upsr_core bench``: speed, memory and accuracy of the fast path vs the reference.
+
+One table, one row per (LR size, batch, path, dtype), printed as each row finishes:
+seconds per image, images/s, peak memory, achieved TFLOP/s (reference FLOPs, counted
+once per shape with ``FlopCounterMode`` on meta tensors, divided by the time), the speed-up
+over the reference path timed in the same run, and max/mean |Δ| in [0,1] against the
+reference output for the same LR and the same noise ε.
+
+* reference = :class:`UPSRModel` as loaded: fp32, eager, math attention (``fused=False``),
+  TF32 off — our faithful port of the official code;
+* fast = :func:`upsr_core.fast.enable_fast` with the denoiser in fp32 / tf32 (fp32 weights,
+  TF32 matmuls and convs) / bf16 / fp16; the estimator (ATD, 4% of the FLOPs) stays fp32
+  because its category sort turns rounding into discrete regrouping (SPEC §8.3);
+* ``fast+compile``: the same with ``torch.compile`` (CUDA only, when time is left).
+
+Without ``--model`` the full-size nets (``--small``: the demo-size nets) get a seeded random
+init; the timing does not depend on the weights, the differences do. Peak memory: CUDA
+max allocated (and reserved, in the JSON) over warm-up, capture and timed runs; CPU peak
+RSS when ``/proc/self/clear_refs`` allows a reset, else "-". ``--budget-s`` skips the rows
+that would not fit in the remaining time (by the reference row's time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import FULL_ATD, FULL_DENOISER
+from .fast import enable_fast
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
+from .nets import ATD, UPSRDenoiser
+from .pipeline import SCALE, starting_noise
+from .tiling import partition, plan_tiles
+
+__all__ = ["add_parser", "run_bench"]
+
+log = logging.getLogger("upsr_core")
+
+HEADER = (f"{'LR':>6} {'batch':>5} {'path':<13} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
+          f"{'TFLOP/s':>8} {'vs ref':>7} {'max|d|':>9} {'mean|d|':>9}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time the fast path against the reference path (one table)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.add_argument("--model", default=None, help="checkpoint to load (default: random full-size nets)")
+    p.add_argument("--estimator", default=None, help="ATD checkpoint when --model holds only the denoiser")
+    p.add_argument("--small", action="store_true", help="random demo-size nets instead of full size")
+    p.add_argument("--sizes", default=None, help="LR sides, e.g. 64,128,256 (default: CUDA 64,128,256; CPU 64)")
+    p.add_argument("--batches", default=None, help="batch sizes (default: CUDA 1,8; CPU 1)")
+    p.add_argument("--dtypes", default=None, help="fp32,tf32,bf16,fp16 (default: CUDA all; CPU fp32,bf16)")
+    p.add_argument("--tiled", type=int, default=None, help="LR side of the tiled row (default: CUDA 1024; CPU none)")
+    p.add_argument("--tiled-dtypes", default="bf16", help="dtypes of the tiled row")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (LR px) for the tiled row")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap (LR px)")
+    p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser call")
+    p.add_argument("--no-tiled-ref", action="store_true", help="skip the (slow) reference run of the tiled row")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
+    p.add_argument("--compile-sizes", default="64,256", help="LR sides of the compiled rows (batch 1, bf16)")
+    p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
+    p.add_argument("--budget-s", type=float, default=None, help="skip rows once this many seconds are used")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows (and the machine) to this JSON file")
+    p.set_defaults(func=run_bench)
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {s!r}") from None
+
+
+_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtypes(s: str) -> list[str]:
+    names = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [n for n in names if n not in _DTYPES]
+    if bad:
+        raise ValueError(f"unknown dtype(s) {bad}; choose from {sorted(_DTYPES)}")
+    return names
+
+
+def _build(args: argparse.Namespace) -> tuple[UPSRDenoiser, ATD]:
+    if args.model is not None:
+        from .model import load_upsr
+
+        m = load_upsr(args.model, args.estimator)
+        if m.estimator is None:
+            raise ValueError("bench needs the estimator too: pass --estimator atd_real.pth")
+        return m.denoiser.eval(), m.estimator.eval()
+    from .train.presets import get_preset
+
+    p = get_preset("small") if args.small else None
+    dcfg, acfg = (p.denoiser, p.estimator) if p else (FULL_DENOISER, FULL_ATD)
+    torch.manual_seed(args.seed)
+    return UPSRDenoiser(dcfg).eval(), ATD(acfg).eval()
+
+
+class Flops:
+    """Reference FLOPs of one upscale, counted on meta tensors (cached per shape)."""
+
+    def __init__(self, den: UPSRDenoiser, atd: ATD):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._mode = FlopCounterMode
+        with torch.device("meta"):
+            self.den, self.atd = copy.deepcopy(den).to("meta"), copy.deepcopy(atd).to("meta")
+        self._cache: dict[tuple, int] = {}
+
+    def _count(self, key: tuple, fn) -> int:
+        if key not in self._cache:
+            with torch.no_grad(), self._mode(display=False) as fc:
+                fn()
+            self._cache[key] = fc.get_total_flops()
+        return self._cache[key]
+
+    def denoiser(self, b: int, h: int, w: int) -> int:
+        m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+        t = torch.zeros(b, dtype=torch.long, device="meta")
+        return self._count(("d", b, h, w), lambda: self.den(m(b, 48, h, w), t, m(b, 96, h, w)))
+
+    def estimator(self, b: int, h: int, w: int) -> int:
+        return self._count(("a", b, h, w), lambda: self.atd(torch.empty(b, 3, h, w, device="meta")))
+
+    def upscale(self, b: int, hp: int, wp: int, tile: int, overlap: int, steps: int = 5) -> int:
+        """Same work split as :meth:`UPSRModel.upscale`: estimator blocks with margin, denoiser tiles."""
+        from .model import ESTIMATOR_MARGIN
+
+        total = 0
+        for blk in partition(hp, wp, ESTIMATOR_BLOCK):
+            mg = ESTIMATOR_MARGIN if (hp, wp) != (blk.h, blk.w) else 0
+            h = min(blk.y + blk.h + mg, hp) - max(blk.y - mg, 0)
+            w = min(blk.x + blk.w + mg, wp) - max(blk.x - mg, 0)
+            total += b * self.estimator(1, h, w)
+        for t in plan_tiles(hp, wp, tile, overlap):
+            total += b * steps * self.denoiser(1, t.h, t.w)
+        return total
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _reset_peak(dev: torch.device) -> bool:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak(dev: torch.device, ok: bool) -> tuple[float | None, float | None]:
+    """(peak allocated or RSS, peak reserved) in GiB."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30, torch.cuda.max_memory_reserved(dev) / 2**30
+    if not ok:
+        return None, None
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20, None
+    return None, None
+
+
+def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, list[float]]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    _sync(dev)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+class Table:
+    def __init__(self, path: str | None, meta: dict):
+        self.rows: list[dict] = []
+        self.path, self.meta = path, meta
+        print(HEADER, flush=True)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        r = row
+        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<13} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
+              f"{_fmt(r['img_per_s'], '8.2f')} {_fmt(r['peak_gib'], '8.2f')} "
+              f"{_fmt(r['tflops'], '8.1f' if r['tflops'] >= 10 else '8.3f')} "
+              f"{_fmt(r['vs_ref'], '6.1f') + ('x' if r['vs_ref'] is not None else ''):>7} "
+              f"{_fmt(r['max_abs'], '9.2e')} {_fmt(r['mean_abs'], '9.2e')}", flush=True)
+        if self.path:
+            Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+
+
+def _row(lr, b, path, dtype, times, flops, peak, ref_s, out, ref_out, **extra) -> dict:
+    s = statistics.median(times) / b
+    d = (out.float().cpu() - ref_out).abs() if ref_out is not None else None
+    return {
+        "lr": lr, "batch": b, "path": path, "dtype": dtype, "s_per_img": s, "img_per_s": 1.0 / s,
+        "best_s_per_img": min(times) / b, "reps": len(times), "peak_gib": peak[0], "reserved_gib": peak[1],
+        "tflops": flops / (s * b) / 1e12, "vs_ref": (ref_s / s) if ref_s else None,
+        "max_abs": d.max().item() if d is not None else None, "mean_abs": d.mean().item() if d is not None else None,
+        "finite": bool(torch.isfinite(out).all()), **extra,
+    }
+
+
+def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dtype, graphs: str,
+                compile: bool = False) -> UPSRModel:
+    m = UPSRModel(copy.deepcopy(den).to(dev, dtype), copy.deepcopy(atd).to(dev, torch.float32), dtype=dtype)
+    return enable_fast(m, compile=compile, cuda_graphs={"auto": "auto", "on": True, "off": False}[graphs])
+
+
+def _tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .cli import _device
+
+    dev = _device(args.device)
+    cuda = dev.type == "cuda"
+    sizes = _ints(args.sizes) if args.sizes else ([64, 128, 256] if cuda else [64])
+    batch_sizes = _ints(args.batches) if args.batches else ([1, 8] if cuda else [1])
+    dtypes = _dtypes(args.dtypes) if args.dtypes else (["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
+    tiled = args.tiled if args.tiled is not None else (1024 if cuda else 0)
+    tiled_dtypes = _dtypes(args.tiled_dtypes) if tiled else []
+    reps = args.reps or (10 if cuda else 2)
+    if reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {reps}")
+    t0 = time.perf_counter()
+
+    def out_of_time(need: float = 0.0) -> bool:
+        return args.budget_s is not None and time.perf_counter() - t0 + need > args.budget_s
+
+    _tf32(False)  # the reference and the fp32 rows are true fp32
+    den, atd = _build(args)
+    flops = Flops(den, atd)
+    for mod in (*den.modules(), *atd.modules()):
+        if hasattr(mod, "fused"):
+            mod.fused = False  # reference: math attention, whatever the class default is
+    ref = UPSRModel(den, atd).to(dev)
+    fast = {n: _fast_model(den, atd, dev, _DTYPES[n], args.graphs)
+            for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes + tiled_dtypes)}
+    meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
+            ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "argv": sys.argv[1:]}
+    print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
+          f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)
+    table = Table(args.json, meta)
+    mult = ref.multiple_of
+    # the targets first (batch 1, then the tiled row), larger batches while time is left
+    first = [b for b in batch_sizes if b == 1] or batch_sizes[:1]
+    plan = [(s, b, False) for b in first for s in sizes] + ([(tiled, 1, True)] if tiled else [])
+    plan += [(s, b, False) for b in batch_sizes if b not in first for s in sizes]
+    for s, b, is_tiled in plan:
+        if out_of_time():
+            print(f"# budget reached: skipping LR {s} batch {b} and later rows", flush=True)
+            break
+        hp = -(-s // mult) * mult
+        lr = torch.rand(b, 3, s, s, generator=torch.Generator().manual_seed(args.seed))
+        noise = starting_noise(args.seed, b, (hp, hp))
+        tile, overlap = (args.tile, args.overlap) if is_tiled else (max(DEFAULT_TILE, hp), DEFAULT_OVERLAP)
+        kw = dict(tile=tile, overlap=overlap, tile_batch=args.tile_batch if is_tiled else 1)
+        fl = flops.upscale(b, hp, hp, tile, overlap)
+        label = f"{s}t" if is_tiled else str(s)
+        ref_out, ref_s = None, None
+        if not (is_tiled and args.no_tiled_ref):
+            ok = _reset_peak(dev)
+            # the reference runs images one by one: batch-1 rows already warmed its shapes up
+            warm = 1 if (cuda and b == 1 and not is_tiled) else 0
+            ref_out, times = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
+            ref_out = ref_out.float().cpu()
+            row = _row(label, b, "reference", "fp32", times, fl, _peak(dev, ok), None, ref_out, None,
+                       warmup_runs=warm)
+            ref_s = row["s_per_img"]
+            table.add(row)
+        lr_d, noise_d = lr.to(dev), noise.to(dev)
+        for name in (tiled_dtypes if is_tiled else dtypes):
+            if out_of_time():
+                break
+            m = fast["fp32" if name == "tf32" else name]
+            _tf32(name == "tf32")
+            m.graphs.clear()
+            ok = _reset_peak(dev)
+            n_rep = reps if b == 1 and not is_tiled else max(1, min(reps, 3))
+            out, times = _time(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, 1, n_rep)
+            table.add(_row(label, b, "fast", name, times, fl, _peak(dev, ok), ref_s, out, ref_out,
+                           graphs=len(m.graphs)))
+            _tf32(False)
+            m.graphs.clear()
+    if args.compile != "off" and cuda:
+        _compile_rows(args, den, atd, dev, flops, table, out_of_time)
+    print(f"# done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+def _compile_rows(args, den, atd, dev, flops, table, out_of_time) -> None:
+    """fast+compile rows (bf16, batch 1), each only if >= 90 s of the budget are left."""
+    import importlib.util
+
+    if args.compile == "auto" and importlib.util.find_spec("triton") is None:
+        print("# compile rows skipped: Triton is not installed", flush=True)
+        return
+    m = _fast_model(den, atd, dev, torch.bfloat16, args.graphs, compile=True)
+    for s in _ints(args.compile_sizes):
+        if out_of_time(90.0):
+            print(f"# compile row LR {s} skipped: less than 90 s of the budget left", flush=True)
+            continue
+        hp = -(-s // m.multiple_of) * m.multiple_of
+        lr = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(args.seed)).to(dev)
+        noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
+        kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)
+        ok = _reset_peak(dev)
+        tc = time.perf_counter()
+        m.upscale(lr, noise=noise, **kw)  # compiles, warms up and captures
+        _sync(dev)
+        first = time.perf_counter() - tc
+        out, times = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 0, args.reps or 10)
+        ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1 and r["path"] == "reference"), None)
+        fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
+        table.add(_row(str(s), 1, "fast+compile", "bf16", times, fl, _peak(dev, ok),
+                       ref_row["s_per_img"] if ref_row else None, out, None, first_call_s=first,
+                       compiled=m._compiled is not None))
+        m.graphs.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m upsr_core.bench …``: the bench without the rest of the CLI (fewer imports)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(prog="python -m upsr_core.bench")
+    add_parser(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Fast inference: ``enable_fast(model)`` turns an :class:`UPSRModel` into a device-resident,
+graph-replayed pipeline with the same results as the reference path (fp32: equal to
+rounding; bf16/fp16: see ``python -m upsr_core bench``).
+
+What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
+
+* attention: ``scaled_dot_product_attention`` with the relative-position bias and the
+  shift masks precomputed once per block (one (heads, N, N) tensor per mask pattern, for
+  every image size: ``prepare_fast`` in :mod:`upsr_core.nets`); nothing rebuilt per call;
+* GroupNorm in the net's own dtype (statistics still accumulated in float32);
+* the denoiser in channels-last layout (CUDA default), optionally ``torch.compile``\\ d
+  (eager fallback if compiling fails);
+* every stage stays on the model's device: padding, bicubic, ATD, ψ/w, the 5 DDIM steps,
+  crop and clamp; the schedule constants live on the device, so the sampling loop has no
+  host-device sync and no host copy;
+* on CUDA each fixed shape is captured once as a CUDA graph and replayed
+  (:class:`upsr_core.graphs.GraphCache`); images that fit in one tile run as ONE graph;
+  tiles are batched (``tile_batch``) and blended on the device.
+
+The SR results of :meth:`FastUPSRModel.denoise` / ``upscale`` stay on the model's device
+(the reference returns CPU tensors). The fast path is for inference only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .graphs import GraphCache
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, UPSRModel
+from .nets.denoiser import GroupNorm32, SwinBlock
+from .pipeline import SCALE, bicubic_x4, check_lr, crop_hr, pad_lr, run_estimator, starting_noise
+from .schedule import make_schedule
+from .tiling import batches, check_tiling, partition, plan_tiles, tile_weight
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
+
+__all__ = ["enable_fast", "FastUPSRModel", "FastOptions", "noise_weight"]
+
+log = logging.getLogger("upsr_core")
+
+GRAPH_MAX_PIXELS = 2 * 256 * 256
+"""Tile groups up to this many LR pixels are graph-replayed; bigger ones run eagerly (their
+launch overhead is negligible, and one memory pool keeps the peak at one tile group's)."""
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Resolved switches of the fast path (``"auto"`` already decided for the device)."""
+
+    compile: bool
+    cuda_graphs: bool
+    channels_last: bool
+    compile_mode: str | None = None
+    max_graphs: int = 6
+
+
+def _resolve(name: str, value: bool | str, auto: bool) -> bool:
+    if value == "auto":
+        return auto
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+    return value
+
+
+def enable_fast(
+    model: UPSRModel,
+    *,
+    compile: bool | str = "auto",
+    cuda_graphs: bool | str = "auto",
+    channels_last: bool | str = "auto",
+    compile_mode: str | None = None,
+    max_graphs: int = 6,
+) -> "FastUPSRModel":
+    """Switch ``model`` (in place) to the fast path and return it.
+
+    ``compile``: torch.compile the denoiser (auto: on CUDA when Triton is installed);
+    ``cuda_graphs``: capture fixed shapes as CUDA graphs (auto: on CUDA);
+    ``channels_last``: channels-last denoiser (auto: on CUDA); ``compile_mode``: passed to
+    torch.compile (None = default; never a cudagraph mode: graphs are captured here);
+    ``max_graphs``: captured shapes kept per model. On CUDA this also sets
+    ``torch.backends.cudnn.benchmark = True``, as the official test script does.
+    Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
+    """
+    if not isinstance(model, UPSRModel):
+        raise TypeError(f"enable_fast expects an UPSRModel, got {type(model).__name__}")
+    if compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"compile_mode must be None, 'default' or 'max-autotune-no-cudagraphs', got "
+                         f"{compile_mode!r} (the other modes capture CUDA graphs themselves: use cuda_graphs)")
+    cuda = model.device.type == "cuda"
+    triton = importlib.util.find_spec("triton") is not None
+    opts = FastOptions(
+        compile=_resolve("compile", compile, cuda and triton),
+        cuda_graphs=_resolve("cuda_graphs", cuda_graphs, cuda),
+        channels_last=_resolve("channels_last", channels_last, cuda),
+        compile_mode=compile_mode,
+        max_graphs=max_graphs,
+    )
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model.__class__ = FastUPSRModel
+    model._setup(opts)  # type: ignore[attr-defined]
+    return model  # type: ignore[return-value]
+
+
+def noise_weight(y_hat_pm: torch.Tensor, bic_pm: torch.Tensor, b_u: float, psi_max: float) -> torch.Tensor:
+    """w = b_u + (1−b_u)·min(ψ/ψ_max, 1) with ψ = ½|ŷ − y↑|, from [-1,1] tensors (B,3,H,W).
+
+    The operations of ``weight_noise(estimate.uncertainty())`` in the same order, without
+    its validation (which needs a host sync); the caller checks b_u and ψ_max.
+    """
+    psi = (y_hat_pm * 0.5 - bic_pm * 0.5).abs() * 0.5
+    return b_u + (1.0 - b_u) * (torch.clamp(psi * 2.0, 0.0, 2.0 * psi_max) / (2.0 * psi_max))
+
+
+class FastUPSRModel(UPSRModel):
+    """An :class:`UPSRModel` after :func:`enable_fast`; same methods and signatures,
+    ``upscale`` also takes ``noise`` (ε, (B,48,Hp,Wp)) like ``denoise``."""
+
+    fast_options: FastOptions
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self, opts: FastOptions) -> None:
+        self.fast_options = opts
+        self.graphs = GraphCache(opts.cuda_graphs, opts.max_graphs)
+        self._compiled = None
+        if opts.compile:
+            self._compiled = torch.compile(self.denoiser, dynamic=False, mode=opts.compile_mode)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """(Re)build everything that depends on the weights, dtype or device."""
+        for m in self.denoiser.modules():
+            if isinstance(m, SwinBlock):
+                m.prepare_fast()
+            elif isinstance(m, GroupNorm32):
+                m.native = True
+        if self.fast_options.channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        if self.estimator is not None:
+            self.estimator.prepare_fast()
+        co = make_schedule().f32()
+        dev = self.device
+        self._steps = [
+            tuple(co[k][t].to(dev) for k in ("std", "k", "m", "c")) for t in range(int(co["std"].shape[0]))
+        ]
+        self._prior = co["prior"].to(dev)
+        self.graphs.clear()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FastUPSRModel":
+        super().to(device, dtype)
+        self._prepare()
+        return self
+
+    # ------------------------------------------------------------------ network calls
+    def _net_input(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.fast_options.channels_last else torch.contiguous_format
+        return x.to(self.dtype).contiguous(memory_format=fmt)
+
+    def _net(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(x, t, lq)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, ImportError, OSError) as e:  # no compiler / backend failure
+                log.warning("torch.compile failed, using the eager denoiser: %s", str(e).splitlines()[0])
+                self._compiled = None
+        return self.denoiser(x, t, lq)
+
+    def _denoiser_call(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        return self._net(self._net_input(x), t, self._net_input(lq)).float()
+
+    # ------------------------------------------------------------------ device stages (no syncs)
+    def _estimate_core(self, lr_pm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """padded lr_pm (B,3,Hp,Wp) -> (y↑, ŷ), both (B,3,4Hp,4Wp) in [-1,1]."""
+        return bicubic_x4(lr_pm), run_estimator(self._estimator_call, lr_pm)
+
+    def _diffuse(self, bic: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The 5 DDIM steps (SPEC §4), same operations as ``denoise_estimate``; returns the
+        padded sample (B,3,4Hp,4Wp) in [-1,1], not clamped."""
+        y = F.pixel_unshuffle(bic, SCALE)
+        lq = self._net_input(F.pixel_unshuffle(torch.cat([y_hat, bic], dim=1), SCALE))
+        # UPSR eq. 8: x_T = y + κ√η_T · w ⊙ ε
+        x = y + self._prior * F.pixel_unshuffle(w.expand_as(bic), SCALE) * noise
+        for t in reversed(range(len(self._steps))):
+            std, k, m, c = self._steps[t]
+            ts = torch.full((y.shape[0],), t, dtype=torch.long, device=y.device)
+            # ResShift eq. 7 input scaling, then DDIM (η = 0): x_{t−1} = k_t x̂0 + m_t x_t + c_t y
+            x0 = F.pixel_unshuffle(self._net(self._net_input(x / std), ts, lq).float(), SCALE)
+            x = x0 * k + x * m + y * c
+        return F.pixel_shuffle(x, SCALE)
+
+    def _diffuse_core(self, bic, y_hat, w, noise) -> tuple[torch.Tensor]:
+        return (self._diffuse(bic, y_hat, w, noise),)
+
+    def _upscale_core(self, lr: torch.Tensor, noise: torch.Tensor, b_u: float, psi_max: float) -> tuple[torch.Tensor]:
+        lr_pm = pad_lr(lr, self.multiple_of)
+        bic, y_hat = self._estimate_core(lr_pm)
+        x = self._diffuse(bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), noise)
+        return (crop_hr(x, tuple(lr.shape[-2:])).clamp(-1, 1) * 0.5 + 0.5,)
+
+    def _key(self, stage: str, *shape) -> tuple:
+        return (stage, self.dtype, *shape)
+
+    # ------------------------------------------------------------------ orchestration
+    def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
+                   tile_batch: int, progress: Progress | None) -> torch.Tensor:
+        """:meth:`UPSRModel._tile_loop` with the canvas on the device and :meth:`_diffuse`
+        (graph-replayed for small tiles); the last tile group is padded with repeats so
+        every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device."""
+        check_tiling(tile, overlap, self.multiple_of)
+        if tile_batch < 1:
+            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+        b, _, hp, wp = lr_pm.shape
+        h4, w4 = SCALE * size[0], SCALE * size[1]
+        tiles = plan_tiles(hp, wp, tile, overlap)
+        steps = len(self._steps)
+        total, done = steps * len(tiles) * b, 0
+        dev = self.device
+        out = torch.zeros(b, 3, h4, w4, device=dev)
+        norm = torch.zeros(h4, w4, device=dev)
+        weights = [tile_weight(t, tiles, SCALE).to(dev) if len(tiles) > 1 else None for t in tiles]
+        nb = min(tile_batch, len(tiles))
+        for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
+            for group in batches(list(range(len(tiles))), nb):
+                full = [tiles[j] for j in group + [group[-1]] * (nb - len(group))]
+                sub, w_sub, n_sub = inputs(i, full)
+                args = (sub.bicubic_pm.to(dev), sub.sr_estimate_pm.to(dev),
+                        w_sub.to(dev, torch.float32).expand_as(sub.bicubic_pm).contiguous(), n_sub.to(dev, torch.float32))
+                th, tw = full[0].h, full[0].w
+                if nb * th * tw <= GRAPH_MAX_PIXELS:
+                    (x,) = self.graphs.run(self._key("den", *args[3].shape), self._diffuse_core, *args)
+                else:  # big tiles: launches are cheap next to the work; one memory pool
+                    x = self._diffuse(*args)
+                for k, j in enumerate(group):
+                    r = tiles[j].scaled(SCALE)
+                    hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
+                    wt = weights[j][:hh, :ww] if weights[j] is not None else 1.0
+                    out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww] * wt
+                    if i == 0:
+                        norm[r.y : r.y + hh, r.x : r.x + ww] += wt
+                for _ in range(steps):
+                    done += len(group)
+                    if progress is not None:
+                        progress(done, total)
+        return (out / norm).clamp(-1, 1) * 0.5 + 0.5
+
+    def _images_per_call(self, b: int, hp: int, wp: int, tile: int, tile_batch: int) -> int:
+        return max(1, min(b, tile_batch * tile * tile // (hp * wp)))
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        lr: torch.Tensor,
+        *,
+        seed: int = 0,
+        b_u: float = DEFAULT_B_U,
+        psi_max: float = DEFAULT_PSI_MAX,
+        tile: int = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
+        tile_batch: int = 1,
+        progress: Progress | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1] on the model's device.
+
+        Same contract as :meth:`UPSRModel.upscale`. An image that fits one tile and one
+        estimator block runs estimate, ψ/w, the 5 steps and the crop as ONE device function
+        (one CUDA graph per shape), images batched within ``tile_batch`` × ``tile``² pixels;
+        larger images stream through the reference tiling with :meth:`_tile_loop`.
+        """
+        check_lr(lr)
+        check_weight_params(b_u, psi_max)
+        check_tiling(tile, overlap, self.multiple_of)
+        b, _, h, w = lr.shape
+        m = self.multiple_of
+        hp, wp = -(-h // m) * m, -(-w // m) * m
+        if noise is None:
+            noise = starting_noise(seed, b, (hp, wp))
+        if tuple(noise.shape) != (b, 3 * SCALE * SCALE, hp, wp):
+            raise ValueError(f"noise {tuple(noise.shape)} does not match the padded LR grid ({b}, 48, {hp}, {wp})")
+        if len(plan_tiles(hp, wp, tile, overlap)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:
+            return super().upscale(lr, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
+                                   tile_batch=tile_batch, progress=progress, noise=noise)
+        dev = self.device
+        lr, noise = lr.to(dev, torch.float32), noise.to(dev, torch.float32)
+        per = self._images_per_call(b, hp, wp, tile, tile_batch)
+        outs = []
+        for i in range(0, b, per):
+            x, n = lr[i : i + per], noise[i : i + per]
+            key = self._key("up", *x.shape, b_u, psi_max)
+            if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only
+                lr_pm = pad_lr(x, m)
+                bic, y_hat = self._estimate_core(lr_pm)
+                args = (bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), n)
+                (sr,) = self.graphs.run(self._key("den", *n.shape), self._diffuse_core, *args)
+                outs.append(crop_hr(sr, (h, w)).clamp(-1, 1) * 0.5 + 0.5)
+            else:
+                core = lambda x, n: self._upscale_core(x, n, b_u, psi_max)  # noqa: E731 (constants are in the key)
+                outs.append(self.graphs.run(key, core, x, n)[0])
+            if progress is not None:
+                progress(len(self._steps) * (i + outs[-1].shape[0]), len(self._steps) * b)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

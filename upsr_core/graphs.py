@@ -1,0 +1,97 @@
+"""CUDA-graph capture and replay of fixed-shape device functions (used by :mod:`upsr_core.fast`).
+
+A :class:`GraphCache` maps a key (the stage and its tensor shapes) to a captured graph.
+The first call with a key warms the function up on a side stream (cuDNN autotuning,
+torch.compile, lazy caches), captures it, and keeps it; later calls copy the inputs into
+the graph's static buffers and replay it: one launch instead of thousands. All graphs of
+a cache share one memory pool, so outputs are cloned before they are returned (the next
+replay may reuse their memory). Anything that cannot be captured (a host sync, a CPU
+tensor) makes capture fail: the cache then logs it and runs that key eagerly from then on.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+import torch
+
+__all__ = ["GraphCache"]
+
+log = logging.getLogger("upsr_core")
+
+Fn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class GraphCache:
+    """Captured CUDA graphs by key, at most ``max_graphs`` (least recently used dropped).
+
+    ``enabled=False`` or inputs off CUDA: :meth:`run` just calls the function.
+    """
+
+    def __init__(self, enabled: bool = True, max_graphs: int = 6, warmup: int = 2):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.enabled = enabled
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: OrderedDict[Hashable, tuple] = OrderedDict()
+        self._eager: set[Hashable] = set()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def failed(self, key: Hashable) -> bool:
+        """Whether capturing ``key`` failed (it then runs eagerly)."""
+        return key in self._eager
+
+    def clear(self) -> None:
+        """Drop every graph and its memory pool."""
+        self._graphs.clear()
+        self._eager.clear()
+        self._pool = None
+
+    def run(self, key: Hashable, fn: Fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)`` -> tuple of tensors; replayed from a graph when possible.
+
+        ``key`` must determine every shape, dtype and Python constant ``fn`` depends on.
+        """
+        if not self.enabled or not inputs or inputs[0].device.type != "cuda" or key in self._eager:
+            return fn(*inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, fn, inputs)
+            if entry is None:
+                return fn(*inputs)
+        self._graphs.move_to_end(key)
+        graph, static_in, static_out = entry
+        for s, x in zip(static_in, inputs):
+            s.copy_(x)
+        graph.replay()
+        return tuple(o.clone() for o in static_out)
+
+    def _capture(self, key: Hashable, fn: Fn, inputs: tuple[torch.Tensor, ...]):
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        static_in = tuple(x.clone() for x in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn(*static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_out = fn(*static_in)
+        except RuntimeError as e:  # e.g. a host sync or a CPU tensor inside fn
+            log.warning("CUDA graph capture failed for %s, running it eagerly: %s", key, str(e).splitlines()[0])
+            self._eager.add(key)
+            torch.cuda.synchronize()
+            return None
+        entry = (graph, static_in, tuple(static_out))
+        self._graphs[key] = entry
+        return entry
