@@ -98,8 +98,12 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
             alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
         bits = img.bits if args.bits == "auto" else int(args.bits)
         tmp = dst.with_name(dst.name + ".part")
-        write_png(tmp, sr, alpha, bits=bits, gray=img.gray)
-        os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
+        try:
+            write_png(tmp, sr, alpha, bits=bits, gray=img.gray)
+            os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
+        except BaseException:  # disk full, Ctrl-C, …: no half-written .part left behind either
+            tmp.unlink(missing_ok=True)
+            raise
         if not args.quiet:
             log.info("wrote %s (%dx%d)", dst, sr.shape[-1], sr.shape[-2])
     return 0

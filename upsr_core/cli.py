@@ -151,7 +151,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, UnsupportedCheckpointError, NotADirectoryError,
-            IsADirectoryError, PermissionError, torch.cuda.OutOfMemoryError) as e:
+    # OSError: a missing file, a permission, a full disk, a read-only folder — not a bug
+    except (ValueError, TypeError, UnsupportedCheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # CUDA OOM is a RuntimeError; the CPU and MPS allocators raise plain ones
+        if not _is_out_of_memory(e):
+            raise  # a bug, not a user-facing condition: keep its traceback
+        print(f"error: {_out_of_memory_advice(e, args)}", file=sys.stderr)
+        return 2
+
+
+def _is_out_of_memory(e: RuntimeError) -> bool:
+    msg = str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in msg or "out of memory" in msg
+
+
+def _out_of_memory_advice(e: RuntimeError, args: argparse.Namespace) -> str:
+    """One line: torch's own reason (its informative line) and what to change."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if "memory" in ln), lines[0] if lines else type(e).__name__)
+    advice = ""
+    if getattr(args, "tile", None) is not None:
+        advice = f"; try a smaller --tile (now {args.tile})"
+        if getattr(args, "tile_batch", 1) > 1:
+            advice += f" or --tile-batch 1 (now {args.tile_batch})"
+    return f"out of memory ({reason}){advice}"

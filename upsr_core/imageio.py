@@ -43,6 +43,9 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         with Image.open(path) as im:
             if getattr(im, "n_frames", 1) > 1:
                 raise ValueError(f"{path.name}: has {im.n_frames} frames; extract the frames first (one image per file)")
+            if _colour_16bit(im):
+                raise ValueError(f"{path.name}: 16-bit colour, which Pillow can only read at 8 bits; "
+                                 "save it as 8-bit colour or 16-bit grayscale")
             im.load()
             im = ImageOps.exif_transpose(im)
             return _decode(im, path.name)
@@ -52,23 +55,49 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise ValueError(f"{path.name}: image too large ({e})") from None
 
 
+def _colour_16bit(im: Image.Image) -> bool:
+    """True when Pillow would decode 16-bit colour (or gray + alpha) samples to 8 bits: its
+    decoder's raw mode is 16-bit ('RGB;16B', 'RGBA;16L', 'LA;16B', …) while the image mode is an
+    8-bit one. Only 16-bit grayscale (modes 'I;16*', 'I') keeps its 16 bits."""
+    if im.mode.startswith("I") or im.mode == "F":
+        return False
+    for t in im.tile:
+        args = t[3]
+        raw = args if isinstance(args, str) else next((a for a in args or () if isinstance(a, str)), "")
+        if ";16" in raw:
+            return True
+    return False
+
+
+def _check_range(a: np.ndarray, lo: float, hi: float, name: str, kind: str) -> None:
+    """Refuse (never clip) sample values outside [lo, hi]: the image's scale is unknown then."""
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise ValueError(f"{name}: {kind} image values must be in [{lo:g}, {hi:g}], found "
+                         f"[{a.min():g}, {a.max():g}]; rescale it first")
+
+
 def _decode(im: Image.Image, name: str) -> LoadedImage:
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im).astype(np.float64)
+        _check_range(a, 0, 65535, name, "integer")  # 32-bit "I" images can hold anything
         maxv = 65535.0 if a.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
-        g = _to_float(np.clip(a, 0, maxv), maxv)
+        g = _to_float(a, maxv)
         return LoadedImage(g.expand(3, -1, -1).clone(), None, 16 if maxv > 255 else 8, True)
     if mode == "F":
-        g = torch.from_numpy(np.asarray(im, dtype=np.float32)).unsqueeze(0)
-        return LoadedImage(g.clamp(0, 1).expand(3, -1, -1).clone(), None, 16, True)
+        a = np.array(im, dtype=np.float32)  # a writable copy: torch warns on read-only arrays
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: the float image holds NaN or Inf values")
+        _check_range(a, 0, 1, name, "float")
+        g = torch.from_numpy(a).unsqueeze(0)
+        return LoadedImage(g.expand(3, -1, -1).clone(), None, 16, True)
     if mode in ("L", "1"):
         g = _to_float(np.asarray(im.convert("L")), 255.0)
         return LoadedImage(g.expand(3, -1, -1).clone(), None, 8, True)
     if mode == "LA":
         a = _to_float(np.asarray(im), 255.0)
         return LoadedImage(a[:1].expand(3, -1, -1).clone(), a[1:], 8, True)
-    if mode in ("RGB;16", "RGBA;16") or (mode == "RGB" and im.format == "PNG" and im.info.get("bits") == 16):
+    if mode in ("RGB;16", "RGBA;16"):
         raise ValueError(f"{name}: unsupported 16-bit colour layout {mode}")
     if mode == "P" and "transparency" in im.info or mode in ("RGBA", "PA", "La", "RGBa"):
         a = _to_float(np.asarray(im.convert("RGBA")), 255.0)
@@ -82,37 +111,48 @@ def _decode(im: Image.Image, name: str) -> LoadedImage:
 def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None,
               *, bits: int = 8, gray: bool = False) -> None:
     """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) as PNG, 8- or 16-bit; values are
-    clamped to [0, 1] and rounded (as the official ``tensor2img``)."""
+    clamped to [0, 1] and rounded (as the official ``tensor2img``).
+
+    Converted in bands of rows: besides the output integers, no full-size float copy is
+    made (a 24000 × 16000 result would need 4.6 GB per float32 copy).
+    """
     if rgb.ndim != 3 or rgb.shape[0] != 3:
         raise ValueError(f"expected rgb (3, H, W), got {tuple(rgb.shape)}")
+    if alpha is not None and (alpha.ndim != 3 or alpha.shape[0] != 1 or alpha.shape[1:] != rgb.shape[1:]):
+        raise ValueError(f"expected alpha (1, {rgb.shape[1]}, {rgb.shape[2]}) to match rgb, got {tuple(alpha.shape)}")
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    maxv = 255.0 if bits == 8 else 65535.0
-    x = rgb.detach().float().cpu().clamp(0, 1)
-    if gray:
-        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-    if alpha is not None:
-        x = torch.cat([x, alpha.detach().float().cpu().clamp(0, 1)])
-    a = (x * maxv).round().permute(1, 2, 0).numpy()
+    maxv, dtype = (255.0, np.uint8) if bits == 8 else (65535.0, np.uint16)
+    h, w = rgb.shape[1:]
+    a = np.empty((h, w, (1 if gray else 3) + (alpha is not None)), dtype=dtype)
+    for y in range(0, h, _BAND):
+        x = rgb[:, y : y + _BAND].detach().float().cpu().clamp(0, 1)
+        if gray:
+            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+        if alpha is not None:
+            x = torch.cat([x, alpha[:, y : y + _BAND].detach().float().cpu().clamp(0, 1)])
+        a[y : y + _BAND] = (x * maxv).round().permute(1, 2, 0).numpy().astype(dtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if bits == 16:
-        _write_png16(path, a.astype(np.uint16))
+        _write_png16(path, a)
         return
-    a = a.astype(np.uint8)
     Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path, format="PNG")
+
+
+_BAND = 256  # rows converted at a time by write_png
 
 
 def _write_png16(path: Path, a: np.ndarray) -> None:
     """Minimal 16-bit PNG writer (Pillow cannot write 16-bit colour): a (H, W, C) uint16, C in 1..4."""
     h, w, c = a.shape
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    rows = a.astype(">u2").reshape(h, w * c)
-    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))
+    comp = zlib.compressobj(6)
+    idat = b"".join(comp.compress(b"\x00" + a[i].astype(">u2").tobytes()) for i in range(h)) + comp.flush()
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

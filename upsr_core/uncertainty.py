@@ -11,6 +11,7 @@ With b_u = 0.4, ψ_max = 0.05 this is exactly the official
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -33,10 +34,15 @@ def estimate_uncertainty(sr_estimate: torch.Tensor, bicubic: torch.Tensor) -> to
 
 
 def check_weight_params(b_u: float, psi_max: float) -> None:
-    """Raise ValueError unless 0 <= b_u <= 1 and psi_max > 0 (both finite)."""
+    """Raise ValueError unless 0 <= b_u <= 1 and 0 < psi_max < inf (TypeError for non-numbers)."""
+    for name, v in (("b_u", b_u), ("psi_max", psi_max)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {v!r}")
     if not (math.isfinite(b_u) and 0.0 <= b_u <= 1.0):
         raise ValueError(f"b_u must be in [0, 1], got {b_u}")
-    if not (math.isfinite(psi_max) and psi_max > 0.0):
+    if not math.isfinite(psi_max):
+        raise ValueError(f"psi_max must be finite and > 0, got {psi_max}")
+    if not psi_max > 0.0:
         raise ValueError(f"psi_max must be > 0, got {psi_max}")
 
 
