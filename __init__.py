@@ -8,8 +8,24 @@ import os
 import sys
 
 _here = os.path.dirname(os.path.abspath(__file__))
-if _here not in sys.path:  # make the bundled upsr_core importable as a top-level package
+
+
+def _import_bundled_core() -> None:
+    """Import the bundled ``upsr_core`` as a top-level package.
+
+    The pack folder is on ``sys.path`` only for this import: left there, its own ``nodes``
+    and ``tests`` folders would shadow modules of ComfyUI and of other packs.
+    """
+    if "upsr_core" in sys.modules:
+        return
     sys.path.insert(0, _here)
+    try:
+        import upsr_core  # noqa: F401
+    finally:
+        sys.path.remove(_here)
+
+
+_import_bundled_core()
 
 
 async def comfy_entrypoint():

@@ -1,15 +1,41 @@
-"""The UPSR node pack: LoadUPSRModel → EstimateUncertainty → WeightNoise → UPSRSample."""
+"""The UPSR node pack: LoadUPSRModel → EstimateUncertainty → WeightNoise → UPSRSample (or UPSRUpscale)."""
 from __future__ import annotations
 
+import logging
+import shutil
+from pathlib import Path
+
+import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from .load_model import LoadUPSRModel
 from .sample import UPSRSample, UPSRUpscale
 from .uncertainty import EstimateUncertainty, WeightNoise
 
+log = logging.getLogger(__name__)
+
 NODES: list[type[io.ComfyNode]] = [LoadUPSRModel, EstimateUncertainty, WeightNoise, UPSRSample, UPSRUpscale]
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
+EXAMPLE_INPUT_GLOB = "upsr_example_*"
+
+
+def install_example_inputs() -> list[Path]:
+    """Copy the example workflows' LR images into ComfyUI's input folder (never overwriting),
+    so the templates run as shipped. Returns the files copied."""
+    dest = Path(folder_paths.get_input_directory())
+    copied = []
+    for src in sorted(EXAMPLES.glob(EXAMPLE_INPUT_GLOB)):
+        if src.suffix.lower() in (".png", ".jpg") and not (dest / src.name).exists():
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / src.name)
+                copied.append(dest / src.name)
+            except OSError as e:
+                log.warning("UPSR: could not copy the example image %s into %s: %s", src.name, dest, e)
+    return copied
 
 
 class UPSRExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        install_example_inputs()
         return NODES

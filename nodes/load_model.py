@@ -1,43 +1,58 @@
-"""LoadUPSRModel: pick the denoiser (and estimator) from models/upsr, load through upsr_core."""
+"""LoadUPSRModel: pick the denoiser (and estimator) from the `upsr` model folder, load through upsr_core."""
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
+import torch
+from comfy_api.latest import io
+
 from upsr_core import UPSRModel, load_upsr
-from upsr_core.cli import WEIGHTS_DIR
+from upsr_core.cli import DEMO_MODEL, WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 
 FOLDER = "upsr"
 IN_MODEL_FILE = "(from the model file)"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
-PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32 first: the default, and the dtype `python -m upsr_core upscale` uses unless told otherwise
+PRECISIONS = {"fp32": torch.float32, "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 UPSRModelType = io.Custom("UPSR_MODEL")
 
 
 def register_model_folder() -> None:
-    """models/upsr (plus any `upsr:` entry of extra_model_paths.yaml) and the bundled demo model."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
-    folder_paths.add_model_folder_path(FOLDER, str(WEIGHTS_DIR))
+    """Folder key ``upsr``: any ``upsr:`` paths of extra_model_paths.yaml first (ComfyUI reads that
+    file before packs load), then ``models/upsr``, then the bundled ``upsr_core/weights``."""
+    for path in (os.path.join(folder_paths.models_dir, FOLDER), str(WEIGHTS_DIR)):
+        folder_paths.add_model_folder_path(FOLDER, path)
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
 
 
-def _model_files() -> list[str]:
+register_model_folder()  # at import: ComfyExtension.on_load is not called by ComfyUI 0.3.64
+
+
+def model_files() -> list[str]:
     return folder_paths.get_filename_list(FOLDER)
 
 
-register_model_folder()  # at import: ComfyExtension.on_load is not called by ComfyUI 0.3.64
+def _where() -> str:
+    return ", ".join(folder_paths.get_folder_paths(FOLDER))
+
+
+def check_choice(what: str, name: str, files: list[str]) -> str | None:
+    """The problem with a chosen file name, or None."""
+    if not files:
+        return (f"no UPSR model found: put {DEMO_MODEL} (or upsr.pth and atd_real.pth) into one of: {_where()}, "
+                "then press R in the graph to refresh the lists")
+    if name not in files:
+        return f"{what} {name!r} is not in the upsr model folders ({_where()}); available: {', '.join(files)}"
+    return None
 
 
 @dataclass
@@ -48,7 +63,10 @@ class UPSRHandle:
     patcher: comfy.model_patcher.ModelPatcher
 
     def load(self) -> UPSRModel:
-        """Put the nets on ComfyUI's device, offloading other models the ComfyUI way."""
+        """Put both nets on ComfyUI's device, offloading other models the ComfyUI way.
+
+        Fully, never partially: partial (lowvram) loading can only stream comfy.ops layers.
+        """
         mm.load_models_gpu([self.patcher], force_full_load=True)
         return self.model
 
@@ -56,37 +74,49 @@ class UPSRHandle:
 class LoadUPSRModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = _model_files()
+        files = model_files()
         return io.Schema(
             node_id="LoadUPSRModel",
             display_name="Load UPSR Model",
             category="image/upscaling/UPSR",
-            description="Loads the UPSR denoiser (upsr.pth or a converted .safetensors holding both nets) "
-                        "and the ATD estimator (atd_real.pth) from models/upsr.",
+            description="Loads the UPSR denoiser and its ATD estimator from models/upsr: one converted "
+                        ".safetensors holding both nets, or upsr.pth plus atd_real.pth.",
             inputs=[
-                io.Combo.Input("model_name", options=files, tooltip="denoiser, or a file holding both nets"),
+                io.Combo.Input("model_name", options=files, default=DEMO_MODEL if DEMO_MODEL in files else None,
+                               tooltip="the denoiser, or a converted file holding both nets"),
                 io.Combo.Input("estimator_name", options=[IN_MODEL_FILE] + files, default=IN_MODEL_FILE,
-                               tooltip="ATD estimator (atd_real.pth); not needed for a converted file"),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="denoiser precision; the estimator never runs in fp16"),
+                               tooltip="the ATD estimator (atd_real.pth); not needed for a converted file"),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
+                               tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives; auto = bf16 "
+                                       "where the GPU supports it. The estimator never runs in fp16."),
             ],
             outputs=[UPSRModelType.Output(display_name="upsr_model")],
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str, estimator_name: str, precision: str) -> bool | str:
+        files = model_files()
+        problem = check_choice("model_name", model_name, files)
+        if problem is None and estimator_name != IN_MODEL_FILE:
+            problem = check_choice("estimator_name", estimator_name, files)
+        if problem is None and precision not in PRECISIONS:
+            problem = f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        return problem or True
+
+    @classmethod
     def execute(cls, model_name: str, estimator_name: str, precision: str) -> io.NodeOutput:
-        if not _model_files():
-            raise ValueError(f"no UPSR model found: put upsr.pth and atd_real.pth (or a converted "
-                             f".safetensors) into {folder_paths.get_folder_paths(FOLDER)[0]}")
+        problem = cls.validate_inputs(model_name, estimator_name, precision)
+        if problem is not True:
+            raise ValueError(problem)
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
         est = None if estimator_name == IN_MODEL_FILE else folder_paths.get_full_path_or_raise(FOLDER, estimator_name)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         device = mm.get_torch_device()
         dtype = PRECISIONS[precision] or (torch.bfloat16 if mm.should_use_bf16(device) else torch.float32)
         model = load_upsr(path, est, device="cpu", dtype=dtype)
         if model.estimator is None:
-            raise ValueError(f"{model_name} holds only the denoiser: choose atd_real.pth as estimator_name")
+            raise ValueError(f"{model_name} holds only the denoiser: choose the ATD estimator (atd_real.pth) "
+                             "as estimator_name")
         nets = torch.nn.ModuleDict({"denoiser": model.denoiser, "estimator": model.estimator})
         patcher = comfy.model_patcher.ModelPatcher(nets, load_device=device, offload_device=mm.unet_offload_device())
+        log.info("UPSR: loaded %s (%s) for %s", model_name, str(model.dtype).removeprefix("torch."), device)
         return io.NodeOutput(UPSRHandle(model, patcher))

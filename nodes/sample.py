@@ -2,31 +2,47 @@
 from __future__ import annotations
 
 import logging
-
-import torch
-from comfy_api.latest import io
+from collections.abc import Callable
 
 import comfy.model_management as mm
 import comfy.utils
+import torch
+from comfy_api.latest import io
+
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
-from upsr_core.stages import estimate_maps, sample_maps, weight_map
+from upsr_core.model import Progress
+from upsr_core.stages import sample_maps
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
 
 from ._layout import image_in, image_out
 from .load_model import UPSRModelType
+from .uncertainty import PSI_MAX_LIMIT
 
 log = logging.getLogger(__name__)
-MIN_TILE = 64
+MIN_TILE = 64  # LR pixels: the OOM retry gives up below this
+SEED_MAX = 0xFFFFFFFFFFFFFFF  # image i of a batch uses seed + i, which must stay below 2**63
+OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), mm.OOM_EXCEPTION} - {Exception})
+
+Run = Callable[[int, int, Progress], torch.Tensor]
+"""run(tile, overlap, progress) -> sr (B,3,4h,4w)."""
 
 
-def _is_oom(e: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(e, oom) or (mm.OOM_EXCEPTION is not Exception and isinstance(e, mm.OOM_EXCEPTION))
+def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: int) -> tuple[int, int] | None:
+    """The next (tile, overlap) to try after running out of memory, or None below MIN_TILE.
+
+    Halves the tile actually used (a tile larger than the padded image is the image), keeps it a
+    multiple of ``multiple`` (the model's padding) and the overlap below half of it.
+    """
+    padded = -(-max(lr_size) // multiple) * multiple
+    new = min(tile, padded) // 2 // multiple * multiple
+    if new < max(MIN_TILE, multiple):
+        return None
+    return new, min(overlap, new // 2)
 
 
-def run_sampling(model, lr, sr_estimate, weight, seed: int, tile: int, overlap: int, tile_batch: int):
-    """sample_maps with a ComfyUI progress bar, cancel checks after every denoiser step, and
-    an out-of-memory retry that halves the tile (down to 64 LR px)."""
+def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int) -> torch.Tensor:
+    """``run`` with a ComfyUI progress bar over steps × tiles, a cancel check after every denoiser
+    step, and a retry with smaller tiles when the device runs out of memory."""
     pbar = comfy.utils.ProgressBar(1)
 
     def progress(done: int, total: int) -> None:
@@ -35,24 +51,30 @@ def run_sampling(model, lr, sr_estimate, weight, seed: int, tile: int, overlap: 
 
     while True:
         try:
-            return sample_maps(model, lr, sr_estimate, weight, seed=seed, tile=tile,
-                               overlap=overlap, tile_batch=tile_batch, progress=progress)
-        except Exception as e:  # only out-of-memory is retried; everything else propagates
-            if not _is_oom(e) or tile <= MIN_TILE:
+            return run(tile, overlap, progress)
+        except OOM_ERRORS:
+            smaller = smaller_tiles(tile, overlap, lr_size, multiple)
+            if smaller is None:
                 raise
-            mm.soft_empty_cache(True)
-            tile = max(MIN_TILE, tile // 2 // MIN_TILE * MIN_TILE)
-            overlap = min(overlap, tile // 2)
-            log.warning("UPSR: out of memory, retrying with tile %d, overlap %d", tile, overlap)
+            log.warning("UPSR: out of memory with tile %d, retrying with tile %d, overlap %d", tile, *smaller)
+        # outside the except block, so the failed attempt's tensors (held by its traceback) are freed
+        mm.soft_empty_cache(True)
+        tile, overlap = smaller
 
 
 def _tiling_inputs() -> list:
     return [
-        io.Int.Input("tile", default=DEFAULT_TILE, min=64, max=4096, step=64,
-                     tooltip="tile size in LR pixels; images up to this size run in one piece"),
-        io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=1024, step=8, tooltip="tile overlap, LR pixels"),
+        io.Int.Input("tile", default=DEFAULT_TILE, min=MIN_TILE, max=4096, step=64,
+                     tooltip="tile size in LR pixels (a multiple of 64); images up to this size run in one piece"),
+        io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=1024, step=8,
+                     tooltip="overlap of neighbouring tiles, in LR pixels (less than the tile size)"),
         io.Int.Input("tile_batch", default=1, min=1, max=64, tooltip="tiles per denoiser batch"),
     ]
+
+
+def _seed_input() -> io.Int.Input:
+    return io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                        tooltip="the starting noise; image i of a batch uses seed + i")
 
 
 class UPSRSample(io.ComfyNode):
@@ -62,13 +84,13 @@ class UPSRSample(io.ComfyNode):
             node_id="UPSRSample",
             display_name="UPSR Sample",
             category="image/upscaling/UPSR",
-            description="5-step residual diffusion from the weighted noise: the ×4 result.",
+            description="5-step residual diffusion from the uncertainty-weighted noise: the ×4 result.",
             inputs=[
                 UPSRModelType.Input("upsr_model"),
                 io.Image.Input("image", tooltip="the low-resolution image"),
-                io.Image.Input("sr_estimate"),
-                io.Image.Input("noise_weight"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Image.Input("sr_estimate", tooltip="from UPSR Estimate Uncertainty"),
+                io.Image.Input("noise_weight", tooltip="from UPSR Weight Noise"),
+                _seed_input(),
                 *_tiling_inputs(),
             ],
             outputs=[io.Image.Output(display_name="image")],
@@ -76,9 +98,15 @@ class UPSRSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch) -> io.NodeOutput:
-        sr = run_sampling(upsr_model.load(), image_in(image, "image"), image_in(sr_estimate, "sr_estimate"),
-                          image_in(noise_weight, "noise_weight"), seed, tile, overlap, tile_batch)
-        return io.NodeOutput(image_out(sr))
+        model = upsr_model.load()
+        lr = image_in(image, "image")
+        est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
+
+        def run(t: int, o: int, progress: Progress) -> torch.Tensor:
+            return sample_maps(model, lr, est, w, seed=seed, tile=t, overlap=o, tile_batch=tile_batch,
+                               progress=progress)
+
+        return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of)))
 
 
 class UPSRUpscale(io.ComfyNode):
@@ -88,15 +116,16 @@ class UPSRUpscale(io.ComfyNode):
             node_id="UPSRUpscale",
             display_name="UPSR Upscale ×4",
             category="image/upscaling/UPSR",
-            description="The four UPSR stages in one node (same result as the chain with the same values).",
+            description="The four UPSR nodes in one, streamed tile by tile (the least memory for large images); "
+                        "the same result as the chain with the same values.",
             inputs=[
                 UPSRModelType.Input("upsr_model"),
-                io.Image.Input("image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Image.Input("image", tooltip="the low-resolution image"),
+                _seed_input(),
                 io.Float.Input("b_u", default=DEFAULT_B_U, min=0.0, max=1.0, step=0.01,
-                               display_mode=io.NumberDisplay.slider),
-                io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=1.0, step=0.001,
-                               display_mode=io.NumberDisplay.slider),
+                               display_mode=io.NumberDisplay.slider, tooltip="noise floor where ψ = 0"),
+                io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=PSI_MAX_LIMIT, step=0.001,
+                               display_mode=io.NumberDisplay.slider, tooltip="ψ at and above which noise is full"),
                 *_tiling_inputs(),
             ],
             outputs=[io.Image.Output(display_name="image")],
@@ -106,6 +135,9 @@ class UPSRUpscale(io.ComfyNode):
     def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch) -> io.NodeOutput:
         model = upsr_model.load()
         lr = image_in(image, "image")
-        sr_est, psi = estimate_maps(model, lr)
-        sr = run_sampling(model, lr, sr_est, weight_map(psi, b_u, psi_max), seed, tile, overlap, tile_batch)
-        return io.NodeOutput(image_out(sr))
+
+        def run(t: int, o: int, progress: Progress) -> torch.Tensor:
+            return model.upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=t, overlap=o, tile_batch=tile_batch,
+                                 progress=progress)
+
+        return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of)))

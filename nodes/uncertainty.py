@@ -1,6 +1,10 @@
 """EstimateUncertainty and WeightNoise: layout conversion around upsr_core.stages."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
 from comfy_api.latest import io, ui
 
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
@@ -8,6 +12,26 @@ from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
 
 from ._layout import image_in, image_out, mask_in, mask_out
 from .load_model import UPSRModelType
+
+PSI_MAX_LIMIT = 0.5  # ψ = ½|g − bicubic| never exceeds ½ on [0, 1] images
+
+
+@contextmanager
+def external_estimator(upscale_model, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
+    """A ComfyUI UPSCALE_MODEL (spandrel descriptor) as the estimator g, on ``device`` while in use
+    and back on the CPU afterwards (as core's ImageUpscaleWithModel does)."""
+    if upscale_model is None:
+        yield None
+        return
+    scale, cin = getattr(upscale_model, "scale", None), getattr(upscale_model, "input_channels", 3)
+    if scale != 4 or cin != 3:
+        raise ValueError(f"upscale_model must be a ×4 RGB model to replace the estimator, got ×{scale} "
+                         f"with {cin} input channels")
+    upscale_model.to(device)
+    try:
+        yield lambda x: upscale_model(x.to(device))
+    finally:
+        upscale_model.to("cpu")
 
 
 class EstimateUncertainty(io.ComfyNode):
@@ -18,12 +42,14 @@ class EstimateUncertainty(io.ComfyNode):
             display_name="UPSR Estimate Uncertainty",
             category="image/upscaling/UPSR",
             description="g(y): a first ×4 estimate, and the uncertainty ψ = ½|g(y) − bicubic(y)| per pixel and "
-                        "channel. The MASK is ψ averaged over channels, for the mask nodes.",
+                        "channel (the preview shows ψ from 0 to the default ψ_max). The MASK is ψ averaged "
+                        "over the channels, to edit with the mask nodes and give to UPSR Weight Noise.",
             inputs=[
                 UPSRModelType.Input("upsr_model"),
-                io.Image.Input("image", tooltip="low-resolution image"),
+                io.Image.Input("image", tooltip="the low-resolution image"),
                 io.UpscaleModel.Input("upscale_model", optional=True,
-                                      tooltip="use another ×4 model (Load Upscale Model) as g instead of ATD"),
+                                      tooltip="another ×4 model (Load Upscale Model) as g instead of the ATD "
+                                              "estimator"),
             ],
             outputs=[
                 io.Image.Output(display_name="sr_estimate"),
@@ -35,14 +61,12 @@ class EstimateUncertainty(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, upscale_model=None) -> io.NodeOutput:
         model = upsr_model.load()
-        g = None
-        if upscale_model is not None:
-            if getattr(upscale_model, "scale", None) != 4:
-                raise ValueError(f"upscale_model must be a ×4 model, got ×{getattr(upscale_model, 'scale', '?')}")
-            upscale_model.to(model.device)
-            g = lambda x: upscale_model(x.to(model.device))  # noqa: E731
-        sr, psi = estimate_maps(model, image_in(image, "image"), estimator=g)
-        return io.NodeOutput(image_out(sr), image_out(psi), mask_out(uncertainty_mask(psi)))
+        lr = image_in(image, "image")
+        with external_estimator(upscale_model, model.device) as g:
+            sr, psi = estimate_maps(model, lr, estimator=g)
+        preview = image_out(heatmap(psi, hi=DEFAULT_PSI_MAX))
+        return io.NodeOutput(image_out(sr), image_out(psi), mask_out(uncertainty_mask(psi)),
+                             ui=ui.PreviewImage(preview, cls=cls))
 
 
 class WeightNoise(io.ComfyNode):
@@ -53,15 +77,15 @@ class WeightNoise(io.ComfyNode):
             display_name="UPSR Weight Noise",
             category="image/upscaling/UPSR",
             description="Noise weight w = b_u + (1 − b_u)·min(ψ/ψ_max, 1): 1 = full noise (edges, textures), "
-                        "b_u = keep the low-resolution information (flat areas). Give the uncertainty IMAGE or "
-                        "an edited MASK (white = full noise).",
+                        "b_u = keep the low-resolution information (flat areas). Connect the uncertainty "
+                        "IMAGE or an edited uncertainty MASK (white = full noise, black = b_u), not both.",
             inputs=[
                 io.Float.Input("b_u", default=DEFAULT_B_U, min=0.0, max=1.0, step=0.01,
-                               display_mode=io.NumberDisplay.slider, tooltip="noise floor in flat regions"),
-                io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=1.0, step=0.001,
+                               display_mode=io.NumberDisplay.slider, tooltip="noise floor where ψ = 0"),
+                io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=PSI_MAX_LIMIT, step=0.001,
                                display_mode=io.NumberDisplay.slider, tooltip="ψ at and above which noise is full"),
-                io.Image.Input("uncertainty", optional=True),
-                io.Mask.Input("uncertainty_mask", optional=True),
+                io.Image.Input("uncertainty", optional=True, tooltip="ψ from UPSR Estimate Uncertainty"),
+                io.Mask.Input("uncertainty_mask", optional=True, tooltip="ψ as an (edited) MASK"),
             ],
             outputs=[io.Image.Output(display_name="noise_weight"), io.Image.Output(display_name="heatmap")],
         )
@@ -69,8 +93,12 @@ class WeightNoise(io.ComfyNode):
     @classmethod
     def execute(cls, b_u, psi_max, uncertainty=None, uncertainty_mask=None) -> io.NodeOutput:
         if (uncertainty is None) == (uncertainty_mask is None):
-            raise ValueError("connect exactly one of 'uncertainty' (IMAGE) or 'uncertainty_mask' (MASK)")
-        psi = image_in(uncertainty, "uncertainty") if uncertainty is not None else mask_in(uncertainty_mask, "uncertainty_mask")
+            raise ValueError("UPSR Weight Noise: connect exactly one of 'uncertainty' (IMAGE) or 'uncertainty_mask' "
+                             f"(MASK), got {'both' if uncertainty is not None else 'neither'}")
+        if uncertainty is not None:
+            psi = image_in(uncertainty, "uncertainty")
+        else:
+            psi = mask_in(uncertainty_mask, "uncertainty_mask")
         w = weight_map(psi, b_u, psi_max)
         heat = image_out(heatmap(w))
         return io.NodeOutput(image_out(w), heat, ui=ui.PreviewImage(heat, cls=cls))
