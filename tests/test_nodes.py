@@ -1,0 +1,602 @@
+"""Node contract tests: the ComfyUI pack against small stand-ins of the comfy modules (no ComfyUI needed).
+
+The stand-ins live in tests/comfy_stubs/ (signatures checked against ComfyUI 0.3.64 by
+tests/e2e/test_stub_fidelity.py). They are importable only while this module's tests run,
+so other tests still see an environment without comfy. The pack is loaded the way ComfyUI
+loads it: its folder's ``__init__.py`` as a package, then ``comfy_entrypoint()``.
+
+A tiny random-weight model (both nets, LR multiple 8) stands in for the demo model.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from upsr_core import UPSRModel
+from upsr_core.checkpoint import save_converted
+from upsr_core.config import ATDConfig, DenoiserConfig
+from upsr_core.nets import ATD, UPSRDenoiser
+from upsr_core.stages import estimate_maps, sample_maps, uncertainty_mask, weight_map
+
+REPO = Path(__file__).resolve().parents[1]
+STUBS = Path(__file__).resolve().parent / "comfy_stubs"
+EXAMPLES = REPO / "example_workflows"
+PACK = "upsr_pack_under_test"
+DEMO = "upsr_demo_x4.safetensors"
+
+TINY_DENOISER = DenoiserConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), swin_levels=(16, 8),
+                               image_size=16, swin_embed_dim=32, swin_num_heads=1, window_size=4, num_feat=16)
+TINY_ATD = ATDConfig(embed_dim=16, depths=(1,), num_heads=(2,), window_size=4, category_size=16, num_tokens=8,
+                     reducted_dim=4, convffn_kernel_size=3)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@dataclass
+class Pack:
+    """The loaded pack and the stub modules it runs against."""
+
+    module: ModuleType
+    nodes: dict[str, type]
+    io: ModuleType
+    mm: ModuleType
+    utils: ModuleType
+    folder_paths: ModuleType
+    extra_dir: Path  # the `upsr:` folder of a simulated extra_model_paths.yaml
+    models_upsr: Path  # <ComfyUI>/models/upsr
+    model_file: Path
+
+
+def _tiny_nets() -> tuple[UPSRDenoiser, ATD]:
+    torch.manual_seed(1234)
+    return UPSRDenoiser(TINY_DENOISER).eval(), ATD(TINY_ATD).eval()
+
+
+def _drop_modules(prefixes: tuple[str, ...]) -> None:
+    for name in [m for m in sys.modules if m == PACK or m.startswith(PACK + ".") or m.split(".")[0] in prefixes]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Pack:
+    stub_roots = ("comfy", "comfy_api", "folder_paths")
+    assert not any(m.split(".")[0] in stub_roots for m in sys.modules), "a real or stub comfy is already imported"
+    base = tmp_path_factory.mktemp("comfy_base")
+    sys.path.insert(0, str(STUBS))
+    try:
+        import comfy.model_management as mm
+        import comfy.utils
+        import folder_paths
+        from comfy_api.latest import io
+
+        folder_paths.stub_reset(str(base))
+        extra = base / "extra_models" / "upsr"  # what extra_model_paths.yaml `upsr: ...` registers
+        extra.mkdir(parents=True)
+        folder_paths.add_model_folder_path("upsr", str(extra))
+        model_file = extra / DEMO
+        save_converted(model_file, *_tiny_nets())
+
+        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+        assert not hasattr(module, "NODE_CLASS_MAPPINGS"), "a V3 pack must not define NODE_CLASS_MAPPINGS"
+        ext = asyncio.run(module.comfy_entrypoint())
+        from comfy_api.latest import ComfyExtension
+
+        assert isinstance(ext, ComfyExtension)
+        node_list = asyncio.run(ext.get_node_list())
+        assert isinstance(node_list, list)
+        nodes = {cls.GET_SCHEMA().node_id: cls for cls in node_list}
+        yield Pack(module, nodes, io, mm, comfy.utils, folder_paths, extra, base / "models" / "upsr", model_file)
+    finally:
+        sys.path.remove(str(STUBS))
+        _drop_modules(stub_roots)
+
+
+@pytest.fixture(scope="module")
+def handle(pack):
+    return run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32")[0]
+
+
+@pytest.fixture(scope="module")
+def model(handle) -> UPSRModel:
+    return handle.model
+
+
+def run(pack: Pack, node_id: str, **kwargs):
+    """Execute a node as ComfyUI does (a class clone with hidden inputs, normalised output)."""
+    cls = pack.nodes[node_id].PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
+    out = cls.EXECUTE_NORMALIZED(**kwargs)
+    assert isinstance(out, pack.io.NodeOutput)
+    return out
+
+
+def defaults(pack: Pack, node_id: str) -> dict:
+    """The widget defaults, as a new node in the frontend has them."""
+    return {i.id: i.default for i in pack.nodes[node_id].GET_SCHEMA().inputs if hasattr(i, "default")}
+
+
+def lr_image(h: int, w: int, b: int = 1, seed: int = 0) -> torch.Tensor:
+    """A smooth random IMAGE [B,h,w,3] in [0,1] with 8-bit values (so a PNG round trip is exact)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(b, 3, h // 4 + 2, w // 4 + 2, generator=g), size=(h, w), mode="bilinear")
+    return ((x * 255).round() / 255).movedim(1, -1).contiguous()
+
+
+def chain(pack: Pack, handle, image: torch.Tensor, **sample_overrides):
+    """The four-node chain with default widget values -> (sr IMAGE, per-node outputs)."""
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=image)
+    wn = run(pack, "WeightNoise", **defaults(pack, "WeightNoise") | {"uncertainty": est[1]})
+    kw = defaults(pack, "UPSRSample") | sample_overrides
+    sr = run(pack, "UPSRSample", upsr_model=handle, image=image, sr_estimate=est[0], noise_weight=wn[0], **kw)
+    return sr[0], est, wn
+
+
+# ----------------------------------------------------------------------------- registration and schemas
+def test_entrypoint_lists_the_five_nodes(pack):
+    assert list(pack.nodes) == ["LoadUPSRModel", "EstimateUncertainty", "WeightNoise", "UPSRSample", "UPSRUpscale"]
+    for cls in pack.nodes.values():
+        assert cls.GET_SCHEMA().category == "image/upscaling/UPSR"
+        assert cls.GET_SCHEMA().display_name
+
+
+def _spec(pack, node_id):
+    info = pack.nodes[node_id].GET_NODE_INFO_V1()
+    flat = {k: v for sec in ("required", "optional") for k, v in info["input"].get(sec, {}).items()}
+    return info, flat
+
+
+def test_schema_types_and_order(pack):
+    expect = {
+        "LoadUPSRModel": ({"required": ["model_name", "estimator_name", "precision"]}, ["UPSR_MODEL"], ["upsr_model"]),
+        "EstimateUncertainty": ({"required": ["upsr_model", "image"], "optional": ["upscale_model"]},
+                                ["IMAGE", "IMAGE", "MASK"], ["sr_estimate", "uncertainty", "uncertainty_mask"]),
+        "WeightNoise": ({"required": ["b_u", "psi_max"], "optional": ["uncertainty", "uncertainty_mask"]},
+                        ["IMAGE", "IMAGE"], ["noise_weight", "heatmap"]),
+        "UPSRSample": ({"required": ["upsr_model", "image", "sr_estimate", "noise_weight", "seed", "tile", "overlap",
+                                     "tile_batch"]}, ["IMAGE"], ["image"]),
+        "UPSRUpscale": ({"required": ["upsr_model", "image", "seed", "b_u", "psi_max", "tile", "overlap",
+                                      "tile_batch"]}, ["IMAGE"], ["image"]),
+    }
+    for node_id, (order, outputs, names) in expect.items():
+        info, _ = _spec(pack, node_id)
+        assert info["input_order"] == order, node_id
+        assert info["output"] == outputs and info["output_name"] == names, node_id
+    types = {"upsr_model": "UPSR_MODEL", "image": "IMAGE", "sr_estimate": "IMAGE", "noise_weight": "IMAGE",
+             "uncertainty": "IMAGE", "uncertainty_mask": "MASK", "upscale_model": "UPSCALE_MODEL", "seed": "INT",
+             "tile": "INT", "overlap": "INT", "tile_batch": "INT", "b_u": "FLOAT", "psi_max": "FLOAT",
+             "model_name": "COMBO", "estimator_name": "COMBO", "precision": "COMBO"}
+    for node_id in expect:
+        for name, (typ, _opts) in _spec(pack, node_id)[1].items():
+            assert typ == types[name], (node_id, name)
+
+
+def test_schema_defaults_and_slider_ranges(pack):
+    for node_id in ("WeightNoise", "UPSRUpscale"):
+        _, s = _spec(pack, node_id)
+        assert {k: s["b_u"][1][k] for k in ("default", "min", "max", "display")} == \
+            {"default": 0.4, "min": 0.0, "max": 1.0, "display": "slider"}
+        assert {k: s["psi_max"][1][k] for k in ("default", "min", "max", "display")} == \
+            {"default": 0.05, "min": 0.001, "max": 0.5, "display": "slider"}
+    for node_id in ("UPSRSample", "UPSRUpscale"):
+        _, s = _spec(pack, node_id)
+        assert s["seed"][1]["control_after_generate"] is True and s["seed"][1]["default"] == 0
+        assert s["seed"][1]["min"] == 0 and s["seed"][1]["max"] + 64 < 2**63
+        assert (s["tile"][1]["default"], s["tile"][1]["min"], s["tile"][1]["step"]) == (512, 64, 64)
+        assert (s["overlap"][1]["default"], s["tile_batch"][1]["default"]) == (64, 1)
+    _, s = _spec(pack, "LoadUPSRModel")
+    assert s["precision"][1]["options"] == ["fp32", "auto", "bf16", "fp16"] and s["precision"][1]["default"] == "fp32"
+    assert s["model_name"][1]["options"] == [DEMO] and s["model_name"][1]["default"] == DEMO
+    assert s["estimator_name"][1]["options"] == ["(from the model file)", DEMO]
+    assert s["estimator_name"][1]["default"] == "(from the model file)"
+
+
+def test_model_folder_keeps_extra_paths_first_and_adds_models_upsr_and_bundled_weights(pack):
+    paths, exts = pack.folder_paths.folder_names_and_paths["upsr"]
+    assert paths[0] == str(pack.extra_dir)
+    assert paths[1] == str(pack.models_upsr)
+    assert paths[2].endswith(str(Path("upsr_core") / "weights"))
+    assert {".safetensors", ".pth"} <= exts and ".txt" not in exts
+    pack.models_upsr.mkdir(parents=True, exist_ok=True)
+    (pack.models_upsr / "notes.txt").write_text("not a model")
+    (pack.models_upsr / "other.pth").write_bytes(b"")
+    try:
+        assert pack.nodes["LoadUPSRModel"].GET_SCHEMA().inputs[0].options == ["other.pth", DEMO]
+    finally:
+        (pack.models_upsr / "notes.txt").unlink()
+        (pack.models_upsr / "other.pth").unlink()
+
+
+def test_execute_bodies_are_at_most_30_lines(pack):
+    for cls in pack.nodes.values():
+        src = inspect.getsource(cls.execute)
+        assert len(src.splitlines()) <= 31, f"{cls.__name__}.execute has {len(src.splitlines()) - 1} lines"
+
+
+# ----------------------------------------------------------------------------- LoadUPSRModel
+def test_load_converted_file_puts_both_nets_under_comfy_memory_management(pack, handle):
+    m = handle.model
+    assert m.estimator is not None and m.dtype == torch.float32
+    assert handle.patcher.load_device == pack.mm.get_torch_device()
+    n = len(pack.mm.stub_loaded)
+    assert handle.load() is m
+    assert len(pack.mm.stub_loaded) == n + 1 and pack.mm.stub_loaded[-1] == [handle.patcher]
+    assert set(dict(handle.patcher.model.named_children())) == {"denoiser", "estimator"}
+
+
+def test_load_two_files_and_precisions(pack, tmp_path):
+    den, atd = _tiny_nets()  # one net per file, unprefixed keys (as upsr.pth / atd_real.pth)
+    save_file({k: v.contiguous() for k, v in den.state_dict().items()}, str(pack.extra_dir / "den_only.safetensors"),
+              metadata={"denoiser_config": json.dumps(den.config.to_dict())})
+    save_file({k: v.contiguous() for k, v in atd.state_dict().items()}, str(pack.extra_dir / "atd_only.safetensors"),
+              metadata={"estimator_config": json.dumps(atd.config.to_dict())})
+    try:
+        h = run(pack, "LoadUPSRModel", model_name="den_only.safetensors", estimator_name="atd_only.safetensors",
+                precision="fp16")[0]
+        assert h.model.dtype == torch.float16
+        assert next(h.model.denoiser.parameters()).dtype == torch.float16
+        assert next(h.model.estimator.parameters()).dtype == torch.float32  # never fp16
+        h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="bf16")[0]
+        assert next(h.model.estimator.parameters()).dtype == torch.bfloat16
+        h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="auto")[0]
+        assert h.model.dtype == torch.float32  # auto on a CPU device
+        with pytest.raises(ValueError, match="holds only the denoiser"):
+            run(pack, "LoadUPSRModel", model_name="den_only.safetensors", estimator_name="(from the model file)",
+                precision="fp32")
+        with pytest.raises(ValueError, match="holds ATD estimator weights"):
+            run(pack, "LoadUPSRModel", model_name="atd_only.safetensors", estimator_name="(from the model file)",
+                precision="fp32")
+    finally:
+        (pack.extra_dir / "den_only.safetensors").unlink()
+        (pack.extra_dir / "atd_only.safetensors").unlink()
+
+
+def test_load_rejects_bad_choices_with_clear_messages(pack):
+    node = pack.nodes["LoadUPSRModel"]
+    assert node.validate_inputs(DEMO, "(from the model file)", "fp32") is True
+    msg = node.validate_inputs("nope.pth", "(from the model file)", "fp32")
+    assert "model_name 'nope.pth' is not in the upsr model folders" in msg and DEMO in msg
+    assert "estimator_name 'x.pth'" in node.validate_inputs(DEMO, "x.pth", "fp32")
+    assert "precision must be one of fp32, auto, bf16, fp16" in node.validate_inputs(DEMO, "(from the model file)", "fp8")
+    with pytest.raises(ValueError, match="nope.pth"):
+        run(pack, "LoadUPSRModel", model_name="nope.pth", estimator_name="(from the model file)", precision="fp32")
+
+
+def test_empty_model_folder(pack, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setitem(pack.folder_paths.folder_names_and_paths, "upsr", ([str(empty)], {".safetensors"}))
+    schema = pack.nodes["LoadUPSRModel"].GET_SCHEMA()
+    assert schema.inputs[0].options == [] and schema.inputs[0].default is None
+    with pytest.raises(ValueError, match=r"no UPSR model found: put upsr_demo_x4\.safetensors .* into one of: .*empty"):
+        run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32")
+
+
+# ----------------------------------------------------------------------------- layouts
+@pytest.mark.slow
+def test_execute_layouts(pack, handle):
+    img = lr_image(12, 20, b=2)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    sr_est, psi, mask = est.args
+    assert sr_est.shape == psi.shape == (2, 48, 80, 3) and mask.shape == (2, 48, 80)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in est.args)
+    assert psi.min() >= 0 and mask.min() >= 0 and mask.max() <= 1  # ψ is not clamped (nor is g(y))
+    assert est.ui.as_dict()["images"] and est.ui.image.shape == (2, 48, 80, 3)  # the ψ heat map
+    wn = run(pack, "WeightNoise", b_u=0.3, psi_max=0.05, uncertainty=psi)
+    w, heat = wn.args
+    assert w.shape == heat.shape == (2, 48, 80, 3) and w.min() >= 0.3 - 1e-7 and w.max() <= 1
+    assert torch.equal(wn.ui.image, heat)
+    sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=sr_est, noise_weight=w, seed=3, tile=64,
+             overlap=16, tile_batch=2)[0]
+    assert sr.shape == (2, 48, 80, 3) and sr.dtype == torch.float32 and 0 <= sr.min() and sr.max() <= 1
+
+
+# ----------------------------------------------------------------------------- the chain is the CLI
+@pytest.mark.slow
+def test_chain_with_defaults_writes_what_the_cli_writes(pack, handle, model, tmp_path):
+    img = lr_image(20, 28, seed=5)
+    Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "lr.png")
+    from upsr_core.cli import main
+
+    assert main(["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "sr.png"), "--model",
+                 str(pack.model_file), "--device", "cpu", "-q"]) == 0
+    cli = np.asarray(Image.open(tmp_path / "sr.png").convert("RGB"))
+    sr, _, _ = chain(pack, handle, img)
+    assert np.array_equal((sr[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8), cli)
+    # exact in float too, and not trivially: another seed gives another image
+    assert torch.equal(sr, model.upscale(img.movedim(-1, 1).contiguous()).movedim(1, -1))
+    assert not torch.equal(sr, chain(pack, handle, img, seed=1)[0])
+
+
+@pytest.mark.slow
+def test_upscale_node_equals_the_chain(pack, handle):
+    img = lr_image(20, 36, b=2, seed=2)
+    kw = {"seed": 11, "tile": 64, "overlap": 16, "tile_batch": 1}
+    sr_chain, _, _ = chain(pack, handle, img, **kw)
+    d = defaults(pack, "UPSRUpscale") | kw
+    sr_one = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d)[0]
+    assert torch.equal(sr_one, sr_chain)
+
+
+# ----------------------------------------------------------------------------- the mask path
+@pytest.mark.slow
+def test_mask_path(pack, handle, model):
+    img = lr_image(16, 24, seed=3)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    mask = est[2]
+    w = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=mask)[0]
+    lr = img.movedim(-1, 1).contiguous()
+    sr_est, psi = estimate_maps(model, lr)
+    want_w = weight_map(uncertainty_mask(psi), 0.4, 0.05)
+    assert torch.equal(w[..., 0], want_w[:, 0]) and torch.equal(w[..., 0], w[..., 2])
+    # an edited mask: zero uncertainty on the left half -> w = b_u there, full noise (1) where painted white
+    edited = mask.clone()
+    edited[:, :, : edited.shape[2] // 2] = 0
+    edited[:, :8, -8:] = 1
+    w2, _ = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=edited).args
+    assert torch.allclose(w2[:, :, : w2.shape[2] // 2], torch.tensor(0.4)) and torch.all(w2[:, :8, -8:] == 1)
+    sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w2,
+             **defaults(pack, "UPSRSample"))[0]
+    want = sample_maps(model, lr, sr_est, w2.movedim(-1, 1)[:, :1], seed=0)
+    assert torch.equal(sr, want.movedim(1, -1))
+    assert not torch.equal(sr, chain(pack, handle, img)[0])
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_gives_clear_errors(pack, handle):
+    img, other = lr_image(12, 16), lr_image(16, 16)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    w = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est[1])[0]
+    est_other = run(pack, "EstimateUncertainty", upsr_model=handle, image=other)
+    w_other = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est_other[1])[0]
+    d = defaults(pack, "UPSRSample")
+
+    def sample(**kw):
+        return run(pack, "UPSRSample", **({"upsr_model": handle, "image": img, "sr_estimate": est[0],
+                                           "noise_weight": w} | d | kw))
+
+    with pytest.raises(ValueError, match=r"noise weight has shape \(1, 3, 64, 64\); expected .* 48, 64"):
+        sample(noise_weight=w_other)
+    with pytest.raises(ValueError, match="sr_estimate has shape"):
+        sample(sr_estimate=est_other[0])
+    with pytest.raises(ValueError, match="sr_estimate has shape"):
+        sample(sr_estimate=img)  # wrong wiring: the LR image as the estimate
+    with pytest.raises(ValueError, match=r"image: the image batch is empty"):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=img[:0])
+    with pytest.raises(ValueError, match=r"expected an IMAGE \[B,H,W,3\], got \(1, 48, 64\)"):
+        sample(noise_weight=est[2])  # wrong wiring: a MASK into an IMAGE input
+    with pytest.raises(ValueError, match=r"uncertainty_mask: expected a MASK \[B,H,W\], got \(1, 48, 64, 3\)"):
+        run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[1])
+    with pytest.raises(ValueError, match="connect exactly one of .* got both"):
+        run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est[1], uncertainty_mask=est[2])
+    with pytest.raises(ValueError, match="connect exactly one of .* got neither"):
+        run(pack, "WeightNoise", b_u=0.4, psi_max=0.05)
+    with pytest.raises(ValueError, match="tile size must be a positive multiple of 8, got 100"):
+        sample(tile=100)
+    with pytest.raises(ValueError, match="overlap must be in"):
+        sample(tile=64, overlap=64)
+    with pytest.raises(ValueError, match=r"b_u must be in \[0, 1\]"):
+        run(pack, "WeightNoise", b_u=1.5, psi_max=0.05, uncertainty=est[1])
+
+
+# ----------------------------------------------------------------------------- external estimator
+class FakeUpscaleModel:
+    """A spandrel-descriptor look-alike: bicubic ×scale, with .scale, .input_channels and .to()."""
+
+    def __init__(self, scale: int = 4):
+        self.scale, self.input_channels, self.device, self.moves = scale, 3, torch.device("cpu"), []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+    def __call__(self, x):
+        return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+
+
+def test_upscale_model_as_estimator(pack, handle):
+    g = FakeUpscaleModel()
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=g)
+    assert est[1].abs().max() < 1e-5  # g = bicubic: no uncertainty
+    assert g.moves[-1] == "cpu" and len(g.moves) == 2
+    with pytest.raises(ValueError, match="must be a ×4 RGB model"):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=FakeUpscaleModel(2))
+
+
+# ----------------------------------------------------------------------------- progress, cancel, OOM
+@pytest.mark.slow
+def test_progress_counts_steps_times_tiles(pack, handle, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, preview, node_id=None: seen.append((v, t)))
+    img = lr_image(16, 40)  # tile 64, overlap 16 on 16x40: 1 tile
+    run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"tile": 64,
+                                                                                              "overlap": 16})
+    assert seen == [(k, 5) for k in range(1, 6)]
+    seen.clear()
+    img = lr_image(16, 136)  # 3 tiles in a row
+    run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"tile": 64,
+                                                                                              "overlap": 16})
+    assert seen == [(k, 15) for k in range(1, 16)]
+
+
+def _count_denoiser_calls(model, monkeypatch) -> list[int]:
+    calls = [0]
+    original = model.denoiser.forward
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(model.denoiser, "forward", counted)
+    return calls
+
+
+def test_cancel_stops_within_one_denoiser_step_and_the_next_run_is_normal(pack, handle, model, monkeypatch):
+    img = lr_image(16, 24)
+    want = chain(pack, handle, img)[0]
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    w = run(pack, "WeightNoise", **defaults(pack, "WeightNoise"), uncertainty=est[1])[0]
+    checks = [0]
+    real_check = pack.mm.throw_exception_if_processing_interrupted
+
+    def cancel_on_third_check():
+        checks[0] += 1
+        if checks[0] == 3:  # the user pressed Cancel during the third denoiser step
+            pack.mm.interrupt_current_processing(True)
+        real_check()
+
+    monkeypatch.setattr(pack.mm, "throw_exception_if_processing_interrupted", cancel_on_third_check)
+    calls = _count_denoiser_calls(model, monkeypatch)
+    with pytest.raises(pack.mm.InterruptProcessingException):
+        run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w,
+            **defaults(pack, "UPSRSample"))
+    assert calls[0] == 3 and not pack.mm.processing_interrupted()
+    monkeypatch.undo()
+    again = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w,
+                **defaults(pack, "UPSRSample"))[0]
+    assert torch.equal(again, want)
+
+
+def test_cancel_in_the_one_node_upscale(pack, handle, model, monkeypatch):
+    pack.mm.interrupt_current_processing(True)  # pressed before the first step ends
+    calls = _count_denoiser_calls(model, monkeypatch)
+    with pytest.raises(pack.mm.InterruptProcessingException):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(16, 24), **defaults(pack, "UPSRUpscale"))
+    assert calls[0] == 1
+
+
+def _oom_on_first_calls(model, monkeypatch, n: int) -> list[tuple]:
+    """The denoiser raises CUDA out-of-memory on its first ``n`` calls; returns the input shapes seen."""
+    shapes = []
+    original = model.denoiser.forward
+
+    def flaky(x, *a, **k):
+        shapes.append(tuple(x.shape))
+        if len(shapes) <= n:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(x, *a, **k)
+
+    monkeypatch.setattr(model.denoiser, "forward", flaky)
+    return shapes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node_id", ["UPSRSample", "UPSRUpscale"])
+def test_oom_on_the_first_tile_retries_with_smaller_tiles(pack, handle, model, monkeypatch, caplog, node_id):
+    img = lr_image(16, 128, seed=4)
+    lr = img.movedim(-1, 1).contiguous()
+    sr_est, psi = estimate_maps(model, lr)
+    direct = sample_maps(model, lr, sr_est, weight_map(psi), seed=0, tile=64, overlap=16)  # what the retry runs
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    w = run(pack, "WeightNoise", **defaults(pack, "WeightNoise"), uncertainty=est[1])[0]
+    inputs = {"UPSRSample": {"sr_estimate": est[0], "noise_weight": w}, "UPSRUpscale": {}}[node_id]
+    kw = defaults(pack, node_id) | {"tile": 512, "overlap": 16}
+    shapes = _oom_on_first_calls(model, monkeypatch, 1)
+    empties = pack.mm.stub_empty_cache_calls
+    with caplog.at_level(logging.WARNING):
+        sr = run(pack, node_id, upsr_model=handle, image=img, **inputs, **kw)[0]
+    assert shapes[0][-2:] == (16, 128) and shapes[1][-2:] == (16, 64)  # whole image, then 64-px tiles
+    assert "out of memory with tile 512, retrying with tile 64, overlap 16" in caplog.text
+    assert pack.mm.stub_empty_cache_calls == empties + 1
+    assert torch.equal(sr, direct.movedim(1, -1))
+
+
+def test_oom_gives_up_below_the_minimum_tile(pack, handle, model, monkeypatch):
+    _oom_on_first_calls(model, monkeypatch, 10)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(16, 128), **defaults(pack, "UPSRUpscale"))
+
+
+def test_smaller_tiles_policy(pack):
+    smaller = sys.modules[PACK + ".nodes.sample"].smaller_tiles
+    assert smaller(512, 64, (1000, 700), 64) == (256, 64)
+    assert smaller(512, 64, (100, 90), 64) == (64, 32)  # halves the 128-px padded image, not the 512 tile
+    assert smaller(128, 64, (300, 300), 64) == (64, 32)
+    assert smaller(64, 32, (300, 300), 64) is None
+
+
+def test_cpu_out_of_memory_is_not_retried(pack, handle, model, monkeypatch):
+    """A CPU allocation failure is a plain RuntimeError (not comfy's OOM_EXCEPTION): it propagates."""
+    def fail(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(model.denoiser, "forward", fail)
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(16, 24), **defaults(pack, "UPSRUpscale"))
+
+
+# ----------------------------------------------------------------------------- shipped examples
+def test_example_inputs_are_copied_into_the_input_folder_once(pack):
+    nodes_pkg = sys.modules[PACK + ".nodes"]
+    dest = Path(pack.folder_paths.get_input_directory())
+    shipped = sorted(p.name for p in EXAMPLES.glob("upsr_example_*") if p.suffix in (".png", ".jpg"))
+    assert shipped, "example_workflows/ ships no upsr_example_* input images"
+    assert sorted(p.name for p in dest.iterdir()) == shipped  # copied by get_node_list() at load
+    (dest / shipped[0]).write_bytes(b"edited by the user")
+    assert nodes_pkg.install_example_inputs() == []
+    assert (dest / shipped[0]).read_bytes() == b"edited by the user"
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "COMBO", "STRING", "BOOLEAN"}
+
+
+def _workflows() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.json"))
+
+
+def test_example_workflows_ship_thumbnails_and_inputs():
+    assert len(_workflows()) >= 3
+    for wf_path in _workflows():
+        assert wf_path.with_suffix(".jpg").is_file(), f"{wf_path.name} has no .jpg thumbnail"
+        wf = json.loads(wf_path.read_text())
+        for n in wf["nodes"]:
+            if n["type"] == "LoadImage":
+                assert (EXAMPLES / n["widgets_values"][0]).is_file(), f"{wf_path.name}: {n['widgets_values'][0]}"
+
+
+def test_example_workflows_match_the_node_schemas(pack):
+    """widgets_values in the order the frontend writes them (required, then optional widgets, with the
+    control_after_generate value after the seed), in range, and links typed as our outputs."""
+    for wf_path in _workflows():
+        wf = json.loads(wf_path.read_text())
+        links = {lk[0]: lk for lk in wf["links"]}
+        nodes = {n["id"]: n for n in wf["nodes"]}
+        for n in wf["nodes"]:
+            if n["type"] not in pack.nodes:
+                continue
+            info, spec = _spec(pack, n["type"])
+            values = list(n.get("widgets_values") or [])
+            for name in info["input_order"]["required"] + info["input_order"].get("optional", []):
+                typ, opts = spec[name]
+                if typ not in WIDGET_TYPES:
+                    continue
+                value = values.pop(0)
+                where = f"{wf_path.name} node {n['id']} {n['type']}.{name}={value!r}"
+                if typ == "COMBO":
+                    assert value in opts["options"], where
+                else:
+                    assert opts["min"] <= value <= opts["max"], where
+                if opts.get("control_after_generate"):
+                    assert values.pop(0) == "fixed", f"{where}: examples must use a fixed seed"
+            assert values == [], f"{wf_path.name} node {n['id']}: extra widgets_values {values}"
+            for slot in n.get("inputs", []):
+                if slot.get("link") is not None:
+                    _, src, src_slot, _, _, typ = links[slot["link"]]
+                    src_node = nodes[src]
+                    assert typ == spec[slot["name"]][0], f"{wf_path.name}: link into {n['type']}.{slot['name']}"
+                    if src_node["type"] in pack.nodes:
+                        assert pack.nodes[src_node["type"]].RETURN_TYPES[src_slot] == typ
