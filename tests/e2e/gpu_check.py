@@ -1,0 +1,154 @@
+"""Node checks that need a CUDA GPU, against tests/comfy_stubs with ComfyUI's device = cuda.
+
+    python tests/e2e/gpu_check.py [OUT.json]
+
+Not collected by pytest (no ComfyUI and no GPU in CI). Checks: precision auto -> bf16 and the
+estimator never in fp16; the fp32 chain equal to the CLI on the same GPU and UPSR Upscale equal to the
+chain; a real CUDA out-of-memory (a capped allocator) retried with smaller tiles, giving the result of
+those tiles; Cancel within one step on the GPU. Prints one JSON report.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["UPSR_STUB_DEVICE"] = "cuda"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE.parent / "comfy_stubs"), str(REPO), str(HERE)]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy_server  # noqa: E402
+import folder_paths  # noqa: E402
+
+report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+base = Path(tempfile.mkdtemp(prefix="upsr-gpu-"))
+folder_paths.stub_reset(str(base))
+folder_paths.add_model_folder_path("upsr", str(base / "extra"))
+comfy_server.make_tiny_model(base / "extra" / comfy_server.DEMO)
+spec = importlib.util.spec_from_file_location("upsr_pack", REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["upsr_pack"] = pack
+spec.loader.exec_module(pack)
+NODES = {c.GET_SCHEMA().node_id: c for c in asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())}
+
+
+def run(node_id, **kw):
+    return NODES[node_id].PREPARE_CLASS_CLONE({"UNIQUE_ID": "1"}).EXECUTE_NORMALIZED(**kw)
+
+
+def defaults(node_id):
+    return {i.id: i.default for i in NODES[node_id].GET_SCHEMA().inputs if hasattr(i, "default")}
+
+
+def load(precision):
+    return run("LoadUPSRModel", model_name=comfy_server.DEMO, estimator_name="(from the model file)",
+               precision=precision)[0]
+
+
+def chain(h, img, **kw):
+    est = run("EstimateUncertainty", upsr_model=h, image=img)
+    w = run("WeightNoise", **defaults("WeightNoise"), uncertainty=est[1])[0]
+    return run("UPSRSample", upsr_model=h, image=img, sr_estimate=est[0], noise_weight=w,
+               **defaults("UPSRSample") | kw)[0]
+
+
+g = torch.Generator().manual_seed(0)
+img = torch.nn.functional.interpolate(torch.rand(1, 3, 40, 50, generator=g), size=(160, 200), mode="bilinear")
+img = ((img * 255).round() / 255).movedim(1, -1).contiguous()
+
+# 1. precisions
+for p in ("fp32", "auto", "bf16", "fp16"):
+    h = load(p)
+    t0 = time.perf_counter()
+    sr = chain(h, img)
+    torch.cuda.synchronize()
+    report[f"precision_{p}"] = {
+        "denoiser": str(next(h.model.denoiser.parameters()).dtype), "on": str(h.model.device),
+        "estimator": str(next(h.model.estimator.parameters()).dtype), "seconds": round(time.perf_counter() - t0, 2),
+        "finite": bool(torch.isfinite(sr).all()), "range": [round(float(sr.min()), 4), round(float(sr.max()), 4)]}
+
+# 2. chain == CLI on the same GPU, UPSRUpscale == chain
+h = load("fp32")
+Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(base / "lr.png")
+from upsr_core.cli import main  # noqa: E402
+
+main(["upscale", str(base / "lr.png"), "-o", str(base / "sr.png"), "--model", str(base / "extra" / comfy_server.DEMO),
+      "--device", "cuda", "-q"])
+cli = np.asarray(Image.open(base / "sr.png").convert("RGB"))
+sr = chain(h, img)
+ours = (sr[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+one = run("UPSRUpscale", upsr_model=h, image=img, **defaults("UPSRUpscale"))[0]
+report["chain_vs_cli_gpu"] = {"equal_png": bool(np.array_equal(ours, cli)),
+                              "max_abs_png": int(np.abs(ours.astype(int) - cli).max())}
+report["upscale_vs_chain_gpu"] = {"equal": bool(torch.equal(one, sr)), "max_abs": float((one - sr).abs().max())}
+
+# 3. a real CUDA OOM: cap the allocator below a whole-image run's peak
+big = torch.rand(1, 768, 768, 3, generator=g)
+kw = defaults("UPSRUpscale") | {"tile": 768, "overlap": 32}
+torch.cuda.reset_peak_memory_stats()
+base_mem = torch.cuda.memory_allocated()
+run("UPSRUpscale", upsr_model=h, image=big, **kw)
+peak = torch.cuda.max_memory_allocated() - base_mem
+total = torch.cuda.get_device_properties(0).total_memory
+torch.cuda.empty_cache()
+torch.cuda.set_per_process_memory_fraction(min(1.0, (base_mem + 0.5 * peak) / total))
+warnings = []
+
+
+class Grab(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+
+logging.getLogger("upsr_pack.nodes.sample").addHandler(Grab())
+try:
+    t0 = time.perf_counter()
+    retried = run("UPSRUpscale", upsr_model=h, image=big, **kw)[0]
+    oom = {"ok": True, "seconds": round(time.perf_counter() - t0, 1)}
+except torch.OutOfMemoryError as e:
+    retried, oom = None, {"ok": False, "error": str(e)[:200]}
+torch.cuda.set_per_process_memory_fraction(1.0)
+oom.update(peak_whole_image_mb=round(peak / 2**20), warnings=warnings)
+if retried is not None and warnings:
+    tile = int(warnings[-1].split("retrying with tile ")[1].split(",")[0])
+    overlap = int(warnings[-1].split("overlap ")[1])
+    direct = run("UPSRUpscale", upsr_model=h, image=big, **kw | {"tile": tile, "overlap": overlap})[0]
+    oom["equals_direct_run_at_that_tile"] = bool(torch.equal(retried, direct))
+report["real_oom_retry"] = oom
+
+# 4. Cancel on the GPU within one step
+calls = [0]
+orig = h.model.denoiser.forward
+
+
+def counted(*a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+        mm.interrupt_current_processing(True)
+    return orig(*a, **k)
+
+
+h.model.denoiser.forward = counted
+try:
+    run("UPSRUpscale", upsr_model=h, image=img, **defaults("UPSRUpscale"))
+    report["cancel"] = "not interrupted"
+except mm.InterruptProcessingException:
+    report["cancel"] = {"denoiser_calls": calls[0], "flag_cleared": not mm.processing_interrupted()}
+del h.model.denoiser.forward
+
+text = json.dumps(report, indent=1)
+print(text)
+if len(sys.argv) > 1:
+    Path(sys.argv[1]).write_text(text)

@@ -1,0 +1,233 @@
+"""Every example workflow, as shipped, through a real ComfyUI server's HTTP API.
+
+UI workflows are converted to API prompts the way the frontend does (comfy_e2e.ui_to_api, checked
+once against the frontend's own graphToPrompt), queued over HTTP while a websocket collects the
+progress messages, and their outputs are downloaded and checked: ×4 sizes, the basic chain equal to
+what ``python -m upsr_core upscale`` writes, the painted region at full noise, progress over
+steps × tiles, and Cancel within one denoiser step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import comfy_server
+import numpy as np
+import pytest
+from PIL import Image
+
+from upsr_core.tiling import plan_tiles
+
+REPO = comfy_server.REPO
+EXAMPLES = REPO / "example_workflows"
+WORKFLOWS = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+STEPS = 5
+TIMINGS: dict[str, float] = {}
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((EXAMPLES / f"{name}.json").read_text())
+
+
+def nodes_of(prompt: dict, class_type: str) -> list[str]:
+    return [k for k, v in prompt.items() if v["class_type"] == class_type]
+
+
+def run_watched(client, e2e, prompt: dict, *, timeout: float = 900, on_message=None) -> tuple[dict, list[dict]]:
+    """Queue ``prompt`` with a websocket open; returns (history entry, this prompt's messages)."""
+    msgs = e2e.ws_messages(client.server, client.client_id, timeout=timeout)
+    next(msgs)  # the 'status' greeting: subscribed before queueing
+    pid = client.submit(prompt)
+    seen = []
+    try:
+        for m in msgs:
+            d = m.get("data", {})
+            if d.get("prompt_id", pid) != pid:
+                continue
+            seen.append(m)
+            if on_message is not None:
+                on_message(m)
+            if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                break
+    finally:
+        msgs.close()
+    return client.wait(pid, timeout), seen
+
+
+def outputs(client, entry: dict, node_id: str, dest: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(client.download(img, str(dest))))
+            for img in entry["outputs"].get(node_id, {}).get("images", [])]
+
+
+def progress_of(msgs: list[dict], node_id: str) -> list[tuple[int, int]]:
+    return [(m["data"]["value"], m["data"]["max"]) for m in msgs
+            if m["type"] == "progress" and m["data"].get("node") == node_id]
+
+
+def expected_progress_max(prompt: dict, node_id: str, lr_hw: tuple[int, int], multiple: int = 64) -> int:
+    inp = prompt[node_id]["inputs"]
+    hp, wp = (-(-s // multiple) * multiple for s in lr_hw)
+    return STEPS * len(plan_tiles(hp, wp, inp["tile"], inp["overlap"]))
+
+
+def lr_size(prompt: dict, server) -> tuple[int, int]:
+    (load,) = nodes_of(prompt, "LoadImage")
+    with Image.open(server.input_dir / prompt[load]["inputs"]["image"]) as im:
+        return im.height, im.width
+
+
+def reference(server, image: str, tmp: Path, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(CLI PNG, float result) from the server's python for the shipped LR ``image``."""
+    spec = {"model": str(server.model_file), "image": str(server.input_dir / image), "png": str(tmp / "cli.png"),
+            "npy": str(tmp / "ref.npy"), **kw}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([comfy_server.comfyui_python(), str(Path(__file__).with_name("reference.py")),
+                    str(tmp / "spec.json")], check=True, cwd=REPO, timeout=900)
+    return np.asarray(Image.open(tmp / "cli.png").convert("RGB")), np.load(tmp / "ref.npy")
+
+
+def as_saveimage(x: np.ndarray) -> np.ndarray:
+    """How ComfyUI's SaveImage / PreviewImage quantise an IMAGE (truncation, not rounding)."""
+    return np.clip(255.0 * x, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the frontend's conversion
+def test_ui_to_api_matches_the_frontend(server, e2e, object_info, tmp_path):
+    node, chromium = shutil.which("node"), os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+    pw = Path(os.environ.get("PLAYWRIGHT_CORE_DIR", "/work/pw/node_modules")) / "playwright-core"
+    if not node or not Path(chromium).exists() or not pw.exists():
+        pytest.skip(f"needs node, chromium ({chromium}) and playwright-core ({pw})")
+    for name in WORKFLOWS:
+        api_out, shot = tmp_path / f"{name}.api.json", tmp_path / f"{name}.png"
+        r = subprocess.run([node, str(REPO / "tools" / "screenshot_workflow.mjs"), "--url", server.url, "--workflow",
+                            str(EXAMPLES / f"{name}.json"), "--out", str(shot), "--api-out", str(api_out),
+                            "--width", "1800", "--height", "1000"],
+                           capture_output=True, text=True, timeout=300, check=False,
+                           env={**os.environ, "PLAYWRIGHT_CORE_DIR": str(pw.parent)})
+        summary = json.loads(r.stdout)
+        assert r.returncode == 0 and summary["missing"] == [] and summary["error_nodes"] == [], summary
+        frontend = json.loads(api_out.read_text())
+        ours = e2e.ui_to_api(load_workflow(name), object_info)
+        strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+        assert strip(ours) == strip(frontend), name
+
+
+# ----------------------------------------------------------------------------- each workflow as shipped
+def test_templates_are_served(server, client):
+    assert sorted(client.get_json("/workflow_templates")[comfy_server.PACK_DIR_NAME]) == WORKFLOWS
+
+
+def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
+    prompt = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
+    (smp,) = nodes_of(prompt, "UPSRSample")
+    (save,) = nodes_of(prompt, "SaveImage")
+    t0 = time.monotonic()
+    entry, msgs = run_watched(client, e2e, prompt)
+    TIMINGS["upsr_basic"] = time.monotonic() - t0
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    h, w = lr_size(prompt, server)
+    (out,) = outputs(client, entry, save, tmp_path / "out")
+    assert out.shape == (4 * h, 4 * w, 3)
+    n = expected_progress_max(prompt, smp, (h, w))
+    assert progress_of(msgs, smp) == [(k, n) for k in range(1, n + 1)]
+    # previews of ψ (EstimateUncertainty) and w (WeightNoise) at the HR size
+    for cls in ("EstimateUncertainty", "WeightNoise"):
+        (preview,) = outputs(client, entry, nodes_of(prompt, cls)[0], tmp_path / cls)
+        assert preview.shape == (4 * h, 4 * w, 3)
+    inp = prompt[smp]["inputs"]
+    cli, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path,
+                         seed=inp["seed"], tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
+    assert np.array_equal(as_saveimage(ref), out), "the chain's IMAGE differs from UPSRModel.upscale"
+    assert np.array_equal(np.round(np.clip(ref, 0, 1) * 255).astype(np.uint8), cli)
+    assert int(np.abs(cli.astype(int) - out).max()) <= 1  # SaveImage truncates, the CLI rounds
+
+    # the one-node UPSRUpscale with the same values gives the same image
+    one = {k: v for k, v in prompt.items() if v["class_type"] not in ("EstimateUncertainty", "WeightNoise")}
+    one[smp] = {"class_type": "UPSRUpscale", "inputs": {
+        **{k: inp[k] for k in ("upsr_model", "image", "seed", "tile", "overlap", "tile_batch")},
+        "b_u": 0.4, "psi_max": 0.05}}
+    one[save]["inputs"]["filename_prefix"] = "UPSR/basic_one_node"
+    entry = client.run(one, timeout=900)["history"]
+    (out_one,) = outputs(client, entry, save, tmp_path / "one")
+    assert np.array_equal(out_one, out)
+
+
+def test_paint_uncertainty(server, client, e2e, object_info, tmp_path):
+    prompt = e2e.ui_to_api(load_workflow("upsr_paint_uncertainty"), object_info)
+    t0 = time.monotonic()
+    entry, msgs = run_watched(client, e2e, prompt)
+    TIMINGS["upsr_paint_uncertainty"] = time.monotonic() - t0
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    h, w = lr_size(prompt, server)
+    (out,) = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / "out")
+    assert out.shape == (4 * h, 4 * w, 3)
+    (edited,) = outputs(client, entry, nodes_of(prompt, "PreviewImage")[0], tmp_path / "mask")
+    (heat,) = outputs(client, entry, nodes_of(prompt, "WeightNoise")[0], tmp_path / "heat")
+    assert edited.shape == heat.shape == (4 * h, 4 * w, 3)
+    painted = np.asarray(Image.open(server.input_dir / "upsr_example_dandelion_painted.png"))[..., 3] == 0
+    cy, cx = (int(np.mean(a)) for a in np.nonzero(painted))
+    assert (edited[4 * cy, 4 * cx] == 255).all()  # ψ + painted = 1 (clamped) inside the painted region
+    assert np.abs(heat[4 * cy, 4 * cx].astype(int) - [252, 255, 163]).max() <= 1  # w = 1: the top of the colour map
+    smp = nodes_of(prompt, "UPSRSample")[0]
+    n = expected_progress_max(prompt, smp, (h, w))
+    assert progress_of(msgs, smp) == [(k, n) for k in range(1, n + 1)]
+
+
+def test_large_tiled(server, client, e2e, object_info, tmp_path):
+    prompt = e2e.ui_to_api(load_workflow("upsr_large_tiled"), object_info)
+    (up,) = nodes_of(prompt, "UPSRUpscale")
+    t0 = time.monotonic()
+    entry, msgs = run_watched(client, e2e, prompt)
+    TIMINGS["upsr_large_tiled"] = time.monotonic() - t0
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    h, w = lr_size(prompt, server)
+    (out,) = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / "out")
+    assert out.shape == (4 * h, 4 * w, 3) and out.std() > 0
+    n = expected_progress_max(prompt, up, (h, w))
+    batch = prompt[up]["inputs"]["tile_batch"]
+    assert n > STEPS and progress_of(msgs, up)[-1] == (n, n)  # several tiles, counted to the end
+    assert all(b - a in (1, batch) for (a, _), (b, _) in zip(progress_of(msgs, up), progress_of(msgs, up)[1:]))
+
+
+def test_every_workflow_was_run():
+    """Guards against a new example workflow without an e2e test above."""
+    assert set(WORKFLOWS) == {"upsr_basic", "upsr_paint_uncertainty", "upsr_large_tiled"}
+
+
+# ----------------------------------------------------------------------------- cancel
+def test_cancel_stops_within_one_step_and_the_next_run_is_normal(server, client, e2e, object_info, tmp_path):
+    prompt = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
+    (smp,) = nodes_of(prompt, "UPSRSample")
+    prompt[smp]["inputs"]["seed"] = 7  # not in the cache: UPSRSample must run
+    cancelled = []
+
+    def cancel_after_the_first_step(m):
+        if m["type"] == "progress" and m["data"].get("node") == smp and not cancelled:
+            client.interrupt()
+            cancelled.append(m["data"]["value"])
+
+    entry, msgs = run_watched(client, e2e, prompt, on_message=cancel_after_the_first_step)
+    kinds = [m["type"] for m in msgs]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
+    assert entry["status"]["status_str"] == "error"
+    steps = progress_of(msgs, smp)
+    assert 1 <= len(steps) <= 2, f"progress after Cancel: {steps}"  # the running step may still report
+    assert steps[-1][0] < steps[-1][1]
+
+    entry, msgs = run_watched(client, e2e, prompt)
+    assert entry["status"]["status_str"] == "success"
+    (out,) = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / "out")
+    inp = prompt[smp]["inputs"]
+    _, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path,
+                       seed=7, tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
+    assert np.array_equal(as_saveimage(ref), out)
+
+
+def test_report_timings(server):
+    """Prints the wall time of each workflow run (pytest -s), and checks the server is still up."""
+    print("\nE2E timings (s): " + json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}))
+    assert server.proc.poll() is None
