@@ -185,3 +185,16 @@ def test_atd_fast_flag_is_per_instance(small_nets):
     atd = copy.deepcopy(small_nets[1])
     atd.prepare_fast()
     assert atd.fast and not ATD.fast and not small_nets[1].fast
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5)])
+def test_subpixel_upsample_conv_equals_nearest_then_conv(hw):
+    from upsr_core.nets.denoiser import prepare_subpixel, upsample_conv
+
+    conv = torch.nn.Conv2d(8, 5, 3, padding=1)
+    x = torch.randn(2, 8, *hw)
+    with torch.no_grad():
+        ref = upsample_conv(x, conv)  # reference form: no sub-pixel kernels yet
+        assert torch.equal(ref, conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")))
+        prepare_subpixel(conv)
+        torch.testing.assert_close(upsample_conv(x, conv), ref, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,8 @@ reference output for the same LR and the same noise ε.
 * ``fast+compile``: the same with ``torch.compile`` (CUDA only, when time is left).
 
 Without ``--model`` the full-size nets (``--small``: the demo-size nets) get a seeded random
-init; the timing does not depend on the weights, the differences do. Peak memory: CUDA
+init, with the last conv scaled so x̂0 has an image-like std of 0.5; the timing does not
+depend on the weights, the differences do (trained weights may behave differently). Peak memory: CUDA
 max allocated (and reserved, in the JSON) over warm-up, capture and timed runs; CPU peak
 RSS when ``/proc/self/clear_refs`` allows a reset, else "-". ``--budget-s`` skips the rows
 that would not fit in the remaining time (by the reference row's time).
@@ -67,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
     p.add_argument("--compile-sizes", default="64,256", help="LR sides of the compiled rows (batch 1, bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
+    p.add_argument("--subpixel", choices=["auto", "on", "off"], default="auto",
+                   help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows once this many seconds are used")
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +108,20 @@ def _build(args: argparse.Namespace) -> tuple[UPSRDenoiser, ATD]:
     p = get_preset("small") if args.small else None
     dcfg, acfg = (p.denoiser, p.estimator) if p else (FULL_DENOISER, FULL_ATD)
     torch.manual_seed(args.seed)
-    return UPSRDenoiser(dcfg).eval(), ATD(acfg).eval()
+    return _calibrate(UPSRDenoiser(dcfg).eval()), ATD(acfg).eval()
+
+
+@torch.no_grad()
+def _calibrate(den: UPSRDenoiser, target_std: float = 0.5) -> UPSRDenoiser:
+    """Scale a random net's ``conv_last`` so x̂0 has std ``target_std`` in [-1,1] space, as an
+    image has. A default-initialised full-size net outputs std ≈ 0.02, which would make every
+    precision difference look 25x smaller than with trained weights."""
+    m = den.multiple_of
+    x, lq = torch.randn(1, den.config.in_channels, m, m), torch.randn(1, den.config.lq_channels, m, m)
+    std = den(x, torch.full((1,), 2), lq).std().item()
+    den.conv_last.weight.mul_(target_std / std)
+    den.conv_last.bias.mul_(target_std / std)
+    return den
 
 
 class Flops:
@@ -178,18 +194,20 @@ def _peak(dev: torch.device, ok: bool) -> tuple[float | None, float | None]:
     return None, None
 
 
-def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, list[float]]:
+def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, list[float], list[float]]:
+    """-> (last output, wall seconds per run, process CPU seconds per run: contention-proof on a shared CPU)."""
     out = None
     for _ in range(warmup):
         out = fn()
     _sync(dev)
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return out, times
+        cpu.append(time.process_time() - c0)
+    return out, times, cpu
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -214,7 +232,8 @@ class Table:
             Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
 
 
-def _row(lr, b, path, dtype, times, flops, peak, ref_s, out, ref_out, **extra) -> dict:
+def _row(lr, b, path, dtype, timed, flops, peak, ref_s, out, ref_out, **extra) -> dict:
+    times, cpu = timed
     s = statistics.median(times) / b
     d = (out.float().cpu() - ref_out).abs() if ref_out is not None else None
     return {
@@ -222,14 +241,17 @@ def _row(lr, b, path, dtype, times, flops, peak, ref_s, out, ref_out, **extra) -
         "best_s_per_img": min(times) / b, "reps": len(times), "peak_gib": peak[0], "reserved_gib": peak[1],
         "tflops": flops / (s * b) / 1e12, "vs_ref": (ref_s / s) if ref_s else None,
         "max_abs": d.max().item() if d is not None else None, "mean_abs": d.mean().item() if d is not None else None,
-        "finite": bool(torch.isfinite(out).all()), **extra,
+        "finite": bool(torch.isfinite(out).all()), "process_cpu_s_per_img": min(cpu) / b, **extra,
     }
 
 
-def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dtype, graphs: str,
+_SWITCH = {"auto": "auto", "on": True, "off": False}
+
+
+def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dtype, args: argparse.Namespace,
                 compile: bool = False) -> UPSRModel:
     m = UPSRModel(copy.deepcopy(den).to(dev, dtype), copy.deepcopy(atd).to(dev, torch.float32), dtype=dtype)
-    return enable_fast(m, compile=compile, cuda_graphs={"auto": "auto", "on": True, "off": False}[graphs])
+    return enable_fast(m, compile=compile, cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel])
 
 
 def _tf32(on: bool) -> None:
@@ -262,12 +284,13 @@ def run_bench(args: argparse.Namespace) -> int:
         if hasattr(mod, "fused"):
             mod.fused = False  # reference: math attention, whatever the class default is
     ref = UPSRModel(den, atd).to(dev)
-    fast = {n: _fast_model(den, atd, dev, _DTYPES[n], args.graphs)
+    fast = {n: _fast_model(den, atd, dev, _DTYPES[n], args)
             for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes + tiled_dtypes)}
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
-            "cudnn_benchmark": torch.backends.cudnn.benchmark, "argv": sys.argv[1:]}
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "graphs": args.graphs, "subpixel": args.subpixel,
+            "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)
     table = Table(args.json, meta)
@@ -292,9 +315,9 @@ def run_bench(args: argparse.Namespace) -> int:
             ok = _reset_peak(dev)
             # the reference runs images one by one: batch-1 rows already warmed its shapes up
             warm = 1 if (cuda and b == 1 and not is_tiled) else 0
-            ref_out, times = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
+            ref_out, *timed = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
             ref_out = ref_out.float().cpu()
-            row = _row(label, b, "reference", "fp32", times, fl, _peak(dev, ok), None, ref_out, None,
+            row = _row(label, b, "reference", "fp32", timed, fl, _peak(dev, ok), None, ref_out, None,
                        warmup_runs=warm)
             ref_s = row["s_per_img"]
             table.add(row)
@@ -307,8 +330,8 @@ def run_bench(args: argparse.Namespace) -> int:
             m.graphs.clear()
             ok = _reset_peak(dev)
             n_rep = reps if b == 1 and not is_tiled else max(1, min(reps, 3))
-            out, times = _time(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, 1, n_rep)
-            table.add(_row(label, b, "fast", name, times, fl, _peak(dev, ok), ref_s, out, ref_out,
+            out, *timed = _time(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, 1, n_rep)
+            table.add(_row(label, b, "fast", name, timed, fl, _peak(dev, ok), ref_s, out, ref_out,
                            graphs=len(m.graphs)))
             _tf32(False)
             m.graphs.clear()
@@ -325,7 +348,7 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time) -> None:
     if args.compile == "auto" and importlib.util.find_spec("triton") is None:
         print("# compile rows skipped: Triton is not installed", flush=True)
         return
-    m = _fast_model(den, atd, dev, torch.bfloat16, args.graphs, compile=True)
+    m = _fast_model(den, atd, dev, torch.bfloat16, args, compile=True)
     for s in _ints(args.compile_sizes):
         if out_of_time(90.0):
             print(f"# compile row LR {s} skipped: less than 90 s of the budget left", flush=True)
@@ -339,10 +362,10 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time) -> None:
         m.upscale(lr, noise=noise, **kw)  # compiles, warms up and captures
         _sync(dev)
         first = time.perf_counter() - tc
-        out, times = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 0, args.reps or 10)
+        out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 0, args.reps or 10)
         ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1 and r["path"] == "reference"), None)
         fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
-        table.add(_row(str(s), 1, "fast+compile", "bf16", times, fl, _peak(dev, ok),
+        table.add(_row(str(s), 1, "fast+compile", "bf16", timed, fl, _peak(dev, ok),
                        ref_row["s_per_img"] if ref_row else None, out, None, first_call_s=first,
                        compiled=m._compiled is not None))
         m.graphs.clear()
