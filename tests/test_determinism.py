@@ -93,6 +93,11 @@ def test_seed_range_boundaries():
     starting_noise(2**63 - 3, 3, (4, 4))  # ... and a batch of three
     with pytest.raises(ValueError, match=r"2\*\*63 - batch.*9223372036854775806"):
         starting_noise(2**63 - 2, 3, (4, 4))  # image 2 would need seed 2**63
+    # integer types: NumPy's are the same seed; bool is refused rather than read as 0/1
+    assert torch.equal(starting_noise(np.int64(7), 2, (4, 4)), starting_noise(7, 2, (4, 4)))
+    for bad in (True, 7.0, "7"):
+        with pytest.raises(ValueError, match=f"got {bad!r}"):
+            starting_noise(bad, 1, (4, 4))
 
 
 # ------------------------------------------------------------------ run to run

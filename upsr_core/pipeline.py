@@ -18,6 +18,7 @@ padding wherever that one works.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -135,10 +136,13 @@ def estimate(
 def starting_noise(seed: int, batch: int, lr_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """ε (B, 48, Hp, Wp) float32: image i from ``torch.Generator('cpu').manual_seed(seed + i)``.
 
-    Drawn on the CPU so results do not depend on the device or the batch size.
+    Drawn on the CPU so results do not depend on the device or the batch size. The CPU
+    generator (Mersenne Twister) keeps only the low 32 bits of a seed, so seeds equal
+    modulo 2**32 give the same noise. Any integer type is accepted (NumPy's too), not bool.
     """
-    if not isinstance(seed, int) or seed < 0 or seed + batch - 1 > 2**63 - 1:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - batch:
         raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
+    seed = int(seed)
     hp, wp = lr_hw
     eps = [
         torch.randn((1, 3 * SCALE * SCALE, hp, wp), generator=torch.Generator("cpu").manual_seed(seed + i))
