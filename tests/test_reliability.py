@@ -120,7 +120,7 @@ def model_pth(model, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kind", ["safetensors", "pth"])
 @pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.999])
 def test_truncated_files_are_refused_by_name(model_file, model_pth, tmp_path, kind, keep):
-    """Cut at the header, early, halfway and one byte short (oracle-free complement of test_checkpoint)."""
+    """Cut to 0 (empty), 10 %, 50 % and 99.9 % of the file (oracle-free complement of test_checkpoint)."""
     good = (model_file if kind == "safetensors" else model_pth).read_bytes()
     bad = tmp_path / f"cut.{kind}"
     bad.write_bytes(good[: int(len(good) * keep)])
