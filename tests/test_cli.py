@@ -17,7 +17,7 @@ from upsr_core import cli
 from upsr_core.imageio import read_image
 from upsr_core.model import load_upsr
 
-from conftest import REPO
+from _support import REPO
 
 
 @pytest.fixture(scope="module")

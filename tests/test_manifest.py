@@ -21,7 +21,7 @@ from upsr_core.config import (
 )
 from upsr_core.nets import ATD, UPSRDenoiser
 
-from conftest import atd_config_from_official, denoiser_config_from_official
+from _support import atd_config_from_official, denoiser_config_from_official
 
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
 

@@ -30,7 +30,7 @@ from upsr_core.schedule import make_schedule
 from upsr_core.tiling import official_chop_starts
 from upsr_core.uncertainty import weight_noise
 
-from conftest import ORACLE_ATOL
+from _support import ORACLE_ATOL
 
 CASES = ["a", "b", "c"]
 MULTIPLE = 16  # the oracle's desired_min_size (the small denoiser's multiple_of)

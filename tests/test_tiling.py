@@ -16,7 +16,7 @@ from upsr_core.pipeline import bicubic_x4, crop_hr, denoise_estimate, estimate, 
 from upsr_core.tiling import partition, plan_tiles, tile_starts, tile_weight
 from upsr_core.uncertainty import weight_noise
 
-from conftest import ORACLE_ATOL
+from _support import ORACLE_ATOL
 
 BLEND_ATOL = 1e-6  # Σ w_i·v / Σ w_i of equal values v (|v| <= 1): a few float32 ulp
 

@@ -1,0 +1,80 @@
+"""Shared test constants and helpers (a plain module: `from conftest import …` is ambiguous
+when pytest collects tests/ and tests/e2e/, which has a conftest of its own)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from upsr_core.config import ATDConfig, DenoiserConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UPSR_SHARED", REPO.parent / "shared"))
+ORACLE_DIR = SHARED / "oracle"
+
+# Max abs difference allowed against the official tensors: the official code itself
+# varies by up to 1.4e-5 between 1 and 2 threads (oracle_small.json observed_tolerances).
+ORACLE_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Oracle:
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def net_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The stored weights of one net ('denoiser.' or 'atd.'), dtypes as stored."""
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def case(self, name: str) -> dict:
+        return next(c for c in self.meta["cases"] if c["name"] == f"case_{name}")
+
+    def sort_indices(self, prefix: str) -> list[torch.Tensor]:
+        """The recorded AC-MSA permutations of one ATD run, in call order."""
+        n = sum(self.meta["configs"]["atd_ATD"]["depths"])
+        return [self.tensors[f"{prefix}.atd_sort{i}.idx"] for i in range(n)]
+
+
+def denoiser_config_from_official(c: dict) -> DenoiserConfig:
+    """Our config from the official ``UNetModelSwin`` constructor arguments."""
+    levels = len(c["channel_mult"])
+    return DenoiserConfig(
+        in_channels=c["in_channels"],
+        model_channels=c["model_channels"],
+        out_channels=c["out_channels"],
+        channel_mult=tuple(c["channel_mult"]),
+        num_res_blocks=tuple(c["num_res_blocks"]),
+        swin_levels=tuple(c["attention_resolutions"]),
+        middle_swin=c["image_size"] // 2 ** (levels - 1) in c["attention_resolutions"],
+        image_size=c["image_size"],
+        swin_depth=c["swin_depth"],
+        swin_embed_dim=c["swin_embed_dim"],
+        swin_num_heads=c["swin_embed_dim"] // c["num_head_channels"],
+        window_size=c["window_size"],
+        mlp_ratio=c["mlp_ratio"],
+        num_feat=c["num_feat"],
+    )
+
+
+def atd_config_from_official(c: dict) -> ATDConfig:
+    """Our config from the official ``ATD`` constructor arguments."""
+    return ATDConfig(
+        in_chans=c["in_chans"],
+        upscale=c["upscale"],
+        embed_dim=c["embed_dim"],
+        depths=tuple(c["depths"]),
+        num_heads=tuple(c["num_heads"]),
+        window_size=c["window_size"],
+        category_size=c["category_size"],
+        num_tokens=c["num_tokens"],
+        reducted_dim=c["reducted_dim"],
+        convffn_kernel_size=c["convffn_kernel_size"],
+        mlp_ratio=c["mlp_ratio"],
+    )
