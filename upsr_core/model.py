@@ -169,7 +169,7 @@ class UPSRModel:
                     out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[j, :, :hh, :ww] * wt
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
-        return (out / norm).clamp(-1, 1) * 0.5 + 0.5
+        return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
     @torch.no_grad()
     def upscale(
