@@ -45,6 +45,17 @@ FORMAT_VERSION = "1"
 _PREFIXES = {"denoiser": ("denoiser.",), "estimator": ("estimator.", "atd.")}
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """By content, not suffix: a safetensors file starts with a little-endian u64 header
+    length followed by a JSON object; zip (``PK``) and pickle (``0x80``) files do not."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return path.suffix.lower() == ".safetensors"  # too short for either: let the named reader say so
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < n < 100_000_000
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a checkpoint file -> (flat state dict of CPU tensors, metadata dict).
 
@@ -53,7 +64,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
-    if path.suffix.lower() == ".safetensors":
+    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
