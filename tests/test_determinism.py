@@ -242,3 +242,18 @@ def test_cli_gives_every_file_the_seed_itself(model, model_file, tmp_path):
         sr = model.upscale(read_image(src / f"{name}.png").rgb[None], seed=17, tile=8, overlap=2)[0]
         expect = (sr.clamp(0, 1) * 255).round().permute(1, 2, 0).to(torch.uint8).numpy()
         assert np.array_equal(folder, expect), name
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (128, 192), (16, 48)])
+def test_noise_field_bands_equal_the_whole_field(hw):
+    """NoiseField (band-by-band ε for large images) must give exactly the seed-contract noise:
+    the CPU generator draws 16-value chunks, so 48 planes in a row equal one (1,48,H,W) draw."""
+    from upsr_core.pipeline import NoiseField
+
+    full = starting_noise(11, 2, hw)
+    field = NoiseField(11, 2, hw)
+    for i in range(2):
+        assert torch.equal(field[i, :, 5 : hw[0] - 3, 2:40], full[i, :, 5 : hw[0] - 3, 2:40])
+        assert torch.equal(field[i, :, 0 : hw[0], 0 : hw[1]], full[i])
+    with pytest.raises(ValueError, match="seed"):
+        NoiseField(-1, 1, hw)

@@ -37,6 +37,7 @@ __all__ = [
     "run_estimator",
     "estimate",
     "starting_noise",
+    "NoiseField",
     "denoise_estimate",
     "crop_hr",
     "check_lr",
@@ -149,6 +150,44 @@ def starting_noise(seed: int, batch: int, lr_hw: tuple[int, int], device: torch.
         for i in range(batch)
     ]
     return torch.cat(eps).to(device)
+
+
+class NoiseField:
+    """ε of the seed contract, made one band of rows at a time (memory: one channel plane).
+
+    Indexing ``field[i, :, ys, xs]`` returns exactly ``starting_noise(seed, B, (Hp, Wp))[i, :, ys, xs]``:
+    the CPU generator draws a (1, 48, Hp, Wp) tensor in 16-value chunks, so drawing its 48
+    planes one after another from the same generator gives the same numbers when Hp·Wp is a
+    multiple of 16 (always: Hp, Wp are multiples of the network's 64). A band is regenerated
+    when the requested rows change, i.e. once per tile row.
+    """
+
+    def __init__(self, seed: int, batch: int, lr_hw: tuple[int, int]):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - batch:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
+        seed = int(seed)
+        hp, wp = lr_hw
+        if (hp * wp) % 16:
+            raise ValueError(f"NoiseField needs Hp·Wp divisible by 16, got {hp}x{wp}")
+        self.seed, self.shape = seed, (batch, 3 * SCALE * SCALE, hp, wp)
+        self._key: tuple | None = None
+        self._band: torch.Tensor | None = None
+
+    def __getitem__(self, idx: tuple) -> torch.Tensor:
+        i, ch, ys, xs = idx
+        if not (isinstance(i, int) and ch == slice(None) and isinstance(ys, slice) and isinstance(xs, slice)):
+            raise TypeError(f"NoiseField supports field[i, :, rows, cols] only, got {idx!r}")
+        _, c, hp, wp = self.shape
+        y0, y1, _ = ys.indices(hp)
+        if self._key != (i, y0, y1):
+            g = torch.Generator("cpu").manual_seed(self.seed + i)
+            plane = torch.empty(hp, wp)
+            band = torch.empty(c, y1 - y0, wp)
+            for k in range(c):
+                torch.randn(hp, wp, generator=g, out=plane)
+                band[k] = plane[y0:y1]
+            self._key, self._band = (i, y0, y1), band
+        return self._band[:, :, xs]
 
 
 def denoise_estimate(
