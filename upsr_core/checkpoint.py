@@ -120,11 +120,9 @@ def canonicalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
 
 
 def detect_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """'denoiser', 'estimator', 'both' or None for an unknown state dict."""
-    if any(k.startswith(p) for k in sd for p in _PREFIXES["denoiser"]) and any(
-        k.startswith(p) for k in sd for p in _PREFIXES["estimator"]
-    ):
-        return "both"
+    """'denoiser', 'estimator', 'both' (a prefixed converted file, either net may be absent) or None."""
+    if any(k.startswith(p) for k in sd for ps in _PREFIXES.values() for p in ps):
+        return "both"  # a converted file (``denoiser.*`` and/or ``estimator.*``)
     if "input_blocks.0.0.weight" in sd and "time_embed.0.weight" in sd:
         return "denoiser"
     if "conv_first.weight" in sd and "layers.0.residual_group.td" in sd:
@@ -143,7 +141,7 @@ def split_nets(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
             "(keys 'conv_first.*', 'layers.*.residual_group.td') or a converted file holding both",
             sd,
         )
-    out: dict[str, dict[str, torch.Tensor]] = {"denoiser": {}, "estimator": {}}
+    out: dict[str, dict[str, torch.Tensor]] = {"denoiser": {}, "estimator": {}}  # empty parts dropped below
     for k, v in sd.items():
         for name, prefixes in _PREFIXES.items():
             p = next((p for p in prefixes if k.startswith(p)), None)
@@ -152,7 +150,7 @@ def split_nets(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
                 break
         else:
             raise UnsupportedCheckpointError(f"unexpected key {k!r} in a file holding both nets", sd)
-    return out
+    return {k: v for k, v in out.items() if v}
 
 
 def _load_strict(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:

@@ -78,7 +78,7 @@ def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
 
 def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``."""
-    y0 = (lr - 0.5) / 0.5
+    y0 = (lr.contiguous() - 0.5) / 0.5  # a channels-last input would pick other conv kernels downstream
     h, w = y0.shape[-2:]
     return reflect_pad(y0, (-h) % multiple, (-w) % multiple)
 
