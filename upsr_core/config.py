@@ -161,8 +161,21 @@ def denoiser_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> DenoiserC
             ds = window * math.isqrt(sd[mkey].shape[0])
             image_size = ds * 2**lvl
             break
-    if image_size is None:  # no shifted block anywhere: the smallest nominal size with no shift
-        image_size = window * 2 ** next((i for i, h in enumerate(swin_first) if h), 0)
+    if image_size is None:
+        # No shifted block anywhere (e.g. swin_depth 1): the nominal size shows only where a
+        # layer's window shrank to its map (ds < window); otherwise any size keeping every
+        # Swin level at ds >= window builds the same net.
+        wins = {}
+        for lvl, has in enumerate(swin_first):
+            if has:
+                first = sum(len(lv) + 1 for lv in levels[:lvl]) + 1
+                wins[lvl] = math.isqrt(_shape(sd, f"input_blocks.{first}.1.blocks.0.attn.relative_position_index", what)[0])
+        if "middle_block.1.blocks.0.attn.relative_position_index" in sd:
+            wins[len(levels) - 1] = min(wins.get(len(levels) - 1, 10**9), math.isqrt(
+                sd["middle_block.1.blocks.0.attn.relative_position_index"].shape[0]))
+        window = max(wins.values())
+        shrunk = [(lvl, w) for lvl, w in sorted(wins.items()) if w < window]
+        image_size = shrunk[0][1] * 2 ** shrunk[0][0] if shrunk else window * 2 ** max(wins)
     swin_levels = tuple(image_size // 2**lvl for lvl, h in enumerate(swin_first) if h)
     return DenoiserConfig(
         in_channels=in_channels,
