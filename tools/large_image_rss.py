@@ -14,6 +14,7 @@ Usage::
     python tools/large_image_rss.py                         # tiny real nets, 512², 1024², 2048×1536
     python tools/large_image_rss.py --stub --sizes 6000x4000  # pipeline only (stub nets), any size
     python tools/large_image_rss.py --png-only --sizes 6000x4000  # write_png of the ×4 result alone
+    python tools/large_image_rss.py --stub --stream --sizes 6000x4000  # rows streamed to the PNG (the CLI's path)
 
 ``--stub`` replaces both networks by pointwise stand-ins (no weights, no context), so
 the time goes to the pipeline itself and very large images finish in minutes; the
@@ -84,25 +85,32 @@ def build_model(stub: bool):
     return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))
 
 
-def child(h: int, w: int, stub: bool, tile: int, overlap: int, tile_batch: int) -> dict:
+def child(h: int, w: int, stub: bool, tile: int, overlap: int, tile_batch: int, stream: bool = False) -> dict:
     import torch
 
-    from upsr_core.imageio import write_png
+    from upsr_core.imageio import PngStreamWriter, write_png
 
     model = build_model(stub)
     lr = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     hp, wp = -(-h // model.multiple_of) * model.multiple_of, -(-w // model.multiple_of) * model.multiple_of
     before = rss_now_mib()
     t0 = time.perf_counter()
-    sr = model.upscale(lr, seed=0, tile=tile, overlap=overlap, tile_batch=tile_batch)
-    secs = time.perf_counter() - t0
-    peak_upscale = rss_peak_mib()
-    with tempfile.TemporaryDirectory() as d:
-        write_png(Path(d) / "sr.png", sr[0])
-    peak_png = rss_peak_mib()
+    if stream:  # rows go to the PNG as they are final (what the CLI does for several tile rows)
+        with tempfile.TemporaryDirectory() as d, PngStreamWriter(Path(d) / "sr.png", 4 * w, 4 * h) as png:
+            model.upscale(lr, seed=0, tile=tile, overlap=overlap, tile_batch=tile_batch,
+                          sink=lambda _i, _y0, rows: png.write_rows(rows))
+        secs = time.perf_counter() - t0
+        peak_upscale = peak_png = rss_peak_mib()
+    else:
+        sr = model.upscale(lr, seed=0, tile=tile, overlap=overlap, tile_batch=tile_batch)
+        secs = time.perf_counter() - t0
+        peak_upscale = rss_peak_mib()
+        with tempfile.TemporaryDirectory() as d:
+            write_png(Path(d) / "sr.png", sr[0])
+        peak_png = rss_peak_mib()
     hr = 3 * 16 * h * w * 4 / MiB
     return {
-        "lr": f"{w}x{h}", "padded": f"{wp}x{hp}", "stub": stub, "tile": tile, "overlap": overlap,
+        "lr": f"{w}x{h}", "padded": f"{wp}x{hp}", "stub": stub, "stream": stream, "tile": tile, "overlap": overlap,
         "tile_batch": tile_batch, "threads": torch.get_num_threads(), "seconds": round(secs, 1),
         "rss_before_mib": round(before), "peak_upscale_mib": round(peak_upscale), "peak_with_png_mib": round(peak_png),
         "hr_tensor_mib": round(hr), "noise_mib": round(48 * hp * wp * 4 / MiB), "norm_mib": round(hr / 3),
@@ -132,13 +140,15 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--tile-batch", type=int, default=1)
+    ap.add_argument("--stream", action="store_true",
+                    help="upscale(sink=…) into a PngStreamWriter (peak includes the PNG write)")
     ap.add_argument("--png-only", action="store_true", help="measure write_png of the result alone")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         w, h = map(int, args.child.split("x"))
-        row = child_png(h, w) if args.png_only else child(h, w, args.stub, args.tile, args.overlap, args.tile_batch)
+        row = child_png(h, w) if args.png_only else child(h, w, args.stub, args.tile, args.overlap, args.tile_batch, args.stream)
         print(json.dumps(row))
         return 0
     rows = []
@@ -147,6 +157,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", size, "--tile", str(args.tile), "--overlap", str(args.overlap),
                "--tile-batch", str(args.tile_batch)] + (["--stub"] if args.stub else [])
         cmd += ["--png-only"] if args.png_only else []
+        cmd += ["--stream"] if args.stream else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(f"{size}: failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

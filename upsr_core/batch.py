@@ -16,8 +16,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .imageio import IMAGE_SUFFIXES, read_image, write_png
-from .model import load_upsr
+from .imageio import IMAGE_SUFFIXES, PngStreamWriter, read_image, write_png
+from .model import UPSRModel, load_upsr
+from .pipeline import SCALE
+from .tiling import plan_tiles
 from .uncertainty import check_weight_params
 
 __all__ = ["run_upscale", "collect_inputs", "plan_outputs"]
@@ -89,21 +91,55 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         src, dst = inputs[i][0], outputs[i]
         img = read_image(src)
         lr = img.rgb.unsqueeze(0)
-        bar = bar_cls(1, f"[{n + 1}/{len(todo)}] {src.name}", show)
-        sr = model.upscale(lr, seed=args.seed, b_u=args.b_u, psi_max=args.psi_max, tile=args.tile,
-                           overlap=args.overlap, tile_batch=args.tile_batch, progress=bar.update)[0]
-        bar.close()
-        alpha = None
-        if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
-            alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
         bits = img.bits if args.bits == "auto" else int(args.bits)
+        h4, w4 = SCALE * lr.shape[-2], SCALE * lr.shape[-1]
         tmp = dst.with_name(dst.name + ".part")
+        bar = bar_cls(1, f"[{n + 1}/{len(todo)}] {src.name}", show)
+        kw = dict(seed=args.seed, b_u=args.b_u, psi_max=args.psi_max, tile=args.tile, overlap=args.overlap,
+                  tile_batch=args.tile_batch, progress=bar.update)
         try:
-            write_png(tmp, sr, alpha, bits=bits, gray=img.gray)
+            if _tile_rows(model, lr, args.tile, args.overlap) > 1:
+                # several tile rows: write rows as they are final (peak memory: one band, not 3 × HR)
+                with PngStreamWriter(tmp, w4, h4, bits=bits, gray=img.gray, alpha=img.alpha is not None) as png:
+                    def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
+                        a = None if img.alpha is None else _alpha_rows(img.alpha, y0, rows.shape[1])
+                        png.write_rows(rows, a)
+
+                    model.upscale(lr, sink=sink, **kw)
+                bar.close()
+            else:
+                sr = model.upscale(lr, **kw)[0]
+                bar.close()
+                alpha = None
+                if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
+                    alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+                write_png(tmp, sr, alpha, bits=bits, gray=img.gray)
+                del sr, alpha
             os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
         except BaseException:  # disk full, Ctrl-C, …: no half-written .part left behind either
             tmp.unlink(missing_ok=True)
             raise
         if not args.quiet:
-            log.info("wrote %s (%dx%d)", dst, sr.shape[-1], sr.shape[-2])
+            log.info("wrote %s (%dx%d)", dst, w4, h4)
     return 0
+
+
+def _tile_rows(model: UPSRModel, lr: torch.Tensor, tile: int, overlap: int) -> int:
+    """How many tile rows ``upscale`` runs for lr (after padding to the net's multiple)."""
+    m = model.multiple_of
+    hp, wp = -(-lr.shape[-2] // m) * m, -(-lr.shape[-1] // m) * m
+    try:
+        return len({t.y for t in plan_tiles(hp, wp, tile, overlap)})
+    except (TypeError, ValueError):
+        return 1  # bad tiling: let upscale raise its own error
+
+
+def _alpha_rows(alpha: torch.Tensor, y0: int, n: int, margin: int = 2) -> torch.Tensor:
+    """HR rows [y0, y0 + n) of the bicubic ×4 of alpha (1, h, w), clamped to [0, 1], from the
+    LR rows they need plus ``margin`` (the bicubic support): equal to the same rows of the
+    whole-image ``F.interpolate`` (as the non-streaming path)."""
+    h = alpha.shape[-2]
+    ly0, ly1 = max(y0 // SCALE - margin, 0), min(-(-(y0 + n) // SCALE) + margin, h)
+    up = F.interpolate(alpha[None, :, ly0:ly1], scale_factor=SCALE, mode="bicubic", align_corners=False)[0]
+    off = y0 - SCALE * ly0
+    return up[:, off : off + n].clamp(0, 1)

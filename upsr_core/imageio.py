@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["LoadedImage", "read_image", "write_png", "IMAGE_SUFFIXES"]
+__all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 Image.MAX_IMAGE_PIXELS = 40_000 * 40_000  # bound decompression bombs, allow large photos
@@ -122,16 +122,11 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
         raise ValueError(f"expected alpha (1, {rgb.shape[1]}, {rgb.shape[2]}) to match rgb, got {tuple(alpha.shape)}")
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    maxv, dtype = (255.0, np.uint8) if bits == 8 else (65535.0, np.uint16)
     h, w = rgb.shape[1:]
-    a = np.empty((h, w, (1 if gray else 3) + (alpha is not None)), dtype=dtype)
+    a = np.empty((h, w, (1 if gray else 3) + (alpha is not None)), dtype=np.uint8 if bits == 8 else np.uint16)
     for y in range(0, h, _BAND):
-        x = rgb[:, y : y + _BAND].detach().float().cpu().clamp(0, 1)
-        if gray:
-            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-        if alpha is not None:
-            x = torch.cat([x, alpha[:, y : y + _BAND].detach().float().cpu().clamp(0, 1)])
-        a[y : y + _BAND] = (x * maxv).round().permute(1, 2, 0).numpy().astype(dtype)
+        a[y : y + _BAND] = _to_ints(rgb[:, y : y + _BAND], None if alpha is None else alpha[:, y : y + _BAND],
+                                    bits, gray)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if bits == 16:
@@ -141,6 +136,102 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
 
 
 _BAND = 256  # rows converted at a time by write_png
+
+
+def _to_ints(rgb: torch.Tensor, alpha: torch.Tensor | None, bits: int, gray: bool) -> np.ndarray:
+    """rgb (3, n, W) (+ alpha (1, n, W)) in [0, 1] -> (n, W, C) uint8/uint16: clamp, *maxval, round."""
+    maxv, dtype = (255.0, np.uint8) if bits == 8 else (65535.0, np.uint16)
+    x = rgb.detach().float().cpu().clamp(0, 1)
+    if gray:
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+    if alpha is not None:
+        x = torch.cat([x, alpha.detach().float().cpu().clamp(0, 1)])
+    return (x * maxv).round().permute(1, 2, 0).numpy().astype(dtype)
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+class PngStreamWriter:
+    """Write a PNG (8/16-bit, gray/gray+alpha/RGB/RGBA) from bands of rows as they come.
+
+    ``write_rows(rgb, alpha)`` takes rgb (3, n, W) in [0, 1] (+ alpha (1, n, W)), converted
+    exactly as :func:`write_png` (clamp to [0, 1], × maxval, round; ``gray`` takes the same
+    luma), top to bottom; ``close()`` checks that ``height`` rows came and ends the file.
+    Filter type 0 per row, stdlib zlib; compressed data goes out in IDAT chunks of about
+    1 MiB, so memory is one band. The pixels equal write_png's (the bytes may differ:
+    Pillow filters rows adaptively). Use as a context manager; on an exception the file
+    is left incomplete (write to a temporary name).
+    """
+
+    _IDAT = 1 << 20
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, *, bits: int = 8, gray: bool = False,
+                 alpha: bool = False):
+        if bits not in (8, 16):
+            raise ValueError(f"bits must be 8 or 16, got {bits}")
+        if width < 1 or height < 1:
+            raise ValueError(f"PNG size must be positive, got {width}x{height}")
+        self.width, self.height, self.bits, self.gray, self.alpha = width, height, bits, gray, alpha
+        self.rows = 0
+        channels = (1 if gray else 3) + alpha
+        color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "wb")
+        self._comp = zlib.compressobj(6)
+        self._pending: list[bytes] = []
+        self._size = 0
+        ihdr = struct.pack(">IIBBBBB", width, height, bits, color_type, 0, 0, 0)
+        self._f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr))
+
+    def write_rows(self, rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
+        if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.shape[2] != self.width:
+            raise ValueError(f"expected rgb (3, n, {self.width}), got {tuple(rgb.shape)}")
+        if (alpha is not None) != self.alpha or alpha is not None and alpha.shape != (1, *rgb.shape[1:]):
+            raise ValueError(f"expected alpha {(1, *rgb.shape[1:]) if self.alpha else None}, got "
+                             f"{None if alpha is None else tuple(alpha.shape)}")
+        n = rgb.shape[1]
+        if self.rows + n > self.height:
+            raise ValueError(f"too many rows: {self.rows + n} > height {self.height}")
+        for y in range(0, n, _BAND):
+            a = _to_ints(rgb[:, y : y + _BAND], None if alpha is None else alpha[:, y : y + _BAND], self.bits, self.gray)
+            if self.bits == 16:
+                a = a.astype(">u2")
+            rows = np.empty((a.shape[0], 1 + a[0].nbytes), dtype=np.uint8)
+            rows[:, 0] = 0  # filter type 0 (None)
+            rows[:, 1:] = a.reshape(a.shape[0], -1).view(np.uint8)
+            self._push(self._comp.compress(rows.tobytes()))
+        self.rows += n
+
+    def _push(self, data: bytes) -> None:
+        if data:
+            self._pending.append(data)
+            self._size += len(data)
+        if self._size >= self._IDAT:
+            self._f.write(_chunk(b"IDAT", b"".join(self._pending)))
+            self._pending, self._size = [], 0
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        try:
+            if self.rows != self.height:
+                raise ValueError(f"PNG got {self.rows} of {self.height} rows")
+            self._pending.append(self._comp.flush())
+            self._f.write(_chunk(b"IDAT", b"".join(self._pending)) + _chunk(b"IEND", b""))
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> "PngStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
 
 
 def _write_png16(path: Path, a: np.ndarray) -> None:

@@ -36,6 +36,7 @@ ESTIMATOR_MARGIN = 32  # LR pixels of context around each estimator block (two A
 
 Progress = Callable[[int, int], None]
 """progress(done, total): called after each denoiser step over all tiles; may raise to cancel."""
+RowSink = Callable[[int, int, torch.Tensor], None]  # sink(image index, first HR row, rows (3, n, 4w))
 
 
 @dataclass
@@ -134,10 +135,11 @@ class UPSRModel:
                                tile, overlap, tile_batch, progress)
 
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
-                   tile_batch: int, progress: Progress | None) -> torch.Tensor:
+                   tile_batch: int, progress: Progress | None, sink: RowSink | None = None) -> torch.Tensor | None:
         """Denoise every tile of every image; blend into a (B,3,4h,4w) canvas -> sr in [0,1].
 
         ``inputs(i, tiles)`` returns the (Estimate, weight, noise) batch of image i under ``tiles``.
+        With ``sink``, no full canvas is kept: see :meth:`upscale`; returns None then.
         """
         check_tiling(tile, overlap, self.multiple_of)
         if tile_batch < 1:
@@ -147,6 +149,9 @@ class UPSRModel:
         tiles = plan_tiles(hp, wp, tile, overlap)
         schedule = make_schedule()
         total, done = schedule.num_steps * len(tiles) * b, 0
+        if sink is not None:
+            self._tile_loop_banded(tiles, b, h4, w4, inputs, tile_batch, schedule, total, progress, sink)
+            return None
         out = torch.zeros(b, 3, h4, w4)
         norm = torch.zeros(h4, w4)
         dev = self.device
@@ -171,6 +176,56 @@ class UPSRModel:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
+    def _tile_loop_banded(self, tiles: list[Tile], b: int, h4: int, w4: int, inputs, tile_batch: int,
+                          schedule, total: int, progress: Progress | None, sink: RowSink) -> None:
+        """The tile loop of ``_tile_loop`` with a canvas only for the rows still being blended.
+
+        Tiles run row-major, so once every tile starting above LR row y is done, HR rows
+        < 4y are final: they are normalised with the same arithmetic as the full canvas
+        (each pixel gets the same sums in the same order, so the same bits), handed to
+        ``sink(i, y0, rows)`` and dropped.
+        """
+        dev = self.device
+        done = 0
+        for i in range(b):
+            buf = torch.zeros(3, 0, w4)  # HR rows [base, base + buf.shape[1])
+            nrm = torch.zeros(0, w4)
+            base = 0
+            todo = list(tiles)
+            for group in batches(tiles, tile_batch):
+                sub, w_sub, n_sub = inputs(i, group)
+
+                def step(_k: int, _x: torch.Tensor, _x0: torch.Tensor, n: int = len(group)) -> None:
+                    nonlocal done
+                    done += n
+                    if progress is not None:
+                        progress(done, total)
+
+                x = denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev),
+                                     schedule=schedule, callback=step, crop=False).cpu()
+                del sub, w_sub, n_sub
+                for j, t in enumerate(group):
+                    r = t.scaled(SCALE)
+                    hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
+                    need = r.y + hh - base
+                    if need > buf.shape[1]:  # grow the band to this tile's last row
+                        extra = need - buf.shape[1]
+                        buf = torch.cat([buf, torch.zeros(3, extra, w4)], 1)
+                        nrm = torch.cat([nrm, torch.zeros(extra, w4)], 0)
+                    wt = tile_weight(t, tiles, SCALE)[:hh, :ww] if len(tiles) > 1 else 1.0
+                    y = r.y - base
+                    buf[:, y : y + hh, r.x : r.x + ww] += x[j, :, :hh, :ww] * wt
+                    nrm[y : y + hh, r.x : r.x + ww] += wt
+                del x
+                todo = todo[len(group):]
+                final = min(SCALE * todo[0].y, h4) if todo else h4
+                if final > base:
+                    n = final - base
+                    rows = buf[:, :n].div(nrm[:n]).clamp_(-1, 1).mul_(0.5).add_(0.5)
+                    sink(i, base, rows)
+                    del rows
+                    buf, nrm, base = buf[:, n:].clone(), nrm[n:].clone(), final
+
     @torch.no_grad()
     def upscale(
         self,
@@ -184,12 +239,18 @@ class UPSRModel:
         tile_batch: int = 1,
         progress: Progress | None = None,
         noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        sink: RowSink | None = None,
+    ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile.
 
         Streams: bicubic, ŷ, ψ and w are made per tile (ŷ from cached estimator blocks), so
         besides the LR, the noise field and the output canvas nothing grows with the image.
         Equals ``denoise(estimate(lr), weight_noise(ψ))`` bit for bit.
+
+        ``sink``: if given, the output canvas is not kept either: as each tile row finishes,
+        the HR rows no later tile touches are handed over as ``sink(i, y0, rows)`` (image i,
+        first HR row y0, rows (3, n, 4w) float32 in [0, 1], top to bottom, bit-identical to
+        the same rows of the returned tensor without a sink) and freed; returns None then.
         """
         check_lr(lr)
         check_weight_params(b_u, psi_max)
@@ -221,7 +282,7 @@ class UPSRModel:
             n = torch.stack([noise[i, :, t.y : t.y + t.h, t.x : t.x + t.w] for t in group])
             return sub, w, n
 
-        return self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress)
+        return self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress, sink)
 
 
 def _bicubic_region(lr_pm: torch.Tensor, t: Tile, margin: int = 2) -> torch.Tensor:
