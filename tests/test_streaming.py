@@ -169,3 +169,17 @@ def test_cli_streams_multi_row_images_unchanged(model, model_file, tmp_path, mon
         assert np.array_equal(decode(tmp_path / "m.png")[0], s)
     if kind == "gray16":
         assert read_image(tmp_path / "s.png").bits == 16
+
+
+def test_fast_model_streams_through_the_base_tile_loop(tmp_path):
+    """--fast with a multi-tile-row image: FastUPSRModel.upscale(sink=) must stream (it
+    delegates to the banded loop) and give the rows of its own non-streaming result."""
+    from upsr_core.fast import enable_fast
+
+    fast = enable_fast(tiny_upsr())
+    lr = torch.rand(1, 3, 30, 18, generator=torch.Generator().manual_seed(5))
+    whole = fast.upscale(lr, seed=2, tile=12, overlap=4).cpu()
+    rows, calls = streamed(fast, lr, seed=2, tile=12, overlap=4)
+    assert len(calls) > 1
+    # same denoiser calls and blend order as the non-streaming tiled path of the fast model
+    assert torch.equal(rows, whole)

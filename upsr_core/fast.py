@@ -219,10 +219,13 @@ class FastUPSRModel(UPSRModel):
 
     # ------------------------------------------------------------------ orchestration
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
-                   tile_batch: int, progress: Progress | None) -> torch.Tensor:
+                   tile_batch: int, progress: Progress | None, sink=None) -> torch.Tensor | None:
         """:meth:`UPSRModel._tile_loop` with the canvas on the device and :meth:`_diffuse`
         (graph-replayed for small tiles); the last tile group is padded with repeats so
-        every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device."""
+        every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device.
+        With a row ``sink`` (streamed output) the banded CPU canvas of the base class is used."""
+        if sink is not None:
+            return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink)
         check_tiling(tile, overlap, self.multiple_of)
         if tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
@@ -276,7 +279,8 @@ class FastUPSRModel(UPSRModel):
         tile_batch: int = 1,
         progress: Progress | None = None,
         noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        sink=None,
+    ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1] on the model's device.
 
         Same contract as :meth:`UPSRModel.upscale`. An image that fits one tile and one
@@ -284,6 +288,9 @@ class FastUPSRModel(UPSRModel):
         (one CUDA graph per shape), images batched within ``tile_batch`` × ``tile``² pixels;
         larger images stream through the reference tiling with :meth:`_tile_loop`.
         """
+        if sink is not None:  # streamed output: the base class's banded tile loop
+            return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
+                                   tile_batch=tile_batch, progress=progress, noise=noise, sink=sink)
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
