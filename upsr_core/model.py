@@ -148,25 +148,16 @@ class UPSRModel:
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap)
         schedule = make_schedule()
-        total, done = schedule.num_steps * len(tiles) * b, 0
+        total = schedule.num_steps * len(tiles) * b
         if sink is not None:
             self._tile_loop_banded(tiles, b, h4, w4, inputs, tile_batch, schedule, total, progress, sink)
             return None
         out = torch.zeros(b, 3, h4, w4)
         norm = torch.zeros(h4, w4)
-        dev = self.device
+        counter = [0]
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(tiles, tile_batch):
-                sub, w_sub, n_sub = inputs(i, group)
-
-                def step(_k: int, _x: torch.Tensor, _x0: torch.Tensor, n: int = len(group)) -> None:
-                    nonlocal done
-                    done += n
-                    if progress is not None:
-                        progress(done, total)
-
-                x = denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev),
-                                     schedule=schedule, callback=step, crop=False).cpu()
+                x = self._denoise_group(inputs, i, group, schedule, counter, total, progress)
                 for j, t in enumerate(group):
                     r = t.scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
@@ -175,6 +166,21 @@ class UPSRModel:
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
+
+    def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: list[int], total: int,
+                       progress: Progress | None) -> torch.Tensor:
+        """Denoise image i under ``group`` (one batch) -> padded [-1,1] samples on the CPU;
+        ``counter[0]`` counts denoiser steps × tiles for ``progress(done, total)``."""
+        sub, w_sub, n_sub = inputs(i, group)
+        dev = self.device
+
+        def step(_k: int, _x: torch.Tensor, _x0: torch.Tensor) -> None:
+            counter[0] += len(group)
+            if progress is not None:
+                progress(counter[0], total)
+
+        return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev),
+                                schedule=schedule, callback=step, crop=False).cpu()
 
     def _tile_loop_banded(self, tiles: list[Tile], b: int, h4: int, w4: int, inputs, tile_batch: int,
                           schedule, total: int, progress: Progress | None, sink: RowSink) -> None:
@@ -185,25 +191,14 @@ class UPSRModel:
         (each pixel gets the same sums in the same order, so the same bits), handed to
         ``sink(i, y0, rows)`` and dropped.
         """
-        dev = self.device
-        done = 0
+        counter = [0]
         for i in range(b):
             buf = torch.zeros(3, 0, w4)  # HR rows [base, base + buf.shape[1])
             nrm = torch.zeros(0, w4)
             base = 0
             todo = list(tiles)
             for group in batches(tiles, tile_batch):
-                sub, w_sub, n_sub = inputs(i, group)
-
-                def step(_k: int, _x: torch.Tensor, _x0: torch.Tensor, n: int = len(group)) -> None:
-                    nonlocal done
-                    done += n
-                    if progress is not None:
-                        progress(done, total)
-
-                x = denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev),
-                                     schedule=schedule, callback=step, crop=False).cpu()
-                del sub, w_sub, n_sub
+                x = self._denoise_group(inputs, i, group, schedule, counter, total, progress)
                 for j, t in enumerate(group):
                     r = t.scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
