@@ -2,15 +2,15 @@
 when pytest collects tests/ and tests/e2e/, which has a conftest of its own)."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from upsr_core.config import ATDConfig, DenoiserConfig
+from upsr_core.model import UPSRModel
+from upsr_core.nets import ATD, UPSRDenoiser
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UPSR_SHARED", REPO.parent / "shared"))
@@ -78,3 +78,23 @@ def atd_config_from_official(c: dict) -> ATDConfig:
         convffn_kernel_size=c["convffn_kernel_size"],
         mlp_ratio=c["mlp_ratio"],
     )
+
+
+def tiny_upsr(denoiser_gain: float = 10.0, estimator_gain: float = 1.0) -> UPSRModel:
+    """A random UPSR with the real architectures, small enough for CPU tests; multiple_of = 4.
+
+    Two levels (one shifted-window Swin layer per level and in the middle), window 2. The
+    ATD has window 8 (> 4), so its own symmetric padding path runs too, and two layers so
+    a shifted ATD layer runs. ``denoiser_gain`` scales ``conv_last`` (10: outputs span well
+    beyond [-1, 1], so clamping is exercised); ``estimator_gain`` scales ATD's last conv.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        den = UPSRDenoiser(DenoiserConfig(
+            model_channels=32, channel_mult=(1, 1), num_res_blocks=(1, 1), swin_levels=(8, 4), image_size=8,
+            swin_depth=2, swin_embed_dim=32, swin_num_heads=2, window_size=2, mlp_ratio=1, num_feat=8))
+        atd = ATD(ATDConfig(embed_dim=16, depths=(2,), num_heads=(2,), window_size=8, category_size=16,
+                            num_tokens=8, reducted_dim=4, convffn_kernel_size=3))
+        den.conv_last.weight.data.mul_(denoiser_gain)
+        atd.upsample[0].weight.data.mul_(estimator_gain)
+    return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))

@@ -7,9 +7,7 @@ official runs. Tests that need it are skipped, with the path in the reason, when
 from __future__ import annotations
 
 import json
-import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

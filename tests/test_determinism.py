@@ -32,12 +32,12 @@ from PIL import Image
 import upsr_core.model as model_mod
 from upsr_core import cli
 from upsr_core.checkpoint import save_converted
-from upsr_core.config import ATDConfig, DenoiserConfig
 from upsr_core.imageio import read_image
 from upsr_core.model import UPSRModel
-from upsr_core.nets import ATD, UPSRDenoiser
 from upsr_core.pipeline import starting_noise
 from upsr_core.stages import estimate_maps, sample_maps, weight_map
+
+from _support import tiny_upsr
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDING_ATOL = 1e-6  # a weighted average of ≤ 4 tiles summed in another order: a few float32 ulp of 1
@@ -45,19 +45,6 @@ ROUNDING_ATOL = 1e-6  # a weighted average of ≤ 4 tiles summed in another orde
 # 5 DDIM steps carry that on; measured 4.5e-7 here. 1e-5 leaves 20× for other CPUs' kernels
 # and is still 400× below one 8-bit level (1/255).
 BATCH_ATOL = 1e-5
-
-
-def tiny_upsr() -> UPSRModel:
-    """A random UPSR with the real architectures, multiple_of = 4 (see test_properties.tiny_upsr)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        den = UPSRDenoiser(DenoiserConfig(
-            model_channels=32, channel_mult=(1, 1), num_res_blocks=(1, 1), swin_levels=(8, 4), image_size=8,
-            swin_depth=2, swin_embed_dim=32, swin_num_heads=2, window_size=2, mlp_ratio=1, num_feat=8))
-        atd = ATD(ATDConfig(embed_dim=16, depths=(2,), num_heads=(2,), window_size=8, category_size=16,
-                            num_tokens=8, reducted_dim=4, convffn_kernel_size=3))
-        den.conv_last.weight.data.mul_(10.0)  # outputs span well beyond [-1, 1]: clamping is exercised
-    return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from upsr_core.config import ATDConfig, DenoiserConfig
 from upsr_core.model import UPSRModel
-from upsr_core.nets import ATD, UPSRDenoiser
 from upsr_core.uncertainty import weight_noise
+
+from _support import tiny_upsr
 
 SETTINGS = settings(
     max_examples=12,  # ~0.3-1.5 s each on 2 cores: the whole file stays well under 30 s
@@ -29,29 +29,10 @@ SETTINGS = settings(
 )
 
 
-def tiny_upsr(gain: float = 1.0) -> UPSRModel:
-    """A random UPSR small enough for CPU property tests; multiple_of = 4.
-
-    Two levels (one shifted-window Swin layer per level and in the middle), window 2.
-    The ATD has window 8 (> 4), so its own symmetric padding path runs too, and two
-    layers so a shifted ATD layer runs. ``gain`` scales both output convolutions.
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        den = UPSRDenoiser(DenoiserConfig(
-            model_channels=32, channel_mult=(1, 1), num_res_blocks=(1, 1), swin_levels=(8, 4), image_size=8,
-            swin_depth=2, swin_embed_dim=32, swin_num_heads=2, window_size=2, mlp_ratio=1, num_feat=8))
-        atd = ATD(ATDConfig(embed_dim=16, depths=(2,), num_heads=(2,), window_size=8, category_size=16,
-                            num_tokens=8, reducted_dim=4, convffn_kernel_size=3))
-        den.conv_last.weight.data.mul_(gain)
-        atd.upsample[0].weight.data.mul_(gain)
-    return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))
-
-
 @pytest.fixture(scope="module")
 def model() -> UPSRModel:
     # gain 10: ŷ spans about [-7, 8] in [-1,1] units and ~20 % of output pixels clamp at 0
-    m = tiny_upsr(gain=10.0)
+    m = tiny_upsr(denoiser_gain=10.0, estimator_gain=10.0)
     assert m.multiple_of == 4
     return m
 

@@ -30,29 +30,16 @@ import upsr_core.batch as batch_mod
 import upsr_core.model as model_mod
 from upsr_core import cli
 from upsr_core.checkpoint import save_converted
-from upsr_core.config import ATDConfig, DenoiserConfig
 from upsr_core.errors import UnsupportedCheckpointError
 from upsr_core.imageio import write_png
 from upsr_core.model import UPSRModel, load_upsr
-from upsr_core.nets import ATD, UPSRDenoiser
 from upsr_core.stages import sample_maps, weight_map
 from upsr_core.uncertainty import weight_noise
 
+from _support import tiny_upsr
+
 REPO = Path(__file__).resolve().parents[1]
 TILED = dict(tile=16, overlap=4)  # a 20×28 LR runs as 2×2 tiles: 4 tiles × 5 steps = 20 denoiser calls
-
-
-def tiny_upsr() -> UPSRModel:
-    """A random UPSR with the real architectures, multiple_of = 4 (see test_properties.tiny_upsr)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        den = UPSRDenoiser(DenoiserConfig(
-            model_channels=32, channel_mult=(1, 1), num_res_blocks=(1, 1), swin_levels=(8, 4), image_size=8,
-            swin_depth=2, swin_embed_dim=32, swin_num_heads=2, window_size=2, mlp_ratio=1, num_feat=8))
-        atd = ATD(ATDConfig(embed_dim=16, depths=(2,), num_heads=(2,), window_size=8, category_size=16,
-                            num_tokens=8, reducted_dim=4, convffn_kernel_size=3))
-        den.conv_last.weight.data.mul_(10.0)  # outputs span well beyond [-1, 1]: clamping is exercised
-    return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from upsr_core.checkpoint import save_converted
 from upsr_core.imageio import PngStreamWriter, read_image, write_png
 from upsr_core.model import UPSRModel
 
-from test_reliability import tiny_upsr
+from _support import tiny_upsr
 
 
 @pytest.fixture(scope="module")
