@@ -22,7 +22,7 @@ from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_
 from .config import ATDConfig, DenoiserConfig
 from .errors import UnsupportedCheckpointError
 from .nets import ATD, UPSRDenoiser
-from .pipeline import SCALE, Estimate, NoiseField, bicubic_x4, check_lr, crop_hr, denoise_estimate, pad_lr, run_estimator, starting_noise
+from .pipeline import SCALE, Estimate, NoiseField, bicubic_x4, check_lr, denoise_estimate, pad_lr, run_estimator, starting_noise
 from .schedule import make_schedule
 from .tiling import Tile, batches, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise

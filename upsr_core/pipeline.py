@@ -134,6 +134,13 @@ def estimate(
     return Estimate(lr_pm, bicubic_x4(lr_pm), run_estimator(estimator, lr_pm), tuple(lr.shape[-2:]))
 
 
+def _check_seed(seed: object, batch: int) -> int:
+    """The seed as an int; ValueError unless an integer (not bool) in [0, 2**63 - batch]."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - batch:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
+    return int(seed)
+
+
 def starting_noise(seed: int, batch: int, lr_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """ε (B, 48, Hp, Wp) float32: image i from ``torch.Generator('cpu').manual_seed(seed + i)``.
 
@@ -141,9 +148,7 @@ def starting_noise(seed: int, batch: int, lr_hw: tuple[int, int], device: torch.
     generator (Mersenne Twister) keeps only the low 32 bits of a seed, so seeds equal
     modulo 2**32 give the same noise. Any integer type is accepted (NumPy's too), not bool.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - batch:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
-    seed = int(seed)
+    seed = _check_seed(seed, batch)
     hp, wp = lr_hw
     eps = [
         torch.randn((1, 3 * SCALE * SCALE, hp, wp), generator=torch.Generator("cpu").manual_seed(seed + i))
@@ -163,9 +168,7 @@ class NoiseField:
     """
 
     def __init__(self, seed: int, batch: int, lr_hw: tuple[int, int]):
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - batch:
-            raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
-        seed = int(seed)
+        seed = _check_seed(seed, batch)
         hp, wp = lr_hw
         if (hp * wp) % 16:
             raise ValueError(f"NoiseField needs Hp·Wp divisible by 16, got {hp}x{wp}")
