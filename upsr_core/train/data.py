@@ -167,18 +167,25 @@ class ImageFolderDataset(Dataset):
     ``random_crop``: False takes the centre crop. ``prescale``: see ``load_image_array``.
     ``repeat``: the dataset lists every image ``repeat`` times (longer epochs).
     ``cache``: keep decoded images in memory (per worker process).
+    ``min_texture``: a random crop whose texture (mean luma gradient in 8-bit units, as
+    ``pack_crops`` and the evaluation pairs measure it) is below this is re-drawn, up to
+    ``tries`` draws in all, keeping the most textured one (0: every crop is kept).
     Items: float32 ``(3, crop, crop)`` in [0, 1].
     """
 
     def __init__(
         self, root: str | Path | None, crop: int = 256, *, files: Sequence[str | Path] | None = None,
         small: Small = "pad", augment: bool = True, random_crop: bool = True, prescale: Prescale = 1,
-        repeat: int = 1, cache: bool = False,
+        repeat: int = 1, cache: bool = False, min_texture: float = 0.0, tries: int = 10,
     ) -> None:
         _check_crop(crop)
         _check_small(small)
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
+        if not min_texture >= 0.0:  # also refuses NaN
+            raise ValueError(f"min_texture must be >= 0, got {min_texture!r}")
+        if tries < 1:
+            raise ValueError(f"tries must be >= 1, got {tries}")
         paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
         if small == "skip":
             paths = _keep_large_enough(paths, crop, prescale)
@@ -186,6 +193,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"no usable images (root={root!r}, files given: {files is not None}, crop={crop})")
         self.files, self.crop, self.augment, self.random_crop = paths, crop, augment, random_crop
         self.prescale, self.repeat = prescale, repeat
+        self.min_texture, self.tries = float(min_texture), tries
         self._cache: dict[int, tuple[np.ndarray, int]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -206,11 +214,27 @@ class ImageFolderDataset(Dataset):
         a, maxval = self._array(index % len(self.files))
         h, w = a.shape[:2]
         if self.random_crop:
-            y, x = (int(v) for v in (torch.randint(0, h - self.crop + 1, ()), torch.randint(0, w - self.crop + 1, ())))
+            y, x = self._draw(a, maxval)
         else:
             y, x = (h - self.crop) // 2, (w - self.crop) // 2
         t = _crop_tensor(a, y, x, self.crop, maxval)
         return augment_dihedral(t) if self.augment else t
+
+
+    def _draw(self, a: np.ndarray, maxval: int) -> tuple[int, int]:
+        """A random crop position (torch's global RNG); see ``min_texture``."""
+        h, w, c = a.shape[0], a.shape[1], self.crop
+        best: tuple[float, int, int] | None = None
+        for _ in range(self.tries if self.min_texture > 0 else 1):
+            y, x = (int(v) for v in (torch.randint(0, h - c + 1, ()), torch.randint(0, w - c + 1, ())))
+            if self.min_texture <= 0:
+                return y, x
+            t = _texture(a[y:y + c, x:x + c], maxval)
+            if best is None or t > best[0]:
+                best = (t, y, x)
+            if t >= self.min_texture:
+                break
+        return best[1], best[2]
 
 
 class PackedCropsDataset(Dataset):

@@ -74,13 +74,15 @@ class FolderFeed:
     """Random crops of the images of a folder through a DataLoader (CPU workers)."""
 
     def __init__(self, root: str | Path, crop: int, device: torch.device, batch: int, *, workers: int = 4,
-                 seed: int = 0):
-        self.dataset = ImageFolderDataset(root, crop, repeat=1000, cache=True)
+                 seed: int = 0, min_texture: float = 0.0):
+        self.dataset = ImageFolderDataset(root, crop, repeat=1000, cache=True, min_texture=min_texture)
         g = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                  generator=g, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
         self.device, self.batch = device, batch
         self._it = iter(self.loader)
+        log.info("folder feed: %d images in %s, random %d px crops (min texture %g), %d workers",
+                 len(self.dataset.files), root, crop, min_texture, workers)
 
     def next(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if batch != self.batch:
@@ -116,13 +118,17 @@ def is_packed(path: str | Path) -> bool:
 
 
 def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, shard: tuple[int, int] = (0, 1),
-              workers: int = 4, seed: int = 0):
-    """PackedFeed for packed crops, else FolderFeed for a folder of images."""
+              workers: int = 4, seed: int = 0, min_texture: float = 0.0):
+    """PackedFeed for packed crops, else FolderFeed for a folder of images (``min_texture``: see
+    ``ImageFolderDataset``; packed crops were filtered when packed, so it does not apply to them)."""
     if is_packed(data):
+        if min_texture:
+            log.warning("min texture %g ignored: %s holds packed crops (filter them with pack_crops' min_texture)",
+                        min_texture, data)
         return PackedFeed(data, crop, device, shard=shard)
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data {str(data)!r} is neither a folder of images nor a packed-crops file")
-    return FolderFeed(data, crop, device, batch, workers=workers, seed=seed + 7919 * shard[0])
+    return FolderFeed(data, crop, device, batch, workers=workers, seed=seed + 7919 * shard[0], min_texture=min_texture)
 
 
 def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "realesrgan") -> torch.Tensor:
