@@ -1,12 +1,14 @@
 """Training code on CPU with tiny nets: forward process, losses, EMA, loop, resume, CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from upsr_core.cli import main
 from upsr_core.config import denoiser_config_from_state_dict
@@ -193,3 +195,131 @@ def test_cli_two_stages_export_and_resume(tmp_path):
     assert meta["stage"] == "denoiser" and meta["b_u"] == 0.4 and "hardware" in meta
     assert m.upscale(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
     assert main(["train", "denoiser", *common, "--estimator", str(tmp_path / "missing.safetensors")]) == 2
+
+
+# ----------------------------------------------------------------------------- --init (fine-tuning)
+def _tiny_export(tmp_path, name="demo.safetensors", seed=0):
+    """A tiny two-net fp16 export made by the CLI (like the bundled demo file) -> (path, run folder)."""
+    pack = _pack(tmp_path)
+    out = tmp_path / f"src{seed}"
+    common = ["--data", str(pack), "--config", "tiny", "--out", str(out), "--degradation", "bicubic", "--steps", "1",
+              "--seed", str(seed)]
+    assert main(["train", "estimator", *common]) == 0
+    demo = tmp_path / name
+    assert main(["train", "denoiser", *common, "--estimator", str(out / "estimator.safetensors"), "--export",
+                 str(demo), "--export-dtype", "fp16"]) == 0
+    return demo, out
+
+
+def _file_net(path, prefix):
+    from upsr_core.checkpoint import read_checkpoint
+
+    sd, _ = read_checkpoint(path)
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else sd
+
+
+def test_init_gives_the_file_weights_at_step_0(tmp_path):
+    from upsr_core.train.cli import read_init
+
+    demo, src = _tiny_export(tmp_path)
+    for stage, path, prefix in [("estimator", demo, "estimator."), ("denoiser", demo, "denoiser."),
+                                ("estimator", src / "estimator.safetensors", "")]:
+        net, rec = read_init(path, stage)
+        assert net.training and all(p.requires_grad for p in net.parameters())
+        want = _file_net(path, prefix)
+        if stage == "estimator":
+            task = EstimatorTask(net, FixedFeed(_hr()), 2, "bicubic")
+        else:
+            task = DenoiserTask(net, build_estimator_net(TINY.estimator), FixedFeed(_hr()), 2, "bicubic")
+        tr = Trainer(task, LoopConfig(steps=1, batch=2, amp="off", progress=False, ema_warmup=False))
+        assert tr.step == 0 and not tr.opt.state  # fresh optimiser
+        for k, v in want.items():  # fp16 in the demo file, fp32 in the net and its EMA, same values
+            assert tr.model.state_dict()[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype)
+            torch.testing.assert_close(tr.model.state_dict()[k], v.float() if v.is_floating_point() else v,
+                                       rtol=0, atol=0)
+            if k in tr.ema.shadow:
+                torch.testing.assert_close(tr.ema.shadow[k], v.float(), rtol=0, atol=0)
+        assert rec["name"] == path.name and len(rec["sha256"]) == 64
+        assert rec["stored_dtype"] == ("float16" if path == demo else "float32")
+        assert rec["config_from"] == "metadata" and rec["training"]["stage"] == stage
+
+
+def test_init_config_mismatch_and_wrong_net_error(tmp_path, capsys):
+    demo, src = _tiny_export(tmp_path)
+    common = ["--data", str(_pack(tmp_path)), "--out", str(tmp_path / "ft"), "--degradation", "bicubic", "--steps", "1"]
+    assert main(["train", "estimator", *common, "--init", str(demo), "--config", "small"]) == 2
+    err = capsys.readouterr().err
+    assert str(demo) in err and "--config 'small'" in err and "embed_dim: 16 vs 48" in err
+    assert main(["train", "denoiser", *common, "--init", str(src / "estimator.safetensors"), "--estimator",
+                 str(demo)]) == 2
+    err = capsys.readouterr().err
+    assert "estimator.safetensors" in err and "holds no UPSR denoiser weights (it holds: estimator)" in err
+    assert main(["train", "estimator", *common, "--init", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+    # the matching preset, given or not, is accepted (the file's net decides)
+    assert main(["train", "estimator", *common, "--init", str(demo), "--config", "tiny", "--fresh"]) == 0
+    assert main(["train", "estimator", *common, "--init", str(demo), "--fresh"]) == 0
+    assert json.loads((tmp_path / "ft" / "estimator_log.json").read_text())["config"] == "tiny"
+
+
+def test_checkpoint_wins_over_init_unless_fresh(tmp_path, caplog):
+    a, _ = _tiny_export(tmp_path, "a.safetensors", seed=0)
+    b, _ = _tiny_export(tmp_path, "b.safetensors", seed=1)
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
+    out = tmp_path / "ft"
+    common = ["--data", str(_pack(tmp_path)), "--config", "tiny", "--out", str(out), "--degradation", "bicubic"]
+    log_of = lambda: json.loads((out / "estimator_log.json").read_text())  # noqa: E731
+    assert main(["train", "estimator", *common, "--init", str(a), "--steps", "2"]) == 0
+    rec = log_of()
+    assert rec["init"]["sha256"] == sha[a] and rec["resumed"] is None and rec["loop"]["ema_warmup"] is False
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["train", "estimator", *common, "--init", str(b), "--steps", "3"]) == 0
+    rec = log_of()
+    assert rec["summary"]["steps"] == 3 and rec["summary"]["steps_this_run"] == 1
+    assert rec["init"]["sha256"] == sha[a] and rec["resumed"].endswith("estimator.ckpt")  # the run descends from a
+    assert any(f"--init {b} not used" in r.getMessage() and "a.safetensors" in r.getMessage() for r in caplog.records)
+    assert main(["train", "estimator", *common, "--init", str(b), "--steps", "1", "--fresh"]) == 0
+    rec = log_of()
+    assert rec["summary"]["steps"] == 1 and rec["init"]["sha256"] == sha[b] and rec["resumed"] is None
+
+
+def test_init_record_in_log_and_export_metadata(tmp_path):
+    demo, _ = _tiny_export(tmp_path)
+    demo_meta = load_upsr(demo).metadata
+    out = tmp_path / "ft"
+    common = ["--data", str(_pack(tmp_path)), "--out", str(out), "--degradation", "bicubic", "--steps", "1"]
+    assert main(["train", "estimator", *common, "--init", str(demo)]) == 0
+    est = out / "estimator.safetensors"
+    export = tmp_path / "ft.safetensors"
+    assert main(["train", "denoiser", *common, "--init", str(demo), "--estimator", str(est), "--export",
+                 str(export)]) == 0
+    sha = hashlib.sha256(demo.read_bytes()).hexdigest()
+    meta = load_upsr(export).metadata
+    den, est_rec = json.loads(meta["training"]), json.loads(meta["estimator_training"])
+    assert den["init"]["name"] == "demo.safetensors" and den["init"]["sha256"] == sha
+    assert den["init"]["training"] == json.loads(demo_meta["training"])  # the demo's own denoiser record
+    assert est_rec["init"]["sha256"] == sha
+    assert est_rec["init"]["training"] == json.loads(demo_meta["estimator_training"])
+    log = json.loads((out / "denoiser_log.json").read_text())
+    assert log["init"] == den["init"] and log["loop"]["ema_warmup"] is False
+    with safe_open(str(out / "denoiser.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["training"])["init"]["sha256"] == sha
+
+
+def test_folder_feed_min_texture_prefers_textured_crops(tmp_path):
+    from PIL import Image
+
+    from upsr_core.train.data import ImageFolderDataset, _texture
+
+    a = np.full((64, 256, 3), 128, np.uint8)  # left half flat, right half noise
+    a[:, 128:] = (np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "half.png")
+    torch.manual_seed(0)
+    plain = ImageFolderDataset(tmp_path, 32)
+    picky = ImageFolderDataset(tmp_path, 32, min_texture=20.0, tries=20)
+    tex = lambda x: _texture((x.permute(1, 2, 0).numpy() * 255).round(), 255)  # noqa: E731
+    assert min(tex(picky[0]) for _ in range(40)) >= 20
+    assert min(tex(plain[0]) for _ in range(40)) < 1  # some crops fall in the flat half
+    with pytest.raises(ValueError, match="min_texture"):
+        ImageFolderDataset(tmp_path, 32, min_texture=float("nan"))

@@ -5,11 +5,20 @@ it with ``--estimator`` (frozen) and writes ``OUT/denoiser.safetensors`` and, wi
 ``--export``, one file holding both nets (``upsr_core.checkpoint.save_converted``) with the
 training record in its metadata. Each stage keeps a resumable ``OUT/<stage>.ckpt`` (resumed
 automatically unless ``--fresh``) and a JSON log ``OUT/<stage>_log.json``.
+
+Fine-tuning: ``--init FILE`` starts the stage's net from trained weights (the bundled demo
+file holding both nets, a stage export, an official ``.pth``): the net config comes from the
+file (its metadata, else its tensor shapes), fp16/bf16 weights are up-cast to fp32, the
+optimiser is fresh and the EMA starts at those weights (without EMA warm-up). A resumable
+checkpoint in ``--out`` still wins over ``--init`` unless ``--fresh``, so an interrupted
+fine-tune resumes. The init file's name, sha256 and own training record go into the log JSON
+and the written files' ``training`` metadata (key ``init``).
 Several GPUs: ``torchrun --nproc-per-node N -m upsr_core train …`` (DDP; batch is per GPU).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -19,8 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import build_estimator, read_checkpoint, save_converted, split_nets
-from ..config import ATDConfig
+from ..checkpoint import build_denoiser, build_estimator, detect_kind, read_checkpoint, save_converted, split_nets
+from ..config import ATDConfig, DenoiserConfig
+from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
 from ..nets.attention import WindowAttention
 from .denoiser import DenoiserTask, build_denoiser_net
@@ -28,16 +38,21 @@ from .estimator import EstimatorTask, build_estimator_net
 from .feed import make_feed
 from .loop import DistInfo, LoopConfig, Trainer, setup_distributed
 from .losses import LPIPSHook
-from .presets import get_preset
+from .presets import PRESETS, TrainPreset, get_preset
 
-__all__ = ["add_parser", "run_stage", "hardware"]
+__all__ = ["add_parser", "run_stage", "hardware", "read_init"]
 
 log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of images, or a packed-crops .npy/.safetensors (or its folder)")
-    p.add_argument("--config", default="small", choices=["small", "full", "tiny"])
+    p.add_argument("--config", default=None, choices=["small", "full", "tiny"],
+                   help="net sizes and optimiser defaults (default: small; with --init the net comes from the file, "
+                        "and the optimiser defaults from the preset with that net, else small's)")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="start the net from these weights (demo/converted .safetensors, a stage export, an official "
+                        ".pth); fresh optimiser, EMA from the weights; a checkpoint in --out wins unless --fresh")
     p.add_argument("--out", default="runs/train", help="output folder (weights, checkpoint, log)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this run")
@@ -59,6 +74,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="generator of the degradations: on the training device (resumable) or a CPU one "
                         "(fallback where device generators are not supported; not bit-resumable)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for an image folder")
+    p.add_argument("--min-texture", type=float, default=0.0,
+                   help="image folder: re-draw random crops flatter than this mean luma gradient (8-bit units; "
+                        "the packed crops and the A_val pairs used 3), up to 10 draws; 0: off")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=1000)
 
@@ -112,6 +130,82 @@ def load_estimator_file(path: str | Path) -> ATD:
     return build_estimator(nets["estimator"], cfg)
 
 
+_NET = {"estimator": ("estimator", ATDConfig, "ATD estimator",
+                      "a stage-1 estimator.safetensors, a converted file holding both nets, or atd_real.pth"),
+        "denoiser": ("denoiser", DenoiserConfig, "UPSR denoiser",
+                     "a stage-2 denoiser.safetensors, a converted file holding both nets, or upsr.pth")}
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _meta_config(meta: dict, key: str, cls, path) -> ATDConfig | DenoiserConfig | None:
+    if key not in meta:
+        return None
+    try:
+        return cls.from_dict(json.loads(meta[key]))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise UnsupportedCheckpointError(
+            f"--init {str(path)!r}: metadata {key!r} is not a {cls.__name__} as JSON ({e}): {meta[key][:120]!r}"
+        ) from None
+
+
+def read_init(path: str | Path, stage: str) -> tuple[torch.nn.Module, dict]:
+    """The ``stage`` net ('estimator' or 'denoiser') built from the weights in ``path`` (fp32,
+    training mode, gradients on) and a JSON-able record of the file: path, name, sha256, stored
+    dtype, where the config came from and the file's own training record (None if it has none)."""
+    if stage not in _NET:
+        raise ValueError(f"stage must be 'estimator' or 'denoiser', got {stage!r}")
+    key, cls, what, expected = _NET[stage]
+    sd, meta = read_checkpoint(path)
+    nets = split_nets(sd)
+    if key not in nets:
+        raise UnsupportedCheckpointError(
+            f"--init {str(path)!r} holds no {what} weights (it holds: {', '.join(sorted(nets))}); expected {expected}")
+    cfg = _meta_config(meta, f"{key}_config", cls, path)
+    build = build_estimator if stage == "estimator" else build_denoiser
+    net = build(nets[key], cfg).train().requires_grad_(True)
+    both = detect_kind(sd) == "both"
+    own = meta.get(f"{key}_training" if both and stage == "estimator" else "training")
+    if own is not None:
+        try:
+            own = json.loads(own)
+        except json.JSONDecodeError:
+            pass  # keep the text as it is
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in nets[key].values() if v.is_floating_point()})
+    record = {"file": str(path), "name": Path(path).name, "sha256": _sha256(path), "stored_dtype": ",".join(dtypes),
+              "config_from": "metadata" if cfg is not None else "tensor shapes", "training": own}
+    return net, record
+
+
+def _config_diff(a, b) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return "; ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k])
+
+
+def _init_preset(args: argparse.Namespace, net_config) -> TrainPreset:
+    """The preset giving the optimiser defaults of a run whose net comes from ``--init``."""
+    attr = _NET[args.stage][0]
+    if args.config is not None:
+        preset = get_preset(args.config)
+        if getattr(preset, attr) != net_config:
+            raise ValueError(
+                f"--init {args.init!r} holds a {args.stage} whose config differs from --config {args.config!r} "
+                f"(file vs --config: {_config_diff(net_config, getattr(preset, attr))}); drop --config to take "
+                f"the file's config, or name the matching preset")
+        return preset
+    match = next((p for p in PRESETS.values() if getattr(p, attr) == net_config), None)
+    if match is None:
+        log.info("--init %s: its %s config matches no preset: optimiser defaults of 'small'", args.init, args.stage)
+        return get_preset("small")
+    return match
+
+
 def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
     stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
     return LoopConfig(
@@ -119,6 +213,7 @@ def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> L
         accum=args.accum, lr=args.lr or stage_lr, warmup=preset.warmup if args.warmup is None else args.warmup,
         schedule=args.schedule, weight_decay=preset.weight_decay,
         ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
+        ema_warmup=args.init is None,  # trained weights need no warm-up of their average
         amp=args.amp or ("bf16" if di.device.type == "cuda" else "off"), seed=args.seed,
         checkpoint=str(out / f"{args.stage}.ckpt"), ckpt_every=args.ckpt_every, log_every=args.log_every,
     )
@@ -128,7 +223,12 @@ def run_stage(args: argparse.Namespace) -> dict:
     """Train one stage as described by parsed CLI ``args``; returns the JSON record written."""
     t_start = time.time()
     di = setup_distributed(args.device)
-    preset = get_preset(args.config)
+    init_net, init = None, None
+    if args.init is not None:
+        init_net, init = read_init(args.init, args.stage)
+        preset = _init_preset(args, init_net.config)
+    else:
+        preset = get_preset(args.config or "small")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _loop_config(args, preset, di, out)
@@ -136,55 +236,67 @@ def run_stage(args: argparse.Namespace) -> dict:
     fused = set_fused(args.fused, di.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
-                     seed=args.seed)
+                     seed=args.seed, min_texture=args.min_texture)
     deg_gen = torch.Generator().manual_seed(args.seed + 17 + di.rank) if args.degrade_rng == "cpu" else None
     if args.stage == "estimator":
-        net = build_estimator_net(preset.estimator)
+        net = init_net if init_net is not None else build_estimator_net(preset.estimator)
         task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen)
     else:
         est = load_estimator_file(args.estimator).to(di.device)
-        net = build_denoiser_net(preset.denoiser)
+        net = init_net if init_net is not None else build_denoiser_net(preset.denoiser)
         lp = LPIPSHook.from_name(args.lpips, di.device)
         if not lp.available:
             log.info("LPIPS term off (no LPIPS weights offline): loss = MSE only")
         task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
                             args.lpips_weight, deg_generator=deg_gen)
     trainer = Trainer(task, cfg, di)
+    trainer.meta["init"] = init
     ckpt = Path(cfg.checkpoint)
-    if ckpt.is_file() and not args.fresh:
-        trainer.load(ckpt)
+    resumed = ckpt.is_file() and not args.fresh
+    if resumed:
+        trainer.load(ckpt)  # its meta says which --init (if any) its weights descend from
+        if init is not None:
+            was = trainer.meta.get("init")
+            log.info("--init %s not used: resuming %s (at step %d), which started from %s; --fresh starts over "
+                     "from --init", args.init, ckpt, trainer.step,
+                     f"{was['name']} (sha256 {was['sha256'][:12]})" if was else "random weights")
+    elif init is not None:
+        log.info("%s starts from --init %s (sha256 %s, stored %s, config from its %s)", args.stage, init["file"],
+                 init["sha256"][:12], init["stored_dtype"], init["config_from"])
     n_params = sum(p.numel() for p in net.parameters())
     log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, amp %s, fused %s, on %s",
-             args.stage, args.config, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop, cfg.amp, fused,
+             args.stage, preset.name, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop, cfg.amp, fused,
              hardware(di.device))
     summary = trainer.fit()
     record = {
-        "stage": args.stage, "config": args.config, "params": n_params, "loop": cfg.__dict__ | {"betas": list(cfg.betas)},
-        "crop": crop, "data": str(args.data), "degradation": args.degradation, "hardware": hardware(di.device),
+        "stage": args.stage, "config": preset.name, "params": n_params,
+        "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
+        "min_texture": args.min_texture, "degradation": args.degradation, "hardware": hardware(di.device),
+        "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
         "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,
     }
     if args.stage == "denoiser":
         record |= {"b_u": args.b_u, "psi_max": args.psi_max, "lpips": args.lpips if task.lpips.available else "off",
                    "estimator_file": str(args.estimator)}
     if di.main:
-        _write_outputs(args, trainer, net, record, out, preset)
+        _write_outputs(args, trainer, net, record, out)
     if di.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return record
 
 
-def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path, preset) -> None:
+def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path) -> None:
     ema_net = trainer.ema_model(lambda: type(net)(net.config)).cpu()
     if args.stage == "estimator":
         sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
         save_file(sd, str(out / "estimator.safetensors"),
-                  metadata={"estimator_config": json.dumps(preset.estimator.to_dict()),
+                  metadata={"estimator_config": json.dumps(net.config.to_dict()),
                             "training": json.dumps(_brief(record))})
     else:
         sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
         save_file(sd, str(out / "denoiser.safetensors"),
-                  metadata={"denoiser_config": json.dumps(preset.denoiser.to_dict()),
+                  metadata={"denoiser_config": json.dumps(net.config.to_dict()),
                             "training": json.dumps(_brief(record))})
         if args.export:
             est = load_estimator_file(args.estimator)

@@ -48,7 +48,7 @@ class EMA:
             params[k].copy_(v.to(params[k].dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, sd: dict) -> None:
         missing = set(self.shadow) ^ set(sd["shadow"])
@@ -57,3 +57,4 @@ class EMA:
         for k, v in sd["shadow"].items():
             self.shadow[k].copy_(v)
         self.num_updates = int(sd["num_updates"])
+        self.warmup = bool(sd.get("warmup", self.warmup))  # older checkpoints did not store it

@@ -8,7 +8,7 @@ A *task* supplies the trainable model and the loss of one micro-batch::
         def loss(self, model, generator) -> (loss tensor, {name: float})
 
 Checkpoint (``torch.save``; atomic rename; rank 0 only): model, EMA shadow, optimiser,
-step, elapsed seconds, generator states (data + torch CPU), the loop config. Resuming
+step, elapsed seconds, generator states (data + torch CPU), the loop config, ``Trainer.meta``. Resuming
 with the same data and settings continues the exact random stream.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ class LoopConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # EMA warm-up (see ema.EMA); off when the net starts from trained weights
     amp: str = "bf16"  # bf16 | fp16 | off
     seed: int = 0
     checkpoint: str | None = None  # path of the resumable checkpoint
@@ -150,7 +151,7 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda",
         )
-        self.ema = EMA(self.model, cfg.ema_decay)
+        self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.wrapped: nn.Module = self.model
         if self.di.world > 1:
@@ -159,6 +160,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1000 * self.di.rank)
         self.step, self.elapsed_before = 0, 0.0
         self.history: list[dict] = []
+        self.meta: dict = {}  # JSON-able facts about the run kept in the checkpoint (e.g. its --init file)
 
     # ------------------------------------------------------------------ schedule
     def lr_at(self, step: int, elapsed_s: float) -> float:
@@ -185,6 +187,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "cpu_rng": torch.get_rng_state(),
             "history": self.history,
+            "meta": self.meta,
             "loop": asdict(self.cfg),
         }
 
@@ -213,6 +216,7 @@ class Trainer:
             self.generator.set_state(sd["generator"])
             torch.set_rng_state(sd["cpu_rng"])
         self.history = list(sd.get("history", []))
+        self.meta = dict(sd.get("meta", {}))
         log.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed_before / 60)
 
     # ------------------------------------------------------------------ loop
