@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from _support import tiny_upsr
 
 from upsr_core.fast import FastUPSRModel, enable_fast, noise_weight
 from upsr_core.graphs import GraphCache
@@ -198,3 +199,31 @@ def test_subpixel_upsample_conv_equals_nearest_then_conv(hw):
         assert torch.equal(ref, conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")))
         prepare_subpixel(conv)
         torch.testing.assert_close(upsample_conv(x, conv), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsys):
+    """The bench end to end on a tiny checkpoint: one table, the JSON rows, and the
+    denoiser-only column: fast fp32 with the reference's ŷ and w equals the reference to
+    float rounding (5e-5, the same bound as the fp32 equality tests above)."""
+    import argparse
+    import json
+
+    from upsr_core.bench import add_parser
+    from upsr_core.checkpoint import save_converted
+
+    m = tiny_upsr()
+    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    out = tmp_path / "bench.json"
+    args = ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"),
+                          "--sizes", "16", "--dtypes", "fp32,bf16", "--reps", "1", "--json", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "den max|d|" in text and "1st GiB" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["dtype"]) for r in rows] == [("reference", "fp32"), ("fast", "fp32"), ("fast", "bf16")]
+    _, f32, b16 = rows
+    assert f32["den_max_abs"] <= 5e-5 and f32["max_abs"] <= 5e-5
+    assert 0 < b16["den_max_abs"] < 0.1  # bf16 rounding: present, and small
+    assert all(r["finite"] and r["s_per_img"] > 0 for r in rows)

@@ -4,7 +4,10 @@ One table, one row per (LR size, batch, path, dtype), printed as each row finish
 seconds per image, images/s, peak memory, achieved TFLOP/s (reference FLOPs, counted
 once per shape with ``FlopCounterMode`` on meta tensors, divided by the time), the speed-up
 over the reference path timed in the same run, and max/mean |Δ| in [0,1] against the
-reference output for the same LR and the same noise ε.
+reference output for the same LR and the same noise ε, and ``den max|d|``: the same with the
+reference's estimate ŷ and weight w given to both paths, so only the denoiser's precision shows
+(with random weights ATD's category sort regroups tokens on last-bit differences, SPEC §8.3,
+which dominates ``max|d|``; trained weights sort stably).
 
 * reference = :class:`UPSRModel` as loaded: fp32, eager, math attention (``fused=False``),
   TF32 off — our faithful port of the official code;
@@ -15,14 +18,23 @@ reference output for the same LR and the same noise ε.
 
 Without ``--model`` the full-size nets (``--small``: the demo-size nets) get a seeded random
 init, with the last conv scaled so x̂0 has an image-like std of 0.5; the timing does not
-depend on the weights, the differences do (trained weights may behave differently). Peak memory: CUDA
-max allocated (and reserved, in the JSON) over warm-up, capture and timed runs; CPU peak
-RSS when ``/proc/self/clear_refs`` allows a reset, else "-". ``--budget-s`` skips the rows
-that would not fit in the remaining time (by the reference row's time).
+depend on the weights, the differences do (trained weights may behave differently).
+
+Memory: only the row's own model is on the device during its row (the others wait on the
+CPU), so a peak is what one model needs. ``peak GiB`` is the steady state (CUDA max
+allocated over the timed runs, after a warm-up); ``1st GiB`` includes the first call (cuDNN
+benchmark's algorithm probing, CUDA-graph capture); the JSON also has the reserved figures. On
+CPU the peak is the process's RSS high-water mark (when ``/proc/self/clear_refs`` allows a
+reset, else "-"). ``--mem-cap-gib`` runs the fast rows under a hard CUDA memory cap
+(``torch.cuda.set_per_process_memory_fraction``; default 6 GiB for the tiled row, the issue's
+bar): a row that finishes under the cap fits a card with that much free memory; one that runs
+out is reported as ``OOM``. ``--budget-s`` skips the rows that would not fit in the remaining
+time (by the reference row's time).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -40,13 +52,14 @@ from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
 from .pipeline import SCALE, starting_noise
 from .tiling import partition, plan_tiles
+from .uncertainty import weight_noise
 
 __all__ = ["add_parser", "run_bench"]
 
 log = logging.getLogger("upsr_core")
 
 HEADER = (f"{'LR':>6} {'batch':>5} {'path':<13} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
-          f"{'TFLOP/s':>8} {'vs ref':>7} {'max|d|':>9} {'mean|d|':>9}")
+          f"{'1st GiB':>8} {'TFLOP/s':>8} {'vs ref':>7} {'max|d|':>9} {'mean|d|':>9} {'den max|d|':>10}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap (LR px)")
     p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser call")
     p.add_argument("--no-tiled-ref", action="store_true", help="skip the (slow) reference run of the tiled row")
+    p.add_argument("--mem-cap-gib", type=float, default=None,
+                   help="CUDA memory cap for the fast rows (default: 6 for the tiled row, none for the others; 0 = none)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
     p.add_argument("--compile-sizes", default="64,256", help="LR sides of the compiled rows (batch 1, bf16)")
@@ -170,9 +185,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _reset_peak(dev: torch.device) -> bool:
+def _reset_peak(dev: torch.device, empty: bool = True) -> bool:
     if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        if empty:
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         return True
     try:
@@ -194,12 +210,17 @@ def _peak(dev: torch.device, ok: bool) -> tuple[float | None, float | None]:
     return None, None
 
 
-def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, list[float], list[float]]:
-    """-> (last output, wall seconds per run, process CPU seconds per run: contention-proof on a shared CPU)."""
+def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, list[float], list[float], tuple, tuple]:
+    """-> (last output, wall seconds per run, process CPU seconds per run (contention-proof on a
+    shared CPU), peak (GiB, reserved GiB) including the warm-up, peak over the timed runs only)."""
     out = None
+    ok = _reset_peak(dev)
     for _ in range(warmup):
         out = fn()
     _sync(dev)
+    first = _peak(dev, ok)
+    if warmup:
+        ok = _reset_peak(dev, empty=False)
     times, cpu = [], []
     for _ in range(reps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -207,7 +228,12 @@ def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, 
         _sync(dev)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return out, times, cpu
+    steady = _peak(dev, ok)
+    if not warmup:
+        first = steady
+    else:
+        first = tuple(None if a is None else max(a, b or 0.0) for a, b in zip(first, steady))
+    return out, times, cpu, first, steady
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -220,25 +246,36 @@ class Table:
         self.path, self.meta = path, meta
         print(HEADER, flush=True)
 
+    def comment(self, text: str, row: dict | None = None) -> None:
+        """A ``# text`` line in the table (and ``row`` in the JSON)."""
+        print(f"# {text}", flush=True)
+        self.meta.setdefault("comments", []).append(text)
+        if row is not None:
+            self.rows.append(row)
+        if self.path:
+            Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+
     def add(self, row: dict) -> None:
         self.rows.append(row)
         r = row
         print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<13} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
-              f"{_fmt(r['img_per_s'], '8.2f')} {_fmt(r['peak_gib'], '8.2f')} "
+              f"{_fmt(r['img_per_s'], '8.2f')} {_fmt(r['peak_gib'], '8.2f')} {_fmt(r['first_peak_gib'], '8.2f')} "
               f"{_fmt(r['tflops'], '8.1f' if r['tflops'] >= 10 else '8.3f')} "
               f"{_fmt(r['vs_ref'], '6.1f') + ('x' if r['vs_ref'] is not None else ''):>7} "
-              f"{_fmt(r['max_abs'], '9.2e')} {_fmt(r['mean_abs'], '9.2e')}", flush=True)
+              f"{_fmt(r['max_abs'], '9.2e')} {_fmt(r['mean_abs'], '9.2e')} {_fmt(r.get('den_max_abs'), '10.2e')}"
+              + (f"  (cap {r['mem_cap_gib']:g} GiB)" if r.get("mem_cap_gib") else ""), flush=True)
         if self.path:
             Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
 
 
-def _row(lr, b, path, dtype, timed, flops, peak, ref_s, out, ref_out, **extra) -> dict:
-    times, cpu = timed
+def _row(lr, b, path, dtype, timed, flops, ref_s, out, ref_out, **extra) -> dict:
+    times, cpu, first, peak = timed
     s = statistics.median(times) / b
     d = (out.float().cpu() - ref_out).abs() if ref_out is not None else None
     return {
         "lr": lr, "batch": b, "path": path, "dtype": dtype, "s_per_img": s, "img_per_s": 1.0 / s,
         "best_s_per_img": min(times) / b, "reps": len(times), "peak_gib": peak[0], "reserved_gib": peak[1],
+        "first_peak_gib": first[0], "first_reserved_gib": first[1],
         "tflops": flops / (s * b) / 1e12, "vs_ref": (ref_s / s) if ref_s else None,
         "max_abs": d.max().item() if d is not None else None, "mean_abs": d.mean().item() if d is not None else None,
         "finite": bool(torch.isfinite(out).all()), "process_cpu_s_per_img": min(cpu) / b, **extra,
@@ -250,8 +287,11 @@ _SWITCH = {"auto": "auto", "on": True, "off": False}
 
 def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dtype, args: argparse.Namespace,
                 compile: bool = False) -> UPSRModel:
+    """A fast copy of the nets: switched on ``dev`` (so "auto" is decided for it), then parked on
+    the CPU until :func:`_resident` brings it back for its rows."""
     m = UPSRModel(copy.deepcopy(den).to(dev, dtype), copy.deepcopy(atd).to(dev, torch.float32), dtype=dtype)
-    return enable_fast(m, compile=compile, cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel])
+    m = enable_fast(m, compile=compile, cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel])
+    return m.to("cpu")
 
 
 def _tf32(on: bool) -> None:
@@ -283,18 +323,19 @@ def run_bench(args: argparse.Namespace) -> int:
     for mod in (*den.modules(), *atd.modules()):
         if hasattr(mod, "fused"):
             mod.fused = False  # reference: math attention, whatever the class default is
-    ref = UPSRModel(den, atd).to(dev)
+    ref = UPSRModel(den, atd)  # every model waits on the CPU; only the running one is on the device
     fast = {n: _fast_model(den, atd, dev, _DTYPES[n], args)
             for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes + tiled_dtypes)}
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
-            "cudnn_benchmark": torch.backends.cudnn.benchmark, "graphs": args.graphs, "subpixel": args.subpixel,
+            "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel,
             "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)
     table = Table(args.json, meta)
     mult = ref.multiple_of
+    refs: dict[tuple[int, int], torch.Tensor] = {}
     # the targets first (batch 1, then the tiled row), larger batches while time is left
     first = [b for b in batch_sizes if b == 1] or batch_sizes[:1]
     plan = [(s, b, False) for b in first for s in sizes] + ([(tiled, 1, True)] if tiled else [])
@@ -310,65 +351,97 @@ def run_bench(args: argparse.Namespace) -> int:
         kw = dict(tile=tile, overlap=overlap, tile_batch=args.tile_batch if is_tiled else 1)
         fl = flops.upscale(b, hp, hp, tile, overlap)
         label = f"{s}t" if is_tiled else str(s)
-        ref_out, ref_s = None, None
+        ref_out, ref_s, est = None, None, None
         if not (is_tiled and args.no_tiled_ref):
-            ok = _reset_peak(dev)
-            # the reference runs images one by one: batch-1 rows already warmed its shapes up
-            warm = 1 if (cuda and b == 1 and not is_tiled) else 0
-            ref_out, *timed = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
-            ref_out = ref_out.float().cpu()
-            row = _row(label, b, "reference", "fp32", timed, fl, _peak(dev, ok), None, ref_out, None,
-                       warmup_runs=warm)
+            with _resident(ref, dev):
+                # the reference runs images one by one: batch-1 rows already warmed its shapes up
+                warm = 1 if (cuda and b == 1 and not is_tiled) else 0
+                ref_out, *timed = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
+                ref_out = refs[(s, b)] = ref_out.float().cpu()
+                if not is_tiled:  # the reference's estimate and weight, for the denoiser-only difference
+                    est = ref.estimate(lr)
+                    est = (est, weight_noise(est.uncertainty()))
+            row = _row(label, b, "reference", "fp32", timed, fl, None, ref_out, None, warmup_runs=warm)
             ref_s = row["s_per_img"]
             table.add(row)
-        lr_d, noise_d = lr.to(dev), noise.to(dev)
+        cap = args.mem_cap_gib if args.mem_cap_gib is not None else (6.0 if is_tiled else 0.0)
         for name in (tiled_dtypes if is_tiled else dtypes):
             if out_of_time():
                 break
             m = fast["fp32" if name == "tf32" else name]
             _tf32(name == "tf32")
-            m.graphs.clear()
-            ok = _reset_peak(dev)
             n_rep = reps if b == 1 and not is_tiled else max(1, min(reps, 3))
-            out, *timed = _time(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, 1, n_rep)
-            table.add(_row(label, b, "fast", name, timed, fl, _peak(dev, ok), ref_s, out, ref_out,
-                           graphs=len(m.graphs)))
-            _tf32(False)
-            m.graphs.clear()
+            try:
+                with _resident(m, dev, cap if cuda else 0.0):
+                    lr_d, noise_d = lr.to(dev), noise.to(dev)
+                    out, *timed = _time(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, 1, n_rep)
+                    den_d = None
+                    if est is not None:
+                        den_out = m.denoise(est[0], est[1], noise=noise, **kw)
+                        den_d = (den_out.float().cpu() - ref_out).abs().max().item()
+                    row = _row(label, b, "fast", name, timed, fl, ref_s, out, ref_out, graphs=len(m.graphs),
+                               den_max_abs=den_d, mem_cap_gib=cap if cuda and cap else None)
+                table.add(row)
+            except torch.cuda.OutOfMemoryError:
+                table.comment(f"LR {label} batch {b} fast {name}: OOM under the {cap:g} GiB cap",
+                              {"lr": label, "batch": b, "path": "fast", "dtype": name, "oom": True, "mem_cap_gib": cap})
+            finally:
+                _tf32(False)
     if args.compile != "off" and cuda:
-        _compile_rows(args, den, atd, dev, flops, table, out_of_time)
+        _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs)
     print(f"# done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 
-def _compile_rows(args, den, atd, dev, flops, table, out_of_time) -> None:
+@contextlib.contextmanager
+def _resident(model: UPSRModel, dev: torch.device, cap_gib: float = 0.0):
+    """Run a row with only ``model`` on ``dev`` (and, on CUDA with ``cap_gib`` > 0, under a hard
+    memory cap); the model goes back to the CPU afterwards, its graphs dropped."""
+    model.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        if cap_gib > 0:
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), dev)
+    try:
+        yield model
+    finally:
+        if getattr(model, "graphs", None) is not None:
+            model.graphs.clear()
+        model.to("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.empty_cache()
+
+
+def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
     """fast+compile rows (bf16, batch 1), each only if >= 90 s of the budget are left."""
     import importlib.util
 
     if args.compile == "auto" and importlib.util.find_spec("triton") is None:
-        print("# compile rows skipped: Triton is not installed", flush=True)
+        table.comment("compile rows skipped: Triton is not installed")
         return
     m = _fast_model(den, atd, dev, torch.bfloat16, args, compile=True)
-    for s in _ints(args.compile_sizes):
-        if out_of_time(90.0):
-            print(f"# compile row LR {s} skipped: less than 90 s of the budget left", flush=True)
-            continue
-        hp = -(-s // m.multiple_of) * m.multiple_of
-        lr = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(args.seed)).to(dev)
-        noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
-        kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)
-        ok = _reset_peak(dev)
-        tc = time.perf_counter()
-        m.upscale(lr, noise=noise, **kw)  # compiles, warms up and captures
-        _sync(dev)
-        first = time.perf_counter() - tc
-        out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 0, args.reps or 10)
-        ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1 and r["path"] == "reference"), None)
-        fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
-        table.add(_row(str(s), 1, "fast+compile", "bf16", timed, fl, _peak(dev, ok),
-                       ref_row["s_per_img"] if ref_row else None, out, None, first_call_s=first,
-                       compiled=m._compiled is not None))
-        m.graphs.clear()
+    with _resident(m, dev):
+        for s in _ints(args.compile_sizes):
+            if out_of_time(90.0):
+                table.comment(f"compile row LR {s} skipped: less than 90 s of the budget left")
+                continue
+            hp = -(-s // m.multiple_of) * m.multiple_of
+            lr = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(args.seed)).to(dev)
+            noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
+            kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)
+            tc = time.perf_counter()
+            m.upscale(lr, noise=noise, **kw)  # compiles, warms up and captures
+            _sync(dev)
+            first = time.perf_counter() - tc
+            out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 1, args.reps or 10)
+            ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1
+                            and r["path"] == "reference"), None)
+            fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
+            table.add(_row(str(s), 1, "fast+compile", "bf16", timed, fl, ref_row["s_per_img"] if ref_row else None,
+                           out, refs.get((s, 1)), first_call_s=first, compiled=m._compiled is not None))
+            m.graphs.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
