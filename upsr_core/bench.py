@@ -87,6 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows once this many seconds are used")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each batch-1 fast row, profile one more call and print its N most expensive ops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows (and the machine) to this JSON file")
     p.set_defaults(func=run_bench)
@@ -381,7 +383,16 @@ def run_bench(args: argparse.Namespace) -> int:
                         den_d = (den_out.float().cpu() - ref_out).abs().max().item()
                     row = _row(label, b, "fast", name, timed, fl, ref_s, out, ref_out, graphs=len(m.graphs),
                                den_max_abs=den_d, mem_cap_gib=cap if cuda and cap else None)
+                    if args.profile and b == 1 and not is_tiled:
+                        m.graphs.clear()  # profile the eager ops, not one opaque graph replay
+                        m.graphs.enabled = False
+                        try:
+                            row["profile"] = _profile(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, args.profile)
+                        finally:
+                            m.graphs.enabled = m.fast_options.cuda_graphs
                 table.add(row)
+                if row.get("profile"):
+                    print("\n".join("#   " + line for line in row["profile"].splitlines()), flush=True)
             except torch.cuda.OutOfMemoryError:
                 table.comment(f"LR {label} batch {b} fast {name}: OOM under the {cap:g} GiB cap",
                               {"lr": label, "batch": b, "path": "fast", "dtype": name, "oom": True, "mem_cap_gib": cap})
@@ -391,6 +402,21 @@ def run_bench(args: argparse.Namespace) -> int:
         _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs)
     print(f"# done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
+
+
+def _profile(fn, dev: torch.device, top: int) -> str:
+    """One call of ``fn`` under torch.profiler -> a table of the ``top`` ops by self device
+    time (CUDA) or self CPU time, with call counts: where a row's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    fn()  # warm (eager shapes, cuDNN choices)
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
 
 
 @contextlib.contextmanager
