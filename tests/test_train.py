@@ -323,3 +323,50 @@ def test_folder_feed_min_texture_prefers_textured_crops(tmp_path):
     assert min(tex(plain[0]) for _ in range(40)) < 1  # some crops fall in the flat half
     with pytest.raises(ValueError, match="min_texture"):
         ImageFolderDataset(tmp_path, 32, min_texture=float("nan"))
+
+
+def _half_flat_folder(tmp_path):
+    from PIL import Image
+
+    a = np.full((64, 256, 3), 128, np.uint8)  # left half flat, right half noise
+    a[:, 128:] = (np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "half.png")
+    Image.fromarray(a[:40, 130:180]).save(tmp_path / "small.png")  # noise, smaller than the crop: reflect-padded
+    return tmp_path
+
+
+def test_photo_feed_crops_texture_and_resumable_stream(tmp_path):
+    from upsr_core.train.data import _texture
+    from upsr_core.train.feed import PhotoFeed, make_feed
+
+    folder = _half_flat_folder(tmp_path)
+    tex = lambda x: _texture((x.permute(1, 2, 0).numpy() * 255).round(), 255)  # noqa: E731
+    feed = PhotoFeed(folder, 48, torch.device("cpu"), min_texture=20.0, tries=30)
+    assert len(feed) == 2 and feed.images[1].shape == (3, 48, 50)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.tensor([0, 0, 0, 1])
+    y, x = torch.tensor([0, 5, 16, 0]), torch.tensor([0, 100, 208, 2])
+    want = [_texture(feed.images[i][:, a:a + 48, b:b + 48].permute(1, 2, 0).numpy(), 255)
+            for i, a, b in zip(idx.tolist(), y.tolist(), x.tolist())]
+    torch.testing.assert_close(feed.texture(idx, y, x), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    state = g.get_state()
+    a = feed.next(6, g)
+    assert a.shape == (6, 3, 48, 48) and a.dtype == torch.float32 and 0 <= float(a.min()) <= float(a.max()) <= 1
+    g.set_state(state)
+    torch.testing.assert_close(feed.next(6, g), a, rtol=0, atol=0)  # the stream is the generator's
+    assert min(tex(x) for x in feed.next(40, g)) >= 20  # no crop lands in the flat half of half.png
+    plain = make_feed(folder, 48, torch.device("cpu"), 4, feed="device")
+    assert isinstance(plain, PhotoFeed) and plain.tries == 1
+    assert min(tex(x) for x in plain.next(40, torch.Generator().manual_seed(0))) < 1  # some crops are flat
+    with pytest.raises(ValueError, match="feed must be"):
+        make_feed(folder, 48, torch.device("cpu"), 4, feed="gpu")
+
+
+def test_cli_trains_on_a_photo_folder_with_the_device_feed(tmp_path):
+    (tmp_path / "photos").mkdir()
+    folder = _half_flat_folder(tmp_path / "photos")
+    out = tmp_path / "run"
+    assert main(["train", "estimator", "--data", str(folder), "--config", "tiny", "--out", str(out), "--steps", "2",
+                 "--degradation", "bicubic", "--feed", "device", "--min-texture", "3"]) == 0
+    rec = json.loads((out / "estimator_log.json").read_text())
+    assert rec["feed"] == "PhotoFeed" and rec["min_texture"] == 3 and rec["summary"]["steps"] == 2

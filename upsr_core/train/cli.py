@@ -73,7 +73,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--degrade-rng", choices=["device", "cpu"], default="device",
                    help="generator of the degradations: on the training device (resumable) or a CPU one "
                         "(fallback where device generators are not supported; not bit-resumable)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for an image folder")
+    p.add_argument("--feed", choices=["loader", "device"], default="loader",
+                   help="image folder: crops by DataLoader workers (loader), or from the decoded images held on the "
+                        "training device (device: no workers, exactly resumable; the folder must fit the device)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for an image folder (--feed loader)")
     p.add_argument("--min-texture", type=float, default=0.0,
                    help="image folder: re-draw random crops flatter than this mean luma gradient (8-bit units; "
                         "the packed crops and the A_val pairs used 3), up to 10 draws; 0: off")
@@ -236,7 +239,7 @@ def run_stage(args: argparse.Namespace) -> dict:
     fused = set_fused(args.fused, di.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
-                     seed=args.seed, min_texture=args.min_texture)
+                     seed=args.seed, min_texture=args.min_texture, feed=args.feed)
     deg_gen = torch.Generator().manual_seed(args.seed + 17 + di.rank) if args.degrade_rng == "cpu" else None
     if args.stage == "estimator":
         net = init_net if init_net is not None else build_estimator_net(preset.estimator)
@@ -271,7 +274,8 @@ def run_stage(args: argparse.Namespace) -> dict:
     record = {
         "stage": args.stage, "config": preset.name, "params": n_params,
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
-        "min_texture": args.min_texture, "degradation": args.degradation, "hardware": hardware(di.device),
+        "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
+        "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
         "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,
     }
