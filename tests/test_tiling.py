@@ -13,7 +13,7 @@ from torch import nn
 
 from upsr_core.model import UPSRModel
 from upsr_core.pipeline import bicubic_x4, crop_hr, denoise_estimate, estimate, pad_lr, starting_noise
-from upsr_core.tiling import partition, plan_tiles, tile_starts, tile_weight
+from upsr_core.tiling import partition, plan_tiles, tile_size, tile_starts, tile_weight
 from upsr_core.uncertainty import weight_noise
 
 from _support import ORACLE_ATOL
@@ -90,6 +90,30 @@ def test_tile_starts_keep_the_overlap():
         s = tile_starts(length, tile, overlap)
         assert s[0] == 0 and s[-1] == length - tile
         assert all(b - a <= tile - overlap for a, b in zip(s, s[1:]))  # never less overlap than asked
+
+
+@pytest.mark.parametrize("length", [65, 512, 513, 576, 640, 1000, 1024, 1536, 2048, 3000, 4096])
+@pytest.mark.parametrize("tile, overlap", [(512, 64), (256, 32), (384, 0)])
+def test_tile_size_keeps_the_count_and_shrinks_the_tiles(length, tile, overlap):
+    """The balanced size needs no more tiles than ``tile`` itself, keeps every overlap >= the
+    one asked for, is a multiple of the net's 64 and never exceeds ``tile``."""
+    length = -(-length // 64) * 64  # upscale tiles the padded grid
+    size = tile_size(length, tile, overlap, 64)
+    starts = tile_starts(length, size, overlap)
+    assert size <= tile and (size == length or size % 64 == 0)
+    assert len(starts) <= len(tile_starts(length, tile, overlap))
+    assert starts[0] == 0 and starts[-1] + size == length
+    assert all(a + size - b >= overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_tile_size_for_1024_px():
+    """The case of the speed issue: 3 tiles of 384 (not 512) per side, 56% of the pixels."""
+    assert tile_size(1024, 512, 64, 64) == 384
+    assert tile_starts(1024, 384, 64) == [0, 320, 640]
+    assert [t.h for t in plan_tiles(1024, 2048, 512, 64, 64)][:1] == [384]
+    assert {t.w for t in plan_tiles(1024, 2048, 512, 64, 64)} == {512}
+    with pytest.raises(ValueError, match="overlap"):
+        tile_size(1024, 64, 64, 64)
 
 
 def test_partition_is_disjoint_and_covers():
@@ -188,8 +212,9 @@ def level_steps(x: torch.Tensor) -> torch.Tensor:
 
 def tile_borders(length: int, tile: int, overlap: int) -> list[int]:
     """HR positions c where a tile starts or ends inside the image (the step is between c−1 and c)."""
-    starts = tile_starts(length, tile, overlap)
-    edges = {s for s in starts if s > 0} | {s + tile for s in starts if s + tile < length}
+    size = tile_size(length, tile, overlap, 16)  # the size upscale uses (nets' multiple 16)
+    starts = tile_starts(length, size, overlap)
+    edges = {s for s in starts if s > 0} | {s + size for s in starts if s + size < length}
     return sorted(4 * e for e in edges)
 
 

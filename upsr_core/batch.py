@@ -129,7 +129,7 @@ def _tile_rows(model: UPSRModel, lr: torch.Tensor, tile: int, overlap: int) -> i
     m = model.multiple_of
     hp, wp = -(-lr.shape[-2] // m) * m, -(-lr.shape[-1] // m) * m
     try:
-        return len({t.y for t in plan_tiles(hp, wp, tile, overlap)})
+        return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})
     except (TypeError, ValueError):
         return 1  # bad tiling: let upscale raise its own error
 

@@ -177,7 +177,7 @@ class Flops:
             h = min(blk.y + blk.h + mg, hp) - max(blk.y - mg, 0)
             w = min(blk.x + blk.w + mg, wp) - max(blk.x - mg, 0)
             total += b * self.estimator(1, h, w)
-        for t in plan_tiles(hp, wp, tile, overlap):
+        for t in plan_tiles(hp, wp, tile, overlap, self.den.multiple_of):
             total += b * steps * self.denoiser(1, t.h, t.w)
         return total
 

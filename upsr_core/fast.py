@@ -231,7 +231,7 @@ class FastUPSRModel(UPSRModel):
             raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
         b, _, hp, wp = lr_pm.shape
         h4, w4 = SCALE * size[0], SCALE * size[1]
-        tiles = plan_tiles(hp, wp, tile, overlap)
+        tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         steps = len(self._steps)
         total, done = steps * len(tiles) * b, 0
         dev = self.device
@@ -301,7 +301,7 @@ class FastUPSRModel(UPSRModel):
             noise = starting_noise(seed, b, (hp, wp))
         if tuple(noise.shape) != (b, 3 * SCALE * SCALE, hp, wp):
             raise ValueError(f"noise {tuple(noise.shape)} does not match the padded LR grid ({b}, 48, {hp}, {wp})")
-        if len(plan_tiles(hp, wp, tile, overlap)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:
+        if len(plan_tiles(hp, wp, tile, overlap, m)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:
             return super().upscale(lr, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise)
         dev = self.device

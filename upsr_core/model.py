@@ -146,7 +146,7 @@ class UPSRModel:
             raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
         b, _, hp, wp = lr_pm.shape
         h4, w4 = SCALE * size[0], SCALE * size[1]
-        tiles = plan_tiles(hp, wp, tile, overlap)
+        tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         schedule = make_schedule()
         total = schedule.num_steps * len(tiles) * b
         if sink is not None:

@@ -1,7 +1,11 @@
 """Overlapping tiles with feathered (raised-cosine) blending.
 
 Tiles are laid on the LR grid; every tile has the same size (the last one in a row or
-column is moved back to end at the border), so tiles batch without padding. A tile
+column is moved back to end at the border), so tiles batch without padding. ``tile`` is the
+largest size allowed: a side that needs n tiles gets the smallest size (a multiple of the
+net's) with which n tiles still overlap by ``overlap`` — 1024 LR px with tile 512 and
+overlap 64 run as 3 tiles of 384, not 3 of 512, the last two of which would share 448 px
+(0.56× the denoiser work in 2D, and less memory). A tile
 ramps its weight only on sides shared with a neighbour, over the actual overlap, so an
 image that fits in one tile is returned exactly and the blend weights never vanish.
 """
@@ -13,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["Tile", "tile_starts", "plan_tiles", "partition", "tile_weight", "official_chop_starts", "check_tiling"]
+__all__ = ["Tile", "tile_starts", "plan_tiles", "partition", "tile_weight", "official_chop_starts", "check_tiling", "tile_size"]
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,24 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def plan_tiles(h: int, w: int, tile: int, overlap: int) -> list[Tile]:
-    """Row-major tiles over an (h, w) grid; tile sides are min(tile, side)."""
-    th, tw = min(tile, h), min(tile, w)
-    return [Tile(y, x, th, tw) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
+def tile_size(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    """The tile side used along an axis of ``length``: ``length`` itself if it fits in ``tile``;
+    else, with n = the fewest tiles of at most ``tile`` that overlap by ``overlap``, the
+    smallest multiple of ``multiple`` (<= tile) with which n tiles still cover the axis."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile size {tile}), got {overlap!r}")
+    if length <= tile:
+        return length
+    n = -(-(length - overlap) // (tile - overlap))
+    size = -(-(length + (n - 1) * overlap) // n)
+    return min(tile, -(-size // multiple) * multiple)
+
+
+def plan_tiles(h: int, w: int, tile: int, overlap: int, multiple: int = 1) -> list[Tile]:
+    """Row-major tiles over an (h, w) grid, all of one size (:func:`tile_size` per axis);
+    ``tile`` and ``overlap`` must pass :func:`check_tiling` with ``multiple``."""
+    th, tw = tile_size(h, tile, overlap, multiple), tile_size(w, tile, overlap, multiple)
+    return [Tile(y, x, th, tw) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
 
 
 def partition(h: int, w: int, block: int) -> list[Tile]:
