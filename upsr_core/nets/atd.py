@@ -147,13 +147,25 @@ class TokenDictionaryAttention(nn.Module):
 
 
 class CategoryAttention(nn.Module):
-    """AC-MSA: tokens sorted by dictionary category, attention within groups of ``category_size``."""
+    """AC-MSA: tokens sorted by dictionary category, attention within groups of ``category_size``.
+
+    ``fast_scale`` (inference, set by :meth:`prepare_fast`): the logit scale as a number, and
+    the groups attend through ``scaled_dot_product_attention``, which never materialises the
+    (groups, heads, gs, gs) logits — three such fp32 tensors were 2 GiB at a 576-px
+    estimator block, the largest allocation of a tiled upscale.
+    """
+
+    fast_scale: float | None = None
 
     def __init__(self, dim: int, heads: int, category_size: int):
         super().__init__()
         self.heads, self.category_size = heads, category_size
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(1, 1)))
         self.proj = nn.Linear(dim, dim)
+
+    def prepare_fast(self) -> None:
+        with torch.no_grad():
+            self.fast_scale = float(torch.clamp(self.logit_scale, max=math.log(100.0)).exp())
 
     def forward(self, qkv: torch.Tensor, sim: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """qkv (B, n, 3C), sim (B, n, m), perm (B, n) sorting permutation -> (B, n, C)."""
@@ -166,9 +178,15 @@ class CategoryAttention(nn.Module):
         if pad:  # the last `pad` sorted tokens, reversed (official padding)
             shuffled = torch.cat([shuffled, torch.flip(shuffled[:, n - pad : n], dims=[1])], dim=1)
         q, k, v = shuffled.reshape(b, ng, gs, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
-        # no 1/sqrt(d) and no q/k normalisation (official)
-        attn = (q @ k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        y = (attn.softmax(dim=-1) @ v).permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
+        if self.fast_scale is not None:
+            d = c // self.heads
+            y = F.scaled_dot_product_attention(*(t.reshape(b * ng, self.heads, gs, d) for t in (q, k, v)),
+                                               scale=self.fast_scale).reshape(b, ng, self.heads, gs, d)
+        else:
+            # no 1/sqrt(d) and no q/k normalisation (official)
+            attn = (q @ k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            y = attn.softmax(dim=-1) @ v
+        y = y.permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
         inverse = torch.argsort(perm, dim=-1)
         y = torch.gather(y, 1, inverse.unsqueeze(-1).expand(-1, -1, c))
         return self.proj(y)
@@ -286,6 +304,7 @@ class ATD(nn.Module):
         for blk in self.layers:
             for layer in blk.residual_group.layers:
                 layer.attn_win.prepare_fast(self.relative_position_index_SA, layer.shift)
+                layer.attn_aca.prepare_fast()
         self.fast = True
 
     def _shift_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
