@@ -370,3 +370,14 @@ def test_cli_trains_on_a_photo_folder_with_the_device_feed(tmp_path):
                  "--degradation", "bicubic", "--feed", "device", "--min-texture", "3"]) == 0
     rec = json.loads((out / "estimator_log.json").read_text())
     assert rec["feed"] == "PhotoFeed" and rec["min_texture"] == 3 and rec["summary"]["steps"] == 2
+
+
+def test_export_with_the_estimator_of_a_two_net_file_records_its_estimator_training(tmp_path):
+    demo, _ = _tiny_export(tmp_path)
+    export = tmp_path / "ft.safetensors"
+    assert main(["train", "denoiser", "--data", str(_pack(tmp_path)), "--out", str(tmp_path / "ft"), "--steps", "1",
+                 "--degradation", "bicubic", "--init", str(demo), "--estimator", str(demo), "--export",
+                 str(export)]) == 0
+    demo_meta, meta = load_upsr(demo).metadata, load_upsr(export).metadata
+    assert json.loads(meta["estimator_training"])["stage"] == "estimator"
+    assert meta["estimator_training"] == demo_meta["estimator_training"]

@@ -318,8 +318,10 @@ def _brief(record: dict) -> dict:
 
 
 def _estimator_training(path: str) -> str:
+    """The estimator's training record in ``path``: 'estimator_training' of a file holding both
+    nets (its 'training' is the denoiser's), else 'training' of a stage-1 file."""
     _, meta = read_checkpoint(path)
-    return meta.get("training", meta.get("estimator_training", "unknown"))
+    return meta.get("estimator_training", meta.get("training", "unknown"))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
