@@ -50,7 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--crop-border", type=int, default=0, help="pixels dropped at each side for PSNR/SSIM")
-    p.add_argument("--niqe-params", default=None, help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS or iqa)")
+    p.add_argument("--niqe-params", default=None,
+                   help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS or iqa), or 'off' to skip NIQE "
+                        "(it runs on the CPU, ~1 s per image and method)")
     p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
     p.add_argument("--sheet", type=int, default=6, help="images on the contact sheet (0: none)")
     p.set_defaults(func=_cmd_eval)
@@ -200,11 +202,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dev = _device(args.device)
     model_path = args.model or default_model_path()
     model = load_upsr(model_path, args.estimator, device=dev) if methods != ["bicubic"] else None
-    try:
-        params = load_niqe_params(args.niqe_params)
-    except NIQEUnavailable as e:
-        log.warning("NIQE skipped: %s", e)
-        params = None
+    params = None
+    if args.niqe_params == "off":
+        log.info("NIQE off (--niqe-params off)")
+    else:
+        try:
+            params = load_niqe_params(args.niqe_params)
+        except NIQEUnavailable as e:
+            log.warning("NIQE skipped: %s", e)
     extra = _pyiqa_metrics([n for n in args.pyiqa.split(",") if n], dev)
     means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
                            extra=extra, keep=args.sheet)

@@ -1,0 +1,103 @@
+"""The fine-tune tooling: tools/pack_photos.py, `eval --niqe-params off`, device_train.sh --prepare."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _support import REPO
+from upsr_core.cli import main
+
+
+def _pack_photos():
+    spec = importlib.util.spec_from_file_location("pack_photos", REPO / "tools" / "pack_photos.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _photos(tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    ramp = np.linspace(0, 255, 2048, dtype=np.float32)
+    big = np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)  # short side 2048: 'auto' halves it
+    Image.fromarray(big).save(d / "big.png")
+    Image.fromarray(big[:300, :400]).save(d / "small.png")
+    Image.fromarray(big[:300, :300]).save(d / "val.png")
+    rows = ["file\tgroup", "big.png\tA_train", "small.png\tA_train", "val.png\tA_val"]
+    (d / "SOURCES.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return d
+
+
+def test_pack_photos_writes_the_group_as_jpeg(tmp_path, capsys):
+    pp = _pack_photos()
+    photos, out = _photos(tmp_path), tmp_path / "train_photos"
+    assert pp.main(["--photos", str(photos), "--out", str(out)]) == 0
+    info = json.loads((out / "PHOTOS.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["PHOTOS.json", "big.jpg", "small.jpg"]  # no A_val photo
+    items = {i["source"]: i for i in info["items"]}
+    assert items["big.png"]["prescale"] == 2 and items["big.png"]["size"] == [1024, 1024]
+    assert items["small.png"]["prescale"] == 1 and items["small.png"]["size"] == [400, 300]
+    for i in info["items"]:
+        data = (out / i["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == i["sha256"] and len(data) == i["bytes"]
+        with Image.open(out / i["file"]) as im:
+            assert im.format == "JPEG" and list(im.size) == i["size"]
+    assert info["total_bytes"] == sum(i["bytes"] for i in info["items"])
+    assert pp.main(["--photos", str(photos), "--out", str(out), "--max-side", "512"]) == 0
+    assert json.loads((out / "PHOTOS.json").read_text())["items"][0]["size"] == [512, 512]
+    capsys.readouterr()
+    assert pp.main(["--photos", str(photos), "--out", str(out), "--group", "B"]) == 2
+    assert "group 'B'" in capsys.readouterr().err
+    assert pp.main(["--photos", str(photos), "--out", str(out), "--budget-mib", "0.001"]) == 1
+    assert "exceeds --budget-mib" in capsys.readouterr().err
+
+
+def _pairs(tmp_path):
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    hr.mkdir()
+    lr.mkdir()
+    rng = np.random.default_rng(0)
+    for n in ("a", "b"):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(hr / f"{n}.png")
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(lr / f"{n}.png")
+    return hr, lr
+
+
+def test_eval_niqe_off(tmp_path, monkeypatch):
+    hr, lr = _pairs(tmp_path)
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(tmp_path / "would_be_used.npz"))
+    out = tmp_path / "eval"
+    assert main(["eval", "--hr", str(hr), "--lr", str(lr), "--method", "bicubic", "--niqe-params", "off",
+                 "--out", str(out), "--sheet", "0", "--device", "cpu"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["info"]["niqe"] is False and "niqe" not in res["mean"]["bicubic"] and res["info"]["pairs"] == 2
+
+
+@pytest.mark.parametrize("mode", ["finetune", "scratch"])
+def test_device_train_prepare_checks_the_carry(tmp_path, mode):
+    pack = tmp_path / "pack"
+    for d in ("A_val/hr256", "A_val/lr256_realesrgan"):
+        (pack / d).mkdir(parents=True)
+    np.save(pack / "crops.npy", np.zeros((1, 3, 8, 8), np.uint8))
+    photos = tmp_path / "train_photos"
+    photos.mkdir()
+    env = {**os.environ, "MODE": mode, "PACK": str(pack), "PHOTOS": str(photos),
+           "NIQE_NPZ": str(tmp_path / "niqe" / "niqe_pris_params.npz")}
+    run = lambda: subprocess.run(["bash", str(REPO / "tools" / "device_train.sh"), "--prepare"], cwd=REPO, env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=60)
+    if mode == "finetune":
+        r = run()
+        assert r.returncode == 2 and "no photos" in r.stdout
+        Image.new("RGB", (300, 300)).save(photos / "p.jpg")
+    r = run()
+    assert r.returncode == 0, r.stdout + r.stderr
+    carry = [str(photos), str(pack / "A_val")] if mode == "finetune" else [str(pack)]
+    assert "carry: [" + ", ".join(f'"{c}"' for c in carry) in r.stdout
+    assert "note: " in r.stdout  # the NIQE parameters are missing here
