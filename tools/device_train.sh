@@ -122,7 +122,7 @@ COMMON=(--out "$RUN" --steps 1000000 --schedule cosine --log-every 100 --ckpt-ev
 EXPORT="$RUN/upsr_demo_x4.safetensors"
 
 if [[ "$MODE" == scratch ]]; then
-    [[ -e "$PACK" ]] || { echo "error: training data $PACK not found (carry .devcarry)"; exit 2; }
+    [[ -e "$PACK" ]] || { echo "error: training data $PACK not found (carry it; see --prepare)"; exit 2; }
     echo "== stage 1: estimator, ${STAGE1_MIN} min"
     "$PY" -m upsr_core train estimator --data "$PACK" "${COMMON[@]}" --max-minutes "$STAGE1_MIN"
     echo "== stage 2: denoiser, ${STAGE2_MIN} min (frozen stage-1 estimator)"
