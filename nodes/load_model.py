@@ -25,6 +25,13 @@ PRECISIONS = {"fp32": torch.float32, "auto": None, "bf16": torch.bfloat16, "fp16
 UPSRModelType = io.Custom("UPSR_MODEL")
 
 
+def auto_precision(device: torch.device) -> torch.dtype:
+    """precision "auto": fp16 where ComfyUI deems it safe on ``device``, else bf16, else fp32."""
+    if mm.should_use_fp16(device):
+        return torch.float16
+    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+
 def register_model_folder() -> None:
     """Folder key ``upsr``: any ``upsr:`` paths of extra_model_paths.yaml first (ComfyUI reads that
     file before packs load), then ``models/upsr``, then the bundled ``upsr_core/weights``."""
@@ -87,8 +94,9 @@ class LoadUPSRModel(io.ComfyNode):
                 io.Combo.Input("estimator_name", options=[IN_MODEL_FILE] + files, default=IN_MODEL_FILE,
                                tooltip="the ATD estimator (atd_real.pth); not needed for a converted file"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
-                               tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives; auto = bf16 "
-                                       "where the GPU supports it. The estimator never runs in fp16."),
+                               tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives; auto = fp16 "
+                                       "where ComfyUI deems it safe for this GPU (the official nets were trained "
+                                       "in fp16), else bf16, else fp32. The estimator never runs in fp16."),
             ],
             outputs=[UPSRModelType.Output(display_name="upsr_model")],
         )
@@ -111,7 +119,7 @@ class LoadUPSRModel(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
         est = None if estimator_name == IN_MODEL_FILE else folder_paths.get_full_path_or_raise(FOLDER, estimator_name)
         device = mm.get_torch_device()
-        dtype = PRECISIONS[precision] or (torch.bfloat16 if mm.should_use_bf16(device) else torch.float32)
+        dtype = PRECISIONS[precision] or auto_precision(device)
         model = load_upsr(path, est, device="cpu", dtype=dtype)
         if model.estimator is None:
             raise ValueError(f"{model_name} holds only the denoiser: choose the ATD estimator (atd_real.pth) "

@@ -254,6 +254,16 @@ def test_load_two_files_and_precisions(pack, tmp_path):
         assert next(h.model.estimator.parameters()).dtype == torch.bfloat16
         h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="auto")[0]
         assert h.model.dtype == torch.float32  # auto on a CPU device
+        auto = sys.modules[PACK + ".nodes.load_model"].auto_precision
+        mm = pack.mm
+        with pytest.MonkeyPatch.context() as mp:  # a GPU where ComfyUI allows fp16 / only bf16 / neither
+            mp.setattr(mm, "should_use_fp16", lambda device=None, **kw: True)
+            assert auto("cuda") == torch.float16
+            mp.setattr(mm, "should_use_fp16", lambda device=None, **kw: False)
+            mp.setattr(mm, "should_use_bf16", lambda device=None, **kw: True)
+            assert auto("cuda") == torch.bfloat16
+            mp.setattr(mm, "should_use_bf16", lambda device=None, **kw: False)
+            assert auto("cuda") == torch.float32
         with pytest.raises(ValueError, match="holds only the denoiser"):
             run(pack, "LoadUPSRModel", model_name="den_only.safetensors", estimator_name="(from the model file)",
                 precision="fp32")
