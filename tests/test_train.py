@@ -381,3 +381,25 @@ def test_export_with_the_estimator_of_a_two_net_file_records_its_estimator_train
     demo_meta, meta = load_upsr(demo).metadata, load_upsr(export).metadata
     assert json.loads(meta["estimator_training"])["stage"] == "estimator"
     assert meta["estimator_training"] == demo_meta["estimator_training"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+    ({"lr": float("nan")}, "lr must be"),
+    ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"warmup": -1}, "warmup must be >= 0"),
+    ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
+])
+def test_loop_config_refuses_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoopConfig(**({"steps": 1, "batch": 1, "amp": "off"} | kw))
+
+
+def test_cli_explicit_zero_is_not_the_preset_default(tmp_path, capsys):
+    """--lr 0 / --steps 0 used to fall back to the preset's value through `or`; now they are refused."""
+    from upsr_core.cli import main
+
+    for flag, msg in ((["--lr", "0"], "lr must be a finite number > 0"), (["--steps", "0"], "steps must be >= 1")):
+        rc = main(["train", "estimator", "--data", str(tmp_path), "--config", "tiny", "--out", str(tmp_path / "o"),
+                   "--device", "cpu", *flag])
+        assert rc == 2 and msg in capsys.readouterr().err

@@ -212,8 +212,10 @@ def _init_preset(args: argparse.Namespace, net_config) -> TrainPreset:
 def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
     stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
     return LoopConfig(
-        steps=args.steps or preset.total_steps, max_minutes=args.max_minutes, batch=args.batch or preset.batch,
-        accum=args.accum, lr=args.lr or stage_lr, warmup=preset.warmup if args.warmup is None else args.warmup,
+        # "is None", not "or": an explicit 0 must reach the checks below, not turn into the preset's value
+        steps=preset.total_steps if args.steps is None else args.steps, max_minutes=args.max_minutes,
+        batch=preset.batch if args.batch is None else args.batch,
+        accum=args.accum, lr=stage_lr if args.lr is None else args.lr, warmup=preset.warmup if args.warmup is None else args.warmup,
         schedule=args.schedule, weight_decay=preset.weight_decay,
         ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
         ema_warmup=args.init is None,  # trained weights need no warm-up of their average
@@ -235,7 +237,7 @@ def run_stage(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _loop_config(args, preset, di, out)
-    crop = args.crop or preset.hr_size
+    crop = preset.hr_size if args.crop is None else args.crop
     fused = set_fused(args.fused, di.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
