@@ -227,3 +227,18 @@ def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsy
     assert f32["den_max_abs"] <= 5e-5 and f32["max_abs"] <= 5e-5
     assert 0 < b16["den_max_abs"] < 0.1  # bf16 rounding: present, and small
     assert all(r["finite"] and r["s_per_img"] > 0 for r in rows)
+
+
+def test_bench_checks_the_tiling_before_any_row(tmp_path, capsys):
+    """A bad --tile/--overlap fails at once, not after the other rows have used device time."""
+    import argparse
+
+    from upsr_core.bench import add_parser
+
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    args = ap.parse_args(["bench", "--device", "cpu", "--small", "--sizes", "64", "--tiled", "128",
+                          "--tile", "64", "--overlap", "64"])
+    with pytest.raises(ValueError, match="overlap must be in"):
+        args.func(args)
+    assert "reference" not in capsys.readouterr().out

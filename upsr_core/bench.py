@@ -51,7 +51,7 @@ from .fast import enable_fast
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
 from .pipeline import SCALE, starting_noise
-from .tiling import partition, plan_tiles
+from .tiling import check_tiling, partition, plan_tiles
 from .uncertainty import weight_noise
 
 __all__ = ["add_parser", "run_bench"]
@@ -335,8 +335,10 @@ def run_bench(args: argparse.Namespace) -> int:
             "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)
-    table = Table(args.json, meta)
     mult = ref.multiple_of
+    if tiled:  # fail before any row runs, not after minutes of device time
+        check_tiling(args.tile, args.overlap, mult)
+    table = Table(args.json, meta)
     refs: dict[tuple[int, int], torch.Tensor] = {}
     # the targets first (batch 1, then the tiled row), larger batches while time is left
     first = [b for b in batch_sizes if b == 1] or batch_sizes[:1]
