@@ -3,7 +3,7 @@
     python tools/pack_photos.py                  # photos/ group A_train -> .devcarry/train_photos/
 
 The GPU run (``tools/device_train.sh``, ``MODE=finetune``) trains on this folder with
-``--data .devcarry/train_photos``: ``ImageFolderDataset`` takes a fresh random crop (with
+``--data .devcarry/train_photos --feed device``: ``PhotoFeed`` takes a fresh random crop (with
 random flips/90° rotations) of a whole photo every step, instead of the 164 fixed 256-px crops
 of ``.devcarry/train_pack/A_train_256.npy`` — far more variety for the same carry budget.
 
@@ -38,13 +38,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from upsr_core.train.data import IMAGE_SUFFIXES, _prescale_factor, load_image_array, photos_of_group  # noqa: E402
-
-
-def _to8(a: np.ndarray, maxval: int) -> np.ndarray:
-    if maxval == 255:
-        return a.astype(np.uint8)
-    return np.round(a.astype(np.float64) * (255.0 / maxval)).astype(np.uint8)
+from upsr_core.train.data import IMAGE_SUFFIXES, _prescale_factor, load_image_array, photos_of_group, to_uint8  # noqa: E402
 
 
 def write_photos(photos: Path, group: str, out: Path, *, quality: int = 95, max_side: int | None = None,
@@ -62,7 +56,7 @@ def write_photos(photos: Path, group: str, out: Path, *, quality: int = 95, max_
         with Image.open(p) as im:
             orig = im.size
             factor = _prescale_factor(orig, prescale)
-        img = Image.fromarray(_to8(a, maxval))
+        img = Image.fromarray(to_uint8(a, maxval))
         if max_side is not None and max(img.size) > max_side:
             s = max_side / max(img.size)
             img = img.resize((round(img.width * s), round(img.height * s)), Image.LANCZOS)

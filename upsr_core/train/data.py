@@ -20,7 +20,7 @@ import csv
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -105,6 +105,13 @@ def load_image_array(path: str | Path, prescale: Prescale = 1) -> tuple[np.ndarr
     return np.ascontiguousarray(a), maxval
 
 
+def to_uint8(a: np.ndarray, maxval: int) -> np.ndarray:
+    """An array from :func:`load_image_array` in 8-bit units: uint8 as it is, uint16 rounded."""
+    if maxval == 255:
+        return a
+    return np.round(a.astype(np.float64) * (255.0 / maxval)).astype(np.uint8)
+
+
 def _pad_to(a: np.ndarray, crop: int) -> np.ndarray:
     """Reflect-pad (H, W, C) symmetrically so that both sides are at least ``crop``."""
     ph, pw = max(0, crop - a.shape[0]), max(0, crop - a.shape[1])
@@ -182,10 +189,7 @@ class ImageFolderDataset(Dataset):
         _check_small(small)
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
-        if not min_texture >= 0.0:  # also refuses NaN
-            raise ValueError(f"min_texture must be >= 0, got {min_texture!r}")
-        if tries < 1:
-            raise ValueError(f"tries must be >= 1, got {tries}")
+        check_texture_filter(min_texture, tries)
         paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
         if small == "skip":
             paths = _keep_large_enough(paths, crop, prescale)
@@ -214,27 +218,13 @@ class ImageFolderDataset(Dataset):
         a, maxval = self._array(index % len(self.files))
         h, w = a.shape[:2]
         if self.random_crop:
-            y, x = self._draw(a, maxval)
+            y, x = textured_position(a, maxval, self.crop, self.min_texture, self.tries, lambda: (
+                int(torch.randint(0, h - self.crop + 1, ())), int(torch.randint(0, w - self.crop + 1, ()))))
         else:
             y, x = (h - self.crop) // 2, (w - self.crop) // 2
         t = _crop_tensor(a, y, x, self.crop, maxval)
         return augment_dihedral(t) if self.augment else t
 
-
-    def _draw(self, a: np.ndarray, maxval: int) -> tuple[int, int]:
-        """A random crop position (torch's global RNG); see ``min_texture``."""
-        h, w, c = a.shape[0], a.shape[1], self.crop
-        best: tuple[float, int, int] | None = None
-        for _ in range(self.tries if self.min_texture > 0 else 1):
-            y, x = (int(v) for v in (torch.randint(0, h - c + 1, ()), torch.randint(0, w - c + 1, ())))
-            if self.min_texture <= 0:
-                return y, x
-            t = _texture(a[y:y + c, x:x + c], maxval)
-            if best is None or t > best[0]:
-                best = (t, y, x)
-            if t >= self.min_texture:
-                break
-        return best[1], best[2]
 
 
 class PackedCropsDataset(Dataset):
@@ -292,33 +282,51 @@ def read_packed(path: str | Path) -> torch.Tensor:
     return data
 
 
+LUMA = (0.299, 0.587, 0.114)  # luma weights of the texture measure
+
+
 def _texture(c: np.ndarray, maxval: int) -> float:
     """Mean |gradient| of luma in 8-bit units (the eval pairs' texture measure)."""
-    y = c.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) * (255.0 / maxval)
+    y = c.astype(np.float32) @ np.array(LUMA, np.float32) * (255.0 / maxval)
     return float((np.abs(np.diff(y, axis=0)).mean() + np.abs(np.diff(y, axis=1)).mean()) / 2)
+
+
+def check_texture_filter(min_texture: float, tries: int) -> None:
+    """Raise ValueError unless min_texture >= 0 (not NaN) and tries >= 1."""
+    if not min_texture >= 0.0:  # also refuses NaN
+        raise ValueError(f"min_texture must be >= 0, got {min_texture!r}")
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
+
+
+def textured_position(a: np.ndarray, maxval: int, crop: int, min_texture: float, tries: int,
+                      draw: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """A crop position (y, x) from ``draw()``, re-drawn up to ``tries`` draws in all until the
+    crop's texture reaches ``min_texture`` (else the most textured draw); min_texture <= 0: the
+    first draw, its texture not computed."""
+    if min_texture <= 0:
+        return draw()
+    best: tuple[float, int, int] | None = None
+    for _ in range(tries):
+        y, x = draw()
+        t = _texture(a[y:y + crop, x:x + crop], maxval)
+        if best is None or t > best[0]:
+            best = (t, y, x)
+        if t >= min_texture:
+            break
+    return best[1], best[2]
 
 
 def _cut(a: np.ndarray, maxval: int, crop: int, n: int, rng: np.random.Generator, min_texture: float,
          tries: int = 10) -> list[tuple[int, int, np.ndarray]]:
-    """``n`` random crops (y, x, uint8 (crop, crop, 3)); each re-drawn up to ``tries`` times
-    until its texture reaches ``min_texture`` (else the most textured draw is kept)."""
+    """``n`` random crops (y, x, uint8 (crop, crop, 3)), see :func:`textured_position`."""
     h, w = a.shape[:2]
     out = []
     for _ in range(n):
-        best: tuple[float, int, int] | None = None
-        for _ in range(tries):
-            y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-            t = _texture(a[y:y + crop, x:x + crop], maxval)
-            if best is None or t > best[0]:
-                best = (t, y, x)
-            if t >= min_texture:
-                break
-        _, y, x = best
-        c = a[y:y + crop, x:x + crop]
-        c8 = c if maxval == 255 else np.round(c.astype(np.float64) * (255.0 / maxval)).astype(np.uint8)
-        out.append((y, x, c8))
+        y, x = textured_position(a, maxval, crop, min_texture, tries,
+                                 lambda: (int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))))
+        out.append((y, x, to_uint8(a[y:y + crop, x:x + crop], maxval)))
     return out
-
 
 def pack_crops(
     root: str | Path | None, out_path: str | Path, crop: int = 256, per_image: int = 12, seed: int = 0, *,

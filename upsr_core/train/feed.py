@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import ImageFolderDataset, _pad_to, list_images, load_image_array, read_packed
+from .data import (
+    LUMA,
+    ImageFolderDataset,
+    _pad_to,
+    check_texture_filter,
+    list_images,
+    load_image_array,
+    read_packed,
+    to_uint8,
+)
 from .degradations import bicubic_degrade, degrade
 
 __all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "make_feed", "make_lr", "PACKED_SUFFIXES", "FEEDS"]
@@ -81,9 +90,6 @@ def _flip_rotate(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(m[:, 2], x.transpose(-1, -2), x)
 
 
-_LUMA = (0.299, 0.587, 0.114)  # data._texture's weights
-
-
 def _sat(d: torch.Tensor) -> torch.Tensor:
     """Summed-area table (h+1, w+1) float64 of a (h, w) map, zero first row and column."""
     return F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
@@ -101,10 +107,7 @@ class PhotoFeed:
 
     def __init__(self, root: str | Path, crop: int, device: torch.device, *, shard: tuple[int, int] = (0, 1),
                  min_texture: float = 0.0, tries: int = 10):
-        if not min_texture >= 0.0:
-            raise ValueError(f"min_texture must be >= 0, got {min_texture!r}")
-        if tries < 1:
-            raise ValueError(f"tries must be >= 1, got {tries}")
+        check_texture_filter(min_texture, tries)
         files = list_images(root)
         rank, world = shard
         if world > 1 and len(files) >= world:
@@ -116,13 +119,11 @@ class PhotoFeed:
         self.images: list[torch.Tensor] = []
         sats: dict[str, list[torch.Tensor]] = {"dy": [], "dx": []}
         for p in files:
-            a, maxval = load_image_array(p)
-            if maxval != 255:
-                a = np.round(a.astype(np.float64) * (255.0 / maxval)).astype(np.uint8)
-            img = torch.from_numpy(np.array(_pad_to(a, crop))).to(device).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+            a = _pad_to(to_uint8(*load_image_array(p)), crop)
+            img = torch.from_numpy(np.array(a)).to(device).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
             self.images.append(img)
             if self.min_texture > 0:
-                y = (img.float() * torch.tensor(_LUMA, device=device)[:, None, None]).sum(0)
+                y = (img.float() * torch.tensor(LUMA, device=device)[:, None, None]).sum(0)
                 sats["dy"].append(_sat((y[1:] - y[:-1]).abs()))
                 sats["dx"].append(_sat((y[:, 1:] - y[:, :-1]).abs()))
         self.sizes = torch.tensor([im.shape[1:] for im in self.images], device=device)  # (N, 2): H, W
