@@ -123,16 +123,6 @@ def set_fused(mode: str, device: torch.device) -> bool:
     return on
 
 
-def load_estimator_file(path: str | Path) -> ATD:
-    """The ATD of a stage-1 file or of a converted file holding both nets (frozen)."""
-    sd, meta = read_checkpoint(path)
-    nets = split_nets(sd)
-    if "estimator" not in nets:
-        raise ValueError(f"--estimator {str(path)!r} holds no ATD estimator weights")
-    cfg = ATDConfig.from_dict(json.loads(meta["estimator_config"])) if "estimator_config" in meta else None
-    return build_estimator(nets["estimator"], cfg)
-
-
 _NET = {"estimator": ("estimator", ATDConfig, "ATD estimator",
                       "a stage-1 estimator.safetensors, a converted file holding both nets, or atd_real.pth"),
         "denoiser": ("denoiser", DenoiserConfig, "UPSR denoiser",
@@ -147,21 +137,20 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _meta_config(meta: dict, key: str, cls, path) -> ATDConfig | DenoiserConfig | None:
+def _meta_config(meta: dict, key: str, cls, path, flag: str) -> ATDConfig | DenoiserConfig | None:
     if key not in meta:
         return None
     try:
         return cls.from_dict(json.loads(meta[key]))
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise UnsupportedCheckpointError(
-            f"--init {str(path)!r}: metadata {key!r} is not a {cls.__name__} as JSON ({e}): {meta[key][:120]!r}"
+            f"{flag} {str(path)!r}: metadata {key!r} is not a {cls.__name__} as JSON ({e}): {meta[key][:120]!r}"
         ) from None
 
 
-def read_init(path: str | Path, stage: str) -> tuple[torch.nn.Module, dict]:
-    """The ``stage`` net ('estimator' or 'denoiser') built from the weights in ``path`` (fp32,
-    training mode, gradients on) and a JSON-able record of the file: path, name, sha256, stored
-    dtype, where the config came from and the file's own training record (None if it has none)."""
+def _read_net(path: str | Path, stage: str, flag: str):
+    """-> (the ``stage`` net of ``path``: fp32, eval mode, frozen; its config if the metadata had
+    one, else None; the state dict; the metadata). ``flag`` names the option in errors."""
     if stage not in _NET:
         raise ValueError(f"stage must be 'estimator' or 'denoiser', got {stage!r}")
     key, cls, what, expected = _NET[stage]
@@ -169,10 +158,26 @@ def read_init(path: str | Path, stage: str) -> tuple[torch.nn.Module, dict]:
     nets = split_nets(sd)
     if key not in nets:
         raise UnsupportedCheckpointError(
-            f"--init {str(path)!r} holds no {what} weights (it holds: {', '.join(sorted(nets))}); expected {expected}")
-    cfg = _meta_config(meta, f"{key}_config", cls, path)
+            f"{flag} {str(path)!r} holds no {what} weights (it holds: {', '.join(sorted(nets))}); expected {expected}")
+    cfg = _meta_config(meta, f"{key}_config", cls, path, flag)
     build = build_estimator if stage == "estimator" else build_denoiser
-    net = build(nets[key], cfg).train().requires_grad_(True)
+    return build(nets[key], cfg), cfg, nets[key], sd, meta
+
+
+def load_estimator_file(path: str | Path) -> tuple[ATD, dict[str, str]]:
+    """The ATD of a stage-1 file or of a converted file holding both nets (frozen), and the
+    file's metadata."""
+    net, _, _, _, meta = _read_net(path, "estimator", "--estimator")
+    return net, meta
+
+
+def read_init(path: str | Path, stage: str) -> tuple[torch.nn.Module, dict]:
+    """The ``stage`` net ('estimator' or 'denoiser') built from the weights in ``path`` (fp32,
+    training mode, gradients on) and a JSON-able record of the file: path, name, sha256, stored
+    dtype, where the config came from and the file's own training record (None if it has none)."""
+    net, cfg, weights, sd, meta = _read_net(path, stage, "--init")
+    net = net.train().requires_grad_(True)
+    key = _NET[stage][0]
     both = detect_kind(sd) == "both"
     own = meta.get(f"{key}_training" if both and stage == "estimator" else "training")
     if own is not None:
@@ -180,7 +185,7 @@ def read_init(path: str | Path, stage: str) -> tuple[torch.nn.Module, dict]:
             own = json.loads(own)
         except json.JSONDecodeError:
             pass  # keep the text as it is
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in nets[key].values() if v.is_floating_point()})
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in weights.values() if v.is_floating_point()})
     record = {"file": str(path), "name": Path(path).name, "sha256": _sha256(path), "stored_dtype": ",".join(dtypes),
               "config_from": "metadata" if cfg is not None else "tensor shapes", "training": own}
     return net, record
@@ -247,7 +252,7 @@ def run_stage(args: argparse.Namespace) -> dict:
         net = init_net if init_net is not None else build_estimator_net(preset.estimator)
         task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen)
     else:
-        est = load_estimator_file(args.estimator).to(di.device)
+        est = load_estimator_file(args.estimator)[0].to(di.device)
         net = init_net if init_net is not None else build_denoiser_net(preset.denoiser)
         lp = LPIPSHook.from_name(args.lpips, di.device)
         if not lp.available:
@@ -294,22 +299,15 @@ def run_stage(args: argparse.Namespace) -> dict:
 
 def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path) -> None:
     ema_net = trainer.ema_model(lambda: type(net)(net.config)).cpu()
-    if args.stage == "estimator":
-        sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
-        save_file(sd, str(out / "estimator.safetensors"),
-                  metadata={"estimator_config": json.dumps(net.config.to_dict()),
-                            "training": json.dumps(_brief(record))})
-    else:
-        sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
-        save_file(sd, str(out / "denoiser.safetensors"),
-                  metadata={"denoiser_config": json.dumps(net.config.to_dict()),
-                            "training": json.dumps(_brief(record))})
-        if args.export:
-            est = load_estimator_file(args.estimator)
-            meta = {"training": json.dumps(_brief(record) | {"data_note": args.data_note}),
-                    "estimator_training": _estimator_training(args.estimator)}
-            save_converted(args.export, ema_net, est, dtype=args.export_dtype, extra_metadata=meta)
-            log.info("exported %s", args.export)
+    sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
+    save_file(sd, str(out / f"{args.stage}.safetensors"),
+              metadata={f"{args.stage}_config": json.dumps(net.config.to_dict()), "training": json.dumps(_brief(record))})
+    if args.stage == "denoiser" and args.export:
+        est, est_meta = load_estimator_file(args.estimator)
+        meta = {"training": json.dumps(_brief(record) | {"data_note": args.data_note}),
+                "estimator_training": _estimator_training(est_meta)}
+        save_converted(args.export, ema_net, est, dtype=args.export_dtype, extra_metadata=meta)
+        log.info("exported %s", args.export)
     (out / f"{args.stage}_log.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     log.info("%s done: %s", args.stage, json.dumps(record["summary"]))
 
@@ -319,10 +317,9 @@ def _brief(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "history"}
 
 
-def _estimator_training(path: str) -> str:
-    """The estimator's training record in ``path``: 'estimator_training' of a file holding both
-    nets (its 'training' is the denoiser's), else 'training' of a stage-1 file."""
-    _, meta = read_checkpoint(path)
+def _estimator_training(meta: dict[str, str]) -> str:
+    """The estimator's training record in a file's metadata: 'estimator_training' of a file
+    holding both nets (its 'training' is the denoiser's), else 'training' of a stage-1 file."""
     return meta.get("estimator_training", meta.get("training", "unknown"))
 
 
