@@ -212,14 +212,18 @@ def _peak(dev: torch.device, ok: bool) -> tuple[float | None, float | None]:
     return None, None
 
 
-def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, list[float], list[float], tuple, tuple]:
+def _time(fn, dev: torch.device, warmup: int, reps: int
+          ) -> tuple[torch.Tensor, list[float], list[float], tuple, tuple, float | None]:
     """-> (last output, wall seconds per run, process CPU seconds per run (contention-proof on a
-    shared CPU), peak (GiB, reserved GiB) including the warm-up, peak over the timed runs only)."""
+    shared CPU), peak (GiB, reserved GiB) including the warm-up, peak over the timed runs only,
+    wall seconds of the warm-up (compiling, cuDNN probing, graph capture; None without one))."""
     out = None
     ok = _reset_peak(dev)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         out = fn()
     _sync(dev)
+    warm_s = time.perf_counter() - t0 if warmup else None
     first = _peak(dev, ok)
     if warmup:
         ok = _reset_peak(dev, empty=False)
@@ -235,7 +239,7 @@ def _time(fn, dev: torch.device, warmup: int, reps: int) -> tuple[torch.Tensor, 
         first = steady
     else:
         first = tuple(None if a is None else max(a, b or 0.0) for a, b in zip(first, steady))
-    return out, times, cpu, first, steady
+    return out, times, cpu, first, steady, warm_s
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -271,13 +275,13 @@ class Table:
 
 
 def _row(lr, b, path, dtype, timed, flops, ref_s, out, ref_out, **extra) -> dict:
-    times, cpu, first, peak = timed
+    times, cpu, first, peak, warm_s = timed
     s = statistics.median(times) / b
     d = (out.float().cpu() - ref_out).abs() if ref_out is not None else None
     return {
         "lr": lr, "batch": b, "path": path, "dtype": dtype, "s_per_img": s, "img_per_s": 1.0 / s,
         "best_s_per_img": min(times) / b, "reps": len(times), "peak_gib": peak[0], "reserved_gib": peak[1],
-        "first_peak_gib": first[0], "first_reserved_gib": first[1],
+        "first_peak_gib": first[0], "first_reserved_gib": first[1], "warmup_s": warm_s,
         "tflops": flops / (s * b) / 1e12, "vs_ref": (ref_s / s) if ref_s else None,
         "max_abs": d.max().item() if d is not None else None, "mean_abs": d.mean().item() if d is not None else None,
         "finite": bool(torch.isfinite(out).all()), "process_cpu_s_per_img": min(cpu) / b, **extra,
@@ -459,16 +463,13 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
             lr = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(args.seed)).to(dev)
             noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
             kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)
-            tc = time.perf_counter()
-            m.upscale(lr, noise=noise, **kw)  # compiles, warms up and captures
-            _sync(dev)
-            first = time.perf_counter() - tc
+            # the warm-up call compiles, warms up and captures: its seconds are the row's warmup_s
             out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 1, args.reps or 10)
             ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1
                             and r["path"] == "reference"), None)
             fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
             table.add(_row(str(s), 1, "fast+compile", "bf16", timed, fl, ref_row["s_per_img"] if ref_row else None,
-                           out, refs.get((s, 1)), first_call_s=first, compiled=m._compiled is not None))
+                           out, refs.get((s, 1)), compiled=m._compiled is not None))
             m.graphs.clear()
 
 

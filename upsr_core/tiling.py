@@ -58,8 +58,7 @@ def tile_size(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
     """The tile side used along an axis of ``length``: ``length`` itself if it fits in ``tile``;
     else, with n = the fewest tiles of at most ``tile`` that overlap by ``overlap``, the
     smallest multiple of ``multiple`` (<= tile) with which n tiles still cover the axis."""
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile size {tile}), got {overlap!r}")
+    check_tiling(tile, overlap, multiple)
     if length <= tile:
         return length
     n = -(-(length - overlap) // (tile - overlap))

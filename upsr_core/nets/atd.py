@@ -163,9 +163,13 @@ class CategoryAttention(nn.Module):
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(1, 1)))
         self.proj = nn.Linear(dim, dim)
 
+    def _scale(self) -> torch.Tensor:
+        """The logit scale, clamped at 100 (official); no 1/sqrt(d) and no q/k normalisation."""
+        return torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+
     def prepare_fast(self) -> None:
         with torch.no_grad():
-            self.fast_scale = float(torch.clamp(self.logit_scale, max=math.log(100.0)).exp())
+            self.fast_scale = float(self._scale())
 
     def forward(self, qkv: torch.Tensor, sim: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """qkv (B, n, 3C), sim (B, n, m), perm (B, n) sorting permutation -> (B, n, C)."""
@@ -183,8 +187,7 @@ class CategoryAttention(nn.Module):
             y = F.scaled_dot_product_attention(*(t.reshape(b * ng, self.heads, gs, d) for t in (q, k, v)),
                                                scale=self.fast_scale).reshape(b, ng, self.heads, gs, d)
         else:
-            # no 1/sqrt(d) and no q/k normalisation (official)
-            attn = (q @ k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            attn = (q @ k.transpose(-2, -1)) * self._scale()
             y = attn.softmax(dim=-1) @ v
         y = y.permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
         inverse = torch.argsort(perm, dim=-1)
