@@ -65,7 +65,8 @@ def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multi
 def _tiling_inputs() -> list:
     return [
         io.Int.Input("tile", default=DEFAULT_TILE, min=MIN_TILE, max=4096, step=64,
-                     tooltip="largest tile in LR pixels (a multiple of 64); images up to this size run in one piece, larger ones as the fewest tiles of at most this size"),
+                     tooltip="largest tile in LR pixels (a multiple of 64); images up to this size run in one piece, "
+                             "larger ones as the fewest tiles of at most this size"),
         io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=1024, step=8,
                      tooltip="overlap of neighbouring tiles, in LR pixels (less than the tile size)"),
         io.Int.Input("tile_batch", default=1, min=1, max=64, tooltip="tiles per denoiser batch"),

@@ -78,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser call")
     p.add_argument("--no-tiled-ref", action="store_true", help="skip the (slow) reference run of the tiled row")
     p.add_argument("--mem-cap-gib", type=float, default=None,
-                   help="CUDA memory cap for the fast rows (default: 6 for the tiled row, none for the others; 0 = none)")
+                   help="CUDA memory cap for the fast rows (default: 6 for the tiled row, none for the others; "
+                        "0 = none)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
     p.add_argument("--compile-sizes", default="64,256", help="LR sides of the compiled rows (batch 1, bf16)")

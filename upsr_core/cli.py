@@ -99,7 +99,9 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                    help="denoiser precision (fp32 = the faithful reference path; auto = fp16 on CUDA, else fp32)")
     p.add_argument("--b-u", type=float, default=0.4, help="noise floor b_u in [0, 1]")
     p.add_argument("--psi-max", type=float, default=0.05, help="uncertainty ψ_max > 0 ([0,1] units)")
-    p.add_argument("--tile", type=int, default=512, help="largest tile in LR pixels (multiple of 64); larger images run as the fewest tiles of at most this size, each as small as the overlap allows")
+    p.add_argument("--tile", type=int, default=512,
+                   help="largest tile in LR pixels (multiple of 64); larger images run as the fewest tiles "
+                        "of at most this size, each as small as the overlap allows")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in LR pixels")
     p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser batch")
     p.add_argument("--fast", action="store_true", help="fused attention / compile (see bench)")

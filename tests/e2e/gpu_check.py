@@ -2,8 +2,8 @@
 
     python tests/e2e/gpu_check.py [OUT.json]
 
-Not collected by pytest (no ComfyUI and no GPU in CI). Checks: precision auto -> fp16 (stub ComfyUI allows fp16 on CUDA) and the
-estimator never in fp16; the fp32 chain equal to the CLI on the same GPU and UPSR Upscale equal to the
+Not collected by pytest (no ComfyUI and no GPU in CI). Checks: precision auto -> fp16 (stub ComfyUI allows fp16 on
+CUDA) and the estimator never in fp16; the fp32 chain equal to the CLI on the same GPU and UPSR Upscale equal to the
 chain; a real CUDA out-of-memory (a capped allocator) retried with smaller tiles, giving the result of
 those tiles; Cancel within one step on the GPU. Prints one JSON report.
 """

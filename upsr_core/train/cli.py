@@ -220,7 +220,8 @@ def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> L
         # "is None", not "or": an explicit 0 must reach the checks below, not turn into the preset's value
         steps=preset.total_steps if args.steps is None else args.steps, max_minutes=args.max_minutes,
         batch=preset.batch if args.batch is None else args.batch,
-        accum=args.accum, lr=stage_lr if args.lr is None else args.lr, warmup=preset.warmup if args.warmup is None else args.warmup,
+        accum=args.accum, lr=stage_lr if args.lr is None else args.lr,
+        warmup=preset.warmup if args.warmup is None else args.warmup,
         schedule=args.schedule, weight_decay=preset.weight_decay,
         ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
         ema_warmup=args.init is None,  # trained weights need no warm-up of their average
@@ -301,7 +302,8 @@ def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path) -> None
     ema_net = trainer.ema_model(lambda: type(net)(net.config)).cpu()
     sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
     save_file(sd, str(out / f"{args.stage}.safetensors"),
-              metadata={f"{args.stage}_config": json.dumps(net.config.to_dict()), "training": json.dumps(_brief(record))})
+              metadata={f"{args.stage}_config": json.dumps(net.config.to_dict()),
+                        "training": json.dumps(_brief(record))})
     if args.stage == "denoiser" and args.export:
         est, est_meta = load_estimator_file(args.estimator)
         meta = {"training": json.dumps(_brief(record) | {"data_note": args.data_note}),
