@@ -174,30 +174,34 @@ def _load_strict(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str
     net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}, strict=True)
 
 
+_NETS = {  # kind -> (class, config from shapes, name, what its keys look like)
+    "denoiser": (UPSRDenoiser, denoiser_config_from_state_dict, "UPSR denoiser",
+                 "UNetModelSwin: 'input_blocks.*', 'time_embed.*'"),
+    "estimator": (ATD, atd_config_from_state_dict, "ATD estimator", "'conv_first.*', 'layers.*.residual_group.td'"),
+}
+
+
+def _build(kind: str, sd: Mapping[str, torch.Tensor], config):
+    cls, infer, what, keys = _NETS[kind]
+    found = detect_kind(sd)
+    if found != kind:
+        other = next((v[2] for k, v in _NETS.items() if k == found), None)
+        raise UnsupportedCheckpointError(
+            f"expected {what} weights ({keys}), found {f'{other} weights' if other else describe_state_dict(sd)}"
+        )
+    net = cls(config or infer(sd))
+    _load_strict(net, sd, what)
+    return net.eval().requires_grad_(False)
+
+
 def build_denoiser(sd: Mapping[str, torch.Tensor], config: DenoiserConfig | None = None) -> UPSRDenoiser:
     """Build an :class:`UPSRDenoiser` (float32, eval mode) from its state dict."""
-    if detect_kind(sd) != "denoiser":
-        found = "ATD estimator weights" if detect_kind(sd) == "estimator" else describe_state_dict(sd)
-        raise UnsupportedCheckpointError(
-            f"expected UPSR denoiser weights (UNetModelSwin: 'input_blocks.*', 'time_embed.*'), found {found}"
-        )
-    config = config or denoiser_config_from_state_dict(sd)
-    net = UPSRDenoiser(config)
-    _load_strict(net, sd, "UPSR denoiser")
-    return net.eval().requires_grad_(False)
+    return _build("denoiser", sd, config)
 
 
 def build_estimator(sd: Mapping[str, torch.Tensor], config: ATDConfig | None = None) -> ATD:
     """Build an :class:`ATD` estimator (float32, eval mode) from its state dict."""
-    if detect_kind(sd) != "estimator":
-        found = "UPSR denoiser weights" if detect_kind(sd) == "denoiser" else describe_state_dict(sd)
-        raise UnsupportedCheckpointError(
-            f"expected ATD estimator weights ('conv_first.*', 'layers.*.residual_group.td'), found {found}"
-        )
-    config = config or atd_config_from_state_dict(sd)
-    net = ATD(config)
-    _load_strict(net, sd, "ATD estimator")
-    return net.eval().requires_grad_(False)
+    return _build("estimator", sd, config)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
