@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from upsr_core import UPSRModel, load_upsr
 from upsr_core.cli import DEMO_MODEL, WEIGHTS_DIR
+from upsr_core.fast import enable_fast
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ IN_MODEL_FILE = "(from the model file)"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
 # fp32 first: the default, and the dtype `python -m upsr_core upscale` uses unless told otherwise
 PRECISIONS = {"fp32": torch.float32, "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLEMENTATIONS = ("fast", "reference")
 
 UPSRModelType = io.Custom("UPSR_MODEL")
 
@@ -30,6 +32,16 @@ def auto_precision(device: torch.device) -> torch.dtype:
     if mm.should_use_fp16(device):
         return torch.float16
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+
+
+def make_fast(model: UPSRModel, device: torch.device) -> UPSRModel:
+    """The fast path for ComfyUI's ``device``, without the two switches that fight its memory
+    management: CUDA graphs (their memory pool would stay allocated outside ComfyUI's
+    accounting, and ComfyUI moves the weights the graphs point at) and torch.compile
+    (minutes of compiling for every new image size). The nets are still on the CPU here, so
+    the device-dependent switches are set for ``device``, as ``enable_fast`` would there."""
+    cuda = device.type == "cuda"
+    return enable_fast(model, compile=False, cuda_graphs=False, channels_last=cuda, subpixel=not cuda)
 
 
 def register_model_folder() -> None:
@@ -97,23 +109,32 @@ class LoadUPSRModel(io.ComfyNode):
                                tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives; auto = fp16 "
                                        "where ComfyUI deems it safe for this GPU (the official nets were trained "
                                        "in fp16), else bf16, else fp32. The estimator never runs in fp16."),
+                io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
+                               tooltip="fast: fused attention with precomputed masks and the sampling loop on the "
+                                       "device; equal to reference up to float rounding (what `python -m upsr_core "
+                                       "upscale --fast` gives). reference: the faithful port of the official code, "
+                                       "bit for bit what `python -m upsr_core upscale` gives; slower, more memory."),
             ],
             outputs=[UPSRModelType.Output(display_name="upsr_model")],
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, estimator_name: str, precision: str) -> bool | str:
+    def validate_inputs(cls, model_name: str, estimator_name: str, precision: str,
+                        implementation: str = "fast") -> bool | str:
         files = model_files()
         problem = check_choice("model_name", model_name, files)
         if problem is None and estimator_name != IN_MODEL_FILE:
             problem = check_choice("estimator_name", estimator_name, files)
         if problem is None and precision not in PRECISIONS:
             problem = f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        if problem is None and implementation not in IMPLEMENTATIONS:
+            problem = f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}"
         return problem or True
 
     @classmethod
-    def execute(cls, model_name: str, estimator_name: str, precision: str) -> io.NodeOutput:
-        problem = cls.validate_inputs(model_name, estimator_name, precision)
+    def execute(cls, model_name: str, estimator_name: str, precision: str,
+                implementation: str = "fast") -> io.NodeOutput:
+        problem = cls.validate_inputs(model_name, estimator_name, precision, implementation)
         if problem is not True:
             raise ValueError(problem)
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
@@ -124,7 +145,10 @@ class LoadUPSRModel(io.ComfyNode):
         if model.estimator is None:
             raise ValueError(f"{model_name} holds only the denoiser: choose the ATD estimator (atd_real.pth) "
                              "as estimator_name")
+        if implementation == "fast":
+            make_fast(model, device)
         nets = torch.nn.ModuleDict({"denoiser": model.denoiser, "estimator": model.estimator})
         patcher = comfy.model_patcher.ModelPatcher(nets, load_device=device, offload_device=mm.unet_offload_device())
-        log.info("UPSR: loaded %s (%s) for %s", model_name, str(model.dtype).removeprefix("torch."), device)
+        log.info("UPSR: loaded %s (%s, %s) for %s", model_name, str(model.dtype).removeprefix("torch."),
+                 implementation, device)
         return io.NodeOutput(UPSRHandle(model, patcher))

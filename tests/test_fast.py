@@ -160,11 +160,52 @@ def test_fast_to_reprepares_masks(small_nets):
     assert m.upscale(torch.rand(1, 3, 16, 16), seed=0).isfinite().all()
 
 
+def test_fast_follows_nets_moved_behind_its_back(small_nets, monkeypatch):
+    """ComfyUI loads/offloads the nn.Modules directly (not through FastUPSRModel.to): the next call
+    must re-prepare masks, constants and graphs for the new storage, and only then."""
+    m = _fast(small_nets)
+    lr = torch.rand(1, 3, 16, 16)
+    want = m.upscale(lr, seed=1)
+    prepared = []
+    original = m._prepare
+    monkeypatch.setattr(m, "_prepare", lambda: (prepared.append(1), original())[1])
+    est = m.estimate(lr)
+    m.denoise(est, weight_noise(est.uncertainty(), 0.4, 0.05), seed=1)
+    assert prepared == []  # nothing moved: no re-preparation
+    for net in (m.denoiser, m.estimator):  # what Module.to(other device) does: new storage for every tensor
+        for p in net.parameters():
+            p.data = p.data.clone()
+    blk = next(b for b in m.denoiser.modules() if isinstance(b, SwinBlock))
+    old_masks = blk.attn.fast_masks
+    assert torch.equal(m.upscale(lr, seed=1), want)
+    assert prepared == [1] and blk.attn.fast_masks is not old_masks
+    m.upscale(lr, seed=1)
+    assert prepared == [1]
+
+
+@pytest.mark.parametrize("shape,tile", [((2, 3, 16, 16), 512), ((1, 3, 40, 72), 32)])
+def test_fast_reports_progress_after_every_step_off_cuda(fast32, shape, tile):
+    """Without graph replay (CPU, or graphs off under ComfyUI) progress, and with it ComfyUI's
+    cancel check, comes after every denoiser step, as in the reference path."""
+    from upsr_core.tiling import plan_tiles
+
+    seen = []
+    lr = torch.rand(shape)
+    fast32.upscale(lr, seed=0, tile=tile, overlap=16, progress=lambda d, t: seen.append((d, t)))
+    hp, wp = (-(-s // fast32.multiple_of) * fast32.multiple_of for s in shape[-2:])
+    n = 5 * shape[0] * len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of))
+    one_call = len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of)) == 1  # a batch of small images: one call
+    per = shape[0] if one_call else 1
+    assert seen == [(k, n) for k in range(per, n + 1, per)]
+
+
 def test_graph_cache_runs_eagerly_off_cuda():
     cache = GraphCache(enabled=True)
     x = torch.arange(4.0)
     (y,) = cache.run("k", lambda t: (t * 2,), x)
     assert torch.equal(y, x * 2) and len(cache) == 0
+    cuda = torch.device("cuda")
+    assert not cache.replays("k", x.device) and cache.replays("k", cuda) and not GraphCache(False).replays("k", cuda)
     with pytest.raises(ValueError, match="max_graphs"):
         GraphCache(max_graphs=0)
 

@@ -162,7 +162,8 @@ def _spec(pack, node_id):
 
 def test_schema_types_and_order(pack):
     expect = {
-        "LoadUPSRModel": ({"required": ["model_name", "estimator_name", "precision"]}, ["UPSR_MODEL"], ["upsr_model"]),
+        "LoadUPSRModel": ({"required": ["model_name", "estimator_name", "precision"], "optional": ["implementation"]},
+                          ["UPSR_MODEL"], ["upsr_model"]),
         "EstimateUncertainty": ({"required": ["upsr_model", "image"], "optional": ["upscale_model"]},
                                 ["IMAGE", "IMAGE", "MASK"], ["sr_estimate", "uncertainty", "uncertainty_mask"]),
         "WeightNoise": ({"required": ["b_u", "psi_max"], "optional": ["uncertainty", "uncertainty_mask"]},
@@ -179,7 +180,8 @@ def test_schema_types_and_order(pack):
     types = {"upsr_model": "UPSR_MODEL", "image": "IMAGE", "sr_estimate": "IMAGE", "noise_weight": "IMAGE",
              "uncertainty": "IMAGE", "uncertainty_mask": "MASK", "upscale_model": "UPSCALE_MODEL", "seed": "INT",
              "tile": "INT", "overlap": "INT", "tile_batch": "INT", "b_u": "FLOAT", "psi_max": "FLOAT",
-             "model_name": "COMBO", "estimator_name": "COMBO", "precision": "COMBO"}
+             "model_name": "COMBO", "estimator_name": "COMBO", "precision": "COMBO",
+             "implementation": "COMBO"}
     for node_id in expect:
         for name, (typ, _opts) in _spec(pack, node_id)[1].items():
             assert typ == types[name], (node_id, name)
@@ -200,6 +202,7 @@ def test_schema_defaults_and_slider_ranges(pack):
         assert (s["overlap"][1]["default"], s["tile_batch"][1]["default"]) == (64, 1)
     _, s = _spec(pack, "LoadUPSRModel")
     assert s["precision"][1]["options"] == ["fp32", "auto", "bf16", "fp16"] and s["precision"][1]["default"] == "fp32"
+    assert s["implementation"][1]["options"] == ["fast", "reference"] and s["implementation"][1]["default"] == "fast"
     assert s["model_name"][1]["options"] == [DEMO] and s["model_name"][1]["default"] == DEMO
     assert s["estimator_name"][1]["options"] == ["(from the model file)", DEMO]
     assert s["estimator_name"][1]["default"] == "(from the model file)"
@@ -275,6 +278,24 @@ def test_load_two_files_and_precisions(pack, tmp_path):
         (pack.extra_dir / "atd_only.safetensors").unlink()
 
 
+def test_implementation_fast_is_the_default_without_graphs_or_compile(pack, handle):
+    from upsr_core.fast import FastUPSRModel
+
+    m = handle.model
+    assert isinstance(m, FastUPSRModel)
+    # CUDA graphs and torch.compile stay off under ComfyUI (memory outside its accounting, compile time);
+    # the device-dependent switches follow ComfyUI's device (the stub's is the CPU: subpixel on, channels-last off)
+    assert (m.fast_options.compile, m.fast_options.cuda_graphs) == (False, False)
+    assert (m.fast_options.subpixel, m.fast_options.channels_last) == (True, False)
+    ref = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32",
+              implementation="reference")[0].model
+    assert type(ref) is UPSRModel
+    make_fast = sys.modules[PACK + ".nodes.load_model"].make_fast
+    on_gpu = make_fast(UPSRModel(*_tiny_nets()), torch.device("cuda"))  # nets on the CPU, set up for a GPU
+    assert (on_gpu.fast_options.compile, on_gpu.fast_options.cuda_graphs) == (False, False)
+    assert (on_gpu.fast_options.subpixel, on_gpu.fast_options.channels_last) == (False, True)
+
+
 def test_load_rejects_bad_choices_with_clear_messages(pack):
     node = pack.nodes["LoadUPSRModel"]
     assert node.validate_inputs(DEMO, "(from the model file)", "fp32") is True
@@ -282,6 +303,8 @@ def test_load_rejects_bad_choices_with_clear_messages(pack):
     assert "model_name 'nope.pth' is not in the upsr model folders" in msg and DEMO in msg
     assert "estimator_name 'x.pth'" in node.validate_inputs(DEMO, "x.pth", "fp32")
     assert "precision must be one of fp32, auto, bf16, fp16" in node.validate_inputs(DEMO, "(from the model file)", "fp8")
+    assert "implementation must be one of fast, reference, got 'turbo'" in node.validate_inputs(
+        DEMO, "(from the model file)", "fp32", "turbo")
     with pytest.raises(ValueError, match="nope.pth"):
         run(pack, "LoadUPSRModel", model_name="nope.pth", estimator_name="(from the model file)", precision="fp32")
 
@@ -317,13 +340,18 @@ def test_execute_layouts(pack, handle):
 
 # ----------------------------------------------------------------------------- the chain is the CLI
 @pytest.mark.slow
-def test_chain_with_defaults_writes_what_the_cli_writes(pack, handle, model, tmp_path):
+@pytest.mark.parametrize("implementation", ["fast", "reference"])
+def test_chain_with_defaults_writes_what_the_cli_writes(pack, implementation, tmp_path):
+    """fast (the default) is `upscale --fast`, reference is `upscale`: the same code, bit for bit."""
+    handle = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32",
+                 **({} if implementation == "fast" else {"implementation": implementation}))[0]
+    model = handle.model
     img = lr_image(20, 28, seed=5)
     Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "lr.png")
     from upsr_core.cli import main
 
     assert main(["upscale", str(tmp_path / "lr.png"), "-o", str(tmp_path / "sr.png"), "--model",
-                 str(pack.model_file), "--device", "cpu", "-q"]) == 0
+                 str(pack.model_file), "--device", "cpu", "-q", *(["--fast"] if implementation == "fast" else [])]) == 0
     cli = np.asarray(Image.open(tmp_path / "sr.png").convert("RGB"))
     sr, _, _ = chain(pack, handle, img)
     assert np.array_equal((sr[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8), cli)
@@ -333,13 +361,23 @@ def test_chain_with_defaults_writes_what_the_cli_writes(pack, handle, model, tmp
 
 
 @pytest.mark.slow
-def test_upscale_node_equals_the_chain(pack, handle):
+@pytest.mark.parametrize("implementation", ["reference", "fast"])
+def test_upscale_node_equals_the_chain(pack, implementation):
+    h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32",
+            implementation=implementation)[0]
     img = lr_image(20, 36, b=2, seed=2)
     kw = {"seed": 11, "tile": 64, "overlap": 16, "tile_batch": 1}
-    sr_chain, _, _ = chain(pack, handle, img, **kw)
+    sr_chain, _, _ = chain(pack, h, img, **kw)
     d = defaults(pack, "UPSRUpscale") | kw
-    sr_one = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d)[0]
-    assert torch.equal(sr_one, sr_chain)
+    sr_one = run(pack, "UPSRUpscale", upsr_model=h, image=img, **d)[0]
+    one_by_one = torch.cat([run(pack, "UPSRUpscale", upsr_model=h, image=img[i : i + 1], **d | {"seed": 11 + i})[0]
+                            for i in range(2)])
+    assert torch.equal(one_by_one, sr_chain)  # the chain runs the images one by one, as the CLI does
+    if implementation == "reference":
+        assert torch.equal(sr_one, sr_chain)
+    else:  # the fast path runs small images of a batch as one denoiser batch: other CPU kernel blocking
+        d = (sr_one - sr_chain).abs().max().item()
+        assert d <= 1e-6  # measured 6e-8 (2026-11-26, CPU): last-bit rounding through 5 steps
 
 
 # ----------------------------------------------------------------------------- the mask path

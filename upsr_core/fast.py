@@ -15,7 +15,11 @@ What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
   host-device sync and no host copy;
 * on CUDA each fixed shape is captured once as a CUDA graph and replayed
   (:class:`upsr_core.graphs.GraphCache`); images that fit in one tile run as ONE graph;
-  tiles are batched (``tile_batch``) and blended on the device.
+  tiles are batched (``tile_batch``) and blended on the device; progress (and with it a
+  cancel check) is reported after every denoiser step wherever no graph is replayed;
+* the model follows its nets: when something else moves them (ComfyUI's model management
+  loads and offloads the ``nn.Module``\\ s directly), the next call re-prepares the masks,
+  constants and graphs for the new placement.
 
 The SR results of :meth:`FastUPSRModel.denoise` / ``upscale`` stay on the model's device
 (the reference returns CPU tensors). The fast path is for inference only.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +165,19 @@ class FastUPSRModel(UPSRModel):
         ]
         self._prior = co["prior"].to(dev)
         self.graphs.clear()
+        self._placed = self._placement()
+
+    def _placement(self) -> tuple:
+        """Device, dtype and storage of each net's first parameter: what the prepared masks,
+        constants and captured graphs depend on."""
+        nets = [n for n in (self.denoiser, self.estimator) if n is not None]
+        return tuple((p.device, p.dtype, p.data_ptr()) for p in (next(n.parameters()) for n in nets))
+
+    def _follow(self) -> None:
+        """Re-prepare if the nets were moved since :meth:`_prepare` (a few ms; no host sync)."""
+        if self._placement() != self._placed:
+            log.debug("UPSR fast path: the nets moved to %s, re-preparing", self.device)
+            self._prepare()
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FastUPSRModel":
         super().to(device, dtype)
@@ -190,9 +208,11 @@ class FastUPSRModel(UPSRModel):
         """padded lr_pm (B,3,Hp,Wp) -> (y↑, ŷ), both (B,3,4Hp,4Wp) in [-1,1]."""
         return bicubic_x4(lr_pm), run_estimator(self._estimator_call, lr_pm)
 
-    def _diffuse(self, bic: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _diffuse(self, bic: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
+                 on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """The 5 DDIM steps (SPEC §4), same operations as ``denoise_estimate``; returns the
-        padded sample (B,3,4Hp,4Wp) in [-1,1], not clamped."""
+        padded sample (B,3,4Hp,4Wp) in [-1,1], not clamped. ``on_step`` is called after each
+        step (eager runs only: a captured graph cannot call back)."""
         y = F.pixel_unshuffle(bic, SCALE)
         lq = self._net_input(F.pixel_unshuffle(torch.cat([y_hat, bic], dim=1), SCALE))
         # UPSR eq. 8: x_T = y + κ√η_T · w ⊙ ε
@@ -203,15 +223,18 @@ class FastUPSRModel(UPSRModel):
             # ResShift eq. 7 input scaling, then DDIM (η = 0): x_{t−1} = k_t x̂0 + m_t x_t + c_t y
             x0 = F.pixel_unshuffle(self._net(self._net_input(x / std), ts, lq).float(), SCALE)
             x = x0 * k + x * m + y * c
+            if on_step is not None:
+                on_step()
         return F.pixel_shuffle(x, SCALE)
 
     def _diffuse_core(self, bic, y_hat, w, noise) -> tuple[torch.Tensor]:
         return (self._diffuse(bic, y_hat, w, noise),)
 
-    def _upscale_core(self, lr: torch.Tensor, noise: torch.Tensor, b_u: float, psi_max: float) -> tuple[torch.Tensor]:
+    def _upscale_core(self, lr: torch.Tensor, noise: torch.Tensor, b_u: float, psi_max: float,
+                      on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor]:
         lr_pm = pad_lr(lr, self.multiple_of)
         bic, y_hat = self._estimate_core(lr_pm)
-        x = self._diffuse(bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), noise)
+        x = self._diffuse(bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), noise, on_step)
         return (crop_hr(x, tuple(lr.shape[-2:])).clamp(-1, 1) * 0.5 + 0.5,)
 
     def _key(self, stage: str, *shape) -> tuple:
@@ -239,6 +262,13 @@ class FastUPSRModel(UPSRModel):
         norm = torch.zeros(h4, w4, device=dev)
         weights = [tile_weight(t, tiles, SCALE).to(dev) if len(tiles) > 1 else None for t in tiles]
         nb = min(tile_batch, len(tiles))
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(list(range(len(tiles))), nb):
                 full = [tiles[j] for j in group + [group[-1]] * (nb - len(group))]
@@ -246,10 +276,12 @@ class FastUPSRModel(UPSRModel):
                 args = (sub.bicubic_pm.to(dev), sub.sr_estimate_pm.to(dev),
                         w_sub.to(dev, torch.float32).expand_as(sub.bicubic_pm).contiguous(), n_sub.to(dev, torch.float32))
                 th, tw = full[0].h, full[0].w
-                if nb * th * tw <= GRAPH_MAX_PIXELS:
-                    (x,) = self.graphs.run(self._key("den", *args[3].shape), self._diffuse_core, *args)
-                else:  # big tiles: launches are cheap next to the work; one memory pool
-                    x = self._diffuse(*args)
+                key = self._key("den", *args[3].shape)
+                graphed = nb * th * tw <= GRAPH_MAX_PIXELS and self.graphs.replays(key, dev)
+                if graphed:
+                    (x,) = self.graphs.run(key, self._diffuse_core, *args)
+                else:  # big tiles (launches are cheap next to the work; one memory pool), CPU, no graphs
+                    x = self._diffuse(*args, on_step=lambda n=len(group): step(n))
                 for k, j in enumerate(group):
                     r = tiles[j].scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
@@ -257,11 +289,19 @@ class FastUPSRModel(UPSRModel):
                     out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww] * wt
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
-                for _ in range(steps):
-                    done += len(group)
-                    if progress is not None:
-                        progress(done, total)
+                for _ in range(steps if graphed else 0):
+                    step(len(group))
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
+
+    def estimate(self, lr: torch.Tensor, *, block: int | None = None):
+        """:meth:`UPSRModel.estimate` (results on the CPU), after following moved nets."""
+        self._follow()
+        return super().estimate(lr, block=block)
+
+    def denoise(self, est, weight: torch.Tensor, **kw) -> torch.Tensor:
+        """:meth:`UPSRModel.denoise` (same keywords); the result stays on the model's device."""
+        self._follow()
+        return super().denoise(est, weight, **kw)
 
     def _images_per_call(self, b: int, hp: int, wp: int, tile: int, tile_batch: int) -> int:
         return max(1, min(b, tile_batch * tile * tile // (hp * wp)))
@@ -288,6 +328,7 @@ class FastUPSRModel(UPSRModel):
         (one CUDA graph per shape), images batched within ``tile_batch`` × ``tile``² pixels;
         larger images stream through the reference tiling with :meth:`_tile_loop`.
         """
+        self._follow()
         if sink is not None:  # streamed output: the base class's banded tile loop
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise, sink=sink)
@@ -307,10 +348,22 @@ class FastUPSRModel(UPSRModel):
         dev = self.device
         lr, noise = lr.to(dev, torch.float32), noise.to(dev, torch.float32)
         per = self._images_per_call(b, hp, wp, tile, tile_batch)
-        outs = []
+        steps = len(self._steps)
+        outs: list[torch.Tensor] = []
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, steps * b)
+
         for i in range(0, b, per):
             x, n = lr[i : i + per], noise[i : i + per]
             key = self._key("up", *x.shape, b_u, psi_max)
+            if not self.graphs.failed(key) and not self.graphs.replays(key, dev):  # eager: progress per step
+                outs.extend(self._upscale_core(x, n, b_u, psi_max, lambda c=x.shape[0]: step(c)))
+                continue
             if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only
                 lr_pm = pad_lr(x, m)
                 bic, y_hat = self._estimate_core(lr_pm)
@@ -320,6 +373,6 @@ class FastUPSRModel(UPSRModel):
             else:
                 core = lambda x, n: self._upscale_core(x, n, b_u, psi_max)  # noqa: E731 (constants are in the key)
                 outs.append(self.graphs.run(key, core, x, n)[0])
-            if progress is not None:
-                progress(len(self._steps) * (i + outs[-1].shape[0]), len(self._steps) * b)
+            for _ in range(steps):
+                step(x.shape[0])
         return torch.cat(outs) if len(outs) > 1 else outs[0]

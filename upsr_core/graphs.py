@@ -46,6 +46,11 @@ class GraphCache:
         """Whether capturing ``key`` failed (it then runs eagerly)."""
         return key in self._eager
 
+    def replays(self, key: Hashable, device: torch.device) -> bool:
+        """Whether :meth:`run` with ``key`` and inputs on ``device`` replays a graph (else it
+        calls the function eagerly, so the function may call back into Python)."""
+        return self.enabled and device.type == "cuda" and key not in self._eager
+
     def clear(self) -> None:
         """Drop every graph and its memory pool."""
         self._graphs.clear()
@@ -57,7 +62,7 @@ class GraphCache:
 
         ``key`` must determine every shape, dtype and Python constant ``fn`` depends on.
         """
-        if not self.enabled or not inputs or inputs[0].device.type != "cuda" or key in self._eager:
+        if not inputs or not self.replays(key, inputs[0].device):
             return fn(*inputs)
         entry = self._graphs.get(key)
         if entry is None:

@@ -3,9 +3,11 @@
     python tests/e2e/gpu_check.py [OUT.json]
 
 Not collected by pytest (no ComfyUI and no GPU in CI). Checks: precision auto -> fp16 (stub ComfyUI allows fp16 on
-CUDA) and the estimator never in fp16; the fp32 chain equal to the CLI on the same GPU and UPSR Upscale equal to the
-chain; a real CUDA out-of-memory (a capped allocator) retried with smaller tiles, giving the result of
-those tiles; Cancel within one step on the GPU. Prints one JSON report.
+CUDA) and the estimator never in fp16; the fp32 chain equal to the CLI on the same GPU (implementation fast:
+`upscale --fast`; reference: `upscale`) and UPSR Upscale equal to the chain; a real CUDA out-of-memory (a capped
+allocator) retried with smaller tiles, giving the result of those tiles; Cancel within one step on the GPU; the fast
+model after ComfyUI offloads and reloads its nets (same result); chain seconds, fast vs reference. Prints one JSON
+report.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ def defaults(node_id):
     return {i.id: i.default for i in NODES[node_id].GET_SCHEMA().inputs if hasattr(i, "default")}
 
 
-def load(precision):
+def load(precision, implementation="fast"):
     return run("LoadUPSRModel", model_name=comfy_server.DEMO, estimator_name="(from the model file)",
-               precision=precision)[0]
+               precision=precision, implementation=implementation)[0]
 
 
 def chain(h, img, **kw):
@@ -79,20 +81,42 @@ for p in ("fp32", "auto", "bf16", "fp16"):
         "estimator": str(next(h.model.estimator.parameters()).dtype), "seconds": round(time.perf_counter() - t0, 2),
         "finite": bool(torch.isfinite(sr).all()), "range": [round(float(sr.min()), 4), round(float(sr.max()), 4)]}
 
-# 2. chain == CLI on the same GPU, UPSRUpscale == chain
-h = load("fp32")
+# 2. chain == CLI on the same GPU, UPSRUpscale == chain, for both implementations
 Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(base / "lr.png")
 from upsr_core.cli import main  # noqa: E402
 
-main(["upscale", str(base / "lr.png"), "-o", str(base / "sr.png"), "--model", str(base / "extra" / comfy_server.DEMO),
-      "--device", "cuda", "-q"])
-cli = np.asarray(Image.open(base / "sr.png").convert("RGB"))
-sr = chain(h, img)
-ours = (sr[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-one = run("UPSRUpscale", upsr_model=h, image=img, **defaults("UPSRUpscale"))[0]
-report["chain_vs_cli_gpu"] = {"equal_png": bool(np.array_equal(ours, cli)),
-                              "max_abs_png": int(np.abs(ours.astype(int) - cli).max())}
-report["upscale_vs_chain_gpu"] = {"equal": bool(torch.equal(one, sr)), "max_abs": float((one - sr).abs().max())}
+for impl in ("fast", "reference"):
+    h = load("fp32", impl)
+    main(["upscale", str(base / "lr.png"), "-o", str(base / "sr.png"), "--model",
+          str(base / "extra" / comfy_server.DEMO), "--device", "cuda", "-q", "--overwrite",
+          *(["--fast"] if impl == "fast" else [])])
+    cli = np.asarray(Image.open(base / "sr.png").convert("RGB"))
+    sr = chain(h, img)
+    ours = (sr[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    one = run("UPSRUpscale", upsr_model=h, image=img, **defaults("UPSRUpscale"))[0]
+    report[f"chain_vs_cli_gpu_{impl}"] = {"equal_png": bool(np.array_equal(ours, cli)),
+                                          "max_abs_png": int(np.abs(ours.astype(int) - cli).max())}
+    report[f"upscale_vs_chain_gpu_{impl}"] = {"equal": bool(torch.equal(one, sr)),
+                                              "max_abs": float((one - sr).abs().max())}
+h = load("fp32")  # fast, for the checks below
+
+# 2b. ComfyUI offloads the nets to the CPU and loads them back: the fast model follows (same result)
+first = chain(h, img)
+h.patcher.model.to("cpu")
+again = chain(h, img)
+report["fast_after_offload_reload"] = {"equal": bool(torch.equal(again, first)), "on": str(h.model.device)}
+
+# 2c. node speed: the chain at fp16, fast vs reference (second run of each, after warm-up)
+for impl in ("fast", "reference"):
+    hh = load("fp16", impl)
+    chain(hh, img)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    chain(hh, img)
+    torch.cuda.synchronize()
+    report[f"chain_fp16_seconds_{impl}"] = round(time.perf_counter() - t0, 3)
+    del hh
+    torch.cuda.empty_cache()
 
 # 3. a real CUDA OOM: cap the allocator below a whole-image run's peak
 big = torch.rand(1, 768, 768, 3, generator=g)

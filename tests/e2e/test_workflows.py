@@ -139,7 +139,9 @@ def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
         (preview,) = outputs(client, entry, nodes_of(prompt, cls)[0], tmp_path / cls)
         assert preview.shape == (4 * h, 4 * w, 3)
     inp = prompt[smp]["inputs"]
-    cli, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path,
+    (loader,) = nodes_of(prompt, "LoadUPSRModel")
+    fast = prompt[loader]["inputs"].get("implementation", "fast") == "fast"
+    cli, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path, fast=fast,
                          seed=inp["seed"], tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
     assert np.array_equal(as_saveimage(ref), out), "the chain's IMAGE differs from UPSRModel.upscale"
     assert np.array_equal(np.round(np.clip(ref, 0, 1) * 255).astype(np.uint8), cli)
