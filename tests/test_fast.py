@@ -283,3 +283,21 @@ def test_bench_checks_the_tiling_before_any_row(tmp_path, capsys):
     with pytest.raises(ValueError, match="overlap must be in"):
         args.func(args)
     assert "reference" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_precision_probe_tool_runs_on_the_demo_model(capsys):
+    """tools/precision_probe.py (the README's bf16 analysis): fp32 agrees to rounding, bf16 does not."""
+    import importlib.util
+
+    from _support import REPO
+
+    spec = importlib.util.spec_from_file_location("precision_probe", REPO / "tools" / "precision_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--crops", "1"]) == 0
+    rows = {line[:36].strip(): [float(v) for v in line[36:].split()] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {"fast fp32", "fast bf16", "autocast bf16 (fp32 weights)", "ideal bf16 GEMM (operands)",
+                         "ideal bf16 GEMM (operands+outputs)"}
+    assert rows["fast fp32"][0] < 1e-5  # rounding only (3e-7 measured)
+    assert all(1e-4 < rows[k][0] < 5e-2 for k in rows if "bf16" in k)  # 8-bit mantissa: ~4e-3 measured
