@@ -296,8 +296,26 @@ def test_precision_probe_tool_runs_on_the_demo_model(capsys):
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     assert probe.main(["--crops", "1"]) == 0
+    assert torch.is_grad_enabled()  # no global state left behind
     rows = {line[:36].strip(): [float(v) for v in line[36:].split()] for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(rows) == {"fast fp32", "fast bf16", "autocast bf16 (fp32 weights)", "ideal bf16 GEMM (operands)",
                          "ideal bf16 GEMM (operands+outputs)"}
     assert rows["fast fp32"][0] < 1e-5  # rounding only (3e-7 measured)
     assert all(1e-4 < rows[k][0] < 5e-2 for k in rows if "bf16" in k)  # 8-bit mantissa: ~4e-3 measured
+
+
+def test_fp16_on_the_cpu_warns(small_nets, caplog):
+    """fp16 runs on the CPU, but without fast kernels (~190x slower than fp32): say so, never silently."""
+    lr = torch.rand(1, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        for dtype in (torch.float32, torch.bfloat16):
+            UPSRModel(*(copy.deepcopy(n) for n in small_nets)).to(dtype=dtype).upscale(lr)
+        assert not caplog.records
+        half = UPSRModel(*(copy.deepcopy(n) for n in small_nets)).to(dtype=torch.float16)
+        assert not caplog.records  # loading in fp16 on the CPU to run elsewhere (ComfyUI's way) is fine
+        half.upscale(lr)
+        est = half.estimate(lr)
+        half.denoise(est, torch.ones(1, 1, *est.bicubic_pm.shape[-2:]))
+        enable_fast(UPSRModel(*(copy.deepcopy(n) for n in small_nets)).to(dtype=torch.float16)).upscale(lr)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2 and all("fp16 on the CPU" in m for m in msgs)  # once per model

@@ -55,6 +55,7 @@ def ideal_bf16(model, outputs: bool):
     return enable_fast(m)
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
@@ -65,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fp16", action="store_true", help="also fp16 (slow on the CPU)")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     dev = torch.device(args.device)
     ref = load_upsr(args.model or default_model_path(), args.estimator)
     img = np.asarray(Image.open(args.image).convert("RGB"))

@@ -329,6 +329,7 @@ class FastUPSRModel(UPSRModel):
         larger images stream through the reference tiling with :meth:`_tile_loop`.
         """
         self._follow()
+        self._warn_if_slow()
         if sink is not None:  # streamed output: the base class's banded tile loop
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise, sink=sink)

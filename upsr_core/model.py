@@ -12,6 +12,7 @@ tile size and tile batch, not by the image size:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +27,8 @@ from .pipeline import SCALE, Estimate, NoiseField, bicubic_x4, check_lr, denoise
 from .schedule import make_schedule
 from .tiling import Tile, batches, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise
+
+log = logging.getLogger("upsr_core")
 
 __all__ = ["UPSRModel", "load_upsr", "Progress", "DEFAULT_TILE", "DEFAULT_OVERLAP"]
 
@@ -46,6 +49,7 @@ class UPSRModel:
     metadata: dict[str, str] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     scale: int = SCALE
+    _warned_slow: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +75,13 @@ class UPSRModel:
             self.estimator.to(device=device, dtype=torch.float32 if dtype == torch.float16 else dtype)
         self.dtype = dtype
         return self
+
+    def _warn_if_slow(self) -> None:
+        """Once per model: fp16 runs on the CPU, but without fast kernels (say so, never silently)."""
+        if self.dtype == torch.float16 and self.device.type == "cpu" and not self._warned_slow:
+            self._warned_slow = True
+            log.warning("the denoiser runs in fp16 on the CPU, which has no fast fp16 kernels: about 190x slower than "
+                        "fp32 (demo model, LR 64, 2-core x86, 2026-11-26); use fp32 or bf16 on the CPU")
 
     # ------------------------------------------------------------------ network calls
     def _denoiser_call(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -127,6 +138,7 @@ class UPSRModel:
         weight: w (B, 1|3, 4Hp, 4Wp) in [0,1]. One ε field (seed contract: image i uses
         seed + i) covers the whole padded image and is sliced per tile.
         """
+        self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp))
@@ -250,6 +262,7 @@ class UPSRModel:
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
+        self._warn_if_slow()
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         b, _, hp, wp = lr_pm.shape
         if noise is None:  # several tile rows: make ε band by band (same numbers, 1/48 of the memory)
