@@ -7,6 +7,8 @@
 # (the bench never reads a checkpoint unless --model is given).
 # Wall time: bench stops starting rows after BUDGET s (default 140); the whole run is
 # killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json.
+# Then tests/e2e/gpu_check.py (the nodes on this GPU) for at most NODES_LIMIT s (default 150):
+# $OUT/gpu_check.json and gpu_check.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/upsr_bench}
@@ -49,4 +51,11 @@ timeout -k 10 "$LIMIT" "$PY" -m upsr_core.bench --device "$DEV" --budget-s "$BUD
 rc=${PIPESTATUS[0]}
 rm -rf "$STUBS"
 echo "bench exit code $rc (124 = killed at LIMIT=${LIMIT}s; finished rows are kept)" | tee -a "$OUT/bench.txt"
+# The ComfyUI nodes on this GPU (stub ComfyUI, tiny model; needs numpy, PIL, safetensors): precisions,
+# chain = CLI for both implementations, OOM retry, Cancel, offload/reload, node seconds. NODES_LIMIT=0 skips it.
+NODES_LIMIT=${NODES_LIMIT:-150}
+if [ "$DEV" = cuda ] && [ "$NODES_LIMIT" -gt 0 ]; then
+  timeout -k 10 "$NODES_LIMIT" "$PY" tests/e2e/gpu_check.py "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
+  echo "gpu_check exit code $? (124 = killed at NODES_LIMIT=${NODES_LIMIT}s)" | tee -a "$OUT/gpu_check.txt"
+fi
 exit "$rc"
