@@ -30,6 +30,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +282,7 @@ class FastUPSRModel(UPSRModel):
                 if graphed:
                     (x,) = self.graphs.run(key, self._diffuse_core, *args)
                 else:  # big tiles (launches are cheap next to the work; one memory pool), CPU, no graphs
-                    x = self._diffuse(*args, on_step=lambda n=len(group): step(n))
+                    x = self._diffuse(*args, on_step=partial(step, len(group)))
                 for k, j in enumerate(group):
                     r = tiles[j].scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
@@ -363,7 +364,7 @@ class FastUPSRModel(UPSRModel):
             x, n = lr[i : i + per], noise[i : i + per]
             key = self._key("up", *x.shape, b_u, psi_max)
             if not self.graphs.failed(key) and not self.graphs.replays(key, dev):  # eager: progress per step
-                outs.extend(self._upscale_core(x, n, b_u, psi_max, lambda c=x.shape[0]: step(c)))
+                outs.extend(self._upscale_core(x, n, b_u, psi_max, partial(step, x.shape[0])))
                 continue
             if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only
                 lr_pm = pad_lr(x, m)
