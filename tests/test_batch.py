@@ -74,3 +74,92 @@ def test_bad_rank_is_an_error(folder, tmp_path, tiny_model_file, monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file)]) == 2
     assert "RANK 2 must be in [0, WORLD_SIZE 2)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --batch: same-size images per call
+@pytest.fixture()
+def mixed(tmp_path):
+    """Frames of one size with an odd one out, gray and RGBA frames of that size, and a large image
+    that runs as several tile rows with --tile 16 (the tiny net pads to multiples of 8)."""
+    src = tmp_path / "mixed"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    frame = lambda h=12, w=16, c=3: rng.integers(0, 256, (h, w, c), dtype=np.uint8).squeeze()  # noqa: E731
+    for k in range(3):
+        Image.fromarray(frame()).save(src / f"a{k}.png")
+    Image.fromarray(frame(10)).save(src / "b0.png")  # another size: ends the group
+    Image.fromarray(frame(c=1), "L").save(src / "b1.png")  # same size as a*, gray: written gray
+    Image.fromarray(frame(c=4), "RGBA").save(src / "b2.png")  # alpha upscaled on its own
+    Image.fromarray(frame(40, 16)).save(src / "c0.png")  # several tile rows: streamed, alone
+    for k in range(2):
+        Image.fromarray(frame()).save(src / f"d{k}.png")
+    return src
+
+
+def _upscale(src, out, model, *extra, tile=16):
+    assert main(["upscale", str(src), "-o", str(out), "--model", str(model), "--device", "cpu", "-q",
+                 "--tile", str(tile), "--overlap", "4", *extra]) == 0
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))}
+
+
+def test_batch_groups_consecutive_same_size_one_row_images(mixed, tmp_path, tiny_model_file, monkeypatch):
+    from upsr_core.model import UPSRModel
+
+    calls = []
+    original = UPSRModel.upscale
+
+    def spy(self, lr, **kw):
+        calls.append((lr.shape[0], tuple(lr.shape[-2:]), kw.get("sink") is not None))
+        return original(self, lr, **kw)
+
+    monkeypatch.setattr(UPSRModel, "upscale", spy)
+    _upscale(mixed, tmp_path / "out", tiny_model_file, "--batch", "2")
+    # sorted: a0 a1 a2 b0 b1 b2 c0 d0 d1 -> [a0 a1] [a2] [b0] [b1 b2] c0 (streamed) [d0 d1]
+    assert calls == [(2, (12, 16), False), (1, (12, 16), False), (1, (10, 16), False), (2, (12, 16), False),
+                     (1, (40, 16), True), (2, (12, 16), False)]
+
+
+def test_batch_writes_the_bytes_of_one_by_one(mixed, tmp_path, tiny_model_file):
+    one = _upscale(mixed, tmp_path / "one", tiny_model_file)
+    four = _upscale(mixed, tmp_path / "four", tiny_model_file, "--batch", "4")
+    assert list(one) == list(four) == sorted(p.stem + ".png" for p in mixed.iterdir())
+    assert one["b1.png"].ndim == 2 and one["b2.png"].shape[-1] == 4  # gray stays gray, RGBA keeps alpha
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes(), name
+
+
+def test_fast_batch_agrees_with_one_by_one(mixed, tmp_path, tiny_model_file):
+    # tile 32: four padded 16x16 frames fit one fast call (tile_batch x tile^2 pixels); c0 still has 2 tile rows
+    one = _upscale(mixed, tmp_path / "one", tiny_model_file, "--fast", tile=32)
+    four = _upscale(mixed, tmp_path / "four", tiny_model_file, "--fast", "--batch", "4", tile=32)
+    for name in one:  # one denoiser batch instead of several: float rounding, at most one 8-bit level
+        assert np.abs(one[name].astype(int) - four[name]).max() <= 1, name
+
+
+def test_batch_interrupted_while_writing_leaves_no_part_file(mixed, tmp_path, tiny_model_file, monkeypatch):
+    import upsr_core.batch as batch
+
+    written = []
+    original = batch.write_png
+
+    def flaky(path, *a, **k):
+        if len(written) == 1:
+            raise KeyboardInterrupt
+        written.append(path)
+        return original(path, *a, **k)
+
+    monkeypatch.setattr(batch, "write_png", flaky)
+    out = tmp_path / "out"
+    assert main(["upscale", str(mixed), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu", "-q",
+                 "--batch", "3"]) == 130  # Ctrl-C's exit code
+    assert sorted(p.name for p in out.iterdir()) == ["a0.png"]  # the first of the group was complete
+    monkeypatch.undo()
+    assert main(["upscale", str(mixed), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu", "-q",
+                 "--batch", "3"]) == 0  # resumes: a0 skipped, the rest written
+    assert len(list(out.glob("*.png"))) == 9 and not list(out.glob("*.part"))
+
+
+def test_bad_batch_is_an_error(folder, tmp_path, tiny_model_file, capsys):
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),
+                 "--batch", "0"]) == 2
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
