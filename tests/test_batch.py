@@ -163,3 +163,17 @@ def test_bad_batch_is_an_error(folder, tmp_path, tiny_model_file, capsys):
     assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),
                  "--batch", "0"]) == 2
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_batch_writes_the_images_read_before_a_bad_file(tmp_path, tiny_model_file, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (6, 5), name == "a" and "red" or "blue").save(src / f"{name}.png")
+    (src / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("RGB", (6, 5), "green").save(src / "d.png")
+    out = tmp_path / "out"
+    rc = main(["upscale", str(src), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu", "-q",
+               "--batch", "3"])
+    assert rc == 2 and "c.png" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # the pending group was finished first

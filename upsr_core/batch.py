@@ -105,16 +105,22 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
 
     for i in todo:
         src, dst = inputs[i][0], outputs[i]
-        img = read_image(src)
+        try:
+            img = read_image(src)
+        except (OSError, ValueError):
+            flush()  # the images read before the bad one are still upscaled and written
+            raise
         if _tile_rows(model, img.rgb[None], args.tile, args.overlap) > 1:
             flush()  # several tile rows: alone, rows streamed to the PNG (peak memory: one band, not 3 × HR)
             _upscale_streamed(model, img, src, dst, args, kw, bar_cls(1, _label([(img, src, dst)], done, len(todo)),
                                                                        show))
             done += 1
             continue
-        if group and (len(group) == args.batch or group[0][0].rgb.shape != img.rgb.shape):
+        if group and group[0][0].rgb.shape != img.rgb.shape:
             flush()
         group.append((img, src, dst))
+        if len(group) == args.batch:
+            flush()
     flush()
     return 0
 
