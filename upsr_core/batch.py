@@ -112,8 +112,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
             raise
         if _tile_rows(model, img.rgb[None], args.tile, args.overlap) > 1:
             flush()  # several tile rows: alone, rows streamed to the PNG (peak memory: one band, not 3 × HR)
-            _upscale_streamed(model, img, src, dst, args, kw, bar_cls(1, _label([(img, src, dst)], done, len(todo)),
-                                                                       show))
+            bar = bar_cls(1, _label([(img, src, dst)], done, len(todo)), show)
+            _upscale_streamed(model, img, dst, args, kw, bar)
             done += 1
             continue
         if group and group[0][0].rgb.shape != img.rgb.shape:
@@ -160,7 +160,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
         raise
 
 
-def _upscale_streamed(model: UPSRModel, img: LoadedImage, src: Path, dst: Path, args: argparse.Namespace, kw: dict,
+def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argparse.Namespace, kw: dict,
                       bar) -> None:
     """One image of several tile rows, its finished rows written to the PNG as they come."""
     h4, w4 = SCALE * img.rgb.shape[-2], SCALE * img.rgb.shape[-1]
