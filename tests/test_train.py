@@ -403,3 +403,38 @@ def test_cli_explicit_zero_is_not_the_preset_default(tmp_path, capsys):
         rc = main(["train", "estimator", "--data", str(tmp_path), "--config", "tiny", "--out", str(tmp_path / "o"),
                    "--device", "cpu", *flag])
         assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_channels_last_trains_the_same_net(tmp_path):
+    """--channels-last changes the memory layout only: same losses and weights up to conv rounding."""
+    pack = _pack(tmp_path)
+    common = ["--data", str(pack), "--config", "tiny", "--log-every", "1", "--degradation", "bicubic", "--steps", "3"]
+    assert main(["train", "estimator", *common, "--out", str(tmp_path / "e")]) == 0
+    est = str(tmp_path / "e" / "estimator.safetensors")
+    runs = {}
+    for flag in ([], ["--channels-last"]):
+        out = tmp_path / ("cl" if flag else "plain")
+        assert main(["train", "denoiser", *common, "--out", str(out), "--estimator", est, *flag]) == 0
+        log = json.loads((out / "denoiser_log.json").read_text())
+        assert log["channels_last"] == bool(flag)
+        runs[bool(flag)] = ([h["loss"] for h in log["history"]], load_upsr(out / "denoiser.safetensors", est))
+    (loss_a, m_a), (loss_b, m_b) = runs[False], runs[True]
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-4)  # fp32 on the CPU: NHWC kernels round differently
+    # AdamW's first steps move each weight by about ±lr whatever the gradient's size, so a near-zero gradient
+    # whose sign the rounding flips moves it the other way: at most 2 × lr (tiny: 1e-3) per step, 3 steps
+    worst = max((a - b).abs().max().item() for a, b in zip(m_a.denoiser.state_dict().values(),
+                                                            m_b.denoiser.state_dict().values()))
+    assert worst <= 3 * 2 * 1e-3  # measured 2.7e-5 (CPU, 2026-11-26)
+
+
+def test_train_bench_runs_on_cpu_with_channels_last():
+    import argparse
+
+    from upsr_core.train.bench import add_bench_parser, run_bench
+
+    ap = argparse.ArgumentParser()
+    add_bench_parser(ap.add_subparsers())
+    for flag in ([], ["--channels-last"]):
+        res = run_bench(ap.parse_args(["bench", "--config", "tiny", "--batch", "2", "--crop", "64", "--amp", "off",
+                                       "--warmup", "1", "--iters", "2", "--device", "cpu", *flag]))
+        assert res["channels_last"] == bool(flag) and res["s_per_iter_median"] > 0 and res["iters"] == 2

@@ -8,7 +8,8 @@
 # Wall time: bench stops starting rows after BUDGET s (default 140); the whole run is
 # killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json.
 # Then tests/e2e/gpu_check.py (the nodes on this GPU) for at most NODES_LIMIT s (default 150):
-# $OUT/gpu_check.json and gpu_check.txt.
+# $OUT/gpu_check.json and gpu_check.txt; then the training-step bench for at most TRAIN_LIMIT s
+# (default 200): $OUT/train_bench.jsonl. Defaults sum to ~9 min: run it with timeout_s=600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/upsr_bench}
@@ -57,5 +58,15 @@ NODES_LIMIT=${NODES_LIMIT:-150}
 if [ "$DEV" = cuda ] && [ "$NODES_LIMIT" -gt 0 ]; then
   timeout -k 10 "$NODES_LIMIT" "$PY" tests/e2e/gpu_check.py "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
   echo "gpu_check exit code $? (124 = killed at NODES_LIMIT=${NODES_LIMIT}s)" | tee -a "$OUT/gpu_check.txt"
+fi
+# Training step (issue 5's 0.13 s/iter target): full config, batch 16, HR 256, bf16; plain, channels-last, and
+# channels-last + torch.compile; one JSON line each in $OUT/train_bench.jsonl. TRAIN_LIMIT=0 skips it.
+TRAIN_LIMIT=${TRAIN_LIMIT:-200}
+if [ "$DEV" = cuda ] && [ "$TRAIN_LIMIT" -gt 0 ]; then
+  timeout -k 10 "$TRAIN_LIMIT" bash -c '
+    for flags in "" "--channels-last" "--channels-last --compile"; do
+      "$0" -m upsr_core train bench --config full --batch 16 $flags --json "$1/tb.json" && cat "$1/tb.json" >> "$1/train_bench.jsonl"
+    done' "$PY" "$OUT" > "$OUT/train_bench.txt" 2>&1
+  echo "train bench exit code $? (124 = killed at TRAIN_LIMIT=${TRAIN_LIMIT}s; finished lines are kept)" | tee -a "$OUT/train_bench.txt"
 fi
 exit "$rc"

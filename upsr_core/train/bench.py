@@ -44,6 +44,7 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
     b.add_argument("--fused", choices=["auto", "on", "off"], default="auto")
     b.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    b.add_argument("--channels-last", action="store_true", help="the denoiser in channels-last memory format")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--device", default="auto")
@@ -60,6 +61,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)
+    if args.channels_last:
+        den.to(memory_format=torch.channels_last)
     est = build_estimator_net(preset.estimator).to(di.device)  # frozen; runs under the step's autocast
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")
     cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=args.amp, progress=False,
@@ -80,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
     res = {
         "config": args.config, "batch": args.batch, "hr": args.crop, "amp": args.amp, "fused": fused,
-        "compile": args.compile, "s_per_iter_median": round(statistics.median(times), 4),
+        "compile": args.compile, "channels_last": args.channels_last, "s_per_iter_median": round(statistics.median(times), 4),
         "s_per_iter_mean": round(statistics.fmean(times), 4), "iters": args.iters,
         "params_denoiser": sum(p.numel() for p in den.parameters()), "hardware": hardware(di.device),
     }

@@ -70,6 +70,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="fused SDPA attention (auto: on for CUDA)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the net in channels-last memory format (NHWC convolutions on CUDA; same math, compare "
+                        "with `train bench --channels-last`)")
     p.add_argument("--degrade-rng", choices=["device", "cpu"], default="device",
                    help="generator of the degradations: on the training device (resumable) or a CPU one "
                         "(fallback where device generators are not supported; not bit-resumable)")
@@ -260,6 +263,8 @@ def run_stage(args: argparse.Namespace) -> dict:
             log.info("LPIPS term off (no LPIPS weights offline): loss = MSE only")
         task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
                             args.lpips_weight, deg_generator=deg_gen)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
     trainer = Trainer(task, cfg, di)
     trainer.meta["init"] = init
     ckpt = Path(cfg.checkpoint)
@@ -283,6 +288,7 @@ def run_stage(args: argparse.Namespace) -> dict:
         "stage": args.stage, "config": preset.name, "params": n_params,
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
         "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
+        "channels_last": args.channels_last,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
         "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,
