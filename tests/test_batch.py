@@ -177,3 +177,18 @@ def test_batch_writes_the_images_read_before_a_bad_file(tmp_path, tiny_model_fil
                "--batch", "3"])
     assert rc == 2 and "c.png" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # the pending group was finished first
+
+
+def test_compile_is_opt_in_and_needs_fast(folder, tmp_path, tiny_model_file, monkeypatch, capsys):
+    import upsr_core.fast as fast
+
+    seen = []
+    original = fast.enable_fast
+    monkeypatch.setattr(fast, "enable_fast", lambda m, **kw: (seen.append(kw), original(m, **kw | {"compile": False}))[1])
+    for extra in ([], ["--compile"]):
+        assert main(["upscale", str(folder / "img0.png"), "-o", str(tmp_path / f"o{len(extra)}.png"), "--model",
+                     str(tiny_model_file), "--device", "cpu", "-q", "--fast", *extra]) == 0
+    assert seen == [{"compile": False}, {"compile": True}]  # --fast alone never compiles (minutes per size)
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),
+                 "--compile"]) == 2
+    assert "--compile compiles the fast path's denoiser: give --fast too" in capsys.readouterr().err

@@ -74,6 +74,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.compile and not args.fast:
+        raise ValueError("--compile compiles the fast path's denoiser: give --fast too")
     inputs = collect_inputs(args.inputs)
     single = len(inputs) == 1 and Path(args.inputs[0]).is_file() and len(args.inputs) == 1
     outputs = plan_outputs(inputs, args.output, single)
@@ -86,7 +88,7 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     if args.fast:
         from .fast import enable_fast
 
-        enable_fast(model)
+        enable_fast(model, compile=args.compile)
     todo = [i for i in _shard(len(inputs)) if args.overwrite or not outputs[i].exists()]
     skipped = len(_shard(len(inputs))) - len(todo)
     if skipped:
