@@ -75,7 +75,7 @@ def _resolve(name: str, value: bool | str, auto: bool) -> bool:
 def enable_fast(
     model: UPSRModel,
     *,
-    compile: bool | str = "auto",
+    compile: bool | str = False,
     cuda_graphs: bool | str = "auto",
     channels_last: bool | str = "auto",
     subpixel: bool | str = "auto",
@@ -84,7 +84,8 @@ def enable_fast(
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
-    ``compile``: torch.compile the denoiser (auto: on CUDA when Triton is installed);
+    ``compile``: torch.compile the denoiser (default off: it compiles for minutes per new image
+    size, worth it over many same-size images; "auto": on CUDA when Triton is installed);
     ``cuda_graphs``: capture fixed shapes as CUDA graphs (auto: on CUDA);
     ``channels_last``: channels-last denoiser (auto: on CUDA); ``subpixel``: run each nearest
     ×2 + 3x3 conv pair as four 2x2 convs at the low resolution, 13% fewer denoiser FLOPs
