@@ -7,9 +7,10 @@
 # (the bench never reads a checkpoint unless --model is given).
 # Wall time: bench stops starting rows after BUDGET s (default 140); the whole run is
 # killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json.
-# Then tests/e2e/gpu_check.py (the nodes on this GPU) for at most NODES_LIMIT s (default 150):
+# Then tests/e2e/gpu_check.py (the nodes on this GPU) for at most NODES_LIMIT s (default 120):
 # $OUT/gpu_check.json and gpu_check.txt; then the training-step bench for at most TRAIN_LIMIT s
-# (default 200): $OUT/train_bench.jsonl. Defaults sum to ~9 min: run it with timeout_s=600.
+# (default 160): $OUT/train_bench.jsonl. Before the nodes, tools/precision_probe.py on the demo model
+# (<= 60 s): $OUT/precision_probe.txt. Defaults sum to <= 10 min: run it with timeout_s=600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/upsr_bench}
@@ -52,16 +53,21 @@ timeout -k 10 "$LIMIT" "$PY" -m upsr_core.bench --device "$DEV" --budget-s "$BUD
 rc=${PIPESTATUS[0]}
 rm -rf "$STUBS"
 echo "bench exit code $rc (124 = killed at LIMIT=${LIMIT}s; finished rows are kept)" | tee -a "$OUT/bench.txt"
+# bf16/fp16 error of the trained demo denoiser on this GPU (the bench's rows use random weights), ~30 s
+if [ "$DEV" = cuda ]; then
+  timeout -k 10 60 "$PY" tools/precision_probe.py --device cuda --fp16 --crops 4 > "$OUT/precision_probe.txt" 2>&1
+  echo "precision_probe exit code $?" | tee -a "$OUT/precision_probe.txt"
+fi
 # The ComfyUI nodes on this GPU (stub ComfyUI, tiny model; needs numpy, PIL, safetensors): precisions,
 # chain = CLI for both implementations, OOM retry, Cancel, offload/reload, node seconds. NODES_LIMIT=0 skips it.
-NODES_LIMIT=${NODES_LIMIT:-150}
+NODES_LIMIT=${NODES_LIMIT:-120}
 if [ "$DEV" = cuda ] && [ "$NODES_LIMIT" -gt 0 ]; then
   timeout -k 10 "$NODES_LIMIT" "$PY" tests/e2e/gpu_check.py "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
   echo "gpu_check exit code $? (124 = killed at NODES_LIMIT=${NODES_LIMIT}s)" | tee -a "$OUT/gpu_check.txt"
 fi
 # Training step (issue 5's 0.13 s/iter target): full config, batch 16, HR 256, bf16; plain, channels-last, and
 # channels-last + torch.compile; one JSON line each in $OUT/train_bench.jsonl. TRAIN_LIMIT=0 skips it.
-TRAIN_LIMIT=${TRAIN_LIMIT:-200}
+TRAIN_LIMIT=${TRAIN_LIMIT:-160}
 if [ "$DEV" = cuda ] && [ "$TRAIN_LIMIT" -gt 0 ]; then
   timeout -k 10 "$TRAIN_LIMIT" bash -c '
     for flags in "" "--channels-last" "--channels-last --compile"; do

@@ -66,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fp16", action="store_true", help="also fp16 (slow on the CPU)")
     args = p.parse_args(argv)
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (cuDNN convs default to TF32)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        _probe(args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> None:
     dev = torch.device(args.device)
     ref = load_upsr(args.model or default_model_path(), args.estimator)
     img = np.asarray(Image.open(args.image).convert("RGB"))
@@ -104,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             mx, mean = max(mx, d.max().item()), mean + d.mean().item() / len(cases)
         print(f"{name:36} {mx:9.2e} {mean:9.2e} {t / len(cases):7.2f}", flush=True)
         del m
-    return 0
 
 
 if __name__ == "__main__":
