@@ -90,6 +90,12 @@ def reference(server, image: str, tmp: Path, **kw) -> tuple[np.ndarray, np.ndarr
     return np.asarray(Image.open(tmp / "cli.png").convert("RGB")), np.load(tmp / "ref.npy")
 
 
+def is_fast(prompt: dict) -> bool:
+    """Whether the prompt's Load UPSR Model runs the fast implementation (its default)."""
+    (loader,) = nodes_of(prompt, "LoadUPSRModel")
+    return prompt[loader]["inputs"].get("implementation", "fast") == "fast"
+
+
 def as_saveimage(x: np.ndarray) -> np.ndarray:
     """How ComfyUI's SaveImage / PreviewImage quantise an IMAGE (truncation, not rounding)."""
     return np.clip(255.0 * x, 0, 255).astype(np.uint8)
@@ -139,9 +145,8 @@ def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
         (preview,) = outputs(client, entry, nodes_of(prompt, cls)[0], tmp_path / cls)
         assert preview.shape == (4 * h, 4 * w, 3)
     inp = prompt[smp]["inputs"]
-    (loader,) = nodes_of(prompt, "LoadUPSRModel")
-    fast = prompt[loader]["inputs"].get("implementation", "fast") == "fast"
-    cli, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path, fast=fast,
+    cli, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path,
+                         fast=is_fast(prompt),
                          seed=inp["seed"], tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
     assert np.array_equal(as_saveimage(ref), out), "the chain's IMAGE differs from UPSRModel.upscale"
     assert np.array_equal(np.round(np.clip(ref, 0, 1) * 255).astype(np.uint8), cli)
@@ -225,7 +230,8 @@ def test_cancel_stops_within_one_step_and_the_next_run_is_normal(server, client,
     (out,) = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / "out")
     inp = prompt[smp]["inputs"]
     _, ref = reference(server, prompt[nodes_of(prompt, "LoadImage")[0]]["inputs"]["image"], tmp_path,
-                       seed=7, tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
+                       fast=is_fast(prompt), seed=7, tile=inp["tile"], overlap=inp["overlap"],
+                       tile_batch=inp["tile_batch"])
     assert np.array_equal(as_saveimage(ref), out)
 
 
