@@ -319,3 +319,16 @@ def test_fp16_on_the_cpu_warns(small_nets, caplog):
         enable_fast(UPSRModel(*(copy.deepcopy(n) for n in small_nets)).to(dtype=torch.float16)).upscale(lr)
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 2 and all("fp16 on the CPU" in m for m in msgs)  # once per model
+
+
+def test_large_canvas_is_blended_on_the_host_with_the_same_result(fast32, monkeypatch):
+    """Above CANVAS_DEVICE_MAX_BYTES the tiled canvas lives on the CPU (device memory bounded by the tile);
+    the blend is the same IEEE float32 arithmetic there, so the result is identical."""
+    import upsr_core.fast as fast
+
+    lr = torch.rand(2, 3, 40, 72)
+    kw = dict(seed=4, tile=32, overlap=16, tile_batch=2)
+    want = fast32.upscale(lr, **kw)
+    monkeypatch.setattr(fast, "CANVAS_DEVICE_MAX_BYTES", 0)
+    got = fast32.upscale(lr, **kw)
+    assert got.device.type == "cpu" and torch.equal(got, want)

@@ -22,7 +22,8 @@ What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
   constants and graphs for the new placement.
 
 The SR results of :meth:`FastUPSRModel.denoise` / ``upscale`` stay on the model's device
-(the reference returns CPU tensors). The fast path is for inference only.
+(the reference returns CPU tensors), except tiled results whose canvas exceeds
+``CANVAS_DEVICE_MAX_BYTES`` (1 GiB): those are blended and returned on the CPU. The fast path is for inference only.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ log = logging.getLogger("upsr_core")
 GRAPH_MAX_PIXELS = 2 * 256 * 256
 """Tile groups up to this many LR pixels are graph-replayed; bigger ones run eagerly (their
 launch overhead is negligible, and one memory pool keeps the peak at one tile group's)."""
+
+CANVAS_DEVICE_MAX_BYTES = 1 << 30
+"""A tiled image's output canvas and blend norm (float32, ``(3B + 1) · 4h · 4w`` values) stay on
+the device up to this size; larger ones are kept (and returned) on the CPU, so device memory
+stays bounded by the tile, not the image (LR 2048² → HR 8192²: 1.07 GB)."""
 
 
 @dataclass(frozen=True)
@@ -247,8 +253,9 @@ class FastUPSRModel(UPSRModel):
                    tile_batch: int, progress: Progress | None, sink=None) -> torch.Tensor | None:
         """:meth:`UPSRModel._tile_loop` with the canvas on the device and :meth:`_diffuse`
         (graph-replayed for small tiles); the last tile group is padded with repeats so
-        every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device.
-        With a row ``sink`` (streamed output) the banded CPU canvas of the base class is used."""
+        every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device, or
+        on the CPU when the canvas exceeds ``CANVAS_DEVICE_MAX_BYTES``. With a row ``sink``
+        (streamed output) the banded CPU canvas of the base class is used."""
         if sink is not None:
             return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink)
         check_tiling(tile, overlap, self.multiple_of)
@@ -260,9 +267,11 @@ class FastUPSRModel(UPSRModel):
         steps = len(self._steps)
         total, done = steps * len(tiles) * b, 0
         dev = self.device
-        out = torch.zeros(b, 3, h4, w4, device=dev)
-        norm = torch.zeros(h4, w4, device=dev)
-        weights = [tile_weight(t, tiles, SCALE).to(dev) if len(tiles) > 1 else None for t in tiles]
+        host = (3 * b + 1) * h4 * w4 * 4 > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
+        cdev = torch.device("cpu") if host else dev
+        out = torch.zeros(b, 3, h4, w4, device=cdev)
+        norm = torch.zeros(h4, w4, device=cdev)
+        weights = [tile_weight(t, tiles, SCALE).to(cdev) if len(tiles) > 1 else None for t in tiles]
         nb = min(tile_batch, len(tiles))
 
         def step(n: int) -> None:
@@ -288,7 +297,7 @@ class FastUPSRModel(UPSRModel):
                     r = tiles[j].scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
                     wt = weights[j][:hh, :ww] if weights[j] is not None else 1.0
-                    out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww] * wt
+                    out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww].to(cdev) * wt
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
                 for _ in range(steps if graphed else 0):
