@@ -6,7 +6,8 @@ Not collected by pytest (no ComfyUI and no GPU in CI). Checks: precision auto ->
 CUDA) and the estimator never in fp16; the fp32 chain equal to the CLI on the same GPU (implementation fast:
 `upscale --fast`; reference: `upscale`) and UPSR Upscale equal to the chain; a real CUDA out-of-memory (a capped
 allocator) retried with smaller tiles, giving the result of those tiles; Cancel within one step on the GPU; the fast
-model after ComfyUI offloads and reloads its nets (same result); chain seconds, fast vs reference. Prints one JSON
+model after ComfyUI offloads and reloads its nets (same result); a canvas blended on the CPU (same result); chain
+seconds, fast vs reference. Prints one JSON
 report.
 """
 from __future__ import annotations
@@ -105,6 +106,19 @@ first = chain(h, img)
 h.patcher.model.to("cpu")
 again = chain(h, img)
 report["fast_after_offload_reload"] = {"equal": bool(torch.equal(again, first)), "on": str(h.model.device)}
+
+# 2d. a tiled image whose canvas is blended on the CPU (as above 1 GiB) gives the device-canvas result
+import upsr_core.fast as fast  # noqa: E402
+
+tiled_kw = defaults("UPSRUpscale") | {"tile": 64, "overlap": 16}
+on_device = run("UPSRUpscale", upsr_model=h, image=img, **tiled_kw)[0]
+limit, fast.CANVAS_DEVICE_MAX_BYTES = fast.CANVAS_DEVICE_MAX_BYTES, 0
+try:
+    on_host = run("UPSRUpscale", upsr_model=h, image=img, **tiled_kw)[0]
+finally:
+    fast.CANVAS_DEVICE_MAX_BYTES = limit
+report["host_canvas_equals_device_canvas"] = {"equal": bool(torch.equal(on_host, on_device)),
+                                              "max_abs": float((on_host - on_device).abs().max())}
 
 # 2c. node speed: the chain at fp16, fast vs reference (second run of each, after warm-up)
 for impl in ("fast", "reference"):
