@@ -137,7 +137,7 @@ def test_fast_batch_agrees_with_one_by_one(mixed, tmp_path, tiny_model_file):
 
 
 def test_batch_interrupted_while_writing_leaves_no_part_file(mixed, tmp_path, tiny_model_file, monkeypatch):
-    import upsr_core.batch as batch
+    from upsr_core import batch
 
     written = []
     original = batch.write_png
@@ -180,7 +180,7 @@ def test_batch_writes_the_images_read_before_a_bad_file(tmp_path, tiny_model_fil
 
 
 def test_compile_is_opt_in_and_needs_fast(folder, tmp_path, tiny_model_file, monkeypatch, capsys):
-    import upsr_core.fast as fast
+    from upsr_core import fast
 
     seen = []
     original = fast.enable_fast

@@ -108,7 +108,7 @@ again = chain(h, img)
 report["fast_after_offload_reload"] = {"equal": bool(torch.equal(again, first)), "on": str(h.model.device)}
 
 # 2d. a tiled image whose canvas is blended on the CPU (as above 1 GiB) gives the device-canvas result
-import upsr_core.fast as fast  # noqa: E402
+from upsr_core import fast  # noqa: E402
 
 tiled_kw = defaults("UPSRUpscale") | {"tile": 64, "overlap": 16}
 on_device = run("UPSRUpscale", upsr_model=h, image=img, **tiled_kw)[0]
