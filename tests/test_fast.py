@@ -324,7 +324,7 @@ def test_fp16_on_the_cpu_warns(small_nets, caplog):
 def test_large_canvas_is_blended_on_the_host_with_the_same_result(fast32, monkeypatch):
     """Above CANVAS_DEVICE_MAX_BYTES the tiled canvas lives on the CPU (device memory bounded by the tile);
     the blend is the same IEEE float32 arithmetic there, so the result is identical."""
-    import upsr_core.fast as fast
+    from upsr_core import fast
 
     lr = torch.rand(2, 3, 40, 72)
     kw = dict(seed=4, tile=32, overlap=16, tile_batch=2)
