@@ -106,7 +106,8 @@ class LoadUPSRModel(io.ComfyNode):
                 io.Combo.Input("estimator_name", options=[IN_MODEL_FILE] + files, default=IN_MODEL_FILE,
                                tooltip="the ATD estimator (atd_real.pth); not needed for a converted file"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
-                               tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives; auto = fp16 "
+                               tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives (--fast with "
+                                       "implementation fast); auto = fp16 "
                                        "where ComfyUI deems it safe for this GPU (the official nets were trained "
                                        "in fp16), else bf16, else fp32. The estimator never runs in fp16."),
                 io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
