@@ -22,7 +22,7 @@ from upsr_core.graphs import GraphCache
 from upsr_core.model import UPSRModel
 from upsr_core.nets.atd import ATD
 from upsr_core.nets.denoiser import SwinBlock
-from upsr_core.pipeline import starting_noise
+from upsr_core.pipeline import padded_size, starting_noise
 from upsr_core.uncertainty import weight_noise
 
 FP32_ATOL = 5e-5  # see the module docstring
@@ -192,7 +192,7 @@ def test_fast_reports_progress_after_every_step_off_cuda(fast32, shape, tile):
     seen = []
     lr = torch.rand(shape)
     fast32.upscale(lr, seed=0, tile=tile, overlap=16, progress=lambda d, t: seen.append((d, t)))
-    hp, wp = (-(-s // fast32.multiple_of) * fast32.multiple_of for s in shape[-2:])
+    hp, wp = padded_size(*shape[-2:], fast32.multiple_of)
     n = 5 * shape[0] * len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of))
     one_call = len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of)) == 1  # a batch of small images: one call
     per = shape[0] if one_call else 1

@@ -248,3 +248,10 @@ def test_no_seams_on_a_smooth_gradient(small_model):
     # give a border step above every interior one (measured 1.45).
     hard = small_model.upscale(lr, seed=0, tile=16, overlap=0)
     assert seam_ratio(hard, (32, 32), 16, 0) > 1
+
+
+@pytest.mark.parametrize("h,w,m", [(1, 1, 64), (64, 65, 64), (33, 17, 8), (40, 72, 16)])
+def test_padded_size_is_the_size_pad_lr_gives(h, w, m):
+    from upsr_core.pipeline import pad_lr, padded_size
+
+    assert padded_size(h, w, m) == tuple(pad_lr(torch.rand(1, 3, h, w), m).shape[-2:])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .imageio import IMAGE_SUFFIXES, LoadedImage, PngStreamWriter, read_image, write_png
 from .model import UPSRModel, load_upsr
-from .pipeline import SCALE, starting_noise
+from .pipeline import SCALE, padded_size, starting_noise
 from .tiling import plan_tiles
 from .uncertainty import check_weight_params
 
@@ -141,8 +141,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
     """Same-size images of one tile row in one ``upscale`` call, each with the noise of ``--seed``
     (the seed contract of a file), written each to its own PNG via a .part file."""
     lr = torch.stack([img.rgb for img, _, _ in group])
-    m = model.multiple_of
-    hp, wp = -(-lr.shape[-2] // m) * m, -(-lr.shape[-1] // m) * m
+    hp, wp = padded_size(*lr.shape[-2:], model.multiple_of)
     noise = starting_noise(args.seed, 1, (hp, wp)).expand(len(group), -1, -1, -1).contiguous()
     tmps = [dst.with_name(dst.name + ".part") for _, _, dst in group]
     try:
@@ -186,7 +185,7 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
 def _tile_rows(model: UPSRModel, lr: torch.Tensor, tile: int, overlap: int) -> int:
     """How many tile rows ``upscale`` runs for lr (after padding to the net's multiple)."""
     m = model.multiple_of
-    hp, wp = -(-lr.shape[-2] // m) * m, -(-lr.shape[-1] // m) * m
+    hp, wp = padded_size(*lr.shape[-2:], m)
     try:
         return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})
     except (TypeError, ValueError):

@@ -50,7 +50,7 @@ from .config import FULL_ATD, FULL_DENOISER
 from .fast import enable_fast
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
-from .pipeline import SCALE, starting_noise
+from .pipeline import SCALE, padded_size, starting_noise
 from .tiling import check_tiling, partition, plan_tiles
 from .uncertainty import weight_noise
 
@@ -353,7 +353,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if out_of_time():
             print(f"# budget reached: skipping LR {s} batch {b} and later rows", flush=True)
             break
-        hp = -(-s // mult) * mult
+        hp = padded_size(s, s, mult)[0]
         lr = torch.rand(b, 3, s, s, generator=torch.Generator().manual_seed(args.seed))
         noise = starting_noise(args.seed, b, (hp, hp))
         tile, overlap = (args.tile, args.overlap) if is_tiled else (max(DEFAULT_TILE, hp), DEFAULT_OVERLAP)
@@ -460,7 +460,7 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
             if out_of_time(90.0):
                 table.comment(f"compile row LR {s} skipped: less than 90 s of the budget left")
                 continue
-            hp = -(-s // m.multiple_of) * m.multiple_of
+            hp = padded_size(s, s, m.multiple_of)[0]
             lr = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(args.seed)).to(dev)
             noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
             kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)

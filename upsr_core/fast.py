@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .graphs import GraphCache
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, UPSRModel
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
-from .pipeline import SCALE, bicubic_x4, check_lr, crop_hr, pad_lr, run_estimator, starting_noise
+from .pipeline import SCALE, bicubic_x4, check_lr, crop_hr, pad_lr, padded_size, run_estimator, starting_noise
 from .schedule import make_schedule
 from .tiling import batches, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
@@ -349,7 +349,7 @@ class FastUPSRModel(UPSRModel):
         check_tiling(tile, overlap, self.multiple_of)
         b, _, h, w = lr.shape
         m = self.multiple_of
-        hp, wp = -(-h // m) * m, -(-w // m) * m
+        hp, wp = padded_size(h, w, m)
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp))
         if tuple(noise.shape) != (b, 3 * SCALE * SCALE, hp, wp):

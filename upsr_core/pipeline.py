@@ -32,6 +32,7 @@ from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, estimate_uncertainty, wei
 __all__ = [
     "Estimate",
     "pad_lr",
+    "padded_size",
     "reflect_pad",
     "bicubic_x4",
     "run_estimator",
@@ -74,6 +75,11 @@ def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
         x = F.pad(x, (0, pw, 0, ph), mode="reflect")
         pad_h, pad_w = pad_h - ph, pad_w - pw
     return x
+
+
+def padded_size(h: int, w: int, multiple: int = 64) -> tuple[int, int]:
+    """(Hp, Wp): the LR size (h, w) rounded up to multiples of ``multiple``, as :func:`pad_lr` pads it."""
+    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
 
 
 def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
