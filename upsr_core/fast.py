@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .graphs import GraphCache
-from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, UPSRModel
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, StepCounter, UPSRModel
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
 from .pipeline import SCALE, bicubic_x4, check_lr, crop_hr, pad_lr, padded_size, run_estimator, starting_noise
 from .schedule import make_schedule
@@ -265,7 +265,7 @@ class FastUPSRModel(UPSRModel):
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         steps = len(self._steps)
-        total, done = steps * len(tiles) * b, 0
+        counter = StepCounter(progress, steps * len(tiles) * b)
         dev = self.device
         host = (3 * b + 1) * h4 * w4 * 4 > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
         cdev = torch.device("cpu") if host else dev
@@ -273,13 +273,6 @@ class FastUPSRModel(UPSRModel):
         norm = torch.zeros(h4, w4, device=cdev)
         weights = [tile_weight(t, tiles, SCALE).to(cdev) if len(tiles) > 1 else None for t in tiles]
         nb = min(tile_batch, len(tiles))
-
-        def step(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
-
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(list(range(len(tiles))), nb):
                 full = [tiles[j] for j in group + [group[-1]] * (nb - len(group))]
@@ -292,7 +285,7 @@ class FastUPSRModel(UPSRModel):
                 if graphed:
                     (x,) = self.graphs.run(key, self._diffuse_core, *args)
                 else:  # big tiles (launches are cheap next to the work; one memory pool), CPU, no graphs
-                    x = self._diffuse(*args, on_step=partial(step, len(group)))
+                    x = self._diffuse(*args, on_step=partial(counter, len(group)))
                 for k, j in enumerate(group):
                     r = tiles[j].scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
@@ -301,7 +294,7 @@ class FastUPSRModel(UPSRModel):
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
                 for _ in range(steps if graphed else 0):
-                    step(len(group))
+                    counter(len(group))
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
     def estimate(self, lr: torch.Tensor, *, block: int | None = None):
@@ -362,29 +355,22 @@ class FastUPSRModel(UPSRModel):
         per = self._images_per_call(b, hp, wp, tile, tile_batch)
         steps = len(self._steps)
         outs: list[torch.Tensor] = []
-        done = 0
-
-        def step(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, steps * b)
-
+        counter = StepCounter(progress, steps * b)
         for i in range(0, b, per):
             x, n = lr[i : i + per], noise[i : i + per]
             key = self._key("up", *x.shape, b_u, psi_max)
-            if not self.graphs.failed(key) and not self.graphs.replays(key, dev):  # eager: progress per step
-                outs.extend(self._upscale_core(x, n, b_u, psi_max, partial(step, x.shape[0])))
-                continue
             if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only
                 lr_pm = pad_lr(x, m)
                 bic, y_hat = self._estimate_core(lr_pm)
                 args = (bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), n)
                 (sr,) = self.graphs.run(self._key("den", *n.shape), self._diffuse_core, *args)
                 outs.append(crop_hr(sr, (h, w)).clamp(-1, 1) * 0.5 + 0.5)
-            else:
+            elif self.graphs.replays(key, dev):
                 core = lambda x, n: self._upscale_core(x, n, b_u, psi_max)  # noqa: E731 (constants are in the key)
                 outs.append(self.graphs.run(key, core, x, n)[0])
-            for _ in range(steps):
-                step(x.shape[0])
+            else:  # eager (CPU, graphs off): progress after every step
+                outs.extend(self._upscale_core(x, n, b_u, psi_max, partial(counter, x.shape[0])))
+                continue
+            for _ in range(steps):  # a graph cannot call back: the steps are reported after it
+                counter(x.shape[0])
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -39,6 +39,21 @@ ESTIMATOR_MARGIN = 32  # LR pixels of context around each estimator block (two A
 
 Progress = Callable[[int, int], None]
 """progress(done, total): called after each denoiser step over all tiles; may raise to cancel."""
+
+
+class StepCounter:
+    """Counts finished denoiser steps × images (or tiles) and reports ``progress(done, total)``
+    after each: ``counter(n)`` adds n. The reference and fast tile loops share it."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 RowSink = Callable[[int, int, torch.Tensor], None]  # sink(image index, first HR row, rows (3, n, 4w))
 
 
@@ -166,10 +181,10 @@ class UPSRModel:
             return None
         out = torch.zeros(b, 3, h4, w4)
         norm = torch.zeros(h4, w4)
-        counter = [0]
+        counter = StepCounter(progress, total)
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(tiles, tile_batch):
-                x = self._denoise_group(inputs, i, group, schedule, counter, total, progress)
+                x = self._denoise_group(inputs, i, group, schedule, counter)
                 for j, t in enumerate(group):
                     r = t.scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
@@ -179,20 +194,13 @@ class UPSRModel:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
-    def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: list[int], total: int,
-                       progress: Progress | None) -> torch.Tensor:
+    def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: StepCounter) -> torch.Tensor:
         """Denoise image i under ``group`` (one batch) -> padded [-1,1] samples on the CPU;
-        ``counter[0]`` counts denoiser steps × tiles for ``progress(done, total)``."""
+        ``counter`` gets len(group) after every denoiser step."""
         sub, w_sub, n_sub = inputs(i, group)
         dev = self.device
-
-        def step(_k: int, _x: torch.Tensor, _x0: torch.Tensor) -> None:
-            counter[0] += len(group)
-            if progress is not None:
-                progress(counter[0], total)
-
-        return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev),
-                                schedule=schedule, callback=step, crop=False).cpu()
+        return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev), schedule=schedule,
+                                callback=lambda _k, _x, _x0: counter(len(group)), crop=False).cpu()
 
     def _tile_loop_banded(self, tiles: list[Tile], b: int, h4: int, w4: int, inputs, tile_batch: int,
                           schedule, total: int, progress: Progress | None, sink: RowSink) -> None:
@@ -203,14 +211,14 @@ class UPSRModel:
         (each pixel gets the same sums in the same order, so the same bits), handed to
         ``sink(i, y0, rows)`` and dropped.
         """
-        counter = [0]
+        counter = StepCounter(progress, total)
         for i in range(b):
             buf = torch.zeros(3, 0, w4)  # HR rows [base, base + buf.shape[1])
             nrm = torch.zeros(0, w4)
             base = 0
             todo = list(tiles)
             for group in batches(tiles, tile_batch):
-                x = self._denoise_group(inputs, i, group, schedule, counter, total, progress)
+                x = self._denoise_group(inputs, i, group, schedule, counter)
                 for j, t in enumerate(group):
                     r = t.scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
