@@ -226,7 +226,6 @@ class ImageFolderDataset(Dataset):
         return augment_dihedral(t) if self.augment else t
 
 
-
 class PackedCropsDataset(Dataset):
     """Crops from a ``pack_crops`` file, optionally re-cropped smaller, with the same augmentations.
 
@@ -327,6 +326,7 @@ def _cut(a: np.ndarray, maxval: int, crop: int, n: int, rng: np.random.Generator
                                  lambda: (int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))))
         out.append((y, x, to_uint8(a[y:y + crop, x:x + crop], maxval)))
     return out
+
 
 def pack_crops(
     root: str | Path | None, out_path: str | Path, crop: int = 256, per_image: int = 12, seed: int = 0, *,
