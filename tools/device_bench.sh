@@ -71,7 +71,7 @@ TRAIN_LIMIT=${TRAIN_LIMIT:-160}
 if [ "$DEV" = cuda ] && [ "$TRAIN_LIMIT" -gt 0 ]; then
   timeout -k 10 "$TRAIN_LIMIT" bash -c '
     for flags in "" "--channels-last" "--channels-last --compile"; do
-      "$0" -m upsr_core train bench --config full --batch 16 $flags --json "$1/tb.json" && cat "$1/tb.json" >> "$1/train_bench.jsonl"
+      "$0" -m upsr_core train bench --config full --batch 16 $flags --json /tmp/upsr_tb.json && cat /tmp/upsr_tb.json >> "$1/train_bench.jsonl"
     done' "$PY" "$OUT" > "$OUT/train_bench.txt" 2>&1
   echo "train bench exit code $? (124 = killed at TRAIN_LIMIT=${TRAIN_LIMIT}s; finished lines are kept)" | tee -a "$OUT/train_bench.txt"
 fi
