@@ -54,8 +54,9 @@ rc=${PIPESTATUS[0]}
 rm -rf "$STUBS"
 echo "bench exit code $rc (124 = killed at LIMIT=${LIMIT}s; finished rows are kept)" | tee -a "$OUT/bench.txt"
 # bf16/fp16 error of the trained demo denoiser on this GPU (the bench's rows use random weights), ~30 s
-if [ "$DEV" = cuda ]; then
-  timeout -k 10 60 "$PY" tools/precision_probe.py --device cuda --fp16 --crops 4 > "$OUT/precision_probe.txt" 2>&1
+PROBE_LIMIT=${PROBE_LIMIT:-60}   # 0 skips it
+if [ "$DEV" = cuda ] && [ "$PROBE_LIMIT" -gt 0 ]; then
+  timeout -k 10 "$PROBE_LIMIT" "$PY" tools/precision_probe.py --device cuda --fp16 --crops 4 > "$OUT/precision_probe.txt" 2>&1
   echo "precision_probe exit code $?" | tee -a "$OUT/precision_probe.txt"
 fi
 # The ComfyUI nodes on this GPU (stub ComfyUI, tiny model; needs numpy, PIL, safetensors): precisions,

@@ -431,11 +431,13 @@ def _resident(model: UPSRModel, dev: torch.device, cap_gib: float = 0.0):
     """Run a row with only ``model`` on ``dev`` (and, on CUDA with ``cap_gib`` > 0, under a hard
     memory cap); the model goes back to the CPU afterwards, its graphs dropped."""
     model.to(dev)
+    # set_per_process_memory_fraction takes an index or an indexed device, not a bare "cuda"
+    index = (torch.cuda.current_device() if dev.index is None else dev.index) if dev.type == "cuda" else None
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         if cap_gib > 0:
-            total = torch.cuda.get_device_properties(dev).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), dev)
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), index)
     try:
         yield model
     finally:
@@ -443,7 +445,7 @@ def _resident(model: UPSRModel, dev: torch.device, cap_gib: float = 0.0):
             model.graphs.clear()
         model.to("cpu")
         if dev.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
             torch.cuda.empty_cache()
 
 
