@@ -151,8 +151,10 @@ def official_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor
     """
     nwh, nww = h // window, w // window
     col = torch.arange(window * window) % window
-    label = col >= window - shift
-    pair = (label[:, None] != label[None, :]).float() * -100.0
+    label = (col >= window - shift).float()
+    # |a - b| of 0/1 labels, not a bool !=: inductor (torch 2.11-2.13) fails to constant-fold a
+    # bool != when the training step compiles the denoiser (the values are the same 0 / -100)
+    pair = (label[:, None] - label[None, :]).abs() * -100.0
     mask = torch.zeros(nwh * nww, window * window, window * window)
     mask[(nwh - 1) * nww :] = pair
     return mask
