@@ -438,3 +438,48 @@ def test_train_bench_runs_on_cpu_with_channels_last():
         res = run_bench(ap.parse_args(["bench", "--config", "tiny", "--batch", "2", "--crop", "64", "--amp", "off",
                                        "--warmup", "1", "--iters", "2", "--device", "cpu", *flag]))
         assert res["channels_last"] == bool(flag) and res["s_per_iter_median"] > 0 and res["iters"] == 2
+
+
+def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, caplog):
+    """train --compile: a compiler failure (here at the second step, as a recompile would) redoes
+    that step eagerly: the run continues with exactly the eager run's losses and weights."""
+    import torch._dynamo.exc
+
+    def run(compile_fails_at):
+        torch.manual_seed(0)
+        est = build_estimator_net(TINY.estimator)
+        task = DenoiserTask(build_denoiser_net(TINY.denoiser), est, FixedFeed(_hr()), 2, "bicubic")
+        tr = Trainer(task, LoopConfig(steps=3, batch=2, lr=1e-3, amp="off", progress=False))
+        if compile_fails_at is not None:
+            calls = []
+
+            def fake_compile(net):  # a "compiled" net that fails on its second forward
+                def fwd(*a, **k):
+                    calls.append(1)
+                    if len(calls) == compile_fails_at:
+                        raise torch._dynamo.exc.TorchDynamoException("inductor: codegen failed")
+                    return net(*a, **k)
+                return fwd
+
+            monkeypatch.setattr(torch, "compile", fake_compile)
+            tr.compile()
+            assert tr.compiled
+        losses = [tr.train_step()["loss"] for _ in range(3)]
+        return losses, tr
+
+    eager_losses, eager = run(None)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        losses, tr = run(2)
+    assert not tr.compiled and "torch.compile failed at step 1" in caplog.text
+    assert losses == eager_losses
+    for a, b in zip(tr.model.state_dict().values(), eager.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_cli_compile_flag_compiles_the_trained_net_and_records_it(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)  # real compiles take minutes
+    pack = _pack(tmp_path)
+    common = ["--data", str(pack), "--config", "tiny", "--degradation", "bicubic", "--steps", "1", "--device", "cpu"]
+    assert main(["train", "estimator", *common, "--out", str(tmp_path / "e"), "--compile"]) == 0
+    assert len(compiled) == 1 and json.loads((tmp_path / "e" / "estimator_log.json").read_text())["compile"] is True

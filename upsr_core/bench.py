@@ -84,6 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
     p.add_argument("--compile-sizes", default="64,256", help="LR sides of the compiled rows (batch 1, bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="channels-last denoiser in the fast path (auto: CUDA only)")
     p.add_argument("--subpixel", choices=["auto", "on", "off"], default="auto",
                    help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
@@ -297,7 +299,8 @@ def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dty
     """A fast copy of the nets: switched on ``dev`` (so "auto" is decided for it), then parked on
     the CPU until :func:`_resident` brings it back for its rows."""
     m = UPSRModel(copy.deepcopy(den).to(dev, dtype), copy.deepcopy(atd).to(dev, torch.float32), dtype=dtype)
-    m = enable_fast(m, compile=compile, cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel])
+    m = enable_fast(m, compile=compile, cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel],
+                    channels_last=_SWITCH[args.channels_last])
     return m.to("cpu")
 
 
@@ -337,6 +340,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
             "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel,
+            "channels_last": args.channels_last,
             "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)

@@ -73,6 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true",
                    help="the net in channels-last memory format (NHWC convolutions on CUDA; same math, compare "
                         "with `train bench --channels-last`)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained net (the first step compiles, minutes for the full config; "
+                        "falls back to eager with a warning if compiling fails)")
     p.add_argument("--degrade-rng", choices=["device", "cpu"], default="device",
                    help="generator of the degradations: on the training device (resumable) or a CPU one "
                         "(fallback where device generators are not supported; not bit-resumable)")
@@ -266,6 +269,8 @@ def run_stage(args: argparse.Namespace) -> dict:
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     trainer = Trainer(task, cfg, di)
+    if args.compile:
+        trainer.compile()
     trainer.meta["init"] = init
     ckpt = Path(cfg.checkpoint)
     resumed = ckpt.is_file() and not args.fresh
@@ -288,7 +293,7 @@ def run_stage(args: argparse.Namespace) -> dict:
         "stage": args.stage, "config": preset.name, "params": n_params,
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
         "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "compile": trainer.compiled,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
         "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,

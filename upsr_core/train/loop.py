@@ -164,6 +164,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1000 * self.di.rank)
+        self._eager: nn.Module | None = None  # the uncompiled net while torch.compile is on (see compile())
         self.step, self.elapsed_before = 0, 0.0
         self.history: list[dict] = []
         self.meta: dict = {}  # JSON-able facts about the run kept in the checkpoint (e.g. its --init file)
@@ -236,8 +237,38 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.accum).backward()
         return loss.detach(), logs
 
+    def compile(self) -> None:
+        """``torch.compile`` the trained net (after DDP wrapping). The first step compiles (minutes
+        for the full config); if compiling fails, at that step or at a later recompile, the
+        step is redone eagerly with the same random draws (a DataLoader feed's batch excepted),
+        the run stays eager and a warning says why."""
+        if self._eager is None:
+            self._eager = self.wrapped
+            self.wrapped = torch.compile(self.wrapped)
+
+    @property
+    def compiled(self) -> bool:
+        """True while the net runs compiled (:meth:`compile` called, no fallback to eager yet)."""
+        return self._eager is not None
+
     def train_step(self, elapsed_s: float = 0.0) -> dict[str, float]:
         """One optimiser step over ``accum`` micro-batches; returns averaged logs."""
+        if self._eager is None:
+            return self._train_step(elapsed_s)
+        rng = self.generator.get_state(), torch.get_rng_state()
+        try:
+            return self._train_step(elapsed_s)
+        except torch._dynamo.exc.TorchDynamoException as e:  # inductor/backend failure, no compiler
+            log.warning("torch.compile failed at step %d, training on eagerly: %s", self.step,
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            # nothing of the failed try reaches the weights, and the step draws the same t and noise
+            self.opt.zero_grad(set_to_none=True)
+            self.generator.set_state(rng[0])
+            torch.set_rng_state(rng[1])
+            self.wrapped, self._eager = self._eager, None
+            return self._train_step(elapsed_s)
+
+    def _train_step(self, elapsed_s: float) -> dict[str, float]:
         lr = self.lr_at(self.step, elapsed_s)
         for g in self.opt.param_groups:
             g["lr"] = lr
