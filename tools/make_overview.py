@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 

@@ -50,7 +50,7 @@ from .config import FULL_ATD, FULL_DENOISER
 from .fast import enable_fast
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
-from .pipeline import SCALE, padded_size, starting_noise
+from .pipeline import padded_size, starting_noise
 from .tiling import check_tiling, partition, plan_tiles
 from .uncertainty import weight_noise
 
