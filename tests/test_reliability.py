@@ -31,6 +31,7 @@ import upsr_core.model as model_mod
 from upsr_core import cli
 from upsr_core.checkpoint import save_converted
 from upsr_core.errors import UnsupportedCheckpointError
+from upsr_core.fast import enable_fast
 from upsr_core.imageio import write_png
 from upsr_core.model import UPSRModel, load_upsr
 from upsr_core.stages import sample_maps, weight_map
@@ -630,3 +631,40 @@ def test_other_runtime_errors_still_show_their_traceback(model_file, tmp_path, m
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         cli.main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png"), "--model", str(model_file),
                   "--device", "cpu"])
+
+
+# ===================================================================== 6. numeric overflow
+def _nan_model(fast: bool) -> UPSRModel:
+    """The tiny model with finite weights that overflow float32 (the time embedding × 1e30: the
+    norms then make inf − inf), as fp16 overflows with some weights; clamp keeps NaN, so without
+    a check it would come back as an image."""
+    m = tiny_upsr()
+    m.denoiser.time_embed[0].weight.data.mul_(1e30)
+    return enable_fast(m) if fast else m
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_nan_output_raises_instead_of_returning_an_image(fast):
+    from upsr_core.errors import NonFiniteOutputError
+
+    m, lr = _nan_model(fast), lr_batch(1, 12, 12)
+    for call in (lambda: m.upscale(lr), lambda: m.upscale(lr_batch(1, 20, 28), **TILED),
+                 lambda: m.upscale(lr_batch(1, 20, 28), sink=lambda *a: None, **TILED),
+                 lambda: m.denoise(m.estimate(lr), torch.ones(1, 1, 48, 48))):
+        with pytest.raises(NonFiniteOutputError, match=r"the denoiser \(float32\) produced NaN in its .* output; "
+                                                       r"the weights \(or their conversion\) are broken"):
+            call()
+    m.dtype = torch.float16  # the message names the fp16 overflow and the way out (not run: fp16 is slow on the CPU)
+    with pytest.raises(NonFiniteOutputError, match="fp16 overflowed with these weights: load the model in fp32 or bf16"):
+        m._checked(torch.full((1, 3, 4, 4), float("nan")))
+    assert m._checked(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+def test_cli_nan_output_is_one_error_line(tmp_path, capsys):
+    m = _nan_model(False)
+    path = tmp_path / "nan.safetensors"
+    save_converted(path, m.denoiser, m.estimator)
+    img = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)).save(img)
+    rc, err = run_cli(capsys, "upscale", img, "-o", tmp_path / "out.png", "--model", path, "--device", "cpu")
+    assert rc == 2 and "produced NaN" in one_error_line(err) and not (tmp_path / "out.png").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnsupportedCheckpointError
+from .errors import NonFiniteOutputError, UnsupportedCheckpointError
 
 __all__ = ["main", "default_model_path"]
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     # OSError: a missing file, a permission, a full disk, a read-only folder — not a bug
-    except (ValueError, TypeError, UnsupportedCheckpointError, OSError) as e:
+    except (ValueError, TypeError, UnsupportedCheckpointError, NonFiniteOutputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # CUDA OOM is a RuntimeError; the CPU and MPS allocators raise plain ones

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-__all__ = ["UnsupportedCheckpointError", "describe_state_dict"]
+__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict"]
 
 
 def describe_state_dict(sd: Mapping, limit: int = 4) -> str:
@@ -24,3 +24,8 @@ class UnsupportedCheckpointError(ValueError):
         if sd is not None:
             message = f"{message}; the file holds {describe_state_dict(sd)}"
         super().__init__(message)
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The denoiser's output holds NaN: the net overflowed (fp16 with some weights) or its
+    weights are broken. Raised instead of handing back a black or white image."""

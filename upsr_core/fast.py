@@ -373,4 +373,4 @@ class FastUPSRModel(UPSRModel):
                 continue
             for _ in range(steps):  # a graph cannot call back: the steps are reported after it
                 counter(x.shape[0])
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return self._checked(torch.cat(outs) if len(outs) > 1 else outs[0])

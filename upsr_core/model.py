@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_nets
 from .config import ATDConfig, DenoiserConfig
-from .errors import UnsupportedCheckpointError
+from .errors import NonFiniteOutputError, UnsupportedCheckpointError
 from .nets import ATD, UPSRDenoiser
 from .pipeline import SCALE, Estimate, NoiseField, bicubic_x4, check_lr, denoise_estimate, pad_lr, run_estimator, starting_noise
 from .schedule import make_schedule
@@ -98,6 +98,16 @@ class UPSRModel:
             log.warning("the denoiser runs in fp16 on the CPU, which has no fast fp16 kernels: about 190x slower than "
                         "fp32 (demo model, LR 64, 2-core x86, 2026-11-26); use fp32 or bf16 on the CPU")
 
+    def _checked(self, sr: torch.Tensor) -> torch.Tensor:
+        """``sr`` if it holds no NaN, else NonFiniteOutputError (one sum over the output: no
+        copy, one host sync at the end of a call)."""
+        if torch.isnan(sr.sum()):
+            hint = ("fp16 overflowed with these weights: load the model in fp32 or bf16" if self.dtype == torch.float16
+                    else "the weights (or their conversion) are broken")
+            raise NonFiniteOutputError(f"the denoiser ({str(self.dtype).removeprefix('torch.')}) produced NaN in its "
+                                       f"{tuple(sr.shape)} output; {hint}")
+        return sr
+
     # ------------------------------------------------------------------ network calls
     def _denoiser_call(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x.to(self.dtype), t, lq.to(self.dtype)).float()
@@ -158,8 +168,8 @@ class UPSRModel:
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp))
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
-        return self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
-                               tile, overlap, tile_batch, progress)
+        return self._checked(self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
+                                             tile, overlap, tile_batch, progress))
 
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
                    tile_batch: int, progress: Progress | None, sink: RowSink | None = None) -> torch.Tensor | None:
@@ -298,7 +308,12 @@ class UPSRModel:
             n = torch.stack([noise[i, :, t.y : t.y + t.h, t.x : t.x + t.w] for t in group])
             return sub, w, n
 
-        return self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress, sink)
+        if sink is None:
+            return self._checked(self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch,
+                                                 progress))
+        self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress,
+                        lambda i, y0, rows: sink(i, y0, self._checked(rows)))
+        return None
 
 
 def _bicubic_region(lr_pm: torch.Tensor, t: Tile, margin: int = 2) -> torch.Tensor:
