@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 FOLDER = "upsr"
 IN_MODEL_FILE = "(from the model file)"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
-# fp32 first: the default, and the dtype `python -m upsr_core upscale` uses unless told otherwise
-PRECISIONS = {"fp32": torch.float32, "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# auto first: the default, as `python -m upsr_core upscale --dtype auto` (fp16 on CUDA, fp32 on the CPU)
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("fast", "reference")
 
 UPSRModelType = io.Custom("UPSR_MODEL")
@@ -105,11 +105,12 @@ class LoadUPSRModel(io.ComfyNode):
                                tooltip="the denoiser, or a converted file holding both nets"),
                 io.Combo.Input("estimator_name", options=[IN_MODEL_FILE] + files, default=IN_MODEL_FILE,
                                tooltip="the ATD estimator (atd_real.pth); not needed for a converted file"),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
-                               tooltip="denoiser precision. fp32 gives what the upsr_core CLI gives (--fast with "
-                                       "implementation fast); auto = fp16 "
-                                       "where ComfyUI deems it safe for this GPU (the official nets were trained "
-                                       "in fp16), else bf16, else fp32. The estimator never runs in fp16."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="denoiser precision. auto = fp16 where ComfyUI deems it safe for this GPU "
+                                       "(the official nets were trained in fp16; half the memory of fp32), "
+                                       "else bf16, else fp32 (the CPU); like the upsr_core CLI's default. "
+                                       "A NaN result (an fp16 overflow) stops with an error: pick fp32 or bf16 "
+                                       "then. The estimator never runs in fp16."),
                 io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
                                tooltip="fast: fused attention with precomputed masks and the sampling loop on the "
                                        "device; equal to reference up to float rounding (what `python -m upsr_core "

@@ -201,7 +201,7 @@ def test_schema_defaults_and_slider_ranges(pack):
         assert (s["tile"][1]["default"], s["tile"][1]["min"], s["tile"][1]["step"]) == (512, 64, 64)
         assert (s["overlap"][1]["default"], s["tile_batch"][1]["default"]) == (64, 1)
     _, s = _spec(pack, "LoadUPSRModel")
-    assert s["precision"][1]["options"] == ["fp32", "auto", "bf16", "fp16"] and s["precision"][1]["default"] == "fp32"
+    assert s["precision"][1]["options"] == ["auto", "fp32", "bf16", "fp16"] and s["precision"][1]["default"] == "auto"
     assert s["implementation"][1]["options"] == ["fast", "reference"] and s["implementation"][1]["default"] == "fast"
     assert s["model_name"][1]["options"] == [DEMO] and s["model_name"][1]["default"] == DEMO
     assert s["estimator_name"][1]["options"] == ["(from the model file)", DEMO]
@@ -302,7 +302,7 @@ def test_load_rejects_bad_choices_with_clear_messages(pack):
     msg = node.validate_inputs("nope.pth", "(from the model file)", "fp32")
     assert "model_name 'nope.pth' is not in the upsr model folders" in msg and DEMO in msg
     assert "estimator_name 'x.pth'" in node.validate_inputs(DEMO, "x.pth", "fp32")
-    assert "precision must be one of fp32, auto, bf16, fp16" in node.validate_inputs(DEMO, "(from the model file)", "fp8")
+    assert "precision must be one of auto, fp32, bf16, fp16" in node.validate_inputs(DEMO, "(from the model file)", "fp8")
     assert "implementation must be one of fast, reference, got 'turbo'" in node.validate_inputs(
         DEMO, "(from the model file)", "fp32", "turbo")
     with pytest.raises(ValueError, match="nope.pth"):
@@ -342,10 +342,12 @@ def test_execute_layouts(pack, handle):
 @pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["fast", "reference"])
 def test_chain_with_defaults_writes_what_the_cli_writes(pack, implementation, tmp_path):
-    """fast (the default) is `upscale --fast`, reference is `upscale`: the same code, bit for bit."""
-    handle = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32",
+    """fast (the default) is `upscale --fast`, reference is `upscale`: the same code, bit for bit; precision
+    auto (the default) is fp32 on the CPU, as the CLI's --dtype auto."""
+    handle = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="auto",
                  **({} if implementation == "fast" else {"implementation": implementation}))[0]
     model = handle.model
+    assert model.dtype == torch.float32
     img = lr_image(20, 28, seed=5)
     Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "lr.png")
     from upsr_core.cli import main
