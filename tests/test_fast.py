@@ -332,3 +332,36 @@ def test_large_canvas_is_blended_on_the_host_with_the_same_result(fast32, monkey
     monkeypatch.setattr(fast, "CANVAS_DEVICE_MAX_BYTES", 0)
     got = fast32.upscale(lr, **kw)
     assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_bench_records_a_nan_row_and_goes_on(tmp_path, capsys, monkeypatch):
+    """A precision whose output is NaN (fp16 overflowing with some weights) is a row of the table
+    ("non-finite"), not the end of the benchmark run."""
+    import argparse
+    import json
+
+    from upsr_core.bench import add_parser
+    from upsr_core.checkpoint import save_converted
+    from upsr_core.errors import NonFiniteOutputError
+    from upsr_core.fast import FastUPSRModel
+
+    m = tiny_upsr()
+    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
+    real = FastUPSRModel.upscale
+
+    def upscale(self, *a, **k):
+        if self.dtype == torch.bfloat16:
+            raise NonFiniteOutputError("the denoiser (bfloat16) produced NaN in its (1, 3, 64, 64) output")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FastUPSRModel, "upscale", upscale)
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    out = tmp_path / "bench.json"
+    args = ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--sizes", "16",
+                          "--dtypes", "bf16,fp32", "--reps", "1", "--json", str(out)])
+    assert args.func(args) == 0
+    assert "fast bf16: the denoiser (bfloat16) produced NaN" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["dtype"], r["finite"]) for r in rows] == [
+        ("reference", "fp32", True), ("fast", "bf16", False), ("fast", "fp32", True)]

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .config import FULL_ATD, FULL_DENOISER
+from .errors import NonFiniteOutputError
 from .fast import enable_fast
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
@@ -404,6 +405,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 table.add(row)
                 if row.get("profile"):
                     print("\n".join("#   " + line for line in row["profile"].splitlines()), flush=True)
+            except NonFiniteOutputError as e:  # e.g. fp16 overflowing with these weights: a finding, not a crash
+                table.comment(f"LR {label} batch {b} fast {name}: {e}",
+                              {"lr": label, "batch": b, "path": "fast", "dtype": name, "finite": False})
             except torch.cuda.OutOfMemoryError:
                 table.comment(f"LR {label} batch {b} fast {name}: OOM under the {cap:g} GiB cap",
                               {"lr": label, "batch": b, "path": "fast", "dtype": name, "oom": True, "mem_cap_gib": cap})
