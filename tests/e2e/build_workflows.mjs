@@ -17,7 +17,7 @@ const { chromium } = require('playwright-core');
 
 // One spec per workflow: nodes [key, type, [x, y], {widget: value}, title?], links [from, slot, to, input].
 const DEMO = 'upsr_demo_x4.safetensors';
-const MODEL = ['model', 'LoadUPSRModel', [30, 760], { model_name: DEMO, estimator_name: '(from the model file)', precision: 'fp32', implementation: 'fast' }, null, [400, 154]];
+const MODEL = ['model', 'LoadUPSRModel', [30, 760], { model_name: DEMO, estimator_name: '(from the model file)', precision: 'auto', implementation: 'fast' }, null, [400, 154]];
 const SAMPLE = { seed: 0, control_after_generate: 'fixed', tile: 512, overlap: 64, tile_batch: 1 };
 const SPECS = {
   upsr_basic: {
