@@ -183,6 +183,9 @@ class SwinBlock(nn.Module):
     def _runtime_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor | None:
         if not self.shift:
             return None
+        if torch.compiler.is_compiling():  # built inside the graph (folded to a constant): a cache
+            # filled during tracing would fail the next call's guards and recompile the whole net
+            return official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)
         key = (h, w, ref.device, ref.dtype)
         if key not in self._mask_cache:
             self._mask_cache[key] = official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)
