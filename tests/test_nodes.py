@@ -302,7 +302,8 @@ def test_load_rejects_bad_choices_with_clear_messages(pack):
     msg = node.validate_inputs("nope.pth", "(from the model file)", "fp32")
     assert "model_name 'nope.pth' is not in the upsr model folders" in msg and DEMO in msg
     assert "estimator_name 'x.pth'" in node.validate_inputs(DEMO, "x.pth", "fp32")
-    assert "precision must be one of auto, fp32, bf16, fp16" in node.validate_inputs(DEMO, "(from the model file)", "fp8")
+    msg = node.validate_inputs(DEMO, "(from the model file)", "fp8")
+    assert "precision must be one of auto, fp32, bf16, fp16" in msg
     assert "implementation must be one of fast, reference, got 'turbo'" in node.validate_inputs(
         DEMO, "(from the model file)", "fp32", "turbo")
     with pytest.raises(ValueError, match="nope.pth"):

@@ -655,7 +655,8 @@ def test_nan_output_raises_instead_of_returning_an_image(fast):
                                                        r"the weights \(or their conversion\) are broken"):
             call()
     m.dtype = torch.float16  # the message names the fp16 overflow and the way out (not run: fp16 is slow on the CPU)
-    with pytest.raises(NonFiniteOutputError, match="fp16 overflowed with these weights: load the model in fp32 or bf16"):
+    advice = "fp16 overflowed with these weights: load the model in fp32 or bf16"
+    with pytest.raises(NonFiniteOutputError, match=advice):
         m._checked(torch.full((1, 3, 4, 4), float("nan")))
     assert m._checked(torch.zeros(1, 3, 4, 4)).shape == (1, 3, 4, 4)
 

@@ -168,8 +168,9 @@ class UPSRModel:
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp))
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
-        return self._checked(self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
-                                             tile, overlap, tile_batch, progress))
+        sr = self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
+                             tile, overlap, tile_batch, progress)
+        return self._checked(sr)
 
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
                    tile_batch: int, progress: Progress | None, sink: RowSink | None = None) -> torch.Tensor | None:

@@ -88,7 +88,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     res = {
         "config": args.config, "batch": args.batch, "hr": args.crop, "amp": args.amp, "fused": fused,
         "compile": tr.compiled, "channels_last": args.channels_last,
-        "s_per_iter_median": round(statistics.median(times), 4), "s_per_iter_mean": round(statistics.fmean(times), 4), "iters": args.iters,
+        "s_per_iter_median": round(statistics.median(times), 4), "s_per_iter_mean": round(statistics.fmean(times), 4),
+        "iters": args.iters,
         "warmup_s": [round(t, 2) for t in warm],
         "params_denoiser": sum(p.numel() for p in den.parameters()), "hardware": hardware(di.device),
     }
