@@ -652,3 +652,17 @@ def test_example_workflows_match_the_node_schemas(pack):
                     assert typ == spec[slot["name"]][0], f"{wf_path.name}: link into {n['type']}.{slot['name']}"
                     if src_node["type"] in pack.nodes:
                         assert pack.nodes[src_node["type"]].RETURN_TYPES[src_slot] == typ
+
+
+def test_nan_result_is_an_error_naming_the_precision(pack):
+    """A denoiser whose output turns NaN (here finite weights that overflow float32, as fp16 overflows
+    with some weights) stops UPSR Sample and UPSR Upscale with the core's error, not a black image."""
+    h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp32",
+            implementation="reference")[0]
+    h.model.denoiser.time_embed[0].weight.data.mul_(1e30)
+    img = lr_image(12, 16, seed=2)
+    with pytest.raises(FloatingPointError, match=r"the denoiser \(float32\) produced NaN") as e:
+        chain(pack, h, img)
+    assert type(e.value).__name__ == "NonFiniteOutputError"
+    with pytest.raises(FloatingPointError, match="produced NaN"):
+        run(pack, "UPSRUpscale", upsr_model=h, image=img, **defaults(pack, "UPSRUpscale"))
