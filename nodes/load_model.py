@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 FOLDER = "upsr"
 IN_MODEL_FILE = "(from the model file)"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
-# auto first: the default, as `python -m upsr_core upscale --dtype auto` (fp16 on CUDA, fp32 on the CPU)
+# auto first: the default (fp16 where ComfyUI deems it safe on the GPU, fp32 on the CPU); the CLI's default is fp32
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("fast", "reference")
 
@@ -108,9 +108,9 @@ class LoadUPSRModel(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="denoiser precision. auto = fp16 where ComfyUI deems it safe for this GPU "
                                        "(the official nets were trained in fp16; half the memory of fp32), "
-                                       "else bf16, else fp32 (the CPU); like the upsr_core CLI's default. "
-                                       "A NaN result (an fp16 overflow) stops with an error: pick fp32 or bf16 "
-                                       "then. The estimator never runs in fp16."),
+                                       "else bf16, else fp32 (the CPU). fp32 gives what the upsr_core CLI gives "
+                                       "by default. A NaN result (an fp16 overflow) stops with an error: pick "
+                                       "fp32 or bf16 then. The estimator never runs in fp16."),
                 io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
                                tooltip="fast: fused attention with precomputed masks and the sampling loop on the "
                                        "device; equal to reference up to float rounding (what `python -m upsr_core "

@@ -344,7 +344,7 @@ def test_execute_layouts(pack, handle):
 @pytest.mark.parametrize("implementation", ["fast", "reference"])
 def test_chain_with_defaults_writes_what_the_cli_writes(pack, implementation, tmp_path):
     """fast (the default) is `upscale --fast`, reference is `upscale`: the same code, bit for bit; precision
-    auto (the default) is fp32 on the CPU, as the CLI's --dtype auto."""
+    auto (the default) is fp32 on the CPU, the CLI's default dtype."""
     handle = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="auto",
                  **({} if implementation == "fast" else {"implementation": implementation}))[0]
     model = handle.model
