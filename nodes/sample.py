@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
 from upsr_core.model import Progress
+from upsr_core.pipeline import padded_size
 from upsr_core.stages import sample_maps
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
 
@@ -33,7 +34,7 @@ def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: i
     Halves the tile actually used (a tile larger than the padded image is the image), keeps it a
     multiple of ``multiple`` (the model's padding) and the overlap below half of it.
     """
-    padded = -(-max(lr_size) // multiple) * multiple
+    padded = max(padded_size(*lr_size, multiple))
     new = min(tile, padded) // 2 // multiple * multiple
     if new < max(MIN_TILE, multiple):
         return None
