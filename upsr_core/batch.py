@@ -11,8 +11,10 @@ With ``torchrun --nproc-per-node N``, rank r takes files r, r+N, … (no process
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -136,6 +138,20 @@ def _bits(img: LoadedImage, args: argparse.Namespace) -> int:
     return img.bits if args.bits == "auto" else int(args.bits)
 
 
+@contextlib.contextmanager
+def _part_files(dsts: list[Path]) -> Iterator[list[Path]]:
+    """The ``.part`` paths the outputs ``dsts`` are written to first (then renamed into place, so an
+    interrupted write never leaves a complete-looking output); on any exception (disk full,
+    Ctrl-C, …) those not yet renamed are removed: no half-written .part is left behind either."""
+    tmps = [dst.with_name(dst.name + ".part") for dst in dsts]
+    try:
+        yield tmps
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]], args: argparse.Namespace,
                    kw: dict, bar) -> None:
     """Same-size images of one tile row in one ``upscale`` call, each with the noise of ``--seed``
@@ -143,8 +159,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
     lr = torch.stack([img.rgb for img, _, _ in group])
     hp, wp = padded_size(*lr.shape[-2:], model.multiple_of)
     noise = starting_noise(args.seed, 1, (hp, wp)).expand(len(group), -1, -1, -1).contiguous()
-    tmps = [dst.with_name(dst.name + ".part") for _, _, dst in group]
-    try:
+    with _part_files([dst for _, _, dst in group]) as tmps:
         sr = model.upscale(lr, noise=noise, progress=bar.update, **kw)
         bar.close()
         for (img, _, dst), tmp, out in zip(group, tmps, sr):
@@ -155,18 +170,13 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
             os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
             if not args.quiet:
                 log.info("wrote %s (%dx%d)", dst, out.shape[-1], out.shape[-2])
-    except BaseException:  # disk full, Ctrl-C, …: no half-written .part left behind either
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argparse.Namespace, kw: dict,
                       bar) -> None:
     """One image of several tile rows, its finished rows written to the PNG as they come."""
     h4, w4 = SCALE * img.rgb.shape[-2], SCALE * img.rgb.shape[-1]
-    tmp = dst.with_name(dst.name + ".part")
-    try:
+    with _part_files([dst]) as (tmp,):
         with PngStreamWriter(tmp, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None) as png:
             def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
                 a = None if img.alpha is None else _alpha_rows(img.alpha, y0, rows.shape[1])
@@ -175,9 +185,6 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
             model.upscale(img.rgb[None], seed=args.seed, sink=sink, progress=bar.update, **kw)
         bar.close()
         os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if not args.quiet:
         log.info("wrote %s (%dx%d)", dst, w4, h4)
 
