@@ -293,8 +293,9 @@ class FastUPSRModel(UPSRModel):
                     out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww].to(cdev) * wt
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
-                for _ in range(steps if graphed else 0):
-                    counter(len(group))
+                if graphed:  # a graph cannot call back: its steps are reported after it
+                    for _ in range(steps):
+                        counter(len(group))
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
     def estimate(self, lr: torch.Tensor, *, block: int | None = None):
@@ -333,7 +334,6 @@ class FastUPSRModel(UPSRModel):
         larger images stream through the reference tiling with :meth:`_tile_loop`.
         """
         self._follow()
-        self._warn_if_slow()
         if sink is not None:  # streamed output: the base class's banded tile loop
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise, sink=sink)
@@ -350,6 +350,7 @@ class FastUPSRModel(UPSRModel):
         if len(plan_tiles(hp, wp, tile, overlap, m)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:
             return super().upscale(lr, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise)
+        self._warn_if_slow()  # (the base class's upscale, above, warns itself)
         dev = self.device
         lr, noise = lr.to(dev, torch.float32), noise.to(dev, torch.float32)
         per = self._images_per_call(b, hp, wp, tile, tile_batch)

@@ -107,7 +107,7 @@ h.patcher.model.to("cpu")
 again = chain(h, img)
 report["fast_after_offload_reload"] = {"equal": bool(torch.equal(again, first)), "on": str(h.model.device)}
 
-# 2d. a tiled image whose canvas is blended on the CPU (as above 1 GiB) gives the device-canvas result
+# 2c. a tiled image whose canvas is blended on the CPU (as above 1 GiB) gives the device-canvas result
 from upsr_core import fast  # noqa: E402
 
 tiled_kw = defaults("UPSRUpscale") | {"tile": 64, "overlap": 16}
@@ -120,7 +120,7 @@ finally:
 report["host_canvas_equals_device_canvas"] = {"equal": bool(torch.equal(on_host, on_device)),
                                               "max_abs": float((on_host - on_device).abs().max())}
 
-# 2c. node speed: the chain at fp16, fast vs reference (second run of each, after warm-up)
+# 2d. node speed: the chain at fp16, fast vs reference (second run of each, after warm-up)
 for impl in ("fast", "reference"):
     hh = load("fp16", impl)
     chain(hh, img)
