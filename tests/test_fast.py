@@ -365,3 +365,94 @@ def test_bench_records_a_nan_row_and_goes_on(tmp_path, capsys, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["dtype"], r["finite"]) for r in rows] == [
         ("reference", "fp32", True), ("fast", "bf16", False), ("fast", "fp32", True)]
+
+
+# ----------------------------------------------------------------- group_norm_nhwc (nhwc_norm)
+# Reference: F.group_norm in float64 on the same (rounded) input. float32: a Welford var_mean,
+# so only summation-order rounding (observed 4e-6 on outputs up to ~9 with |mean| = 33 std;
+# 2e-5 bound). 16-bit: the output's own rounding, r = 2^-8 (bf16) or 2^-11 (fp16) of max|y|,
+# dominates; observed 0.6-0.9 r at mean 0 and up to 1.8 r at mean 100 in fp16 (the CPU's
+# batch_norm forms x·α + β in the 16-bit type, so its rounding grows with |mean|/std;
+# F.group_norm in fp16 reaches 1.3 r there). Bound 2.5 r.
+@pytest.mark.parametrize("shape", [(1, 64, 16, 16), (3, 128, 8, 24)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mean", [0.0, 100.0])
+def test_group_norm_nhwc_equals_group_norm(shape, dtype, mean):
+    import torch.nn.functional as F
+
+    from upsr_core.nets.denoiser import group_norm_nhwc
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) * 3 + mean).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    exact = F.group_norm(x.contiguous().double(), 32, w.double(), b.double(), 1e-5)
+    y = group_norm_nhwc(x, 32, w, b, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    err = (y.double() - exact).abs().max().item()
+    if dtype in (torch.float32, torch.float64):
+        assert err <= 2e-5
+    else:
+        r = (2**-8 if dtype == torch.bfloat16 else 2**-11) * exact.abs().max().item()
+        assert err <= 2.5 * r
+
+
+def test_groupnorm32_nhwc_only_for_channels_last_inputs_without_grad():
+    """The NHWC path gives no gradient to its statistics, so a tensor that needs one (and a
+    NCHW tensor, which it would copy) takes F.group_norm: identical values and gradients."""
+    from upsr_core.nets.denoiser import GroupNorm32
+
+    torch.manual_seed(0)
+    norm, plain = GroupNorm32(64), GroupNorm32(64)
+    plain.load_state_dict(norm.state_dict())
+    norm.native = plain.native = True
+    norm.nhwc = True
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = norm(xa), plain(xb)
+    assert torch.equal(ya, yb)
+    (ya * torch.arange(ya.numel()).view_as(ya)).sum().backward()
+    (yb * torch.arange(yb.numel()).view_as(yb)).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    with torch.no_grad():
+        assert torch.equal(norm(x.contiguous()), plain(x.contiguous()))
+        torch.testing.assert_close(norm(x), plain(x), atol=2e-5, rtol=0)  # the NHWC path itself
+
+
+def test_fast_nhwc_norm_equals_reference(small_model, small_nets):
+    """enable_fast(nhwc_norm=True) on the CPU (channels-last forced): same bound as the other
+    fp32 fast-path tests; without channels-last the switch is refused."""
+    den, atd = (copy.deepcopy(n) for n in small_nets)
+    fast = enable_fast(UPSRModel(den, atd), channels_last=True, nhwc_norm=True)
+    assert fast.fast_options.nhwc_norm
+    lr = torch.rand(2, 3, 20, 44)
+    torch.testing.assert_close(fast.upscale(lr, seed=3), small_model.upscale(lr, seed=3), atol=FP32_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="nhwc_norm=True needs channels_last"):
+        enable_fast(UPSRModel(*(copy.deepcopy(n) for n in small_nets)), channels_last=False, nhwc_norm=True)
+
+
+def test_bench_variants_add_labelled_rows(tmp_path, capsys):
+    """--variants runs each named fast-path variant as its own row in the same table;
+    an unknown name fails before any row runs."""
+    import argparse
+    import json
+
+    from upsr_core.bench import add_parser
+    from upsr_core.checkpoint import save_converted
+
+    m = tiny_upsr()
+    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    out = tmp_path / "bench.json"
+    base = ["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--sizes", "16",
+            "--dtypes", "fp32", "--reps", "1", "--json", str(out), "--channels-last", "on"]
+    args = ap.parse_args([*base, "--variants", "nchw,nhwc-norm"])
+    assert args.func(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["path"] for r in rows] == ["reference", "fast", "fast/nchw", "fast/nhwc-norm"]
+    assert all(r["max_abs"] <= FP32_ATOL for r in rows[1:])
+    assert "fast/nhwc-norm" in capsys.readouterr().out
+    args = ap.parse_args([*base, "--variants", "nchw,turbo"])
+    with pytest.raises(ValueError, match="'turbo'"):
+        args.func(args)
+    assert "reference" not in capsys.readouterr().out

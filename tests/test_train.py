@@ -440,6 +440,22 @@ def test_train_bench_runs_on_cpu_with_channels_last():
         assert res["channels_last"] == bool(flag) and res["s_per_iter_median"] > 0 and res["iters"] == 2
 
 
+def test_train_bench_profile_names_the_step_ops(capsys):
+    """--profile N: one more step under torch.profiler after the timing, its N costliest ops
+    printed and kept in the result (where the GPU step's time goes)."""
+    import argparse
+
+    from upsr_core.train.bench import add_bench_parser, run_bench
+
+    ap = argparse.ArgumentParser()
+    add_bench_parser(ap.add_subparsers())
+    res = run_bench(ap.parse_args(["bench", "--config", "tiny", "--batch", "2", "--crop", "64", "--amp", "off",
+                                   "--warmup", "1", "--iters", "1", "--device", "cpu", "--profile", "5"]))
+    printed = capsys.readouterr().out
+    assert "aten::" in res["profile"] and "#   " in printed and "Self CPU" in printed
+    assert res["iters"] == 1 and res["s_per_iter_median"] > 0
+
+
 def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, caplog):
     """train --compile: a compiler failure (here at the second step, as a recompile would) redoes
     that step eagerly: the run continues with exactly the eager run's losses and weights."""

@@ -67,14 +67,18 @@ if [ "$DEV" = cuda ] && [ "$NODES_LIMIT" -gt 0 ]; then
   timeout -k 10 "$NODES_LIMIT" "$PY" tests/e2e/gpu_check.py "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
   echo "gpu_check exit code $? (124 = killed at NODES_LIMIT=${NODES_LIMIT}s)" | tee -a "$OUT/gpu_check.txt"
 fi
-# Training step (issue 5's 0.13 s/iter target): full config, batch 16, HR 256, bf16; plain, channels-last, and
-# channels-last + torch.compile; one JSON line each in $OUT/train_bench.jsonl. TRAIN_LIMIT=0 skips it.
+# Training step (issue 5's 0.13 s/iter target): full config, batch 16, HR 256, bf16; one run per
+# "|"-separated flag set of TRAIN_RUNS (default: plain, channels-last, channels-last + torch.compile;
+# add e.g. "--profile 20" to a set for its op table); one JSON line each in $OUT/train_bench.jsonl.
+# TRAIN_LIMIT=0 skips it.
 TRAIN_LIMIT=${TRAIN_LIMIT:-240}   # plain ~25 s, channels-last ~25 s, + compile ~180 s (162 s of compiling on a 2-core CPU)
+TRAIN_RUNS=${TRAIN_RUNS:-"|--channels-last|--channels-last --compile"}
 if [ "$DEV" = cuda ] && [ "$TRAIN_LIMIT" -gt 0 ]; then
   timeout -k 10 "$TRAIN_LIMIT" bash -c '
-    for flags in "" "--channels-last" "--channels-last --compile"; do
+    IFS="|" read -r -a runs <<< "$2"
+    for flags in "${runs[@]}"; do
       "$0" -m upsr_core train bench --config full --batch 16 $flags --json /tmp/upsr_tb.json && cat /tmp/upsr_tb.json >> "$1/train_bench.jsonl"
-    done' "$PY" "$OUT" > "$OUT/train_bench.txt" 2>&1
+    done' "$PY" "$OUT" "$TRAIN_RUNS" > "$OUT/train_bench.txt" 2>&1
   echo "train bench exit code $? (124 = killed at TRAIN_LIMIT=${TRAIN_LIMIT}s; finished lines are kept)" | tee -a "$OUT/train_bench.txt"
 fi
 exit "$rc"

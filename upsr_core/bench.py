@@ -59,7 +59,7 @@ __all__ = ["add_parser", "run_bench"]
 
 log = logging.getLogger("upsr_core")
 
-HEADER = (f"{'LR':>6} {'batch':>5} {'path':<13} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
+HEADER = (f"{'LR':>6} {'batch':>5} {'path':<15} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
           f"{'1st GiB':>8} {'TFLOP/s':>8} {'vs ref':>7} {'max|d|':>9} {'mean|d|':>9} {'den max|d|':>10}")
 
 
@@ -89,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="channels-last denoiser in the fast path (auto: CUDA only)")
     p.add_argument("--subpixel", choices=["auto", "on", "off"], default="auto",
                    help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
+    p.add_argument("--variants", default="",
+                   help="extra fast-path rows (not tiled) to A/B in the same run, comma-separated: "
+                        + ", ".join(f"{k} ({v[1]})" for k, v in VARIANTS.items()))
     p.add_argument("--reps", type=int, default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
     p.add_argument("--budget-s", type=float, default=None, help="skip rows once this many seconds are used")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -268,7 +271,7 @@ class Table:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         r = row
-        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<13} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
+        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<15} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
               f"{_fmt(r['img_per_s'], '8.2f')} {_fmt(r['peak_gib'], '8.2f')} {_fmt(r['first_peak_gib'], '8.2f')} "
               f"{_fmt(r['tflops'], '8.1f' if r['tflops'] >= 10 else '8.3f')} "
               f"{_fmt(r['vs_ref'], '6.1f') + ('x' if r['vs_ref'] is not None else ''):>7} "
@@ -294,14 +297,31 @@ def _row(lr, b, path, dtype, timed, flops, ref_s, out, ref_out, **extra) -> dict
 
 _SWITCH = {"auto": "auto", "on": True, "off": False}
 
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
+    "nhwc-norm": ({"channels_last": True, "nhwc_norm": True}, "channels-last with group_norm_nhwc"),
+    "no-graphs": ({"cuda_graphs": False}, "no CUDA graphs, as the ComfyUI nodes run"),
+}
+"""Fast-path variants ``--variants`` adds as rows ``fast/<name>``: enable_fast overrides, and why."""
+
+
+def _variants(s: str) -> list[str]:
+    names = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"--variants: unknown {', '.join(map(repr, bad))}; expected some of {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
 
 def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dtype, args: argparse.Namespace,
-                compile: bool = False) -> UPSRModel:
+                compile: bool = False, **overrides) -> UPSRModel:
     """A fast copy of the nets: switched on ``dev`` (so "auto" is decided for it), then parked on
-    the CPU until :func:`_resident` brings it back for its rows."""
+    the CPU until :func:`_resident` brings it back for its rows. ``overrides``: enable_fast
+    keywords that replace the command line's switches (a ``--variants`` row)."""
     m = UPSRModel(copy.deepcopy(den).to(dev, dtype), copy.deepcopy(atd).to(dev, torch.float32), dtype=dtype)
-    m = enable_fast(m, compile=compile, cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel],
-                    channels_last=_SWITCH[args.channels_last])
+    kw = dict(cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel],
+              channels_last=_SWITCH[args.channels_last])
+    m = enable_fast(m, compile=compile, **{**kw, **overrides})
     return m.to("cpu")
 
 
@@ -335,13 +355,17 @@ def run_bench(args: argparse.Namespace) -> int:
         if hasattr(mod, "fused"):
             mod.fused = False  # reference: math attention, whatever the class default is
     ref = UPSRModel(den, atd)  # every model waits on the CPU; only the running one is on the device
-    fast = {n: _fast_model(den, atd, dev, _DTYPES[n], args)
+    variants = _variants(args.variants)
+    fast = {("", n): _fast_model(den, atd, dev, _DTYPES[n], args)
             for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes + tiled_dtypes)}
+    for v in variants:
+        for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes):
+            fast[(v, n)] = _fast_model(den, atd, dev, _DTYPES[n], args, **VARIANTS[v][0])
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
             "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel,
-            "channels_last": args.channels_last,
+            "channels_last": args.channels_last, "variants": variants,
             "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)
@@ -379,10 +403,12 @@ def run_bench(args: argparse.Namespace) -> int:
             ref_s = row["s_per_img"]
             table.add(row)
         cap = args.mem_cap_gib if args.mem_cap_gib is not None else (6.0 if is_tiled else 0.0)
-        for name in (tiled_dtypes if is_tiled else dtypes):
+        runs = [("", n) for n in tiled_dtypes] if is_tiled else [(v, n) for v in ["", *variants] for n in dtypes]
+        for variant, name in runs:
             if out_of_time():
                 break
-            m = fast["fp32" if name == "tf32" else name]
+            m = fast[(variant, "fp32" if name == "tf32" else name)]
+            path = f"fast/{variant}" if variant else "fast"
             _tf32(name == "tf32")
             n_rep = reps if b == 1 and not is_tiled else max(1, min(reps, 3))
             try:
@@ -393,24 +419,25 @@ def run_bench(args: argparse.Namespace) -> int:
                     if est is not None:
                         den_out = m.denoise(est[0], est[1], noise=noise, **kw)
                         den_d = (den_out.float().cpu() - ref_out).abs().max().item()
-                    row = _row(label, b, "fast", name, timed, fl, ref_s, out, ref_out, graphs=len(m.graphs),
+                    row = _row(label, b, path, name, timed, fl, ref_s, out, ref_out, graphs=len(m.graphs),
                                den_max_abs=den_d, mem_cap_gib=cap if cuda and cap else None)
                     if args.profile and b == 1 and not is_tiled:
                         m.graphs.clear()  # profile the eager ops, not one opaque graph replay
                         m.graphs.enabled = False
                         try:
-                            row["profile"] = _profile(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev, args.profile)
+                            row["profile"] = profile_table(lambda: m.upscale(lr_d, noise=noise_d, **kw), dev,
+                                                           args.profile)
                         finally:
                             m.graphs.enabled = m.fast_options.cuda_graphs
                 table.add(row)
                 if row.get("profile"):
                     print("\n".join("#   " + line for line in row["profile"].splitlines()), flush=True)
             except NonFiniteOutputError as e:  # e.g. fp16 overflowing with these weights: a finding, not a crash
-                table.comment(f"LR {label} batch {b} fast {name}: {e}",
-                              {"lr": label, "batch": b, "path": "fast", "dtype": name, "finite": False})
+                table.comment(f"LR {label} batch {b} {path} {name}: {e}",
+                              {"lr": label, "batch": b, "path": path, "dtype": name, "finite": False})
             except torch.cuda.OutOfMemoryError:
-                table.comment(f"LR {label} batch {b} fast {name}: OOM under the {cap:g} GiB cap",
-                              {"lr": label, "batch": b, "path": "fast", "dtype": name, "oom": True, "mem_cap_gib": cap})
+                table.comment(f"LR {label} batch {b} {path} {name}: OOM under the {cap:g} GiB cap",
+                              {"lr": label, "batch": b, "path": path, "dtype": name, "oom": True, "mem_cap_gib": cap})
             finally:
                 _tf32(False)
     if args.compile != "off" and cuda:
@@ -419,7 +446,7 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(fn, dev: torch.device, top: int) -> str:
+def profile_table(fn, dev: torch.device, top: int) -> str:
     """One call of ``fn`` under torch.profiler -> a table of the ``top`` ops by self device
     time (CUDA) or self CPU time, with call counts: where a row's time goes."""
     from torch.profiler import ProfilerActivity, profile

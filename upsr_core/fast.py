@@ -68,6 +68,7 @@ class FastOptions:
     subpixel: bool = False
     compile_mode: str | None = None
     max_graphs: int = 6
+    nhwc_norm: bool = False
 
 
 def _resolve(name: str, value: bool | str, auto: bool) -> bool:
@@ -87,6 +88,7 @@ def enable_fast(
     subpixel: bool | str = "auto",
     compile_mode: str | None = None,
     max_graphs: int = 6,
+    nhwc_norm: bool | str = False,
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
@@ -98,7 +100,10 @@ def enable_fast(
     (auto: on the CPU, where the FLOPs are the time; on CUDA the extra interleave copy may
     cost what it saves); ``compile_mode``: passed to
     torch.compile (None = default; never a cudagraph mode: graphs are captured here);
-    ``max_graphs``: captured shapes kept per model. On CUDA this also sets
+    ``max_graphs``: captured shapes kept per model; ``nhwc_norm``: with channels-last, the
+    denoiser's GroupNorms run on the NHWC memory itself (:func:`upsr_core.nets.denoiser.group_norm_nhwc`:
+    no layout copies, full-occupancy statistics; off by default until a GPU measures it
+    against ``F.group_norm``: ``bench --nhwc-norm on``). On CUDA this also sets
     ``torch.backends.cudnn.benchmark = True``, as the official test script does.
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
     """
@@ -116,7 +121,11 @@ def enable_fast(
         subpixel=_resolve("subpixel", subpixel, not cuda),
         compile_mode=compile_mode,
         max_graphs=max_graphs,
+        nhwc_norm=_resolve("nhwc_norm", nhwc_norm, False),
     )
+    if opts.nhwc_norm and not opts.channels_last:
+        raise ValueError("nhwc_norm=True needs channels_last (it normalises channels-last maps); "
+                         "got channels_last=False")
     if cuda:
         torch.backends.cudnn.benchmark = True
     model.__class__ = FastUPSRModel
@@ -155,7 +164,7 @@ class FastUPSRModel(UPSRModel):
             if isinstance(m, SwinBlock):
                 m.prepare_fast()
             elif isinstance(m, GroupNorm32):
-                m.native = True
+                m.native, m.nhwc = True, self.fast_options.nhwc_norm
         den = self.denoiser
         for conv in [den.conv_up1, den.conv_up2] + [m.conv for m in den.modules() if isinstance(m, Upsample)]:
             if self.fast_options.subpixel:

@@ -21,24 +21,63 @@ from torch import nn
 from ..config import DenoiserConfig
 from .attention import WindowAttention, window_partition, window_reverse
 
-__all__ = ["UPSRDenoiser", "timestep_embedding"]
+__all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc"]
+
+
+def group_norm_nhwc(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """GroupNorm of a channels-last map without leaving its layout (inference only).
+
+    ``x`` (B, C, H, W), channels-last contiguous (anything else is copied by the view
+    below), any float dtype; returns the same shape, dtype and layout. ``F.group_norm``
+    makes a non-CPU input contiguous NCHW first, so in a channels-last net every norm costs
+    a copy in and one out, and its kernel runs one thread block per image and group (32 at
+    batch 1). Here the statistics are full-occupancy reductions over a view of the NHWC
+    memory (float32/64: one Welford ``var_mean``; bf16/fp16: mean and mean square read from
+    the 16-bit values and accumulated in float32, var = E[x²] − E[x]², whose float32
+    cancellation stays far below the output's 16-bit rounding while the mean is within ~100
+    standard deviations), and the affine is one eval-mode ``batch_norm`` per image
+    (per-channel float32 constants, channels-last aware, output in the input's dtype).
+    Gradients do not flow through the statistics (eval ``batch_norm`` treats them as
+    constants): never use this for training.
+    """
+    b, c, h, w = x.shape
+    cg = c // num_groups
+    xv = x.permute(0, 2, 3, 1).reshape(b, h * w, num_groups, cg)  # a view of channels-last memory
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        var, mean = torch.var_mean(xv, dim=(1, 3), correction=0)  # (B, G) each, Welford
+    else:  # read as 16-bit, accumulated in float32, no float32 copy of x
+        mean = xv.mean(dim=(1, 3), dtype=torch.float32)
+        msq = torch.linalg.vector_norm(xv, 2, dim=(1, 3), dtype=torch.float32).square_().div_(h * w * cg)
+        var = torch.addcmul(msq, mean, mean, value=-1.0).clamp_(min=0.0)
+    stats = torch.stack([mean, var]).repeat_interleave(cg, dim=2)  # (2, B, C)
+    pt = torch.float64 if x.dtype == torch.float64 else torch.float32  # batch_norm's parameter type
+    stats, w_, b_ = stats.to(pt), weight.to(pt), bias.to(pt)
+    outs = [F.batch_norm(x[i:i + 1], stats[0, i], stats[1, i], w_, b_, False, 0.0, eps) for i in range(b)]
+    return outs[0] if b == 1 else torch.cat(outs)
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32) computed in float32 and cast back (official ``normalization``).
 
     The affine parameters are used in float32 too, so a bf16/fp16 net runs on any device
-    (the official fp16 conversion keeps them float32). ``native`` (fast path, set per
-    instance by :func:`upsr_core.fast.enable_fast`): normalise in the input dtype; the
-    kernels still accumulate the statistics in float32.
+    (the official fp16 conversion keeps them float32). Fast path switches (inference only,
+    set per instance by :func:`upsr_core.fast.enable_fast`): ``native``: normalise in the
+    input dtype (the kernels still accumulate the statistics in float32); ``nhwc``: a
+    channels-last input that needs no gradient is normalised by :func:`group_norm_nhwc`
+    (no layout copies); anything else takes the other paths.
     """
 
     native: bool = False
+    nhwc: bool = False
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nhwc and not x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         if self.native:
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)

@@ -47,6 +47,8 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b.add_argument("--channels-last", action="store_true", help="the denoiser in channels-last memory format")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile one more and print its N most expensive ops")
     b.add_argument("--device", default="auto")
     b.add_argument("--json", default=None, help="also write the result here")
     b.set_defaults(func=_cmd_bench)
@@ -96,6 +98,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     if di.device.type == "cuda":
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(di.device) / 2**30, 3)
         res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(di.device) / 2**30, 3)
+    if args.profile:  # after the timing and the peak: the profiled steps must not reach them
+        from ..bench import profile_table
+
+        res["profile"] = profile_table(tr.train_step, di.device, args.profile)
+        print("\n".join("#   " + line for line in res["profile"].splitlines()), flush=True)
     return res
 
 
