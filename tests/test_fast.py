@@ -21,7 +21,7 @@ from upsr_core.fast import FastUPSRModel, enable_fast, noise_weight
 from upsr_core.graphs import GraphCache
 from upsr_core.model import UPSRModel
 from upsr_core.nets.atd import ATD
-from upsr_core.nets.denoiser import SwinBlock
+from upsr_core.nets.denoiser import GroupNorm32, SwinBlock
 from upsr_core.pipeline import padded_size, starting_noise
 from upsr_core.uncertainty import weight_noise
 
@@ -426,6 +426,13 @@ def test_fast_nhwc_norm_equals_reference(small_model, small_nets):
     assert fast.fast_options.nhwc_norm
     lr = torch.rand(2, 3, 20, 44)
     torch.testing.assert_close(fast.upscale(lr, seed=3), small_model.upscale(lr, seed=3), atol=FP32_ATOL, rtol=0)
+    den16, atd = (copy.deepcopy(n) for n in small_nets)  # as _fast: the estimator stays fp32
+    half = enable_fast(UPSRModel(den16.to(dtype=torch.bfloat16), atd, dtype=torch.bfloat16),
+                       channels_last=True, nhwc_norm=True)
+    norms = [m for m in half.denoiser.modules() if isinstance(m, GroupNorm32)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())  # no cast per call
+    d = (half.upscale(lr, seed=3).float() - small_model.upscale(lr, seed=3)).abs()
+    assert d.max() <= HALF_BOUNDS[torch.bfloat16][0] and d.mean() <= HALF_BOUNDS[torch.bfloat16][1]
     with pytest.raises(ValueError, match="nhwc_norm=True needs channels_last"):
         enable_fast(UPSRModel(*(copy.deepcopy(n) for n in small_nets)), channels_last=False, nhwc_norm=True)
 

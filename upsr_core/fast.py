@@ -165,6 +165,8 @@ class FastUPSRModel(UPSRModel):
                 m.prepare_fast()
             elif isinstance(m, GroupNorm32):
                 m.native, m.nhwc = True, self.fast_options.nhwc_norm
+                if m.nhwc:  # batch_norm's float32 affine as the module's own weights: no cast per call
+                    m.float()
         den = self.denoiser
         for conv in [den.conv_up1, den.conv_up2] + [m.conv for m in den.modules() if isinstance(m, Upsample)]:
             if self.fast_options.subpixel:
