@@ -413,6 +413,10 @@ def test_groupnorm32_nhwc_only_for_channels_last_inputs_without_grad():
     (ya * torch.arange(ya.numel()).view_as(ya)).sum().backward()
     (yb * torch.arange(yb.numel()).view_as(yb)).sum().backward()
     assert torch.equal(xa.grad, xb.grad)
+    from upsr_core.nets.denoiser import group_norm_nhwc
+
+    with pytest.raises(ValueError, match=r"multiple of num_groups=32, got shape \(2, 48, 8, 8\)"):
+        group_norm_nhwc(torch.zeros(2, 48, 8, 8), 32, torch.ones(48), torch.zeros(48), 1e-5)
     with torch.no_grad():
         assert torch.equal(norm(x.contiguous()), plain(x.contiguous()))
         torch.testing.assert_close(norm(x), plain(x), atol=2e-5, rtol=0)  # the NHWC path itself

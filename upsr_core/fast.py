@@ -103,7 +103,7 @@ def enable_fast(
     ``max_graphs``: captured shapes kept per model; ``nhwc_norm``: with channels-last, the
     denoiser's GroupNorms run on the NHWC memory itself (:func:`upsr_core.nets.denoiser.group_norm_nhwc`:
     no layout copies, full-occupancy statistics; off by default until a GPU measures it
-    against ``F.group_norm``: ``bench --nhwc-norm on``). On CUDA this also sets
+    against ``F.group_norm``: ``bench --variants nhwc-norm``). On CUDA this also sets
     ``torch.backends.cudnn.benchmark = True``, as the official test script does.
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
     """

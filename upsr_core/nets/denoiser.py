@@ -42,6 +42,9 @@ def group_norm_nhwc(
     Gradients do not flow through the statistics (eval ``batch_norm`` treats them as
     constants): never use this for training.
     """
+    if x.dim() != 4 or x.shape[1] % num_groups:
+        raise ValueError(f"group_norm_nhwc needs (B, C, H, W) with C a multiple of num_groups={num_groups}, "
+                         f"got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
     cg = c // num_groups
     xv = x.permute(0, 2, 3, 1).reshape(b, h * w, num_groups, cg)  # a view of channels-last memory
