@@ -89,10 +89,11 @@ def child(h: int, w: int, stub: bool, tile: int, overlap: int, tile_batch: int, 
     import torch
 
     from upsr_core.imageio import PngStreamWriter, write_png
+    from upsr_core.pipeline import padded_size
 
     model = build_model(stub)
     lr = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    hp, wp = -(-h // model.multiple_of) * model.multiple_of, -(-w // model.multiple_of) * model.multiple_of
+    hp, wp = padded_size(h, w, model.multiple_of)
     before = rss_now_mib()
     t0 = time.perf_counter()
     if stream:  # rows go to the PNG as they are final (what the CLI does for several tile rows)

@@ -111,6 +111,11 @@ def _ints(s: str) -> list[int]:
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _model_dtype(name: str) -> str:
+    """The fast model a dtype row runs on: tf32 rows use the fp32 model (TF32 is a backend switch)."""
+    return "fp32" if name == "tf32" else name
+
+
 def _dtypes(s: str) -> list[str]:
     names = [v.strip() for v in s.split(",") if v.strip()]
     bad = [n for n in names if n not in _DTYPES]
@@ -356,11 +361,9 @@ def run_bench(args: argparse.Namespace) -> int:
             mod.fused = False  # reference: math attention, whatever the class default is
     ref = UPSRModel(den, atd)  # every model waits on the CPU; only the running one is on the device
     variants = _variants(args.variants)
-    fast = {("", n): _fast_model(den, atd, dev, _DTYPES[n], args)
-            for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes + tiled_dtypes)}
-    for v in variants:
-        for n in dict.fromkeys("fp32" if n == "tf32" else n for n in dtypes):
-            fast[(v, n)] = _fast_model(den, atd, dev, _DTYPES[n], args, **VARIANTS[v][0])
+    keys = [("", n) for n in dtypes + tiled_dtypes] + [(v, n) for v in variants for n in dtypes]
+    fast = {(v, n): _fast_model(den, atd, dev, _DTYPES[n], args, **(VARIANTS[v][0] if v else {}))
+            for v, n in dict.fromkeys((v, _model_dtype(n)) for v, n in keys)}
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
@@ -407,7 +410,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for variant, name in runs:
             if out_of_time():
                 break
-            m = fast[(variant, "fp32" if name == "tf32" else name)]
+            m = fast[(variant, _model_dtype(name))]
             path = f"fast/{variant}" if variant else "fast"
             _tf32(name == "tf32")
             n_rep = reps if b == 1 and not is_tiled else max(1, min(reps, 3))
@@ -431,7 +434,7 @@ def run_bench(args: argparse.Namespace) -> int:
                             m.graphs.enabled = m.fast_options.cuda_graphs
                 table.add(row)
                 if row.get("profile"):
-                    print("\n".join("#   " + line for line in row["profile"].splitlines()), flush=True)
+                    print_profile(row["profile"])
             except NonFiniteOutputError as e:  # e.g. fp16 overflowing with these weights: a finding, not a crash
                 table.comment(f"LR {label} batch {b} {path} {name}: {e}",
                               {"lr": label, "batch": b, "path": path, "dtype": name, "finite": False})
@@ -444,6 +447,11 @@ def run_bench(args: argparse.Namespace) -> int:
         _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs)
     print(f"# done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
+
+
+def print_profile(table: str) -> None:
+    """A :func:`profile_table` printed as ``#``-comment lines under the rows."""
+    print("\n".join("#   " + line for line in table.splitlines()), flush=True)
 
 
 def profile_table(fn, dev: torch.device, top: int) -> str:

@@ -54,9 +54,8 @@ def group_norm_nhwc(
         mean = xv.mean(dim=(1, 3), dtype=torch.float32)
         msq = torch.linalg.vector_norm(xv, 2, dim=(1, 3), dtype=torch.float32).square_().div_(h * w * cg)
         var = torch.addcmul(msq, mean, mean, value=-1.0).clamp_(min=0.0)
-    stats = torch.stack([mean, var]).repeat_interleave(cg, dim=2)  # (2, B, C)
-    pt = torch.float64 if x.dtype == torch.float64 else torch.float32  # batch_norm's parameter type
-    stats, w_, b_ = stats.to(pt), weight.to(pt), bias.to(pt)
+    stats = torch.stack([mean, var]).repeat_interleave(cg, dim=2)  # (2, B, C), float32 (float64 for float64 x)
+    w_, b_ = weight.to(stats.dtype), bias.to(stats.dtype)  # batch_norm wants its parameters in that type
     outs = [F.batch_norm(x[i:i + 1], stats[0, i], stats[1, i], w_, b_, False, 0.0, eps) for i in range(b)]
     return outs[0] if b == 1 else torch.cat(outs)
 

@@ -99,10 +99,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(di.device) / 2**30, 3)
         res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(di.device) / 2**30, 3)
     if args.profile:  # after the timing and the peak: the profiled steps must not reach them
-        from ..bench import profile_table
+        from ..bench import print_profile, profile_table
 
         res["profile"] = profile_table(tr.train_step, di.device, args.profile)
-        print("\n".join("#   " + line for line in res["profile"].splitlines()), flush=True)
+        print_profile(res["profile"])
     return res
 
 
