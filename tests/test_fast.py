@@ -467,3 +467,101 @@ def test_bench_variants_add_labelled_rows(tmp_path, capsys):
     with pytest.raises(ValueError, match="'turbo'"):
         args.func(args)
     assert "reference" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- forward_step (folded step conditioning)
+def _den64(cl: bool = False):
+    den = copy.deepcopy(tiny_upsr().denoiser).double()
+    for m in den.modules():
+        if isinstance(m, GroupNorm32):
+            m.native = True  # normalise in float64 (the reference norm computes in float32)
+    return den.to(memory_format=torch.channels_last) if cl else den
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_forward_step_equals_forward_in_float64(cl):
+    """Folding the step's scale-shift into the norm's affine is the same math: γ(1+s)·n + β(1+s) + shift
+    = (γn + β)(1+s) + shift. In float64 the two orders agree to ~1e-15 relative."""
+    torch.manual_seed(1)
+    den = _den64(cl)
+    den.prepare_steps(5, torch.float64)
+    x, lq = torch.randn(2, 48, 8, 12, dtype=torch.float64), torch.randn(2, 96, 8, 12, dtype=torch.float64)
+    for t in range(5):
+        want = den(x, torch.full((2,), t), lq)
+        got = den.forward_step(x, torch.tensor([t]), lq)
+        assert want.abs().max() > 1.0  # a real signal (denoiser_gain 10)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_forward_step_skips_the_embedding_ops():
+    """The point of the fold, counted: no time-embedding MLP, no emb Linear, SiLU or scale-shift
+    multiply per ResBlock — the only Linears left are attention's qkv and proj, the SiLUs the two
+    before each ResBlock's convs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from upsr_core.nets.denoiser import ResBlock
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    den = copy.deepcopy(tiny_upsr().denoiser)
+    for m in den.modules():
+        if isinstance(m, SwinBlock):
+            m.prepare_fast()
+    den.prepare_steps(5, torch.float32)
+    n_res = sum(isinstance(m, ResBlock) for m in den.modules())
+    n_swin = sum(isinstance(m, SwinBlock) for m in den.modules())
+    x, lq = torch.randn(1, 48, 8, 8), torch.randn(1, 96, 8, 8)
+    with torch.no_grad(), Count() as ref:
+        den(x, torch.tensor([2]), lq)
+    with torch.no_grad(), Count() as step:
+        den.forward_step(x, torch.tensor([2]), lq)
+    assert step.ops.get("addmm", 0) == 2 * n_swin  # qkv, proj
+    assert ref.ops["addmm"] == 2 * n_swin + n_res + 2  # + each ResBlock's emb Linear + time_embed's two
+    assert step.ops["silu"] == 2 * n_res and step.ops.get("mul", 0) == 0
+    assert step.ops["index_select"] == 1  # the step's row of the table
+
+
+def test_forward_step_needs_prepare_steps():
+    den = copy.deepcopy(tiny_upsr().denoiser)
+    with pytest.raises(RuntimeError, match="prepare_steps"):
+        den.forward_step(torch.zeros(1, 48, 8, 8), torch.tensor([0]), torch.zeros(1, 96, 8, 8))
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        den.prepare_steps(0, torch.float32)
+
+
+def test_fast_path_table_follows_dtype_and_norm_layout():
+    """The fast path keeps the table in the dtype its norms take the affine in: the net's own
+    (native norms), float32 for the NHWC norm (its batch_norm affine is float32)."""
+    m = enable_fast(copy.deepcopy(tiny_upsr()).to(dtype=torch.bfloat16))
+    assert m.denoiser._step_table.dtype == torch.bfloat16 and m.denoiser._step_table.shape[0] == 5
+    m = enable_fast(copy.deepcopy(tiny_upsr()).to(dtype=torch.bfloat16), channels_last=True, nhwc_norm=True)
+    assert m.denoiser._step_table.dtype == torch.float32
+
+
+def test_compiled_fast_path_traces_once_for_all_steps(monkeypatch):
+    """The compiled fast denoiser takes the step as a (1,) tensor: the 5 steps share one graph
+    (a Python-int step would be specialised: 5 compiles per shape)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # count traced graphs, run them eagerly (no inductor: seconds)
+        graphs.append(gm)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=backend, dynamic=kw.get("dynamic")))
+    ref = tiny_upsr()
+    fast = enable_fast(copy.deepcopy(tiny_upsr()), compile=True)
+    lr = torch.rand(1, 3, 8, 8)
+    out = fast.upscale(lr, seed=1)
+    assert len(graphs) == 1
+    torch.testing.assert_close(out, ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+    torch._dynamo.reset()

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -484,15 +485,22 @@ def test_progress_counts_steps_times_tiles(pack, handle, monkeypatch):
     assert seen == [(k, 15) for k in range(1, 16)]
 
 
+def _wrap_denoiser(model, monkeypatch, wrapper) -> None:
+    """Route every denoiser pass through ``wrapper(original, *args)``: the reference ``forward``
+    and the fast path's ``forward_step`` (one shared step per batch) alike."""
+    for name in ("forward", "forward_step"):
+        original = getattr(model.denoiser, name)
+        monkeypatch.setattr(model.denoiser, name, partial(wrapper, original))
+
+
 def _count_denoiser_calls(model, monkeypatch) -> list[int]:
     calls = [0]
-    original = model.denoiser.forward
 
-    def counted(*a, **k):
+    def counted(original, *a, **k):
         calls[0] += 1
         return original(*a, **k)
 
-    monkeypatch.setattr(model.denoiser, "forward", counted)
+    _wrap_denoiser(model, monkeypatch, counted)
     return calls
 
 
@@ -533,15 +541,14 @@ def test_cancel_in_the_one_node_upscale(pack, handle, model, monkeypatch):
 def _oom_on_first_calls(model, monkeypatch, n: int) -> list[tuple]:
     """The denoiser raises CUDA out-of-memory on its first ``n`` calls; returns the input shapes seen."""
     shapes = []
-    original = model.denoiser.forward
 
-    def flaky(x, *a, **k):
+    def flaky(original, x, *a, **k):
         shapes.append(tuple(x.shape))
         if len(shapes) <= n:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return original(x, *a, **k)
 
-    monkeypatch.setattr(model.denoiser, "forward", flaky)
+    _wrap_denoiser(model, monkeypatch, flaky)
     return shapes
 
 
@@ -583,10 +590,10 @@ def test_smaller_tiles_policy(pack):
 
 def test_cpu_out_of_memory_is_not_retried(pack, handle, model, monkeypatch):
     """A CPU allocation failure is a plain RuntimeError (not comfy's OOM_EXCEPTION): it propagates."""
-    def fail(*a, **k):
+    def fail(original, *a, **k):
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
-    monkeypatch.setattr(model.denoiser, "forward", fail)
+    _wrap_denoiser(model, monkeypatch, fail)
     with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
         run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(16, 24), **defaults(pack, "UPSRUpscale"))
 

@@ -155,7 +155,7 @@ class FastUPSRModel(UPSRModel):
         self.graphs = GraphCache(opts.cuda_graphs, opts.max_graphs)
         self._compiled = None
         if opts.compile:
-            self._compiled = torch.compile(self.denoiser, dynamic=False, mode=opts.compile_mode)
+            self._compiled = torch.compile(self.denoiser.forward_step, dynamic=False, mode=opts.compile_mode)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -182,6 +182,11 @@ class FastUPSRModel(UPSRModel):
         self._steps = [
             tuple(co[k][t].to(dev) for k in ("std", "k", "m", "c")) for t in range(int(co["std"].shape[0]))
         ]
+        self._ts = [torch.tensor([t], device=dev) for t in range(len(self._steps))]
+        # each step's time embedding and scale-shifts, folded into the norms' affines (the
+        # float32 ones when the NHWC norm takes float32 affines, else the net's dtype)
+        table_dtype = torch.float32 if self.fast_options.nhwc_norm else den.time_embed[0].weight.dtype
+        den.prepare_steps(len(self._steps), table_dtype)
         self._prior = co["prior"].to(dev)
         self.graphs.clear()
         self._placed = self._placement()
@@ -209,6 +214,7 @@ class FastUPSRModel(UPSRModel):
         return x.to(self.dtype).contiguous(memory_format=fmt)
 
     def _net(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """The denoiser for a batch sharing one step ``t`` (int64 (1,) on the device)."""
         if self._compiled is not None:
             try:
                 return self._compiled(x, t, lq)
@@ -217,10 +223,11 @@ class FastUPSRModel(UPSRModel):
             except (RuntimeError, ImportError, OSError) as e:  # no compiler / backend failure
                 log.warning("torch.compile failed, using the eager denoiser: %s", str(e).splitlines()[0])
                 self._compiled = None
-        return self.denoiser(x, t, lq)
+        return self.denoiser.forward_step(x, t, lq)
 
     def _denoiser_call(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        return self._net(self._net_input(x), t, self._net_input(lq)).float()
+        # the sampler's t is torch.full((B,), step): one step for the batch (pipeline.denoise_estimate)
+        return self._net(self._net_input(x), t[:1], self._net_input(lq)).float()
 
     # ------------------------------------------------------------------ device stages (no syncs)
     def _estimate_core(self, lr_pm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,9 +245,8 @@ class FastUPSRModel(UPSRModel):
         x = y + self._prior * F.pixel_unshuffle(w.expand_as(bic), SCALE) * noise
         for t in reversed(range(len(self._steps))):
             std, k, m, c = self._steps[t]
-            ts = torch.full((y.shape[0],), t, dtype=torch.long, device=y.device)
             # ResShift eq. 7 input scaling, then DDIM (η = 0): x_{t−1} = k_t x̂0 + m_t x_t + c_t y
-            x0 = F.pixel_unshuffle(self._net(self._net_input(x / std), ts, lq).float(), SCALE)
+            x0 = F.pixel_unshuffle(self._net(self._net_input(x / std), self._ts[t], lq).float(), SCALE)
             x = x0 * k + x * m + y * c
             if on_step is not None:
                 on_step()

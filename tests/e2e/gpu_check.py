@@ -13,6 +13,7 @@ report.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import logging
@@ -168,23 +169,23 @@ report["real_oom_retry"] = oom
 
 # 4. Cancel on the GPU within one step
 calls = [0]
-orig = h.model.denoiser.forward
 
 
-def counted(*a, **k):
+def counted(orig, *a, **k):
     calls[0] += 1
     if calls[0] == 2:
         mm.interrupt_current_processing(True)
     return orig(*a, **k)
 
 
-h.model.denoiser.forward = counted
+for name in ("forward", "forward_step"):  # reference and fast-path passes
+    setattr(h.model.denoiser, name, functools.partial(counted, getattr(h.model.denoiser, name)))
 try:
     run("UPSRUpscale", upsr_model=h, image=img, **defaults("UPSRUpscale"))
     report["cancel"] = "not interrupted"
 except mm.InterruptProcessingException:
     report["cancel"] = {"denoiser_calls": calls[0], "flag_cleared": not mm.processing_interrupted()}
-del h.model.denoiser.forward
+del h.model.denoiser.forward, h.model.denoiser.forward_step
 
 text = json.dumps(report, indent=1)
 print(text)
