@@ -565,3 +565,23 @@ def test_compiled_fast_path_traces_once_for_all_steps(monkeypatch):
     assert len(graphs) == 1
     torch.testing.assert_close(out, ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
     torch._dynamo.reset()
+
+
+def test_fast_atd_equals_reference_atd():
+    """The fast ATD (precomputed masks and logit gains, inverse permutation by scatter, the branch
+    sum's /√3 as add's alpha, InstanceNorm1d as one-group-per-token GroupNorm) against the
+    reference on the same permutations (recorded, then replayed: ATD's category sort is unstable
+    on near-ties, SPEC §8.3). fp32 rounding only: FP32_ATOL."""
+    from upsr_core.nets.atd import official_sort
+
+    ref = tiny_upsr(estimator_gain=5.0).estimator
+    fast = copy.deepcopy(ref)
+    fast.prepare_fast()
+    x = torch.rand(2, 3, 24, 40)
+    perms = []
+    want = ref(x, sort_fn=lambda cat: perms.append(official_sort(cat)) or perms[-1])
+    got = fast(x, sort_fn=iter(perms))
+    assert len(perms) == 2 and want.abs().max() > 1.0
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
+    inverse = torch.empty_like(perms[0]).scatter_(1, perms[0], torch.arange(perms[0].shape[1]).expand_as(perms[0]))
+    assert torch.equal(inverse, torch.argsort(perms[0], dim=-1))

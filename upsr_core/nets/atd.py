@@ -129,6 +129,8 @@ class WindowBranch(nn.Module):
 class TokenDictionaryAttention(nn.Module):
     """ATD-CA: cross-attention from image tokens to the m dictionary tokens."""
 
+    fast_gain: torch.Tensor | None = None  # inference: the logit gain, precomputed (prepare_fast)
+
     def __init__(self, dim: int, reducted: int, num_tokens: int):
         super().__init__()
         self.num_tokens = num_tokens
@@ -137,11 +139,19 @@ class TokenDictionaryAttention(nn.Module):
         self.wk = nn.Linear(dim, reducted)
         self.wv = nn.Linear(dim, dim)
 
+    def _gain(self) -> torch.Tensor:
+        """(m,) per-token logit gain 1 + clamp(scale, 0, 1)·log m (official)."""
+        return 1 + torch.clamp(self.scale, 0, 1) * math.log(self.num_tokens)
+
+    def prepare_fast(self) -> None:
+        with torch.no_grad():
+            self.fast_gain = self._gain().clone()
+
     def forward(self, x: torch.Tensor, td: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, n, C), td (B, m, C) -> (x_atd (B, n, C), similarity (B, n, m))."""
         q, k, v = self.wq(x), self.wk(td), self.wv(td)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * (1 + torch.clamp(self.scale, 0, 1) * math.log(self.num_tokens))
+        attn = attn * (self.fast_gain if self.fast_gain is not None else self._gain())
         attn = attn.softmax(dim=-1)
         return attn @ v, attn
 
@@ -190,7 +200,8 @@ class CategoryAttention(nn.Module):
             attn = (q @ k.transpose(-2, -1)) * self._scale()
             y = attn.softmax(dim=-1) @ v
         y = y.permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
-        inverse = torch.argsort(perm, dim=-1)
+        # the inverse permutation (what argsort(perm) returns) by one scatter instead of a sort
+        inverse = torch.empty_like(perm).scatter_(1, perm, torch.arange(n, device=perm.device).expand(b, n))
         y = torch.gather(y, 1, inverse.unsqueeze(-1).expand(-1, -1, c))
         return self.proj(y)
 
@@ -239,10 +250,19 @@ class ATDLayer(nn.Module):
         grid = window_reverse(win, self.window, h, w)
         if s:
             grid = torch.roll(grid, (s, s), dims=(1, 2))
-        x = shortcut + (grid.reshape(b, n, c) + x_atd + x_aca) / math.sqrt(3)
+        if ctx["fast"]:  # the same sums in fewer kernels (the /√3 as add's alpha; InstanceNorm1d as
+            # the GroupNorm with one group per dictionary token that it is, one kernel)
+            x = torch.add(shortcut, grid.reshape(b, n, c) + x_atd + x_aca, alpha=1 / math.sqrt(3))
+        else:
+            x = shortcut + (grid.reshape(b, n, c) + x_atd + x_aca) / math.sqrt(3)
         x = x + self.convffn(self.norm2(x), hw)
         if not self.is_last:
-            mask_soft = self.norm3(sim.transpose(-1, -2)).softmax(dim=-1)
+            if ctx["fast"]:
+                n3 = self.norm3
+                mask_soft = F.group_norm(sim.transpose(-1, -2), n3.num_features, n3.weight, n3.bias, n3.eps)
+            else:
+                mask_soft = self.norm3(sim.transpose(-1, -2))
+            mask_soft = mask_soft.softmax(dim=-1)
             g = torch.sigmoid(self.sigma)
             td = g * td + (1 - g) * (mask_soft @ x)
         return x, td
@@ -308,6 +328,7 @@ class ATD(nn.Module):
             for layer in blk.residual_group.layers:
                 layer.attn_win.prepare_fast(self.relative_position_index_SA, layer.shift)
                 layer.attn_aca.prepare_fast()
+                layer.attn_atd.prepare_fast()
         self.fast = True
 
     def _shift_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
