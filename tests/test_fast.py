@@ -547,8 +547,9 @@ def test_fast_path_table_follows_dtype_and_norm_layout():
 
 
 def test_compiled_fast_path_traces_once_for_all_steps(monkeypatch):
-    """The compiled fast denoiser takes the step as a (1,) tensor: the 5 steps share one graph
-    (a Python-int step would be specialised: 5 compiles per shape)."""
+    """compile=True compiles both nets; the denoiser takes the step as a (1,) tensor, so the 5
+    steps share one graph (a Python-int step would be specialised: 5 compiles per shape).
+    Two graphs in all: the estimator's and the denoiser's; a second image traces nothing."""
     torch._dynamo.reset()
     graphs = []
 
@@ -560,11 +561,38 @@ def test_compiled_fast_path_traces_once_for_all_steps(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=backend, dynamic=kw.get("dynamic")))
     ref = tiny_upsr()
     fast = enable_fast(copy.deepcopy(tiny_upsr()), compile=True)
+    assert fast.compiled == ("denoiser", "estimator")
     lr = torch.rand(1, 3, 8, 8)
     out = fast.upscale(lr, seed=1)
-    assert len(graphs) == 1
+    assert len(graphs) == 2
+    fast.upscale(torch.rand(1, 3, 8, 8), seed=2)
+    assert len(graphs) == 2
     torch.testing.assert_close(out, ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("failing", ["denoiser", "estimator"])
+def test_a_failing_compiled_net_falls_back_to_eager(monkeypatch, caplog, failing):
+    """A compiler that fails (no C++ compiler, a backend bug) costs a warning, not the run: that
+    net runs eagerly from then on, the other stays compiled, the result is the eager one."""
+    def fake_compile(fn, **kw):
+        def run(*a, **k):
+            if fn_name(fn) == failing:
+                raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+            return fn(*a, **k)
+        return run
+
+    def fn_name(fn):
+        return "denoiser" if getattr(fn, "__name__", "") == "forward_step" else "estimator"
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fast = enable_fast(copy.deepcopy(tiny_upsr()), compile=True)
+    lr = torch.rand(1, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        out = fast.upscale(lr, seed=1)
+    assert f"torch.compile failed, using the eager {failing}: InductorError: no working C++ compiler found" in caplog.text
+    assert fast.compiled == tuple(n for n in ("denoiser", "estimator") if n != failing)
+    torch.testing.assert_close(out, tiny_upsr().upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
 
 
 def test_fast_atd_equals_reference_atd():

@@ -515,7 +515,7 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
                             and r["path"] == "reference"), None)
             fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
             table.add(_row(str(s), 1, "fast+compile", "bf16", timed, fl, ref_row["s_per_img"] if ref_row else None,
-                           out, refs.get((s, 1)), compiled=m._compiled is not None))
+                           out, refs.get((s, 1)), compiled=",".join(m.compiled) or "none"))
             m.graphs.clear()
 
 

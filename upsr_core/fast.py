@@ -8,7 +8,7 @@ What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
   shift masks precomputed once per block (one (heads, N, N) tensor per mask pattern, for
   every image size: ``prepare_fast`` in :mod:`upsr_core.nets`); nothing rebuilt per call;
 * GroupNorm in the net's own dtype (statistics still accumulated in float32);
-* the denoiser in channels-last layout (CUDA default), optionally ``torch.compile``\\ d
+* the denoiser in channels-last layout (CUDA default); optionally both nets ``torch.compile``\\ d
   (eager fallback if compiling fails);
 * every stage stays on the model's device: padding, bicubic, ATD, ψ/w, the 5 DDIM steps,
   crop and clamp; the schedule constants live on the device, so the sampling loop has no
@@ -92,7 +92,7 @@ def enable_fast(
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
-    ``compile``: torch.compile the denoiser (default off: it compiles for minutes per new image
+    ``compile``: torch.compile the denoiser and the estimator (default off: it compiles for minutes per new image
     size, worth it over many same-size images; "auto": on CUDA when Triton is installed);
     ``cuda_graphs``: capture fixed shapes as CUDA graphs (auto: on CUDA);
     ``channels_last``: channels-last denoiser (auto: on CUDA); ``subpixel``: run each nearest
@@ -153,9 +153,12 @@ class FastUPSRModel(UPSRModel):
     def _setup(self, opts: FastOptions) -> None:
         self.fast_options = opts
         self.graphs = GraphCache(opts.cuda_graphs, opts.max_graphs)
-        self._compiled = None
+        self._compiled: dict[str, Callable] = {}  # net name -> compiled callable (dropped if it fails)
         if opts.compile:
-            self._compiled = torch.compile(self.denoiser.forward_step, dynamic=False, mode=opts.compile_mode)
+            kw = dict(dynamic=False, mode=opts.compile_mode)
+            self._compiled["denoiser"] = torch.compile(self.denoiser.forward_step, **kw)
+            if self.estimator is not None:  # once per image, but ~1300 small ops in eager at full size
+                self._compiled["estimator"] = torch.compile(self.estimator, **kw)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -213,17 +216,32 @@ class FastUPSRModel(UPSRModel):
         fmt = torch.channels_last if self.fast_options.channels_last else torch.contiguous_format
         return x.to(self.dtype).contiguous(memory_format=fmt)
 
-    def _net(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        """The denoiser for a batch sharing one step ``t`` (int64 (1,) on the device)."""
-        if self._compiled is not None:
+    @property
+    def compiled(self) -> tuple[str, ...]:
+        """Names of the nets that run compiled (a net whose compilation failed runs eagerly)."""
+        return tuple(sorted(self._compiled))
+
+    def _run(self, name: str, eager: Callable, *args) -> torch.Tensor:
+        fn = self._compiled.get(name)
+        if fn is not None:
             try:
-                return self._compiled(x, t, lq)
+                return fn(*args)
             except torch.cuda.OutOfMemoryError:
                 raise
             except (RuntimeError, ImportError, OSError) as e:  # no compiler / backend failure
-                log.warning("torch.compile failed, using the eager denoiser: %s", str(e).splitlines()[0])
-                self._compiled = None
-        return self.denoiser.forward_step(x, t, lq)
+                log.warning("torch.compile failed, using the eager %s: %s", name, str(e).splitlines()[0])
+                del self._compiled[name]
+        return eager(*args)
+
+    def _net(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """The denoiser for a batch sharing one step ``t`` (int64 (1,) on the device)."""
+        return self._run("denoiser", self.denoiser.forward_step, x, t, lq)
+
+    def _estimator_call(self, x01: torch.Tensor) -> torch.Tensor:
+        if self.estimator is None:
+            return super()._estimator_call(x01)  # the error that names the missing estimator
+        edt = next(self.estimator.parameters()).dtype
+        return self._run("estimator", self.estimator, x01.to(edt)).float()
 
     def _denoiser_call(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         # the sampler's t is torch.full((B,), step): one step for the batch (pipeline.denoise_estimate)
