@@ -526,7 +526,8 @@ def test_forward_step_skips_the_embedding_ops():
     assert step.ops.get("addmm", 0) == 2 * n_swin  # qkv, proj
     assert ref.ops["addmm"] == 2 * n_swin + n_res + 2  # + each ResBlock's emb Linear + time_embed's two
     assert step.ops["silu"] == 2 * n_res and step.ops.get("mul", 0) == 0
-    assert step.ops["index_select"] == 1  # the step's row of the table
+    assert step.ops["index_select"] == 1 + 2 * n_swin  # the step's row of the table; each block's window gathers
+    assert "roll" not in step.ops  # the shifts are in those gathers
 
 
 def test_forward_step_needs_prepare_steps():
@@ -613,3 +614,53 @@ def test_fast_atd_equals_reference_atd():
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
     inverse = torch.empty_like(perms[0]).scatter_(1, perms[0], torch.arange(perms[0].shape[1]).expand_as(perms[0]))
     assert torch.equal(inverse, torch.argsort(perms[0], dim=-1))
+
+
+@pytest.mark.parametrize("h,w,window,shift", [(8, 12, 4, 0), (8, 12, 4, 2), (16, 16, 8, 4), (4, 4, 4, 0)])
+def test_window_index_is_roll_then_partition(h, w, window, shift):
+    """One row gather = roll(−shift) + window_partition; the inverse gather undoes both (exact)."""
+    from upsr_core.nets.attention import window_index, window_partition
+
+    x = torch.randn(2, h, w, 5)
+    idx, inv = window_index(h, w, window, shift, x.device)
+    want = window_partition(torch.roll(x, (-shift, -shift), dims=(1, 2)) if shift else x, window)
+    got = x.reshape(2, h * w, 5).index_select(1, idx).view(-1, window * window, 5)
+    assert torch.equal(got, want)
+    assert torch.equal(got.view(2, h * w, 5).index_select(1, inv), x.reshape(2, h * w, 5))
+    assert window_index(h, w, window, shift, x.device)[0] is idx  # cached per size
+
+
+def test_window_index_cache_is_bounded():
+    from upsr_core.nets import attention
+
+    for i in range(attention._WINDOW_INDEX_MAX + 5):
+        attention.window_index(4, 4 * (i + 1), 4, 0, torch.device("cpu"))
+    assert len(attention._WINDOW_INDEX) == attention._WINDOW_INDEX_MAX
+
+
+def test_category_attention_gradients_equal_the_gather_formulation():
+    """Training goes through the same row gather/scatter: values and gradients equal the official
+    gather(perm) / gather(argsort(perm)) formulation (pure data movement: exact)."""
+    from upsr_core.nets.atd import CategoryAttention
+
+    torch.manual_seed(0)
+    att = CategoryAttention(12, 2, 8)
+    b, n = 3, 21  # 21 tokens in groups of 8: the padded last group runs too
+    qkv = torch.randn(b, n, 36, requires_grad=True)
+    perm = torch.stack([torch.randperm(n) for _ in range(b)])
+
+    def official(qkv):
+        c3, c = 36, 12
+        s = torch.gather(qkv, 1, perm.unsqueeze(-1).expand(-1, -1, c3))
+        s = torch.cat([s, torch.flip(s[:, n - 3 : n], dims=[1])], dim=1)  # pad 24 - 21 = 3
+        q, k, v = s.reshape(b, 3, 8, 3, 2, 6).permute(3, 0, 1, 4, 2, 5)
+        y = ((q @ k.transpose(-2, -1)) * att._scale()).softmax(-1) @ v
+        y = y.permute(0, 1, 3, 2, 4).reshape(b, 24, c)[:, :n]
+        return att.proj(torch.gather(y, 1, torch.argsort(perm, -1).unsqueeze(-1).expand(-1, -1, c)))
+
+    want = official(qkv)
+    (gw,) = torch.autograd.grad(want.square().sum(), qkv)
+    got = att(qkv, None, perm)
+    (gg,) = torch.autograd.grad(got.square().sum(), qkv)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gg, gw, rtol=0, atol=1e-5)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ATDConfig
-from .attention import attend, attend_windows, relative_position_index, window_partition, window_reverse
+from .attention import (attend, attend_windows, relative_position_index, window_index, window_partition,
+                        window_reverse)
 
 __all__ = ["ATD", "official_sort"]
 
@@ -188,7 +189,10 @@ class CategoryAttention(nn.Module):
         gs = min(n, self.category_size)
         ng = (n + gs - 1) // gs
         pad = ng * gs - n
-        shuffled = torch.gather(qkv, 1, perm.unsqueeze(-1).expand(-1, -1, c3))
+        # rows of all images as one (b·n) list: one row gather (index_select) for the sort and one
+        # row scatter to undo it (values equal to the official gather with perm / argsort(perm))
+        flat = (perm if b == 1 else perm + n * torch.arange(b, device=perm.device)[:, None]).reshape(-1)
+        shuffled = qkv.reshape(b * n, c3).index_select(0, flat).view(b, n, c3)
         if pad:  # the last `pad` sorted tokens, reversed (official padding)
             shuffled = torch.cat([shuffled, torch.flip(shuffled[:, n - pad : n], dims=[1])], dim=1)
         q, k, v = shuffled.reshape(b, ng, gs, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
@@ -200,10 +204,8 @@ class CategoryAttention(nn.Module):
             attn = (q @ k.transpose(-2, -1)) * self._scale()
             y = attn.softmax(dim=-1) @ v
         y = y.permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
-        # the inverse permutation (what argsort(perm) returns) by one scatter instead of a sort
-        inverse = torch.empty_like(perm).scatter_(1, perm, torch.arange(n, device=perm.device).expand(b, n))
-        y = torch.gather(y, 1, inverse.unsqueeze(-1).expand(-1, -1, c))
-        return self.proj(y)
+        y = y.new_empty(b * n, c).index_copy(0, flat, y.reshape(b * n, c))  # token perm[i] takes row i
+        return self.proj(y.view(b, n, c))
 
 
 class ATDLayer(nn.Module):
@@ -237,23 +239,23 @@ class ATDLayer(nn.Module):
         category = torch.argmax(sim, dim=-1)
         perm = ctx["sort"](category)
         x_aca = self.attn_aca(qkv, sim, perm)
-        grid = qkv.reshape(b, h, w, 3 * c)
         s = self.shift
-        if s:
-            grid = torch.roll(grid, (-s, -s), dims=(1, 2))
-        if ctx["fast"]:
-            win = self.attn_win.forward_windows(
-                window_partition(grid, self.window), (b, h // self.window, w // self.window), bool(s)
-            )
+        if ctx["fast"]:  # roll + partition as one row gather, undone by one row scatter; the same sums
+            # in fewer kernels (the /√3 as add's alpha; InstanceNorm1d as the GroupNorm with one group
+            # per dictionary token that it is)
+            idx, inv = window_index(h, w, self.window, s, x.device)
+            win = self.attn_win.forward_windows(qkv.index_select(1, idx).view(-1, self.window**2, 3 * c),
+                                                (b, h // self.window, w // self.window), bool(s))
+            y = win.view(b, n, c).index_select(1, inv)
+            x = torch.add(shortcut, y + x_atd + x_aca, alpha=1 / math.sqrt(3))
         else:
+            grid = qkv.reshape(b, h, w, 3 * c)
+            if s:
+                grid = torch.roll(grid, (-s, -s), dims=(1, 2))
             win = self.attn_win(window_partition(grid, self.window), ctx["rpi"], ctx["mask"] if s else None, ctx["fused"])
-        grid = window_reverse(win, self.window, h, w)
-        if s:
-            grid = torch.roll(grid, (s, s), dims=(1, 2))
-        if ctx["fast"]:  # the same sums in fewer kernels (the /√3 as add's alpha; InstanceNorm1d as
-            # the GroupNorm with one group per dictionary token that it is, one kernel)
-            x = torch.add(shortcut, grid.reshape(b, n, c) + x_atd + x_aca, alpha=1 / math.sqrt(3))
-        else:
+            grid = window_reverse(win, self.window, h, w)
+            if s:
+                grid = torch.roll(grid, (s, s), dims=(1, 2))
             x = shortcut + (grid.reshape(b, n, c) + x_atd + x_aca) / math.sqrt(3)
         x = x + self.convffn(self.norm2(x), hw)
         if not self.is_last:

@@ -6,6 +6,8 @@ mask, precomputed once per (shape, device, dtype), to ``scaled_dot_product_atten
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,7 @@ from torch import nn
 __all__ = [
     "window_partition",
     "window_reverse",
+    "window_index",
     "relative_position_index",
     "attend",
     "attend_windows",
@@ -35,6 +38,34 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     c = windows.shape[-1]
     x = windows.reshape(-1, h // window, w // window, window, window, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+_WINDOW_INDEX: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_WINDOW_INDEX_MAX = 32  # sizes kept (least recently used dropped): a long session sees many sizes
+
+
+def window_index(h: int, w: int, window: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, inv), each (h·w,) int64. ``idx``: the flat row-major positions that
+    ``window_partition(roll(x, -shift))`` reads, in its output order, so for x (B, h·w, C)
+    ``x.index_select(1, idx)`` is the partition (as (B, h·w, C), windows and tokens in order);
+    ``inv`` its inverse permutation, so ``y.index_select(1, inv)`` undoes partition and roll
+    together. One row gather each way instead of a roll and a layout copy. Cached per size and
+    device, the 32 most recently used (built in the graph when torch.compile traces, like the
+    shift masks)."""
+    key = (h, w, window, shift, torch.device(device))
+    if not torch.compiler.is_compiling() and key in _WINDOW_INDEX:
+        _WINDOW_INDEX.move_to_end(key)
+        return _WINDOW_INDEX[key]
+    idx = torch.arange(h * w, device=device).view(1, h, w, 1)
+    if shift:
+        idx = torch.roll(idx, (-shift, -shift), dims=(1, 2))
+    idx = window_partition(idx, window).reshape(-1)
+    pair = (idx, torch.argsort(idx))
+    if not torch.compiler.is_compiling():
+        _WINDOW_INDEX[key] = pair
+        while len(_WINDOW_INDEX) > _WINDOW_INDEX_MAX:
+            _WINDOW_INDEX.popitem(last=False)
+    return pair
 
 
 def relative_position_index(window: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DenoiserConfig
-from .attention import WindowAttention, window_partition, window_reverse
+from .attention import WindowAttention, window_index, window_partition, window_reverse
 
 __all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc"]
 
@@ -265,17 +265,14 @@ class SwinBlock(nn.Module):
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         s, ws = self.shift, self.window
-        y = self.norm1(x)
-        if s:
-            y = torch.roll(y, (-s, -s), dims=(2, 3))
+        y = self.norm1(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view in channels-last
+        idx, inv = window_index(h, w, ws, s, x.device)  # roll + partition as one row gather
         grid = (b, h // ws, w // ws)
-        win = window_partition(y.permute(0, 2, 3, 1), ws)
+        win = y.index_select(1, idx).view(-1, ws * ws, c)
         # official mask: only the last window-row is masked (SPEC §8.2)
         win = self.attn.forward_windows(win, grid, slice(grid[1] - 1, grid[1]) if s else None)
-        y = window_reverse(win, ws, h, w).permute(0, 3, 1, 2)
-        if s:
-            y = torch.roll(y, (s, s), dims=(2, 3))
-        x = x + y
+        y = win.view(b, h * w, c).index_select(1, inv)  # partition and roll undone
+        x = x + y.view(b, h, w, c).permute(0, 3, 1, 2)
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
