@@ -591,7 +591,8 @@ def test_a_failing_compiled_net_falls_back_to_eager(monkeypatch, caplog, failing
     lr = torch.rand(1, 3, 8, 8)
     with caplog.at_level("WARNING", logger="upsr_core"):
         out = fast.upscale(lr, seed=1)
-    assert f"torch.compile failed, using the eager {failing}: InductorError: no working C++ compiler found" in caplog.text
+    msg = f"torch.compile failed, using the eager {failing}: InductorError: no working C++ compiler found"
+    assert msg in caplog.text
     assert fast.compiled == tuple(n for n in ("denoiser", "estimator") if n != failing)
     torch.testing.assert_close(out, tiny_upsr().upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
 

@@ -92,8 +92,9 @@ def enable_fast(
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
-    ``compile``: torch.compile the denoiser and the estimator (default off: it compiles for minutes per new image
-    size, worth it over many same-size images; "auto": on CUDA when Triton is installed);
+    ``compile``: torch.compile the denoiser and the estimator (default off: it compiles for
+    minutes per new image size, worth it over many same-size images; "auto": on CUDA when
+    Triton is installed; a net whose compilation fails runs eagerly, with a warning);
     ``cuda_graphs``: capture fixed shapes as CUDA graphs (auto: on CUDA);
     ``channels_last``: channels-last denoiser (auto: on CUDA); ``subpixel``: run each nearest
     ×2 + 3x3 conv pair as four 2x2 convs at the low resolution, 13% fewer denoiser FLOPs

@@ -240,9 +240,9 @@ class ATDLayer(nn.Module):
         perm = ctx["sort"](category)
         x_aca = self.attn_aca(qkv, sim, perm)
         s = self.shift
-        if ctx["fast"]:  # roll + partition as one row gather, undone by one row scatter; the same sums
-            # in fewer kernels (the /√3 as add's alpha; InstanceNorm1d as the GroupNorm with one group
-            # per dictionary token that it is)
+        if ctx["fast"]:  # roll + partition as one row gather, undone by the inverse gather; the same
+            # sums in fewer kernels (the /√3 as add's alpha; InstanceNorm1d as the GroupNorm with one
+            # group per dictionary token that it is)
             idx, inv = window_index(h, w, self.window, s, x.device)
             win = self.attn_win.forward_windows(qkv.index_select(1, idx).view(-1, self.window**2, 3 * c),
                                                 (b, h // self.window, w // self.window), bool(s))
@@ -252,7 +252,8 @@ class ATDLayer(nn.Module):
             grid = qkv.reshape(b, h, w, 3 * c)
             if s:
                 grid = torch.roll(grid, (-s, -s), dims=(1, 2))
-            win = self.attn_win(window_partition(grid, self.window), ctx["rpi"], ctx["mask"] if s else None, ctx["fused"])
+            win = self.attn_win(window_partition(grid, self.window), ctx["rpi"], ctx["mask"] if s else None,
+                                ctx["fused"])
             grid = window_reverse(win, self.window, h, w)
             if s:
                 grid = torch.roll(grid, (s, s), dims=(1, 2))
