@@ -1,6 +1,7 @@
 """Training code on CPU with tiny nets: forward process, losses, EMA, loop, resume, CLI."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -108,6 +109,28 @@ def test_denoiser_training_reduces_mse():
     before = _loss_with(task, task.model)
     _train(task, 8, 3e-3)
     assert _loss_with(task, task.model) < 0.8 * before
+
+
+def test_denoiser_task_runs_the_frozen_estimator_fast():
+    """Stage 2 runs its frozen estimator on the inference fast path, prepared on the first step:
+    the loss equals the one with the reference estimator to fp32 rounding (same draws)."""
+    torch.manual_seed(0)
+    est = build_estimator_net(TINY.estimator)
+    est.upsample[0].weight.data.mul_(5)  # an estimate that differs from bicubic, so ψ and w matter
+    den = build_denoiser_net(TINY.denoiser)
+    task = DenoiserTask(den, est, FixedFeed(_hr()), 2, "bicubic")
+    assert not est.fast
+    fast_loss = _loss_with(task, den, seed=3)
+    assert est.fast
+    reference = DenoiserTask(den, copy.deepcopy(est), FixedFeed(_hr()), 2, "bicubic")
+    reference._prepare_estimator = lambda: None  # keep this one on the reference path
+    reference.estimator.fast = False
+    for layer in reference.estimator.modules():
+        if hasattr(layer, "fast_scale"):
+            layer.fast_scale = None
+        if hasattr(layer, "fast_gain"):
+            layer.fast_gain = None
+    assert fast_loss == pytest.approx(_loss_with(reference, den, seed=3), rel=1e-5)
 
 
 def test_ema_update_and_warmup():

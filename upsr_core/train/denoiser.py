@@ -1,7 +1,7 @@
 """Stage 2: train the UPSR denoiser with uncertainty-weighted noise (official objective).
 
 Per micro-batch: HR crops → LR = degrade(HR) on the device → frozen estimator ŷ = g(LR)
-(no gradients) → w from ψ = ½|ŷ − y↑| → t ~ U{0..T−1}, ε ~ N(0, I) →
+(no gradients, its inference fast path) → w from ψ = ½|ŷ − y↑| → t ~ U{0..T−1}, ε ~ N(0, I) →
 x_t = x0 + η_t(y − x0) + κ√η_t w ε (unshuffled) → net(x_t/std_t, t, lq) → MSE to the HR
 (+ 0.5·LPIPS when available). See :mod:`upsr_core.train.losses` for the formulas.
 
@@ -58,8 +58,21 @@ class DenoiserTask:
 
     def __post_init__(self) -> None:
         self.estimator.eval().requires_grad_(False)
+        self._estimator_placed = None
+
+    def _prepare_estimator(self) -> None:
+        """The frozen estimator runs its inference fast path (precomputed window masks and logit
+        gains, SDPA, row gathers: same math, fewer kernels; under autocast as close to fp32 as the
+        reference). Prepared on the first step and again if its weights move, so the masks are
+        built where its parameters are."""
+        p = next(self.estimator.parameters())
+        placed = (p.device, p.dtype, p.data_ptr())
+        if placed != self._estimator_placed and hasattr(self.estimator, "prepare_fast"):
+            self.estimator.prepare_fast()
+            self._estimator_placed = placed
 
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        self._prepare_estimator()
         hr = self.feed.next(self.batch, generator)
         lr = make_lr(hr, self.deg_generator or generator, self.degradation)
         inp = make_inputs(hr, lr, self.estimator, self.schedule, generator, b_u=self.b_u, psi_max=self.psi_max)
