@@ -306,6 +306,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
     "nhwc-norm": ({"channels_last": True, "nhwc_norm": True}, "channels-last with group_norm_nhwc"),
     "no-graphs": ({"cuda_graphs": False}, "no CUDA graphs, as the ComfyUI nodes run"),
+    "triton-norm": ({"channels_last": True, "triton_norm": True}, "channels-last with the Triton GroupNorm(+SiLU)"),
 }
 """Fast-path variants ``--variants`` adds as rows ``fast/<name>``: enable_fast overrides, and why."""
 

@@ -69,6 +69,7 @@ class FastOptions:
     compile_mode: str | None = None
     max_graphs: int = 6
     nhwc_norm: bool = False
+    triton_norm: bool = False
 
 
 def _resolve(name: str, value: bool | str, auto: bool) -> bool:
@@ -89,6 +90,7 @@ def enable_fast(
     compile_mode: str | None = None,
     max_graphs: int = 6,
     nhwc_norm: bool | str = False,
+    triton_norm: bool | str = False,
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
@@ -104,7 +106,11 @@ def enable_fast(
     ``max_graphs``: captured shapes kept per model; ``nhwc_norm``: with channels-last, the
     denoiser's GroupNorms run on the NHWC memory itself (:func:`upsr_core.nets.denoiser.group_norm_nhwc`:
     no layout copies, full-occupancy statistics; off by default until a GPU measures it
-    against ``F.group_norm``: ``bench --variants nhwc-norm``). On CUDA this also sets
+    against ``F.group_norm``: ``bench --variants nhwc-norm``); ``triton_norm``: with channels-last
+    on CUDA, the denoiser's GroupNorms (and the SiLU after the ResBlocks' norms) run as Triton
+    kernels on the NHWC memory (:mod:`upsr_core.nets.triton_norm`; off by default until a GPU
+    measures it: ``bench --variants triton-norm``; needs Triton; if its kernels fail, a warning
+    and the native norm). On CUDA this also sets
     ``torch.backends.cudnn.benchmark = True``, as the official test script does.
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
     """
@@ -123,10 +129,21 @@ def enable_fast(
         compile_mode=compile_mode,
         max_graphs=max_graphs,
         nhwc_norm=_resolve("nhwc_norm", nhwc_norm, False),
+        triton_norm=_resolve("triton_norm", triton_norm, False),
     )
-    if opts.nhwc_norm and not opts.channels_last:
-        raise ValueError("nhwc_norm=True needs channels_last (it normalises channels-last maps); "
-                         "got channels_last=False")
+    for name in ("nhwc_norm", "triton_norm"):
+        if getattr(opts, name) and not opts.channels_last:
+            raise ValueError(f"{name}=True needs channels_last (it normalises channels-last maps); "
+                             "got channels_last=False")
+    if opts.nhwc_norm and opts.triton_norm:
+        raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
+    if opts.triton_norm:
+        from .nets.triton_norm import available
+
+        if not available(model.device):
+            raise ValueError(f"triton_norm=True needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
+                             f"the model is on {model.device}, Triton "
+                             f"{'is' if triton else 'is not'} installed")
     if cuda:
         torch.backends.cudnn.benchmark = True
     model.__class__ = FastUPSRModel
@@ -168,7 +185,7 @@ class FastUPSRModel(UPSRModel):
             if isinstance(m, SwinBlock):
                 m.prepare_fast()
             elif isinstance(m, GroupNorm32):
-                m.native, m.nhwc = True, self.fast_options.nhwc_norm
+                m.native, m.nhwc, m.triton = True, self.fast_options.nhwc_norm, self.fast_options.triton_norm
                 if m.nhwc:  # batch_norm's float32 affine as the module's own weights: no cast per call
                     m.float()
         den = self.denoiser
@@ -187,9 +204,10 @@ class FastUPSRModel(UPSRModel):
             tuple(co[k][t].to(dev) for k in ("std", "k", "m", "c")) for t in range(int(co["std"].shape[0]))
         ]
         self._ts = [torch.tensor([t], device=dev) for t in range(len(self._steps))]
-        # each step's time embedding and scale-shifts, folded into the norms' affines (the
-        # float32 ones when the NHWC norm takes float32 affines, else the net's dtype)
-        table_dtype = torch.float32 if self.fast_options.nhwc_norm else den.time_embed[0].weight.dtype
+        # each step's time embedding and scale-shifts, folded into the norms' affines (float32
+        # for the NHWC and Triton norms, which apply the affine in float32, else the net's dtype)
+        fp32_affine = self.fast_options.nhwc_norm or self.fast_options.triton_norm
+        table_dtype = torch.float32 if fp32_affine else den.time_embed[0].weight.dtype
         den.prepare_steps(len(self._steps), table_dtype)
         self._prior = co["prior"].to(dev)
         self.graphs.clear()

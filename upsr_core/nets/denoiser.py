@@ -12,6 +12,7 @@ the x0 prediction (B, out_channels, 4h, 4w) in [-1, 1] space (not clamped). ``h`
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +23,8 @@ from ..config import DenoiserConfig
 from .attention import WindowAttention, window_index, window_partition, window_reverse
 
 __all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc"]
+
+log = logging.getLogger("upsr_core")
 
 
 def group_norm_nhwc(
@@ -60,6 +63,9 @@ def group_norm_nhwc(
     return outs[0] if b == 1 else torch.cat(outs)
 
 
+_TRITON_NORM_FAILED: list[str] = []  # the first failure of the Triton norm (then never tried again)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32) computed in float32 and cast back (official ``normalization``).
 
@@ -68,11 +74,15 @@ class GroupNorm32(nn.GroupNorm):
     set per instance by :func:`upsr_core.fast.enable_fast`): ``native``: normalise in the
     input dtype (the kernels still accumulate the statistics in float32); ``nhwc``: a
     channels-last input that needs no gradient is normalised by :func:`group_norm_nhwc`
-    (no layout copies); anything else takes the other paths.
+    (no layout copies); ``triton``: such an input goes through the Triton kernels of
+    :mod:`upsr_core.nets.triton_norm` (norm and SiLU in one pass; if they fail to build or
+    run, a warning and the other paths from then on; under torch.compile, which fuses the native
+    norm itself, never); anything else takes the other paths.
     """
 
     native: bool = False
     nhwc: bool = False
+    triton: bool = False
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
@@ -80,13 +90,28 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(x, self.weight, self.bias)
 
-    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """This norm with another per-channel affine (C,) (the fast path's folded scale-shift)."""
-        if self.nhwc and not x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return group_norm_nhwc(x, self.num_groups, weight, bias, self.eps)
-        if self.native:
-            return F.group_norm(x, self.num_groups, weight.to(x.dtype), bias.to(x.dtype), self.eps)
-        return F.group_norm(x.float(), self.num_groups, weight.float(), bias.float(), self.eps).to(x.dtype)
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """This norm with another per-channel affine (C,) (the fast path's folded scale-shift),
+        followed by SiLU if ``silu``."""
+        fast_ok = not x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        if self.triton and fast_ok and not _TRITON_NORM_FAILED and not torch.compiler.is_compiling():
+            from .triton_norm import group_norm_nhwc_triton
+
+            try:
+                return group_norm_nhwc_triton(x, self.num_groups, weight, bias, self.eps, silu)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class;
+                # the native norm computes the same thing, so say so once and use it
+                _TRITON_NORM_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                log.warning("Triton GroupNorm failed, using the native norm from now on: %s", _TRITON_NORM_FAILED[0])
+        if self.nhwc and fast_ok:
+            y = group_norm_nhwc(x, self.num_groups, weight, bias, self.eps)
+        elif self.native:
+            y = F.group_norm(x, self.num_groups, weight.to(x.dtype), bias.to(x.dtype), self.eps)
+        else:
+            y = F.group_norm(x.float(), self.num_groups, weight.float(), bias.float(), self.eps).to(x.dtype)
+        return F.silu(y) if silu else y
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -126,10 +151,10 @@ class ResBlock(nn.Module):
     def forward_folded(self, x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for a batch that shares one step, with ``affine`` (2, cout) from
         :meth:`folded_affine`: the second norm applies the scale-shift itself (no emb MLP,
-        no separate multiply and add)."""
-        h = self.in_layers(x)
-        h = self.out_layers[0].normalize(h, affine[0], affine[1])
-        h = self.out_layers[3](self.out_layers[1](h))
+        no separate multiply and add), and each norm its SiLU (one pass with the Triton norm)."""
+        n1 = self.in_layers[0]
+        h = self.in_layers[2](n1.normalize(x, n1.weight, n1.bias, silu=True))
+        h = self.out_layers[3](self.out_layers[0].normalize(h, affine[0], affine[1], silu=True))
         return self.skip_connection(x) + h
 
 

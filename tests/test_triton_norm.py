@@ -1,0 +1,123 @@
+"""The Triton GroupNorm(+SiLU) of the fast path (upsr_core.nets.triton_norm), on the CPU.
+
+Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels with NumPy, so their math is
+checked here; their speed only a GPU can say (``bench --variants triton-norm``). Without
+Triton installed (CI installs only the requirements) the kernel tests are skipped, and only
+the error for asking for them is tested.
+
+Tolerances: against ``F.group_norm`` in float64 on the same (rounded) input, fp32 output is
+within 2e-5 (input rounding × |weight| / std dominates), bf16/fp16 within 2.5 roundings of
+the output's magnitude (one for the input, one for the output, and the float32 statistics).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _support import tiny_upsr
+
+from upsr_core.fast import enable_fast
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton); "
+                                                            "its interpreter runs the kernels on the CPU")
+if HAS_TRITON:  # before the kernels are first built: the interpreter is chosen when they are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ULP = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,dtype,mean,silu", [
+    ((1, 64, 8, 8), torch.float32, 0.0, False),
+    ((2, 160, 12, 10), torch.float32, 33.0, True),  # |mean| = 16 std: the shifted sums keep var exact
+    ((1, 320, 8, 8), torch.bfloat16, 0.0, True),
+    ((3, 96, 5, 7), torch.float16, 5.0, False),  # C not a multiple of the 128-channel block, odd H·W
+])
+def test_triton_group_norm_equals_group_norm(shape, dtype, mean, silu):
+    from upsr_core.nets.triton_norm import group_norm_nhwc_triton
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + mean).to(dtype)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    want = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
+    if silu:
+        want = F.silu(want)
+    y = group_norm_nhwc_triton(x.contiguous(memory_format=torch.channels_last), 32, w, b, 1e-5, silu=silu)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    tol = 2e-5 if dtype == torch.float32 else 2.5 * ULP[dtype] * want.abs().max().item()
+    assert (y.double() - want).abs().max().item() <= tol
+
+
+@needs_triton
+def test_triton_group_norm_rejects_what_it_cannot_read():
+    from upsr_core.nets.triton_norm import group_norm_nhwc_triton
+
+    w = torch.ones(64)
+    with pytest.raises(ValueError, match="channels-last"):
+        group_norm_nhwc_triton(torch.zeros(1, 64, 4, 4), 32, w, w, 1e-5)
+    with pytest.raises(ValueError, match="multiple of num_groups=32, got shape"):
+        group_norm_nhwc_triton(torch.zeros(1, 48, 4, 4).contiguous(memory_format=torch.channels_last), 32, w, w, 1e-5)
+
+
+@needs_triton
+def test_fast_path_with_triton_norm_equals_reference():
+    """The whole fast path with every denoiser norm (and the ResBlocks' SiLUs) in Triton: the
+    reference path's result to fp32 rounding; the kernels really ran (none failed)."""
+    from upsr_core.nets import denoiser, triton_norm
+
+    calls = []
+    real = triton_norm.group_norm_nhwc_triton
+
+    def counted(*a, **k):
+        calls.append(k.get("silu", a[5] if len(a) > 5 else False))
+        return real(*a, **k)
+
+    ref = tiny_upsr()
+    # subpixel off, as on CUDA: the CPU's sub-pixel upsampling interleaves into NCHW, which the
+    # norm after it would then take natively
+    fast = enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True, subpixel=False)
+    lr = torch.rand(1, 3, 8, 8)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(triton_norm, "group_norm_nhwc_triton", counted)
+    try:
+        out = fast.upscale(lr, seed=1)
+    finally:
+        mp.undo()
+    assert not denoiser._TRITON_NORM_FAILED
+    n_norms = sum(isinstance(m, denoiser.GroupNorm32) for m in fast.denoiser.modules())
+    assert len(calls) == 5 * n_norms and sum(calls) == 5 * 2 * sum(
+        isinstance(m, denoiser.ResBlock) for m in fast.denoiser.modules())  # SiLU fused into the ResBlock norms
+    torch.testing.assert_close(out, ref.upscale(lr, seed=1), atol=5e-5, rtol=0)
+
+
+@needs_triton
+def test_a_failing_triton_norm_falls_back_once(monkeypatch, caplog):
+    from upsr_core.nets import denoiser, triton_norm
+
+    def broken(*a, **k):
+        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:4: unsupported\nmore")
+
+    monkeypatch.setattr(triton_norm, "group_norm_nhwc_triton", broken)
+    monkeypatch.setattr(denoiser, "_TRITON_NORM_FAILED", [])
+    fast = enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True)
+    lr = torch.rand(1, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        out = fast.upscale(lr, seed=1)
+    assert caplog.text.count("Triton GroupNorm failed, using the native norm from now on: RuntimeError: "
+                             "triton.compiler.errors.CompilationError: at 12:4: unsupported") == 1
+    torch.testing.assert_close(out, tiny_upsr().upscale(lr, seed=1), atol=5e-5, rtol=0)
+
+
+def test_triton_norm_needs_channels_last_triton_and_a_device_for_it(monkeypatch):
+    with pytest.raises(ValueError, match="triton_norm=True needs channels_last"):
+        enable_fast(copy.deepcopy(tiny_upsr()), channels_last=False, triton_norm=True)
+    with pytest.raises(ValueError, match="nhwc_norm and triton_norm are two implementations"):
+        enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True, nhwc_norm=True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU without the interpreter
+    with pytest.raises(ValueError, match="triton_norm=True needs Triton and a CUDA device .* the model is on cpu"):
+        enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True)
