@@ -6,7 +6,7 @@
 # $OUT/env.txt. Needs only torch: a stub stands in for safetensors if it is missing
 # (the bench never reads a checkpoint unless --model is given).
 # Wall time: bench stops starting rows after BUDGET s (default 140); the whole run is
-# killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json.
+# killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json; BENCH=0 skips it.
 # Then tests/e2e/gpu_check.py (the nodes on this GPU) for at most NODES_LIMIT s (default 120):
 # $OUT/gpu_check.json and gpu_check.txt; then the training-step bench for at most TRAIN_LIMIT s
 # (default 240): $OUT/train_bench.jsonl. Before the nodes, tools/precision_probe.py on the demo model
@@ -49,11 +49,14 @@ print("missing:", [m for m in ("numpy", "safetensors", "einops", "triton", "PIL"
 PYEOF
 DEV=${DEV:-cuda}
 DEFAULTS=${DEFAULTS:---sizes 64,128,256 --batches 1,8 --dtypes fp32,bf16,fp16 --tiled 1024 --tiled-dtypes bf16,fp16}
-timeout -k 10 "$LIMIT" "$PY" -m upsr_core.bench --device "$DEV" --budget-s "$BUDGET" \
-  --json "$OUT/bench.json" $DEFAULTS "$@" 2>&1 | tee "$OUT/bench.txt"
-rc=${PIPESTATUS[0]}
+rc=0
+if [ "${BENCH:-1}" != 0 ]; then  # BENCH=0 skips the inference bench (e.g. a training-only call)
+  timeout -k 10 "$LIMIT" "$PY" -m upsr_core.bench --device "$DEV" --budget-s "$BUDGET" \
+    --json "$OUT/bench.json" $DEFAULTS "$@" 2>&1 | tee "$OUT/bench.txt"
+  rc=${PIPESTATUS[0]}
+  echo "bench exit code $rc (124 = killed at LIMIT=${LIMIT}s; finished rows are kept)" | tee -a "$OUT/bench.txt"
+fi
 rm -rf "$STUBS"
-echo "bench exit code $rc (124 = killed at LIMIT=${LIMIT}s; finished rows are kept)" | tee -a "$OUT/bench.txt"
 # bf16/fp16 error of the trained demo denoiser on this GPU (the bench's rows use random weights), ~30 s
 PROBE_LIMIT=${PROBE_LIMIT:-60}   # 0 skips it
 if [ "$DEV" = cuda ] && [ "$PROBE_LIMIT" -gt 0 ]; then
