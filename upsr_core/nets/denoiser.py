@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -343,17 +344,17 @@ class SwinLayer(nn.Module):
 class EmbedSequential(nn.Sequential):
     """Sequential that feeds the time embedding to ResBlocks."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, folded: list | None = None) -> torch.Tensor:  # type: ignore[override]
-        """``folded``: the step's (2, cout) affines of this sequence's ResBlocks, in order
-        (:meth:`UPSRDenoiser.forward_step`); ``emb`` is then unused."""
-        i = 0
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None,  # type: ignore[override]
+                folded: Iterator[torch.Tensor] | None = None) -> torch.Tensor:
+        """``folded``: the step's (2, cout) affines of the net's ResBlocks in module order
+        (:meth:`UPSRDenoiser.forward_step`); each ResBlock here takes the next; ``emb`` is then unused."""
         for layer in self:
             if not isinstance(layer, ResBlock):
                 x = layer(x)
             elif folded is None:
                 x = layer(x, emb)
             else:
-                x, i = layer.forward_folded(x, folded[i]), i + 1
+                x = layer.forward_folded(x, next(folded))
         return x
 
 
@@ -416,9 +417,6 @@ class UPSRDenoiser(nn.Module):
         return self._body(x, lq, emb, None)
 
     # ------------------------------------------------------------------ one shared step (fast path)
-    def _seqs(self) -> list[EmbedSequential]:
-        return [*self.input_blocks, self.middle_block, *self.output_blocks]
-
     @torch.no_grad()
     def prepare_steps(self, num_steps: int, dtype: torch.dtype) -> None:
         """Precompute, for each step t < ``num_steps``, every ResBlock's folded affine
@@ -434,11 +432,10 @@ class UPSRDenoiser(nn.Module):
         sin = timestep_embedding(torch.arange(num_steps, device=p.device), self.config.model_channels).to(acc)
         emb = F.linear(F.silu(F.linear(sin, lin1.weight.to(acc), lin1.bias.to(acc))),
                        lin2.weight.to(acc), lin2.bias.to(acc))
-        blocks = [m for seq in self._seqs() for m in seq if isinstance(m, ResBlock)]
+        blocks = [m for m in self.modules() if isinstance(m, ResBlock)]  # the order _body meets them in
         rows = [torch.cat([b.folded_affine(e).reshape(-1) for b in blocks]) for e in emb]
         self._step_table = torch.stack(rows).to(dtype)
-        self._step_layout = [[2 * m.out_layers[0].num_channels for m in seq if isinstance(m, ResBlock)]
-                             for seq in self._seqs()]
+        self._step_sizes = [2 * b.out_layers[0].num_channels for b in blocks]
 
     def forward_step(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for a batch whose images all take the same step (the sampler's case):
@@ -451,25 +448,18 @@ class UPSRDenoiser(nn.Module):
         if table is None:
             raise RuntimeError("forward_step needs prepare_steps(num_steps, dtype) first")
         row = table.index_select(0, t.reshape(1))[0]
-        folded, o = [], 0
-        for sizes in self._step_layout:
-            seq = []
-            for n in sizes:
-                seq.append(row[o : o + n].view(2, n // 2))
-                o += n
-            folded.append(seq)
-        return self._body(x, lq, None, folded)
+        return self._body(x, lq, None, iter([p.view(2, -1) for p in row.split(self._step_sizes)]))
 
-    def _body(self, x: torch.Tensor, lq: torch.Tensor, emb: torch.Tensor | None, folded: list | None) -> torch.Tensor:
-        seq_folded = iter(folded) if folded is not None else None
+    def _body(self, x: torch.Tensor, lq: torch.Tensor, emb: torch.Tensor | None,
+              folded: Iterator[torch.Tensor] | None) -> torch.Tensor:
         h = torch.cat([x, lq.to(x.dtype)], dim=1)
         skips = []
         for blk in self.input_blocks:
-            h = blk(h, emb, next(seq_folded) if seq_folded else None)
+            h = blk(h, emb, folded)
             skips.append(h)
-        h = self.middle_block(h, emb, next(seq_folded) if seq_folded else None)
+        h = self.middle_block(h, emb, folded)
         for blk in self.output_blocks:
-            h = blk(torch.cat([h, skips.pop()], dim=1), emb, next(seq_folded) if seq_folded else None)
+            h = blk(torch.cat([h, skips.pop()], dim=1), emb, folded)
         # Head: slope 0.01 on the first LeakyReLU, 0.2 on the rest (SPEC §8.8).
         h = self.conv_before_upsample(h)
         h = self.lrelu(upsample_conv(h, self.conv_up1))
