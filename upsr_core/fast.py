@@ -44,7 +44,7 @@ from .schedule import make_schedule
 from .tiling import batches, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
 
-__all__ = ["enable_fast", "FastUPSRModel", "FastOptions", "noise_weight"]
+__all__ = ["enable_fast", "FastUPSRModel", "FastOptions", "noise_weight", "placement"]
 
 log = logging.getLogger("upsr_core")
 
@@ -151,6 +151,13 @@ def enable_fast(
     return model  # type: ignore[return-value]
 
 
+def placement(*nets: torch.nn.Module | None) -> tuple:
+    """Device, dtype and storage of each net's first parameter (None nets skipped): what masks,
+    constants and captured graphs prepared for those weights depend on; compare two to know
+    whether the nets moved or were replaced since."""
+    return tuple((p.device, p.dtype, p.data_ptr()) for p in (next(n.parameters()) for n in nets if n is not None))
+
+
 def noise_weight(y_hat_pm: torch.Tensor, bic_pm: torch.Tensor, b_u: float, psi_max: float) -> torch.Tensor:
     """w = b_u + (1−b_u)·min(ψ/ψ_max, 1) with ψ = ½|ŷ − y↑|, from [-1,1] tensors (B,3,H,W).
 
@@ -214,10 +221,7 @@ class FastUPSRModel(UPSRModel):
         self._placed = self._placement()
 
     def _placement(self) -> tuple:
-        """Device, dtype and storage of each net's first parameter: what the prepared masks,
-        constants and captured graphs depend on."""
-        nets = [n for n in (self.denoiser, self.estimator) if n is not None]
-        return tuple((p.device, p.dtype, p.data_ptr()) for p in (next(n.parameters()) for n in nets))
+        return placement(self.denoiser, self.estimator)
 
     def _follow(self) -> None:
         """Re-prepare if the nets were moved since :meth:`_prepare` (a few ms; no host sync)."""

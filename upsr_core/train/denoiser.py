@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import DenoiserConfig
+from ..fast import placement
 from ..nets import UPSRDenoiser
 from ..schedule import ResShiftSchedule, make_schedule
 from ..uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
@@ -65,8 +66,7 @@ class DenoiserTask:
         gains, SDPA, row gathers: same math, fewer kernels; under autocast as close to fp32 as the
         reference). Prepared on the first step and again if its weights move, so the masks are
         built where its parameters are."""
-        p = next(self.estimator.parameters())
-        placed = (p.device, p.dtype, p.data_ptr())
+        placed = placement(self.estimator)
         if placed != self._estimator_placed and hasattr(self.estimator, "prepare_fast"):
             self.estimator.prepare_fast()
             self._estimator_placed = placed
