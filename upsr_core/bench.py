@@ -59,7 +59,7 @@ __all__ = ["add_parser", "run_bench"]
 
 log = logging.getLogger("upsr_core")
 
-HEADER = (f"{'LR':>6} {'batch':>5} {'path':<15} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
+HEADER = (f"{'LR':>6} {'batch':>5} {'path':<17} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
           f"{'1st GiB':>8} {'TFLOP/s':>8} {'vs ref':>7} {'max|d|':>9} {'mean|d|':>9} {'den max|d|':>10}")
 
 
@@ -276,7 +276,7 @@ class Table:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         r = row
-        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<15} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
+        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<17} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
               f"{_fmt(r['img_per_s'], '8.2f')} {_fmt(r['peak_gib'], '8.2f')} {_fmt(r['first_peak_gib'], '8.2f')} "
               f"{_fmt(r['tflops'], '8.1f' if r['tflops'] >= 10 else '8.3f')} "
               f"{_fmt(r['vs_ref'], '6.1f') + ('x' if r['vs_ref'] is not None else ''):>7} "
