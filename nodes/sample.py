@@ -76,7 +76,15 @@ def _tiling_inputs() -> list:
 
 def _seed_input() -> io.Int.Input:
     return io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
-                        tooltip="the starting noise; image i of a batch uses seed + i")
+                        tooltip="the starting noise; image i of a batch uses seed + i (unless same_noise)")
+
+
+def _same_noise_input() -> io.Boolean.Input:
+    return io.Boolean.Input("same_noise", default=False, label_on="same for every image", label_off="seed + i",
+                            optional=True,
+                            tooltip="a batch of video frames: every frame gets the noise of the seed, so what does "
+                                    "not change between frames comes out the same (far less flicker); off: image i "
+                                    "of a batch uses seed + i")
 
 
 class UPSRSample(io.ComfyNode):
@@ -94,19 +102,21 @@ class UPSRSample(io.ComfyNode):
                 io.Image.Input("noise_weight", tooltip="from UPSR Weight Noise"),
                 _seed_input(),
                 *_tiling_inputs(),
+                _same_noise_input(),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch) -> io.NodeOutput:
+    def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch,
+                same_noise=False) -> io.NodeOutput:
         model = upsr_model.load()
         lr = image_in(image, "image")
         est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
 
         def run(t: int, o: int, progress: Progress) -> torch.Tensor:
             return sample_maps(model, lr, est, w, seed=seed, tile=t, overlap=o, tile_batch=tile_batch,
-                               progress=progress)
+                               progress=progress, same_noise=same_noise)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of)))
 
@@ -129,17 +139,19 @@ class UPSRUpscale(io.ComfyNode):
                 io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=PSI_MAX_LIMIT, step=0.001,
                                display_mode=io.NumberDisplay.slider, tooltip="ψ at and above which noise is full"),
                 *_tiling_inputs(),
+                _same_noise_input(),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch) -> io.NodeOutput:
+    def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch,
+                same_noise=False) -> io.NodeOutput:
         model = upsr_model.load()
         lr = image_in(image, "image")
 
         def run(t: int, o: int, progress: Progress) -> torch.Tensor:
             return model.upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=t, overlap=o, tile_batch=tile_batch,
-                                 progress=progress)
+                                 progress=progress, same_noise=same_noise)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of)))

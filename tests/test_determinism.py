@@ -8,7 +8,9 @@ CPU from ``torch.Generator('cpu').manual_seed(seed + i)``. Consequences tested h
 * the order in which tiles are processed changes results only by float32 rounding;
 * with ``tile_batch`` fixed, repeated runs are bit-identical;
 * different seeds give different images; a zero noise weight makes the seed irrelevant;
-* the CLI gives every file the seed itself (not seed + i), whatever the folder holds.
+* the CLI gives every file the seed itself (not seed + i), whatever the folder holds;
+* ``same_noise=True`` gives every image of a batch the noise of the seed itself (video
+  frames), so a batch then equals its images one by one with that seed, as the CLI runs them.
 
 What is *not* promised (measured, see docs/RELIABILITY.md): bit-identity across
 ``tile_batch`` values (CPU GEMM/conv kernels block differently for batch 1 and batch n:
@@ -85,6 +87,36 @@ def test_seed_range_boundaries():
     for bad in (True, 7.0, "7"):
         with pytest.raises(ValueError, match=f"got {bad!r}"):
             starting_noise(bad, 1, (4, 4))
+
+
+def test_same_noise_gives_every_image_the_seed_s_noise():
+    hp, wp = 64, 128
+    eps = starting_noise(9, 3, (hp, wp), same_noise=True)
+    one = starting_noise(9, 1, (hp, wp))
+    assert eps.shape == (3, 48, hp, wp) and eps.is_contiguous()
+    for i in range(3):
+        assert torch.equal(eps[i : i + 1], one)
+    starting_noise(2**63 - 1, 5, (4, 4), same_noise=True)  # only the seed itself must be in range
+    with pytest.raises(ValueError, match="got -1"):
+        starting_noise(-1, 2, (4, 4), same_noise=True)
+
+
+@pytest.mark.parametrize("same_noise", [False, True])
+def test_same_noise_batch_equals_images_alone(model, same_noise):
+    """Untiled and tiled (NoiseField, band by band): image i of a batch equals that image alone
+    with seed S (same_noise) or S + i, bit for bit; two identical frames give identical results
+    with same_noise and different ones without."""
+    frame = lr_batch(1, 20, 28, seed=3)
+    lr = torch.cat([frame, frame, lr_batch(1, 20, 28, seed=4)])
+    for kw in (UNTILED, TILED):
+        batch = model.upscale(lr, seed=5, same_noise=same_noise, **kw)
+        for i in range(3):
+            alone = model.upscale(lr[i : i + 1], seed=5 if same_noise else 5 + i, **kw)
+            assert torch.equal(batch[i : i + 1], alone), (kw, i)
+        assert torch.equal(batch[0], batch[1]) == same_noise, kw
+        est, psi = estimate_maps(model, lr)
+        staged = sample_maps(model, lr, est, weight_map(psi), seed=5, same_noise=same_noise, **kw)
+        assert torch.equal(staged, batch), kw  # the stage path takes the same noise
 
 
 # ------------------------------------------------------------------ run to run
@@ -244,3 +276,26 @@ def test_noise_field_bands_equal_the_whole_field(hw):
         assert torch.equal(field[i, :, 0 : hw[0], 0 : hw[1]], full[i])
     with pytest.raises(ValueError, match="seed"):
         NoiseField(-1, 1, hw)
+    same = NoiseField(11, 3, hw, same_noise=True)
+    for i in (2, 0, 1):  # any order: image i's band is image 0's
+        assert torch.equal(same[i, :, 5 : hw[0] - 3, 2:40], full[0, :, 5 : hw[0] - 3, 2:40])
+
+
+def test_flicker_probe_tool(model_file, capsys):
+    """tools/flicker_probe.py (the README's video figures) on the tiny nets: same_noise makes the
+    static clip's frames differ only by their sensor noise, far less than seed + i does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flicker_probe", REPO / "tools" / "flicker_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--model", str(model_file), "--frames", "3", "--size", "16x24"]) == 0
+    rows = {r.split("|")[1].strip(): [float(v) for v in r.split("|")[2:5]]
+            for r in capsys.readouterr().out.splitlines() if r.startswith(("| static", "| pan"))}
+    assert set(rows) == {"static", "pan"}
+    bicubic, per, same = rows["static"]
+    assert same < per / 2, rows
+    assert rows["pan"][0] < rows["pan"][1]  # bicubic is shift-equivariant (but at the frame's borders)
+    lr = torch.rand(1, 3, 16, 20)
+    with pytest.raises(ValueError, match="at least 16x26"):
+        probe.clips(lr, 3, 16, 24, 2.0)

@@ -141,6 +141,13 @@ def test_fast_upscale_uses_the_seed_contract(fast32):
     assert torch.equal(a, b)
     # images are batched in the fast path, so only rounding may differ from a batch of one
     torch.testing.assert_close(fast32.upscale(lr[1:], seed=8), a[1:], atol=FP32_ATOL, rtol=0)
+    # same_noise: the seed's noise for every image, here and where a large image goes (the base tiling)
+    same = fast32.upscale(lr, seed=7, same_noise=True)
+    assert torch.equal(same, fast32.upscale(lr, noise=starting_noise(7, 2, (hp, hp), same_noise=True)))
+    torch.testing.assert_close(same[1:], fast32.upscale(lr[1:], seed=7), atol=FP32_ATOL, rtol=0)
+    big = torch.rand(1, 3, 40, 72).expand(2, -1, -1, -1)
+    tiled = fast32.upscale(big, seed=7, same_noise=True, tile=32, overlap=8)
+    assert torch.equal(tiled[0], tiled[1])
 
 
 def test_enable_fast_rejects_bad_arguments(small_nets):

@@ -170,9 +170,9 @@ def test_schema_types_and_order(pack):
         "WeightNoise": ({"required": ["b_u", "psi_max"], "optional": ["uncertainty", "uncertainty_mask"]},
                         ["IMAGE", "IMAGE"], ["noise_weight", "heatmap"]),
         "UPSRSample": ({"required": ["upsr_model", "image", "sr_estimate", "noise_weight", "seed", "tile", "overlap",
-                                     "tile_batch"]}, ["IMAGE"], ["image"]),
+                                     "tile_batch"], "optional": ["same_noise"]}, ["IMAGE"], ["image"]),
         "UPSRUpscale": ({"required": ["upsr_model", "image", "seed", "b_u", "psi_max", "tile", "overlap",
-                                      "tile_batch"]}, ["IMAGE"], ["image"]),
+                                      "tile_batch"], "optional": ["same_noise"]}, ["IMAGE"], ["image"]),
     }
     for node_id, (order, outputs, names) in expect.items():
         info, _ = _spec(pack, node_id)
@@ -182,7 +182,7 @@ def test_schema_types_and_order(pack):
              "uncertainty": "IMAGE", "uncertainty_mask": "MASK", "upscale_model": "UPSCALE_MODEL", "seed": "INT",
              "tile": "INT", "overlap": "INT", "tile_batch": "INT", "b_u": "FLOAT", "psi_max": "FLOAT",
              "model_name": "COMBO", "estimator_name": "COMBO", "precision": "COMBO",
-             "implementation": "COMBO"}
+             "implementation": "COMBO", "same_noise": "BOOLEAN"}
     for node_id in expect:
         for name, (typ, _opts) in _spec(pack, node_id)[1].items():
             assert typ == types[name], (node_id, name)
@@ -201,6 +201,7 @@ def test_schema_defaults_and_slider_ranges(pack):
         assert s["seed"][1]["min"] == 0 and s["seed"][1]["max"] + 64 < 2**63
         assert (s["tile"][1]["default"], s["tile"][1]["min"], s["tile"][1]["step"]) == (512, 64, 64)
         assert (s["overlap"][1]["default"], s["tile_batch"][1]["default"]) == (64, 1)
+        assert s["same_noise"][1]["default"] is False  # seed + i per image, as before the option existed
     _, s = _spec(pack, "LoadUPSRModel")
     assert s["precision"][1]["options"] == ["auto", "fp32", "bf16", "fp16"] and s["precision"][1]["default"] == "auto"
     assert s["implementation"][1]["options"] == ["fast", "reference"] and s["implementation"][1]["default"] == "fast"
@@ -382,6 +383,26 @@ def test_upscale_node_equals_the_chain(pack, implementation):
     else:  # the fast path runs small images of a batch as one denoiser batch: other CPU kernel blocking
         d = (sr_one - sr_chain).abs().max().item()
         assert d <= 1e-6  # measured 6e-8 (2026-11-26, CPU): last-bit rounding through 5 steps
+
+
+@pytest.mark.slow
+def test_same_noise_gives_identical_frames_identical_results(pack, handle):
+    """A batch of video frames with same_noise: every frame gets the seed's noise, so two identical
+    frames come out identical (off, as before: seed + i, so they differ); a prompt without the
+    optional input runs as off."""
+    frame = lr_image(16, 24, seed=6)
+    img = torch.cat([frame, frame])
+    on, _, _ = chain(pack, handle, img, same_noise=True)
+    off, _, _ = chain(pack, handle, img, same_noise=False)
+    assert torch.equal(on[0], on[1]) and not torch.equal(off[0], off[1])
+    assert torch.equal(on[:1], chain(pack, handle, frame)[0])  # frame 1 too gets seed 0, not 1
+    # the one-node path batches the frames in one denoiser call (fast implementation): the same
+    # images up to the batch's last-bit rounding (≤ 1e-6, as test_upscale_node_equals_the_chain)
+    d = defaults(pack, "UPSRUpscale")
+    one = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d | {"same_noise": True})[0]
+    assert (one - on).abs().max().item() <= 1e-6 and (one[0] - one[1]).abs().max().item() <= 1e-6
+    d.pop("same_noise")
+    assert (run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d)[0] - off).abs().max().item() <= 1e-6
 
 
 # ----------------------------------------------------------------------------- the mask path
@@ -647,6 +668,8 @@ def test_example_workflows_match_the_node_schemas(pack):
                 where = f"{wf_path.name} node {n['id']} {n['type']}.{name}={value!r}"
                 if typ == "COMBO":
                     assert value in opts["options"], where
+                elif typ == "BOOLEAN":
+                    assert value is False, f"{where}: examples keep the default (seed + i)"
                 else:
                     assert opts["min"] <= value <= opts["max"], where
                 if opts.get("control_after_generate"):

@@ -383,6 +383,7 @@ class FastUPSRModel(UPSRModel):
         progress: Progress | None = None,
         noise: torch.Tensor | None = None,
         sink=None,
+        same_noise: bool = False,
     ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1] on the model's device.
 
@@ -394,7 +395,8 @@ class FastUPSRModel(UPSRModel):
         self._follow()
         if sink is not None:  # streamed output: the base class's banded tile loop
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
-                                   tile_batch=tile_batch, progress=progress, noise=noise, sink=sink)
+                                   tile_batch=tile_batch, progress=progress, noise=noise, sink=sink,
+                                   same_noise=same_noise)
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
@@ -402,7 +404,7 @@ class FastUPSRModel(UPSRModel):
         m = self.multiple_of
         hp, wp = padded_size(h, w, m)
         if noise is None:
-            noise = starting_noise(seed, b, (hp, wp))
+            noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         if tuple(noise.shape) != (b, 3 * SCALE * SCALE, hp, wp):
             raise ValueError(f"noise {tuple(noise.shape)} does not match the padded LR grid ({b}, 48, {hp}, {wp})")
         if len(plan_tiles(hp, wp, tile, overlap, m)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:

@@ -157,16 +157,18 @@ class UPSRModel:
         tile_batch: int = 1,
         progress: Progress | None = None,
         noise: torch.Tensor | None = None,
+        same_noise: bool = False,
     ) -> torch.Tensor:
         """Diffusion stage over tiles -> sr (B,3,4h,4w) in [0,1].
 
         weight: w (B, 1|3, 4Hp, 4Wp) in [0,1]. One ε field (seed contract: image i uses
-        seed + i) covers the whole padded image and is sliced per tile.
+        seed + i; with ``same_noise`` every image uses seed) covers the whole padded image
+        and is sliced per tile.
         """
         self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape
         if noise is None:
-            noise = starting_noise(seed, b, (hp, wp))
+            noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
         sr = self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
                              tile, overlap, tile_batch, progress)
@@ -266,6 +268,7 @@ class UPSRModel:
         progress: Progress | None = None,
         noise: torch.Tensor | None = None,
         sink: RowSink | None = None,
+        same_noise: bool = False,
     ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile.
 
@@ -277,6 +280,10 @@ class UPSRModel:
         the HR rows no later tile touches are handed over as ``sink(i, y0, rows)`` (image i,
         first HR row y0, rows (3, n, 4w) float32 in [0, 1], top to bottom, bit-identical to
         the same rows of the returned tensor without a sink) and freed; returns None then.
+
+        ``same_noise``: every image of the batch gets the noise of ``seed`` instead of seed + i
+        (video frames: static regions come out alike in every frame). ``noise``, if given,
+        is used as it is (B, 48, Hp, Wp).
         """
         check_lr(lr)
         check_weight_params(b_u, psi_max)
@@ -285,7 +292,8 @@ class UPSRModel:
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         b, _, hp, wp = lr_pm.shape
         if noise is None:  # several tile rows: make ε band by band (same numbers, 1/48 of the memory)
-            noise = NoiseField(seed, b, (hp, wp)) if hp > tile else starting_noise(seed, b, (hp, wp))
+            noise = (NoiseField(seed, b, (hp, wp), same_noise=same_noise) if hp > tile
+                     else starting_noise(seed, b, (hp, wp), same_noise=same_noise))
         blocks = partition(hp, wp, ESTIMATOR_BLOCK)
         cache: dict[tuple[int, Tile], torch.Tensor] = {}
 

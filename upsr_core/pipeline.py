@@ -7,7 +7,7 @@
       ├─> Estimate        the three padded tensors + the crop size
       │ estimate.uncertainty     ψ = ½|ŷ − y↑| in [0,1] units   (uncertainty.py)
       │ weight_noise             w = b_u + (1−b_u)·min(ψ/ψ_max, 1)
-      │ starting_noise    ε, one generator per image: seed + i
+      │ starting_noise    ε, one generator per image: seed + i (or seed for all: same_noise)
       │ denoise_estimate  x_T = y↑ + κ√η_T·w⊙ε, 5 DDIM steps, crop, clamp → sr [0,1]
       └─> sr (B,3,4h,4w) [0,1]
 
@@ -147,38 +147,45 @@ def _check_seed(seed: object, batch: int) -> int:
     return int(seed)
 
 
-def starting_noise(seed: int, batch: int, lr_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+def starting_noise(
+    seed: int, batch: int, lr_hw: tuple[int, int], device: torch.device | str = "cpu", *, same_noise: bool = False
+) -> torch.Tensor:
     """ε (B, 48, Hp, Wp) float32: image i from ``torch.Generator('cpu').manual_seed(seed + i)``.
+
+    ``same_noise``: every image gets the noise of ``seed`` (image 0's) instead — for video
+    frames, whose static regions then come out the same in every frame (the CLI's per-file
+    contract applied to a batch).
 
     Drawn on the CPU so results do not depend on the device or the batch size. The CPU
     generator (Mersenne Twister) keeps only the low 32 bits of a seed, so seeds equal
     modulo 2**32 give the same noise. Any integer type is accepted (NumPy's too), not bool.
     """
-    seed = _check_seed(seed, batch)
+    seed = _check_seed(seed, 1 if same_noise else batch)
     hp, wp = lr_hw
-    eps = [
-        torch.randn((1, 3 * SCALE * SCALE, hp, wp), generator=torch.Generator("cpu").manual_seed(seed + i))
-        for i in range(batch)
-    ]
+    shape = (1, 3 * SCALE * SCALE, hp, wp)
+    if same_noise:
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)).repeat(batch, 1, 1, 1).to(device)
+    eps = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(batch)]
     return torch.cat(eps).to(device)
 
 
 class NoiseField:
     """ε of the seed contract, made one band of rows at a time (memory: one channel plane).
 
-    Indexing ``field[i, :, ys, xs]`` returns exactly ``starting_noise(seed, B, (Hp, Wp))[i, :, ys, xs]``:
+    Indexing ``field[i, :, ys, xs]`` returns exactly
+    ``starting_noise(seed, B, (Hp, Wp), same_noise=same_noise)[i, :, ys, xs]``:
     the CPU generator draws a (1, 48, Hp, Wp) tensor in 16-value chunks, so drawing its 48
     planes one after another from the same generator gives the same numbers when Hp·Wp is a
     multiple of 16 (always: Hp, Wp are multiples of the network's 64). A band is regenerated
     when the requested rows change, i.e. once per tile row.
     """
 
-    def __init__(self, seed: int, batch: int, lr_hw: tuple[int, int]):
-        seed = _check_seed(seed, batch)
+    def __init__(self, seed: int, batch: int, lr_hw: tuple[int, int], *, same_noise: bool = False):
+        seed = _check_seed(seed, 1 if same_noise else batch)
         hp, wp = lr_hw
         if (hp * wp) % 16:
             raise ValueError(f"NoiseField needs Hp·Wp divisible by 16, got {hp}x{wp}")
-        self.seed, self.shape = seed, (batch, 3 * SCALE * SCALE, hp, wp)
+        self.seed, self.shape, self.same_noise = seed, (batch, 3 * SCALE * SCALE, hp, wp), same_noise
         self._key: tuple | None = None
         self._band: torch.Tensor | None = None
 
@@ -188,14 +195,15 @@ class NoiseField:
             raise TypeError(f"NoiseField supports field[i, :, rows, cols] only, got {idx!r}")
         _, c, hp, wp = self.shape
         y0, y1, _ = ys.indices(hp)
-        if self._key != (i, y0, y1):
-            g = torch.Generator("cpu").manual_seed(self.seed + i)
+        j = 0 if self.same_noise else i  # whose noise image i gets
+        if self._key != (j, y0, y1):
+            g = torch.Generator("cpu").manual_seed(self.seed + j)
             plane = torch.empty(hp, wp)
             band = torch.empty(c, y1 - y0, wp)
             for k in range(c):
                 torch.randn(hp, wp, generator=g, out=plane)
                 band[k] = plane[y0:y1]
-            self._key, self._band = (i, y0, y1), band
+            self._key, self._band = (j, y0, y1), band
         return self._band[:, :, xs]
 
 

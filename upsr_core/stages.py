@@ -151,10 +151,12 @@ def sample_maps(
     overlap: int = DEFAULT_OVERLAP,
     tile_batch: int = 1,
     progress: Progress | None = None,
+    same_noise: bool = False,
 ) -> torch.Tensor:
     """Diffusion stage from visible maps -> sr (B,3,4h,4w) in [0,1].
 
     lr (B,3,h,w) [0,1]; sr_estimate (B|1,3,4h,4w) [0,1]; weight (B|1,1|3,4h,4w) in [0,1].
+    Image i's noise comes from seed + i, or from seed for every image with ``same_noise``.
     """
     check_lr(lr)
     _check_map("sr_estimate", sr_estimate, lr, (3,))
@@ -168,7 +170,8 @@ def sample_maps(
     y_hat = recover_full(sr_estimate.float().cpu(), size, padded, pm=True).expand(b, -1, -1, -1)
     w = recover_full(weight.float().cpu(), size, padded).expand(b, -1, -1, -1)
     est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, size)
-    return model.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress)
+    return model.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress,
+                         same_noise=same_noise)
 
 
 def heatmap(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:

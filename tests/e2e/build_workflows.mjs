@@ -18,7 +18,7 @@ const { chromium } = require('playwright-core');
 // One spec per workflow: nodes [key, type, [x, y], {widget: value}, title?], links [from, slot, to, input].
 const DEMO = 'upsr_demo_x4.safetensors';
 const MODEL = ['model', 'LoadUPSRModel', [30, 760], { model_name: DEMO, estimator_name: '(from the model file)', precision: 'auto', implementation: 'fast' }, null, [400, 154]];
-const SAMPLE = { seed: 0, control_after_generate: 'fixed', tile: 512, overlap: 64, tile_batch: 1 };
+const SAMPLE = { seed: 0, control_after_generate: 'fixed', tile: 512, overlap: 64, tile_batch: 1, same_noise: false };
 const SPECS = {
   upsr_basic: {
     note: [30, 20, 400, 260, `# UPSR ×4: the four stages
@@ -30,7 +30,7 @@ With these default values and seed 0 the result equals \`python -m upsr_core ups
       MODEL,
       ['est', 'EstimateUncertainty', [470, 20], {}, null, [340, 330]],
       ['wn', 'WeightNoise', [470, 400], { b_u: 0.4, psi_max: 0.05 }, null, [340, 380]],
-      ['smp', 'UPSRSample', [850, 20], SAMPLE, null, [320, 250]],
+      ['smp', 'UPSRSample', [850, 20], SAMPLE, null, [320, 276]],
       ['save', 'SaveImage', [1210, 20], { filename_prefix: 'UPSR/basic' }, null, [460, 470]],
     ],
     links: [['model', 0, 'est', 'upsr_model'], ['img', 0, 'est', 'image'], ['est', 1, 'wn', 'uncertainty'],
@@ -53,7 +53,7 @@ The painted mask has the LR size, so it is scaled ×4 to match ψ.`],
       ['show', 'MaskToImage', [850, 610], {}, 'Edited ψ → image', [300, 60]],
       ['prev', 'PreviewImage', [850, 710], {}, 'Preview edited ψ', [300, 280]],
       ['wn', 'WeightNoise', [1190, 400], { b_u: 0.4, psi_max: 0.05 }, null, [340, 380]],
-      ['smp', 'UPSRSample', [1190, 20], SAMPLE, null, [340, 250]],
+      ['smp', 'UPSRSample', [1190, 20], SAMPLE, null, [340, 276]],
       ['save', 'SaveImage', [1570, 20], { filename_prefix: 'UPSR/paint' }, null, [460, 400]],
     ],
     links: [['model', 0, 'est', 'upsr_model'], ['img', 0, 'est', 'image'], ['est', 2, 'grow', 'mask'],
@@ -70,7 +70,7 @@ Raise *tile* on a big GPU (512 = the official size); lower it when memory runs o
     nodes: [
       ['img', 'LoadImage', [30, 320], { image: 'upsr_example_bridge.jpg' }, 'Load LR image', [400, 400]],
       MODEL,
-      ['up', 'UPSRUpscale', [470, 20], { seed: 0, control_after_generate: 'fixed', b_u: 0.4, psi_max: 0.05, tile: 192, overlap: 32, tile_batch: 2 }, null, [340, 300]],
+      ['up', 'UPSRUpscale', [470, 20], { seed: 0, control_after_generate: 'fixed', b_u: 0.4, psi_max: 0.05, tile: 192, overlap: 32, tile_batch: 2, same_noise: false }, null, [340, 326]],
       ['save', 'SaveImage', [850, 20], { filename_prefix: 'UPSR/large' }, null, [720, 580]],
     ],
     links: [['model', 0, 'up', 'upsr_model'], ['img', 0, 'up', 'image'], ['up', 0, 'save', 'images']],

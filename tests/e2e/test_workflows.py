@@ -200,6 +200,30 @@ def test_large_tiled(server, client, e2e, object_info, tmp_path):
     assert all(b - a in (1, batch) for (a, _), (b, _) in zip(progress_of(msgs, up), progress_of(msgs, up)[1:]))
 
 
+def test_same_noise_makes_a_batch_of_frames_steady(server, client, e2e, object_info, tmp_path):
+    """A two-frame batch of one image (core RepeatImageBatch) through UPSR Upscale ×4: with same_noise
+    both frames get the seed's noise and come out alike; without it (seed + i) they differ."""
+    prompt = e2e.ui_to_api(load_workflow("upsr_large_tiled"), object_info)
+    (up,) = nodes_of(prompt, "UPSRUpscale")
+    (load,) = nodes_of(prompt, "LoadImage")
+    prompt[load]["inputs"]["image"] = "upsr_example_bee.png"
+    prompt["rep"] = {"class_type": "RepeatImageBatch", "inputs": {"image": [load, 0], "amount": 2}}
+    prompt[up]["inputs"] |= {"image": ["rep", 0], "tile": 512, "overlap": 64, "seed": 3}
+    frames = {}
+    for same in (True, False):
+        prompt[up]["inputs"]["same_noise"] = same
+        entry, _ = run_watched(client, e2e, prompt)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        frames[same] = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / str(same))
+        assert len(frames[same]) == 2
+    a, b = (f.astype(int) for f in frames[True])
+    # fast path: both frames in one denoiser batch, equal up to float rounding (≤ 1e-6), which Save
+    # Image's truncation can turn into one level at a few pixels
+    assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.01
+    a, b = (f.astype(int) for f in frames[False])
+    assert np.abs(a - b).mean() > 0.1  # 0.23 levels with the tiny random nets (nearly flat output)
+
+
 def test_every_workflow_was_run():
     """Guards against a new example workflow without an e2e test above."""
     assert set(WORKFLOWS) == {"upsr_basic", "upsr_paint_uncertainty", "upsr_large_tiled"}
