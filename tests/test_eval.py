@@ -97,3 +97,35 @@ def test_eval_cli_tiny(tiny_pairs, monkeypatch):
     assert len(res["per_image"]) == 1 and not res["info"]["niqe"]
     assert Image.open(out / "contact_sheet.png").size == (192 * 6, 16 + 192)
     assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--method", "nope"]) == 2
+
+
+def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):
+    """--b-u/--psi-max lists: one upsr row per pair, the official pair still named 'upsr'; b_u = 1 is
+    w ≡ 1 whatever ψ_max, so its row equals upsr_w1 exactly (same ε)."""
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    out = root / "sweep"
+    rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
+               "--device", "cpu", "--sheet", "1", "--method", "upsr_w1,upsr", "--b-u", "0.4,1", "--psi-max",
+               "0.05,0.2"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["mean"]) == ["upsr_w1", "upsr", "upsr b_u=0.4 psi_max=0.2", "upsr b_u=1 psi_max=0.05",
+                                 "upsr b_u=1 psi_max=0.2"]
+    assert res["info"]["b_u_psi_max"] == [[0.4, 0.05], [0.4, 0.2], [1.0, 0.05], [1.0, 0.2]]
+    assert res["mean"]["upsr b_u=1 psi_max=0.05"] == res["mean"]["upsr_w1"]
+    assert res["mean"]["upsr b_u=1 psi_max=0.2"] == res["mean"]["upsr_w1"]
+    assert res["mean"]["upsr"] != res["mean"]["upsr b_u=0.4 psi_max=0.2"]
+    assert Image.open(out / "contact_sheet.png").size == (192 * 7, 16 + 192)
+
+
+@pytest.mark.parametrize("b_u,psi_max,match", [("0.4,x", "0.05", "comma list of numbers, got '0.4,x'"),
+                                               ("", "0.05", "--b-u is empty"),
+                                               ("1.5", "0.05", "b_u must be in"),
+                                               ("0.4", "0", "psi_max must be"),
+                                               ("0.4,0.4", "0.05", "repeat a value")])
+def test_eval_grid_rejects_bad_values(b_u, psi_max, match):
+    from upsr_core.evaluate import parse_grid
+
+    with pytest.raises(ValueError, match=match):
+        parse_grid(b_u, psi_max)

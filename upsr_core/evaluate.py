@@ -7,6 +7,10 @@ Methods (all from the same LR, outputs rounded to 8 bits like a saved PNG):
 * ``upsr_w1``  — UPSR with w ≡ 1 (no uncertainty weighting, b_u = 1), same ε
 * ``upsr``     — UPSR with the model's uncertainty-weighted noise (b_u 0.4, ψ_max 0.05)
 
+``--b-u`` and ``--psi-max`` take comma lists: ``upsr`` then runs once per (b_u, ψ_max) pair of
+the grid, each a row ``upsr b_u=… psi_max=…`` (the official pair keeps the name ``upsr``), all
+from the same ε — a sweep of the weighting function (the paper set it by hand).
+
 Metrics: PSNR / SSIM on RGB and on Y (BT.601), NIQE with the official pristine model
 (optional: see :mod:`upsr_core.niqe`), and — when ``pyiqa`` with its weights is installed —
 ``--pyiqa lpips,clipiqa,musiq,maniqa``. Writes ``OUT/results.json``, ``OUT/results.md`` and
@@ -29,8 +33,9 @@ from .imageio import IMAGE_SUFFIXES, read_image
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
 
-__all__ = ["add_parser", "evaluate", "METHODS", "pair_files"]
+__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "upsr_label", "parse_grid"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
@@ -48,6 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
+    p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
     p.add_argument("--device", default="auto")
     p.add_argument("--crop-border", type=int, default=0, help="pixels dropped at each side for PSNR/SSIM")
     p.add_argument("--niqe-params", default=None,
@@ -103,11 +110,43 @@ def _pyiqa_metrics(names: list[str], device: torch.device) -> dict:
     return out
 
 
+def upsr_label(b_u: float, psi_max: float) -> str:
+    """The row name of UPSR with (b_u, ψ_max): ``upsr`` for the official pair."""
+    if (b_u, psi_max) == (DEFAULT_B_U, DEFAULT_PSI_MAX):
+        return "upsr"
+    return f"upsr b_u={b_u:g} psi_max={psi_max:g}"
+
+
+def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
+    """Comma lists '0.2,0.4' and '0.05' -> every (b_u, ψ_max) pair, b_u outer; checked as weight_noise does."""
+    def values(name: str, text: str) -> list[float]:
+        try:
+            out = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--{name.replace('_', '-')} must be a comma list of numbers, got {text!r}") from None
+        if not out:
+            raise ValueError(f"--{name.replace('_', '-')} is empty: give at least one value")
+        return out
+
+    grid = [(b, m) for b in values("b_u", b_u) for m in values("psi_max", psi_max)]
+    for b, m in grid:
+        check_weight_params(b, m)
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"--b-u {b_u!r} / --psi-max {psi_max!r} repeat a value")
+    return grid
+
+
 @torch.no_grad()
-def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """lr (1,3,h,w) [0,1] -> {method: sr (1,3,4h,4w) in [0,1], 8-bit levels}."""
+def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
+                grid: list[tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
+    """lr (1,3,h,w) [0,1] -> {method: sr (1,3,4h,4w) in [0,1], 8-bit levels}.
+
+    ``grid``: the (b_u, ψ_max) pairs of the ``upsr`` method (default: the official one); each
+    is a key :func:`upsr_label` names, in grid order where ``upsr`` stands in ``methods``.
+    """
     from .pipeline import default_weight
 
+    grid = grid or [(DEFAULT_B_U, DEFAULT_PSI_MAX)]
     out = {}
     if "bicubic" in methods:
         out["bicubic"] = bicubic_x4(lr.float() * 2 - 1) * 0.5 + 0.5
@@ -118,12 +157,15 @@ def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int) -> dict[
         if "upsr_w1" in methods:
             out["upsr_w1"] = model.denoise(est, torch.ones_like(est.bicubic_pm), seed=seed)
         if "upsr" in methods:
-            out["upsr"] = model.denoise(est, default_weight(est), seed=seed)
-    return {m: to_uint8_levels(out[m].cpu()) for m in methods}
+            for b_u, psi_max in grid:
+                out[upsr_label(b_u, psi_max)] = model.denoise(est, default_weight(est, b_u, psi_max), seed=seed)
+    keys = [k for m in methods for k in ([upsr_label(*g) for g in grid] if m == "upsr" else [m])]
+    return {k: to_uint8_levels(out[k].cpu()) for k in keys}
 
 
 def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed: int = 0, crop_border: int = 0,
-             niqe_params=None, extra: dict | None = None, keep: int = 0) -> tuple[dict, list]:
+             niqe_params=None, extra: dict | None = None, keep: int = 0,
+             grid: list[tuple[float, float]] | None = None) -> tuple[dict, list]:
     """Metrics per image and method -> ({method: {metric: mean}}, per-image rows); also returns
     the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet."""
     rows = []
@@ -132,7 +174,7 @@ def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed:
         lr = read_image(lp).rgb[None]
         if hr.shape[-2:] != (lr.shape[-2] * 4, lr.shape[-1] * 4):
             raise ValueError(f"{hp.name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr.shape[-2:])}")
-        outs = run_methods(model, lr, methods, seed)
+        outs = run_methods(model, lr, methods, seed, grid)
         row = {"image": hp.stem, "metrics": {}}
         for m, sr in outs.items():
             r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
@@ -150,9 +192,9 @@ def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed:
             row["images"] = {"lr": lr, "hr": hr, **outs}
         rows.append(row)
         log.info("%d/%d %s  %s", i + 1, len(pairs), hp.stem,
-                 "  ".join(f"{m} {row['metrics'][m]['psnr']:.2f}dB" for m in methods))
+                 "  ".join(f"{m} {row['metrics'][m]['psnr']:.2f}dB" for m in outs))
     means = {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
-             for m in methods}
+             for m in rows[0]["metrics"]}
     return means, rows
 
 
@@ -197,6 +239,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--method: unknown {bad or methods}; choose from {', '.join(METHODS)}")
     if (args.manifest is None) != (args.group is None):
         raise ValueError("--manifest and --group go together")
+    grid = parse_grid(args.b_u, args.psi_max)
     ids = _manifest_ids(args.manifest, args.group) if args.manifest else None
     pairs = pair_files(args.hr, args.lr, ids)[: args.limit]
     dev = _device(args.device)
@@ -212,17 +255,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             log.warning("NIQE skipped: %s", e)
     extra = _pyiqa_metrics([n for n in args.pyiqa.split(",") if n], dev)
     means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
-                           extra=extra, keep=args.sheet)
+                           extra=extra, keep=args.sheet, grid=grid)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": str(args.hr), "lr": str(args.lr),
-            "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None}
+            "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
+            "b_u_psi_max": grid}
     (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
                                                   "per_image": [{k: v for k, v in r.items() if k != "images"}
                                                                 for r in rows]}, indent=1) + "\n", encoding="utf-8")
     (out / "results.md").write_text(f"{len(pairs)} pairs, model {model_path}\n\n{md}\n", encoding="utf-8")
     if args.sheet:
-        contact_sheet(rows, methods, out / "contact_sheet.png")
+        contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)
     return 0
