@@ -278,6 +278,10 @@ class Trainer:
             total += float(loss)
             for k, v in logs.items():
                 agg[k] = agg.get(k, 0.0) + v / self.cfg.accum
+        if self.di.world > 1:  # the mean over ranks: every rank logs it, and every rank stops on a NaN
+            t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total = float(t.item()) / self.di.world
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {self.step}: lower --lr or use --amp off")
         self.scaler.unscale_(self.opt)
@@ -301,8 +305,8 @@ class Trainer:
         budget = c.max_minutes * 60 if c.max_minutes else math.inf
         logs: dict[str, float] = {}
         while self.step < c.steps:
-            run_s = time.perf_counter() - t0
-            if self._stop(run_s >= budget):
+            run_s = self._clock(time.perf_counter() - t0)
+            if run_s >= budget:
                 log.info("time budget of %.2f min reached at step %d", c.max_minutes, self.step)
                 break
             logs = self.train_step(self.elapsed_before + run_s)
@@ -339,13 +343,20 @@ class Trainer:
         self.save(self.cfg.checkpoint)
         self.elapsed_before -= run_s
 
-    def _stop(self, local: bool) -> bool:
-        """All ranks stop together (rank 0's clock decides)."""
+    def _clock(self, local_s: float) -> float:
+        """Seconds this run has trained, as rank 0 counts them, on every rank.
+
+        Under DDP the ranks must agree on everything that follows from the clock: when the time
+        budget stops the run, and the learning rate (the cosine schedule follows the clock under
+        ``max_minutes``). Each rank's own clock starts when it reaches :meth:`fit`, which can be
+        seconds apart; different learning rates would let the replicas drift apart, since DDP
+        averages only the gradients.
+        """
         if self.di.world == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.broadcast(flag, 0)
-        return bool(flag.item())
+            return local_s
+        t = torch.tensor([local_s], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return float(t.item())
 
     def ema_model(self, build: "callable") -> nn.Module:
         """A fresh copy of the model (``build()``) holding the EMA weights, eval mode."""
