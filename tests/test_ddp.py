@@ -4,6 +4,7 @@ every rank applies the same update, so the checks are exact equalities of the fi
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -88,3 +89,25 @@ def test_torchrun_trains_both_stages_on_two_cpu_processes(tmp_path):
         assert log["summary"]["world_size"] == 2 and log["summary"]["steps"] == 2
     assert (tmp_path / "demo.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_torchrun_training_that_diverges_ends_with_an_error_on_every_rank(tmp_path):
+    """A run whose loss turns non-finite (lr 1e30) stops on both ranks with the error line and
+    exit status 2, at the same step, and leaves no process behind (no hang, no abort at exit)."""
+    import numpy as np
+
+    pack = tmp_path / "pack.npy"
+    np.save(pack, (np.random.default_rng(0).random((4, 3, 48, 48)) * 255).astype(np.uint8))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "upsr_core", "train", "estimator", "--data", str(pack),
+           "--config", "tiny", "--out", str(tmp_path / "run"), "--degradation", "bicubic", "--device", "cpu",
+           "--steps", "20", "--amp", "off", "--lr", "1e30", "--warmup", "0"]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    # one error line per rank (both ranks write at once, so the two may share a line), the same step
+    errors = re.findall(r"error: loss became \S+ at step (\d+)", text)
+    assert len(errors) == 2 and len(set(errors)) == 1, text
+    assert "exitcode: 2" in text  # the CLI's error status, not a crash
+    assert "terminate called" not in text and "Signals.SIGABRT" not in text, text

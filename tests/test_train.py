@@ -547,3 +547,12 @@ def test_compiled_denoiser_traces_once_for_a_fixed_shape():
     assert len(graphs) == 1
     torch.testing.assert_close(fn(x, t, lq), net(x, t, lq))
     torch._dynamo.reset()
+
+
+def test_cli_diverging_training_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    pack = _pack(tmp_path)
+    rc = main(["train", "estimator", "--data", str(pack), "--config", "tiny", "--out", str(tmp_path / "run"),
+               "--degradation", "bicubic", "--steps", "20", "--amp", "off", "--lr", "1e30", "--warmup", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: loss became" in err and "lower --lr" in err and "Traceback" not in err

@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    # OSError: a missing file, a permission, a full disk, a read-only folder — not a bug
-    except (ValueError, TypeError, UnsupportedCheckpointError, NonFiniteOutputError, OSError) as e:
+    # OSError: a missing file, a permission, a full disk, a read-only folder — not a bug;
+    # FloatingPointError: training whose loss turned NaN/Inf (the message says what to change)
+    except (ValueError, TypeError, UnsupportedCheckpointError, NonFiniteOutputError, OSError,
+            FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # CUDA OOM is a RuntimeError; the CPU and MPS allocators raise plain ones

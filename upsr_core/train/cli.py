@@ -240,6 +240,14 @@ def run_stage(args: argparse.Namespace) -> dict:
     """Train one stage as described by parsed CLI ``args``; returns the JSON record written."""
     t_start = time.time()
     di = setup_distributed(args.device)
+    try:
+        return _run_stage(args, di, t_start)
+    finally:  # also on errors: a process group left to the interpreter's exit can abort it (gloo's threads)
+        if di.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     init_net, init = None, None
     if args.init is not None:
         init_net, init = read_init(args.init, args.stage)
@@ -304,8 +312,7 @@ def run_stage(args: argparse.Namespace) -> dict:
     if di.main:
         _write_outputs(args, trainer, net, record, out)
     if di.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # the other ranks exit once rank 0 has written everything
     return record
 
 
