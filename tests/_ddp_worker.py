@@ -5,7 +5,8 @@
 Trains a small regression net with Trainer (DDP, cosine schedule under a time budget) and saves
 this rank's final weights, its per-step lr and summary to OUT/rank{r}.pt. MODE 'skew': rank 1
 starts its loop 0.3 s after rank 0 (as when rank 0 alone writes files first), so its own clock
-would read 0.3 s less; 'nan': rank 1's loss turns NaN at its third step.
+would read 0.3 s less; 'nan': rank 1's loss turns NaN at its third step; 'resume': 3 steps with a
+checkpoint, then a new Trainer resumes it to step 6.
 """
 from __future__ import annotations
 
@@ -39,11 +40,34 @@ class Regression:
         return loss, {"mse": float(loss.detach())}
 
 
+def resume(di, out: Path) -> int:
+    """3 steps with a checkpoint, then a new Trainer resumes it and runs to step 6."""
+    ckpt = out / "ckpt.pt"
+    cfg = LoopConfig(steps=3, lr=1e-2, amp="off", progress=False, checkpoint=str(ckpt), log_every=1)
+    first = Trainer(Regression(di.rank, "resume"), cfg, di)
+    start_state = first.generator.get_state()
+    first.fit()
+    end_state = first.generator.get_state()
+    dist.barrier()  # rank 0 has written the checkpoint
+    cfg2 = LoopConfig(**{**cfg.__dict__, "steps": 6})
+    second = Trainer(Regression(di.rank, "resume"), cfg2, di)
+    second.load(ckpt)
+    loaded = second.generator.get_state()
+    second.fit()
+    torch.save({"rank": di.rank, "continues": torch.equal(loaded, end_state),
+                "replays": torch.equal(loaded, start_state), "step": second.step,
+                "state": {k: v.clone() for k, v in second.model.state_dict().items()}}, out / f"rank{di.rank}.pt")
+    dist.destroy_process_group()
+    return 0
+
+
 def main() -> int:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     di = setup_distributed("cpu")
     task = Regression(di.rank, mode)
+    if mode == "resume":
+        return resume(di, out)
     # the time budget (2.4 s), not the step count, ends the run and drives the cosine schedule
     cfg = LoopConfig(steps=100_000, max_minutes=0.04, lr=1e-2, schedule="cosine", amp="off", progress=False,
                      ema_decay=0.9, log_every=1)

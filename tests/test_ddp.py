@@ -111,3 +111,14 @@ def test_torchrun_training_that_diverges_ends_with_an_error_on_every_rank(tmp_pa
     assert len(errors) == 2 and len(set(errors)) == 1, text
     assert "exitcode: 2" in text  # the CLI's error status, not a crash
     assert "terminate called" not in text and "Signals.SIGABRT" not in text, text
+
+
+def test_resume_continues_rank_0_and_gives_other_ranks_new_draws(tmp_path):
+    """The checkpoint holds rank 0's random streams: rank 0 continues exactly where it stopped;
+    rank 1's are not stored, and it must not replay the first run's draws from its seed; the
+    replicas stay equal through the resumed steps."""
+    r0, r1 = run_ranks(tmp_path, "resume")
+    assert r0["step"] == r1["step"] == 6
+    assert r0["continues"] and not r1["replays"] and not r1["continues"]
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k

@@ -9,7 +9,11 @@ A *task* supplies the trainable model and the loss of one micro-batch::
 
 Checkpoint (``torch.save``; atomic rename; rank 0 only): model, EMA shadow, optimiser,
 step, elapsed seconds, generator states (data + torch CPU), the loop config, ``Trainer.meta``. Resuming
-with the same data and settings continues the exact random stream.
+with the same data and settings continues the exact random stream (under DDP: rank 0's; the other
+ranks start new streams, seeded by rank and step, rather than replaying their first run's).
+
+Under DDP every rank follows rank 0's clock (the time budget and the time-driven cosine lr), and
+the loss is averaged over ranks before the NaN check, so the replicas stay identical and stop together.
 """
 from __future__ import annotations
 
@@ -219,9 +223,11 @@ class Trainer:
         self.opt.load_state_dict(sd["opt"])
         self.scaler.load_state_dict(sd["scaler"])
         self.step, self.elapsed_before = int(sd["step"]), float(sd["elapsed"])
-        if self.di.world == 1:  # other ranks' streams are not stored
+        if self.di.rank == 0:  # the checkpoint holds rank 0's streams: it continues exactly
             self.generator.set_state(sd["generator"])
             torch.set_rng_state(sd["cpu_rng"])
+        else:  # other ranks' streams are not stored: a new one per (rank, step), not the first run's again
+            self.generator.manual_seed(self.cfg.seed + 1000 * self.di.rank + 1_000_003 * self.step)
         self.history = list(sd.get("history", []))
         self.meta = dict(sd.get("meta", {}))
         log.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed_before / 60)
