@@ -48,13 +48,14 @@ def run_ranks(tmp_path: Path, mode: str, world: int = 2) -> list[dict]:
 def test_ranks_stay_identical_under_a_time_budget(tmp_path):
     """cosine schedule under --max-minutes: the lr follows the clock, and rank 1 starts later, so
     its own clock would give it another lr at every step; rank 0's clock is used by all (and
-    decides the stop)."""
+    decides the stop). Two micro-batches per step (gradient accumulation under no_sync)."""
     r0, r1 = run_ranks(tmp_path, "skew")
     assert r0["summary"]["steps"] == r1["summary"]["steps"] > 3
     assert r0["summary"]["world_size"] == 2
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
     assert r0["lrs"] == r1["lrs"] and len(set(r0["lrs"])) > 1
+    assert r0["calls"] == r1["calls"] == 2 * r0["summary"]["steps"]
 
 
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):

@@ -6,6 +6,7 @@ one-line ``error: …`` on stderr and exit code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import logging
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not a user-facing condition: keep its traceback
         print(f"error: {_out_of_memory_advice(e, args)}", file=sys.stderr)
         return 2
+    finally:
+        # free what the command built (a DDP wrapper holds the process group's gloo threads) while
+        # the interpreter is alive: left to its exit, their teardown can abort the process
+        gc.collect()
 
 
 def _is_out_of_memory(e: RuntimeError) -> bool:
