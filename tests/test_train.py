@@ -556,3 +556,53 @@ def test_cli_diverging_training_is_an_error_line_not_a_traceback(tmp_path, capsy
     assert rc == 2
     err = capsys.readouterr().err
     assert "error: loss became" in err and "lower --lr" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_folder_feed_resumed_at_a_step_draws_new_batches_not_the_first_run_s(tmp_path, workers):
+    """A DataLoader feed has its own generator (shuffle, and the workers' RNG seeds), which the
+    checkpoint does not hold: without resume_at a resumed run would replay the first run's crops.
+    With it, the resumed stream differs from the first run's and is the same for the same step."""
+    from PIL import Image
+
+    from upsr_core.train.feed import FolderFeed
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+
+    def first_batch(step=None):
+        torch.manual_seed(0)  # workers=0 crops use the global RNG (restored by Trainer.load on resume)
+        feed = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=workers, seed=3)
+        if step is not None:
+            feed.resume_at(step)
+        x = feed.next(2, None)
+        with pytest.raises(RuntimeError, match="before the first batch"):
+            feed.resume_at(1)
+        return x
+
+    fresh = first_batch()
+    assert torch.equal(fresh, first_batch())  # deterministic
+    resumed = first_batch(step=500)
+    assert not torch.equal(resumed, fresh)
+    assert torch.equal(resumed, first_batch(step=500))
+
+
+def test_cli_resume_with_a_folder_feed(tmp_path, monkeypatch):
+    """The CLI reseeds a DataLoader feed when it resumes (FolderFeed.resume_at at the checkpoint's step)."""
+    from PIL import Image
+
+    from upsr_core.train.feed import FolderFeed
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
+    calls = []
+    real = FolderFeed.resume_at
+    monkeypatch.setattr(FolderFeed, "resume_at", lambda self, step: (calls.append(step), real(self, step))[1])
+    common = ["--data", str(photos), "--config", "tiny", "--out", str(tmp_path / "run"), "--degradation", "bicubic",
+              "--workers", "0", "--amp", "off"]
+    assert main(["train", "estimator", *common, "--steps", "2"]) == 0 and calls == []
+    assert main(["train", "estimator", *common, "--steps", "3"]) == 0 and calls == [2]

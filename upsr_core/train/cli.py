@@ -284,6 +284,8 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     resumed = ckpt.is_file() and not args.fresh
     if resumed:
         trainer.load(ckpt)  # its meta says which --init (if any) its weights descend from
+        if hasattr(feed, "resume_at"):  # a DataLoader feed draws from its own generator, not the trainer's
+            feed.resume_at(trainer.step)
         if init is not None:
             was = trainer.meta.get("init")
             log.info("--init %s not used: resuming %s (at step %d), which started from %s; --fresh starts over "

@@ -10,7 +10,8 @@
   PackedFeed no workers (no shared memory), exactly resumable; for folders that fit the device
   (the 41 training photos: 100 Mpx, 0.3 GB, + 1.6 GB of tables with the filter on).
 * :class:`FolderFeed` wraps ``data.ImageFolderDataset`` in a DataLoader (CPU workers);
-  not bit-resumable (worker RNG), good for large folders.
+  not bit-resumable (worker RNG), good for large folders. A resumed run calls
+  :meth:`FolderFeed.resume_at` so its shuffle and crops are new ones, not the first run's again.
 
 Both return float32 (B, 3, crop, crop) in [0, 1] on the device; LR images are then made on
 the device in batch by ``degradations.degrade`` (see :func:`make_lr`).
@@ -177,17 +178,28 @@ class FolderFeed:
     def __init__(self, root: str | Path, crop: int, device: torch.device, batch: int, *, workers: int = 4,
                  seed: int = 0, min_texture: float = 0.0):
         self.dataset = ImageFolderDataset(root, crop, repeat=1000, cache=True, min_texture=min_texture)
+        self.seed = seed
         g = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                  generator=g, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
         self.device, self.batch = device, batch
-        self._it = iter(self.loader)
+        self._it = None  # started by the first batch: resume_at() may reseed before
         log.info("folder feed: %d images in %s, random %d px crops (min texture %g), %d workers",
                  len(self.dataset.files), root, crop, min_texture, workers)
+
+    def resume_at(self, step: int) -> None:
+        """Reseed for a run resumed at ``step``: the loader's shuffle and its workers' RNG (seeded
+        from the loader's generator when they start) get a stream of their own, instead of the
+        first run's sequence again. Call before the first batch."""
+        if self._it is not None:
+            raise RuntimeError("FolderFeed.resume_at must be called before the first batch")
+        self.loader.generator.manual_seed(self.seed + 1_000_003 * step)
 
     def next(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if batch != self.batch:
             raise ValueError(f"FolderFeed was built for batch {self.batch}, asked for {batch}")
+        if self._it is None:
+            self._it = iter(self.loader)
         try:
             x = next(self._it)
         except StopIteration:
