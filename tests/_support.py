@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from upsr_core.config import ATDConfig, DenoiserConfig
@@ -98,3 +99,10 @@ def tiny_upsr(denoiser_gain: float = 10.0, estimator_gain: float = 1.0) -> UPSRM
         den.conv_last.weight.data.mul_(denoiser_gain)
         atd.upsample[0].weight.data.mul_(estimator_gain)
     return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))
+
+
+def packed_crops(tmp_path: Path, n: int = 4, s: int = 48) -> Path:
+    """A packed-crops training file (uint8 (n, 3, s, s), fixed random content) in ``tmp_path``."""
+    p = tmp_path / "pack.npy"
+    np.save(p, (np.random.default_rng(0).random((n, 3, s, s)) * 255).astype(np.uint8))
+    return p

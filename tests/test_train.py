@@ -24,6 +24,8 @@ from upsr_core.train.loop import LoopConfig, Trainer
 from upsr_core.train.losses import make_inputs, q_sample
 from upsr_core.train.presets import get_preset
 
+from _support import packed_crops
+
 TINY = get_preset("tiny")
 
 
@@ -146,13 +148,6 @@ def test_ema_update_and_warmup():
         EMA(lin, 1.5)
 
 
-def _pack(tmp_path, n=4, s=48):
-    a = (np.random.default_rng(0).random((n, 3, s, s)) * 255).astype(np.uint8)
-    p = tmp_path / "pack.npy"
-    np.save(p, a)
-    return p
-
-
 def _trainer(pack, ckpt):
     torch.manual_seed(0)
     est = build_estimator_net(TINY.estimator)
@@ -163,7 +158,7 @@ def _trainer(pack, ckpt):
 
 
 def test_resume_gives_the_same_weights(tmp_path):
-    pack = _pack(tmp_path)
+    pack = packed_crops(tmp_path)
     a = _trainer(pack, tmp_path / "a.ckpt")
     a.fit()
     b = _trainer(pack, tmp_path / "b.ckpt")
@@ -181,11 +176,11 @@ def test_resume_gives_the_same_weights(tmp_path):
 
 
 def test_packed_feed_crops_and_augments(tmp_path):
-    feed = PackedFeed(_pack(tmp_path), 32, torch.device("cpu"))
+    feed = PackedFeed(packed_crops(tmp_path), 32, torch.device("cpu"))
     x = feed.next(5, torch.Generator().manual_seed(0))
     assert x.shape == (5, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
     with pytest.raises(ValueError, match="larger than the packed"):
-        PackedFeed(_pack(tmp_path), 64, torch.device("cpu"))
+        PackedFeed(packed_crops(tmp_path), 64, torch.device("cpu"))
 
 
 def test_small_preset_fits_the_budget():
@@ -201,7 +196,7 @@ def test_small_preset_fits_the_budget():
 
 
 def test_cli_two_stages_export_and_resume(tmp_path):
-    pack = _pack(tmp_path)
+    pack = packed_crops(tmp_path)
     out = tmp_path / "run"
     common = ["--data", str(pack), "--config", "tiny", "--out", str(out), "--log-every", "1", "--degradation",
               "bicubic"]
@@ -223,7 +218,7 @@ def test_cli_two_stages_export_and_resume(tmp_path):
 # ----------------------------------------------------------------------------- --init (fine-tuning)
 def _tiny_export(tmp_path, name="demo.safetensors", seed=0):
     """A tiny two-net fp16 export made by the CLI (like the bundled demo file) -> (path, run folder)."""
-    pack = _pack(tmp_path)
+    pack = packed_crops(tmp_path)
     out = tmp_path / f"src{seed}"
     common = ["--data", str(pack), "--config", "tiny", "--out", str(out), "--degradation", "bicubic", "--steps", "1",
               "--seed", str(seed)]
@@ -269,7 +264,7 @@ def test_init_gives_the_file_weights_at_step_0(tmp_path):
 
 def test_init_config_mismatch_and_wrong_net_error(tmp_path, capsys):
     demo, src = _tiny_export(tmp_path)
-    common = ["--data", str(_pack(tmp_path)), "--out", str(tmp_path / "ft"), "--degradation", "bicubic", "--steps", "1"]
+    common = ["--data", str(packed_crops(tmp_path)), "--out", str(tmp_path / "ft"), "--degradation", "bicubic", "--steps", "1"]
     assert main(["train", "estimator", *common, "--init", str(demo), "--config", "small"]) == 2
     err = capsys.readouterr().err
     assert str(demo) in err and "--config 'small'" in err and "embed_dim: 16 vs 48" in err
@@ -290,7 +285,7 @@ def test_checkpoint_wins_over_init_unless_fresh(tmp_path, caplog):
     b, _ = _tiny_export(tmp_path, "b.safetensors", seed=1)
     sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
     out = tmp_path / "ft"
-    common = ["--data", str(_pack(tmp_path)), "--config", "tiny", "--out", str(out), "--degradation", "bicubic"]
+    common = ["--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out", str(out), "--degradation", "bicubic"]
     log_of = lambda: json.loads((out / "estimator_log.json").read_text())  # noqa: E731
     assert main(["train", "estimator", *common, "--init", str(a), "--steps", "2"]) == 0
     rec = log_of()
@@ -311,7 +306,7 @@ def test_init_record_in_log_and_export_metadata(tmp_path):
     demo, _ = _tiny_export(tmp_path)
     demo_meta = load_upsr(demo).metadata
     out = tmp_path / "ft"
-    common = ["--data", str(_pack(tmp_path)), "--out", str(out), "--degradation", "bicubic", "--steps", "1"]
+    common = ["--data", str(packed_crops(tmp_path)), "--out", str(out), "--degradation", "bicubic", "--steps", "1"]
     assert main(["train", "estimator", *common, "--init", str(demo)]) == 0
     est = out / "estimator.safetensors"
     export = tmp_path / "ft.safetensors"
@@ -398,7 +393,7 @@ def test_cli_trains_on_a_photo_folder_with_the_device_feed(tmp_path):
 def test_export_with_the_estimator_of_a_two_net_file_records_its_estimator_training(tmp_path):
     demo, _ = _tiny_export(tmp_path)
     export = tmp_path / "ft.safetensors"
-    assert main(["train", "denoiser", "--data", str(_pack(tmp_path)), "--out", str(tmp_path / "ft"), "--steps", "1",
+    assert main(["train", "denoiser", "--data", str(packed_crops(tmp_path)), "--out", str(tmp_path / "ft"), "--steps", "1",
                  "--degradation", "bicubic", "--init", str(demo), "--estimator", str(demo), "--export",
                  str(export)]) == 0
     demo_meta, meta = load_upsr(demo).metadata, load_upsr(export).metadata
@@ -430,7 +425,7 @@ def test_cli_explicit_zero_is_not_the_preset_default(tmp_path, capsys):
 
 def test_channels_last_trains_the_same_net(tmp_path):
     """--channels-last changes the memory layout only: same losses and weights up to conv rounding."""
-    pack = _pack(tmp_path)
+    pack = packed_crops(tmp_path)
     common = ["--data", str(pack), "--config", "tiny", "--log-every", "1", "--degradation", "bicubic", "--steps", "3"]
     assert main(["train", "estimator", *common, "--out", str(tmp_path / "e")]) == 0
     est = str(tmp_path / "e" / "estimator.safetensors")
@@ -518,7 +513,7 @@ def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, ca
 def test_cli_compile_flag_compiles_the_trained_net_and_records_it(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)  # real compiles take minutes
-    pack = _pack(tmp_path)
+    pack = packed_crops(tmp_path)
     common = ["--data", str(pack), "--config", "tiny", "--degradation", "bicubic", "--steps", "1", "--device", "cpu"]
     assert main(["train", "estimator", *common, "--out", str(tmp_path / "e"), "--compile"]) == 0
     assert len(compiled) == 1 and json.loads((tmp_path / "e" / "estimator_log.json").read_text())["compile"] is True
@@ -550,7 +545,7 @@ def test_compiled_denoiser_traces_once_for_a_fixed_shape():
 
 
 def test_cli_diverging_training_is_an_error_line_not_a_traceback(tmp_path, capsys):
-    pack = _pack(tmp_path)
+    pack = packed_crops(tmp_path)
     rc = main(["train", "estimator", "--data", str(pack), "--config", "tiny", "--out", str(tmp_path / "run"),
                "--degradation", "bicubic", "--steps", "20", "--amp", "off", "--lr", "1e30", "--warmup", "0"])
     assert rc == 2
