@@ -2,6 +2,7 @@
 when pytest collects tests/ and tests/e2e/, which has a conftest of its own)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +107,11 @@ def packed_crops(tmp_path: Path, n: int = 4, s: int = 48) -> Path:
     p = tmp_path / "pack.npy"
     np.save(p, (np.random.default_rng(0).random((n, 3, s, s)) * 255).astype(np.uint8))
     return p
+
+
+def load_tool(name: str):
+    """The script ``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -284,11 +284,9 @@ def test_noise_field_bands_equal_the_whole_field(hw):
 def test_flicker_probe_tool(model_file, capsys):
     """tools/flicker_probe.py (the README's video figures) on the tiny nets: same_noise makes the
     static clip's frames differ only by their sensor noise, far less than seed + i does."""
-    import importlib.util
+    from _support import load_tool
 
-    spec = importlib.util.spec_from_file_location("flicker_probe", REPO / "tools" / "flicker_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_tool("flicker_probe")
     assert probe.main(["--model", str(model_file), "--frames", "3", "--size", "16x24"]) == 0
     rows = {r.split("|")[1].strip(): [float(v) for v in r.split("|")[2:5]]
             for r in capsys.readouterr().out.splitlines() if r.startswith(("| static", "| pan"))}

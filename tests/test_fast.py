@@ -295,14 +295,9 @@ def test_bench_checks_the_tiling_before_any_row(tmp_path, capsys):
 @pytest.mark.slow
 def test_precision_probe_tool_runs_on_the_demo_model(capsys):
     """tools/precision_probe.py (the README's bf16 analysis): fp32 agrees to rounding, bf16 does not."""
-    import importlib.util
+    from _support import load_tool
 
-    from _support import REPO
-
-    spec = importlib.util.spec_from_file_location("precision_probe", REPO / "tools" / "precision_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    assert probe.main(["--crops", "1"]) == 0
+    assert load_tool("precision_probe").main(["--crops", "1"]) == 0
     assert torch.is_grad_enabled()  # no global state left behind
     rows = {line[:36].strip(): [float(v) for v in line[36:].split()] for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(rows) == {"fast fp32", "fast bf16", "autocast bf16 (fp32 weights)", "ideal bf16 GEMM (operands)",

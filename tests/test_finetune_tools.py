@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _support import REPO
+from _support import REPO, load_tool
 from upsr_core.cli import main
 
 
 def _pack_photos():
-    spec = importlib.util.spec_from_file_location("pack_photos", REPO / "tools" / "pack_photos.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("pack_photos")
 
 
 def _photos(tmp_path):
