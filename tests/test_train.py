@@ -423,6 +423,35 @@ def test_cli_explicit_zero_is_not_the_preset_default(tmp_path, capsys):
         assert rc == 2 and msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, msg", [
+    # the small denoiser's LR side must be a multiple of 64: an HR crop of 128 crashed in window_partition's reshape
+    (["denoiser", "--config", "small", "--crop", "128"], "--crop 128 does not fit the denoiser stage: the HR crop "
+                                                         "side must be a positive multiple of 256"),
+    (["denoiser", "--config", "tiny", "--crop", "48"], "positive multiple of 32"),
+    (["estimator", "--config", "tiny", "--crop", "30"], "--crop 30 does not fit the estimator stage: the HR crop "
+                                                        "side must be a positive multiple of 4"),
+    (["estimator", "--config", "tiny", "--crop", "0"], "--crop 0 does not fit"),
+    (["bench", "--config", "small", "--crop", "128"], "--crop 128 does not fit the denoiser stage"),
+])
+def test_cli_crop_the_nets_cannot_take_is_an_error_line(tmp_path, capsys, argv, msg):
+    est = tmp_path / "missing_estimator.safetensors"  # never read: the crop is checked before the estimator loads
+    stage_args = [] if argv[0] == "bench" else ["--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    extra = ["--estimator", str(est)] if argv[0] == "denoiser" else []
+    assert main(["train", *argv, *stage_args, *extra, "--device", "cpu"]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_denoiser_refuses_sides_off_its_multiple():
+    den = build_denoiser_net(get_preset("tiny").denoiser)  # multiple_of 8
+    c = den.config
+    t = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"x \(1, 48, 12, 16\) and lq \(1, 96, 12, 16\) must share H×W, a multiple "
+                                         r"of 8"):
+        den(torch.zeros(1, c.in_channels, 12, 16), t, torch.zeros(1, 96, 12, 16))
+    with pytest.raises(ValueError, match="must share H×W"):
+        den(torch.zeros(1, c.in_channels, 16, 16), t, torch.zeros(1, 96, 8, 16))
+
+
 def test_channels_last_trains_the_same_net(tmp_path):
     """--channels-last changes the memory layout only: same losses and weights up to conv rounding."""
     pack = packed_crops(tmp_path)

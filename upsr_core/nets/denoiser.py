@@ -452,6 +452,10 @@ class UPSRDenoiser(nn.Module):
 
     def _body(self, x: torch.Tensor, lq: torch.Tensor, emb: torch.Tensor | None,
               folded: Iterator[torch.Tensor] | None) -> torch.Tensor:
+        m = self.config.multiple_of
+        if x.shape[-2] % m or x.shape[-1] % m or x.shape[-2:] != lq.shape[-2:]:
+            raise ValueError(f"denoiser inputs x {tuple(x.shape)} and lq {tuple(lq.shape)} must share H×W, a multiple "
+                             f"of {m} (pad the LR first, as upsr_core.pipeline.pad_lr does)")
         h = torch.cat([x, lq.to(x.dtype)], dim=1)
         skips = []
         for blk in self.input_blocks:

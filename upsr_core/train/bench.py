@@ -55,10 +55,11 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import hardware, set_fused
+    from .cli import check_crop, hardware, set_fused
 
-    di = setup_distributed(args.device)
     preset = get_preset(args.config)
+    check_crop(args.crop, "denoiser", preset.denoiser)
+    di = setup_distributed(args.device)
     fused = set_fused(args.fused, di.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)

@@ -220,6 +220,18 @@ def _init_preset(args: argparse.Namespace, net_config) -> TrainPreset:
     return match
 
 
+def check_crop(crop: int, stage: str, denoiser_config: DenoiserConfig | None = None) -> int:
+    """Return ``crop`` (HR side of a training crop) if the stage's nets take it: a multiple of 4
+    (the ×4 degradation) and, for the denoiser, of 4 × its ``multiple_of`` (its LR side passes
+    ``multiple_of``-aligned windows; 256 for the small and full configs). Else ValueError."""
+    need = 4 if denoiser_config is None else 4 * denoiser_config.multiple_of
+    if crop < need or crop % need:
+        raise ValueError(f"--crop {crop} does not fit the {stage} stage: the HR crop side must be a positive multiple "
+                         f"of {need}" + ("" if denoiser_config is None else
+                                         f" (4 × the denoiser's LR multiple {denoiser_config.multiple_of})"))
+    return crop
+
+
 def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
     stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
     return LoopConfig(
@@ -257,7 +269,8 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _loop_config(args, preset, di, out)
-    crop = preset.hr_size if args.crop is None else args.crop
+    crop = check_crop(preset.hr_size if args.crop is None else args.crop, args.stage,
+                      None if args.stage == "estimator" else (init_net.config if init_net is not None else preset.denoiser))
     fused = set_fused(args.fused, di.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
