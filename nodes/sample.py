@@ -13,11 +13,10 @@ from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
 from upsr_core.model import Progress
 from upsr_core.pipeline import padded_size
 from upsr_core.stages import sample_maps
-from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
+from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
 from ._layout import image_in, image_out
 from .load_model import UPSRModelType
-from .uncertainty import PSI_MAX_LIMIT
 
 log = logging.getLogger(__name__)
 MIN_TILE = 64  # LR pixels: the OOM retry gives up below this

@@ -8,12 +8,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
-from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
+from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
 from ._layout import image_in, image_out, mask_in, mask_out
 from .load_model import UPSRModelType
 
-PSI_MAX_LIMIT = 0.5  # ψ = ½|g − bicubic| never exceeds ½ on [0, 1] images
 
 
 @contextmanager

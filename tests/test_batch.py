@@ -162,7 +162,7 @@ def test_batch_interrupted_while_writing_leaves_no_part_file(mixed, tmp_path, ti
 def test_bad_batch_is_an_error(folder, tmp_path, tiny_model_file, capsys):
     assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),
                  "--batch", "0"]) == 2
-    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+    assert "argument --batch: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_batch_writes_the_images_read_before_a_bad_file(tmp_path, tiny_model_file, capsys):

@@ -127,11 +127,11 @@ def one_line_error(capsys) -> str:
 @pytest.mark.parametrize("case, extra, match", [
     ("missing-input", [], "input not found"),
     ("corrupted-input", [], "not a readable image"),
-    ("b_u", ["--b-u", "1.5"], "b_u must be in [0, 1], got 1.5"),
-    ("psi_max", ["--psi-max", "0"], "psi_max must be > 0, got 0.0"),
+    ("b_u", ["--b-u", "1.5"], "argument --b-u: must be in [0, 1], got 1.5"),
+    ("psi_max", ["--psi-max", "0"], "argument --psi-max: must be in (0, 0.5], got 0"),
     ("tile", ["--tile", "100"], "tile size must be a positive multiple of 16, got 100"),
     ("overlap", ["--tile", "32", "--overlap", "32"], "overlap must be in [0, tile size 32)"),
-    ("seed", ["--seed", "-1"], "--seed must be >= 0"),
+    ("seed", ["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
 ])
 def test_bad_inputs_exit_2_with_one_line(small_model_file, tmp_path, capsys, case, extra, match):
     src = tmp_path / "in.png"
@@ -167,7 +167,8 @@ def test_module_entry_point_exits_2_without_traceback(small_model_file, tmp_path
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: b_u must be in [0, 1], got 1.5"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: argument --b-u: must be in [0, 1], got 1.5 (see python -m upsr_core upscale --help)"]
 
 
 def test_auto_dtype_is_fp16_on_cuda_and_fp32_elsewhere():

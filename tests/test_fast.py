@@ -225,7 +225,7 @@ def test_bench_parser_registers():
     ap = argparse.ArgumentParser()
     add_parser(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["bench", "--device", "cpu", "--sizes", "64"])
-    assert callable(args.func) and args.sizes == "64"
+    assert callable(args.func) and args.sizes == [64]
     with pytest.raises(ValueError, match="fp8"):
         _dtypes("fp32,fp8")
 

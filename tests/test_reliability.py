@@ -456,12 +456,14 @@ def test_boundary_parameters_work(model):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--b-u", "nan"], "b_u must be in [0, 1], got nan"),
-    (["--psi-max", "inf"], "psi_max must be finite and > 0, got inf"),
+    (["--b-u", "nan"], "argument --b-u: must be in [0, 1], got nan"),
+    (["--psi-max", "inf"], "argument --psi-max: must be in (0, 0.5], got inf"),
     (["--seed", str(2**70)], "seed must be an integer in [0, 2**63 - batch], got 1180591620717411303424"),
-    (["--tile-batch", "0"], "tile_batch must be >= 1, got 0"),
-    (["--tile", "-64"], "tile size must be a positive multiple of 4, got -64"),
-    (["--overlap", "-3"], "overlap must be in [0, tile size 512), got -3"),
+    (["--tile-batch", "0"], "argument --tile-batch: must be >= 1, got 0"),
+    (["--tile", "-64"], "argument --tile: must be >= 1, got -64"),
+    (["--tile", "102"], "tile size must be a positive multiple of 4, got 102"),
+    (["--overlap", "-3"], "argument --overlap: must be >= 0, got -3"),
+    (["--overlap", "512"], "overlap must be in [0, tile size 512), got 512"),
 ])
 def test_cli_parameter_errors_are_one_line(model_file, tmp_path, capsys, args, match):
     Image.new("RGB", (6, 6)).save(tmp_path / "in.png")

@@ -417,7 +417,8 @@ def test_cli_explicit_zero_is_not_the_preset_default(tmp_path, capsys):
     """--lr 0 / --steps 0 used to fall back to the preset's value through `or`; now they are refused."""
     from upsr_core.cli import main
 
-    for flag, msg in ((["--lr", "0"], "lr must be a finite number > 0"), (["--steps", "0"], "steps must be >= 1")):
+    for flag, msg in ((["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
+                      (["--steps", "0"], "argument --steps: must be >= 1, got 0")):
         rc = main(["train", "estimator", "--data", str(tmp_path), "--config", "tiny", "--out", str(tmp_path / "o"),
                    "--device", "cpu", *flag])
         assert rc == 2 and msg in capsys.readouterr().err
@@ -430,7 +431,7 @@ def test_cli_explicit_zero_is_not_the_preset_default(tmp_path, capsys):
     (["denoiser", "--config", "tiny", "--crop", "48"], "positive multiple of 32"),
     (["estimator", "--config", "tiny", "--crop", "30"], "--crop 30 does not fit the estimator stage: the HR crop "
                                                         "side must be a positive multiple of 4"),
-    (["estimator", "--config", "tiny", "--crop", "0"], "--crop 0 does not fit"),
+    (["estimator", "--config", "tiny", "--crop", "0"], "argument --crop: must be >= 1, got 0"),
     (["bench", "--config", "small", "--crop", "128"], "--crop 128 does not fit the denoiser stage"),
 ])
 def test_cli_crop_the_nets_cannot_take_is_an_error_line(tmp_path, capsys, argv, msg):

@@ -50,15 +50,31 @@ def collect_inputs(items: list[str]) -> list[tuple[Path, Path]]:
 
 
 def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> list[Path]:
-    """Output paths: OUT itself for one input file, else OUT/<relative path>.png."""
+    """Output paths: OUT itself for one input file and OUT named .png, else OUT/<relative path>.png
+    (OUT a folder: an existing one, or a name without .png). Refuses two inputs that would write
+    the same file and an output that is its own input."""
     out = Path(output)
-    if single:
-        if out.is_dir():
-            return [out / (inputs[0][0].stem + ".png")]
-        return [out]
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"-o {output!r} must be a folder when several images are given")
-    return [out / f.relative_to(root).with_suffix(".png") for f, root in inputs]
+    is_folder = output.endswith(("/", "\\")) or out.is_dir() or out.suffix.lower() != ".png"
+    if single and not is_folder:
+        outs = [out]
+    elif out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"-o {output!r} must be a folder when "
+                                 + ("several images are given" if not single else "it does not end in .png"))
+    elif not single and not is_folder:
+        raise ValueError(f"-o {output!r} names a .png file, but {len(inputs)} images are given: pass a folder")
+    else:
+        outs = [out / f.relative_to(root).with_suffix(".png") for f, root in inputs]
+    seen: dict[Path, Path] = {}
+    for (src, _), dst in zip(inputs, outs):
+        key = dst.resolve()
+        if key == src.resolve():
+            raise ValueError(f"-o {output!r}: the output of {str(src)!r} would overwrite the input itself; "
+                             "write to another file or folder")
+        if key in seen:
+            raise ValueError(f"inputs {str(seen[key])!r} and {str(src)!r} would both write {str(dst)!r}; "
+                             "upscale them into different folders")
+        seen[key] = src
+    return outs
 
 
 def _shard(n: int) -> range:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .cliargs import float_range, int_list, int_min, writable_file
 from .config import FULL_ATD, FULL_DENOISER
 from .errors import NonFiniteOutputError
 from .fast import enable_fast
@@ -69,21 +70,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint to load (default: random full-size nets)")
     p.add_argument("--estimator", default=None, help="ATD checkpoint when --model holds only the denoiser")
     p.add_argument("--small", action="store_true", help="random demo-size nets instead of full size")
-    p.add_argument("--sizes", default=None, help="LR sides, e.g. 64,128,256 (default: CUDA 64,128,256; CPU 64)")
-    p.add_argument("--batches", default=None, help="batch sizes (default: CUDA 1,8; CPU 1)")
+    p.add_argument("--sizes", type=int_list(1), default=None,
+                   help="LR sides, e.g. 64,128,256 (default: CUDA 64,128,256; CPU 64)")
+    p.add_argument("--batches", type=int_list(1), default=None, help="batch sizes (default: CUDA 1,8; CPU 1)")
     p.add_argument("--dtypes", default=None, help="fp32,tf32,bf16,fp16 (default: CUDA all; CPU fp32,bf16)")
-    p.add_argument("--tiled", type=int, default=None, help="LR side of the tiled row (default: CUDA 1024; CPU none)")
+    p.add_argument("--tiled", type=int_min(0), default=None,
+                   help="LR side of the tiled row (default: CUDA 1024; CPU none; 0: none)")
     p.add_argument("--tiled-dtypes", default="bf16", help="dtypes of the tiled row")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (LR px) for the tiled row")
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap (LR px)")
-    p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser call")
+    p.add_argument("--tile", type=int_min(1), default=DEFAULT_TILE, help="tile size (LR px) for the tiled row")
+    p.add_argument("--overlap", type=int_min(0), default=DEFAULT_OVERLAP, help="tile overlap (LR px)")
+    p.add_argument("--tile-batch", type=int_min(1), default=1, help="tiles per denoiser call")
     p.add_argument("--no-tiled-ref", action="store_true", help="skip the (slow) reference run of the tiled row")
-    p.add_argument("--mem-cap-gib", type=float, default=None,
+    p.add_argument("--mem-cap-gib", type=float_range(0), default=None,
                    help="CUDA memory cap for the fast rows (default: 6 for the tiled row, none for the others; "
                         "0 = none)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
-    p.add_argument("--compile-sizes", default="64,256", help="LR sides of the compiled rows (batch 1, bf16)")
+    p.add_argument("--compile-sizes", type=int_list(1), default=[64, 256],
+                   help="LR sides of the compiled rows (batch 1, bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels-last denoiser in the fast path (auto: CUDA only)")
@@ -92,20 +96,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="",
                    help="extra fast-path rows (not tiled) to A/B in the same run, comma-separated: "
                         + ", ".join(f"{k} ({v[1]})" for k, v in VARIANTS.items()))
-    p.add_argument("--reps", type=int, default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
-    p.add_argument("--budget-s", type=float, default=None, help="skip rows once this many seconds are used")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--reps", type=int_min(1), default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
+    p.add_argument("--budget-s", type=float_range(0), default=None, help="skip rows once this many seconds are used")
+    p.add_argument("--profile", type=int_min(0), default=0, metavar="N",
                    help="after each batch-1 fast row, profile one more call and print its N most expensive ops")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the rows (and the machine) to this JSON file")
+    p.add_argument("--seed", type=int_min(0), default=0)
+    p.add_argument("--json", type=writable_file(), default=None,
+                   help="also write the rows (and the machine) to this JSON file")
     p.set_defaults(func=run_bench)
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {s!r}") from None
 
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -341,14 +339,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     dev = _device(args.device)
     cuda = dev.type == "cuda"
-    sizes = _ints(args.sizes) if args.sizes else ([64, 128, 256] if cuda else [64])
-    batch_sizes = _ints(args.batches) if args.batches else ([1, 8] if cuda else [1])
+    sizes = args.sizes or ([64, 128, 256] if cuda else [64])
+    batch_sizes = args.batches or ([1, 8] if cuda else [1])
     dtypes = _dtypes(args.dtypes) if args.dtypes else (["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
     tiled = args.tiled if args.tiled is not None else (1024 if cuda else 0)
     tiled_dtypes = _dtypes(args.tiled_dtypes) if tiled else []
     reps = args.reps or (10 if cuda else 2)
-    if reps < 1:
-        raise ValueError(f"--reps must be >= 1, got {reps}")
+    if args.json:  # made now: an unwritable path fails before minutes of timing, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     def out_of_time(need: float = 0.0) -> bool:
@@ -377,6 +375,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if tiled:  # fail before any row runs, not after minutes of device time
         check_tiling(args.tile, args.overlap, mult)
     table = Table(args.json, meta)
+    if args.compile == "on" and not cuda:
+        table.comment("compile rows skipped: --compile on times compiled CUDA graphs, on CUDA only")
+    for switch in ("graphs", "channels_last"):
+        if getattr(args, switch) == "on" and not cuda:
+            table.comment(f"--{switch.replace('_', '-')} on: a CUDA switch, without effect on {dev.type}")
     refs: dict[tuple[int, int], torch.Tensor] = {}
     # the targets first (batch 1, then the tiled row), larger batches while time is left
     first = [b for b in batch_sizes if b == 1] or batch_sizes[:1]
@@ -502,7 +505,7 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
         return
     m = _fast_model(den, atd, dev, torch.bfloat16, args, compile=True)
     with _resident(m, dev):
-        for s in _ints(args.compile_sizes):
+        for s in args.compile_sizes:
             if out_of_time(90.0):
                 table.comment(f"compile row LR {s} skipped: less than 90 s of the budget left")
                 continue

@@ -71,7 +71,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise UnsupportedCheckpointError(f"{path.name}: not a readable .safetensors file ({e})") from None
-        return canonicalize_state_dict(sd), meta
+        return _canonical(sd, path), meta
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise UnsupportedCheckpointError(f"{path.name}: not a readable PyTorch checkpoint: the file is empty")
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip archive or a pickle
+        raise UnsupportedCheckpointError(
+            f"{path.name}: not a checkpoint — a .pth/.pt file is a zip archive or a pickle and a .safetensors "
+            f"file starts with its JSON header; this one starts with {head!r}")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -85,7 +93,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UnsupportedCheckpointError(
             f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(e)}"
         ) from None
-    return canonicalize_state_dict(obj), {}
+    return _canonical(obj, path), {}
+
+
+def _canonical(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return canonicalize_state_dict(obj)
+    except UnsupportedCheckpointError as e:
+        raise UnsupportedCheckpointError(f"{path.name}: {e}") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -130,14 +145,16 @@ def detect_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def split_nets(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Split a state dict into {'denoiser': …, 'estimator': …} (either may be absent)."""
+def split_nets(sd: Mapping[str, torch.Tensor], source: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Split a state dict into {'denoiser': …, 'estimator': …} (either may be absent).
+    ``source`` (the file, and what it was given as) starts the error message."""
     kind = detect_kind(sd)
     if kind in ("denoiser", "estimator"):
         return {kind: dict(sd)}
     if kind is None:
         raise UnsupportedCheckpointError(
-            "expected an UPSR denoiser (keys 'input_blocks.*', 'time_embed.*'), an ATD estimator "
+            (f"{source}: " if source else "")
+            + "expected an UPSR denoiser (keys 'input_blocks.*', 'time_embed.*'), an ATD estimator "
             "(keys 'conv_first.*', 'layers.*.residual_group.td') or a converted file holding both",
             sd,
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .cliargs import B_U_ARG, PSI_MAX_ARG, int_min, png_or_folder, writable_file
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError
 
 __all__ = ["main", "default_model_path"]
@@ -70,6 +71,8 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError("--device mps was asked for, but MPS (Apple silicon) is not available")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
@@ -90,22 +93,24 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("upscale", help="×4 super-resolution of images or folders")
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
-    p.add_argument("-o", "--output", required=True, help="output PNG for one input, else a folder")
+    p.add_argument("-o", "--output", required=True, type=png_or_folder,
+                   help="output .png for one input file, else a folder (made if missing)")
     p.add_argument("--model", default=None, help="upsr.pth, or a converted .safetensors with both nets "
                    "(default: the bundled demo model)")
     p.add_argument("--estimator", default=None, help="atd_real.pth when --model holds only the denoiser")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_min(0), default=0)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="denoiser precision (fp32 = the faithful reference path; auto = fp16 on CUDA, else fp32)")
-    p.add_argument("--b-u", type=float, default=0.4, help="noise floor b_u in [0, 1]")
-    p.add_argument("--psi-max", type=float, default=0.05, help="uncertainty ψ_max > 0 ([0,1] units)")
-    p.add_argument("--tile", type=int, default=512,
+    p.add_argument("--b-u", type=B_U_ARG, default=0.4, help="noise floor b_u in [0, 1]")
+    p.add_argument("--psi-max", type=PSI_MAX_ARG, default=0.05,
+                   help="uncertainty ψ_max in (0, 0.5] ([0,1] units; ψ never exceeds 0.5)")
+    p.add_argument("--tile", type=int_min(1), default=512,
                    help="largest tile in LR pixels (multiple of 64); larger images run as the fewest tiles "
                         "of at most this size, each as small as the overlap allows")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in LR pixels")
-    p.add_argument("--tile-batch", type=int, default=1, help="tiles per denoiser batch")
-    p.add_argument("--batch", type=int, default=1,
+    p.add_argument("--overlap", type=int_min(0), default=64, help="tile overlap in LR pixels")
+    p.add_argument("--tile-batch", type=int_min(1), default=1, help="tiles per denoiser batch")
+    p.add_argument("--batch", type=int_min(1), default=1,
                    help="same-size images (of one tile row) per call, e.g. video frames; with --fast they share "
                         "denoiser batches (faster on a GPU, same results up to float rounding)")
     p.add_argument("--fast", action="store_true",
@@ -122,12 +127,26 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="write one .safetensors holding both nets")
     p.add_argument("--model", required=True, help="denoiser: upsr.pth or .safetensors")
     p.add_argument("--estimator", default=None, help="ATD: atd_real.pth (optional if --model holds both)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, type=writable_file(".safetensors"),
+                   help="the .safetensors to write (its folder is made if missing)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
 
 
+class UsageError(Exception):
+    """A command line argparse refused (unknown flag, missing argument, value out of range)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that keeps the one-line ``error: …`` contract: its complaints (which name the
+    flag, the value and the range) become a UsageError, printed by :func:`main` with exit code 2,
+    instead of usage text and a SystemExit. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m upsr_core", description="UPSR ×4 super-resolution (CVPR 2025)")
+    ap = _Parser(prog="python -m upsr_core", description="UPSR ×4 super-resolution (CVPR 2025)")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_upscale(sub)
     _add_convert(sub)
@@ -144,6 +163,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     m = load_upsr(args.model, args.estimator)
     if m.estimator is None:
         raise ValueError("convert needs the estimator too: pass --estimator atd_real.pth")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_converted(args.output, m.denoiser, m.estimator, dtype=args.dtype)
     print(f"wrote {args.output}")
     return 0
@@ -152,8 +172,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = build_parser()
-    args = ap.parse_args(argv)
     try:
+        try:
+            args = ap.parse_args(argv)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.command == "upscale":
             from .batch import run_upscale
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .cliargs import int_min
 from .imageio import IMAGE_SUFFIXES, read_image
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
@@ -50,18 +51,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--manifest", default=None, help="manifest.jsonl with 'id' and 'group' per image")
     p.add_argument("--group", default=None, help="keep only this manifest group (e.g. A_val)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
+    p.add_argument("--limit", type=int_min(1), default=None, help="evaluate at most this many pairs")
     p.add_argument("--out", default="runs/eval", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_min(0), default=0)
     p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
     p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
     p.add_argument("--device", default="auto")
-    p.add_argument("--crop-border", type=int, default=0, help="pixels dropped at each side for PSNR/SSIM")
+    p.add_argument("--crop-border", type=int_min(0), default=0, help="pixels dropped at each side for PSNR/SSIM")
     p.add_argument("--niqe-params", default=None,
                    help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS or iqa), or 'off' to skip NIQE "
                         "(it runs on the CPU, ~1 s per image and method)")
     p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
-    p.add_argument("--sheet", type=int, default=6, help="images on the contact sheet (0: none)")
+    p.add_argument("--sheet", type=int_min(0), default=6, help="images on the contact sheet (0: none)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -72,22 +73,31 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
         if not d.is_dir():
             raise FileNotFoundError(f"image folder {str(d)!r} does not exist")
     lrs = {p.stem: p for p in lr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    pairs = [(p, lrs[p.stem]) for p in sorted(hr_dir.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in lrs and (ids is None or p.stem in ids)]
+    hrs = [p for p in sorted(hr_dir.iterdir())
+           if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+    pairs = [(p, lrs[p.stem]) for p in hrs if p.stem in lrs]
     if not pairs:
         raise ValueError(f"no HR/LR pairs with matching names in {str(hr_dir)!r} and {str(lr_dir)!r}"
                          + (f" for the {len(ids)} selected ids" if ids is not None else ""))
+    alone = [p.name for p in hrs if p.stem not in lrs]
+    if alone:  # the table's mean is over the pairs found: say which images it leaves out
+        log.warning("%d HR image(s) in %r have no LR image of the same name in %r and are left out: %s",
+                    len(alone), str(hr_dir), str(lr_dir), ", ".join(alone[:5]) + (" …" if len(alone) > 5 else ""))
     return pairs
 
 
 def _manifest_ids(path: str, group: str) -> set[str]:
     ids = set()
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                d = json.loads(line)
-                if d.get("group") == group:
-                    ids.add(d["id"])
+                try:
+                    d = json.loads(line)
+                    if d.get("group") == group:
+                        ids.add(d["id"])
+                except (json.JSONDecodeError, AttributeError, KeyError) as e:
+                    raise ValueError(f"--manifest {path!r} line {n}: expected a JSON object with 'id' and 'group' "
+                                     f"({type(e).__name__}: {e})") from None
     if not ids:
         raise ValueError(f"no entries of group {group!r} in {path!r}")
     return ids
@@ -99,14 +109,14 @@ def _pyiqa_metrics(names: list[str], device: torch.device) -> dict:
     try:
         import pyiqa  # type: ignore[import-not-found]
     except ImportError:
-        log.warning("pyiqa is not installed: skipping %s", ", ".join(names))
-        return {}
+        raise ValueError(f"--pyiqa {','.join(names)} needs the pyiqa package (pip install pyiqa; it downloads "
+                         "each metric's weights on first use)") from None
     out = {}
     for n in names:
         try:
             out[n] = pyiqa.create_metric(n, device=device)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
-            log.warning("pyiqa metric %s unavailable (%s): skipped", n, e)
+            raise ValueError(f"--pyiqa metric {n!r} unavailable: {e}") from None
     return out
 
 
@@ -240,6 +250,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if (args.manifest is None) != (args.group is None):
         raise ValueError("--manifest and --group go together")
     grid = parse_grid(args.b_u, args.psi_max)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
     ids = _manifest_ids(args.manifest, args.group) if args.manifest else None
     pairs = pair_files(args.hr, args.lr, ids)[: args.limit]
     dev = _device(args.device)
@@ -252,11 +265,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         try:
             params = load_niqe_params(args.niqe_params)
         except NIQEUnavailable as e:
+            if args.niqe_params is not None:  # a file named on the command line is not optional
+                raise ValueError(f"--niqe-params {args.niqe_params!r}: {e}") from None
             log.warning("NIQE skipped: %s", e)
     extra = _pyiqa_metrics([n for n in args.pyiqa.split(",") if n], dev)
     means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
                            extra=extra, keep=args.sheet, grid=grid)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": str(args.hr), "lr": str(args.lr),

@@ -377,7 +377,7 @@ def load_upsr(
     ATD file. Raises UnsupportedCheckpointError for a wrong or unreadable file.
     """
     sd, meta = read_checkpoint(model)
-    nets = split_nets(sd)
+    nets = split_nets(sd, f"{os.fspath(model)!r} (the model)")
     if "denoiser" not in nets:
         raise UnsupportedCheckpointError(
             f"{os.fspath(model)!r} holds ATD estimator weights; pass it as the estimator and give the "
@@ -388,7 +388,7 @@ def load_upsr(
     est_net = None
     if estimator is not None:
         esd, emeta = read_checkpoint(estimator)
-        enets = split_nets(esd)
+        enets = split_nets(esd, f"{os.fspath(estimator)!r} (the estimator)")
         if "estimator" not in enets:
             raise UnsupportedCheckpointError(
                 f"{os.fspath(estimator)!r} holds UPSR denoiser weights, expected the ATD estimator (atd_real.pth)"

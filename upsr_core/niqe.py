@@ -63,7 +63,14 @@ def load_niqe_params(path: str | os.PathLike | None = None) -> NIQEParams:
     p = Path(path) if path is not None else find_niqe_params()
     if p is None or not p.is_file():
         raise NIQEUnavailable(f"{_HINT}; looked at {str(p) if p else '$UPSR_NIQE_PARAMS and the iqa package'}")
-    with np.load(p) as d:
+    try:
+        d = np.load(p)
+    except (OSError, ValueError, EOFError) as e:  # not an .npz (pickled or other data: never unpickled)
+        raise NIQEUnavailable(f"{str(p)!r} is not a NIQE parameter file (.npz): {e}") from None
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise NIQEUnavailable(f"{str(p)!r} holds one array, not a NIQE parameter file (.npz with mu_pris_param, "
+                              "cov_pris_param, gaussian_window)")
+    with d:
         missing = {"mu_pris_param", "cov_pris_param", "gaussian_window"} - set(d.files)
         if missing:
             raise NIQEUnavailable(f"{str(p)!r} lacks {sorted(missing)}: not a NIQE parameter file")

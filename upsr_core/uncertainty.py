@@ -15,10 +15,11 @@ import numbers
 
 import torch
 
-__all__ = ["estimate_uncertainty", "weight_noise", "DEFAULT_B_U", "DEFAULT_PSI_MAX"]
+__all__ = ["estimate_uncertainty", "weight_noise", "DEFAULT_B_U", "DEFAULT_PSI_MAX", "PSI_MAX_LIMIT"]
 
 DEFAULT_B_U = 0.4
 DEFAULT_PSI_MAX = 0.05
+PSI_MAX_LIMIT = 0.5  # ψ = ½|g − bicubic| never exceeds ½ on [0, 1] images: a larger ψ_max never gives w = 1
 
 
 def estimate_uncertainty(sr_estimate: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:

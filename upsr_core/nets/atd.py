@@ -350,10 +350,12 @@ class ATD(nn.Module):
         h, w = x.shape[-2:]
         ws = self.config.window_size
         ph, pw = (-h) % ws, (-w) % ws
-        if ph:  # symmetric flip padding (official check_image_size)
-            x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, : h + ph]
-        if pw:
-            x = torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, : w + pw]
+        # symmetric flip padding (official check_image_size: one cat[x, flip(x)]); sides below half
+        # a window, where the official code crashes, repeat it (x, flip(x), x, …: the same mirror)
+        for dim, need in ((2, h + ph), (3, w + pw)):
+            while x.shape[dim] < need:
+                x = torch.cat([x, torch.flip(x, [dim])], dim)
+            x = x.narrow(dim, 0, need)
         x = (x - 0.5) / 0.5
         x0 = self.conv_first(x)
         b, c, hp, wp = x0.shape

@@ -13,9 +13,11 @@ import json
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from ..cliargs import int_min, writable_file
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import build_estimator_net
 from .loop import LoopConfig, Trainer, setup_distributed
@@ -39,18 +41,18 @@ class RandomFeed:
 def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b = stages.add_parser("bench", help="s/iter and peak memory of a denoiser training step (random data)")
     b.add_argument("--config", default="full", choices=["small", "full", "tiny"])
-    b.add_argument("--batch", type=int, default=16)
-    b.add_argument("--crop", type=int, default=256, help="HR side")
+    b.add_argument("--batch", type=int_min(1), default=16)
+    b.add_argument("--crop", type=int_min(1), default=256, help="HR side")
     b.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
     b.add_argument("--fused", choices=["auto", "on", "off"], default="auto")
     b.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     b.add_argument("--channels-last", action="store_true", help="the denoiser in channels-last memory format")
-    b.add_argument("--warmup", type=int, default=5)
-    b.add_argument("--iters", type=int, default=20)
-    b.add_argument("--profile", type=int, default=0, metavar="N",
+    b.add_argument("--warmup", type=int_min(0), default=5)
+    b.add_argument("--iters", type=int_min(1), default=20)
+    b.add_argument("--profile", type=int_min(0), default=0, metavar="N",
                    help="after the timed steps, profile one more and print its N most expensive ops")
     b.add_argument("--device", default="auto")
-    b.add_argument("--json", default=None, help="also write the result here")
+    b.add_argument("--json", type=writable_file(), default=None, help="also write the result here")
     b.set_defaults(func=_cmd_bench)
 
 
@@ -108,6 +110,8 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.json:  # made first: an unwritable path fails before the timing, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     res = run_bench(args)
     line = json.dumps(res)
     log.info("%s", line)

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import build_denoiser, build_estimator, detect_kind, read_checkpoint, save_converted, split_nets
+from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, writable_file
 from ..config import ATDConfig, DenoiserConfig
 from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
@@ -54,19 +55,20 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="start the net from these weights (demo/converted .safetensors, a stage export, an official "
                         ".pth); fresh optimiser, EMA from the weights; a checkpoint in --out wins unless --fresh")
     p.add_argument("--out", default="runs/train", help="output folder (weights, checkpoint, log)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this run")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch per device (default: the preset's)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int_min(1), default=None, help="optimiser steps (default: the preset's)")
+    p.add_argument("--max-minutes", type=float_range(0, lo_open=True), default=None,
+                   help="wall-clock budget of this run")
+    p.add_argument("--batch", type=int_min(1), default=None, help="micro-batch per device (default: the preset's)")
+    p.add_argument("--accum", type=int_min(1), default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=None)
+    p.add_argument("--warmup", type=int_min(0), default=None)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--ema-decay", type=float, default=None)
-    p.add_argument("--crop", type=int, default=None, help="HR crop side (default: the preset's, 256)")
+    p.add_argument("--ema-decay", type=float_range(0, 1, hi_open=True), default=None)
+    p.add_argument("--crop", type=int_min(1), default=None, help="HR crop side (default: the preset's, 256)")
     p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on CUDA, off on CPU")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_min(0), default=0)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="fused SDPA attention (auto: on for CUDA)")
@@ -82,12 +84,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feed", choices=["loader", "device"], default="loader",
                    help="image folder: crops by DataLoader workers (loader), or from the decoded images held on the "
                         "training device (device: no workers, exactly resumable; the folder must fit the device)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for an image folder (--feed loader)")
-    p.add_argument("--min-texture", type=float, default=0.0,
+    p.add_argument("--workers", type=int_min(0), default=4,
+                   help="DataLoader workers for an image folder (--feed loader)")
+    p.add_argument("--min-texture", type=float_range(0), default=0.0,
                    help="image folder: re-draw random crops flatter than this mean luma gradient (8-bit units; "
                         "the packed crops and the A_val pairs used 3), up to 10 draws; 0: off")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int_min(1), default=50, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int_min(1), default=1000, help="steps between checkpoints")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,11 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = stages.add_parser("denoiser", help="stage 2: UPSR denoiser, uncertainty-weighted noise, MSE")
     _common(d)
     d.add_argument("--estimator", required=True, help="stage-1 estimator.safetensors (or any file holding ATD)")
-    d.add_argument("--b-u", type=float, default=0.4, help="noise floor b_u (1 = no uncertainty weighting)")
-    d.add_argument("--psi-max", type=float, default=0.05)
+    d.add_argument("--b-u", type=B_U_ARG, default=0.4, help="noise floor b_u (1 = no uncertainty weighting)")
+    d.add_argument("--psi-max", type=PSI_MAX_ARG, default=0.05, help="ψ_max in (0, 0.5]")
     d.add_argument("--lpips", default="off", help="off | lpips | pyiqa (needs the package and its weights)")
-    d.add_argument("--lpips-weight", type=float, default=0.5)
-    d.add_argument("--export", default=None, help="write one .safetensors with both nets (EMA) here")
+    d.add_argument("--lpips-weight", type=float_range(0), default=0.5)
+    d.add_argument("--export", type=writable_file(".safetensors"), default=None,
+                   help="write one .safetensors with both nets (EMA) here")
     d.add_argument("--export-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     d.add_argument("--data-note", default=None, help="free text about the data for the export metadata")
     d.set_defaults(func=_cmd_train)
@@ -161,7 +165,7 @@ def _read_net(path: str | Path, stage: str, flag: str):
         raise ValueError(f"stage must be 'estimator' or 'denoiser', got {stage!r}")
     key, cls, what, expected = _NET[stage]
     sd, meta = read_checkpoint(path)
-    nets = split_nets(sd)
+    nets = split_nets(sd, f"{flag} {str(path)!r}")
     if key not in nets:
         raise UnsupportedCheckpointError(
             f"{flag} {str(path)!r} holds no {what} weights (it holds: {', '.join(sorted(nets))}); expected {expected}")
@@ -269,8 +273,8 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _loop_config(args, preset, di, out)
-    crop = check_crop(preset.hr_size if args.crop is None else args.crop, args.stage,
-                      None if args.stage == "estimator" else (init_net.config if init_net is not None else preset.denoiser))
+    den_cfg = None if args.stage == "estimator" else (init_net.config if init_net is not None else preset.denoiser)
+    crop = check_crop(preset.hr_size if args.crop is None else args.crop, args.stage, den_cfg)
     fused = set_fused(args.fused, di.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,

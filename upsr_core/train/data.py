@@ -164,6 +164,29 @@ def _keep_large_enough(files: Sequence[Path], crop: int, prescale: Prescale) -> 
     return kept
 
 
+def check_small_images(files: Sequence[Path], crop: int, prescale: Prescale = 1) -> int:
+    """How many of ``files`` (after ``prescale``) have a side below ``crop`` and will be
+    reflect-padded: a warning names them; a ValueError if every one of them is (a crop larger
+    than the photos trains on mirrored borders). Reads the file headers only."""
+    small = []
+    for p in files:
+        with Image.open(p) as im:
+            w, h = im.size
+        f = _prescale_factor((w, h), prescale)
+        if min(w // f, h // f) < crop:
+            small.append((p, w // f, h // f))
+    if small and len(small) == len(files):
+        biggest = max(small, key=lambda t: min(t[1], t[2]))
+        raise ValueError(f"--crop {crop} is larger than every image ({len(files)}; the largest short side is "
+                         f"{min(biggest[1], biggest[2])} px, {biggest[0].name} {biggest[1]}x{biggest[2]}): "
+                         "give a smaller --crop")
+    if small:
+        log.warning("%d of %d images have a side below the crop %d and are reflect-padded to it: %s", len(small),
+                    len(files), crop, ", ".join(f"{p.name} {w}x{h}" for p, w, h in small[:5])
+                    + (" …" if len(small) > 5 else ""))
+    return len(small)
+
+
 # ----------------------------------------------------------------------------- datasets
 class ImageFolderDataset(Dataset):
     """Random square crops of the images in a folder (or of an explicit file list).
@@ -193,6 +216,8 @@ class ImageFolderDataset(Dataset):
         paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
         if small == "skip":
             paths = _keep_large_enough(paths, crop, prescale)
+        elif paths:
+            check_small_images(paths, crop, prescale)
         if not paths:
             raise ValueError(f"no usable images (root={root!r}, files given: {files is not None}, crop={crop})")
         self.files, self.crop, self.augment, self.random_crop = paths, crop, augment, random_crop
@@ -273,7 +298,11 @@ def read_packed(path: str | Path) -> torch.Tensor:
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        data = load_file(str(path))["crops"]
+        tensors = load_file(str(path))
+        if "crops" not in tensors:
+            raise ValueError(f"{str(path)!r} holds no 'crops' tensor (it holds {sorted(tensors)[:5]}): expected a "
+                             "packed-crops file (tools/pack_photos.py, upsr_core.train.data.pack_crops)")
+        data = tensors["crops"]
     else:
         raise ValueError(f"packed crops must be .npy or .safetensors, got {str(path)!r}")
     if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[1] != 3 or data.shape[2] != data.shape[3]:

@@ -30,6 +30,7 @@ from .data import (
     LUMA,
     ImageFolderDataset,
     _pad_to,
+    check_small_images,
     check_texture_filter,
     list_images,
     load_image_array,
@@ -115,6 +116,7 @@ class PhotoFeed:
             files = files[rank::world]
         if not files:
             raise ValueError(f"no images in {str(root)!r} (suffixes .png .jpg .jpeg .webp .bmp)")
+        check_small_images(files, crop)
         self.crop, self.device, self.root = crop, device, Path(root)
         self.min_texture, self.tries = float(min_texture), tries if min_texture > 0 else 1
         self.images: list[torch.Tensor] = []

@@ -69,7 +69,7 @@ class LoopConfig:
             raise ValueError(f"amp must be one of {sorted(_AMP)}, got {self.amp!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        for name in ("steps", "batch", "accum"):
+        for name in ("steps", "batch", "accum", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:

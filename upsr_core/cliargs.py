@@ -1,0 +1,99 @@
+"""argparse value types shared by the subcommands: a bad number is refused while the command
+line is parsed, before any model loads, with argparse's ``error: argument --flag: …`` line
+and exit code 2 — the message names the flag, the value given and the range expected.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from .uncertainty import PSI_MAX_LIMIT
+
+__all__ = ["int_min", "float_range", "int_list", "writable_file", "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
+
+
+def int_min(lo: int) -> Callable[[str], int]:
+    """An integer >= ``lo``."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def float_range(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+                hi_open: bool = False) -> Callable[[str], float]:
+    """A finite float in [lo, hi] (an end excluded where ``lo_open`` / ``hi_open``)."""
+    if hi == math.inf:
+        expected = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        expected = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {expected.removeprefix('a finite number ')}, "
+                                             f"got {s!r}") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {s}")
+        return v
+
+    parse.__name__ = f"number {expected}"
+    return parse
+
+
+def int_list(lo: int) -> Callable[[str], list[int]]:
+    """A comma list of at least one integer, each >= ``lo`` (``64,128,256``)."""
+    one = int_min(lo)
+
+    def parse(s: str) -> list[int]:
+        vals = [one(v.strip()) for v in s.split(",") if v.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers >= {lo}, got {s!r}")
+        return vals
+
+    parse.__name__ = f"comma list of integers >= {lo}"
+    return parse
+
+
+def writable_file(suffix: str | None = None) -> Callable[[str], str]:
+    """A path to write one file to: not an existing folder, not ending in a separator and,
+    if ``suffix`` is given, ending in it (case-insensitive). Its folder is made on writing."""
+    def parse(s: str) -> str:
+        if s.endswith(("/", "\\")) or Path(s).is_dir():
+            raise argparse.ArgumentTypeError(f"{s!r} is a folder; expected a file path"
+                                             + (f" ending in {suffix}" if suffix else ""))
+        if suffix is not None and not s.lower().endswith(suffix):
+            raise argparse.ArgumentTypeError(f"{s!r} must end in {suffix}")
+        return s
+
+    parse.__name__ = "file path"
+    return parse
+
+
+def png_or_folder(s: str) -> str:
+    """``upscale -o``: a .png file, or a folder (an existing one, a name without a suffix or
+    one ending in a separator); ``upscale`` writes PNG only, so .jpg/.webp/… are refused."""
+    p = Path(s)
+    if not (s.endswith(("/", "\\")) or p.is_dir()) and p.suffix and p.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{s!r}: upscale writes PNG only (lossless, 8 or 16 bits, streamed for "
+                                         "large images); name the output .png, or a folder")
+    return s
+
+
+png_or_folder.__name__ = "PNG file or folder"
+
+
+B_U_ARG = float_range(0.0, 1.0)
+"""--b-u: the noise floor, in [0, 1]."""
+PSI_MAX_ARG = float_range(0.0, PSI_MAX_LIMIT, lo_open=True)
+"""--psi-max: in (0, 0.5], the range of ψ (the nodes' slider has the same bound)."""
