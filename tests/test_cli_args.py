@@ -120,6 +120,9 @@ def test_output_names_file_or_folder(tmp_path, tiny_model_file, capsys):
     assert "names a .png file, but 2 images are given: pass a folder" in fails(
         capsys, "upscale", *two, "-o", tmp_path / "o6.png", *common)
     assert not (tmp_path / "o6.png").exists()
+    _img(tmp_path / "one" / "u.png")
+    assert "names a .png file, but the input is a folder" in fails(
+        capsys, "upscale", tmp_path / "one", "-o", tmp_path / "o7.png", *common)
     # upscale writes PNG only: a .jpg name used to get PNG bytes
     line = fails(capsys, "upscale", src, "-o", tmp_path / "x.jpg", *common)
     assert "argument -o/--output" in line and "writes PNG only" in line

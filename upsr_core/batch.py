@@ -61,7 +61,8 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
         raise NotADirectoryError(f"-o {output!r} must be a folder when "
                                  + ("several images are given" if not single else "it does not end in .png"))
     elif not single and not is_folder:
-        raise ValueError(f"-o {output!r} names a .png file, but {len(inputs)} images are given: pass a folder")
+        given = f"{len(inputs)} images are given" if len(inputs) > 1 else "the input is a folder"
+        raise ValueError(f"-o {output!r} names a .png file, but {given}: pass a folder")
     else:
         outs = [out / f.relative_to(root).with_suffix(".png") for f, root in inputs]
     seen: dict[Path, Path] = {}
