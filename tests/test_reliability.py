@@ -419,7 +419,7 @@ def test_a_bad_file_in_a_folder_stops_with_its_name_and_keeps_finished_outputs(m
     (dict(tile=16, overlap=16), r"overlap must be in \[0, tile size 16\), got 16"),
     (dict(tile=16, overlap=40), r"overlap must be in \[0, tile size 16\), got 40"),
     (dict(overlap=-1), r"overlap must be in \[0, tile size 512\), got -1"),
-    (dict(tile_batch=0), "tile_batch must be >= 1, got 0"),
+    (dict(tile_batch=0), "tile_batch must be an integer >= 1, got 0"),
     (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63 - batch\], got -1"),
     (dict(seed=2**63), r"got 9223372036854775808"),
     (dict(seed=2**80), r"got 1208925819614629174706176"),

@@ -41,7 +41,7 @@ from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, Ste
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
 from .pipeline import SCALE, bicubic_x4, check_lr, crop_hr, pad_lr, padded_size, run_estimator, starting_noise
 from .schedule import make_schedule
-from .tiling import batches, check_tiling, partition, plan_tiles, tile_weight
+from .tiling import batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
 
 __all__ = ["enable_fast", "FastUPSRModel", "FastOptions", "noise_weight", "placement"]
@@ -317,8 +317,7 @@ class FastUPSRModel(UPSRModel):
         if sink is not None:
             return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink)
         check_tiling(tile, overlap, self.multiple_of)
-        if tile_batch < 1:
-            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+        check_tile_batch(tile_batch)
         b, _, hp, wp = lr_pm.shape
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
@@ -400,6 +399,7 @@ class FastUPSRModel(UPSRModel):
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
+        check_tile_batch(tile_batch)
         b, _, h, w = lr.shape
         m = self.multiple_of
         hp, wp = padded_size(h, w, m)

@@ -23,9 +23,10 @@ from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_
 from .config import ATDConfig, DenoiserConfig
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError
 from .nets import ATD, UPSRDenoiser
-from .pipeline import SCALE, Estimate, NoiseField, bicubic_x4, check_lr, denoise_estimate, pad_lr, run_estimator, starting_noise
+from .pipeline import (SCALE, Estimate, NoiseField, bicubic_x4, check_lr, check_weight_and_noise, denoise_estimate,
+                       pad_lr, run_estimator, starting_noise)
 from .schedule import make_schedule
-from .tiling import Tile, batches, check_tiling, partition, plan_tiles, tile_weight
+from .tiling import Tile, batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise
 
 log = logging.getLogger("upsr_core")
@@ -140,7 +141,7 @@ class UPSRModel:
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         bic = torch.cat([bicubic_x4(lr_pm[i : i + 1]) for i in range(lr_pm.shape[0])])
         y_hat = torch.empty_like(bic)
-        for blk in partition(*lr_pm.shape[-2:], block or ESTIMATOR_BLOCK):
+        for blk in partition(*lr_pm.shape[-2:], ESTIMATOR_BLOCK if block is None else block):
             hs, ws_ = blk.scaled(SCALE).slices()
             y_hat[:, :, hs, ws_] = self._estimator_block(lr_pm, blk, ESTIMATOR_MARGIN)
         return Estimate(lr_pm, bic, y_hat, tuple(lr.shape[-2:]))
@@ -167,6 +168,7 @@ class UPSRModel:
         """
         self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape
+        check_weight_and_noise(weight, noise, b, (hp, wp))
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
@@ -182,8 +184,7 @@ class UPSRModel:
         With ``sink``, no full canvas is kept: see :meth:`upscale`; returns None then.
         """
         check_tiling(tile, overlap, self.multiple_of)
-        if tile_batch < 1:
-            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+        check_tile_batch(tile_batch)
         b, _, hp, wp = lr_pm.shape
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
@@ -289,8 +290,11 @@ class UPSRModel:
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
         self._warn_if_slow()
+        check_tile_batch(tile_batch)
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         b, _, hp, wp = lr_pm.shape
+        if noise is not None:  # shape and finite values: a wrong ε was sliced per tile without a word
+            check_weight_and_noise(None, noise, b, (hp, wp))
         if noise is None:  # several tile rows: make ε band by band (same numbers, 1/48 of the memory)
             noise = (NoiseField(seed, b, (hp, wp), same_noise=same_noise) if hp > tile
                      else starting_noise(seed, b, (hp, wp), same_noise=same_noise))
@@ -383,7 +387,7 @@ def load_upsr(
             f"{os.fspath(model)!r} holds ATD estimator weights; pass it as the estimator and give the "
             "UPSR denoiser (upsr.pth) as the model"
         )
-    dcfg = DenoiserConfig.from_dict(json.loads(meta["denoiser_config"])) if "denoiser_config" in meta else None
+    dcfg = _meta_config(meta, "denoiser_config", DenoiserConfig, model)
     den = build_denoiser(nets["denoiser"], dcfg)
     est_net = None
     if estimator is not None:
@@ -393,14 +397,22 @@ def load_upsr(
             raise UnsupportedCheckpointError(
                 f"{os.fspath(estimator)!r} holds UPSR denoiser weights, expected the ATD estimator (atd_real.pth)"
             )
-        ecfg = _atd_config(emeta)
+        ecfg = _meta_config(emeta, "estimator_config", ATDConfig, estimator)
         est_net = build_estimator(enets["estimator"], ecfg)
     elif "estimator" in nets:
-        est_net = build_estimator(nets["estimator"], _atd_config(meta))
+        est_net = build_estimator(nets["estimator"], _meta_config(meta, "estimator_config", ATDConfig, model))
     m = UPSRModel(den, est_net, metadata=meta)
     return m.to(device, dtype)
 
 
-def _atd_config(meta: dict[str, str]) -> ATDConfig | None:
-    return ATDConfig.from_dict(json.loads(meta["estimator_config"])) if "estimator_config" in meta else None
+def _meta_config(meta: dict[str, str], key: str, cls, path) -> ATDConfig | DenoiserConfig | None:
+    """The net config stored under ``key`` in a file's metadata (None if absent); a config that
+    does not parse or does not fit ``cls`` is the file's fault: UnsupportedCheckpointError."""
+    if key not in meta:
+        return None
+    try:
+        return cls.from_dict(json.loads(meta[key]))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise UnsupportedCheckpointError(f"{os.fspath(path)!r}: its metadata {key!r} is not a valid "
+                                         f"{cls.__name__} ({type(e).__name__}: {e})") from None
 

@@ -48,8 +48,14 @@ __all__ = [
 SCALE = 4
 
 
+LR_RANGE_SLACK = 0.05
+"""How far outside [0, 1] an LR value may lie: resizing upstream (bicubic, Lanczos) overshoots
+a little and the nets take that as it is; [0, 255] or [-1, 1] images are far outside."""
+
+
 def check_lr(lr: torch.Tensor) -> None:
-    """Raise ValueError unless lr is a finite float (B, 3, h, w) tensor with B, h, w >= 1."""
+    """Raise ValueError unless lr is a finite float (B, 3, h, w) tensor with B, h, w >= 1 and
+    values in [0, 1] (± LR_RANGE_SLACK)."""
     if not isinstance(lr, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(lr).__name__}")
     if lr.ndim != 4 or lr.shape[1] != 3:
@@ -60,6 +66,38 @@ def check_lr(lr: torch.Tensor) -> None:
         raise TypeError(f"expected a float image in [0, 1], got dtype {lr.dtype}")
     if not torch.isfinite(lr).all():
         raise ValueError("the LR image contains NaN or Inf values")
+    lo, hi = torch.aminmax(lr.detach())
+    lo, hi = lo.item(), hi.item()
+    if lo < -LR_RANGE_SLACK or hi > 1 + LR_RANGE_SLACK:
+        raise ValueError(f"the LR image must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}] "
+                         "(divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
+
+
+def check_weight_and_noise(weight: torch.Tensor | None, noise: torch.Tensor | None, batch: int,
+                           padded_lr: tuple[int, int], *, values: bool = True) -> None:
+    """Raise ValueError/TypeError unless ``weight`` is a float (1|B, 1|3, 4Hp, 4Wp) tensor and
+    ``noise`` a float (B, 48, Hp, Wp) one (either None: not checked) for ``batch`` images of padded LR size
+    ``padded_lr`` = (Hp, Wp). ``values``: also check that w is finite in [0, 1] and ε finite
+    (reads the values: a host sync on a GPU)."""
+    hp, wp = padded_lr
+    for name, x in (("weight", weight), ("noise", noise)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x is not None and not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    if weight is not None and (weight.ndim != 4 or weight.shape[0] not in (1, batch) or weight.shape[1] not in (1, 3)
+                               or tuple(weight.shape[-2:]) != (SCALE * hp, SCALE * wp)):
+        raise ValueError(f"noise weight has shape {tuple(weight.shape)}; expected (1 or {batch}, 1 or 3, "
+                         f"{SCALE * hp}, {SCALE * wp}): the padded HR size of the estimate")
+    if noise is not None and tuple(noise.shape) != (batch, 3 * SCALE * SCALE, hp, wp):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected ({batch}, {3 * SCALE * SCALE}, {hp}, {wp}) "
+                         "(starting_noise of the padded LR size)")
+    if values and weight is not None:
+        lo, hi = torch.aminmax(weight.detach().float())
+        if not (0.0 <= lo.item() and hi.item() <= 1.0):  # also refuses NaN
+            raise ValueError(f"noise weight must be finite and in [0, 1], got [{lo.item():.4g}, {hi.item():.4g}]")
+    if values and noise is not None and not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or Inf values")
 
 
 def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
@@ -84,6 +122,8 @@ def padded_size(h: int, w: int, multiple: int = 64) -> tuple[int, int]:
 
 def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``."""
+    if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
+        raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
     y0 = (lr.contiguous() - 0.5) / 0.5  # a channels-last input would pick other conv kernels downstream
     h, w = y0.shape[-2:]
     return reflect_pad(y0, (-h) % multiple, (-w) % multiple)
@@ -147,6 +187,15 @@ def _check_seed(seed: object, batch: int) -> int:
     return int(seed)
 
 
+def _check_batch_hw(batch: int, lr_hw: tuple[int, int]) -> None:
+    ok = isinstance(batch, numbers.Integral) and not isinstance(batch, bool) and batch >= 1
+    if not ok:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    if len(lr_hw) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                                  for v in lr_hw):
+        raise ValueError(f"lr_hw must be two integers >= 1 (the padded LR height and width), got {lr_hw!r}")
+
+
 def starting_noise(
     seed: int, batch: int, lr_hw: tuple[int, int], device: torch.device | str = "cpu", *, same_noise: bool = False
 ) -> torch.Tensor:
@@ -160,6 +209,7 @@ def starting_noise(
     generator (Mersenne Twister) keeps only the low 32 bits of a seed, so seeds equal
     modulo 2**32 give the same noise. Any integer type is accepted (NumPy's too), not bool.
     """
+    _check_batch_hw(batch, lr_hw)
     seed = _check_seed(seed, 1 if same_noise else batch)
     hp, wp = lr_hw
     shape = (1, 3 * SCALE * SCALE, hp, wp)
@@ -181,6 +231,7 @@ class NoiseField:
     """
 
     def __init__(self, seed: int, batch: int, lr_hw: tuple[int, int], *, same_noise: bool = False):
+        _check_batch_hw(batch, lr_hw)
         seed = _check_seed(seed, 1 if same_noise else batch)
         hp, wp = lr_hw
         if (hp * wp) % 16:
@@ -225,10 +276,8 @@ def denoise_estimate(
     schedule = schedule or make_schedule()
     b = est.lr_pm.shape[0]
     hr = est.bicubic_pm.shape[-2:]
-    if weight.shape[-2:] != hr or weight.shape[0] != b:
-        raise ValueError(f"noise weight {tuple(weight.shape)} does not match the estimate ({b}, 3, {hr[0]}, {hr[1]})")
-    if noise.shape != (b, 3 * SCALE * SCALE, hr[0] // SCALE, hr[1] // SCALE):
-        raise ValueError(f"noise {tuple(noise.shape)} does not match the padded LR grid {tuple(est.lr_pm.shape)}")
+    # shapes only: reading the values here would sync the device in the fast path's tile loop
+    check_weight_and_noise(weight, noise, b, tuple(est.lr_pm.shape[-2:]), values=False)
     weight = weight.expand(b, 3, *hr)
     y = F.pixel_unshuffle(est.bicubic_pm, SCALE)
     lq = F.pixel_unshuffle(torch.cat([est.sr_estimate_pm, est.bicubic_pm], dim=1), SCALE)
@@ -247,6 +296,9 @@ def denoise_estimate(
 def crop_hr(x: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
     """Crop an HR tensor at the padded size to the visible 4h × 4w."""
     h, w = lr_size
+    if not (0 < SCALE * h <= x.shape[-2] and 0 < SCALE * w <= x.shape[-1]):
+        raise ValueError(f"lr_size {tuple(lr_size)} ×{SCALE} = {SCALE * h}x{SCALE * w} must be >= 1 and fit the "
+                         f"tensor's {x.shape[-2]}x{x.shape[-1]}")
     return x[..., : SCALE * h, : SCALE * w]
 
 

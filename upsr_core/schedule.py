@@ -18,6 +18,7 @@ gives the float32 values the official sampler actually multiplies with.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +72,17 @@ def make_schedule(
     SPEC §8.6: the start is min(min_noise_level/kappa, min_noise_level, √0.001), which is
     √0.001 for the official constants; ``etas_end`` is the final √η.
     """
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
-    if kappa <= 0:
-        raise ValueError(f"kappa must be > 0, got {kappa}")
-    if not 0 < etas_end < 1:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    for name, v in (("kappa", kappa), ("etas_end", etas_end), ("power", power), ("min_noise_level", min_noise_level)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if not etas_end < 1:
         raise ValueError(f"etas_end must be in (0, 1), got {etas_end}")
     start = min(min_noise_level / kappa, min_noise_level, math.sqrt(0.001))
+    if not etas_end > start:
+        raise ValueError(f"etas_end must exceed the start √η_1 = {start:.4g} (the noise must grow with t), "
+                         f"got {etas_end}")
     t = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
     sqrt_etas = start * (etas_end / start) ** (t**power)
     etas = sqrt_etas**2

@@ -27,6 +27,10 @@ def estimate_uncertainty(sr_estimate: torch.Tensor, bicubic: torch.Tensor) -> to
 
     The inputs are not clamped (SPEC §8.13: the official code does not clamp either).
     """
+    for name, x in (("sr_estimate", sr_estimate), ("bicubic", bicubic)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
+            what = f"dtype {x.dtype}, shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a float (B, C, H, W) tensor, got {what}")  # uint8 would wrap around
     if sr_estimate.shape != bicubic.shape:
         raise ValueError(
             f"sr_estimate {tuple(sr_estimate.shape)} and bicubic {tuple(bicubic.shape)} must have the same shape"
@@ -45,6 +49,10 @@ def check_weight_params(b_u: float, psi_max: float) -> None:
         raise ValueError(f"psi_max must be finite and > 0, got {psi_max}")
     if not psi_max > 0.0:
         raise ValueError(f"psi_max must be > 0, got {psi_max}")
+    f32 = torch.finfo(torch.float32)
+    if not f32.tiny <= 2.0 * psi_max <= f32.max:  # the float32 maps hold 2·ψ_max: 0 or inf would give NaN w
+        raise ValueError(f"psi_max must be in [{f32.tiny / 2:.3g}, {f32.max / 2:.3g}] (2·psi_max a normal float32), "
+                         f"got {psi_max}")
 
 
 def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
@@ -53,8 +61,13 @@ def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = D
     ψ may have 1 channel (an edited mask) or 3; it must be finite and >= 0.
     """
     check_weight_params(b_u, psi_max)
+    if not isinstance(psi, torch.Tensor) or not psi.is_floating_point() or psi.ndim != 4 or psi.shape[1] not in (1, 3):
+        what = f"dtype {psi.dtype}, shape {tuple(psi.shape)}" if isinstance(psi, torch.Tensor) else type(psi).__name__
+        raise ValueError(f"uncertainty ψ must be a float (B, 1|3, H, W) tensor, got {what}")
     if not torch.isfinite(psi).all() or (psi < 0).any():
         raise ValueError("uncertainty ψ must be finite and >= 0")
+    # half precision cannot hold a small 2ψ_max: computed in float32, returned in ψ's dtype
+    p = psi if psi.dtype in (torch.float32, torch.float64) else psi.float()
     # |g − y| = 2ψ, clamped at 2ψ_max, scaled to [0, 1]: the official operation order.
-    u = torch.clamp(psi * 2.0, 0.0, 2.0 * psi_max) / (2.0 * psi_max)
-    return b_u + (1.0 - b_u) * u
+    u = torch.clamp(p * 2.0, 0.0, 2.0 * psi_max) / (2.0 * psi_max)
+    return (b_u + (1.0 - b_u) * u).to(psi.dtype)

@@ -1,0 +1,178 @@
+"""The public library functions refuse input outside their stated shapes and ranges with an
+error naming the argument — instead of a silent wrong image, NaN, or a deep torch error.
+
+Each case was accepted (or crashed deep inside torch) before (2026-11-26 API audit).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from upsr_core.checkpoint import save_converted
+from upsr_core.errors import UnsupportedCheckpointError
+from upsr_core.fast import enable_fast
+from upsr_core.model import load_upsr
+from upsr_core.pipeline import crop_hr, pad_lr, starting_noise
+from upsr_core.schedule import make_schedule
+from upsr_core.tiling import tile_starts
+from upsr_core.uncertainty import estimate_uncertainty, weight_noise
+
+from _support import tiny_upsr
+
+TILE = dict(tile=16, overlap=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_upsr()
+
+
+@pytest.fixture(scope="module")
+def est_w(model):
+    lr = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    est = model.estimate(lr)
+    return est, weight_noise(est.uncertainty())
+
+
+# ------------------------------------------------------------------ LR values
+@pytest.mark.parametrize("scale, shift", [(255.0, 0.0), (1.0, -2.0), (2.0, -1.0)])
+def test_lr_outside_0_1_is_refused(model, scale, shift):
+    lr = torch.rand(1, 3, 6, 6) * scale + shift  # 8-bit values, or [-1, 1]: was a normal-looking image
+    with pytest.raises(ValueError, match=r"the LR image must hold values in \[0, 1\], got \["):
+        model.upscale(lr, **TILE)
+    with pytest.raises(ValueError, match="must hold values in"):
+        model.estimate(lr)
+
+
+def test_lr_overshoot_of_resampling_is_accepted(model):
+    lr = torch.rand(1, 3, 6, 6).mul(1.04).sub(0.02)  # bicubic/Lanczos resizing upstream overshoots a little
+    assert model.upscale(lr, **TILE).shape == (1, 3, 24, 24)
+
+
+# ------------------------------------------------------------------ weight and noise given to denoise
+def test_denoise_refuses_weights_of_the_wrong_shape_range_or_dtype(model, est_w):
+    est, w = est_w
+    cases = [
+        (w[0], ValueError, r"noise weight has shape \(3, 32, 32\); expected \(1 or 2, 1 or 3, 32, 32\)"),  # was
+        # image 0's weight for every image
+        (torch.cat([w, w[:1]]), ValueError, "noise weight has shape"),  # was an expand() RuntimeError
+        (w[:, :2], ValueError, "noise weight has shape"),
+        (w[..., :24, :24], ValueError, "padded HR size"),
+        (w * 5, ValueError, r"noise weight must be finite and in \[0, 1\], got \["),
+        (-w, ValueError, "noise weight must be finite and in"),
+        (torch.full_like(w, float("nan")), ValueError, "noise weight must be finite"),
+        ((w * 255).to(torch.uint8), TypeError, "weight must be a float tensor, got dtype torch.uint8"),
+        (0.5, TypeError, "weight must be a torch.Tensor, got float"),
+    ]
+    for weight, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            model.denoise(est, weight, **TILE)
+
+
+def test_denoise_and_upscale_refuse_noise_of_another_shape(model, est_w):
+    est, w = est_w
+    n = starting_noise(0, 2, (8, 8))
+    for noise in (torch.cat([n, n[:1]]), n[:1], torch.randn(2, 48, 32, 32), n[:, :3]):
+        with pytest.raises(ValueError, match=r"noise has shape .*; expected \(2, 48, 8, 8\)"):
+            model.denoise(est, w, noise=noise, **TILE)
+    with pytest.raises(ValueError, match="noise contains NaN"):
+        model.denoise(est, w, noise=torch.full_like(n, float("nan")), **TILE)
+    with pytest.raises(TypeError, match="noise must be a float tensor"):
+        model.denoise(est, w, noise=n.to(torch.int64), **TILE)
+    with pytest.raises(ValueError, match=r"noise has shape \(3, 48, 8, 8\); expected \(2, 48, 8, 8\)"):
+        model.upscale(torch.rand(2, 3, 6, 6), noise=torch.cat([n, n[:1]]), **TILE)  # was sliced silently
+
+
+# ------------------------------------------------------------------ ψ and w
+def test_weight_noise_refuses_psi_max_that_float32_cannot_hold():
+    psi = torch.rand(1, 3, 8, 8) * 0.2
+    for bad in (1e-300, 1e300):  # 2·ψ_max is 0 or inf in float32: all-NaN w, or an overflow RuntimeError
+        with pytest.raises(ValueError, match=r"psi_max must be in \[.*\] \(2·psi_max a normal float32\)"):
+            weight_noise(psi, psi_max=bad)
+    assert torch.isfinite(weight_noise(psi, psi_max=1e-30)).all()
+
+
+def test_weight_noise_in_half_precision_keeps_a_small_psi_max():
+    psi = torch.full((1, 1, 2, 2), 1e-3)
+    w = weight_noise(psi.half(), b_u=0.4, psi_max=1e-8)  # 2e-8 is 0 in fp16: w was b_u everywhere
+    assert w.dtype == torch.float16 and torch.equal(w, torch.ones_like(w))
+    assert torch.equal(weight_noise(psi.half(), 0.4, 0.05), weight_noise(psi, 0.4, 0.05).half())
+
+
+@pytest.mark.parametrize("psi", [torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, 4, 4),
+                                 torch.zeros(1, 4, 4, 4)])
+def test_weight_noise_refuses_psi_of_other_dtype_or_shape(psi):
+    with pytest.raises(ValueError, match=r"uncertainty ψ must be a float \(B, 1\|3, H, W\) tensor"):
+        weight_noise(psi)
+
+
+def test_estimate_uncertainty_refuses_integer_images():
+    a, b = torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.ones(1, 3, 2, 2, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="sr_estimate must be a float"):  # 0 − 1 wrapped to 255: ψ was 127.5
+        estimate_uncertainty(a, b)
+
+
+# ------------------------------------------------------------------ sizes and parameters
+def test_crop_hr_refuses_a_size_the_tensor_does_not_hold():
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"lr_size \(10, 10\) ×4 = 40x40 must be >= 1 and fit the tensor's 32x32"):
+        crop_hr(x, (10, 10))  # returned 32×32
+    with pytest.raises(ValueError, match="must be >= 1"):
+        crop_hr(x, (-2, 6))
+    assert crop_hr(x, (8, 5)).shape == (1, 3, 32, 20)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_steps=2.5), "num_steps must be an integer >= 2"),  # built 3 steps with η up to 1.47
+    (dict(kappa=float("nan")), "kappa must be a finite number > 0"),
+    (dict(kappa=float("inf")), "kappa must be a finite number > 0"),  # ZeroDivisionError
+    (dict(power=0), "power must be a finite number > 0"),  # a constant η
+    (dict(power=-1), "power must be"),
+    (dict(min_noise_level=0), "min_noise_level must be"),  # ZeroDivisionError
+    (dict(etas_end=1e-5), r"etas_end must exceed the start √η_1"),  # a decreasing η
+    (dict(kappa="2"), "kappa must be a finite number > 0, got '2'"),
+])
+def test_make_schedule_refuses_bad_parameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_schedule(**kw)
+
+
+def test_small_helpers_refuse_bad_sizes(model):
+    with pytest.raises(ValueError, match="multiple must be an integer >= 1, got 0"):
+        pad_lr(torch.rand(1, 3, 4, 4), 0)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 0"):
+        starting_noise(0, 0, (8, 8))
+    with pytest.raises(ValueError, match=r"lr_hw must be two integers >= 1 .* got \(0, 8\)"):
+        starting_noise(0, 1, (0, 8))  # was an empty tensor
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, tile size 16\), got 20"):
+        tile_starts(40, 16, 20)  # returned [24]: [0, 24) uncovered
+    with pytest.raises(ValueError, match="block must be > 0, got 0"):
+        model.estimate(torch.rand(1, 3, 4, 4), block=0)  # 0 meant the default 512
+
+
+def test_fast_path_refuses_tile_batch_below_one(model):
+    fast = enable_fast(tiny_upsr(), compile=False)
+    for bad in (0, -3, 1.5):  # the one-tile fast path ran with these
+        with pytest.raises(ValueError, match="tile_batch must be an integer >= 1"):
+            fast.upscale(torch.rand(1, 3, 6, 6), tile_batch=bad, **TILE)
+    with pytest.raises(ValueError, match="tile_batch must be an integer >= 1, got 1.5"):
+        model.upscale(torch.rand(1, 3, 6, 6), tile_batch=1.5, **TILE)
+
+
+def test_load_upsr_refuses_broken_config_metadata(model, tmp_path):
+    good = tmp_path / "m.safetensors"
+    save_converted(good, model.denoiser, model.estimator)
+    tensors = load_file(str(good))
+    from safetensors import safe_open
+
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    for key, value, match in (("denoiser_config", "{not json", "JSONDecodeError"),
+                              ("estimator_config", json.dumps({"foo": 1}), "TypeError")):
+        bad = tmp_path / f"bad_{key}.safetensors"
+        save_file(tensors, str(bad), metadata=meta | {key: value})
+        with pytest.raises(UnsupportedCheckpointError, match=rf"its metadata '{key}' is not a valid .*{match}"):
+            load_upsr(bad)
