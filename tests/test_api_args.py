@@ -176,3 +176,35 @@ def test_load_upsr_refuses_broken_config_metadata(model, tmp_path):
         save_file(tensors, str(bad), metadata=meta | {key: value})
         with pytest.raises(UnsupportedCheckpointError, match=rf"its metadata '{key}' is not a valid .*{match}"):
             load_upsr(bad)
+
+
+def test_save_converted_refuses_swapped_nets_and_reserved_metadata(model, tmp_path):
+    with pytest.raises(TypeError, match="denoiser must be an UPSRDenoiser, got ATD"):  # wrote an unreadable file
+        save_converted(tmp_path / "x.safetensors", model.estimator, model.denoiser)
+    with pytest.raises(TypeError, match="denoiser must be an UPSRDenoiser, got NoneType"):
+        save_converted(tmp_path / "x.safetensors", None, model.estimator)
+    with pytest.raises(ValueError, match=r"extra_metadata may not set \['denoiser_config'\]"):
+        save_converted(tmp_path / "x.safetensors", model.denoiser, model.estimator,
+                       extra_metadata={"denoiser_config": "{}"})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_write_png_refuses_nan_and_integer_images(tmp_path):
+    from upsr_core.imageio import write_png
+
+    with pytest.raises(ValueError, match="rgb contains NaN or Inf"):  # was written black
+        write_png(tmp_path / "a.png", torch.full((3, 4, 4), float("nan")))
+    with pytest.raises(TypeError, match="rgb must be a float tensor in \\[0, 1\\], got dtype torch.uint8"):
+        write_png(tmp_path / "a.png", torch.full((3, 4, 4), 200, dtype=torch.uint8))  # was white
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_heatmap_refuses_nan_maps_and_ranges():
+    from upsr_core.stages import heatmap
+
+    with pytest.raises(ValueError, match="holding NaN/Inf"):  # an IndexError before
+        heatmap(torch.full((1, 1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="heatmap range must be finite with hi > lo"):
+        heatmap(torch.zeros(1, 1, 2, 2), lo=float("nan"))
+    with pytest.raises(ValueError, match=r"needs a finite float \(B, C, H, W\) map"):
+        heatmap(torch.zeros(1, 2, 2))

@@ -238,6 +238,14 @@ def save_converted(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    # the file's layout follows the classes: swapped nets would write a file no loader can read
+    if not isinstance(denoiser, UPSRDenoiser):
+        raise TypeError(f"denoiser must be an UPSRDenoiser, got {type(denoiser).__name__}")
+    if estimator is not None and not isinstance(estimator, ATD):
+        raise TypeError(f"estimator must be an ATD (or None), got {type(estimator).__name__}")
+    reserved = {"format", "format_version", "dtype", "denoiser_config", "estimator_config"} & set(extra_metadata or {})
+    if reserved:
+        raise ValueError(f"extra_metadata may not set {sorted(reserved)}: they describe the file's own layout")
     tensors: dict[str, torch.Tensor] = {}
     nets = {"denoiser": denoiser, "estimator": estimator}
     for name, net in nets.items():

@@ -122,6 +122,11 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
         raise ValueError(f"expected alpha (1, {rgb.shape[1]}, {rgb.shape[2]}) to match rgb, got {tuple(alpha.shape)}")
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
+    for name, x in (("rgb", rgb), ("alpha", alpha)):
+        if x is not None and not x.is_floating_point():  # uint8 200 would clamp to 1.0: white
+            raise TypeError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}")
+        if x is not None and not torch.isfinite(x).all():  # NaN would be written as black
+            raise ValueError(f"{name} contains NaN or Inf values")
     h, w = rgb.shape[1:]
     a = np.empty((h, w, (1 if gray else 3) + (alpha is not None)), dtype=np.uint8 if bits == 8 else np.uint16)
     for y in range(0, h, _BAND):

@@ -10,6 +10,7 @@ default chain gives exactly :meth:`UPSRModel.upscale`, and edited maps still wor
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -176,8 +177,11 @@ def sample_maps(
 
 def heatmap(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """Colour preview of a map (B, C, H, W) (channel mean) -> (B, 3, H, W) in [0,1], 'inferno'-like."""
-    if hi <= lo:
-        raise ValueError(f"heatmap range must have hi > lo, got [{lo}, {hi}]")
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"heatmap range must be finite with hi > lo, got [{lo}, {hi}]")
+    if x.ndim != 4 or not x.is_floating_point() or not torch.isfinite(x).all():
+        raise ValueError(f"heatmap needs a finite float (B, C, H, W) map, got {x.dtype} {tuple(x.shape)}"
+                         + ("" if x.ndim != 4 or not x.is_floating_point() else " holding NaN/Inf"))
     t = ((x.float().mean(dim=1, keepdim=True) - lo) / (hi - lo)).clamp(0, 1)
     # piecewise-linear black -> purple -> orange -> pale yellow
     stops = torch.tensor([[0.0, 0.0, 0.02], [0.34, 0.06, 0.43], [0.87, 0.32, 0.23], [0.99, 0.64, 0.04],
