@@ -81,3 +81,17 @@ def small_model_file(small_nets, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "upsr_small.safetensors"
     save_converted(path, *small_nets)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """A converted .safetensors of random nets of the ``tiny`` training preset (no oracle needed)."""
+    from upsr_core.checkpoint import save_converted
+    from upsr_core.train.presets import TINY
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        den, atd = UPSRDenoiser(TINY.denoiser).eval(), ATD(TINY.estimator).eval()
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_converted(path, den, atd)
+    return path

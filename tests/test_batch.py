@@ -8,21 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
-from upsr_core.nets import ATD, UPSRDenoiser
-from upsr_core.train.presets import TINY
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_converted(path, UPSRDenoiser(TINY.denoiser).eval(), ATD(TINY.estimator).eval())
-    return path
 
 
 @pytest.fixture()

@@ -15,18 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
-from upsr_core.nets import ATD, UPSRDenoiser
-from upsr_core.train.presets import TINY
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_converted(path, UPSRDenoiser(TINY.denoiser).eval(), ATD(TINY.estimator).eval())
-    return path
 
 
 def _img(path, h=8, w=10, seed=0):
