@@ -1,9 +1,15 @@
-"""Exceptions raised by upsr_core."""
+"""Exceptions raised by upsr_core, and the small helpers its argument checks share."""
 from __future__ import annotations
 
+import numbers
 from typing import Mapping
 
-__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict"]
+__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict", "is_int"]
+
+
+def is_int(v: object) -> bool:
+    """True for an integer argument: Python's or NumPy's, not bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def describe_state_dict(sd: Mapping, limit: int = 4) -> str:

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from .graphs import GraphCache
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, StepCounter, UPSRModel
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
-from .pipeline import SCALE, bicubic_x4, check_lr, crop_hr, pad_lr, padded_size, run_estimator, starting_noise
+from .pipeline import (SCALE, bicubic_x4, check_lr, check_weight_and_noise, crop_hr, pad_lr, padded_size,
+                       run_estimator, starting_noise)
 from .schedule import make_schedule
 from .tiling import batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
@@ -405,8 +406,7 @@ class FastUPSRModel(UPSRModel):
         hp, wp = padded_size(h, w, m)
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
-        if tuple(noise.shape) != (b, 3 * SCALE * SCALE, hp, wp):
-            raise ValueError(f"noise {tuple(noise.shape)} does not match the padded LR grid ({b}, 48, {hp}, {wp})")
+        check_weight_and_noise(None, noise, b, (hp, wp), values=False)  # shape and dtype; no host sync
         if len(plan_tiles(hp, wp, tile, overlap, m)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:
             return super().upscale(lr, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise)

@@ -293,8 +293,7 @@ class UPSRModel:
         check_tile_batch(tile_batch)
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         b, _, hp, wp = lr_pm.shape
-        if noise is not None:  # shape and finite values: a wrong ε was sliced per tile without a word
-            check_weight_and_noise(None, noise, b, (hp, wp))
+        check_weight_and_noise(None, noise, b, (hp, wp))  # a given ε: its shape was sliced per tile unchecked
         if noise is None:  # several tile rows: make ε band by band (same numbers, 1/48 of the memory)
             noise = (NoiseField(seed, b, (hp, wp), same_noise=same_noise) if hp > tile
                      else starting_noise(seed, b, (hp, wp), same_noise=same_noise))

@@ -18,13 +18,14 @@ padding wherever that one works.
 """
 from __future__ import annotations
 
-import numbers
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .errors import is_int
 from .schedule import ResShiftSchedule, make_schedule
 from .sampler import StepCallback, prior_sample, sample
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, estimate_uncertainty, weight_noise
@@ -64,10 +65,9 @@ def check_lr(lr: torch.Tensor) -> None:
         raise ValueError(f"expected a non-empty LR image (B, 3, h, w), got {tuple(lr.shape)}")
     if not lr.is_floating_point():
         raise TypeError(f"expected a float image in [0, 1], got dtype {lr.dtype}")
-    if not torch.isfinite(lr).all():
+    lo, hi = (v.item() for v in torch.aminmax(lr.detach()))  # one pass: NaN and ±Inf reach lo or hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("the LR image contains NaN or Inf values")
-    lo, hi = torch.aminmax(lr.detach())
-    lo, hi = lo.item(), hi.item()
     if lo < -LR_RANGE_SLACK or hi > 1 + LR_RANGE_SLACK:
         raise ValueError(f"the LR image must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}] "
                          "(divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
@@ -95,7 +95,7 @@ def check_weight_and_noise(weight: torch.Tensor | None, noise: torch.Tensor | No
     if values and weight is not None:
         lo, hi = torch.aminmax(weight.detach().float())
         if not (0.0 <= lo.item() and hi.item() <= 1.0):  # also refuses NaN
-            raise ValueError(f"noise weight must be finite and in [0, 1], got [{lo.item():.4g}, {hi.item():.4g}]")
+            raise ValueError(f"noise weight must be in [0, 1], got [{lo.item():.4g}, {hi.item():.4g}]")
     if values and noise is not None and not torch.isfinite(noise).all():
         raise ValueError("noise contains NaN or Inf values")
 
@@ -122,7 +122,7 @@ def padded_size(h: int, w: int, multiple: int = 64) -> tuple[int, int]:
 
 def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``."""
-    if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
+    if not is_int(multiple) or multiple < 1:
         raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
     y0 = (lr.contiguous() - 0.5) / 0.5  # a channels-last input would pick other conv kernels downstream
     h, w = y0.shape[-2:]
@@ -182,17 +182,15 @@ def estimate(
 
 def _check_seed(seed: object, batch: int) -> int:
     """The seed as an int; ValueError unless an integer (not bool) in [0, 2**63 - batch]."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= 2**63 - batch:
+    if not is_int(seed) or not 0 <= seed <= 2**63 - batch:
         raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
     return int(seed)
 
 
 def _check_batch_hw(batch: int, lr_hw: tuple[int, int]) -> None:
-    ok = isinstance(batch, numbers.Integral) and not isinstance(batch, bool) and batch >= 1
-    if not ok:
+    if not is_int(batch) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if len(lr_hw) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                                  for v in lr_hw):
+    if len(lr_hw) != 2 or not all(is_int(v) and v >= 1 for v in lr_hw):
         raise ValueError(f"lr_hw must be two integers >= 1 (the padded LR height and width), got {lr_hw!r}")
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import is_int
+
 __all__ = ["ResShiftSchedule", "make_schedule", "VAR_UN"]
 
 VAR_UN = 0.3  # SPEC §8.5: the official _scale_input uses this constant, not the actual w
@@ -72,7 +74,7 @@ def make_schedule(
     SPEC §8.6: the start is min(min_noise_level/kappa, min_noise_level, √0.001), which is
     √0.001 for the official constants; ``etas_end`` is the final √η.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
+    if not is_int(num_steps) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
     for name, v in (("kappa", kappa), ("etas_end", etas_end), ("power", power), ("min_noise_level", min_noise_level)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:

@@ -12,11 +12,12 @@ image that fits in one tile is returned exactly and the blend weights never vani
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from .errors import is_int
 
 __all__ = ["Tile", "tile_starts", "plan_tiles", "partition", "tile_weight", "official_chop_starts", "check_tiling",
            "check_tile_batch", "tile_size"]
@@ -38,21 +39,17 @@ class Tile:
         return slice(self.y, self.y + self.h), slice(self.x, self.x + self.w)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # NumPy integers too
-
-
 def check_tiling(tile: int, overlap: int, multiple: int) -> None:
     """Raise ValueError unless tile is a positive multiple of ``multiple`` and 0 <= overlap < tile."""
-    if not _is_int(tile) or tile <= 0 or tile % multiple:
+    if not is_int(tile) or tile <= 0 or tile % multiple:
         raise ValueError(f"tile size must be a positive multiple of {multiple}, got {tile!r}")
-    if not _is_int(overlap) or not 0 <= overlap < tile:
+    if not is_int(overlap) or not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile size {tile}), got {overlap!r}")
 
 
 def check_tile_batch(tile_batch: int) -> None:
     """Raise ValueError unless tile_batch is an integer >= 1."""
-    if not _is_int(tile_batch) or tile_batch < 1:
+    if not is_int(tile_batch) or tile_batch < 1:
         raise ValueError(f"tile_batch must be an integer >= 1, got {tile_batch!r}")
 
 

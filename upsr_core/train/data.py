@@ -20,7 +20,7 @@ import csv
 import json
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -151,16 +151,23 @@ def _check_small(small: str) -> None:
         raise ValueError(f"small must be 'pad' or 'skip', got {small!r}")
 
 
-def _keep_large_enough(files: Sequence[Path], crop: int, prescale: Prescale) -> list[Path]:
-    kept = []
+def _prescaled_sizes(files: Sequence[Path], prescale: Prescale) -> Iterator[tuple[Path, int, int, int]]:
+    """(path, width, height after prescale, prescale factor) per file, from the headers only
+    (EXIF rotation does not change the short side)."""
     for p in files:
-        with Image.open(p) as im:  # header only; EXIF rotation does not change the short side
+        with Image.open(p) as im:
             w, h = im.size
         f = _prescale_factor((w, h), prescale)
-        if min(w // f, h // f) >= crop:
+        yield p, w // f, h // f, f
+
+
+def _keep_large_enough(files: Sequence[Path], crop: int, prescale: Prescale) -> list[Path]:
+    kept = []
+    for p, w, h, f in _prescaled_sizes(files, prescale):
+        if min(w, h) >= crop:
             kept.append(p)
         else:
-            log.info("skipping %s: %dx%d (after /%d) is smaller than crop %d", p, w // f, h // f, f, crop)
+            log.info("skipping %s: %dx%d (after /%d) is smaller than crop %d", p, w, h, f, crop)
     return kept
 
 
@@ -168,13 +175,7 @@ def check_small_images(files: Sequence[Path], crop: int, prescale: Prescale = 1)
     """How many of ``files`` (after ``prescale``) have a side below ``crop`` and will be
     reflect-padded: a warning names them; a ValueError if every one of them is (a crop larger
     than the photos trains on mirrored borders). Reads the file headers only."""
-    small = []
-    for p in files:
-        with Image.open(p) as im:
-            w, h = im.size
-        f = _prescale_factor((w, h), prescale)
-        if min(w // f, h // f) < crop:
-            small.append((p, w // f, h // f))
+    small = [(p, w, h) for p, w, h, _ in _prescaled_sizes(files, prescale) if min(w, h) < crop]
     if small and len(small) == len(files):
         biggest = max(small, key=lambda t: min(t[1], t[2]))
         raise ValueError(f"--crop {crop} is larger than every image ({len(files)}; the largest short side is "
