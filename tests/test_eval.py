@@ -129,3 +129,20 @@ def test_eval_grid_rejects_bad_values(b_u, psi_max, match):
 
     with pytest.raises(ValueError, match=match):
         parse_grid(b_u, psi_max)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda a: a * 255, r"expected values in \[0, 1\], got \[.*, 25\d"),     # 8-bit levels as float
+    (lambda a: a * 2 - 1, r"expected values in \[0, 1\], got \[-"),           # [-1, 1] convention
+    (lambda a: a.masked_fill(a > 0.5, float("nan")), "NaN or Inf"),
+])
+def test_metrics_refuse_images_outside_unit_range(bad, match):
+    # Before: psnr/ssim scaled 0-255 input by 255 again and returned a plausible wrong number;
+    # NIQE clamped it to an all-white image. The ±0.05 slack keeps raw network overshoot usable.
+    a = torch.rand(1, 3, 96, 96)
+    for fn in (lambda x: psnr(x, a), lambda x: ssim(a, x), lambda x: niqe(x, None)):
+        with pytest.raises(ValueError, match=match):
+            fn(bad(a))
+    with pytest.raises(TypeError, match="uint8"):
+        psnr((a * 255).to(torch.uint8), a)
+    assert torch.isfinite(psnr(a * 1.04 - 0.02, a)).all()  # overshoot within the slack is measured

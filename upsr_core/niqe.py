@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import rgb_to_y
+from .metrics import check_unit_image, rgb_to_y
 
 __all__ = ["NIQEParams", "NIQEUnavailable", "load_niqe_params", "niqe", "find_niqe_params", "matlab_resize_half"]
 
@@ -177,10 +177,11 @@ def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: in
 
     Uses the rounded Y channel (0-255). Images need sides >= 96 px after ``crop_border``.
     """
-    params = params or load_niqe_params()
     x = img if img.ndim == 4 else img.unsqueeze(0)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"niqe expects RGB images (B, 3, H, W), got {tuple(img.shape)}")
+    check_unit_image(x, "niqe")
+    params = params or load_niqe_params()
     if crop_border:
         x = x[..., crop_border:-crop_border, crop_border:-crop_border]
     y = torch.round(rgb_to_y(x.double().clamp(0, 1)) * 255.0)[:, 0]
