@@ -423,11 +423,17 @@ def test_a_bad_file_in_a_folder_stops_with_its_name_and_keeps_finished_outputs(m
     (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63 - batch\], got -1"),
     (dict(seed=2**63), r"got 9223372036854775808"),
     (dict(seed=2**80), r"got 1208925819614629174706176"),
-    (dict(seed=1.5), r"got 1.5"),
+    (dict(seed=1.5), r"got float 1.5"),
 ])
 def test_bad_parameters_name_the_value(model, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         model.upscale(lr_batch(1, 6, 6), **kw)
+
+
+def test_seed_of_the_wrong_type_is_a_type_error(model):
+    for bad in (1.5, "7", True, None):
+        with pytest.raises(TypeError, match=f"seed must be an integer .*got {type(bad).__name__}"):
+            model.upscale(lr_batch(1, 6, 6), seed=bad)
 
 
 def test_bad_weights_in_the_staged_path(model):

@@ -116,7 +116,7 @@ def test_starting_noise_seed_contract():
     assert torch.equal(batch[2:3], expected)
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, 2**63])
-def test_starting_noise_rejects_bad_seeds(seed):
-    with pytest.raises(ValueError, match="seed"):
+@pytest.mark.parametrize("seed, error", [(-1, ValueError), (1.5, TypeError), (2**63, ValueError)])
+def test_starting_noise_rejects_bad_seeds(seed, error):
+    with pytest.raises(error, match="seed"):
         starting_noise(seed, 1, (4, 4))

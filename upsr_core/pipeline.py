@@ -181,8 +181,11 @@ def estimate(
 
 
 def _check_seed(seed: object, batch: int) -> int:
-    """The seed as an int; ValueError unless an integer (not bool) in [0, 2**63 - batch]."""
-    if not is_int(seed) or not 0 <= seed <= 2**63 - batch:
+    """The seed as an int: TypeError unless an integer (not bool), ValueError unless in
+    [0, 2**63 - batch]."""
+    if not is_int(seed):
+        raise TypeError(f"seed must be an integer in [0, 2**63 - batch], got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= 2**63 - batch:
         raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
     return int(seed)
 
