@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -378,6 +379,18 @@ def test_photo_feed_crops_texture_and_resumable_stream(tmp_path):
     assert min(tex(x) for x in plain.next(40, torch.Generator().manual_seed(0))) < 1  # some crops are flat
     with pytest.raises(ValueError, match="feed must be"):
         make_feed(folder, 48, torch.device("cpu"), 4, feed="gpu")
+
+
+def test_workers_where_no_dataloader_runs_are_named(tmp_path, caplog):
+    # --workers used to be dropped silently with --feed device and with packed crops.
+    from upsr_core.train.feed import make_feed
+
+    folder = _half_flat_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="upsr_core.train.feed"):
+        make_feed(folder, 48, torch.device("cpu"), 4, feed="device")
+        assert "ignored" not in caplog.text  # not given: nothing to say
+        make_feed(folder, 48, torch.device("cpu"), 4, feed="device", workers=8)
+    assert "--workers 8 ignored: --feed device" in caplog.text
 
 
 def test_cli_trains_on_a_photo_folder_with_the_device_feed(tmp_path):

@@ -236,12 +236,17 @@ FEEDS = ("loader", "device")
 
 
 def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, shard: tuple[int, int] = (0, 1),
-              workers: int = 4, seed: int = 0, min_texture: float = 0.0, feed: str = "loader"):
-    """PackedFeed for packed crops; for a folder of images FolderFeed (``feed='loader'``) or
-    PhotoFeed (``feed='device'``). ``min_texture``: see ``ImageFolderDataset``; packed crops were
-    filtered when packed, so it does not apply to them."""
+              workers: int | None = None, seed: int = 0, min_texture: float = 0.0, feed: str = "loader"):
+    """PackedFeed for packed crops; for a folder of images FolderFeed (``feed='loader'``, with
+    ``workers`` DataLoader workers, default 4) or PhotoFeed (``feed='device'``). ``min_texture``:
+    see ``ImageFolderDataset``; packed crops were filtered when packed, so it does not apply to
+    them. Workers given where none are used are named in a warning, as is min_texture."""
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
+    if workers is not None and (is_packed(data) or feed == "device"):
+        log.warning("--workers %d ignored: %s", workers,
+                    f"{data} holds packed crops (no DataLoader)" if is_packed(data)
+                    else "--feed device crops on the training device (no DataLoader)")
     if is_packed(data):
         if min_texture:
             log.warning("min texture %g ignored: %s holds packed crops (filter them with pack_crops' min_texture)",
@@ -251,7 +256,7 @@ def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, 
         raise FileNotFoundError(f"--data {str(data)!r} is neither a folder of images nor a packed-crops file")
     if feed == "device":
         return PhotoFeed(data, crop, device, shard=shard, min_texture=min_texture)
-    return FolderFeed(data, crop, device, batch, workers=workers, seed=seed + 7919 * shard[0], min_texture=min_texture)
+    return FolderFeed(data, crop, device, batch, workers=4 if workers is None else workers, seed=seed + 7919 * shard[0], min_texture=min_texture)
 
 
 def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "realesrgan") -> torch.Tensor:
