@@ -209,3 +209,12 @@ def test_estimator_crop_of_one_lr_pixel_trains(tmp_path):
     _img(photos / "a.png", 16, 16)
     assert main(["train", "estimator", "--data", str(photos), "--config", "tiny", "--crop", "4", "--feed", "device",
                  "--steps", "1", "--batch", "2", "--out", str(tmp_path / "o"), "--degradation", "bicubic"]) == 0
+
+
+def test_bench_module_entry_point_keeps_the_one_line_contract(capsys):
+    # `python -m upsr_core.bench` (tools/device_bench.sh calls it) had its own plain argparse:
+    # usage text and SystemExit on a bad flag. It is now the same parser as `upsr_core bench`.
+    from upsr_core.bench import main as bench_main
+
+    assert bench_main(["--sizes", "0"]) == 2
+    assert one_error(capsys) == "error: argument --sizes: must be >= 1, got 0 (see python -m upsr_core bench --help)"

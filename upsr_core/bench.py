@@ -524,16 +524,11 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m upsr_core.bench …``: the bench without the rest of the CLI (fewer imports)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ap = argparse.ArgumentParser(prog="python -m upsr_core.bench")
-    add_parser(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``python -m upsr_core.bench …`` = ``python -m upsr_core bench …``: the same parser and the
+    same error handling (one ``error:`` line, exit code 2; out-of-memory advice)."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
