@@ -179,4 +179,4 @@ def test_compile_is_opt_in_and_needs_fast(folder, tmp_path, tiny_model_file, mon
     assert seen == [{"compile": False}, {"compile": True}]  # --fast alone never compiles (minutes per size)
     assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),
                  "--compile"]) == 2
-    assert "--compile compiles the fast path's denoiser: give --fast too" in capsys.readouterr().err
+    assert "--compile compiles the fast path's nets: give --fast too" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.compile and not args.fast:
-        raise ValueError("--compile compiles the fast path's denoiser: give --fast too")
+        raise ValueError("--compile compiles the fast path's nets: give --fast too")
     inputs = collect_inputs(args.inputs)
     single = len(inputs) == 1 and Path(args.inputs[0]).is_file() and len(args.inputs) == 1
     outputs = plan_outputs(inputs, args.output, single)

@@ -24,7 +24,7 @@ const SPECS = {
     note: [30, 20, 400, 260, `# UPSR ×4: the four stages
 **Load UPSR Model** → **Estimate Uncertainty** (a first ×4 estimate g(y) and the uncertainty ψ; its preview shows ψ as a heat map) → **Weight Noise** (w = b_u + (1 − b_u)·min(ψ/ψ_max, 1); heat map: bright = full noise) → **UPSR Sample** (5 diffusion steps from the weighted noise).
 
-With these default values and seed 0 the result equals \`python -m upsr_core upscale --fast\` (implementation reference: without \`--fast\`). **UPSR Upscale ×4** does all four in one node.`],
+With these default values and seed 0 the result equals \`python -m upsr_core upscale --fast\` on the CPU (on a GPU choose precision fp32 for that; implementation reference: without \`--fast\`). **UPSR Upscale ×4** does all four in one node.`],
     nodes: [
       ['img', 'LoadImage', [30, 320], { image: 'upsr_example_bee.png' }, 'Load LR image', [400, 400]],
       MODEL,
