@@ -89,6 +89,12 @@ class UPSRHandle:
         mm.load_models_gpu([self.patcher], force_full_load=True)
         return self.model
 
+    def free_others(self) -> int:
+        """Unload every other model from this model's device (after an out-of-memory: the
+        diffusion model of an earlier stage may still sit there); how many were unloaded."""
+        keep = [mm.LoadedModel(self.patcher)]  # LoadedModel compares by the patcher it wraps
+        return len(mm.free_memory(1e30, self.patcher.load_device, keep_loaded=keep))
+
 
 class LoadUPSRModel(io.ComfyNode):
     @classmethod

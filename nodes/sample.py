@@ -40,25 +40,37 @@ def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: i
     return new, min(overlap, new // 2)
 
 
-def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int) -> torch.Tensor:
+def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int,
+              free_others: Callable[[], int] | None = None) -> torch.Tensor:
     """``run`` with a ComfyUI progress bar over steps × tiles, a cancel check after every denoiser
-    step, and a retry with smaller tiles when the device runs out of memory."""
+    step, and, when the device runs out of memory, first the same tiles again after unloading
+    the other models (``free_others``: how many it unloaded; the result stays the one asked
+    for), then smaller tiles (the result is then that of the smaller tile)."""
     pbar = comfy.utils.ProgressBar(1)
 
     def progress(done: int, total: int) -> None:
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(done, total)
 
+    freed = free_others is None  # True once the other models have been unloaded (or cannot be)
     while True:
         try:
             return run(tile, overlap, progress)
         except OOM_ERRORS:
-            smaller = smaller_tiles(tile, overlap, lr_size, multiple)
-            if smaller is None:
+            unloaded = 0
+            if not freed:
+                freed = True
+                unloaded = free_others()
+            smaller = None if unloaded else smaller_tiles(tile, overlap, lr_size, multiple)
+            if not unloaded and smaller is None:
                 raise
-            log.warning("UPSR: out of memory with tile %d, retrying with tile %d, overlap %d", tile, *smaller)
         # outside the except block, so the failed attempt's tensors (held by its traceback) are freed
         mm.soft_empty_cache(True)
+        if unloaded:
+            log.warning("UPSR: out of memory with tile %d: unloaded %d other model(s), retrying the same tile",
+                        tile, unloaded)
+            continue
+        log.warning("UPSR: out of memory with tile %d, retrying with tile %d, overlap %d", tile, *smaller)
         tile, overlap = smaller
 
 
@@ -117,7 +129,8 @@ class UPSRSample(io.ComfyNode):
             return sample_maps(model, lr, est, w, seed=seed, tile=t, overlap=o, tile_batch=tile_batch,
                                progress=progress, same_noise=same_noise)
 
-        return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of)))
+        return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
+                                                      upsr_model.free_others)))
 
 
 class UPSRUpscale(io.ComfyNode):
@@ -153,4 +166,5 @@ class UPSRUpscale(io.ComfyNode):
             return model.upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=t, overlap=o, tile_batch=tile_batch,
                                  progress=progress, same_noise=same_noise)
 
-        return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of)))
+        return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
+                                                      upsr_model.free_others)))

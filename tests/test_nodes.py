@@ -595,6 +595,29 @@ def test_oom_on_the_first_tile_retries_with_smaller_tiles(pack, handle, model, m
     assert torch.equal(sr, direct.movedim(1, -1))
 
 
+@pytest.mark.parametrize("node_id", ["UPSRSample", "UPSRUpscale"])
+def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, monkeypatch, caplog, node_id):
+    # Another model (an SDXL of an earlier stage, say) still on the device: the first OOM unloads
+    # it (never the UPSR nets) and runs the same tiles again, so the result is the one asked for;
+    # only a second OOM shrinks the tile.
+    img = lr_image(16, 24, seed=5)
+    want = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))[0]
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    w = run(pack, "WeightNoise", **defaults(pack, "WeightNoise"), uncertainty=est[1])[0]
+    inputs = {"UPSRSample": {"sr_estimate": est[0], "noise_weight": w}, "UPSRUpscale": {}}[node_id]
+    other = object()
+    monkeypatch.setattr(pack.mm, "stub_others", [other])
+    monkeypatch.setattr(pack.mm, "stub_free_calls", [])
+    shapes = _oom_on_first_calls(model, monkeypatch, 1)
+    with caplog.at_level(logging.WARNING):
+        sr = run(pack, node_id, upsr_model=handle, image=img, **inputs, **defaults(pack, node_id))[0]
+    assert pack.mm.stub_others == [] and len(pack.mm.stub_free_calls) == 1
+    (_, device, keep), = pack.mm.stub_free_calls
+    assert device == handle.patcher.load_device and keep == [pack.mm.LoadedModel(handle.patcher)]
+    assert "out of memory with tile 512: unloaded 1 other model(s), retrying the same tile" in caplog.text
+    assert shapes[0] == shapes[1] and torch.equal(sr, want)
+
+
 def test_oom_gives_up_below_the_minimum_tile(pack, handle, model, monkeypatch):
     _oom_on_first_calls(model, monkeypatch, 10)
     with pytest.raises(torch.cuda.OutOfMemoryError):

@@ -2,7 +2,9 @@
 """Stand-in for comfy.model_management: the device, dtype, memory and interrupt calls the nodes use.
 
 ``stub_device`` (env ``UPSR_STUB_DEVICE``, default cpu) plays ComfyUI's chosen device.
-``stub_loaded`` records every ``load_models_gpu`` call.
+``stub_loaded`` records every ``load_models_gpu`` call; ``stub_others`` plays the other
+models resident on the device, which ``free_memory`` unloads (all of them: the stub has no
+memory figures) unless kept.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ OOM_EXCEPTION = torch.cuda.OutOfMemoryError
 stub_device = torch.device(os.environ.get("UPSR_STUB_DEVICE", "cpu"))
 stub_loaded: list[list] = []
 stub_empty_cache_calls = 0
+stub_others: list = []
+stub_free_calls: list[tuple] = []
 
 
 class InterruptProcessingException(Exception):
@@ -58,6 +62,21 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
     for m in models:
         m.model.to(m.load_device)
         m.model.device = m.load_device
+
+
+class LoadedModel:
+    def __init__(self, model):
+        self.model = model
+
+    def __eq__(self, other):
+        return self.model is other.model
+
+
+def free_memory(memory_required, device, keep_loaded=[]):  # noqa: B006 (ComfyUI's signature)
+    stub_free_calls.append((memory_required, device, list(keep_loaded)))
+    unloaded = [m for m in stub_others if LoadedModel(m) not in keep_loaded]
+    stub_others[:] = [m for m in stub_others if m not in unloaded]
+    return unloaded
 
 
 def soft_empty_cache(force=False):
