@@ -74,12 +74,28 @@ def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multi
         tile, overlap = smaller
 
 
+TILE_MAX, OVERLAP_MAX = 4096, 1024
+
+
+def tiling_problem(tile: int | None, overlap: int | None) -> str | None:
+    """What is wrong with a tile/overlap pair, or None. Either is None when it comes over a link
+    (unknown before the run). Also checks the widgets' ranges: ComfyUI skips its own min/max
+    check for inputs that a node's validate_inputs takes."""
+    if tile is not None and not MIN_TILE <= tile <= TILE_MAX:
+        return f"tile must be in [{MIN_TILE}, {TILE_MAX}] LR pixels, got {tile}"
+    if overlap is not None and not 0 <= overlap <= OVERLAP_MAX:
+        return f"overlap must be in [0, {OVERLAP_MAX}] LR pixels, got {overlap}"
+    if tile is not None and overlap is not None and overlap >= tile:
+        return f"overlap ({overlap}) must be less than the tile ({tile}): lower the overlap or raise the tile"
+    return None
+
+
 def _tiling_inputs() -> list:
     return [
-        io.Int.Input("tile", default=DEFAULT_TILE, min=MIN_TILE, max=4096, step=64,
+        io.Int.Input("tile", default=DEFAULT_TILE, min=MIN_TILE, max=TILE_MAX, step=64,
                      tooltip="largest tile in LR pixels (a multiple of 64); images up to this size run in one piece, "
                              "larger ones as the fewest tiles of at most this size"),
-        io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=1024, step=8,
+        io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=OVERLAP_MAX, step=8,
                      tooltip="overlap of neighbouring tiles, in LR pixels (less than the tile size)"),
         io.Int.Input("tile_batch", default=1, min=1, max=64, tooltip="tiles per denoiser batch"),
     ]
@@ -119,6 +135,12 @@ class UPSRSample(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, tile: int | None = None, overlap: int | None = None) -> bool | str:
+        # before the prompt runs: in the chain, an overlap >= tile used to fail only here, after
+        # EstimateUncertainty had spent its time
+        return tiling_problem(tile, overlap) or True
+
+    @classmethod
     def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
         model = upsr_model.load()
@@ -155,6 +177,12 @@ class UPSRUpscale(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
+
+    @classmethod
+    def validate_inputs(cls, tile: int | None = None, overlap: int | None = None) -> bool | str:
+        # before the prompt runs: in the chain, an overlap >= tile used to fail only here, after
+        # EstimateUncertainty had spent its time
+        return tiling_problem(tile, overlap) or True
 
     @classmethod
     def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch,

@@ -624,6 +624,18 @@ def test_oom_gives_up_below_the_minimum_tile(pack, handle, model, monkeypatch):
         run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(16, 128), **defaults(pack, "UPSRUpscale"))
 
 
+@pytest.mark.parametrize("node_id", ["UPSRSample", "UPSRUpscale"])
+def test_tiling_widgets_are_checked_before_the_prompt_runs(pack, node_id):
+    node = pack.nodes[node_id]
+    assert node.validate_inputs(tile=512, overlap=64) is True
+    assert node.validate_inputs(overlap=64) is True and node.validate_inputs() is True  # linked: unknown yet
+    assert node.validate_inputs(tile=64, overlap=64) == (
+        "overlap (64) must be less than the tile (64): lower the overlap or raise the tile")
+    # ComfyUI skips its own min/max check for inputs a validate_inputs takes, so these are ours
+    assert node.validate_inputs(tile=32, overlap=0) == "tile must be in [64, 4096] LR pixels, got 32"
+    assert node.validate_inputs(tile=512, overlap=-8) == "overlap must be in [0, 1024] LR pixels, got -8"
+
+
 def test_smaller_tiles_policy(pack):
     smaller = sys.modules[PACK + ".nodes.sample"].smaller_tiles
     assert smaller(512, 64, (1000, 700), 64) == (256, 64)
