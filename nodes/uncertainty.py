@@ -10,6 +10,8 @@ from comfy_api.latest import io, ui
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
+MASK_PSI_MAX = 1.0  # the slider's top: a painted MASK holds values up to 1 (computed ψ: PSI_MAX_LIMIT)
+
 from ._layout import image_in, image_out, mask_in, mask_out
 from .load_model import UPSRModelType
 
@@ -81,8 +83,11 @@ class WeightNoise(io.ComfyNode):
             inputs=[
                 io.Float.Input("b_u", default=DEFAULT_B_U, min=0.0, max=1.0, step=0.01,
                                display_mode=io.NumberDisplay.slider, tooltip="noise floor where ψ = 0"),
-                io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=PSI_MAX_LIMIT, step=0.001,
-                               display_mode=io.NumberDisplay.slider, tooltip="ψ at and above which noise is full"),
+                io.Float.Input("psi_max", default=DEFAULT_PSI_MAX, min=0.001, max=MASK_PSI_MAX, step=0.001,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="ψ at and above which noise is full. A computed ψ never exceeds "
+                                       f"{PSI_MAX_LIMIT}; with a painted mask, 1 makes grey a linear strength "
+                                       "(50 % grey = halfway between b_u and full noise)"),
                 io.Image.Input("uncertainty", optional=True, tooltip="ψ from UPSR Estimate Uncertainty"),
                 io.Mask.Input("uncertainty_mask", optional=True, tooltip="ψ as an (edited) MASK"),
             ],

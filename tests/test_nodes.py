@@ -189,12 +189,14 @@ def test_schema_types_and_order(pack):
 
 
 def test_schema_defaults_and_slider_ranges(pack):
-    for node_id in ("WeightNoise", "UPSRUpscale"):
+    # ψ_max tops out at 1 on Weight Noise (a painted MASK holds values up to 1: at 1, grey is a
+    # linear strength) and at 0.5 on the one-node Upscale (its ψ is computed and never exceeds ½)
+    for node_id, psi_top in (("WeightNoise", 1.0), ("UPSRUpscale", 0.5)):
         _, s = _spec(pack, node_id)
         assert {k: s["b_u"][1][k] for k in ("default", "min", "max", "display")} == \
             {"default": 0.4, "min": 0.0, "max": 1.0, "display": "slider"}
         assert {k: s["psi_max"][1][k] for k in ("default", "min", "max", "display")} == \
-            {"default": 0.05, "min": 0.001, "max": 0.5, "display": "slider"}
+            {"default": 0.05, "min": 0.001, "max": psi_top, "display": "slider"}
     for node_id in ("UPSRSample", "UPSRUpscale"):
         _, s = _spec(pack, node_id)
         assert s["seed"][1]["control_after_generate"] is True and s["seed"][1]["default"] == 0
@@ -422,6 +424,8 @@ def test_mask_path(pack, handle, model):
     edited[:, :8, -8:] = 1
     w2, _ = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=edited).args
     assert torch.allclose(w2[:, :, : w2.shape[2] // 2], torch.tensor(0.4)) and torch.all(w2[:, :8, -8:] == 1)
+    grey = torch.full_like(mask, 0.5)  # ψ_max 1: a 50 % grey brush is halfway between b_u and full noise
+    assert torch.allclose(run(pack, "WeightNoise", b_u=0.4, psi_max=1.0, uncertainty_mask=grey)[0], torch.tensor(0.7))
     sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w2,
              **defaults(pack, "UPSRSample"))[0]
     want = sample_maps(model, lr, sr_est, w2.movedim(-1, 1)[:, :1], seed=0)
