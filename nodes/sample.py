@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import comfy.model_management as mm
 import comfy.utils
@@ -10,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
-from upsr_core.model import Progress
+from upsr_core.model import ESTIMATOR_BLOCK, Progress
 from upsr_core.pipeline import padded_size
 from upsr_core.stages import sample_maps
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
@@ -23,8 +24,10 @@ MIN_TILE = 64  # LR pixels: the OOM retry gives up below this
 SEED_MAX = 0xFFFFFFFFFFFFFFF  # image i of a batch uses seed + i, which must stay below 2**63
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), mm.OOM_EXCEPTION} - {Exception})
 
-Run = Callable[[int, int, Progress], torch.Tensor]
-"""run(tile, overlap, progress) -> sr (B,3,4h,4w)."""
+Run = Callable[[int, int, int, Progress], torch.Tensor]
+"""run(tile, overlap, estimator_block, progress) -> sr (B,3,4h,4w)."""
+S = TypeVar("S")
+R = TypeVar("R")
 
 
 def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: int) -> tuple[int, int] | None:
@@ -40,38 +43,64 @@ def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: i
     return new, min(overlap, new // 2)
 
 
-def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int,
-              free_others: Callable[[], int] | None = None) -> torch.Tensor:
-    """``run`` with a ComfyUI progress bar over steps × tiles, a cancel check after every denoiser
-    step, and, when the device runs out of memory, first the same tiles again after unloading
-    the other models (``free_others``: how many it unloaded; the result stays the one asked
-    for), then smaller tiles (the result is then that of the smaller tile)."""
+def progress_bar() -> Progress:
+    """A ComfyUI progress bar as a ``progress(done, total)`` callback that also checks for Cancel."""
     pbar = comfy.utils.ProgressBar(1)
 
     def progress(done: int, total: int) -> None:
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(done, total)
 
+    return progress
+
+
+def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S | None],
+                 describe: Callable[[S], str], free_others: Callable[[], int] | None = None) -> R:
+    """``attempt(setting)``; when the device runs out of memory, first the same setting again
+    after unloading the other models (``free_others``: how many it unloaded; the result stays
+    the one asked for), then ``shrink(setting)`` until it gives None (then the error stands)."""
     freed = free_others is None  # True once the other models have been unloaded (or cannot be)
     while True:
         try:
-            return run(tile, overlap, progress)
+            return attempt(setting)
         except OOM_ERRORS:
             unloaded = 0
             if not freed:
                 freed = True
                 unloaded = free_others()
-            smaller = None if unloaded else smaller_tiles(tile, overlap, lr_size, multiple)
+            smaller = None if unloaded else shrink(setting)
             if not unloaded and smaller is None:
                 raise
         # outside the except block, so the failed attempt's tensors (held by its traceback) are freed
         mm.soft_empty_cache(True)
         if unloaded:
-            log.warning("UPSR: out of memory with tile %d: unloaded %d other model(s), retrying the same tile",
-                        tile, unloaded)
+            log.warning("UPSR: out of memory with %s: unloaded %d other model(s), retrying the same",
+                        describe(setting), unloaded)
             continue
-        log.warning("UPSR: out of memory with tile %d, retrying with tile %d, overlap %d", tile, *smaller)
-        tile, overlap = smaller
+        log.warning("UPSR: out of memory with %s, retrying with %s", describe(setting), describe(smaller))
+        setting = smaller
+
+
+def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int,
+              free_others: Callable[[], int] | None = None, *, estimator: bool = False) -> torch.Tensor:
+    """``run`` with a ComfyUI progress bar over steps × tiles, a cancel check after every denoiser
+    step, and :func:`retry_on_oom`: the same tiles after unloading the other models, then
+    smaller tiles (the result is then that of the smaller tile). ``estimator``: ``run`` also runs
+    the estimator, whose blocks then shrink with the tile where they are larger."""
+    def shrink(s: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        smaller = smaller_tiles(s[0], s[1], lr_size, multiple)
+        return None if smaller is None else (*smaller, min(s[2], smaller[0]) if estimator else s[2])
+
+    def describe(s: tuple[int, int, int]) -> str:
+        return f"tile {s[0]}, overlap {s[1]}" + (f", estimator block {s[2]}" if s[2] < ESTIMATOR_BLOCK else "")
+
+    progress = progress_bar()
+    return retry_on_oom(lambda s: run(*s, progress), (tile, overlap, ESTIMATOR_BLOCK), shrink, describe, free_others)
+
+
+def smaller_block(block: int) -> int | None:
+    """The next estimator block after running out of memory, or None below MIN_TILE."""
+    return block // 2 if block // 2 >= MIN_TILE else None
 
 
 TILE_MAX, OVERLAP_MAX = 4096, 1024
@@ -147,7 +176,7 @@ class UPSRSample(io.ComfyNode):
         lr = image_in(image, "image")
         est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
 
-        def run(t: int, o: int, progress: Progress) -> torch.Tensor:
+        def run(t: int, o: int, _block: int, progress: Progress) -> torch.Tensor:
             return sample_maps(model, lr, est, w, seed=seed, tile=t, overlap=o, tile_batch=tile_batch,
                                progress=progress, same_noise=same_noise)
 
@@ -190,9 +219,9 @@ class UPSRUpscale(io.ComfyNode):
         model = upsr_model.load()
         lr = image_in(image, "image")
 
-        def run(t: int, o: int, progress: Progress) -> torch.Tensor:
+        def run(t: int, o: int, block: int, progress: Progress) -> torch.Tensor:
             return model.upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=t, overlap=o, tile_batch=tile_batch,
-                                 progress=progress, same_noise=same_noise)
+                                 progress=progress, same_noise=same_noise, estimator_block=block)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
-                                                      upsr_model.free_others)))
+                                                      upsr_model.free_others, estimator=True)))

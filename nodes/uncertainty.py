@@ -4,23 +4,29 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
+from upsr_core.model import ESTIMATOR_BLOCK
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
-MASK_PSI_MAX = 1.0  # the slider's top: a painted MASK holds values up to 1 (computed ψ: PSI_MAX_LIMIT)
-
 from ._layout import image_in, image_out, mask_in, mask_out
 from .load_model import UPSRModelType
+from .sample import progress_bar, retry_on_oom, smaller_block
 
+MASK_PSI_MAX = 1.0  # the slider's top: a painted MASK holds values up to 1 (computed ψ: PSI_MAX_LIMIT)
+
+
+EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel: g(y) is what it would give
 
 
 @contextmanager
-def external_estimator(upscale_model, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
-    """A ComfyUI UPSCALE_MODEL (spandrel descriptor) as the estimator g, on ``device`` while in use
-    and back on the CPU afterwards (as core's ImageUpscaleWithModel does)."""
+def external_estimator(upscale_model, device: torch.device) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor] | None]:
+    """A ComfyUI UPSCALE_MODEL (spandrel descriptor) as the estimator g(x, tile): run through
+    ComfyUI's own tiling (``comfy.utils.tiled_scale``, tile × tile with 32 px of overlap, as core's
+    ImageUpscaleWithModel), on ``device`` while in use and back on the CPU afterwards."""
     if upscale_model is None:
         yield None
         return
@@ -30,7 +36,8 @@ def external_estimator(upscale_model, device: torch.device) -> Iterator[Callable
                          f"with {cin} input channels")
     upscale_model.to(device)
     try:
-        yield lambda x: upscale_model(x.to(device))
+        yield lambda x, tile: comfy.utils.tiled_scale(x.to(device), upscale_model, tile_x=tile, tile_y=tile,
+                                                      overlap=EXTERNAL_OVERLAP, upscale_amount=4)
     finally:
         upscale_model.to("cpu")
 
@@ -63,8 +70,16 @@ class EstimateUncertainty(io.ComfyNode):
     def execute(cls, upsr_model, image, upscale_model=None) -> io.NodeOutput:
         model = upsr_model.load()
         lr = image_in(image, "image")
+        progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
         with external_estimator(upscale_model, model.device) as g:
-            sr, psi = estimate_maps(model, lr, estimator=g)
+            if g is None:  # out of memory: unload other models, then halve ATD's blocks
+                sr, psi = retry_on_oom(lambda blk: estimate_maps(model, lr, progress=progress, block=blk),
+                                       ESTIMATOR_BLOCK, smaller_block, lambda blk: f"estimator block {blk}",
+                                       upsr_model.free_others)
+            else:  # the same for the upscale model's tiles
+                sr, psi = retry_on_oom(lambda t: estimate_maps(model, lr, estimator=lambda x: g(x, t), progress=progress),
+                                       EXTERNAL_TILE, smaller_block, lambda t: f"upscale_model tile {t}",
+                                       upsr_model.free_others)
         preview = image_out(heatmap(psi, hi=DEFAULT_PSI_MAX))
         return io.NodeOutput(image_out(sr), image_out(psi), mask_out(uncertainty_mask(psi)),
                              ui=ui.PreviewImage(preview, cls=cls))

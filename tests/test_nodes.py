@@ -485,16 +485,54 @@ class FakeUpscaleModel:
         return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
 
 
-def test_upscale_model_as_estimator(pack, handle):
+def test_upscale_model_as_estimator(pack, handle, monkeypatch):
     g = FakeUpscaleModel()
-    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=g)
+    monkeypatch.setattr(pack.utils, "stub_tiled_calls", [])
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16, b=2), upscale_model=g)
     assert est[1].abs().max() < 1e-5  # g = bicubic: no uncertainty
     assert g.moves[-1] == "cpu" and len(g.moves) == 2
+    # one image at a time through ComfyUI's tiling, with core's Upscale-node settings (not the whole
+    # batch in one call: a batch of video frames ran out of memory where core's node did not)
+    assert pack.utils.stub_tiled_calls == [dict(shape=(1, 3, 16, 16), tile=(512, 512), overlap=32,
+                                                upscale_amount=4)] * 2
     with pytest.raises(ValueError, match="must be a ×4 RGB model"):
         run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=FakeUpscaleModel(2))
 
 
 # ----------------------------------------------------------------------------- progress, cancel, OOM
+def test_estimate_uncertainty_reports_progress_and_can_be_cancelled(pack, handle, model, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: seen.append((v, t)))
+    img = lr_image(16, 24, b=3)
+    run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # one block per image here
+    calls = []
+    real = model._estimator_call
+    monkeypatch.setattr(model, "_estimator_call", lambda x: calls.append(1) or real(x))
+    pack.mm.interrupt_current_processing(True)  # Cancel pressed while the estimator runs
+    with pytest.raises(pack.mm.InterruptProcessingException):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    assert len(calls) == 1 and not pack.mm.processing_interrupted()
+
+
+def test_estimator_out_of_memory_halves_its_blocks(pack, handle, model, monkeypatch, caplog):
+    img = lr_image(16, 24, seed=6)
+    want = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    real, calls = model._estimator_call, []
+
+    def flaky(x):
+        calls.append(tuple(x.shape))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(model, "_estimator_call", flaky)
+    with caplog.at_level(logging.WARNING):
+        got = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    assert "out of memory with estimator block 512, retrying with estimator block 256" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got.args, want.args))  # one block either way at this size
+
+
 @pytest.mark.slow
 def test_progress_counts_steps_times_tiles(pack, handle, monkeypatch):
     seen = []
@@ -583,7 +621,10 @@ def test_oom_on_the_first_tile_retries_with_smaller_tiles(pack, handle, model, m
     img = lr_image(16, 128, seed=4)
     lr = img.movedim(-1, 1).contiguous()
     sr_est, psi = estimate_maps(model, lr)
-    direct = sample_maps(model, lr, sr_est, weight_map(psi), seed=0, tile=64, overlap=16)  # what the retry runs
+    # what the retry runs: the chain's estimate stays (blocks of 512); the one-node Upscale also
+    # shrinks the estimator's blocks to the new tile (either net may be the one that ran out)
+    direct = {"UPSRSample": lambda: sample_maps(model, lr, sr_est, weight_map(psi), seed=0, tile=64, overlap=16),
+              "UPSRUpscale": lambda: model.upscale(lr, seed=0, tile=64, overlap=16, estimator_block=64)}[node_id]()
     est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
     w = run(pack, "WeightNoise", **defaults(pack, "WeightNoise"), uncertainty=est[1])[0]
     inputs = {"UPSRSample": {"sr_estimate": est[0], "noise_weight": w}, "UPSRUpscale": {}}[node_id]
@@ -594,7 +635,8 @@ def test_oom_on_the_first_tile_retries_with_smaller_tiles(pack, handle, model, m
         sr = run(pack, node_id, upsr_model=handle, image=img, **inputs, **kw)[0]
     # whole image, then tiles of at most 64 px: three of 56 (the net's multiple 8) overlap by >= 16
     assert shapes[0][-2:] == (16, 128) and shapes[1][-2:] == (16, 56)
-    assert "out of memory with tile 512, retrying with tile 64, overlap 16" in caplog.text
+    block = {"UPSRSample": "", "UPSRUpscale": ", estimator block 64"}[node_id]
+    assert f"out of memory with tile 512, overlap 16, retrying with tile 64, overlap 16{block}" in caplog.text
     assert pack.mm.stub_empty_cache_calls == empties + 1
     assert torch.equal(sr, direct.movedim(1, -1))
 
@@ -618,7 +660,7 @@ def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, 
     assert pack.mm.stub_others == [] and len(pack.mm.stub_free_calls) == 1
     (_, device, keep), = pack.mm.stub_free_calls
     assert device == handle.patcher.load_device and keep == [pack.mm.LoadedModel(handle.patcher)]
-    assert "out of memory with tile 512: unloaded 1 other model(s), retrying the same tile" in caplog.text
+    assert "out of memory with tile 512, overlap 64: unloaded 1 other model(s), retrying the same" in caplog.text
     assert shapes[0] == shapes[1] and torch.equal(sr, want)
 
 

@@ -356,10 +356,10 @@ class FastUPSRModel(UPSRModel):
                         counter(len(group))
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
-    def estimate(self, lr: torch.Tensor, *, block: int | None = None):
+    def estimate(self, lr: torch.Tensor, *, block: int | None = None, progress=None):
         """:meth:`UPSRModel.estimate` (results on the CPU), after following moved nets."""
         self._follow()
-        return super().estimate(lr, block=block)
+        return super().estimate(lr, block=block, progress=progress)
 
     def denoise(self, est, weight: torch.Tensor, **kw) -> torch.Tensor:
         """:meth:`UPSRModel.denoise` (same keywords); the result stays on the model's device."""
@@ -384,6 +384,7 @@ class FastUPSRModel(UPSRModel):
         noise: torch.Tensor | None = None,
         sink=None,
         same_noise: bool = False,
+        estimator_block: int = ESTIMATOR_BLOCK,
     ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1] on the model's device.
 
@@ -393,10 +394,6 @@ class FastUPSRModel(UPSRModel):
         larger images stream through the reference tiling with :meth:`_tile_loop`.
         """
         self._follow()
-        if sink is not None:  # streamed output: the base class's banded tile loop
-            return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
-                                   tile_batch=tile_batch, progress=progress, noise=noise, sink=sink,
-                                   same_noise=same_noise)
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
@@ -404,12 +401,16 @@ class FastUPSRModel(UPSRModel):
         b, _, h, w = lr.shape
         m = self.multiple_of
         hp, wp = padded_size(h, w, m)
+        if (sink is not None or len(plan_tiles(hp, wp, tile, overlap, m)) > 1
+                or len(partition(hp, wp, estimator_block)) > 1):
+            # several tiles or blocks, or streamed output: the base class's tile loop, which makes
+            # ε band by band when not given (a whole field here would be 1 HR of CPU memory)
+            return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
+                                   tile_batch=tile_batch, progress=progress, noise=noise, sink=sink,
+                                   same_noise=same_noise, estimator_block=estimator_block)
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         check_weight_and_noise(None, noise, b, (hp, wp), values=False)  # shape and dtype; no host sync
-        if len(plan_tiles(hp, wp, tile, overlap, m)) > 1 or len(partition(hp, wp, ESTIMATOR_BLOCK)) > 1:
-            return super().upscale(lr, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
-                                   tile_batch=tile_batch, progress=progress, noise=noise)
         self._warn_if_slow()  # (the base class's upscale, above, warns itself)
         dev = self.device
         lr, noise = lr.to(dev, torch.float32), noise.to(dev, torch.float32)

@@ -39,7 +39,8 @@ ESTIMATOR_BLOCK = 512  # LR pixels: the estimator runs whole up to this size (as
 ESTIMATOR_MARGIN = 32  # LR pixels of context around each estimator block (two ATD windows)
 
 Progress = Callable[[int, int], None]
-"""progress(done, total): called after each denoiser step over all tiles; may raise to cancel."""
+"""progress(done, total): called after each denoiser step over all tiles (in ``estimate``: after
+each estimator block of each image); may raise to cancel."""
 
 
 class StepCounter:
@@ -120,30 +121,39 @@ class UPSRModel:
         return self.estimator(x01.to(edt)).float()
 
     # ------------------------------------------------------------------ stages
-    def _estimator_block(self, lr_pm: torch.Tensor, blk: Tile, margin: int) -> torch.Tensor:
-        """ŷ (B,3,4·blk.h,4·blk.w) in [-1,1] for one block, computed with ``margin`` LR px of context."""
+    def _estimator_block(self, lr_pm: torch.Tensor, blk: Tile, margin: int,
+                         counter: StepCounter | None = None) -> torch.Tensor:
+        """ŷ (B,3,4·blk.h,4·blk.w) in [-1,1] for one block, computed with ``margin`` LR px of context,
+        one image at a time (``counter(1)`` after each)."""
         hp, wp = lr_pm.shape[-2:]
         y0, x0 = max(blk.y - margin, 0), max(blk.x - margin, 0)
         y1, x1 = min(blk.y + blk.h + margin, hp), min(blk.x + blk.w + margin, wp)
-        out = torch.cat([run_estimator(self._estimator_call, lr_pm[i : i + 1, :, y0:y1, x0:x1].to(self.device)).cpu()
-                         for i in range(lr_pm.shape[0])])
+        parts = []
+        for i in range(lr_pm.shape[0]):
+            parts.append(run_estimator(self._estimator_call, lr_pm[i : i + 1, :, y0:y1, x0:x1].to(self.device)).cpu())
+            if counter is not None:
+                counter(1)
+        out = torch.cat(parts)
         oy, ox = (blk.y - y0) * SCALE, (blk.x - x0) * SCALE
         return out[:, :, oy : oy + blk.h * SCALE, ox : ox + blk.w * SCALE]
 
     @torch.no_grad()
-    def estimate(self, lr: torch.Tensor, *, block: int | None = None) -> Estimate:
+    def estimate(self, lr: torch.Tensor, *, block: int | None = None, progress: Progress | None = None) -> Estimate:
         """lr (B,3,h,w) in [0,1] -> Estimate at the padded size.
 
         The estimator runs on disjoint ``block``-px blocks, each with ESTIMATOR_MARGIN px of
         context; a padded LR that fits one block runs whole, exactly as the official code.
+        ``progress(done, total)`` is called after each block of each image (may raise to cancel).
         """
         check_lr(lr)
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         bic = torch.cat([bicubic_x4(lr_pm[i : i + 1]) for i in range(lr_pm.shape[0])])
         y_hat = torch.empty_like(bic)
-        for blk in partition(*lr_pm.shape[-2:], ESTIMATOR_BLOCK if block is None else block):
+        blocks = partition(*lr_pm.shape[-2:], ESTIMATOR_BLOCK if block is None else block)
+        counter = StepCounter(progress, len(blocks) * lr_pm.shape[0])
+        for blk in blocks:
             hs, ws_ = blk.scaled(SCALE).slices()
-            y_hat[:, :, hs, ws_] = self._estimator_block(lr_pm, blk, ESTIMATOR_MARGIN)
+            y_hat[:, :, hs, ws_] = self._estimator_block(lr_pm, blk, ESTIMATOR_MARGIN, counter)
         return Estimate(lr_pm, bic, y_hat, tuple(lr.shape[-2:]))
 
     @torch.no_grad()
@@ -270,6 +280,7 @@ class UPSRModel:
         noise: torch.Tensor | None = None,
         sink: RowSink | None = None,
         same_noise: bool = False,
+        estimator_block: int = ESTIMATOR_BLOCK,
     ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile.
 
@@ -285,6 +296,9 @@ class UPSRModel:
         ``same_noise``: every image of the batch gets the noise of ``seed`` instead of seed + i
         (video frames: static regions come out alike in every frame). ``noise``, if given,
         is used as it is (B, 48, Hp, Wp).
+
+        ``estimator_block``: the estimator's block size in LR px (see :meth:`estimate`); smaller
+        blocks need less memory and change ŷ slightly near block borders.
         """
         check_lr(lr)
         check_weight_params(b_u, psi_max)
@@ -297,7 +311,7 @@ class UPSRModel:
         if noise is None:  # several tile rows: make ε band by band (same numbers, 1/48 of the memory)
             noise = (NoiseField(seed, b, (hp, wp), same_noise=same_noise) if hp > tile
                      else starting_noise(seed, b, (hp, wp), same_noise=same_noise))
-        blocks = partition(hp, wp, ESTIMATOR_BLOCK)
+        blocks = partition(hp, wp, estimator_block)
         cache: dict[tuple[int, Tile], torch.Tensor] = {}
 
         def inputs(i: int, group: list[Tile]):

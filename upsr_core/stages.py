@@ -103,19 +103,32 @@ def estimate_maps(
     lr: torch.Tensor,
     *,
     estimator: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: Progress | None = None,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lr (B,3,h,w) [0,1] -> (sr_estimate, ψ), both (B,3,4h,4w) in [0,1] units.
 
-    ``estimator``: another ×4 model g (takes and returns [0,1] images) instead of ATD.
+    ``estimator``: another ×4 model g (takes and returns (1,3,h,w) [0,1] images) instead of
+    ATD, called once per image. ``progress(done, total)``: after each image (each estimator
+    block of each image for ATD; may raise to cancel). ``block``: ATD's block size in LR px
+    (see :meth:`UPSRModel.estimate`).
     """
     if estimator is None:
-        est = model.estimate(lr)
+        est = model.estimate(lr, block=block, progress=progress)
     else:
         check_lr(lr)
         lr_pm = pad_lr(lr.float().cpu(), model.multiple_of)
-        y_hat = run_estimator(lambda x: estimator(x).float().cpu(), lr_pm)
-        if y_hat.shape[-2:] != (SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1]):
-            raise ValueError(f"the estimator must upscale ×{SCALE}: {tuple(lr_pm.shape)} gave {tuple(y_hat.shape)}")
+        want = (SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1])
+        parts = []
+        for i in range(lr_pm.shape[0]):
+            y_hat = run_estimator(lambda x: estimator(x).float().cpu(), lr_pm[i : i + 1])
+            if y_hat.shape[-2:] != want:
+                raise ValueError(f"the estimator must upscale ×{SCALE}: {tuple(lr_pm[:1].shape)} gave "
+                                 f"{tuple(y_hat.shape)}")
+            parts.append(y_hat)
+            if progress is not None:
+                progress(i + 1, lr_pm.shape[0])
+        y_hat = torch.cat(parts)
         est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, tuple(lr.shape[-2:]))
     return make_visible(est.sr_estimate_pm, est.size, pm=True), make_visible(est.uncertainty(), est.size)
 

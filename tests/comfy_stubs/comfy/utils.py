@@ -1,6 +1,19 @@
 # (signatures, defaults and errors as ComfyUI 0.3.64 has them)
-"""Stand-in for comfy.utils: ProgressBar and its global hook (the server sets it in ComfyUI)."""
+"""Stand-in for comfy.utils: ProgressBar and its global hook (the server sets it in ComfyUI), and
+tiled_scale (here: the function on the whole image when it fits one tile, else an error; the
+real feathered tiling runs in the end-to-end tests). ``stub_tiled_calls`` records its calls."""
 from __future__ import annotations
+
+stub_tiled_calls: list[dict] = []
+
+
+def tiled_scale(samples, function, tile_x=64, tile_y=64, overlap = 8, upscale_amount = 4, out_channels = 3,  # noqa: E251
+                output_device="cpu", pbar = None):  # noqa: E251 (ComfyUI's spelling, compared by signatures.py)
+    stub_tiled_calls.append(dict(shape=tuple(samples.shape), tile=(tile_y, tile_x), overlap=overlap,
+                                 upscale_amount=upscale_amount))
+    if samples.shape[-2] > tile_y or samples.shape[-1] > tile_x:
+        raise NotImplementedError("the stub tiled_scale runs single-tile images only")
+    return function(samples).to(output_device)
 
 PROGRESS_BAR_ENABLED = True
 PROGRESS_BAR_HOOK = None
