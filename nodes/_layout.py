@@ -22,9 +22,10 @@ def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def image_out(x: torch.Tensor) -> torch.Tensor:
-    """(B,1|3,H,W) -> IMAGE [B,H,W,3] on the CPU."""
+    """(B,1|3,H,W) -> IMAGE [B,H,W,3] on the CPU, contiguous: other nodes may ``.view()`` it or
+    write into it (a movedim view, or an expand of one channel, would break them)."""
     y = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    return carry_padding(x, y.movedim(1, -1).cpu())
+    return carry_padding(x, y.movedim(1, -1).cpu().contiguous())
 
 
 def mask_in(mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -39,5 +40,5 @@ def mask_in(mask: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def mask_out(x: torch.Tensor) -> torch.Tensor:
-    """(B,1,H,W) -> MASK [B,H,W] on the CPU."""
-    return x[:, 0].cpu()
+    """(B,1,H,W) -> MASK [B,H,W] on the CPU, contiguous."""
+    return x[:, 0].cpu().contiguous()

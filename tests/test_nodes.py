@@ -500,6 +500,17 @@ def test_upscale_model_as_estimator(pack, handle, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- progress, cancel, OOM
+def test_outputs_are_contiguous_tensors(pack, handle):
+    # other nodes may .view() an IMAGE or write into it: no movedim views, no expanded channels
+    img = lr_image(16, 24)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    wn = run(pack, "WeightNoise", **defaults(pack, "WeightNoise"), uncertainty_mask=est[2])
+    sr = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
+    for t in (*est.args, *wn.args, *sr.args):
+        assert t.is_contiguous() and t.view(-1).numel() == t.numel()
+    wn.args[0].add_(0)  # writable: an expand of one channel would raise here
+
+
 def test_estimate_uncertainty_reports_progress_and_can_be_cancelled(pack, handle, model, monkeypatch):
     seen = []
     monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: seen.append((v, t)))
