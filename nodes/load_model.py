@@ -123,7 +123,8 @@ class LoadUPSRModel(io.ComfyNode):
                                        "upscale --fast` gives). reference: the faithful port of the official code, "
                                        "bit for bit what `python -m upsr_core upscale` gives; slower, more memory."),
             ],
-            outputs=[UPSRModelType.Output(display_name="upsr_model")],
+            outputs=[UPSRModelType.Output(display_name="upsr_model",
+                                          tooltip="the denoiser and its estimator, for the other UPSR nodes")],
         )
 
     @classmethod

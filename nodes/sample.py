@@ -152,7 +152,7 @@ class UPSRSample(io.ComfyNode):
             category="image/upscaling/UPSR",
             description="5-step residual diffusion from the uncertainty-weighted noise: the ×4 result.",
             inputs=[
-                UPSRModelType.Input("upsr_model"),
+                UPSRModelType.Input("upsr_model", tooltip="from Load UPSR Model"),
                 io.Image.Input("image", tooltip="the low-resolution image"),
                 io.Image.Input("sr_estimate", tooltip="from UPSR Estimate Uncertainty"),
                 io.Image.Input("noise_weight", tooltip="from UPSR Weight Noise"),
@@ -160,7 +160,7 @@ class UPSRSample(io.ComfyNode):
                 *_tiling_inputs(),
                 _same_noise_input(),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="the ×4 result")],
         )
 
     @classmethod
@@ -194,7 +194,7 @@ class UPSRUpscale(io.ComfyNode):
             description="The four UPSR nodes in one, streamed tile by tile (the least memory for large images); "
                         "the same result as the chain with the same values.",
             inputs=[
-                UPSRModelType.Input("upsr_model"),
+                UPSRModelType.Input("upsr_model", tooltip="from Load UPSR Model"),
                 io.Image.Input("image", tooltip="the low-resolution image"),
                 _seed_input(),
                 io.Float.Input("b_u", default=DEFAULT_B_U, min=0.0, max=1.0, step=0.01,
@@ -204,7 +204,7 @@ class UPSRUpscale(io.ComfyNode):
                 *_tiling_inputs(),
                 _same_noise_input(),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image", tooltip="the ×4 result")],
         )
 
     @classmethod

@@ -53,16 +53,21 @@ class EstimateUncertainty(io.ComfyNode):
                         "channel (the preview shows ψ from 0 to the default ψ_max). The MASK is ψ averaged "
                         "over the channels, to edit with the mask nodes and give to UPSR Weight Noise.",
             inputs=[
-                UPSRModelType.Input("upsr_model"),
+                UPSRModelType.Input("upsr_model", tooltip="from Load UPSR Model"),
                 io.Image.Input("image", tooltip="the low-resolution image"),
                 io.UpscaleModel.Input("upscale_model", optional=True,
                                       tooltip="another ×4 model (Load Upscale Model) as g instead of the ATD "
                                               "estimator"),
             ],
             outputs=[
-                io.Image.Output(display_name="sr_estimate"),
-                io.Image.Output(display_name="uncertainty"),
-                io.Mask.Output(display_name="uncertainty_mask"),
+                io.Image.Output(display_name="sr_estimate",
+                                tooltip="g(y), the first ×4 estimate (unclamped: may overshoot [0, 1] slightly)"),
+                io.Image.Output(display_name="uncertainty",
+                                tooltip="ψ per pixel and channel at ×4; values mostly 0…0.1, so a plain preview "
+                                        "looks almost black"),
+                io.Mask.Output(display_name="uncertainty_mask",
+                               tooltip="ψ averaged over the channels, at ×4: edit it and give it to UPSR Weight "
+                                       "Noise (white = full noise once ≥ ψ_max)"),
             ],
         )
 
@@ -106,7 +111,8 @@ class WeightNoise(io.ComfyNode):
                 io.Image.Input("uncertainty", optional=True, tooltip="ψ from UPSR Estimate Uncertainty"),
                 io.Mask.Input("uncertainty_mask", optional=True, tooltip="ψ as an (edited) MASK"),
             ],
-            outputs=[io.Image.Output(display_name="noise_weight"), io.Image.Output(display_name="heatmap")],
+            outputs=[io.Image.Output(display_name="noise_weight", tooltip="w in [b_u, 1] at ×4, for UPSR Sample"),
+                     io.Image.Output(display_name="heatmap", tooltip="w on a fixed 0…1 colour scale")],
         )
 
     @classmethod

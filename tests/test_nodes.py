@@ -188,6 +188,13 @@ def test_schema_types_and_order(pack):
             assert typ == types[name], (node_id, name)
 
 
+def test_every_input_and_output_has_a_tooltip(pack):
+    for node_id, node in pack.nodes.items():
+        schema = node.GET_SCHEMA()
+        for slot in (*schema.inputs, *schema.outputs):
+            assert slot.tooltip, f"{node_id}.{slot.id or slot.display_name} has no tooltip"
+
+
 def test_schema_defaults_and_slider_ranges(pack):
     # ψ_max tops out at 1 on Weight Noise (a painted MASK holds values up to 1: at 1, grey is a
     # linear strength) and at 0.5 on the one-node Upscale (its ψ is computed and never exceeds ½)
