@@ -34,6 +34,17 @@ def auto_precision(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
+def run_device() -> torch.device:
+    """Where ComfyUI will run the nets: its device, except under ``--novram``, where it moves
+    only comfy.ops layers to the GPU and leaves all of ours on the CPU (so precision auto,
+    chosen for the GPU, would pick fp16 for a CPU run, about 190× slower than fp32)."""
+    device = mm.get_torch_device()
+    if device.type != "cpu" and mm.vram_state == mm.VRAMState.NO_VRAM:
+        log.warning("UPSR: ComfyUI runs with --novram, which keeps these nets on the CPU: running on the CPU")
+        return torch.device("cpu")
+    return device
+
+
 def make_fast(model: UPSRModel, device: torch.device) -> UPSRModel:
     """The fast path for ComfyUI's ``device``, without the two switches that fight its memory
     management: CUDA graphs (their memory pool would stay allocated outside ComfyUI's
@@ -148,7 +159,7 @@ class LoadUPSRModel(io.ComfyNode):
             raise ValueError(problem)
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
         est = None if estimator_name == IN_MODEL_FILE else folder_paths.get_full_path_or_raise(FOLDER, estimator_name)
-        device = mm.get_torch_device()
+        device = run_device()
         dtype = PRECISIONS[precision] or auto_precision(device)
         model = load_upsr(path, est, device="cpu", dtype=dtype)
         if model.estimator is None:

@@ -278,6 +278,12 @@ def test_load_two_files_and_precisions(pack, tmp_path):
             assert auto("cuda") == torch.bfloat16
             mp.setattr(mm, "should_use_bf16", lambda device=None, **kw: False)
             assert auto("cuda") == torch.float32
+        with pytest.MonkeyPatch.context() as mp:  # --novram: ComfyUI leaves non-comfy.ops weights on the CPU
+            mp.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))
+            mp.setattr(mm, "should_use_fp16", lambda device=None, **kw: getattr(device, "type", device) == "cuda")
+            mp.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+            h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="auto")[0]
+            assert h.model.dtype == torch.float32 and h.patcher.load_device == torch.device("cpu")  # not fp16 on the CPU
         with pytest.raises(ValueError, match="holds only the denoiser"):
             run(pack, "LoadUPSRModel", model_name="den_only.safetensors", estimator_name="(from the model file)",
                 precision="fp32")

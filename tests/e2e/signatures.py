@@ -67,7 +67,8 @@ def main() -> None:
     out["signatures"] = {k: params(v) for k, v in callables.items()}
     out["schema_fields"] = [[f.name, None if f.default is dataclasses.MISSING else repr(f.default)]
                             for f in dataclasses.fields(io.Schema)]
-    out["enums"] = {"NumberDisplay": [m.value for m in io.NumberDisplay], "Hidden": [m.value for m in io.Hidden]}
+    out["enums"] = {"NumberDisplay": [m.value for m in io.NumberDisplay], "Hidden": [m.value for m in io.Hidden],
+                    "VRAMState": [m.name for m in mm.VRAMState]}
     out["mm"] = {"OOM_EXCEPTION": mm.OOM_EXCEPTION.__name__,
                  "InterruptProcessingException": [b.__name__ for b in mm.InterruptProcessingException.__mro__]}
     out["supported_pt_extensions"] = sorted(folder_paths.supported_pt_extensions)

@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import os
 import threading
+from enum import Enum
 
 import torch
 
 OOM_EXCEPTION = torch.cuda.OutOfMemoryError
+
+
+class VRAMState(Enum):
+    DISABLED = 0
+    NO_VRAM = 1
+    LOW_VRAM = 2
+    NORMAL_VRAM = 3
+    HIGH_VRAM = 4
+    SHARED = 5
+
+
+vram_state = VRAMState.NORMAL_VRAM
 
 stub_device = torch.device(os.environ.get("UPSR_STUB_DEVICE", "cpu"))
 stub_loaded: list[list] = []
