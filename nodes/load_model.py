@@ -92,13 +92,20 @@ class UPSRHandle:
     model: UPSRModel
     patcher: comfy.model_patcher.ModelPatcher
 
-    def load(self) -> UPSRModel:
-        """Put both nets on ComfyUI's device, offloading other models the ComfyUI way.
+    def load(self, memory_required: int = 0) -> UPSRModel:
+        """Put both nets on ComfyUI's device, offloading other models the ComfyUI way, so that
+        ``memory_required`` bytes are free beside them for the run.
 
         Fully, never partially: partial (lowvram) loading can only stream comfy.ops layers.
         """
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
         return self.model
+
+    def load_for(self, image: torch.Tensor, tile: int, tile_batch: int) -> UPSRModel:
+        """:meth:`load` with room for denoising the IMAGE [B,H,W,C] with these tile settings
+        (``UPSRModel.working_memory``: measured per-pixel activations, scaled)."""
+        return self.load(self.model.working_memory(tuple(image.shape[1:3]), batch=image.shape[0], tile=tile,
+                                                   tile_batch=tile_batch))
 
     def free_others(self) -> int:
         """Unload every other model from this model's device (after an out-of-memory: the

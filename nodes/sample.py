@@ -172,7 +172,7 @@ class UPSRSample(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
-        model = upsr_model.load()
+        model = upsr_model.load_for(image, tile, tile_batch)
         lr = image_in(image, "image")
         est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
 
@@ -216,7 +216,7 @@ class UPSRUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
-        model = upsr_model.load()
+        model = upsr_model.load_for(image, tile, tile_batch)
         lr = image_in(image, "image")
 
         def run(t: int, o: int, block: int, progress: Progress) -> torch.Tensor:

@@ -252,6 +252,18 @@ def test_load_converted_file_puts_both_nets_under_comfy_memory_management(pack, 
     assert set(dict(handle.patcher.model.named_children())) == {"denoiser", "estimator"}
 
 
+def test_sampling_nodes_ask_comfy_for_room_for_their_tiles(pack, handle, model):
+    # so that ComfyUI unloads other models up front instead of the run running out of memory
+    img = lr_image(16, 24, b=2)
+    run(pack, "UPSRUpscale", upsr_model=handle, image=img, **(defaults(pack, "UPSRUpscale") | {"tile_batch": 2}))
+    want = model.working_memory((16, 24), batch=2, tile=512, tile_batch=2)
+    assert pack.mm.stub_memory_required[-1] == want > 0
+    # the full-size fast path in fp16 at LR 256 (H100: 0.94 GiB peak, 0.24 GiB weights) -> about 0.9 GiB
+    den_full = type("D", (), {"config": type("C", (), {"model_channels": 160})(), "multiple_of": 64})()
+    full = type(model)(den_full, None, dtype=torch.float16)
+    assert 0.7 * 2**30 < full.working_memory((256, 256)) < 1.2 * 2**30
+
+
 def test_load_two_files_and_precisions(pack, tmp_path):
     den, atd = _tiny_nets()  # one net per file, unprefixed keys (as upsr.pth / atd_real.pth)
     save_file({k: v.contiguous() for k, v in den.state_dict().items()}, str(pack.extra_dir / "den_only.safetensors"),

@@ -24,7 +24,7 @@ from .config import ATDConfig, DenoiserConfig
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError
 from .nets import ATD, UPSRDenoiser
 from .pipeline import (SCALE, Estimate, NoiseField, bicubic_x4, check_lr, check_weight_and_noise, denoise_estimate,
-                       pad_lr, run_estimator, starting_noise)
+                       pad_lr, padded_size, run_estimator, starting_noise)
 from .schedule import make_schedule
 from .tiling import Tile, batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise
@@ -81,6 +81,25 @@ class UPSRModel:
     def supports_half(self) -> bool:
         """fp16 is offered for the denoiser only; the estimator stays fp32/bf16 (overflow risk)."""
         return True
+
+    # Device memory a denoiser call needs beyond the weights, per LR pixel of a tile batch and
+    # per byte of the denoiser's dtype, for the full-size net (model_channels 160), from the H100
+    # bench of 2026-11-26 (README *Speed*, LR 256 batch 1): the reference path in fp32 peaked at
+    # 2.19 GiB with 0.48 GiB of weights -> 6.8 KB (the fast path: FastUPSRModel). Rounded up by a
+    # quarter.
+    _act_bytes_per_px = 8500
+
+    def working_memory(self, lr_size: tuple[int, int], *, batch: int = 1, tile: int = DEFAULT_TILE,
+                       tile_batch: int = 1) -> int:
+        """A rough estimate in bytes of the device memory ``upscale``/``denoise`` needs on top of
+        the weights for ``batch`` LR images of ``lr_size`` (h, w): activations of one tile batch
+        (≤ tile_batch tiles of ≤ tile² LR px, scaled by the net's width), and the fast path's
+        output canvas while it stays on the device. For a host (ComfyUI) that frees memory for
+        a run up front; an under-estimate only means an out-of-memory to retry."""
+        hp, wp = padded_size(*lr_size, self.multiple_of)
+        px = min(tile_batch * min(tile, hp) * min(tile, wp), batch * hp * wp)
+        per_px = self._act_bytes_per_px * self.dtype.itemsize * self.denoiser.config.model_channels / 160
+        return int(per_px * px)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "UPSRModel":
         """Move both nets; ``dtype`` applies to the denoiser, the estimator never goes to fp16."""

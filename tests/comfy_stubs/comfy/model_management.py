@@ -2,7 +2,8 @@
 """Stand-in for comfy.model_management: the device, dtype, memory and interrupt calls the nodes use.
 
 ``stub_device`` (env ``UPSR_STUB_DEVICE``, default cpu) plays ComfyUI's chosen device.
-``stub_loaded`` records every ``load_models_gpu`` call; ``stub_others`` plays the other
+``stub_loaded`` records every ``load_models_gpu`` call (its ``memory_required`` in
+``stub_memory_required``); ``stub_others`` plays the other
 models resident on the device, which ``free_memory`` unloads (all of them: the stub has no
 memory figures) unless kept.
 """
@@ -30,6 +31,7 @@ vram_state = VRAMState.NORMAL_VRAM
 
 stub_device = torch.device(os.environ.get("UPSR_STUB_DEVICE", "cpu"))
 stub_loaded: list[list] = []
+stub_memory_required: list = []
 stub_empty_cache_calls = 0
 stub_others: list = []
 stub_free_calls: list[tuple] = []
@@ -72,6 +74,7 @@ def should_use_bf16(device=None, model_params=0, prioritize_performance=True, ma
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):
     stub_loaded.append(list(models))
+    stub_memory_required.append(memory_required)
     for m in models:
         m.model.to(m.load_device)
         m.model.device = m.load_device
