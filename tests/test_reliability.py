@@ -244,24 +244,23 @@ class RecordingEstimator(nn.Module):
         return F.interpolate(x * self.gain, scale_factor=4, mode="nearest")
 
 
-def test_large_image_networks_only_ever_see_tiles(monkeypatch):
+def test_large_image_networks_only_ever_see_tiles():
     """An LR larger than the estimator block and than the tile: every denoiser call is one
     tile (batch <= tile_batch) and every estimator call one block plus its context margin,
     whatever the image size — so network (GPU) memory is bounded by the tile.
 
-    The block is shrunk from 512 to 64 LR px so that a 150 × 170 image needs 3 × 3 blocks
+    The block is shrunk from 512 to 64 LR px (``estimator_block``) so that a 150 × 170 image needs 3 × 3 blocks
     (the logic does not depend on the numbers; a real 512+ px image takes ~8 s here).
     With x̂0 = ŷ = nearest×4(LR), the last DDIM step returns x̂0 (k_0 = 1, m_0 = c_0 = 0),
     so the blended output must be nearest×4 of the LR: the tiles are reassembled correctly.
     Pipeline memory (noise field, output canvas) is measured by tools/large_image_rss.py.
     """
     block = 64
-    monkeypatch.setattr(model_mod, "ESTIMATOR_BLOCK", block)
     den, est = RecordingDenoiser(), RecordingEstimator()
     model = UPSRModel(den, est)
     h, w = 150, 170  # padded to 160 × 176: 3 × 4 tiles of 64, 3 × 3 estimator blocks
     lr = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    sr = model.upscale(lr, seed=0, tile=64, overlap=16, tile_batch=5)
+    sr = model.upscale(lr, seed=0, tile=64, overlap=16, tile_batch=5, estimator_block=block)
     assert sr.shape == (1, 3, 4 * h, 4 * w)
     assert max(s[0] for s in den.shapes) == 5 and {s[-2:] for s in den.shapes} == {(64, 64)}
     assert len(den.shapes) == 5 * math.ceil(12 / 5)  # 5 steps per group of <= 5 tiles
