@@ -1,4 +1,4 @@
-"""The fine-tune tooling: tools/pack_photos.py, `eval --niqe-params off`, device_train.sh --prepare."""
+"""The fine-tune tooling: tools/pack_photos.py, `eval --niqe-params off`, device_train.sh --prepare, tools/flat_probe.py."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from _support import REPO, load_tool
@@ -97,3 +98,18 @@ def test_device_train_prepare_checks_the_carry(tmp_path, mode):
     carry = [str(photos), str(pack / "A_val")] if mode == "finetune" else [str(pack)]
     assert "carry: [" + ", ".join(f'"{c}"' for c in carry) in r.stdout
     assert "note: " in r.stdout  # the NIQE parameters are missing here
+
+
+def test_flat_probe_measures_invented_texture(tiny_model_file, capsys):
+    # tools/flat_probe.py, the ship gate for retrained demos: a flat input's output std.
+    probe = load_tool("flat_probe")
+    assert probe.main(["--model", str(tiny_model_file), "--size", "16", "--b-u", "0.4,0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "b_u 0.4: flat 120/255 -> output std" in lines[0]
+    from upsr_core import load_upsr
+
+    model = load_upsr(tiny_model_file)
+    std, mean = probe.flat_std(model, size=16, b_u=0.4)
+    sr = model.upscale(torch.full((1, 3, 16, 16), 120 / 255), seed=0, b_u=0.4)
+    assert std == pytest.approx(float(sr.std()) * 255) and mean == pytest.approx(float(sr.mean()) * 255)
+    assert f"output std {std:.2f} levels" in lines[0]
