@@ -132,8 +132,8 @@ def test_eval_grid_rejects_bad_values(b_u, psi_max, match):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda a: a * 255, r"expected values in \[0, 1\], got \[.*, 25\d"),     # 8-bit levels as float
-    (lambda a: a * 2 - 1, r"expected values in \[0, 1\], got \[-"),           # [-1, 1] convention
+    (lambda a: a * 255, r"must hold values in \[0, 1\], got \[.*, 25\d"),     # 8-bit levels as float
+    (lambda a: a * 2 - 1, r"must hold values in \[0, 1\], got \[-"),           # [-1, 1] convention
     (lambda a: a.masked_fill(a > 0.5, float("nan")), "NaN or Inf"),
 ])
 def test_metrics_refuse_images_outside_unit_range(bad, match):

@@ -17,32 +17,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .pipeline import LR_RANGE_SLACK
+from .pipeline import check_unit_range
 
-__all__ = ["psnr", "ssim", "rgb_to_y", "to_uint8_levels", "check_unit_image"]
-
-
-def check_unit_image(x: torch.Tensor, name: str) -> None:
-    """Raise TypeError/ValueError unless ``x`` is a float tensor of finite values in [0, 1]
-    (± LR_RANGE_SLACK: a network's raw output overshoots a little; an 8-bit or [-1, 1] image
-    is far outside and would give a plausible wrong number)."""
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a float image in [0, 1], got dtype {x.dtype} "
-                        "(divide 8-bit values by 255)")
-    if x.numel():
-        lo, hi = (v.item() for v in torch.aminmax(x.detach()))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name}: the image contains NaN or Inf values")
-        if lo < -LR_RANGE_SLACK or hi > 1 + LR_RANGE_SLACK:
-            raise ValueError(f"{name}: expected values in [0, 1], got [{lo:.4g}, {hi:.4g}] "
-                             "(divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
+__all__ = ["psnr", "ssim", "rgb_to_y", "to_uint8_levels"]
 
 
 def _batch(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4):
         raise ValueError(f"{name}: expected a (B, C, H, W) or (C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    check_unit_image(x, name)
+    check_unit_range(x, name)
     return (x if x.ndim == 4 else x.unsqueeze(0)).double()
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import check_unit_image, rgb_to_y
+from .metrics import rgb_to_y
+from .pipeline import check_unit_range
 
 __all__ = ["NIQEParams", "NIQEUnavailable", "load_niqe_params", "niqe", "find_niqe_params", "matlab_resize_half"]
 
@@ -180,7 +181,7 @@ def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: in
     x = img if img.ndim == 4 else img.unsqueeze(0)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"niqe expects RGB images (B, 3, H, W), got {tuple(img.shape)}")
-    check_unit_image(x, "niqe")
+    check_unit_range(x, "niqe")
     params = params or load_niqe_params()
     if crop_border:
         x = x[..., crop_border:-crop_border, crop_border:-crop_border]

@@ -54,6 +54,21 @@ LR_RANGE_SLACK = 0.05
 a little and the nets take that as it is; [0, 255] or [-1, 1] images are far outside."""
 
 
+def check_unit_range(x: torch.Tensor, what: str) -> None:
+    """Raise TypeError unless ``x`` is a float tensor, ValueError unless its values are finite and
+    in [0, 1] (± LR_RANGE_SLACK); ``what`` names it in the message. One pass over the data."""
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: expected a float image in [0, 1], got dtype {x.dtype} (divide 8-bit values by 255)")
+    if not x.numel():
+        return
+    lo, hi = (v.item() for v in torch.aminmax(x.detach()))  # NaN and ±Inf reach lo or hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what} contains NaN or Inf values")
+    if lo < -LR_RANGE_SLACK or hi > 1 + LR_RANGE_SLACK:
+        raise ValueError(f"{what} must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}] "
+                         "(divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
+
+
 def check_lr(lr: torch.Tensor) -> None:
     """Raise ValueError unless lr is a finite float (B, 3, h, w) tensor with B, h, w >= 1 and
     values in [0, 1] (± LR_RANGE_SLACK)."""
@@ -63,14 +78,7 @@ def check_lr(lr: torch.Tensor) -> None:
         raise ValueError(f"expected an LR image (B, 3, h, w), got {tuple(lr.shape)}")
     if lr.shape[0] == 0 or lr.shape[2] == 0 or lr.shape[3] == 0:
         raise ValueError(f"expected a non-empty LR image (B, 3, h, w), got {tuple(lr.shape)}")
-    if not lr.is_floating_point():
-        raise TypeError(f"expected a float image in [0, 1], got dtype {lr.dtype}")
-    lo, hi = (v.item() for v in torch.aminmax(lr.detach()))  # one pass: NaN and ±Inf reach lo or hi
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("the LR image contains NaN or Inf values")
-    if lo < -LR_RANGE_SLACK or hi > 1 + LR_RANGE_SLACK:
-        raise ValueError(f"the LR image must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}] "
-                         "(divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
+    check_unit_range(lr, "the LR image")
 
 
 def check_weight_and_noise(weight: torch.Tensor | None, noise: torch.Tensor | None, batch: int,
