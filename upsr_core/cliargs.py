@@ -96,4 +96,5 @@ png_or_folder.__name__ = "PNG file or folder"
 B_U_ARG = float_range(0.0, 1.0)
 """--b-u: the noise floor, in [0, 1]."""
 PSI_MAX_ARG = float_range(0.0, PSI_MAX_LIMIT, lo_open=True)
-"""--psi-max: in (0, 0.5], the range of ψ (the nodes' slider has the same bound)."""
+"""--psi-max: in (0, 0.5], the range of a computed ψ (as UPSR Upscale ×4's slider; Weight Noise's
+goes to 1 for painted masks, which the CLI does not take)."""

@@ -243,11 +243,12 @@ def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, 
     them. Workers given where none are used are named in a warning, as is min_texture."""
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
-    if workers is not None and (is_packed(data) or feed == "device"):
+    packed = is_packed(data)  # lists a folder: once
+    if workers is not None and (packed or feed == "device"):
         log.warning("--workers %d ignored: %s", workers,
-                    f"{data} holds packed crops (no DataLoader)" if is_packed(data)
+                    f"{data} holds packed crops (no DataLoader)" if packed
                     else "--feed device crops on the training device (no DataLoader)")
-    if is_packed(data):
+    if packed:
         if min_texture:
             log.warning("min texture %g ignored: %s holds packed crops (filter them with pack_crops' min_texture)",
                         min_texture, data)
