@@ -23,7 +23,8 @@ EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel: g(y) 
 
 
 @contextmanager
-def external_estimator(upscale_model, device: torch.device) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor] | None]:
+def external_estimator(upscale_model, device: torch.device
+                       ) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor] | None]:
     """A ComfyUI UPSCALE_MODEL (spandrel descriptor) as the estimator g(x, tile): run through
     ComfyUI's own tiling (``comfy.utils.tiled_scale``, tile × tile with 32 px of overlap, as core's
     ImageUpscaleWithModel), on ``device`` while in use and back on the CPU afterwards."""
@@ -77,14 +78,14 @@ class EstimateUncertainty(io.ComfyNode):
         lr = image_in(image, "image")
         progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
         with external_estimator(upscale_model, model.device) as g:
-            if g is None:  # out of memory: unload other models, then halve ATD's blocks
-                sr, psi = retry_on_oom(lambda blk: estimate_maps(model, lr, progress=progress, block=blk),
-                                       ESTIMATOR_BLOCK, smaller_block, lambda blk: f"estimator block {blk}",
-                                       upsr_model.free_others)
-            else:  # the same for the upscale model's tiles
-                sr, psi = retry_on_oom(lambda t: estimate_maps(model, lr, estimator=lambda x: g(x, t), progress=progress),
-                                       EXTERNAL_TILE, smaller_block, lambda t: f"upscale_model tile {t}",
-                                       upsr_model.free_others)
+            # out of memory: unload other models, then halve ATD's blocks (or the upscale model's tile)
+            def run(setting: int) -> tuple[torch.Tensor, torch.Tensor]:
+                if g is None:
+                    return estimate_maps(model, lr, progress=progress, block=setting)
+                return estimate_maps(model, lr, estimator=lambda x: g(x, setting), progress=progress)
+
+            start, what = (ESTIMATOR_BLOCK, "estimator block") if g is None else (EXTERNAL_TILE, "upscale_model tile")
+            sr, psi = retry_on_oom(run, start, smaller_block, lambda v: f"{what} {v}", upsr_model.free_others)
         preview = image_out(heatmap(psi, hi=DEFAULT_PSI_MAX))
         return io.NodeOutput(image_out(sr), image_out(psi), mask_out(uncertainty_mask(psi)),
                              ui=ui.PreviewImage(preview, cls=cls))

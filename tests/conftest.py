@@ -22,6 +22,7 @@ from upsr_core.nets import ATD, UPSRDenoiser
 from _support import *  # noqa: F401,F403
 from _support import ORACLE_DIR, SHARED, Oracle, atd_config_from_official, denoiser_config_from_official  # noqa: F401
 
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same RNG state (thread count is left as configured)."""

@@ -172,7 +172,8 @@ def test_compile_is_opt_in_and_needs_fast(folder, tmp_path, tiny_model_file, mon
 
     seen = []
     original = fast.enable_fast
-    monkeypatch.setattr(fast, "enable_fast", lambda m, **kw: (seen.append(kw), original(m, **kw | {"compile": False}))[1])
+    monkeypatch.setattr(fast, "enable_fast",
+                        lambda m, **kw: (seen.append(kw), original(m, **kw | {"compile": False}))[1])
     for extra in ([], ["--compile"]):
         assert main(["upscale", str(folder / "img0.png"), "-o", str(tmp_path / f"o{len(extra)}.png"), "--model",
                      str(tiny_model_file), "--device", "cpu", "-q", "--fast", *extra]) == 0

@@ -15,7 +15,6 @@ import copy
 
 import pytest
 import torch
-from _support import tiny_upsr
 
 from upsr_core.fast import FastUPSRModel, enable_fast, noise_weight
 from upsr_core.graphs import GraphCache
@@ -24,6 +23,8 @@ from upsr_core.nets.atd import ATD
 from upsr_core.nets.denoiser import GroupNorm32, SwinBlock
 from upsr_core.pipeline import padded_size, starting_noise
 from upsr_core.uncertainty import weight_noise
+
+from _support import tiny_upsr
 
 FP32_ATOL = 5e-5  # see the module docstring
 # max / mean |Δ| in [0,1] of a half-precision denoiser vs the fp32 reference on the oracle
@@ -44,7 +45,8 @@ def fast32(small_nets) -> FastUPSRModel:
 
 @pytest.mark.parametrize(
     "shape,tile,overlap,tile_batch",
-    [((1, 3, 16, 16), 512, 64, 1), ((2, 3, 20, 44), 512, 64, 1), ((1, 3, 40, 72), 32, 16, 1), ((2, 3, 40, 72), 32, 16, 3)],
+    [((1, 3, 16, 16), 512, 64, 1), ((2, 3, 20, 44), 512, 64, 1),
+     ((1, 3, 40, 72), 32, 16, 1), ((2, 3, 40, 72), 32, 16, 3)],
 )
 def test_fast_fp32_equals_reference(small_model, fast32, shape, tile, overlap, tile_batch):
     lr = torch.rand(shape)
@@ -299,7 +301,8 @@ def test_precision_probe_tool_runs_on_the_demo_model(capsys):
 
     assert load_tool("precision_probe").main(["--crops", "1"]) == 0
     assert torch.is_grad_enabled()  # no global state left behind
-    rows = {line[:36].strip(): [float(v) for v in line[36:].split()] for line in capsys.readouterr().out.splitlines()[1:]}
+    lines = capsys.readouterr().out.splitlines()[1:]
+    rows = {line[:36].strip(): [float(v) for v in line[36:].split()] for line in lines}
     assert set(rows) == {"fast fp32", "fast bf16", "autocast bf16 (fp32 weights)", "ideal bf16 GEMM (operands)",
                          "ideal bf16 GEMM (operands+outputs)"}
     assert rows["fast fp32"][0] < 1e-5  # rounding only (3e-7 measured)

@@ -1,4 +1,5 @@
-"""The fine-tune tooling: tools/pack_photos.py, `eval --niqe-params off`, device_train.sh --prepare, tools/flat_probe.py."""
+"""The fine-tune tooling: tools/pack_photos.py, `eval --niqe-params off`, device_train.sh --prepare,
+tools/flat_probe.py."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from _support import REPO, load_tool
 from upsr_core.cli import main
+
+from _support import REPO, load_tool
 
 
 def _pack_photos():

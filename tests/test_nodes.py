@@ -90,7 +90,8 @@ def pack(tmp_path_factory) -> Pack:
         model_file = extra / DEMO
         save_converted(model_file, *_tiny_nets())
 
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
@@ -295,7 +296,8 @@ def test_load_two_files_and_precisions(pack, tmp_path):
             mp.setattr(mm, "should_use_fp16", lambda device=None, **kw: getattr(device, "type", device) == "cuda")
             mp.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
             h = run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="auto")[0]
-            assert h.model.dtype == torch.float32 and h.patcher.load_device == torch.device("cpu")  # not fp16 on the CPU
+            # not fp16 on the CPU
+            assert h.model.dtype == torch.float32 and h.patcher.load_device == torch.device("cpu")
         with pytest.raises(ValueError, match="holds only the denoiser"):
             run(pack, "LoadUPSRModel", model_name="den_only.safetensors", estimator_name="(from the model file)",
                 precision="fp32")

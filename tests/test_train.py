@@ -265,7 +265,8 @@ def test_init_gives_the_file_weights_at_step_0(tmp_path):
 
 def test_init_config_mismatch_and_wrong_net_error(tmp_path, capsys):
     demo, src = _tiny_export(tmp_path)
-    common = ["--data", str(packed_crops(tmp_path)), "--out", str(tmp_path / "ft"), "--degradation", "bicubic", "--steps", "1"]
+    common = ["--data", str(packed_crops(tmp_path)), "--out", str(tmp_path / "ft"), "--degradation", "bicubic",
+              "--steps", "1"]
     assert main(["train", "estimator", *common, "--init", str(demo), "--config", "small"]) == 2
     err = capsys.readouterr().err
     assert str(demo) in err and "--config 'small'" in err and "embed_dim: 16 vs 48" in err
@@ -406,8 +407,8 @@ def test_cli_trains_on_a_photo_folder_with_the_device_feed(tmp_path):
 def test_export_with_the_estimator_of_a_two_net_file_records_its_estimator_training(tmp_path):
     demo, _ = _tiny_export(tmp_path)
     export = tmp_path / "ft.safetensors"
-    assert main(["train", "denoiser", "--data", str(packed_crops(tmp_path)), "--out", str(tmp_path / "ft"), "--steps", "1",
-                 "--degradation", "bicubic", "--init", str(demo), "--estimator", str(demo), "--export",
+    assert main(["train", "denoiser", "--data", str(packed_crops(tmp_path)), "--out", str(tmp_path / "ft"),
+                 "--steps", "1", "--degradation", "bicubic", "--init", str(demo), "--estimator", str(demo), "--export",
                  str(export)]) == 0
     demo_meta, meta = load_upsr(demo).metadata, load_upsr(export).metadata
     assert json.loads(meta["estimator_training"])["stage"] == "estimator"

@@ -18,9 +18,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _support import tiny_upsr
 
 from upsr_core.fast import enable_fast
+
+from _support import tiny_upsr
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton); "

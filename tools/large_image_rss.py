@@ -149,7 +149,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         w, h = map(int, args.child.split("x"))
-        row = child_png(h, w) if args.png_only else child(h, w, args.stub, args.tile, args.overlap, args.tile_batch, args.stream)
+        if args.png_only:
+            row = child_png(h, w)
+        else:
+            row = child(h, w, args.stub, args.tile, args.overlap, args.tile_batch, args.stream)
         print(json.dumps(row))
         return 0
     rows = []
@@ -166,7 +169,8 @@ def main() -> int:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         if args.png_only:
-            print(f"{row['lr']:>10} LR  write_png: before {row['rss_before_mib']:6d} MiB  peak {row['peak_png_mib']:6d} MiB"
+            print(f"{row['lr']:>10} LR  write_png: before {row['rss_before_mib']:6d} MiB  "
+                  f"peak {row['peak_png_mib']:6d} MiB"
                   f"  HR tensor {row['hr_tensor_mib']:5d} MiB  growth {row['growth_over_hr']:.2f} × HR", flush=True)
             continue
         print(f"{row['lr']:>10} LR  {row['seconds']:7.1f} s  before {row['rss_before_mib']:6d} MiB  "

@@ -31,7 +31,8 @@ def main() -> None:
     sr = model.denoise(est, w, seed=a.seed)
     bic = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
     panels = [bic, heatmap(crop_hr(psi, est.size), 0.0, 0.1), heatmap(crop_hr(w, est.size), 0.0, 1.0), sr]
-    names = ["bicubic x4", "uncertainty psi (0 to 0.1)", "noise weight w (0 to 1)", "UPSR (demo model)"]  # ASCII: PIL default font
+    # ASCII: PIL's default font
+    names = ["bicubic x4", "uncertainty psi (0 to 0.1)", "noise weight w (0 to 1)", "UPSR (demo model)"]
     tiles = [Image.fromarray((p[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for p in panels]
     wd, ht = tiles[0].size
     sheet = Image.new("RGB", (4 * wd + 30, ht + 24), "white")

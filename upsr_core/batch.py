@@ -182,7 +182,8 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
         for (img, _, dst), tmp, out in zip(group, tmps, sr):
             alpha = None
             if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
-                alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+                alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)
+                alpha = alpha[0].clamp(0, 1)
             write_png(tmp, out, alpha, bits=_bits(img, args), gray=img.gray)
             os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
             if not args.quiet:

@@ -169,7 +169,8 @@ def denoiser_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> DenoiserC
         for lvl, has in enumerate(swin_first):
             if has:
                 first = sum(len(lv) + 1 for lv in levels[:lvl]) + 1
-                wins[lvl] = math.isqrt(_shape(sd, f"input_blocks.{first}.1.blocks.0.attn.relative_position_index", what)[0])
+                key = f"input_blocks.{first}.1.blocks.0.attn.relative_position_index"
+                wins[lvl] = math.isqrt(_shape(sd, key, what)[0])
         if "middle_block.1.blocks.0.attn.relative_position_index" in sd:
             wins[len(levels) - 1] = min(wins.get(len(levels) - 1, 10**9), math.isqrt(
                 sd["middle_block.1.blocks.0.attn.relative_position_index"].shape[0]))

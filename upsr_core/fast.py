@@ -39,8 +39,17 @@ import torch.nn.functional as F
 from .graphs import GraphCache
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, StepCounter, UPSRModel
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
-from .pipeline import (SCALE, bicubic_x4, check_lr, check_weight_and_noise, crop_hr, pad_lr, padded_size,
-                       run_estimator, starting_noise)
+from .pipeline import (
+    SCALE,
+    bicubic_x4,
+    check_lr,
+    check_weight_and_noise,
+    crop_hr,
+    pad_lr,
+    padded_size,
+    run_estimator,
+    starting_noise,
+)
 from .schedule import make_schedule
 from .tiling import batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
@@ -336,7 +345,8 @@ class FastUPSRModel(UPSRModel):
                 full = [tiles[j] for j in group + [group[-1]] * (nb - len(group))]
                 sub, w_sub, n_sub = inputs(i, full)
                 args = (sub.bicubic_pm.to(dev), sub.sr_estimate_pm.to(dev),
-                        w_sub.to(dev, torch.float32).expand_as(sub.bicubic_pm).contiguous(), n_sub.to(dev, torch.float32))
+                        w_sub.to(dev, torch.float32).expand_as(sub.bicubic_pm).contiguous(),
+                        n_sub.to(dev, torch.float32))
                 th, tw = full[0].h, full[0].w
                 key = self._key("den", *args[3].shape)
                 graphed = nb * th * tw <= GRAPH_MAX_PIXELS and self.graphs.replays(key, dev)

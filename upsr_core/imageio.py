@@ -42,7 +42,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     try:
         with Image.open(path) as im:
             if getattr(im, "n_frames", 1) > 1:
-                raise ValueError(f"{path.name}: has {im.n_frames} frames; extract the frames first (one image per file)")
+                raise ValueError(f"{path.name}: has {im.n_frames} frames; extract the frames first "
+                                 "(one image per file)")
             if _colour_16bit(im):
                 raise ValueError(f"{path.name}: 16-bit colour, which Pillow can only read at 8 bits; "
                                  "save it as 8-bit colour or 16-bit grayscale")
@@ -201,7 +202,8 @@ class PngStreamWriter:
         if self.rows + n > self.height:
             raise ValueError(f"too many rows: {self.rows + n} > height {self.height}")
         for y in range(0, n, _BAND):
-            a = _to_ints(rgb[:, y : y + _BAND], None if alpha is None else alpha[:, y : y + _BAND], self.bits, self.gray)
+            band_alpha = None if alpha is None else alpha[:, y : y + _BAND]
+            a = _to_ints(rgb[:, y : y + _BAND], band_alpha, self.bits, self.gray)
             if self.bits == 16:
                 a = a.astype(">u2")
             rows = np.empty((a.shape[0], 1 + a[0].nbytes), dtype=np.uint8)

@@ -23,8 +23,19 @@ from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_
 from .config import ATDConfig, DenoiserConfig
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError
 from .nets import ATD, UPSRDenoiser
-from .pipeline import (SCALE, Estimate, NoiseField, bicubic_x4, check_lr, check_weight_and_noise, denoise_estimate,
-                       pad_lr, padded_size, run_estimator, starting_noise)
+from .pipeline import (
+    SCALE,
+    Estimate,
+    NoiseField,
+    bicubic_x4,
+    check_lr,
+    check_weight_and_noise,
+    denoise_estimate,
+    pad_lr,
+    padded_size,
+    run_estimator,
+    starting_noise,
+)
 from .schedule import make_schedule
 from .tiling import Tile, batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise
@@ -347,8 +358,8 @@ class UPSRModel:
                             cache[(i, blk)] = self._estimator_block(lr_pm[i : i + 1], blk, ESTIMATOR_MARGIN)
                         _paste(y_hat, cache[(i, blk)], blk, t)
                 subs.append(Estimate(lr_t, bic, y_hat, (t.h, t.w)))
-            sub = Estimate(*(torch.cat([getattr(e, f) for e in subs]) for f in ("lr_pm", "bicubic_pm", "sr_estimate_pm")),
-                           subs[0].size)
+            fields = ("lr_pm", "bicubic_pm", "sr_estimate_pm")
+            sub = Estimate(*(torch.cat([getattr(e, f) for e in subs]) for f in fields), subs[0].size)
             w = weight_noise(sub.uncertainty(), b_u, psi_max)
             n = torch.stack([noise[i, :, t.y : t.y + t.h, t.x : t.x + t.w] for t in group])
             return sub, w, n

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import is_int
-from .schedule import ResShiftSchedule, make_schedule
 from .sampler import StepCallback, prior_sample, sample
+from .schedule import ResShiftSchedule, make_schedule
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, estimate_uncertainty, weight_noise
 
 __all__ = [

@@ -22,7 +22,8 @@ class Denoise(Protocol):
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def prior_sample(y: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor, schedule: ResShiftSchedule) -> torch.Tensor:
+def prior_sample(y: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor,
+                 schedule: ResShiftSchedule) -> torch.Tensor:
     """x_T = y + κ·√η_T·w ⊙ ε (UPSR eq. 8); all (B, 48, h, w), unshuffled, [-1, 1] space."""
     coef = schedule.f32()["prior"].to(y.device)
     return y + coef * weight * noise

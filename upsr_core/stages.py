@@ -68,7 +68,8 @@ def mirror_pad_hr(x: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[in
     return x.index_select(-2, index(h, hp)).index_select(-1, index(w, wp))
 
 
-def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int], *, pm: bool = False) -> torch.Tensor:
+def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int], *,
+                 pm: bool = False) -> torch.Tensor:
     """The padded map behind ``vis`` if ``vis`` is unchanged, else ``vis`` mirror-padded.
 
     Returns [-1,1] values when ``pm`` (``vis`` itself is always in [0,1] units).

@@ -28,13 +28,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE.parent / "comfy_stubs"), str(REPO), str(HERE)]
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
 import comfy.model_management as mm  # noqa: E402
 import comfy_server  # noqa: E402
 import folder_paths  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 base = Path(tempfile.mkdtemp(prefix="upsr-gpu-"))

@@ -118,7 +118,9 @@ def test_ui_to_api_matches_the_frontend(server, e2e, object_info, tmp_path):
         assert r.returncode == 0 and summary["missing"] == [] and summary["error_nodes"] == [], summary
         frontend = json.loads(api_out.read_text())
         ours = e2e.ui_to_api(load_workflow(name), object_info)
-        strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+        def strip(p: dict) -> dict:
+            return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}
+
         assert strip(ours) == strip(frontend), name
 
 

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ATDConfig
-from .attention import (attend, attend_windows, relative_position_index, window_index, window_partition,
-                        window_reverse)
+from .attention import attend, attend_windows, relative_position_index, window_index, window_partition, window_reverse
 
 __all__ = ["ATD", "official_sort"]
 

@@ -177,11 +177,13 @@ def prepare_subpixel(conv: nn.Conv2d) -> None:
     """
     with torch.no_grad():
         w = conv.weight.float()
-        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
         conv.subpixel = tuple(
             k.to(conv.weight.dtype).contiguous()
             for r in rows
-            for k in (torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1), torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1))
+            for k in (torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),
+                      torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1))
         )
 
 

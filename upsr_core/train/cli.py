@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="folder of images, or a packed-crops .npy/.safetensors (or its folder)")
+    p.add_argument("--data", required=True,
+                   help="folder of images, or a packed-crops .npy/.safetensors (or its folder)")
     p.add_argument("--config", default=None, choices=["small", "full", "tiny"],
                    help="net sizes and optimiser defaults (default: small; with --init the net comes from the file, "
                         "and the optimiser defaults from the preset with that net, else small's)")
@@ -64,7 +65,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int_min(0), default=None)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--ema-decay", type=float_range(0, 1, hi_open=True), default=None)
-    p.add_argument("--crop", type=int_min(1), default=None, help="HR crop side (default: the preset's: 256 for small/full, 32 for tiny)")
+    p.add_argument("--crop", type=int_min(1), default=None,
+                   help="HR crop side (default: the preset's: 256 for small/full, 32 for tiny)")
     p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on CUDA, off on CPU")
     p.add_argument("--device", default="auto")

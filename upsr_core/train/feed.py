@@ -257,7 +257,8 @@ def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, 
         raise FileNotFoundError(f"--data {str(data)!r} is neither a folder of images nor a packed-crops file")
     if feed == "device":
         return PhotoFeed(data, crop, device, shard=shard, min_texture=min_texture)
-    return FolderFeed(data, crop, device, batch, workers=4 if workers is None else workers, seed=seed + 7919 * shard[0], min_texture=min_texture)
+    return FolderFeed(data, crop, device, batch, workers=4 if workers is None else workers,
+                      seed=seed + 7919 * shard[0], min_texture=min_texture)
 
 
 def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "realesrgan") -> torch.Tensor:
