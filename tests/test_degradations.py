@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from upsr_core.train.degradations import (
     DegradationStage,
     RealESRGANDegradation,
     _add_noise,
+    _draw_plan,
     bicubic_degrade,
     degrade,
 )
@@ -84,11 +86,34 @@ def test_config_defaults_and_validation() -> None:
     assert cfg.first.resize_range == (0.15, 1.5) and cfg.second.resize_range == (0.3, 1.2)
     assert cfg.first.noise_range == (1.0, 30.0) and cfg.second.noise_range == (1.0, 25.0)
     assert cfg.second.blur_sigma == (0.2, 1.5) and cfg.second_blur_prob == 0.8 and cfg.final_sinc_prob == 0.8
+    # UPSR's option file: blur_kernel_size 21 / blur_kernel_size2 15, read as range(3, size, 2)
+    # (realsrgan_dataset.py); not Real-ESRGAN's 7..21
+    assert cfg.first.kernel_sizes == (3, 5, 7, 9, 11, 13, 15, 17, 19)
+    assert cfg.second.kernel_sizes == (3, 5, 7, 9, 11, 13)
     with pytest.raises(ValueError, match="resize_probs"):
-        DegradationStage(sinc_prob=0.1, blur_sigma=(0.2, 3.0), resize_probs=(0.5, 0.5, 0.5),
+        DegradationStage(kernel_sizes=(3,), sinc_prob=0.1, blur_sigma=(0.2, 3.0), resize_probs=(0.5, 0.5, 0.5),
                          resize_range=(0.15, 1.5), noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0))
-    with pytest.raises(ValueError, match="kernel_sizes"):
-        RealESRGANDegradation(kernel_sizes=(8,))
+    for sizes in ((8,), (), (23,), (3.0,)):
+        with pytest.raises(ValueError, match="kernel_sizes"):
+            replace(cfg.first, kernel_sizes=sizes)
+
+
+def _support(k: torch.Tensor) -> torch.Tensor:
+    """Side of the smallest centred square holding each kernel's non-zero taps, (B,)."""
+    c = k.shape[-1] // 2
+    r = torch.arange(k.shape[-1]).sub(c).abs()
+    dist = torch.maximum(r[:, None], r[None, :])  # Chebyshev distance from the centre
+    return 2 * torch.where(k != 0, dist, 0).amax(dim=(1, 2)) + 1
+
+
+def test_kernel_sizes_follow_the_two_orders() -> None:
+    """k1 spans up to 19 taps, k2 and the final sinc up to 13 (UPSR's option file), and every
+    allowed size is drawn."""
+    plan = _draw_plan(4000, _gen(3), RealESRGANDegradation())
+    s1, s2, s3 = _support(plan.k1), _support(plan.k2), _support(plan.k3)
+    assert int(s1.max()) == 19 and int(s2.max()) == 13 and int(s3.max()) == 13
+    # sinc kernels (and most others) fill their whole square; a pulse (skipped k2/k3) is 1×1
+    assert set(s3.tolist()) == {1, 3, 5, 7, 9, 11, 13}
 
 
 def test_gray_noise_is_equal_across_channels() -> None:

@@ -20,7 +20,7 @@ from upsr_core.schedule import make_schedule
 from upsr_core.train.denoiser import DenoiserTask, build_denoiser_net
 from upsr_core.train.ema import EMA
 from upsr_core.train.estimator import EstimatorTask, build_estimator_net
-from upsr_core.train.feed import PackedFeed
+from upsr_core.train.feed import PackedFeed, make_lr
 from upsr_core.train.loop import LoopConfig, Trainer
 from upsr_core.train.losses import make_inputs, q_sample
 from upsr_core.train.presets import get_preset
@@ -82,6 +82,26 @@ def test_make_inputs_shapes_and_scaling():
     assert float(inp.weight.min()) >= 0.4 - 1e-6 and float(inp.weight.max()) <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="must be ×4"):
         make_inputs(hr, hr, lambda x: x, sch, g)
+
+
+def test_degradation_and_estimator_run_in_float32_inside_the_step_s_autocast():
+    """The training step runs under bf16 autocast; the LR it degrades and the frozen estimator's
+    ŷ and w must be the float32 ones (inference and the official training run g in fp32; bf16
+    convolutions/DCTs had moved the LR by 11 levels on average, ŷ by up to 0.029)."""
+    sch = make_schedule()
+    hr = _hr(s=64)
+    est = build_estimator_net(TINY.estimator).eval()
+
+    def inputs():
+        lr = make_lr(hr, torch.Generator().manual_seed(1))
+        return lr, make_inputs(hr, lr, est, sch, torch.Generator().manual_seed(0))
+
+    lr32, ref = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lr16, got = inputs()
+    assert lr16.dtype == torch.float32 and torch.equal(lr16, lr32)
+    assert torch.equal(got.lq, ref.lq) and torch.equal(got.weight, ref.weight)
+    assert torch.equal(got.x_in, ref.x_in)
 
 
 def _loss_with(task, model, seed=5):

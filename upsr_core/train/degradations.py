@@ -53,10 +53,14 @@ def _check_probs(name: str, p: tuple[float, ...], n: int) -> None:
 class DegradationStage:
     """Ranges of one degradation order (names follow the Real-ESRGAN option file).
 
+    ``kernel_sizes``: odd blur sizes drawn uniformly (UPSR/ResShift: ``range(3,
+    blur_kernel_size, 2)``, 3..19 for the first order and 3..13 for the second, whose sizes
+    the final sinc also draws from; Real-ESRGAN itself uses 7..21 for all three).
     ``resize_probs`` are (up, down, keep); ``resize_range`` bounds the factor (down draws from
     [lo, 1], up from [1, hi]). Noise sigma is in 8-bit units (/255 applied internally).
     """
 
+    kernel_sizes: tuple[int, ...]
     sinc_prob: float
     blur_sigma: tuple[float, float]
     betag_range: tuple[float, float] = (0.5, 4.0)
@@ -70,6 +74,9 @@ class DegradationStage:
     jpeg_range: tuple[float, float] = (30.0, 95.0)
 
     def __post_init__(self) -> None:
+        bad = [k for k in self.kernel_sizes if not isinstance(k, int) or k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE]
+        if not self.kernel_sizes or bad:
+            raise ValueError(f"kernel_sizes must be odd ints in [1, {MAX_KERNEL_SIZE}], got {self.kernel_sizes}")
         for name in ("sinc_prob", "gaussian_noise_prob", "gray_noise_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -87,39 +94,36 @@ class DegradationStage:
 
 def _first_stage() -> DegradationStage:
     return DegradationStage(
-        sinc_prob=0.1, blur_sigma=(0.2, 3.0), resize_probs=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
+        kernel_sizes=tuple(range(3, 21, 2)), sinc_prob=0.1, blur_sigma=(0.2, 3.0), resize_probs=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
         noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0),
     )
 
 
 def _second_stage() -> DegradationStage:
     return DegradationStage(
-        sinc_prob=0.1, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+        kernel_sizes=tuple(range(3, 15, 2)), sinc_prob=0.1, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
         noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
     )
 
 
 @dataclass(frozen=True, kw_only=True)
 class RealESRGANDegradation:
-    """Real-ESRGAN x4 degradation settings (defaults = the UPSR/ResShift/Real-ESRGAN config).
+    """Real-ESRGAN x4 degradation settings (defaults = UPSR's ``000_UPSR_RealSR_x4.yml``,
+    which ResShift shares).
 
-    ``first``/``second``: the two orders (YAML keys without / with the ``2`` suffix).
-    ``kernel_sizes``: odd blur sizes drawn uniformly (7..21); ``kernel_probs``: probabilities
-    of ``KERNEL_TYPES``; ``final_sinc_omega``: cut-off range (radians) of the final sinc.
+    ``first``/``second``: the two orders (YAML keys without / with the ``2`` suffix); the final
+    sinc draws its size from ``second.kernel_sizes``. ``kernel_probs``: probabilities of
+    ``KERNEL_TYPES``; ``final_sinc_omega``: cut-off range (radians) of the final sinc.
     """
 
     first: DegradationStage = field(default_factory=_first_stage)
     second: DegradationStage = field(default_factory=_second_stage)
-    kernel_sizes: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
     second_blur_prob: float = 0.8
     final_sinc_prob: float = 0.8
     final_sinc_omega: tuple[float, float] = (math.pi / 3, math.pi)
 
     def __post_init__(self) -> None:
-        bad = [k for k in self.kernel_sizes if k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE]
-        if not self.kernel_sizes or bad:
-            raise ValueError(f"kernel_sizes must be odd ints in [1, {MAX_KERNEL_SIZE}], got {self.kernel_sizes}")
         _check_probs("kernel_probs", self.kernel_probs, len(KERNEL_TYPES))
         for name in ("second_blur_prob", "final_sinc_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -232,7 +236,7 @@ def _draw_plan(b: int, generator: torch.Generator, cfg: RealESRGANDegradation) -
 
     def kernels(cols: torch.Tensor, stage: DegradationStage) -> torch.Tensor:
         return sample_blur_kernels(
-            cols, sizes=cfg.kernel_sizes, type_probs=cfg.kernel_probs, sigma_range=stage.blur_sigma,
+            cols, sizes=stage.kernel_sizes, type_probs=cfg.kernel_probs, sigma_range=stage.blur_sigma,
             betag_range=stage.betag_range, betap_range=stage.betap_range, sinc_prob=stage.sinc_prob,
         )[0]
 
@@ -241,8 +245,8 @@ def _draw_plan(b: int, generator: torch.Generator, cfg: RealESRGANDegradation) -
         delta[0, MAX_KERNEL_SIZE // 2, MAX_KERNEL_SIZE // 2] = 1.0
         return torch.where((u < p)[:, None, None], k, delta)
 
-    n = len(cfg.kernel_sizes)
-    size3 = torch.tensor(cfg.kernel_sizes)[(ui[:, 19] * n).long().clamp(max=n - 1)]
+    n = len(s2.kernel_sizes)
+    size3 = torch.tensor(s2.kernel_sizes)[(ui[:, 19] * n).long().clamp(max=n - 1)]
     lo, hi = cfg.final_sinc_omega
     return _Plan(
         k1=kernels(ui[:, 0:9], s1),
@@ -271,10 +275,16 @@ def degrade(
     ``generator``: the only source of randomness (any device).
     ``config``: ranges; ``None`` means ``RealESRGANDegradation()`` (the x4 training defaults).
     Returns float ``(B, 3, H/scale, W/scale)`` in [0, 1] on 8-bit levels (k/255), same dtype and
-    device as ``hr``.
+    device as ``hr``. Runs in float32 with autocast off even inside an autocast region (bf16
+    convolutions and DCTs moved the LR by 11 levels on average).
     """
     cfg = RealESRGANDegradation() if config is None else config
     _check_input(hr, scale)
+    with torch.autocast(hr.device.type, enabled=False):
+        return _degrade(hr, generator, scale, cfg)
+
+
+def _degrade(hr: torch.Tensor, generator: torch.Generator, scale: int, cfg: RealESRGANDegradation) -> torch.Tensor:
     _, _, h, w = hr.shape
     plan = _draw_plan(hr.shape[0], generator, cfg)
     # first order (computed in float32 whatever the input dtype: 8-bit levels must stay exact)

@@ -63,8 +63,8 @@ class DenoiserTask:
 
     def _prepare_estimator(self) -> None:
         """The frozen estimator runs its inference fast path (precomputed window masks and logit
-        gains, SDPA, row gathers: same math, fewer kernels; under autocast as close to fp32 as the
-        reference). Prepared on the first step and again if its weights move, so the masks are
+        gains, SDPA, row gathers: same math, fewer kernels), in float32 (``make_inputs`` turns
+        autocast off around it). Prepared on the first step and again if its weights move, so the masks are
         built where its parameters are."""
         placed = placement(self.estimator)
         if placed != self._estimator_placed and hasattr(self.estimator, "prepare_fast"):

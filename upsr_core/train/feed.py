@@ -264,8 +264,7 @@ def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, 
 def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "realesrgan") -> torch.Tensor:
     """LR (B,3,H/4,W/4) in [0,1] from HR (B,3,H,W): 'realesrgan' (second-order) or 'bicubic'."""
     if degradation == "realesrgan":
-        with torch.autocast(hr.device.type, enabled=False):
-            return degrade(hr.float(), generator)
+        return degrade(hr.float(), generator)  # float32, autocast off inside
     if degradation == "bicubic":
         return bicubic_degrade(hr)
     raise ValueError(f"degradation must be 'realesrgan' or 'bicubic', got {degradation!r}")

@@ -90,16 +90,18 @@ def make_inputs(
 ) -> DiffusionInputs:
     """Build the denoiser inputs from an HR batch (B,3,H,W) and its LR (B,3,H/4,W/4), both [0,1].
 
-    ``estimator`` maps LR [0,1] -> SR estimate [0,1] (run without gradients by the caller's
-    choice). t and ε are drawn from ``generator`` unless given.
+    ``estimator`` maps LR [0,1] -> SR estimate [0,1]; it runs without gradients and in float32
+    with autocast off, as at inference and in the official training (under the step's bf16
+    autocast the demo estimator's output moved by up to 0.029 and w by up to 0.18). t and ε
+    are drawn from ``generator`` unless given.
     """
     if hr.shape[-2:] != (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE) or hr.shape[:2] != lr.shape[:2]:
         raise ValueError(f"hr {tuple(hr.shape)} must be ×{SCALE} of lr {tuple(lr.shape)}")
     b = hr.shape[0]
     lr_pm = (lr - 0.5) / 0.5
     y_bic = bicubic_x4(lr_pm)
-    with torch.no_grad():
-        y_hat = (estimator(lr_pm * 0.5 + 0.5).float() - 0.5) / 0.5
+    with torch.no_grad(), torch.autocast(lr.device.type, enabled=False):
+        y_hat = (estimator(lr_pm.float() * 0.5 + 0.5).float() - 0.5) / 0.5  # SPEC §2 round trip
     w = weight_noise(estimate_uncertainty(y_hat * 0.5, y_bic * 0.5), b_u, psi_max)
     x0_pm = (hr - 0.5) / 0.5
     if t is None:
