@@ -196,6 +196,41 @@ def test_resume_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(c.ema.shadow[k], v, rtol=0, atol=0)
 
 
+def test_time_budget_counts_the_minutes_of_earlier_runs(tmp_path, caplog):
+    """--max-minutes is a budget of the whole training, as --steps: a resumed training whose
+    earlier runs used it up trains no step (and says how to go on); the cosine schedule, which
+    follows the same total clock, can no longer sit at its floor for a whole new budget."""
+    pack = packed_crops(tmp_path)
+    a = _trainer(pack, tmp_path / "a.ckpt")
+    a.cfg.steps = 1
+    a.fit()
+    b = _trainer(pack, tmp_path / "a.ckpt")
+    b.load(tmp_path / "a.ckpt")
+    b.cfg.steps, b.cfg.max_minutes = 4, 1.0
+    b.elapsed_before = 60.0  # as if the first run had trained for the whole minute
+    with caplog.at_level(logging.WARNING):
+        b.fit()
+    assert b.step == 1 and "raise --max-minutes to train on" in caplog.text
+    b.cfg.max_minutes = 10.0
+    b.fit()
+    assert b.step == 4
+
+
+def test_grad_clip_defaults_to_the_preset_s_and_can_be_turned_off(tmp_path):
+    """The official training clips nothing (full: off); the small/tiny recipes clip at 1.0."""
+    from upsr_core.cli import build_parser
+    from upsr_core.train.cli import _loop_config
+    from upsr_core.train.loop import DistInfo
+
+    def clip(*flags, config="tiny"):
+        args = build_parser().parse_args(["train", "estimator", "--data", str(tmp_path), "--config", config, *flags])
+        return _loop_config(args, get_preset(config), DistInfo(), tmp_path).grad_clip
+
+    assert clip() == 1.0 and clip(config="small") == 1.0 and clip(config="full") is None
+    assert clip("--grad-clip", "off") is None and clip("--grad-clip", "0.5") == 0.5
+    assert clip("--grad-clip", "2", config="full") == 2.0
+
+
 def test_packed_feed_crops_and_augments(tmp_path):
     feed = PackedFeed(packed_crops(tmp_path), 32, torch.device("cpu"))
     x = feed.next(5, torch.Generator().manual_seed(0))
@@ -441,6 +476,7 @@ def test_export_with_the_estimator_of_a_two_net_file_records_its_estimator_train
     ({"steps": 0}, "steps must be >= 1, got 0"),
     ({"warmup": -1}, "warmup must be >= 0"),
     ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
+    ({"grad_clip": 0.0}, r"grad_clip must be a finite number > 0 or None \(off\), got 0.0"),
 ])
 def test_loop_config_refuses_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -665,3 +701,24 @@ def test_cli_resume_with_a_folder_feed(tmp_path, monkeypatch):
               "--workers", "0", "--amp", "off"]
     assert main(["train", "estimator", *common, "--steps", "2"]) == 0 and calls == []
     assert main(["train", "estimator", *common, "--steps", "3"]) == 0 and calls == [2]
+
+
+def test_cli_resume_reseeds_the_cpu_degradation_stream(tmp_path, monkeypatch):
+    """--degrade-rng cpu is not checkpointed: a resumed run seeds it anew from its step, so it
+    does not replay the first run's degradations."""
+    import upsr_core.train.cli as train_cli
+
+    seeds = []
+    real = train_cli.EstimatorTask
+
+    def spy(*args, **kw):
+        task = real(*args, **kw)
+        seeds.append(lambda: task.deg_generator.initial_seed())  # read once the CLI has (re)seeded it
+        return task
+
+    monkeypatch.setattr(train_cli, "EstimatorTask", spy)
+    common = ["--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out", str(tmp_path / "run"),
+              "--degrade-rng", "cpu", "--amp", "off", "--seed", "3"]
+    assert main(["train", "estimator", *common, "--steps", "2"]) == 0
+    assert main(["train", "estimator", *common, "--steps", "3"]) == 0
+    assert [s() for s in seeds] == [3 + 17, 3 + 17 + 1_000_003 * 2]

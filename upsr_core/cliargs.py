@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .uncertainty import PSI_MAX_LIMIT
 
-__all__ = ["int_min", "float_range", "int_list", "writable_file", "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
+__all__ = ["int_min", "float_range", "off_or", "int_list", "writable_file", "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
 
 
 def int_min(lo: int) -> Callable[[str], int]:
@@ -48,6 +48,21 @@ def float_range(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = 
         return v
 
     parse.__name__ = f"number {expected}"
+    return parse
+
+
+def off_or(parse_value: Callable[[str], float]) -> Callable[[str], float | str]:
+    """The word ``off``, or a value ``parse_value`` accepts (its message names both)."""
+    def parse(s: str) -> float | str:
+        if s.strip().lower() == "off":
+            return "off"
+        try:
+            return parse_value(s)
+        except argparse.ArgumentTypeError as e:
+            head, sep, got = str(e).rpartition(", got ")
+            raise argparse.ArgumentTypeError(f"{head} (or off){sep}{got}" if sep else f"{e} (or off)") from None
+
+    parse.__name__ = f"off or {parse_value.__name__}"
     return parse
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import build_denoiser, build_estimator, detect_kind, read_checkpoint, save_converted, split_nets
-from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, writable_file
+from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, off_or, writable_file
 from ..config import ATDConfig, DenoiserConfig
 from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
@@ -58,13 +58,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/train", help="output folder (weights, checkpoint, log)")
     p.add_argument("--steps", type=int_min(1), default=None, help="optimiser steps (default: the preset's)")
     p.add_argument("--max-minutes", type=float_range(0, lo_open=True), default=None,
-                   help="wall-clock budget of this run")
+                   help="wall-clock budget of the training; a resumed training counts its earlier runs' minutes "
+                        "too, as --steps counts their steps (raise it to train on)")
     p.add_argument("--batch", type=int_min(1), default=None, help="micro-batch per device (default: the preset's)")
     p.add_argument("--accum", type=int_min(1), default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float_range(0, lo_open=True), default=None)
     p.add_argument("--warmup", type=int_min(0), default=None)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--ema-decay", type=float_range(0, 1, hi_open=True), default=None)
+    p.add_argument("--grad-clip", type=off_or(float_range(0, lo_open=True)), default=None,
+                   help="max gradient norm, or off (default: the preset's: off for full, as the official "
+                        "training; 1.0 for small and tiny)")
     p.add_argument("--crop", type=int_min(1), default=None,
                    help="HR crop side (default: the preset's: 256 for small/full, 32 for tiny)")
     p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
@@ -249,6 +253,7 @@ def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> L
         warmup=preset.warmup if args.warmup is None else args.warmup,
         schedule=args.schedule, weight_decay=preset.weight_decay,
         ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
+        grad_clip=preset.grad_clip if args.grad_clip is None else (None if args.grad_clip == "off" else args.grad_clip),
         ema_warmup=args.init is None,  # trained weights need no warm-up of their average
         amp=args.amp or ("bf16" if di.device.type == "cuda" else "off"), seed=args.seed,
         checkpoint=str(out / f"{args.stage}.ckpt"), ckpt_every=args.ckpt_every, log_every=args.log_every,
@@ -306,6 +311,8 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         trainer.load(ckpt)  # its meta says which --init (if any) its weights descend from
         if hasattr(feed, "resume_at"):  # a DataLoader feed draws from its own generator, not the trainer's
             feed.resume_at(trainer.step)
+        if deg_gen is not None:  # the CPU degradation stream is not checkpointed: a new one, not the first run's
+            deg_gen.manual_seed(args.seed + 17 + di.rank + 1_000_003 * trainer.step)
         if init is not None:
             was = trainer.meta.get("init")
             log.info("--init %s not used: resuming %s (at step %d), which started from %s; --fresh starts over "

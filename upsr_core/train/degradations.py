@@ -94,14 +94,16 @@ class DegradationStage:
 
 def _first_stage() -> DegradationStage:
     return DegradationStage(
-        kernel_sizes=tuple(range(3, 21, 2)), sinc_prob=0.1, blur_sigma=(0.2, 3.0), resize_probs=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
+        kernel_sizes=tuple(range(3, 21, 2)), sinc_prob=0.1, blur_sigma=(0.2, 3.0),
+        resize_probs=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
         noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0),
     )
 
 
 def _second_stage() -> DegradationStage:
     return DegradationStage(
-        kernel_sizes=tuple(range(3, 15, 2)), sinc_prob=0.1, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+        kernel_sizes=tuple(range(3, 15, 2)), sinc_prob=0.1, blur_sigma=(0.2, 1.5),
+        resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
         noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
     )
 

@@ -44,7 +44,7 @@ class LoopConfig:
     """Optimisation and bookkeeping settings of one training run."""
 
     steps: int = 1000  # optimiser steps (stop at whichever of steps / max_minutes comes first)
-    max_minutes: float | None = None  # wall-clock budget of this run (excl. model build)
+    max_minutes: float | None = None  # wall-clock budget of the training, resumes included (excl. model build)
     batch: int = 16  # per-device micro-batch
     accum: int = 1  # micro-batches per optimiser step
     lr: float = 1e-4
@@ -52,7 +52,7 @@ class LoopConfig:
     schedule: str = "constant"  # or "cosine" (to 10 %, by the larger of step and time progress)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # max gradient norm; None: no clipping (the official training)
     ema_decay: float = 0.999
     ema_warmup: bool = True  # EMA warm-up (see ema.EMA); off when the net starts from trained weights
     amp: str = "bf16"  # bf16 | fp16 | off
@@ -74,6 +74,8 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite number > 0 or None (off), got {self.grad_clip}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.warmup < 0:
@@ -209,7 +211,10 @@ class Trainer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        with open(tmp, "wb") as f:
+            torch.save(self.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new file
         os.replace(tmp, path)
 
     def load(self, path: str | os.PathLike) -> None:
@@ -310,9 +315,14 @@ class Trainer:
         start_step = self.step
         budget = c.max_minutes * 60 if c.max_minutes else math.inf
         logs: dict[str, float] = {}
+        # the budget counts the minutes of earlier runs of a resumed training, as c.steps counts
+        # their steps (and as the cosine schedule follows them): raise it to train on
+        if self.elapsed_before >= budget and self.step < c.steps:
+            log.warning("time budget of %.2f min already used by the resumed training (%.2f min, step %d): "
+                        "raise --max-minutes to train on", c.max_minutes, self.elapsed_before / 60, self.step)
         while self.step < c.steps:
             run_s = self._clock(time.perf_counter() - t0)
-            if run_s >= budget:
+            if self.elapsed_before + run_s >= budget:
                 log.info("time budget of %.2f min reached at step %d", c.max_minutes, self.step)
                 break
             logs = self.train_step(self.elapsed_before + run_s)
