@@ -722,3 +722,26 @@ def test_cli_resume_reseeds_the_cpu_degradation_stream(tmp_path, monkeypatch):
     assert main(["train", "estimator", *common, "--steps", "2"]) == 0
     assert main(["train", "estimator", *common, "--steps", "3"]) == 0
     assert [s() for s in seeds] == [3 + 17, 3 + 17 + 1_000_003 * 2]
+
+
+@torch.no_grad()
+def test_fresh_nets_start_as_the_official_ones():
+    """ATD: Linear weights N(0, 0.02) truncated with zero bias, LayerNorm 1/0, bias tables
+    N(0, 0.02), token scale 0.5; denoiser: ResBlocks' last conv zero, Swin bias tables N(0, 0.02)."""
+    torch.manual_seed(0)
+    est = build_estimator_net(get_preset("small").estimator)
+    lin = [m for m in est.modules() if isinstance(m, torch.nn.Linear)]
+    w = torch.cat([m.weight.flatten() for m in lin])
+    assert abs(float(w.std()) - 0.02) < 0.001 and float(w.abs().max()) <= 2.0  # trunc_normal_'s bounds are ±2
+    assert all(m.bias is None or not m.bias.any() for m in lin)
+    norms = [m for m in est.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(bool((m.weight == 1).all()) and not m.bias.any() for m in norms)
+    for net in (est, build_denoiser_net(get_preset("small").denoiser)):
+        tables = [p for n, p in net.named_parameters() if n.endswith("relative_position_bias_table")]
+        t = torch.cat([p.flatten() for p in tables])
+        assert tables and abs(float(t.std()) - 0.02) < 0.002
+    scales = [p for n, p in est.named_parameters() if n.endswith(".scale")]
+    assert scales and all(bool((p == 0.5).all()) for p in scales)
+    den = build_denoiser_net(get_preset("small").denoiser)
+    zero = [m for n, m in den.named_modules() if n.endswith("out_layers.3")]
+    assert zero and all(not m.weight.any() and not m.bias.any() for m in zero)

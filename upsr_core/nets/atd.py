@@ -134,7 +134,7 @@ class TokenDictionaryAttention(nn.Module):
     def __init__(self, dim: int, reducted: int, num_tokens: int):
         super().__init__()
         self.num_tokens = num_tokens
-        self.scale = nn.Parameter(torch.ones(num_tokens))
+        self.scale = nn.Parameter(torch.full((num_tokens,), 0.5))  # the official starting value
         self.wq = nn.Linear(dim, reducted)
         self.wk = nn.Linear(dim, reducted)
         self.wv = nn.Linear(dim, dim)

@@ -29,12 +29,17 @@ log = logging.getLogger(__name__)
 
 
 def init_denoiser_(net: UPSRDenoiser) -> UPSRDenoiser:
-    """Zero-initialise the last conv of every ResBlock (official ``zero_module(out_layers[3])``),
-    so each block starts as its skip path."""
-    for name, mod in net.named_modules():
-        if name.endswith("out_layers.3") and isinstance(mod, nn.Conv2d):
-            nn.init.zeros_(mod.weight)
-            nn.init.zeros_(mod.bias)
+    """The official initialisation on top of PyTorch's defaults: the last conv of every ResBlock
+    zero (``zero_module(out_layers[3])``, so each block starts as its skip path) and the Swin
+    relative-position bias tables truncated-normal (std 0.02). In place; returns ``net``."""
+    with torch.no_grad():
+        for name, mod in net.named_modules():
+            if name.endswith("out_layers.3") and isinstance(mod, nn.Conv2d):
+                nn.init.zeros_(mod.weight)
+                nn.init.zeros_(mod.bias)
+        for name, p in net.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                nn.init.trunc_normal_(p, std=0.02)
     return net
 
 

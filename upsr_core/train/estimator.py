@@ -16,14 +16,33 @@ from ..nets import ATD
 from .feed import make_lr
 from .losses import estimator_loss
 
-__all__ = ["EstimatorTask", "build_estimator_net"]
+__all__ = ["EstimatorTask", "build_estimator_net", "init_estimator_"]
 
 log = logging.getLogger(__name__)
 
 
+def init_estimator_(net: ATD) -> ATD:
+    """The official ATD initialisation: every Linear weight truncated-normal (std 0.02) with zero
+    bias, LayerNorms weight 1 / bias 0, the relative-position bias tables truncated-normal
+    (std 0.02); convolutions keep PyTorch's default. In place; returns ``net``."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                nn.init.trunc_normal_(p, std=0.02)
+        for mod in net.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.trunc_normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.LayerNorm):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+    return net
+
+
 def build_estimator_net(cfg: ATDConfig) -> ATD:
-    """A freshly initialised ATD (training mode)."""
-    return ATD(cfg)
+    """A freshly initialised ATD (training mode), initialised as the official one."""
+    return init_estimator_(ATD(cfg))
 
 
 @dataclass
