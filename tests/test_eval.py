@@ -3,16 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
+from upsr_core.evaluate import mod_crop
 from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
-from upsr_core.niqe import NIQEUnavailable, _resize_matrix, load_niqe_params, matlab_resize_half, niqe
+from upsr_core.niqe import (
+    NIQEUnavailable,
+    _resize_matrix,
+    find_niqe_params,
+    load_niqe_params,
+    matlab_resize_half,
+    niqe,
+)
 from upsr_core.train.denoiser import build_denoiser_net
 from upsr_core.train.estimator import build_estimator_net
 from upsr_core.train.presets import get_preset
@@ -52,6 +62,47 @@ def test_matlab_half_resize_rows_and_constant():
                                torch.full((4, 3), 3.0, dtype=torch.float64))
 
 
+def _niqe_probe() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    base = F.interpolate(torch.rand(1, 3, 24, 24, generator=g), size=(288, 288), mode="bicubic", align_corners=False)
+    return (base + 0.1 * torch.rand(1, 3, 288, 288, generator=g)).clamp(0, 1)
+
+
+_REPO_NIQE = Path(__file__).resolve().parents[1] / ".devcarry" / "niqe" / "niqe_pris_params.npz"
+
+
+@pytest.mark.skipif(find_niqe_params() is None and not _REPO_NIQE.is_file(),
+                    reason="the official NIQE parameters are not on this machine (pip install iqa-torch, "
+                           "or set UPSR_NIQE_PARAMS)")
+def test_niqe_matches_iqa_torch():
+    """Values of iqa-torch 1.2.1's ``niqe`` (float32; the official MATLAB release re-implemented) on
+    one fixed image: its default gray luma, its YCbCr-Y (test_y_channel=True) and a 4-px border
+    crop, recorded 2026-11-27. Tolerance 2e-3: iqa-torch computes in float32, this in float64."""
+    params = load_niqe_params(find_niqe_params() or _REPO_NIQE)
+    img = _niqe_probe()
+    assert float(niqe(img, params)[0]) == pytest.approx(14.61030102, abs=2e-3)
+    assert float(niqe(img, params, luma="y")[0]) == pytest.approx(14.23740768, abs=2e-3)
+    assert float(niqe(img, params, crop_border=4)[0]) == pytest.approx(12.87820721, abs=2e-3)
+
+
+def test_niqe_luma_is_matlab_rgb2gray_by_default(tmp_path):
+    """The default luma is rgb2gray's 0.299/0.587/0.114 on 0-255 (not YCbCr's 16-235): an image
+    whose gray is a given plane scores as that plane does, as an (R=G=B) image of it."""
+    p = tmp_path / "params.npz"
+    g = np.exp(-((np.arange(7) - 3) ** 2) / (2 * (7 / 6) ** 2))
+    np.savez(p, mu_pris_param=np.ones((1, 36)), cov_pris_param=np.eye(36),
+             gaussian_window=np.outer(g, g) / g.sum() ** 2)
+    params = load_niqe_params(p)
+    img = _niqe_probe()
+    x = img.double()  # as niqe computes
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).clamp(0, 1)
+    same = torch.round(gray * 255) / 255
+    assert float(niqe(img, params)[0]) == pytest.approx(float(niqe(same.expand(1, 3, -1, -1), params)[0]), abs=1e-9)
+    assert float(niqe(img, params, luma="y")[0]) != pytest.approx(float(niqe(img, params)[0]), abs=1e-3)
+    with pytest.raises(ValueError, match="luma must be 'gray' or 'y', got 'yiq'"):
+        niqe(img, params, luma="yiq")
+
+
 def test_niqe_with_a_parameter_file(tmp_path, monkeypatch):
     p = tmp_path / "params.npz"
     g = np.exp(-((np.arange(7) - 3) ** 2) / (2 * (7 / 6) ** 2))
@@ -82,6 +133,30 @@ def tiny_pairs(tmp_path):
     model = tmp_path / "tiny.safetensors"
     save_converted(model, build_denoiser_net(p.denoiser).eval(), build_estimator_net(p.estimator).eval())
     return tmp_path, model
+
+
+def test_eval_crops_an_hr_up_to_3_px_larger_than_x4_as_basicsr(tiny_pairs, monkeypatch, caplog):
+    """An HR of 4h+3 × 4w+1 is cut to 4h × 4w at the top left (BasicSR's test sets) and scores as
+    the pre-cut HR does; 4 px more is an error naming both sizes."""
+    import logging
+
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    hr = np.asarray(Image.open(root / "hr" / "img0.png"))
+    wide = np.pad(hr, ((0, 3), (0, 1), (0, 0)), mode="reflect")
+    (root / "hr_big").mkdir()
+    Image.fromarray(wide).save(root / "hr_big" / "img0.png")
+    argv = ["eval", "--lr", str(root / "lr"), "--model", str(model), "--device", "cpu", "--sheet", "0",
+            "--limit", "1", "--method", "bicubic,estimator"]
+    assert main([*argv, "--hr", str(root / "hr"), "--out", str(root / "a")]) == 0
+    with caplog.at_level(logging.INFO, logger="upsr_core.evaluate"):
+        assert main([*argv, "--hr", str(root / "hr_big"), "--out", str(root / "b")]) == 0
+    assert "img0.png: HR (67, 65) cropped to (64, 64)" in caplog.text
+    a, b = (json.loads((root / d / "results.json").read_text())["mean"] for d in "ab")
+    assert a == b
+    Image.fromarray(np.pad(hr, ((0, 4), (0, 0), (0, 0)), mode="reflect")).save(root / "hr_big" / "img0.png")
+    with pytest.raises(ValueError, match=r"img0.png: HR \(68, 64\) is not ×4 of LR \(16, 16\)"):
+        mod_crop(torch.zeros(1, 3, 68, 64), (16, 16), "img0.png")
 
 
 def test_eval_cli_tiny(tiny_pairs, monkeypatch):

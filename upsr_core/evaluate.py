@@ -57,7 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
     p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
     p.add_argument("--device", default="auto")
-    p.add_argument("--crop-border", type=int_min(0), default=0, help="pixels dropped at each side for PSNR/SSIM")
+    p.add_argument("--crop-border", type=int_min(0), default=0,
+                   help="pixels dropped at each side before PSNR, SSIM and NIQE (BasicSR's crop_border)")
     p.add_argument("--niqe-params", default=None,
                    help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS or iqa), or 'off' to skip NIQE "
                         "(it runs on the CPU, ~1 s per image and method)")
@@ -173,6 +174,18 @@ def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
     return {k: to_uint8_levels(out[k].cpu()) for k in keys}
 
 
+def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str) -> torch.Tensor:
+    """HR (B,3,H,W) cut to ×4 of ``lr_size`` (h, w) at the top left where H, W are 4h..4h+3 and
+    4w..4w+3 (LR made from an HR whose sides are not multiples of 4, as BasicSR's and UPSR's
+    test sets: the same crop, logged); any other size is a ValueError naming both."""
+    h, w = (4 * s for s in lr_size)
+    if not (h <= hr.shape[-2] < h + 4 and w <= hr.shape[-1] < w + 4):
+        raise ValueError(f"{name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr_size)} (or up to 3 px more)")
+    if hr.shape[-2:] != (h, w):
+        log.info("%s: HR %s cropped to %s (×4 of the LR), at the top left", name, tuple(hr.shape[-2:]), (h, w))
+    return hr[..., :h, :w]
+
+
 def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed: int = 0, crop_border: int = 0,
              niqe_params=None, extra: dict | None = None, keep: int = 0,
              grid: list[tuple[float, float]] | None = None) -> tuple[dict, list]:
@@ -182,8 +195,7 @@ def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed:
     for i, (hp, lp) in enumerate(pairs):
         hr = read_image(hp).rgb[None]
         lr = read_image(lp).rgb[None]
-        if hr.shape[-2:] != (lr.shape[-2] * 4, lr.shape[-1] * 4):
-            raise ValueError(f"{hp.name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr.shape[-2:])}")
+        hr = mod_crop(hr, lr.shape[-2:], hp.name)
         outs = run_methods(model, lr, methods, seed, grid)
         row = {"image": hp.stem, "metrics": {}}
         for m, sr in outs.items():
@@ -192,7 +204,7 @@ def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed:
                  "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
                  "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
             if niqe_params is not None:
-                r["niqe"] = float(niqe(sr, niqe_params)[0])
+                r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
             for name, metric in (extra or {}).items():
                 dev = getattr(metric, "device", "cpu")
                 r[name] = float(metric(sr.to(dev), hr.to(dev)) if getattr(metric, "metric_mode", "") == "FR"

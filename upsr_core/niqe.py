@@ -1,10 +1,13 @@
 """NIQE (Mittal et al. 2013, "Making a completely blind image quality analyzer"), in torch.
 
-Follows the official MATLAB release as BasicSR re-implements it: luma Y (BT.601, 0-255,
-rounded), 96×96 blocks without overlap, two scales (the second by MATLAB-style bicubic
-``imresize(·, 0.5)`` with antialiasing and symmetric borders), MSCN with the 7×7 Gaussian
-window of the parameter file, 18 AGGD features per block and scale, and the Mahalanobis-like
-distance to the pristine model:  sqrt((μp − μ)ᵀ pinv((Σp + Σ)/2) (μp − μ)).
+Follows the official MATLAB release (``computequality.m``): the ``rgb2gray`` luma
+0.299 R + 0.587 G + 0.114 B on 0-255, rounded (as ``iqa-torch``'s default and pyiqa's YIQ luma,
+which the UPSR paper's numbers come from; BasicSR's YCbCr Y, 16-235, is ``luma="y"``: it
+compresses the range and moves scores by ~0.2 on average), 96×96 blocks without overlap,
+two scales (the second by MATLAB-style bicubic ``imresize(·, 0.5)`` with antialiasing and
+symmetric borders), MSCN with the 7×7 Gaussian window of the parameter file, 18 AGGD
+features per block and scale, and the Mahalanobis-like distance to the pristine model:
+sqrt((μp − μ)ᵀ pinv((Σp + Σ)/2) (μp − μ)).
 
 The pristine model (μp (1,36), Σp (36,36), window (7,7)) is the official one as shipped in
 ``niqe_pris_params.npz`` by the PyPI package ``iqa-torch`` (module ``iqa``). It is looked up,
@@ -173,11 +176,19 @@ def _niqe_y(y: torch.Tensor, params: NIQEParams, block: int = 96) -> float:
     return float(torch.sqrt(q.clamp_min(0))[0, 0])
 
 
-def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: int = 0) -> torch.Tensor:
+_GRAY = (0.299, 0.587, 0.114)  # MATLAB rgb2gray (BT.601 luma, full range)
+
+
+def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: int = 0,
+         luma: str = "gray") -> torch.Tensor:
     """NIQE per image (lower is better) of RGB (B,3,H,W) or (3,H,W) in [0,1] -> (B,) float64.
 
-    Uses the rounded Y channel (0-255). Images need sides >= 96 px after ``crop_border``.
+    ``luma``: ``"gray"`` (MATLAB rgb2gray on 0-255, rounded: the official release, iqa-torch's
+    default) or ``"y"`` (BT.601 YCbCr Y, 16-235, rounded: BasicSR's ``convert_to='y'``).
+    Images need sides >= 96 px after ``crop_border``.
     """
+    if luma not in ("gray", "y"):
+        raise ValueError(f"luma must be 'gray' or 'y', got {luma!r}")
     x = img if img.ndim == 4 else img.unsqueeze(0)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"niqe expects RGB images (B, 3, H, W), got {tuple(img.shape)}")
@@ -185,5 +196,9 @@ def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: in
     params = params or load_niqe_params()
     if crop_border:
         x = x[..., crop_border:-crop_border, crop_border:-crop_border]
-    y = torch.round(rgb_to_y(x.double().clamp(0, 1)) * 255.0)[:, 0]
+    x = x.double().clamp(0, 1)
+    if luma == "gray":
+        y = torch.round(torch.einsum("bchw,c->bhw", x, x.new_tensor(_GRAY)) * 255.0)
+    else:
+        y = torch.round(rgb_to_y(x) * 255.0)[:, 0]
     return torch.tensor([_niqe_y(yi, params) for yi in y], dtype=torch.float64)
