@@ -745,3 +745,35 @@ def test_fresh_nets_start_as_the_official_ones():
     den = build_denoiser_net(get_preset("small").denoiser)
     zero = [m for n, m in den.named_modules() if n.endswith("out_layers.3")]
     assert zero and all(not m.weight.any() and not m.bias.any() for m in zero)
+
+
+def test_lpips_pyiqa_is_the_official_call(monkeypatch):
+    """--lpips pyiqa builds 'lpips-vgg' (the official metric, not pyiqa's AlexNet 'lpips') and
+    hands it the clamped prediction and the target in [-1, 1] as the official step does; a NaN
+    image counts 0."""
+    import sys
+    import types
+
+    from upsr_core.train.losses import LPIPSHook, denoiser_loss
+
+    made, seen = [], []
+
+    def create_metric(name, as_loss, device):
+        made.append((name, as_loss))
+
+        def metric(a, b):
+            seen.append((a.clone(), b.clone()))
+            return torch.tensor([float("nan"), 0.5])
+
+        return metric
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    hook = LPIPSHook.from_name("pyiqa")
+    assert made == [("lpips-vgg", True)]
+    pred = torch.tensor([-3.0, -0.5, 0.25, 2.0]).reshape(1, 1, 2, 2).expand(2, 3, 2, 2)
+    target = torch.zeros(2, 3, 2, 2)
+    loss, logs = denoiser_loss(pred, target, hook, lpips_weight=0.5)
+    a, b = seen[0]
+    assert float(a.min()) == -1.0 and float(a.max()) == 1.0 and torch.equal(b, target)
+    mse = float(F.mse_loss(pred, target))
+    assert logs["lpips"] == pytest.approx(0.25) and float(loss) == pytest.approx(mse + 0.5 * 0.25)

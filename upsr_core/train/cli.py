@@ -111,7 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--estimator", required=True, help="stage-1 estimator.safetensors (or any file holding ATD)")
     d.add_argument("--b-u", type=B_U_ARG, default=0.4, help="noise floor b_u (1 = no uncertainty weighting)")
     d.add_argument("--psi-max", type=PSI_MAX_ARG, default=0.05, help="ψ_max in (0, 0.5]")
-    d.add_argument("--lpips", default="off", help="off | lpips | pyiqa (needs the package and its weights)")
+    d.add_argument("--lpips", default="off",
+                   help="off | pyiqa (the official loss: pyiqa's lpips-vgg, called as UPSR's training does) | "
+                        "lpips (the lpips package's VGG LPIPS); each needs its package and weights")
     d.add_argument("--lpips-weight", type=float_range(0), default=0.5)
     d.add_argument("--export", type=writable_file(".safetensors"), default=None,
                    help="write one .safetensors with both nets (EMA) here")

@@ -130,9 +130,10 @@ def denoiser_loss(
     logs = {"mse": float(mse.detach())}
     loss = mse
     if lpips is not None and lpips.available:
-        lp = lpips(pred.float(), target.float())
-        logs["lpips"] = float(lp.detach())
-        loss = loss + lpips_weight * lp
+        # the official step: LPIPS of the clamped prediction, NaN per image counted as 0
+        lp = torch.nan_to_num(lpips(pred.float().clamp(-1.0, 1.0), target.float()), nan=0.0)
+        logs["lpips"] = float(lp.detach().mean())
+        loss = loss + lpips_weight * lp.mean()
     return loss, logs
 
 
@@ -147,11 +148,10 @@ def estimator_loss(pred: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, 
 class LPIPSHook:
     """Optional LPIPS term (official weight 0.5). Off unless a network is supplied.
 
-    LPIPS needs ImageNet-pretrained backbone weights (AlexNet/VGG) that cannot be fetched
-    offline, so by default this hook is *off* and logs once why. To enable it, pass
-    ``net``: any callable (pred, target) in [-1, 1], (B,3,H,W) -> per-image or scalar
-    distance — e.g. ``lpips.LPIPS(net='vgg')`` or ``pyiqa.create_metric('lpips', as_loss=True)``
-    once their weights are on disk. :meth:`from_name` tries those two packages.
+    LPIPS needs ImageNet-pretrained backbone weights (VGG) that cannot be fetched offline, so
+    by default this hook is *off* and logs once why. To enable it, pass ``net``: any callable
+    (pred, target) in [-1, 1], (B,3,H,W) -> per-image or scalar distance (the prediction comes
+    clamped to [-1, 1]). :meth:`from_name` builds the two known ones.
     """
 
     def __init__(self, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
@@ -162,13 +162,20 @@ class LPIPSHook:
         return self.net is not None
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-image distances (B,) or a scalar; the caller takes the mean."""
         if self.net is None:
             raise RuntimeError("LPIPS is not available (no network given)")
-        return self.net(pred, target).mean()
+        return self.net(pred, target).reshape(-1)
 
     @classmethod
     def from_name(cls, name: str | None, device: torch.device | str = "cpu") -> "LPIPSHook":
-        """'off'/None: disabled; 'lpips': the ``lpips`` package (VGG); 'pyiqa': pyiqa's LPIPS.
+        """'off'/None: disabled.
+
+        'pyiqa': the official loss exactly as UPSR's training step calls it:
+        ``pyiqa.create_metric('lpips-vgg', as_loss=True)`` given the [-1, 1] tensors directly
+        (that metric expects [0, 1] and maps them to [-1, 1] itself, so its VGG sees [-3, 1];
+        kept, since the official weights were trained with it). 'lpips': the ``lpips``
+        package's VGG LPIPS on [-1, 1], its own convention (the textbook distance).
         Missing packages or weights raise ValueError naming what is missing."""
         if name in (None, "off", "none"):
             return cls(None)
@@ -181,8 +188,8 @@ class LPIPSHook:
             if name == "pyiqa":
                 import pyiqa  # type: ignore[import-not-found]
 
-                m = pyiqa.create_metric("lpips", as_loss=True, device=device)
-                return cls(lambda a, b: m(a * 0.5 + 0.5, b * 0.5 + 0.5))
+                m = pyiqa.create_metric("lpips-vgg", as_loss=True, device=device)
+                return cls(lambda a, b: m(a, b))
         except (ImportError, OSError, RuntimeError) as e:
             raise ValueError(f"--lpips {name}: could not load the LPIPS network ({e}); "
                              "install the package and its weights, or use --lpips off") from None
