@@ -20,7 +20,7 @@ from upsr_core.schedule import make_schedule
 from upsr_core.train.denoiser import DenoiserTask, build_denoiser_net
 from upsr_core.train.ema import EMA
 from upsr_core.train.estimator import EstimatorTask, build_estimator_net
-from upsr_core.train.feed import PackedFeed, make_lr
+from upsr_core.train.feed import PackedFeed, PairPool, default_pool_size, make_lr
 from upsr_core.train.loop import LoopConfig, Trainer
 from upsr_core.train.losses import make_inputs, q_sample
 from upsr_core.train.presets import get_preset
@@ -169,23 +169,27 @@ def test_ema_update_and_warmup():
         EMA(lin, 1.5)
 
 
-def _trainer(pack, ckpt):
+def _trainer(pack, ckpt, pool=0):
     torch.manual_seed(0)
     est = build_estimator_net(TINY.estimator)
     feed = PackedFeed(pack, 32, torch.device("cpu"))
-    task = DenoiserTask(build_denoiser_net(TINY.denoiser), est, feed, 2, "bicubic")
+    task = DenoiserTask(build_denoiser_net(TINY.denoiser), est, feed, 2, "bicubic",
+                        pool=PairPool(pool) if pool else None)
     cfg = LoopConfig(steps=4, batch=2, lr=1e-3, amp="off", progress=False, checkpoint=str(ckpt), ckpt_every=100)
     return Trainer(task, cfg)
 
 
-def test_resume_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("pool", [0, 4], ids=["no-pool", "pair-pool"])
+def test_resume_gives_the_same_weights(tmp_path, pool):
+    """Also with the pair pool: it is full after 2 steps, so the resumed steps draw from the
+    pool the checkpoint holds."""
     pack = packed_crops(tmp_path)
-    a = _trainer(pack, tmp_path / "a.ckpt")
+    a = _trainer(pack, tmp_path / "a.ckpt", pool)
     a.fit()
-    b = _trainer(pack, tmp_path / "b.ckpt")
+    b = _trainer(pack, tmp_path / "b.ckpt", pool)
     b.cfg.steps = 2
     b.fit()
-    c = _trainer(pack, tmp_path / "b.ckpt")
+    c = _trainer(pack, tmp_path / "b.ckpt", pool)
     c.load(tmp_path / "b.ckpt")
     assert c.step == 2
     c.fit()
@@ -777,3 +781,49 @@ def test_lpips_pyiqa_is_the_official_call(monkeypatch):
     assert float(a.min()) == -1.0 and float(a.max()) == 1.0 and torch.equal(b, target)
     mse = float(F.mse_loss(pred, target))
     assert logs["lpips"] == pytest.approx(0.25) and float(loss) == pytest.approx(mse + 0.5 * 0.25)
+
+
+def test_pair_pool_mixes_batches_and_keeps_pairs_together():
+    """While filling, batches pass through (and are kept); once full, a call returns b stored
+    pairs (each HR still with its own LR) and stores the new batch in their place: what the full
+    pool returned plus what it holds is every pair it was given."""
+    pool = PairPool(6)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for i in range(6):
+        hr = torch.arange(i * 2, i * 2 + 2, dtype=torch.float32).reshape(2, 1, 1, 1).expand(2, 3, 8, 8).clone()
+        lr = hr[..., :2, :2] * 10  # the pair's LR: 10 × its HR value
+        out_hr, out_lr = pool(hr, lr, g)
+        assert torch.equal(out_lr, out_hr[..., :2, :2] * 10)
+        if i < 3:
+            assert torch.equal(out_hr, hr)  # filling
+        seen += out_hr[:, 0, 0, 0].tolist()
+    assert seen[:6] == [0, 1, 2, 3, 4, 5] and seen[6:] != [6, 7, 8, 9, 10, 11]
+    held = pool.hr[:, 0, 0, 0].tolist()
+    assert sorted(seen[6:] + held) == list(range(12))
+    with pytest.raises(ValueError, match="pair pool size 6 must be a multiple of the batch 4"):
+        pool(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 2, 2), g)
+
+
+def test_pair_pool_state_round_trip():
+    a, g = PairPool(4), torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 2, 2)) for _ in range(5)]
+    for hr, lr in batches[:3]:
+        a(hr, lr, g)
+    b = PairPool(4)
+    b.load_state_dict(a.state_dict(), torch.device("cpu"))
+    g2 = torch.Generator().manual_seed(0)
+    g2.set_state(g.get_state())
+    for hr, lr in batches[3:]:
+        x, y = a(hr, lr, g), b(hr, lr, g2)
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    with pytest.raises(ValueError, match="holds 4 pairs, this run's 8: resume with --pool 4"):
+        PairPool(8).load_state_dict(a.state_dict(), torch.device("cpu"))
+
+
+def test_pool_defaults_and_cli_check(tmp_path, capsys):
+    assert default_pool_size(32, "realesrgan") == 160 and default_pool_size(6, "realesrgan") == 156
+    assert default_pool_size(2, "bicubic") == 0 and default_pool_size(200, "realesrgan") == 0
+    rc = main(["train", "estimator", "--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out",
+               str(tmp_path / "o"), "--device", "cpu", "--steps", "1", "--pool", "3"])
+    assert rc != 0 and "--pool 3 must be a multiple of the micro-batch 2" in capsys.readouterr().err

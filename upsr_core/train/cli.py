@@ -36,7 +36,7 @@ from ..nets import ATD
 from ..nets.attention import WindowAttention
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import EstimatorTask, build_estimator_net
-from .feed import make_feed
+from .feed import PairPool, default_pool_size, make_feed
 from .loop import DistInfo, LoopConfig, Trainer, setup_distributed
 from .losses import LPIPSHook
 from .presets import PRESETS, TrainPreset, get_preset
@@ -72,6 +72,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int_min(1), default=None,
                    help="HR crop side (default: the preset's: 256 for small/full, 32 for tiny)")
     p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
+    p.add_argument("--pool", type=int_min(0), default=None,
+                   help="degraded pairs mixed across batches (the official pool, queue_size 160), a multiple of "
+                        "--batch; 0: off (default: 160 rounded down to a multiple of the batch with realesrgan, "
+                        "0 with bicubic)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on CUDA, off on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int_min(0), default=0)
@@ -290,9 +294,13 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
                      seed=args.seed, min_texture=args.min_texture, feed=args.feed)
     deg_gen = torch.Generator().manual_seed(args.seed + 17 + di.rank) if args.degrade_rng == "cpu" else None
+    pool_size = default_pool_size(cfg.batch, args.degradation) if args.pool is None else args.pool
+    if pool_size % cfg.batch:
+        raise ValueError(f"--pool {pool_size} must be a multiple of the micro-batch {cfg.batch} (or 0: off)")
+    pool = PairPool(pool_size) if pool_size else None
     if args.stage == "estimator":
         net = init_net if init_net is not None else build_estimator_net(preset.estimator)
-        task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen)
+        task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen, pool)
     else:
         est = load_estimator_file(args.estimator)[0].to(di.device)
         net = init_net if init_net is not None else build_denoiser_net(preset.denoiser)
@@ -300,7 +308,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         if not lp.available:
             log.info("LPIPS term off (no LPIPS weights offline): loss = MSE only")
         task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
-                            args.lpips_weight, deg_generator=deg_gen)
+                            args.lpips_weight, deg_generator=deg_gen, pool=pool)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     trainer = Trainer(task, cfg, di)
@@ -324,14 +332,15 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         log.info("%s starts from --init %s (sha256 %s, stored %s, config from its %s)", args.stage, init["file"],
                  init["sha256"][:12], init["stored_dtype"], init["config_from"])
     n_params = sum(p.numel() for p in net.parameters())
-    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, amp %s, fused %s, on %s",
-             args.stage, preset.name, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop, cfg.amp, fused,
-             hardware(di.device))
+    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, pool %d, amp %s, fused %s, on %s",
+             args.stage, preset.name, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop, pool_size, cfg.amp,
+             fused, hardware(di.device))
     summary = trainer.fit()
     record = {
         "stage": args.stage, "config": preset.name, "params": n_params,
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
         "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
+        "pool": pool_size,
         "channels_last": args.channels_last, "compile": trainer.compiled,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,

@@ -20,7 +20,7 @@ from ..fast import placement
 from ..nets import UPSRDenoiser
 from ..schedule import ResShiftSchedule, make_schedule
 from ..uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
-from .feed import make_lr
+from .feed import PairPool, make_lr
 from .losses import LPIPSHook, denoiser_loss, make_inputs
 
 __all__ = ["DenoiserTask", "build_denoiser_net", "init_denoiser_"]
@@ -61,6 +61,7 @@ class DenoiserTask:
     lpips_weight: float = 0.5
     schedule: ResShiftSchedule = field(default_factory=make_schedule)
     deg_generator: torch.Generator | None = None  # degradation RNG if not the step's (e.g. a CPU one)
+    pool: PairPool | None = None  # the official pair pool (mixes degraded pairs across batches)
 
     def __post_init__(self) -> None:
         self.estimator.eval().requires_grad_(False)
@@ -80,6 +81,15 @@ class DenoiserTask:
         self._prepare_estimator()
         hr = self.feed.next(self.batch, generator)
         lr = make_lr(hr, self.deg_generator or generator, self.degradation)
+        if self.pool is not None:
+            hr, lr = self.pool(hr, lr, generator)
         inp = make_inputs(hr, lr, self.estimator, self.schedule, generator, b_u=self.b_u, psi_max=self.psi_max)
         pred = model(inp.x_in, inp.t, inp.lq)
         return denoiser_loss(pred, inp.target, self.lpips, self.lpips_weight)
+
+    def state_dict(self) -> dict:
+        return {} if self.pool is None else {"pool": self.pool.state_dict()}
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        if self.pool is not None and "pool" in sd:
+            self.pool.load_state_dict(sd["pool"], device)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ATDConfig
 from ..nets import ATD
-from .feed import make_lr
+from .feed import PairPool, make_lr
 from .losses import estimator_loss
 
 __all__ = ["EstimatorTask", "build_estimator_net", "init_estimator_"]
@@ -54,8 +54,18 @@ class EstimatorTask:
     batch: int
     degradation: str = "realesrgan"
     deg_generator: torch.Generator | None = None  # degradation RNG if not the step's (e.g. a CPU one)
+    pool: PairPool | None = None  # the official pair pool (mixes degraded pairs across batches)
 
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         hr = self.feed.next(self.batch, generator)
         lr = make_lr(hr, self.deg_generator or generator, self.degradation)
+        if self.pool is not None:
+            hr, lr = self.pool(hr, lr, generator)
         return estimator_loss(model(lr), hr)
+
+    def state_dict(self) -> dict:
+        return {} if self.pool is None else {"pool": self.pool.state_dict()}
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        if self.pool is not None and "pool" in sd:
+            self.pool.load_state_dict(sd["pool"], device)

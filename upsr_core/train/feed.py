@@ -39,10 +39,12 @@ from .data import (
 )
 from .degradations import bicubic_degrade, degrade
 
-__all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "make_feed", "make_lr", "PACKED_SUFFIXES", "FEEDS"]
+__all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "PairPool", "make_feed", "make_lr", "default_pool_size",
+           "PACKED_SUFFIXES", "FEEDS"]
 
 log = logging.getLogger(__name__)
 PACKED_SUFFIXES = (".npy", ".safetensors")
+OFFICIAL_POOL = 160  # UPSR's queue_size: degraded pairs mixed across batches (PairPool)
 
 
 class PackedFeed:
@@ -268,3 +270,74 @@ def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "re
     if degradation == "bicubic":
         return bicubic_degrade(hr)
     raise ValueError(f"degradation must be 'realesrgan' or 'bicubic', got {degradation!r}")
+
+
+class PairPool:
+    """The official training-pair pool (Real-ESRGAN's ``_dequeue_and_enqueue``, UPSR
+    ``queue_size: 160``): degraded pairs of several batches are mixed before training.
+
+    The Real-ESRGAN degradation draws its resize kind/factor/mode and the final order once per
+    batch (they change the tensor size); the pool breaks that correlation. While it fills, each
+    batch passes through unchanged and is stored; once full, each call shuffles the pool with
+    ``generator``, returns its first ``b`` pairs and puts the new batch in their place.
+    ``size`` must be a multiple of the batch. Its contents are part of the training checkpoint
+    (:meth:`state_dict`), so a resumed run continues exactly.
+    """
+
+    def __init__(self, size: int):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"pool size must be an integer >= 1, got {size!r}")
+        self.size = size
+        self.hr: torch.Tensor | None = None
+        self.lr: torch.Tensor | None = None
+        self.filled = 0
+
+    def __call__(self, hr: torch.Tensor, lr: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hr`` (b,3,H,W), ``lr`` (b,3,H/4,W/4) -> a pair batch of the same shapes from the pool."""
+        b = hr.shape[0]
+        if self.size % b:
+            raise ValueError(f"the pair pool size {self.size} must be a multiple of the batch {b}")
+        if self.hr is None or self.hr.shape[1:] != hr.shape[1:] or self.lr.shape[1:] != lr.shape[1:]:
+            self.hr = hr.new_empty((self.size, *hr.shape[1:]))
+            self.lr = lr.new_empty((self.size, *lr.shape[1:]))
+            self.filled = 0
+        if self.filled < self.size:
+            self.hr[self.filled:self.filled + b] = hr
+            self.lr[self.filled:self.filled + b] = lr
+            self.filled += b
+            return hr, lr
+        idx = torch.randperm(self.size, generator=generator, device=generator.device).to(self.hr.device)
+        self.hr, self.lr = self.hr[idx], self.lr[idx]
+        out = self.hr[:b].clone(), self.lr[:b].clone()
+        self.hr[:b] = hr
+        self.lr[:b] = lr
+        return out
+
+    def state_dict(self) -> dict:
+        if self.hr is None:
+            return {"size": self.size, "filled": 0}
+        return {"size": self.size, "filled": self.filled, "hr": self.hr[:self.filled].cpu(),
+                "lr": self.lr[:self.filled].cpu()}
+
+    def load_state_dict(self, sd: dict, device: torch.device) -> None:
+        if int(sd["size"]) != self.size:
+            raise ValueError(f"the checkpoint's pair pool holds {sd['size']} pairs, this run's {self.size}: "
+                             f"resume with --pool {sd['size']} (or --fresh)")
+        self.filled = int(sd["filled"])
+        if self.filled == 0:
+            self.hr = self.lr = None
+            return
+        hr, lr = sd["hr"].to(device), sd["lr"].to(device)
+        self.hr = hr.new_empty((self.size, *hr.shape[1:]))
+        self.lr = lr.new_empty((self.size, *lr.shape[1:]))
+        self.hr[:self.filled], self.lr[:self.filled] = hr, lr
+
+
+def default_pool_size(batch: int, degradation: str) -> int:
+    """The official 160 pairs rounded down to a multiple of ``batch`` (Real-ESRGAN degradation;
+    0 = no pool for bicubic, whose pairs share no per-batch draws, or a batch above 160)."""
+    if degradation != "realesrgan":
+        return 0
+    return OFFICIAL_POOL // batch * batch
+

@@ -202,6 +202,7 @@ class Trainer:
             "history": self.history,
             "meta": self.meta,
             "loop": asdict(self.cfg),
+            "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -228,10 +229,13 @@ class Trainer:
         self.opt.load_state_dict(sd["opt"])
         self.scaler.load_state_dict(sd["scaler"])
         self.step, self.elapsed_before = int(sd["step"]), float(sd["elapsed"])
-        if self.di.rank == 0:  # the checkpoint holds rank 0's streams: it continues exactly
+        if self.di.rank == 0:  # the checkpoint holds rank 0's streams (and pair pool): it continues exactly
             self.generator.set_state(sd["generator"])
             torch.set_rng_state(sd["cpu_rng"])
-        else:  # other ranks' streams are not stored: a new one per (rank, step), not the first run's again
+            if hasattr(self.task, "load_state_dict"):
+                self.task.load_state_dict(sd.get("task", {}), self.device)
+        else:  # other ranks' streams are not stored: a new one per (rank, step), not the first run's again;
+            # their pair pools (if any) refill
             self.generator.manual_seed(self.cfg.seed + 1000 * self.di.rank + 1_000_003 * self.step)
         self.history = list(sd.get("history", []))
         self.meta = dict(sd.get("meta", {}))
