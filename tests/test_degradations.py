@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from upsr_core.train.blur_kernels import KERNEL_TYPES, mixed_kernels, sample_blur_kernels, sinc_kernels
@@ -19,7 +20,7 @@ from upsr_core.train.degradations import (
     bicubic_degrade,
     degrade,
 )
-from upsr_core.train.jpeg import jpeg_compress, quant_tables
+from upsr_core.train.jpeg import diffjpeg_compress, jpeg_compress, quant_tables
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -231,3 +232,38 @@ def test_jpeg_per_image_quality() -> None:
     torch.testing.assert_close(both[1:], jpeg_compress(x[1:], 90.0), rtol=0, atol=0)
     with pytest.raises(ValueError, match="quality"):
         jpeg_compress(x, torch.tensor([0.5, 90.0]))
+
+
+def _diffjpeg_probe() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 6, 5, generator=g)
+    return F.interpolate(x, size=(24, 20), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_diffjpeg_matches_the_official_training_jpeg():
+    """Values of BasicSR's ``DiffJPEG(differentiable=False)`` (the official UPSR training's JPEG,
+    run unchanged, torch 2.13 CPU, 2026-11-27) on a fixed 24×20 pair at qualities 20 and 75: the
+    mean, the sum of squares and six pixels (incl. the zero-padded corner). Tolerance 1e-5:
+    float32 matmul order (the whole outputs agreed to 5e-5 levels; on four 250×243 photos at
+    q 30/47.3/60/95 to 1e-4 levels, while libjpeg's model differs from it by 1.75 levels)."""
+    out = diffjpeg_compress(_diffjpeg_probe(), torch.tensor([20.0, 75.0])).double()
+    assert float(out.mean()) == pytest.approx(0.46727283030524835, abs=1e-6)
+    assert float((out ** 2).sum()) == pytest.approx(798.7899191150152, abs=1e-3)
+    for idx, v in (((0, 0, 0, 0), 0.0), ((0, 1, 5, 7), 0.3570382595062256), ((0, 2, 23, 19), 0.21041329205036163),
+                   ((1, 0, 10, 3), 0.5752496719360352), ((1, 1, 17, 16), 0.37411361932754517),
+                   ((1, 2, 0, 19), 1.0)):
+        assert float(out[idx]) == pytest.approx(v, abs=1e-5), idx
+
+
+def test_diffjpeg_option_of_the_degradation():
+    """jpeg='diffjpeg' changes only the JPEG steps: same draws, a different LR; still 8-bit levels
+    at the end (the final rounding); an unknown model or quality 100 is refused."""
+    hr = torch.rand(2, 3, 64, 64, generator=_gen(0))
+    a = degrade(hr, _gen(5))
+    b = degrade(hr, _gen(5), config=RealESRGANDegradation(jpeg="diffjpeg"))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    assert torch.equal(torch.round(b * 255) / 255, b)
+    with pytest.raises(ValueError, match="jpeg must be one of"):
+        RealESRGANDegradation(jpeg="pillow")
+    with pytest.raises(ValueError, match="diffjpeg quality must be below 100"):
+        diffjpeg_compress(hr, 100.0)

@@ -34,9 +34,11 @@ from ..config import ATDConfig, DenoiserConfig
 from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
 from ..nets.attention import WindowAttention
+from .degradations import RealESRGANDegradation
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import EstimatorTask, build_estimator_net
 from .feed import PairPool, default_pool_size, make_feed
+from .jpeg import JPEG_MODELS
 from .loop import DistInfo, LoopConfig, Trainer, setup_distributed
 from .losses import LPIPSHook
 from .presets import PRESETS, TrainPreset, get_preset
@@ -72,6 +74,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int_min(1), default=None,
                    help="HR crop side (default: the preset's: 256 for small/full, 32 for tiny)")
     p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
+    p.add_argument("--jpeg", choices=list(JPEG_MODELS), default="libjpeg",
+                   help="JPEG model of the realesrgan degradation: libjpeg (real JPEG files' artefacts) or diffjpeg "
+                        "(the official training's DiffJPEG: unrounded, transposed tables, nearest chroma)")
     p.add_argument("--pool", type=int_min(0), default=None,
                    help="degraded pairs mixed across batches (the official pool, queue_size 160), a multiple of "
                         "--batch; 0: off (default: 160 rounded down to a multiple of the batch with realesrgan, "
@@ -298,9 +303,10 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     if pool_size % cfg.batch:
         raise ValueError(f"--pool {pool_size} must be a multiple of the micro-batch {cfg.batch} (or 0: off)")
     pool = PairPool(pool_size) if pool_size else None
+    deg_cfg = RealESRGANDegradation(jpeg=args.jpeg)
     if args.stage == "estimator":
         net = init_net if init_net is not None else build_estimator_net(preset.estimator)
-        task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen, pool)
+        task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen, pool, deg_cfg)
     else:
         est = load_estimator_file(args.estimator)[0].to(di.device)
         net = init_net if init_net is not None else build_denoiser_net(preset.denoiser)
@@ -308,7 +314,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         if not lp.available:
             log.info("LPIPS term off (no LPIPS weights offline): loss = MSE only")
         task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
-                            args.lpips_weight, deg_generator=deg_gen, pool=pool)
+                            args.lpips_weight, deg_generator=deg_gen, pool=pool, deg_config=deg_cfg)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     trainer = Trainer(task, cfg, di)
@@ -340,7 +346,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         "stage": args.stage, "config": preset.name, "params": n_params,
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
         "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
-        "pool": pool_size,
+        "pool": pool_size, "jpeg": args.jpeg if args.degradation == "realesrgan" else None,
         "channels_last": args.channels_last, "compile": trainer.compiled,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .blur_kernels import KERNEL_TYPES, MAX_KERNEL_SIZE, sample_blur_kernels, sinc_kernels
-from .jpeg import jpeg_compress
+from .jpeg import JPEG_MODELS, diffjpeg_compress, jpeg_compress
 
 __all__ = ["DegradationStage", "RealESRGANDegradation", "bicubic_degrade", "degrade"]
 
@@ -116,6 +116,8 @@ class RealESRGANDegradation:
     ``first``/``second``: the two orders (YAML keys without / with the ``2`` suffix); the final
     sinc draws its size from ``second.kernel_sizes``. ``kernel_probs``: probabilities of
     ``KERNEL_TYPES``; ``final_sinc_omega``: cut-off range (radians) of the final sinc.
+    ``jpeg``: ``"libjpeg"`` (the artefacts of real JPEG files; default) or ``"diffjpeg"`` (the
+    official training's DiffJPEG model, see :func:`.jpeg.diffjpeg_compress`).
     """
 
     first: DegradationStage = field(default_factory=_first_stage)
@@ -124,6 +126,7 @@ class RealESRGANDegradation:
     second_blur_prob: float = 0.8
     final_sinc_prob: float = 0.8
     final_sinc_omega: tuple[float, float] = (math.pi / 3, math.pi)
+    jpeg: str = "libjpeg"
 
     def __post_init__(self) -> None:
         _check_probs("kernel_probs", self.kernel_probs, len(KERNEL_TYPES))
@@ -131,6 +134,8 @@ class RealESRGANDegradation:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         _check_range("final_sinc_omega", self.final_sinc_omega, 1e-6, math.pi)
+        if self.jpeg not in JPEG_MODELS:
+            raise ValueError(f"jpeg must be one of {JPEG_MODELS}, got {self.jpeg!r}")
 
 
 # ----------------------------------------------------------------------------- elementary ops
@@ -288,13 +293,14 @@ def degrade(
 
 def _degrade(hr: torch.Tensor, generator: torch.Generator, scale: int, cfg: RealESRGANDegradation) -> torch.Tensor:
     _, _, h, w = hr.shape
+    jpeg = diffjpeg_compress if cfg.jpeg == "diffjpeg" else jpeg_compress
     plan = _draw_plan(hr.shape[0], generator, cfg)
     # first order (computed in float32 whatever the input dtype: 8-bit levels must stay exact)
     x = _filter(hr.float(), plan.k1)
     f, mode = plan.resize1
     x = _resize(x, (int(h * f), int(w * f)), mode)
     x = _add_noise(x, plan.noise1, cfg.first, generator)
-    x = jpeg_compress(x, plan.q1.to(x.device))
+    x = jpeg(x, plan.q1.to(x.device))
     # second order (size relative to the LR size, as Real-ESRGAN)
     x = _filter(x, plan.k2)
     f, mode = plan.resize2
@@ -304,9 +310,9 @@ def _degrade(hr: torch.Tensor, generator: torch.Generator, scale: int, cfg: Real
     lr_size = (h // scale, w // scale)
     if plan.resize_then_jpeg:
         x = _filter(_resize(x, lr_size, plan.final_mode), plan.k3)
-        x = jpeg_compress(x, plan.q2.to(x.device))
+        x = jpeg(x, plan.q2.to(x.device))
     else:
-        x = jpeg_compress(x, plan.q2.to(x.device))
+        x = jpeg(x, plan.q2.to(x.device))
         x = _filter(_resize(x, lr_size, plan.final_mode), plan.k3)
     return (torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0).to(hr.dtype)
 

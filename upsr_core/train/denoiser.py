@@ -20,6 +20,7 @@ from ..fast import placement
 from ..nets import UPSRDenoiser
 from ..schedule import ResShiftSchedule, make_schedule
 from ..uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
+from .degradations import RealESRGANDegradation
 from .feed import PairPool, make_lr
 from .losses import LPIPSHook, denoiser_loss, make_inputs
 
@@ -62,6 +63,7 @@ class DenoiserTask:
     schedule: ResShiftSchedule = field(default_factory=make_schedule)
     deg_generator: torch.Generator | None = None  # degradation RNG if not the step's (e.g. a CPU one)
     pool: PairPool | None = None  # the official pair pool (mixes degraded pairs across batches)
+    deg_config: RealESRGANDegradation | None = None  # ranges and JPEG model (None: the official ranges)
 
     def __post_init__(self) -> None:
         self.estimator.eval().requires_grad_(False)
@@ -80,7 +82,7 @@ class DenoiserTask:
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         self._prepare_estimator()
         hr = self.feed.next(self.batch, generator)
-        lr = make_lr(hr, self.deg_generator or generator, self.degradation)
+        lr = make_lr(hr, self.deg_generator or generator, self.degradation, self.deg_config)
         if self.pool is not None:
             hr, lr = self.pool(hr, lr, generator)
         inp = make_inputs(hr, lr, self.estimator, self.schedule, generator, b_u=self.b_u, psi_max=self.psi_max)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ATDConfig
 from ..nets import ATD
+from .degradations import RealESRGANDegradation
 from .feed import PairPool, make_lr
 from .losses import estimator_loss
 
@@ -55,10 +56,11 @@ class EstimatorTask:
     degradation: str = "realesrgan"
     deg_generator: torch.Generator | None = None  # degradation RNG if not the step's (e.g. a CPU one)
     pool: PairPool | None = None  # the official pair pool (mixes degraded pairs across batches)
+    deg_config: RealESRGANDegradation | None = None  # ranges and JPEG model (None: the official ranges)
 
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         hr = self.feed.next(self.batch, generator)
-        lr = make_lr(hr, self.deg_generator or generator, self.degradation)
+        lr = make_lr(hr, self.deg_generator or generator, self.degradation, self.deg_config)
         if self.pool is not None:
             hr, lr = self.pool(hr, lr, generator)
         return estimator_loss(model(lr), hr)

@@ -37,7 +37,7 @@ from .data import (
     read_packed,
     to_uint8,
 )
-from .degradations import bicubic_degrade, degrade
+from .degradations import RealESRGANDegradation, bicubic_degrade, degrade
 
 __all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "PairPool", "make_feed", "make_lr", "default_pool_size",
            "PACKED_SUFFIXES", "FEEDS"]
@@ -263,10 +263,12 @@ def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, 
                       seed=seed + 7919 * shard[0], min_texture=min_texture)
 
 
-def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "realesrgan") -> torch.Tensor:
-    """LR (B,3,H/4,W/4) in [0,1] from HR (B,3,H,W): 'realesrgan' (second-order) or 'bicubic'."""
+def make_lr(hr: torch.Tensor, generator: torch.Generator, degradation: str = "realesrgan",
+            config: RealESRGANDegradation | None = None) -> torch.Tensor:
+    """LR (B,3,H/4,W/4) in [0,1] from HR (B,3,H,W): 'realesrgan' (second-order, ranges from
+    ``config``, default the official ones) or 'bicubic'."""
     if degradation == "realesrgan":
-        return degrade(hr.float(), generator)  # float32, autocast off inside
+        return degrade(hr.float(), generator, config=config)  # float32, autocast off inside
     if degradation == "bicubic":
         return bicubic_degrade(hr)
     raise ValueError(f"degradation must be 'realesrgan' or 'bicubic', got {degradation!r}")

@@ -1,5 +1,9 @@
 """Baseline JPEG compress + decompress in torch (runs on any device, batched, per-image quality).
 
+Two models of it: :func:`jpeg_compress` (what libjpeg does, described below: the artefacts of
+real JPEG files) and :func:`diffjpeg_compress` (what the official UPSR/Real-ESRGAN training
+applies: BasicSR's ``DiffJPEG(differentiable=False)``, whose simplifications are listed there).
+
 What a baseline libjpeg encoder/decoder pair does, in the same order:
 
 1. RGB [0,1] → 8-bit levels; pad right/bottom to a multiple of 16 by edge replication.
@@ -29,7 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CHROMA_TABLE", "LUMA_TABLE", "jpeg_compress", "quant_tables"]
+__all__ = ["CHROMA_TABLE", "LUMA_TABLE", "JPEG_MODELS", "diffjpeg_compress", "jpeg_compress", "quant_tables"]
+
+JPEG_MODELS = ("libjpeg", "diffjpeg")
 
 # ITU-T T.81 Annex K, Table K.1 (luminance) and K.2 (chrominance), row-major.
 LUMA_TABLE = (
@@ -129,13 +135,8 @@ def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tenso
     quantisation steps are 1). Returns float ``(B, 3, H, W)`` on 8-bit levels in [0, 1], same
     dtype and device as ``x``.
     """
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected (B, 3, H, W), got {tuple(x.shape)}")
+    q = _check_jpeg_args(x, quality)
     b, _, h, w = x.shape
-    q = torch.as_tensor(quality, dtype=torch.float32, device=x.device)
-    q = q.expand(b) if q.ndim == 0 else q.to(x.device)
-    if q.shape != (b,):
-        raise ValueError(f"expected one quality per image ({b}), got shape {tuple(q.shape)}")
     luma_t, chroma_t = quant_tables(q)
     dct = _dct_matrix(x.device)
 
@@ -158,3 +159,55 @@ def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tenso
     rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
     rgb = _round(rgb).clamp(0.0, 255.0)[:, :, :h, :w] / 255.0
     return rgb.to(x.dtype)
+
+
+def _check_jpeg_args(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W), got {tuple(x.shape)}")
+    b = x.shape[0]
+    q = torch.as_tensor(quality, dtype=torch.float32, device=x.device)
+    q = q.expand(b) if q.ndim == 0 else q.to(x.device)
+    if q.shape != (b,):
+        raise ValueError(f"expected one quality per image ({b}), got shape {tuple(q.shape)}")
+    if bool(((q < 1) | (q > 100)).any()):
+        raise ValueError(f"JPEG quality must be in [1, 100], got {q.tolist()}")
+    return q
+
+
+def diffjpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
+    """JPEG round trip as the official training's ``DiffJPEG(differentiable=False)`` computes it.
+
+    It differs from libjpeg (:func:`jpeg_compress`) in: no rounding to 8-bit levels anywhere
+    (input, YCbCr, chroma, decoded planes: only the DCT coefficients are quantised), zero (black)
+    padding to a multiple of 16, plain 2×2 means for 4:2:0, nearest-neighbour chroma upsampling,
+    float quantiser steps ``T·f`` with ``f = (5000/q if q < 50 else 200 − 2q) / 100`` (no floor,
+    no [1, 255] clamp) and each Annex K table applied **transposed** (step ``T[v][u]`` for
+    frequency (u, v)), coefficient rounding half to even. ``x``: float (B, 3, H, W) in [0, 1]
+    (clamped); ``quality``: a float or (B,) in [1, 100) (at 100 its steps are 0). Returns float
+    (B, 3, H, W) in [0, 1] (not on 8-bit levels), same dtype and device as ``x``.
+    """
+    q = _check_jpeg_args(x, quality)
+    if bool((q >= 100).any()):
+        raise ValueError(f"diffjpeg quality must be below 100 (its quantiser steps are 0 there), got {q.tolist()}")
+    _, _, h, w = x.shape
+    factor = (torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q) / 100.0)[:, None, None]
+    dct = _dct_matrix(x.device)
+    v = x.float().clamp(0.0, 1.0) * 255.0
+    v = F.pad(v, (0, (-w) % 16, 0, (-h) % 16))  # zeros
+    r, g, bl = v[:, 0], v[:, 1], v[:, 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * bl
+    chroma = F.avg_pool2d(torch.stack([-0.168736 * r - 0.331264 * g + 0.5 * bl + 128.0,
+                                       0.5 * r - 0.418688 * g - 0.081312 * bl + 128.0], 1), 2)
+
+    def code(plane: torch.Tensor, table: tuple) -> torch.Tensor:
+        b, ph, pw = plane.shape
+        step = (torch.tensor(table, dtype=torch.float32, device=x.device).T[None] * factor)[:, None, None]
+        blocks = (plane - 128.0).reshape(b, ph // 8, 8, pw // 8, 8).permute(0, 1, 3, 2, 4)
+        coef = torch.round((dct @ blocks @ dct.T) / step) * step
+        return ((dct.T @ coef @ dct) + 128.0).permute(0, 1, 3, 2, 4).reshape(b, ph, pw)
+
+    y = code(y, LUMA_TABLE)
+    cb = code(chroma[:, 0], CHROMA_TABLE).repeat_interleave(2, 1).repeat_interleave(2, 2) - 128.0
+    cr = code(chroma[:, 1], CHROMA_TABLE).repeat_interleave(2, 1).repeat_interleave(2, 2) - 128.0
+    rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+    return (rgb.clamp(0.0, 255.0)[:, :, :h, :w] / 255.0).to(x.dtype)
