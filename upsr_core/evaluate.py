@@ -229,8 +229,14 @@ def table(means: dict) -> str:
     return "\n".join(lines)
 
 
+# column titles of the contact sheet (ASCII: PIL's default font); sweep labels pass through
+SHEET_TITLES = {"lr": "LR (nearest x4)", "bicubic": "bicubic", "estimator": "g(y) (estimator)",
+                "upsr_w1": "UPSR, w = 1", "upsr": "UPSR", "hr": "HR"}
+
+
 def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -> None:
-    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR; labelled."""
+    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR; each method's tile
+    carries its RGB PSNR on a dark box (readable on light and dark images)."""
     rows = [r for r in rows if "images" in r]
     if not rows:
         return
@@ -239,7 +245,7 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
     sheet = Image.new("RGB", (tile * len(cols), head + tile * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for j, c in enumerate(cols):
-        draw.text((j * tile + 4, 2), c, fill=(0, 0, 0))
+        draw.text((j * tile + 4, 2), SHEET_TITLES.get(c, c), fill=(0, 0, 0))
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             x = r["images"][c][0].clamp(0, 1)
@@ -247,7 +253,11 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
             im = Image.fromarray(a).resize((tile, tile), Image.NEAREST if c == "lr" else Image.BICUBIC)
             sheet.paste(im, (j * tile, head + i * tile))
             if c in r["metrics"]:
-                draw.text((j * tile + 3, head + i * tile + 3), f"{r['metrics'][c]['psnr']:.2f}dB", fill=(255, 255, 0))
+                xy = (j * tile + 4, head + i * tile + 4)
+                label = f"PSNR {r['metrics'][c]['psnr']:.2f} dB"
+                left, top, right, bottom = draw.textbbox(xy, label)
+                draw.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=(0, 0, 0))
+                draw.text(xy, label, fill=(255, 255, 255))
     sheet.save(path)
 
 
