@@ -26,12 +26,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node 2 -m upsr_core ARGS`` on a free loopback port."""
+def torchrun(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node 2 -m upsr_core ARGS`` on a free loopback port;
+    torchrun's scratch folders (torchelastic_*) go to ``tmp``, not the system's temp folder."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "upsr_core", *args]
-    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                           timeout=300, cwd=REPO)
+    scratch = tmp / "torchrun_tmp"
+    scratch.mkdir(exist_ok=True)
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
 def run_ranks(tmp_path: Path, mode: str, world: int = 2) -> list[dict]:
@@ -87,7 +90,7 @@ def test_torchrun_trains_both_stages_on_two_cpu_processes(tmp_path):
               "--degradation", "bicubic", "--device", "cpu", "--steps", "2", "--amp", "off"]
     for stage in (["estimator"], ["denoiser", "--estimator", str(out / "estimator.safetensors"),
                                   "--export", str(tmp_path / "demo.safetensors")]):
-        r = torchrun("train", *stage, *common)
+        r = torchrun(tmp_path, "train", *stage, *common)
         assert r.returncode == 0, r.stdout + r.stderr
         log = json.loads((out / f"{stage[0]}_log.json").read_text())
         assert log["summary"]["world_size"] == 2 and log["summary"]["steps"] == 2
@@ -98,7 +101,7 @@ def test_torchrun_trains_both_stages_on_two_cpu_processes(tmp_path):
 def test_torchrun_training_that_diverges_ends_with_an_error_on_every_rank(tmp_path):
     """A run whose loss turns non-finite (lr 1e30) stops on both ranks with the error line and
     exit status 2, at the same step, and leaves no process behind (no hang, no abort at exit)."""
-    r = torchrun("train", "estimator", "--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out",
+    r = torchrun(tmp_path, "train", "estimator", "--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out",
                  str(tmp_path / "run"), "--degradation", "bicubic", "--device", "cpu", "--steps", "20", "--amp", "off",
                  "--lr", "1e30", "--warmup", "0")
     text = r.stdout + r.stderr

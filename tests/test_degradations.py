@@ -267,3 +267,16 @@ def test_diffjpeg_option_of_the_degradation():
         RealESRGANDegradation(jpeg="pillow")
     with pytest.raises(ValueError, match="diffjpeg quality must be below 100"):
         diffjpeg_compress(hr, 100.0)
+
+
+def test_kernel_recipes():
+    """'upsr' (default, the official training) and 'realesrgan' (x4plus: 7..21 for all three,
+    as the A_val pairs of shared/data/make_pairs.py); other ranges are the same."""
+    up, re = RealESRGANDegradation.recipe("upsr"), RealESRGANDegradation.recipe("realesrgan", jpeg="diffjpeg")
+    assert up == RealESRGANDegradation()
+    assert re.first.kernel_sizes == re.second.kernel_sizes == (7, 9, 11, 13, 15, 17, 19, 21)
+    assert re.jpeg == "diffjpeg" and replace(re.first, kernel_sizes=up.first.kernel_sizes) == up.first
+    plan = _draw_plan(2000, _gen(4), re)
+    assert int(_support(plan.k3).max()) == 21 and int(_support(plan.k2).max()) == 21
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        RealESRGANDegradation.recipe("bsrgan")

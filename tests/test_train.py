@@ -827,3 +827,19 @@ def test_pool_defaults_and_cli_check(tmp_path, capsys):
     rc = main(["train", "estimator", "--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out",
                str(tmp_path / "o"), "--device", "cpu", "--steps", "1", "--pool", "3"])
     assert rc != 0 and "--pool 3 must be a multiple of the micro-batch 2" in capsys.readouterr().err
+
+
+def test_cli_degradation_recipe_reaches_the_task(tmp_path, monkeypatch):
+    """--kernels / --jpeg build the task's degradation config and are recorded in the log."""
+    import upsr_core.train.cli as train_cli
+    from upsr_core.train.degradations import RealESRGANDegradation
+
+    seen = []
+    real = train_cli.EstimatorTask
+    monkeypatch.setattr(train_cli, "EstimatorTask", lambda *a, **kw: (seen.append(a), real(*a, **kw))[1])
+    out = tmp_path / "run"
+    assert main(["train", "estimator", "--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out", str(out),
+                 "--steps", "1", "--amp", "off", "--kernels", "realesrgan", "--jpeg", "diffjpeg", "--pool", "0"]) == 0
+    assert seen[0][-1] == RealESRGANDegradation.recipe("realesrgan", "diffjpeg")
+    log = json.loads((out / "estimator_log.json").read_text())
+    assert log["kernels"] == "realesrgan" and log["jpeg"] == "diffjpeg" and log["pool"] == 0

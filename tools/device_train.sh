@@ -115,12 +115,16 @@ for s in range(3):
 print('degradations on', dev, 'ok')
 " || { DEG_RNG=cpu; echo "warning: device generator failed in degrade(): using --degrade-rng cpu"; }
 
+# $KERNELS (realesrgan): the blur kernel sizes of Real-ESRGAN x4plus (7-21 px), those of the A_val
+# pairs the demo is measured on (shared/data/make_pairs.py) and of the shipped demo's training;
+# KERNELS=upsr trains with the official UPSR recipe's (3-19, then 3-13).
 COMMON=(--out "$RUN" --steps 1000000 --schedule cosine --log-every 100 --ckpt-every 100000 --degrade-rng "$DEG_RNG"
-        --device "$DEVICE")
+        --device "$DEVICE" --kernels "${KERNELS:-realesrgan}")
 [[ -n "${CONFIG:-}" ]] && COMMON+=(--config "$CONFIG")
 [[ -n "${BATCH:-}" ]] && COMMON+=(--batch "$BATCH")
 [[ -n "${CROP:-}" ]] && COMMON+=(--crop "$CROP")
-[[ "${RESUME:-0}" == 1 ]] || COMMON+=(--fresh)   # RESUME=1: continue the checkpoints in $RUN
+# RESUME=1: continue the checkpoints in $RUN (--max-minutes counts their earlier minutes: raise STAGE*_MIN)
+[[ "${RESUME:-0}" == 1 ]] || COMMON+=(--fresh)
 EXPORT="$RUN/upsr_demo_x4.safetensors"
 
 if [[ "$MODE" == scratch ]]; then

@@ -7,13 +7,18 @@ also reassign ``models_dir`` and call ``stub_reset()`` before importing the pack
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 
 supported_pt_extensions: set[str] = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 
-base_path = os.environ.get("UPSR_STUB_COMFY_BASE") or tempfile.mkdtemp(prefix="upsr-comfy-stub-")
+base_path = os.environ.get("UPSR_STUB_COMFY_BASE") or ""
+if not base_path:  # a folder of our own for this process, removed when it exits
+    base_path = tempfile.mkdtemp(prefix="upsr-comfy-stub-")
+    atexit.register(shutil.rmtree, base_path, ignore_errors=True)
 models_dir = os.path.join(base_path, "models")
 output_directory = os.path.join(base_path, "output")
 temp_directory = os.path.join(base_path, "temp")

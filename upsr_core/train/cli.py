@@ -34,7 +34,7 @@ from ..config import ATDConfig, DenoiserConfig
 from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
 from ..nets.attention import WindowAttention
-from .degradations import RealESRGANDegradation
+from .degradations import KERNEL_SIZES, RealESRGANDegradation
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import EstimatorTask, build_estimator_net
 from .feed import PairPool, default_pool_size, make_feed
@@ -74,6 +74,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int_min(1), default=None,
                    help="HR crop side (default: the preset's: 256 for small/full, 32 for tiny)")
     p.add_argument("--degradation", choices=["realesrgan", "bicubic"], default="realesrgan")
+    p.add_argument("--kernels", choices=sorted(KERNEL_SIZES), default="upsr",
+                   help="blur kernel sizes of the realesrgan degradation: upsr (the official training: 3-19 px, "
+                        "then 3-13) or realesrgan (Real-ESRGAN x4plus and the A_val pairs of make_pairs.py: 7-21)")
     p.add_argument("--jpeg", choices=list(JPEG_MODELS), default="libjpeg",
                    help="JPEG model of the realesrgan degradation: libjpeg (real JPEG files' artefacts) or diffjpeg "
                         "(the official training's DiffJPEG: unrounded, transposed tables, nearest chroma)")
@@ -303,7 +306,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     if pool_size % cfg.batch:
         raise ValueError(f"--pool {pool_size} must be a multiple of the micro-batch {cfg.batch} (or 0: off)")
     pool = PairPool(pool_size) if pool_size else None
-    deg_cfg = RealESRGANDegradation(jpeg=args.jpeg)
+    deg_cfg = RealESRGANDegradation.recipe(args.kernels, args.jpeg)
     if args.stage == "estimator":
         net = init_net if init_net is not None else build_estimator_net(preset.estimator)
         task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen, pool, deg_cfg)
@@ -347,6 +350,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
         "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
         "pool": pool_size, "jpeg": args.jpeg if args.degradation == "realesrgan" else None,
+        "kernels": args.kernels if args.degradation == "realesrgan" else None,
         "channels_last": args.channels_last, "compile": trainer.compiled,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,

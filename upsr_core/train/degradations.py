@@ -24,7 +24,7 @@ on the same device as ``hr`` to avoid a copy). Results from CPU and CUDA generat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .blur_kernels import KERNEL_TYPES, MAX_KERNEL_SIZE, sample_blur_kernels, sinc_kernels
 from .jpeg import JPEG_MODELS, diffjpeg_compress, jpeg_compress
 
-__all__ = ["DegradationStage", "RealESRGANDegradation", "bicubic_degrade", "degrade"]
+__all__ = ["DegradationStage", "RealESRGANDegradation", "KERNEL_SIZES", "bicubic_degrade", "degrade"]
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 _N_BATCH_DRAWS = 8  # resize kind/factor/mode for two orders, final order and mode
@@ -92,9 +92,18 @@ class DegradationStage:
         _check_range("jpeg_range", self.jpeg_range, 1.0, 100.0)
 
 
+# blur kernel sizes (first order; second order and final sinc) of the two recipes:
+# UPSR/ResShift read blur_kernel_size 21 / blur_kernel_size2 15 as range(3, size, 2);
+# Real-ESRGAN (x4plus, and shared/data/make_pairs.py, which made the A_val pairs) uses 7..21.
+KERNEL_SIZES = {
+    "upsr": (tuple(range(3, 21, 2)), tuple(range(3, 15, 2))),
+    "realesrgan": (tuple(range(7, 23, 2)), tuple(range(7, 23, 2))),
+}
+
+
 def _first_stage() -> DegradationStage:
     return DegradationStage(
-        kernel_sizes=tuple(range(3, 21, 2)), sinc_prob=0.1, blur_sigma=(0.2, 3.0),
+        kernel_sizes=KERNEL_SIZES["upsr"][0], sinc_prob=0.1, blur_sigma=(0.2, 3.0),
         resize_probs=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5),
         noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0),
     )
@@ -102,7 +111,7 @@ def _first_stage() -> DegradationStage:
 
 def _second_stage() -> DegradationStage:
     return DegradationStage(
-        kernel_sizes=tuple(range(3, 15, 2)), sinc_prob=0.1, blur_sigma=(0.2, 1.5),
+        kernel_sizes=KERNEL_SIZES["upsr"][1], sinc_prob=0.1, blur_sigma=(0.2, 1.5),
         resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
         noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
     )
@@ -136,6 +145,17 @@ class RealESRGANDegradation:
         _check_range("final_sinc_omega", self.final_sinc_omega, 1e-6, math.pi)
         if self.jpeg not in JPEG_MODELS:
             raise ValueError(f"jpeg must be one of {JPEG_MODELS}, got {self.jpeg!r}")
+
+    @classmethod
+    def recipe(cls, kernels: str = "upsr", jpeg: str = "libjpeg") -> "RealESRGANDegradation":
+        """The official ranges with the blur kernel sizes of ``kernels`` (a key of
+        ``KERNEL_SIZES``: 'upsr', the official training's, or 'realesrgan', Real-ESRGAN x4plus's,
+        the same as the A_val pairs) and the JPEG model ``jpeg``."""
+        if kernels not in KERNEL_SIZES:
+            raise ValueError(f"kernels must be one of {sorted(KERNEL_SIZES)}, got {kernels!r}")
+        k1, k2 = KERNEL_SIZES[kernels]
+        return cls(first=replace(_first_stage(), kernel_sizes=k1), second=replace(_second_stage(), kernel_sizes=k2),
+                   jpeg=jpeg)
 
 
 # ----------------------------------------------------------------------------- elementary ops
