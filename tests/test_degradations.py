@@ -280,3 +280,13 @@ def test_kernel_recipes():
     assert int(_support(plan.k3).max()) == 21 and int(_support(plan.k2).max()) == 21
     with pytest.raises(ValueError, match="kernels must be one of"):
         RealESRGANDegradation.recipe("bsrgan")
+
+
+def test_degrade_turns_autocast_off_itself():
+    """Called inside a bf16 autocast region (a training step), degrade still computes in float32:
+    the same LR as outside (bf16 convolutions and DCTs moved it by 11 levels on average)."""
+    hr = torch.rand(2, 3, 64, 64, generator=_gen(0))
+    ref = degrade(hr, _gen(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = degrade(hr, _gen(5))
+    assert got.dtype == torch.float32 and torch.equal(got, ref)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
-from upsr_core.evaluate import mod_crop
+from upsr_core.evaluate import mod_crop, run_methods
 from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
 from upsr_core.niqe import (
     NIQEUnavailable,
@@ -135,7 +135,7 @@ def tiny_pairs(tmp_path):
     return tmp_path, model
 
 
-def test_eval_crops_an_hr_up_to_3_px_larger_than_x4_as_basicsr(tiny_pairs, monkeypatch, caplog):
+def test_eval_crops_an_hr_up_to_3_px_larger_than_x4_as_basicsr(tiny_pairs, monkeypatch, caplog, capsys):
     """An HR of 4h+3 × 4w+1 is cut to 4h × 4w at the top left (BasicSR's test sets) and scores as
     the pre-cut HR does; 4 px more is an error naming both sizes."""
     import logging
@@ -155,8 +155,36 @@ def test_eval_crops_an_hr_up_to_3_px_larger_than_x4_as_basicsr(tiny_pairs, monke
     a, b = (json.loads((root / d / "results.json").read_text())["mean"] for d in "ab")
     assert a == b
     Image.fromarray(np.pad(hr, ((0, 4), (0, 0), (0, 0)), mode="reflect")).save(root / "hr_big" / "img0.png")
-    with pytest.raises(ValueError, match=r"img0.png: HR \(68, 64\) is not ×4 of LR \(16, 16\)"):
-        mod_crop(torch.zeros(1, 3, 68, 64), (16, 16), "img0.png")
+    assert main([*argv, "--hr", str(root / "hr_big"), "--out", str(root / "c")]) != 0
+    assert "img0.png: HR (68, 64) is not ×4 of LR (16, 16) (or up to 3 px more)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"img0.png: HR \(64, 60\) is not ×4 of LR \(16, 16\)"):
+        mod_crop(torch.zeros(1, 3, 64, 60), (16, 16), "img0.png")
+
+
+def test_crop_border_reaches_every_metric(tiny_pairs, tmp_path):
+    """evaluate(crop_border=c) scores PSNR, SSIM and NIQE on the image without c px per side."""
+    from upsr_core.evaluate import evaluate, pair_files
+    from upsr_core.imageio import read_image
+
+    root, _ = tiny_pairs
+    big = tmp_path / "big"
+    for d in ("hr", "lr"):
+        (big / d).mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    hr = (rng.random((440, 440, 3)) * 255).astype(np.uint8)
+    Image.fromarray(hr).save(big / "hr" / "a.png")
+    Image.fromarray(hr).resize((110, 110), Image.BICUBIC).save(big / "lr" / "a.png")
+    p = tmp_path / "params.npz"
+    g = np.exp(-((np.arange(7) - 3) ** 2) / (2 * (7 / 6) ** 2))
+    np.savez(p, mu_pris_param=np.ones((1, 36)), cov_pris_param=np.eye(36),
+             gaussian_window=np.outer(g, g) / g.sum() ** 2)
+    params = load_niqe_params(p)
+    means, _ = evaluate(None, pair_files(big / "hr", big / "lr"), ["bicubic"], crop_border=8, niqe_params=params)
+    sr = run_methods(None, read_image(big / "lr" / "a.png").rgb[None], ["bicubic"], 0)["bicubic"]
+    ref = read_image(big / "hr" / "a.png").rgb[None]
+    c = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    assert means["bicubic"]["niqe"] == pytest.approx(float(niqe(sr[c], params)[0]), abs=1e-9)
+    assert means["bicubic"]["psnr"] == pytest.approx(float(psnr(sr[c], ref[c])[0]), abs=1e-9)
 
 
 def test_eval_cli_tiny(tiny_pairs, monkeypatch):

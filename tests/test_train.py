@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -707,11 +708,30 @@ def test_cli_resume_with_a_folder_feed(tmp_path, monkeypatch):
     assert main(["train", "estimator", *common, "--steps", "3"]) == 0 and calls == [2]
 
 
-def test_cli_resume_reseeds_the_cpu_degradation_stream(tmp_path, monkeypatch):
-    """--degrade-rng cpu is not checkpointed: a resumed run seeds it anew from its step, so it
-    does not replay the first run's degradations."""
-    import upsr_core.train.cli as train_cli
+def test_cli_resume_with_the_cpu_degradation_stream_and_the_pool_is_exact(tmp_path):
+    """--degrade-rng cpu: its generator is in the checkpoint, as the pair pool (on by default
+    with realesrgan), so 2 steps + a resume to 4 give the weights of 4 straight steps."""
+    from safetensors.torch import load_file
 
+    common = ["--data", str(packed_crops(tmp_path)), "--config", "tiny", "--degrade-rng", "cpu", "--amp", "off",
+              "--seed", "3", "--log-every", "1"]
+    assert main(["train", "estimator", *common, "--out", str(tmp_path / "a"), "--steps", "4"]) == 0
+    assert main(["train", "estimator", *common, "--out", str(tmp_path / "b"), "--steps", "2"]) == 0
+    assert main(["train", "estimator", *common, "--out", str(tmp_path / "b"), "--steps", "4"]) == 0
+    log = json.loads((tmp_path / "b" / "estimator_log.json").read_text())
+    assert log["pool"] == 160 and log["resumed"]
+    a, b = (load_file(str(tmp_path / d / "estimator.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_reseeds_a_cpu_degradation_stream_the_checkpoint_lacks(tmp_path, monkeypatch):
+    """An older checkpoint (no task state) or a rank > 0: the CPU stream is seeded from the
+    step it resumes at, so it does not replay the first run's degradations."""
+    import upsr_core.train.cli as train_cli
+    from upsr_core.train.loop import Trainer
+
+    real_state = Trainer.state_dict
+    monkeypatch.setattr(Trainer, "state_dict", lambda self: {**real_state(self), "task": {}})  # as before
     seeds = []
     real = train_cli.EstimatorTask
 
@@ -728,33 +748,10 @@ def test_cli_resume_reseeds_the_cpu_degradation_stream(tmp_path, monkeypatch):
     assert [s() for s in seeds] == [3 + 17, 3 + 17 + 1_000_003 * 2]
 
 
-@torch.no_grad()
-def test_fresh_nets_start_as_the_official_ones():
-    """ATD: Linear weights N(0, 0.02) truncated with zero bias, LayerNorm 1/0, bias tables
-    N(0, 0.02), token scale 0.5; denoiser: ResBlocks' last conv zero, Swin bias tables N(0, 0.02)."""
-    torch.manual_seed(0)
-    est = build_estimator_net(get_preset("small").estimator)
-    lin = [m for m in est.modules() if isinstance(m, torch.nn.Linear)]
-    w = torch.cat([m.weight.flatten() for m in lin])
-    assert abs(float(w.std()) - 0.02) < 0.001 and float(w.abs().max()) <= 2.0  # trunc_normal_'s bounds are ±2
-    assert all(m.bias is None or not m.bias.any() for m in lin)
-    norms = [m for m in est.modules() if isinstance(m, torch.nn.LayerNorm)]
-    assert norms and all(bool((m.weight == 1).all()) and not m.bias.any() for m in norms)
-    for net in (est, build_denoiser_net(get_preset("small").denoiser)):
-        tables = [p for n, p in net.named_parameters() if n.endswith("relative_position_bias_table")]
-        t = torch.cat([p.flatten() for p in tables])
-        assert tables and abs(float(t.std()) - 0.02) < 0.002
-    scales = [p for n, p in est.named_parameters() if n.endswith(".scale")]
-    assert scales and all(bool((p == 0.5).all()) for p in scales)
-    den = build_denoiser_net(get_preset("small").denoiser)
-    zero = [m for n, m in den.named_modules() if n.endswith("out_layers.3")]
-    assert zero and all(not m.weight.any() and not m.bias.any() for m in zero)
-
-
 def test_lpips_pyiqa_is_the_official_call(monkeypatch):
     """--lpips pyiqa builds 'lpips-vgg' (the official metric, not pyiqa's AlexNet 'lpips') and
     hands it the clamped prediction and the target in [-1, 1] as the official step does; a NaN
-    image counts 0."""
+    value counts 0, an inf stays (for the loop's non-finite check)."""
     import sys
     import types
 
@@ -781,6 +778,8 @@ def test_lpips_pyiqa_is_the_official_call(monkeypatch):
     assert float(a.min()) == -1.0 and float(a.max()) == 1.0 and torch.equal(b, target)
     mse = float(F.mse_loss(pred, target))
     assert logs["lpips"] == pytest.approx(0.25) and float(loss) == pytest.approx(mse + 0.5 * 0.25)
+    inf = LPIPSHook(lambda a, b: torch.tensor([float("inf"), 0.5]))
+    assert not math.isfinite(float(denoiser_loss(pred, target, inf)[0]))
 
 
 def test_pair_pool_mixes_batches_and_keeps_pairs_together():
@@ -843,3 +842,37 @@ def test_cli_degradation_recipe_reaches_the_task(tmp_path, monkeypatch):
     assert seen[0][-1] == RealESRGANDegradation.recipe("realesrgan", "diffjpeg")
     log = json.loads((out / "estimator_log.json").read_text())
     assert log["kernels"] == "realesrgan" and log["jpeg"] == "diffjpeg" and log["pool"] == 0
+
+
+
+def test_pair_pool_checkpoint_is_compact_and_exact():
+    """Pairs on 8-bit levels are stored as uint8 (4× smaller) and come back bit-identical; others
+    keep their float values. Resuming a filling pool with another batch is an error."""
+    pool, g = PairPool(4), torch.Generator().manual_seed(0)
+    hr = torch.randint(0, 256, (2, 3, 8, 8), generator=g).float() / 255
+    lr = torch.rand(2, 3, 2, 2, generator=g)  # not on 8-bit levels
+    pool(hr, lr, g)
+    sd = pool.state_dict()
+    assert sd["hr"].dtype == torch.uint8 and sd["lr"].dtype == torch.float32
+    back = PairPool(4)
+    back.load_state_dict(sd, torch.device("cpu"))
+    assert torch.equal(back.hr[:2], hr) and torch.equal(back.lr[:2], lr) and back.filled == 2
+    with pytest.raises(ValueError, match="holds 2 pairs, not a multiple of the batch 4"):
+        back(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 2, 2), g)
+
+
+def test_task_snapshot_undoes_a_step_s_pool_and_degradation_draws():
+    """The compile fallback redoes a step: restore() puts back the pool (filling or full) and the
+    separate degradation generator, so the redone step stores and draws the same."""
+    feed = FixedFeed(_hr(s=32))
+    task = EstimatorTask(build_estimator_net(TINY.estimator), feed, 2, "realesrgan",
+                         torch.Generator().manual_seed(1), PairPool(4))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # filling, then full
+        snap, gs = task.snapshot(), g.get_state()
+        first = task.degraded_pair(g)
+        task.restore(snap)
+        g.set_state(gs)
+        again = task.degraded_pair(g)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert task.pool.filled == 4

@@ -7,7 +7,9 @@
 #   bash tools/device_train.sh                           # GPU, repo root: MODE=scratch (~7 min)
 #   MODE=finetune bash tools/device_train.sh             # GPU, repo root: fine-tune, <= $TOTAL_MIN (9.5) min
 #
-# MODE=scratch (default; how the bundled demo was trained, unchanged): stage 1 trains the ATD
+# MODE=scratch (default; how the bundled demo was trained, with what changed since: fresh nets
+# start with the official init, degraded pairs pass the official 160-pair pool (POOL=0: off, as
+# the demo), the frozen estimator runs in fp32 inside the bf16 step): stage 1 trains the ATD
 # estimator (L1) from random weights for $STAGE1_MIN (2.5) minutes, stage 2 the denoiser with
 # the frozen stage-1 estimator for $STAGE2_MIN (4) minutes (uncertainty-weighted noise, MSE),
 # on the 164 packed crops in $PACK; exports upsr_demo_x4.safetensors (fp32). Carry
@@ -101,6 +103,7 @@ T0=$(date +%s)
     git rev-parse HEAD 2>/dev/null || true
     echo "MODE=$MODE STAGE1_MIN=$STAGE1_MIN STAGE2_MIN=$STAGE2_MIN CONFIG=${CONFIG:-from-init} DEVICE=$DEVICE" \
          "BATCH=${BATCH:-preset} CROP=${CROP:-preset} EXPORT_DTYPE=$EXPORT_DTYPE" \
+         "KERNELS=${KERNELS:-realesrgan} POOL=${POOL:-default}" \
          "${TOTAL_MIN:+TOTAL_MIN=$TOTAL_MIN LR1=$LR1 LR2=$LR2 WARMUP=$WARMUP MIN_TEXTURE=$MIN_TEXTURE INIT=$INIT}"
 } | tee "$OUT/env.txt"
 
@@ -120,6 +123,7 @@ print('degradations on', dev, 'ok')
 # KERNELS=upsr trains with the official UPSR recipe's (3-19, then 3-13).
 COMMON=(--out "$RUN" --steps 1000000 --schedule cosine --log-every 100 --ckpt-every 100000 --degrade-rng "$DEG_RNG"
         --device "$DEVICE" --kernels "${KERNELS:-realesrgan}")
+[[ -n "${POOL:-}" ]] && COMMON+=(--pool "$POOL")   # default: 160 rounded down to a multiple of the batch
 [[ -n "${CONFIG:-}" ]] && COMMON+=(--config "$CONFIG")
 [[ -n "${BATCH:-}" ]] && COMMON+=(--batch "$BATCH")
 [[ -n "${CROP:-}" ]] && COMMON+=(--crop "$CROP")

@@ -297,6 +297,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     md = table(means)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": str(args.hr), "lr": str(args.lr),
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
+            "niqe_luma": "gray" if params is not None else None,
             "b_u_psi_max": grid}
     (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
                                                   "per_image": [{k: v for k, v in r.items() if k != "images"}

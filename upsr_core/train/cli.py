@@ -37,7 +37,7 @@ from ..nets.attention import WindowAttention
 from .degradations import KERNEL_SIZES, RealESRGANDegradation
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import EstimatorTask, build_estimator_net
-from .feed import PairPool, default_pool_size, make_feed
+from .feed import PairPool, default_pool_size, degradation_seed, make_feed
 from .jpeg import JPEG_MODELS
 from .loop import DistInfo, LoopConfig, Trainer, setup_distributed
 from .losses import LPIPSHook
@@ -97,8 +97,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the trained net (the first step compiles, minutes for the full config; "
                         "falls back to eager with a warning if compiling fails)")
     p.add_argument("--degrade-rng", choices=["device", "cpu"], default="device",
-                   help="generator of the degradations: on the training device (resumable) or a CPU one "
-                        "(fallback where device generators are not supported; not bit-resumable)")
+                   help="generator of the degradations: on the training device or a CPU one (fallback where "
+                        "device generators are not supported); both are saved in the checkpoint")
     p.add_argument("--feed", choices=["loader", "device"], default="loader",
                    help="image folder: crops by DataLoader workers (loader), or from the decoded images held on the "
                         "training device (device: no workers, exactly resumable; the folder must fit the device)")
@@ -301,7 +301,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
                      seed=args.seed, min_texture=args.min_texture, feed=args.feed)
-    deg_gen = torch.Generator().manual_seed(args.seed + 17 + di.rank) if args.degrade_rng == "cpu" else None
+    deg_gen = torch.Generator().manual_seed(degradation_seed(args.seed, di.rank)) if args.degrade_rng == "cpu" else None
     pool_size = default_pool_size(cfg.batch, args.degradation) if args.pool is None else args.pool
     if pool_size % cfg.batch:
         raise ValueError(f"--pool {pool_size} must be a multiple of the micro-batch {cfg.batch} (or 0: off)")
@@ -330,8 +330,8 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         trainer.load(ckpt)  # its meta says which --init (if any) its weights descend from
         if hasattr(feed, "resume_at"):  # a DataLoader feed draws from its own generator, not the trainer's
             feed.resume_at(trainer.step)
-        if deg_gen is not None:  # the CPU degradation stream is not checkpointed: a new one, not the first run's
-            deg_gen.manual_seed(args.seed + 17 + di.rank + 1_000_003 * trainer.step)
+        if deg_gen is not None and not task.restored_deg_generator:  # rank > 0, or an older checkpoint:
+            deg_gen.manual_seed(degradation_seed(args.seed, di.rank, trainer.step))  # new draws, not a replay
         if init is not None:
             was = trainer.meta.get("init")
             log.info("--init %s not used: resuming %s (at step %d), which started from %s; --fresh starts over "

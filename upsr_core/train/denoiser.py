@@ -21,7 +21,7 @@ from ..nets import UPSRDenoiser
 from ..schedule import ResShiftSchedule, make_schedule
 from ..uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
 from .degradations import RealESRGANDegradation
-from .feed import PairPool, make_lr
+from .feed import DegradedPairs, PairPool
 from .losses import LPIPSHook, denoiser_loss, make_inputs
 
 __all__ = ["DenoiserTask", "build_denoiser_net", "init_denoiser_"]
@@ -50,7 +50,7 @@ def build_denoiser_net(cfg: DenoiserConfig) -> UPSRDenoiser:
 
 
 @dataclass
-class DenoiserTask:
+class DenoiserTask(DegradedPairs):
     model: nn.Module
     estimator: nn.Module
     feed: object
@@ -81,17 +81,7 @@ class DenoiserTask:
 
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         self._prepare_estimator()
-        hr = self.feed.next(self.batch, generator)
-        lr = make_lr(hr, self.deg_generator or generator, self.degradation, self.deg_config)
-        if self.pool is not None:
-            hr, lr = self.pool(hr, lr, generator)
+        hr, lr = self.degraded_pair(generator)
         inp = make_inputs(hr, lr, self.estimator, self.schedule, generator, b_u=self.b_u, psi_max=self.psi_max)
         pred = model(inp.x_in, inp.t, inp.lq)
         return denoiser_loss(pred, inp.target, self.lpips, self.lpips_weight)
-
-    def state_dict(self) -> dict:
-        return {} if self.pool is None else {"pool": self.pool.state_dict()}
-
-    def load_state_dict(self, sd: dict, device: torch.device) -> None:
-        if self.pool is not None and "pool" in sd:
-            self.pool.load_state_dict(sd["pool"], device)

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import ATDConfig
 from ..nets import ATD
 from .degradations import RealESRGANDegradation
-from .feed import PairPool, make_lr
+from .feed import DegradedPairs, PairPool
 from .losses import estimator_loss
 
 __all__ = ["EstimatorTask", "build_estimator_net", "init_estimator_"]
@@ -47,7 +47,7 @@ def build_estimator_net(cfg: ATDConfig) -> ATD:
 
 
 @dataclass
-class EstimatorTask:
+class EstimatorTask(DegradedPairs):
     """``feed.next(batch, generator)`` gives HR crops; ``degradation``: realesrgan|bicubic."""
 
     model: nn.Module
@@ -59,15 +59,5 @@ class EstimatorTask:
     deg_config: RealESRGANDegradation | None = None  # ranges and JPEG model (None: the official ranges)
 
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        hr = self.feed.next(self.batch, generator)
-        lr = make_lr(hr, self.deg_generator or generator, self.degradation, self.deg_config)
-        if self.pool is not None:
-            hr, lr = self.pool(hr, lr, generator)
+        hr, lr = self.degraded_pair(generator)
         return estimator_loss(model(lr), hr)
-
-    def state_dict(self) -> dict:
-        return {} if self.pool is None else {"pool": self.pool.state_dict()}
-
-    def load_state_dict(self, sd: dict, device: torch.device) -> None:
-        if self.pool is not None and "pool" in sd:
-            self.pool.load_state_dict(sd["pool"], device)

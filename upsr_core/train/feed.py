@@ -39,8 +39,8 @@ from .data import (
 )
 from .degradations import RealESRGANDegradation, bicubic_degrade, degrade
 
-__all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "PairPool", "make_feed", "make_lr", "default_pool_size",
-           "PACKED_SUFFIXES", "FEEDS"]
+__all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "PairPool", "DegradedPairs", "make_feed", "make_lr",
+           "default_pool_size", "degradation_seed", "PACKED_SUFFIXES", "FEEDS"]
 
 log = logging.getLogger(__name__)
 PACKED_SUFFIXES = (".npy", ".safetensors")
@@ -296,7 +296,8 @@ class PairPool:
 
     def __call__(self, hr: torch.Tensor, lr: torch.Tensor, generator: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hr`` (b,3,H,W), ``lr`` (b,3,H/4,W/4) -> a pair batch of the same shapes from the pool."""
+        """``hr`` (b,3,H,W), ``lr`` (b,3,H/4,W/4) in [0,1] -> a pair batch of the same shapes
+        from the pool."""
         b = hr.shape[0]
         if self.size % b:
             raise ValueError(f"the pair pool size {self.size} must be a multiple of the batch {b}")
@@ -305,6 +306,9 @@ class PairPool:
             self.lr = lr.new_empty((self.size, *lr.shape[1:]))
             self.filled = 0
         if self.filled < self.size:
+            if self.filled % b:  # a checkpoint written while filling with another batch size
+                raise ValueError(f"the pair pool holds {self.filled} pairs, not a multiple of the batch {b}: "
+                                 "resume with the batch it was filled with, or --fresh")
             self.hr[self.filled:self.filled + b] = hr
             self.lr[self.filled:self.filled + b] = lr
             self.filled += b
@@ -316,11 +320,22 @@ class PairPool:
         self.lr[:b] = lr
         return out
 
+    def snapshot(self) -> tuple:
+        """The state to :meth:`restore` if the step that follows is redone (compile fallback):
+        the tensors a full pool replaces rather than writes, and the fill count."""
+        return self.hr, self.lr, self.filled
+
+    def restore(self, snap: tuple) -> None:
+        self.hr, self.lr, self.filled = snap
+
     def state_dict(self) -> dict:
-        if self.hr is None:
+        """{'size', 'filled', 'hr', 'lr'}: the stored pairs (filled, 3, H, W) and (filled, 3, H/4,
+        W/4) on the CPU, as uint8 levels where they lie on them exactly (the usual case: 8-bit
+        crops, LR rounded by the degradation; 4× smaller), else in their float dtype."""
+        if self.hr is None or self.filled == 0:
             return {"size": self.size, "filled": 0}
-        return {"size": self.size, "filled": self.filled, "hr": self.hr[:self.filled].cpu(),
-                "lr": self.lr[:self.filled].cpu()}
+        return {"size": self.size, "filled": self.filled, "hr": _compact(self.hr[:self.filled]),
+                "lr": _compact(self.lr[:self.filled])}
 
     def load_state_dict(self, sd: dict, device: torch.device) -> None:
         if int(sd["size"]) != self.size:
@@ -330,10 +345,83 @@ class PairPool:
         if self.filled == 0:
             self.hr = self.lr = None
             return
-        hr, lr = sd["hr"].to(device), sd["lr"].to(device)
+        hr, lr = _expand(sd["hr"]).to(device), _expand(sd["lr"]).to(device)
         self.hr = hr.new_empty((self.size, *hr.shape[1:]))
         self.lr = lr.new_empty((self.size, *lr.shape[1:]))
         self.hr[:self.filled], self.lr[:self.filled] = hr, lr
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """x on the CPU as uint8 if ``level / 255`` gives back exactly x (float32), else unchanged."""
+    x = x.detach().cpu()
+    if x.dtype == torch.float32:
+        q = torch.round(x * 255.0).clamp(0, 255).to(torch.uint8)
+        if torch.equal(q.float() / 255.0, x):
+            return q
+    return x
+
+
+def _expand(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
+class DegradedPairs:
+    """What both training tasks do before their loss: HR crops from ``self.feed`` → LR by
+    :func:`make_lr` (on ``self.deg_generator`` if set, else the step's generator) → the pair
+    pool ``self.pool`` (if any); and the part of the training checkpoint this owns. Needs the
+    attributes ``feed``, ``batch``, ``degradation``, ``deg_config``, ``deg_generator``, ``pool``.
+    """
+
+    restored_deg_generator = False  # set by load_training_state when the checkpoint held its state
+
+    def degraded_pair(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """HR (batch,3,H,W) and LR (batch,3,H/4,W/4), float32 in [0,1], on the feed's device."""
+        hr = self.feed.next(self.batch, generator)
+        lr = make_lr(hr, self.deg_generator or generator, self.degradation, self.deg_config)
+        if self.pool is not None:
+            hr, lr = self.pool(hr, lr, generator)
+        return hr, lr
+
+    def training_state(self) -> dict:
+        """For the checkpoint: {'pool': PairPool.state_dict()} with a pool, {'deg_generator':
+        its state (uint8 tensor)} with a separate degradation generator."""
+        sd = {}
+        if self.pool is not None:
+            sd["pool"] = self.pool.state_dict()
+        if self.deg_generator is not None:
+            sd["deg_generator"] = self.deg_generator.get_state()
+        return sd
+
+    def load_training_state(self, sd: dict, device: torch.device) -> None:
+        """Restore what :meth:`training_state` saved (a checkpoint of an older version may hold
+        neither part: the pool then fills anew; the caller reseeds the degradation generator)."""
+        if self.pool is not None and "pool" in sd:
+            self.pool.load_state_dict(sd["pool"], device)
+        elif self.pool is not None:
+            log.info("the checkpoint holds no pair pool (an older run, or --pool 0): the pool fills anew")
+        elif "pool" in sd and sd["pool"].get("filled"):
+            log.warning("the checkpoint holds a pair pool of %d pairs but this run has none (--pool 0): "
+                        "its pairs are dropped", sd["pool"]["size"])
+        if self.deg_generator is not None and "deg_generator" in sd:
+            self.deg_generator.set_state(sd["deg_generator"])
+            self.restored_deg_generator = True
+
+    def snapshot(self) -> tuple:
+        """State to :meth:`restore` if a step is redone with the same draws (compile fallback)."""
+        return (None if self.pool is None else self.pool.snapshot(),
+                None if self.deg_generator is None else self.deg_generator.get_state())
+
+    def restore(self, snap: tuple) -> None:
+        if snap[0] is not None:
+            self.pool.restore(snap[0])
+        if snap[1] is not None:
+            self.deg_generator.set_state(snap[1])
+
+
+def degradation_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of a separate (CPU) degradation generator: per rank, and per step where a resumed
+    run has no stored state for it (so it never replays the first run's draws)."""
+    return seed + 17 + rank + 1_000_003 * step
 
 
 def default_pool_size(batch: int, degradation: str) -> int:

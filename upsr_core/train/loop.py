@@ -85,6 +85,12 @@ class LoopConfig:
 
 
 class Task(Protocol):
+    """What the Trainer trains: ``model`` and its ``loss`` (scalar tensor, logs) for one micro-batch
+    drawn with ``generator``. Optional, used where present (``feed.DegradedPairs`` has them):
+    ``training_state() -> dict`` / ``load_training_state(sd, device)``, the task's part of the
+    checkpoint (key 'task'; rank 0's); ``snapshot()`` / ``restore(snap)`` around a step that may
+    be redone (the compile fallback)."""
+
     model: nn.Module
 
     def loss(self, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
@@ -202,7 +208,7 @@ class Trainer:
             "history": self.history,
             "meta": self.meta,
             "loop": asdict(self.cfg),
-            "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
+            "task": self.task.training_state() if hasattr(self.task, "training_state") else {},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -232,8 +238,8 @@ class Trainer:
         if self.di.rank == 0:  # the checkpoint holds rank 0's streams (and pair pool): it continues exactly
             self.generator.set_state(sd["generator"])
             torch.set_rng_state(sd["cpu_rng"])
-            if hasattr(self.task, "load_state_dict"):
-                self.task.load_state_dict(sd.get("task", {}), self.device)
+            if hasattr(self.task, "load_training_state"):
+                self.task.load_training_state(sd.get("task", {}), self.device)
         else:  # other ranks' streams are not stored: a new one per (rank, step), not the first run's again;
             # their pair pools (if any) refill
             self.generator.manual_seed(self.cfg.seed + 1000 * self.di.rank + 1_000_003 * self.step)
@@ -271,6 +277,7 @@ class Trainer:
         if self._eager is None:
             return self._train_step(elapsed_s)
         rng = self.generator.get_state(), torch.get_rng_state()
+        task_snap = self.task.snapshot() if hasattr(self.task, "snapshot") else None
         try:
             return self._train_step(elapsed_s)
         except torch._dynamo.exc.TorchDynamoException as e:  # inductor/backend failure, no compiler
@@ -280,6 +287,8 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.generator.set_state(rng[0])
             torch.set_rng_state(rng[1])
+            if task_snap is not None:  # the pair pool and a separate degradation generator, as before the try
+                self.task.restore(task_snap)
             self.wrapped, self._eager = self._eager, None
             return self._train_step(elapsed_s)
 

@@ -130,8 +130,11 @@ def denoiser_loss(
     logs = {"mse": float(mse.detach())}
     loss = mse
     if lpips is not None and lpips.available:
-        # the official step: LPIPS of the clamped prediction, NaN per image counted as 0
-        lp = torch.nan_to_num(lpips(pred.float().clamp(-1.0, 1.0), target.float()), nan=0.0)
+        # the official step: LPIPS of the clamped prediction, a NaN value counted as 0 (pyiqa's loss
+        # is already the batch mean, so there a NaN anywhere zeroes the batch's term, as officially);
+        # ±inf stays, for the loop's non-finite check
+        lp = lpips(pred.float().clamp(-1.0, 1.0), target.float())
+        lp = torch.where(torch.isnan(lp), torch.zeros_like(lp), lp)
         logs["lpips"] = float(lp.detach().mean())
         loss = loss + lpips_weight * lp.mean()
     return loss, logs
