@@ -185,6 +185,7 @@ def test_crop_border_reaches_every_metric(tiny_pairs, tmp_path):
     c = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     assert means["bicubic"]["niqe"] == pytest.approx(float(niqe(sr[c], params)[0]), abs=1e-9)
     assert means["bicubic"]["psnr"] == pytest.approx(float(psnr(sr[c], ref[c])[0]), abs=1e-9)
+    assert means["bicubic"]["ssim"] == pytest.approx(float(ssim(sr[c], ref[c])[0]), abs=1e-9)
 
 
 def test_eval_cli_tiny(tiny_pairs, monkeypatch):

@@ -579,15 +579,20 @@ def test_train_bench_profile_names_the_step_ops(capsys):
     assert res["iters"] == 1 and res["s_per_iter_median"] > 0
 
 
-def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, caplog):
+@pytest.mark.parametrize("pooled", [False, True], ids=["plain", "pool+cpu-degradations"])
+def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, caplog, pooled):
     """train --compile: a compiler failure (here at the second step, as a recompile would) redoes
-    that step eagerly: the run continues with exactly the eager run's losses and weights."""
+    that step eagerly: the run continues with exactly the eager run's losses and weights. Also
+    with a pair pool and a CPU degradation generator, which the failed try had advanced (the
+    pool, filling at that step, would hold the batch twice and be full one step early)."""
     import torch._dynamo.exc
 
     def run(compile_fails_at):
         torch.manual_seed(0)
         est = build_estimator_net(TINY.estimator)
-        task = DenoiserTask(build_denoiser_net(TINY.denoiser), est, FixedFeed(_hr()), 2, "bicubic")
+        extra = {"deg_generator": torch.Generator().manual_seed(1), "pool": PairPool(4)} if pooled else {}
+        task = DenoiserTask(build_denoiser_net(TINY.denoiser), est, FixedFeed(_hr()), 2,
+                            "realesrgan" if pooled else "bicubic", **extra)
         tr = Trainer(task, LoopConfig(steps=3, batch=2, lr=1e-3, amp="off", progress=False))
         if compile_fails_at is not None:
             calls = []
@@ -668,7 +673,7 @@ def test_folder_feed_resumed_at_a_step_draws_new_batches_not_the_first_run_s(tmp
     from upsr_core.train.feed import FolderFeed
 
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for i in range(6):  # with workers=0 the crops repeat (global RNG): the shuffled images must differ
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
 
     def first_batch(step=None):
@@ -676,7 +681,7 @@ def test_folder_feed_resumed_at_a_step_draws_new_batches_not_the_first_run_s(tmp
         feed = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=workers, seed=3)
         if step is not None:
             feed.resume_at(step)
-        x = feed.next(2, None)
+        x = torch.cat([feed.next(2, None), feed.next(2, None)])  # 4 crops: a chance match is 1 in 6**4
         with pytest.raises(RuntimeError, match="before the first batch"):
             feed.resume_at(1)
         return x
@@ -709,24 +714,26 @@ def test_cli_resume_with_a_folder_feed(tmp_path, monkeypatch):
 
 
 def test_cli_resume_with_the_cpu_degradation_stream_and_the_pool_is_exact(tmp_path):
-    """--degrade-rng cpu: its generator is in the checkpoint, as the pair pool (on by default
-    with realesrgan), so 2 steps + a resume to 4 give the weights of 4 straight steps."""
+    """--degrade-rng cpu: its generator is in the checkpoint, as the pair pool (4 pairs: full after
+    the first run's 2 steps, so the resumed steps draw from the stored pool), so 2 steps + a
+    resume to 4 give the weights of 4 straight steps."""
     from safetensors.torch import load_file
 
     common = ["--data", str(packed_crops(tmp_path)), "--config", "tiny", "--degrade-rng", "cpu", "--amp", "off",
-              "--seed", "3", "--log-every", "1"]
+              "--seed", "3", "--log-every", "1", "--pool", "4"]
     assert main(["train", "estimator", *common, "--out", str(tmp_path / "a"), "--steps", "4"]) == 0
     assert main(["train", "estimator", *common, "--out", str(tmp_path / "b"), "--steps", "2"]) == 0
     assert main(["train", "estimator", *common, "--out", str(tmp_path / "b"), "--steps", "4"]) == 0
     log = json.loads((tmp_path / "b" / "estimator_log.json").read_text())
-    assert log["pool"] == 160 and log["resumed"]
+    assert log["pool"] == 4 and log["resumed"]
     a, b = (load_file(str(tmp_path / d / "estimator.safetensors")) for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_reseeds_a_cpu_degradation_stream_the_checkpoint_lacks(tmp_path, monkeypatch):
-    """An older checkpoint (no task state) or a rank > 0: the CPU stream is seeded from the
-    step it resumes at, so it does not replay the first run's degradations."""
+    """A checkpoint without the generator's state (an older version; ranks > 0 take the same
+    branch): the CPU stream is seeded from the step it resumes at, so it does not replay the
+    first run's degradations."""
     import upsr_core.train.cli as train_cli
     from upsr_core.train.loop import Trainer
 
@@ -876,3 +883,60 @@ def test_task_snapshot_undoes_a_step_s_pool_and_degradation_draws():
         again = task.degraded_pair(g)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert task.pool.filled == 4
+
+
+@torch.no_grad()
+def test_fresh_nets_start_as_the_official_ones():
+    """ATD: Linear weights N(0, 0.02) truncated with zero bias, LayerNorm 1/0, bias tables
+    N(0, 0.02), token scale 0.5; denoiser: ResBlocks' last conv zero, Swin bias tables N(0, 0.02)."""
+    torch.manual_seed(0)
+    est = build_estimator_net(get_preset("small").estimator)
+    lin = [m for m in est.modules() if isinstance(m, torch.nn.Linear)]
+    w = torch.cat([m.weight.flatten() for m in lin])
+    assert abs(float(w.std()) - 0.02) < 0.001 and float(w.abs().max()) <= 2.0  # trunc_normal_'s bounds are ±2
+    assert all(m.bias is None or not m.bias.any() for m in lin)
+    norms = [m for m in est.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(bool((m.weight == 1).all()) and not m.bias.any() for m in norms)
+    for net in (est, build_denoiser_net(get_preset("small").denoiser)):
+        tables = [p for n, p in net.named_parameters() if n.endswith("relative_position_bias_table")]
+        t = torch.cat([p.flatten() for p in tables])
+        assert tables and abs(float(t.std()) - 0.02) < 0.002
+    scales = [p for n, p in est.named_parameters() if n.endswith(".scale")]
+    assert scales and all(bool((p == 0.5).all()) for p in scales)
+    den = build_denoiser_net(get_preset("small").denoiser)
+    zero = [m for n, m in den.named_modules() if n.endswith("out_layers.3")]
+    assert zero and all(not m.weight.any() and not m.bias.any() for m in zero)
+
+
+def test_folder_feed_scales_its_epoch_and_cache_to_the_folder(tmp_path, monkeypatch):
+    """A few photos: listed many times per epoch and kept decoded; a folder above the limits
+    (ImageNet: 1.28 M images) is listed once (a 1000× shuffle list took tens of GB) and decoded
+    per crop (a cache would grow with every image)."""
+    from PIL import Image
+
+    from upsr_core.train.feed import FolderFeed
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    small = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
+    assert small.dataset.repeat == 100_000 // 3 and small.dataset._cache is not None
+    monkeypatch.setattr(FolderFeed, "EPOCH_SAMPLES", 2)
+    monkeypatch.setattr(FolderFeed, "CACHE_MAX_IMAGES", 2)
+    big = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
+    assert big.dataset.repeat == 1 and big.dataset._cache is None
+    assert big.next(2, torch.Generator()).shape == (2, 3, 32, 32)
+
+
+def test_ema_warmup_flag(tmp_path):
+    """auto: on for fresh nets, off with --init; on/off force it (the official training: off)."""
+    from upsr_core.cli import build_parser
+    from upsr_core.train.cli import _loop_config
+    from upsr_core.train.loop import DistInfo
+
+    def warm(*flags):
+        args = build_parser().parse_args(["train", "estimator", "--data", str(tmp_path), "--config", "tiny", *flags])
+        return _loop_config(args, get_preset("tiny"), DistInfo(), tmp_path).ema_warmup
+
+    assert warm() is True and warm("--init", "x.safetensors") is False
+    assert warm("--ema-warmup", "off") is False and warm("--init", "x.safetensors", "--ema-warmup", "on") is True

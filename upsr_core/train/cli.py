@@ -68,6 +68,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int_min(0), default=None)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--ema-decay", type=float_range(0, 1, hi_open=True), default=None)
+    p.add_argument("--ema-warmup", choices=["auto", "on", "off"], default="auto",
+                   help="EMA decay min(decay, (1+n)/(10+n)) over the first updates (auto: on for fresh nets, off "
+                        "with --init; the official training: off)")
     p.add_argument("--grad-clip", type=off_or(float_range(0, lo_open=True)), default=None,
                    help="max gradient norm, or off (default: the preset's: off for full, as the official "
                         "training; 1.0 for small and tiny)")
@@ -268,7 +271,8 @@ def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> L
         schedule=args.schedule, weight_decay=preset.weight_decay,
         ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
         grad_clip=preset.grad_clip if args.grad_clip is None else (None if args.grad_clip == "off" else args.grad_clip),
-        ema_warmup=args.init is None,  # trained weights need no warm-up of their average
+        # trained weights need no warm-up of their average; the official training has none either
+        ema_warmup=args.init is None if args.ema_warmup == "auto" else args.ema_warmup == "on",
         amp=args.amp or ("bf16" if di.device.type == "cuda" else "off"), seed=args.seed,
         checkpoint=str(out / f"{args.stage}.ckpt"), ckpt_every=args.ckpt_every, log_every=args.log_every,
     )
@@ -350,6 +354,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
         "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
         "pool": pool_size, "jpeg": args.jpeg if args.degradation == "realesrgan" else None,
+        "degrade_rng": args.degrade_rng,
         "kernels": args.kernels if args.degradation == "realesrgan" else None,
         "channels_last": args.channels_last, "compile": trainer.compiled,
         "hardware": hardware(di.device),
@@ -358,6 +363,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     }
     if args.stage == "denoiser":
         record |= {"b_u": args.b_u, "psi_max": args.psi_max, "lpips": args.lpips if task.lpips.available else "off",
+                   "lpips_weight": args.lpips_weight,
                    "estimator_file": str(args.estimator)}
     if di.main:
         _write_outputs(args, trainer, net, record, out)

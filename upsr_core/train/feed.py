@@ -177,11 +177,23 @@ class PhotoFeed:
 
 
 class FolderFeed:
-    """Random crops of the images of a folder through a DataLoader (CPU workers)."""
+    """Random crops of the images of a folder through a DataLoader (CPU workers).
+
+    An epoch lists every image ``max(1, EPOCH_SAMPLES // n)`` times (a few photos still make long
+    epochs; ImageNet's 1.28 M images are listed once: the shuffle of a 1000× list would take tens
+    of GB); folders of at most ``CACHE_MAX_IMAGES`` images are kept decoded in each worker, larger
+    ones are decoded per crop (a cache would grow with every image seen).
+    """
+
+    EPOCH_SAMPLES = 100_000
+    CACHE_MAX_IMAGES = 2_000
 
     def __init__(self, root: str | Path, crop: int, device: torch.device, batch: int, *, workers: int = 4,
                  seed: int = 0, min_texture: float = 0.0):
-        self.dataset = ImageFolderDataset(root, crop, repeat=1000, cache=True, min_texture=min_texture)
+        files = list_images(root)
+        n = len(files)
+        self.dataset = ImageFolderDataset(root, crop, files=files, repeat=max(1, self.EPOCH_SAMPLES // max(n, 1)),
+                                          cache=n <= self.CACHE_MAX_IMAGES, min_texture=min_texture)
         self.seed = seed
         g = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
@@ -345,24 +357,27 @@ class PairPool:
         if self.filled == 0:
             self.hr = self.lr = None
             return
-        hr, lr = _expand(sd["hr"]).to(device), _expand(sd["lr"]).to(device)
+        hr, lr = _expand(sd["hr"], device), _expand(sd["lr"], device)
         self.hr = hr.new_empty((self.size, *hr.shape[1:]))
         self.lr = lr.new_empty((self.size, *lr.shape[1:]))
         self.hr[:self.filled], self.lr[:self.filled] = hr, lr
 
 
 def _compact(x: torch.Tensor) -> torch.Tensor:
-    """x on the CPU as uint8 if ``level / 255`` gives back exactly x (float32), else unchanged."""
-    x = x.detach().cpu()
+    """x on the CPU as uint8 levels if ``level / 255`` gives back exactly x (float32), else as it
+    is. Checked on x's own device: CUDA divides by 255 as a multiplication by 1/255, which rounds
+    otherwise than the CPU for about half the levels, and the feeds divide there."""
+    x = x.detach()
     if x.dtype == torch.float32:
         q = torch.round(x * 255.0).clamp(0, 255).to(torch.uint8)
         if torch.equal(q.float() / 255.0, x):
-            return q
-    return x
+            return q.cpu()
+    return x.cpu()
 
 
-def _expand(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+def _expand(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Inverse of :func:`_compact` on ``device`` (divided there, as the feeds do)."""
+    return x.to(device).float() / 255.0 if x.dtype == torch.uint8 else x.to(device)
 
 
 class DegradedPairs:
