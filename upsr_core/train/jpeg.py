@@ -90,22 +90,42 @@ def _dct_matrix(device: torch.device) -> torch.Tensor:
     return d.to(device=device, dtype=torch.float32)
 
 
+def _blocks(plane: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) level-shifted by −128 → 8×8 blocks (B, H/8, W/8, 8, 8); H, W multiples of 8."""
+    b, h, w = plane.shape
+    return (plane - 128.0).reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+
+
+def _merge(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_blocks` (with the +128 level shift)."""
+    b, nh, nw = blocks.shape[:3]
+    return blocks.permute(0, 1, 3, 2, 4).reshape(b, nh * 8, nw * 8) + 128.0
+
+
+def _ycc(r: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """JFIF (BT.601 full-range) Y, Cb, Cr of 0-255 planes, unrounded (Cb, Cr offset by 128)."""
+    return (0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0,
+            0.5 * r - 0.418688 * g - 0.081312 * b + 128.0)
+
+
+def _rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_ycc` for Cb, Cr already centred (−128): (B, 3, H, W), unrounded."""
+    return torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+
+
 def _code_plane(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
     """Quantise one 8-bit plane through the block DCT: (B, H, W) in [0,255] → same, rounded.
 
     ``table``: (B, 8, 8). H and W must be multiples of 8.
     """
-    b, h, w = plane.shape
-    blocks = (plane - 128.0).reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+    blocks = _blocks(plane)
     coef = dct @ blocks @ dct.T
     # the DC term is sum/8: computed exactly so that ties round like libjpeg (half away from 0)
     coef[..., 0, 0] = blocks.sum(dim=(-2, -1)) / 8.0
     t = table[:, None, None]
     scaled = coef / t
     coef = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) * t
-    rec = dct.T @ coef @ dct
-    rec = rec.permute(0, 1, 3, 2, 4).reshape(b, h, w)
-    return _round(rec + 128.0).clamp(0.0, 255.0)
+    return _round(_merge(dct.T @ coef @ dct)).clamp(0.0, 255.0)
 
 
 def _downsample_h2v2(c: torch.Tensor) -> torch.Tensor:
@@ -144,10 +164,8 @@ def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tenso
     ph, pw = (-h) % 16, (-w) % 16
     if ph or pw:
         v = F.pad(v, (0, pw, 0, ph), mode="replicate")
-    r, g, bl = v[:, 0], v[:, 1], v[:, 2]
-    y = _round(0.299 * r + 0.587 * g + 0.114 * bl)
-    cb = _round(-0.168736 * r - 0.331264 * g + 0.5 * bl + 128.0).clamp(0.0, 255.0)
-    cr = _round(0.5 * r - 0.418688 * g - 0.081312 * bl + 128.0).clamp(0.0, 255.0)
+    y, cb, cr = _ycc(v[:, 0], v[:, 1], v[:, 2])
+    y, cb, cr = _round(y), _round(cb).clamp(0.0, 255.0), _round(cr).clamp(0.0, 255.0)
     chroma = _downsample_h2v2(torch.stack([cb, cr], 1))  # 4:2:0
 
     y = _code_plane(y, luma_t, dct)
@@ -156,8 +174,7 @@ def jpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.Tenso
     chroma = _upsample_h2v2_fancy(torch.stack([cb, cr], 1))
     cb, cr = chroma[:, 0] - 128.0, chroma[:, 1] - 128.0
 
-    rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
-    rgb = _round(rgb).clamp(0.0, 255.0)[:, :, :h, :w] / 255.0
+    rgb = _round(_rgb(y, cb, cr)).clamp(0.0, 255.0)[:, :, :h, :w] / 255.0
     return rgb.to(x.dtype)
 
 
@@ -194,20 +211,16 @@ def diffjpeg_compress(x: torch.Tensor, quality: torch.Tensor | float) -> torch.T
     dct = _dct_matrix(x.device)
     v = x.float().clamp(0.0, 1.0) * 255.0
     v = F.pad(v, (0, (-w) % 16, 0, (-h) % 16))  # zeros
-    r, g, bl = v[:, 0], v[:, 1], v[:, 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * bl
-    chroma = F.avg_pool2d(torch.stack([-0.168736 * r - 0.331264 * g + 0.5 * bl + 128.0,
-                                       0.5 * r - 0.418688 * g - 0.081312 * bl + 128.0], 1), 2)
+    y, cb, cr = _ycc(v[:, 0], v[:, 1], v[:, 2])
+    chroma = F.avg_pool2d(torch.stack([cb, cr], 1), 2)
 
     def code(plane: torch.Tensor, table: tuple) -> torch.Tensor:
-        b, ph, pw = plane.shape
         step = (torch.tensor(table, dtype=torch.float32, device=x.device).T[None] * factor)[:, None, None]
-        blocks = (plane - 128.0).reshape(b, ph // 8, 8, pw // 8, 8).permute(0, 1, 3, 2, 4)
-        coef = torch.round((dct @ blocks @ dct.T) / step) * step
-        return ((dct.T @ coef @ dct) + 128.0).permute(0, 1, 3, 2, 4).reshape(b, ph, pw)
+        coef = torch.round((dct @ _blocks(plane) @ dct.T) / step) * step
+        return _merge(dct.T @ coef @ dct)
 
     y = code(y, LUMA_TABLE)
     cb = code(chroma[:, 0], CHROMA_TABLE).repeat_interleave(2, 1).repeat_interleave(2, 2) - 128.0
     cr = code(chroma[:, 1], CHROMA_TABLE).repeat_interleave(2, 1).repeat_interleave(2, 2) - 128.0
-    rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+    rgb = _rgb(y, cb, cr)
     return (rgb.clamp(0.0, 255.0)[:, :, :h, :w] / 255.0).to(x.dtype)
