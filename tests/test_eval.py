@@ -250,3 +250,73 @@ def test_metrics_refuse_images_outside_unit_range(bad, match):
     with pytest.raises(TypeError, match="uint8"):
         psnr((a * 255).to(torch.uint8), a)
     assert torch.isfinite(psnr(a * 1.04 - 0.02, a)).all()  # overshoot within the slack is measured
+
+
+def _flat_niqe_params(path: Path):
+    g = np.exp(-((np.arange(7) - 3) ** 2) / (2 * (7 / 6) ** 2))
+    np.savez(path, mu_pris_param=np.ones((1, 36)), cov_pris_param=np.eye(36),
+             gaussian_window=np.outer(g, g) / g.sum() ** 2)
+    return path
+
+
+def test_eval_without_hr_is_a_no_reference_run(tiny_pairs, tmp_path):
+    """No --hr: every LR image is scored by NIQE alone (the paper's RealSet65 column), with the
+    same values NIQE gives the methods' outputs directly; the sheet has no HR column and keeps
+    a 32×24 image's aspect (white letterbox)."""
+    from upsr_core.imageio import read_image
+    from upsr_core.model import load_upsr
+
+    root, model = tiny_pairs
+    lr_dir = tmp_path / "lr_only"
+    lr_dir.mkdir()
+    rng = np.random.default_rng(5)
+    for name, (h, w) in {"wide": (24, 32), "tall": (32, 24)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(lr_dir / f"{name}.png")
+    (lr_dir / "notes.txt").write_text("not an image")
+    params = _flat_niqe_params(tmp_path / "p.npz")
+    out = tmp_path / "nr"
+    assert main(["eval", "--lr", str(lr_dir), "--model", str(model), "--out", str(out), "--device", "cpu",
+                 "--niqe-params", str(params), "--sheet", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["info"]["hr"] is None and res["info"]["pairs"] == 2
+    assert [r["image"] for r in res["per_image"]] == ["tall", "wide"]
+    assert all(set(m) == {"niqe"} for m in res["mean"].values())
+    assert "2 images, no reference" in (out / "results.md").read_text()
+    lr = read_image(lr_dir / "wide.png").rgb[None]
+    outs = run_methods(load_upsr(model, device="cpu"), lr, ["bicubic", "estimator", "upsr_w1", "upsr"], 0)
+    want = {m: float(niqe(sr, load_niqe_params(params))[0]) for m, sr in outs.items()}
+    assert res["per_image"][1]["metrics"] == {m: {"niqe": v} for m, v in want.items()}
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape == (16 + 2 * 192, 5 * 192, 3)  # LR + 4 methods, no HR
+    # row 2 is the 128×96 'wide' output fitted to 192×144: 24 white rows above (behind the label)
+    # and below it
+    assert (sheet[16 + 192 + 168 : 16 + 384, 192 * 2 : 192 * 3] == 255).all()
+    assert not (sheet[16 + 192 + 24 : 16 + 192 + 168, 192 * 2 : 192 * 3] == 255).all()
+
+
+def test_eval_without_hr_refuses_what_it_cannot_measure(tiny_pairs, tmp_path, monkeypatch, capsys):
+    """A no-reference run with NIQE off (or unavailable) and no pyiqa metric measures nothing, and
+    a full-reference pyiqa metric needs HR: errors that say so, before any image is run."""
+    import sys
+    import types
+
+    root, model = tiny_pairs
+    base = ["eval", "--lr", str(root / "lr"), "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert main([*base, "--niqe-params", "off"]) == 2
+    assert "with --niqe-params off measures nothing" in capsys.readouterr().err
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(tmp_path / "none.npz"))
+    assert main(base) == 2
+    assert "a no-reference run (no --hr) needs NIQE or --pyiqa metrics, and NIQE is unavailable" in \
+        capsys.readouterr().err
+
+    class FakeMetric:
+        def __init__(self, mode):
+            self.metric_mode, self.device = mode, "cpu"
+
+    fake = types.SimpleNamespace(create_metric=lambda n, device: FakeMetric("FR" if n == "lpips" else "NR"))
+    monkeypatch.setitem(sys.modules, "pyiqa", fake)
+    assert main([*base, "--pyiqa", "musiq,lpips"]) == 2
+    assert "--pyiqa lpips: full-reference, needs --hr" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main([*base[:2], str(tmp_path / "missing"), *base[3:]]) == 2
+    assert "missing' does not exist" in capsys.readouterr().err

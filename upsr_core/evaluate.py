@@ -1,4 +1,4 @@
-"""``python -m upsr_core eval --hr DIR --lr DIR [--method …]``: metrics table and contact sheet.
+"""``python -m upsr_core eval [--hr DIR] --lr DIR [--method …]``: metrics table and contact sheet.
 
 Methods (all from the same LR, outputs rounded to 8 bits like a saved PNG):
 
@@ -16,6 +16,10 @@ Metrics: PSNR / SSIM on RGB and on Y (BT.601), NIQE with the official pristine m
 ``--pyiqa lpips,clipiqa,musiq,maniqa``. Writes ``OUT/results.json``, ``OUT/results.md`` and
 ``OUT/contact_sheet.png`` (rows: images; columns: LR, methods, HR).
 HR/LR pairs are matched by file name; ``--manifest``+``--group`` keep one split group.
+
+Without ``--hr`` the run is no-reference, as the paper's RealSet65 column: every image of
+``--lr`` is scored by NIQE and the no-reference pyiqa metrics only (``clipiqa``, ``musiq``,
+``maniqa``); a full-reference metric (``lpips``) is then an error, not a silent blank.
 """
 from __future__ import annotations
 
@@ -36,15 +40,18 @@ from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
 
-__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "upsr_label", "parse_grid"]
+__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "upsr_label", "parse_grid"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="PSNR/SSIM/NIQE (+pyiqa) of bicubic, g(y), UPSR w≡1 and UPSR on HR/LR pairs")
-    p.add_argument("--hr", required=True, help="folder of HR images")
+    p = sub.add_parser("eval", help="PSNR/SSIM/NIQE (+pyiqa) of bicubic, g(y), UPSR w≡1 and UPSR on HR/LR pairs "
+                                    "(or NIQE/pyiqa alone on LR images)")
+    p.add_argument("--hr", default=None,
+                   help="folder of HR images; leave out for a no-reference run (NIQE and pyiqa's no-reference "
+                        "metrics of every image in --lr, as the paper's RealSet65 column)")
     p.add_argument("--lr", required=True, help="folder of LR images (same file names, ×4 smaller)")
     p.add_argument("--model", default=None, help="converted .safetensors with both nets (default: the demo model)")
     p.add_argument("--estimator", default=None, help="ATD file when --model holds only the denoiser")
@@ -85,6 +92,20 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
         log.warning("%d HR image(s) in %r have no LR image of the same name in %r and are left out: %s",
                     len(alone), str(hr_dir), str(lr_dir), ", ".join(alone[:5]) + (" …" if len(alone) > 5 else ""))
     return pairs
+
+
+def lr_files(lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[None, Path]]:
+    """(None, lr) for every image of ``lr_dir`` (a no-reference run), sorted; ``ids`` keeps only those stems."""
+    lr_dir = Path(lr_dir)
+    if not lr_dir.is_dir():
+        raise FileNotFoundError(f"image folder {str(lr_dir)!r} does not exist")
+    lrs = [(None, p) for p in sorted(lr_dir.iterdir())
+           if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+    if not lrs:
+        why = (f" for the {len(ids)} selected ids" if ids is not None
+               else f" (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"no images in {str(lr_dir)!r}{why}")
+    return lrs
 
 
 def _manifest_ids(path: str, group: str) -> set[str]:
@@ -186,35 +207,49 @@ def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str) -> torch.Ten
     return hr[..., :h, :w]
 
 
-def evaluate(model, pairs: list[tuple[Path, Path]], methods: list[str], *, seed: int = 0, crop_border: int = 0,
-             niqe_params=None, extra: dict | None = None, keep: int = 0,
+def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *, seed: int = 0,
+             crop_border: int = 0, niqe_params=None, extra: dict | None = None, keep: int = 0,
              grid: list[tuple[float, float]] | None = None) -> tuple[dict, list]:
     """Metrics per image and method -> ({method: {metric: mean}}, per-image rows); also returns
-    the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet."""
+    the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet.
+
+    ``pairs``: (hr, lr) paths (:func:`pair_files`), or all (None, lr) for a no-reference run
+    (:func:`lr_files`): then only NIQE and the no-reference ``extra`` metrics are computed.
+    """
+    if len({hp is None for hp, _ in pairs}) > 1:
+        raise ValueError("pairs must all have an HR image or all have none (a no-reference run)")
     rows = []
     for i, (hp, lp) in enumerate(pairs):
-        hr = read_image(hp).rgb[None]
         lr = read_image(lp).rgb[None]
-        hr = mod_crop(hr, lr.shape[-2:], hp.name)
+        hr = None if hp is None else mod_crop(read_image(hp).rgb[None], lr.shape[-2:], hp.name)
         outs = run_methods(model, lr, methods, seed, grid)
-        row = {"image": hp.stem, "metrics": {}}
+        row = {"image": (lp if hp is None else hp).stem, "metrics": {}}
         for m, sr in outs.items():
-            r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
-                 "psnr_y": float(psnr(sr, hr, crop_border=crop_border, y_channel=True)[0]),
-                 "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
-                 "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
+            r = {}
+            if hr is not None:
+                r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
+                     "psnr_y": float(psnr(sr, hr, crop_border=crop_border, y_channel=True)[0]),
+                     "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
+                     "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
             if niqe_params is not None:
                 r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
             for name, metric in (extra or {}).items():
                 dev = getattr(metric, "device", "cpu")
-                r[name] = float(metric(sr.to(dev), hr.to(dev)) if getattr(metric, "metric_mode", "") == "FR"
-                                else metric(sr.to(dev)))
+                if getattr(metric, "metric_mode", "") == "FR":
+                    if hr is None:
+                        raise ValueError(f"pyiqa metric {name!r} is full-reference: it needs HR images (--hr)")
+                    r[name] = float(metric(sr.to(dev), hr.to(dev)))
+                else:
+                    r[name] = float(metric(sr.to(dev)))
+            if not r:
+                raise ValueError("a no-reference run has nothing to measure: give NIQE's parameters or "
+                                 "no-reference pyiqa metrics")
             row["metrics"][m] = r
         if i < keep:
-            row["images"] = {"lr": lr, "hr": hr, **outs}
+            row["images"] = {"lr": lr, **outs} | ({} if hr is None else {"hr": hr})
         rows.append(row)
-        log.info("%d/%d %s  %s", i + 1, len(pairs), hp.stem,
-                 "  ".join(f"{m} {row['metrics'][m]['psnr']:.2f}dB" for m in outs))
+        log.info("%d/%d %s  %s", i + 1, len(pairs), row["image"],
+                 "  ".join(f"{m} {_label(row['metrics'][m])}" for m in outs))
     means = {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
              for m in rows[0]["metrics"]}
     return means, rows
@@ -234,13 +269,32 @@ SHEET_TITLES = {"lr": "LR (nearest x4)", "bicubic": "bicubic", "estimator": "g(y
                 "upsr_w1": "UPSR, w = 1", "upsr": "UPSR", "hr": "HR"}
 
 
+def _label(metrics: dict[str, float]) -> str:
+    """A method's headline number: RGB PSNR, else NIQE, else its first metric."""
+    if "psnr" in metrics:
+        return f"PSNR {metrics['psnr']:.2f} dB"
+    key = "niqe" if "niqe" in metrics else next(iter(metrics))
+    return f"{key.upper() if key == 'niqe' else key} {metrics[key]:.3f}"
+
+
+def _fit(im: Image.Image, tile: int, resample: int) -> Image.Image:
+    """``im`` scaled to fit a tile × tile square (aspect kept), centred on white."""
+    w, h = im.size
+    s = tile / max(w, h)
+    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
+    out = Image.new("RGB", (tile, tile), (255, 255, 255))
+    out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
+    return out
+
+
 def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -> None:
-    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR; each method's tile
-    carries its RGB PSNR on a dark box (readable on light and dark images)."""
+    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR (when there is one); each
+    image fits its tile with its aspect kept; each method's tile carries its RGB PSNR (NIQE in a
+    no-reference run) on a dark box (readable on light and dark images)."""
     rows = [r for r in rows if "images" in r]
     if not rows:
         return
-    cols = ["lr", *methods, "hr"]
+    cols = ["lr", *methods] + (["hr"] if "hr" in rows[0]["images"] else [])
     head = 16
     sheet = Image.new("RGB", (tile * len(cols), head + tile * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -250,11 +304,11 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
         for j, c in enumerate(cols):
             x = r["images"][c][0].clamp(0, 1)
             a = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            im = Image.fromarray(a).resize((tile, tile), Image.NEAREST if c == "lr" else Image.BICUBIC)
+            im = _fit(Image.fromarray(a), tile, Image.NEAREST if c == "lr" else Image.BICUBIC)
             sheet.paste(im, (j * tile, head + i * tile))
             if c in r["metrics"]:
                 xy = (j * tile + 4, head + i * tile + 4)
-                label = f"PSNR {r['metrics'][c]['psnr']:.2f} dB"
+                label = _label(r["metrics"][c])
                 left, top, right, bottom = draw.textbbox(xy, label)
                 draw.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=(0, 0, 0))
                 draw.text(xy, label, fill=(255, 255, 255))
@@ -276,7 +330,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
     ids = _manifest_ids(args.manifest, args.group) if args.manifest else None
-    pairs = pair_files(args.hr, args.lr, ids)[: args.limit]
+    pairs = (pair_files(args.hr, args.lr, ids) if args.hr is not None else lr_files(args.lr, ids))[: args.limit]
     dev = _device(args.device)
     model_path = args.model or default_model_path()
     model = load_upsr(model_path, args.estimator, device=dev) if methods != ["bicubic"] else None
@@ -289,20 +343,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except NIQEUnavailable as e:
             if args.niqe_params is not None:  # a file named on the command line is not optional
                 raise ValueError(f"--niqe-params {args.niqe_params!r}: {e}") from None
+            if args.hr is None and not args.pyiqa:  # NIQE is all a no-reference run would measure
+                raise ValueError(f"a no-reference run (no --hr) needs NIQE or --pyiqa metrics, and NIQE is "
+                                 f"unavailable: {e}") from None
             log.warning("NIQE skipped: %s", e)
+    if args.hr is None and args.niqe_params == "off" and not args.pyiqa:
+        raise ValueError("a no-reference run (no --hr) with --niqe-params off measures nothing: "
+                         "give --pyiqa clipiqa,musiq,maniqa or NIQE")
     extra = _pyiqa_metrics([n for n in args.pyiqa.split(",") if n], dev)
+    full_ref = [n for n, m in extra.items() if getattr(m, "metric_mode", "") == "FR"]
+    if args.hr is None and full_ref:
+        raise ValueError(f"--pyiqa {','.join(full_ref)}: full-reference, needs --hr; a no-reference run takes "
+                         "clipiqa, musiq, maniqa, niqe …")
     means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
                            extra=extra, keep=args.sheet, grid=grid)
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
-    info = {"model": str(model_path), "pairs": len(pairs), "hr": str(args.hr), "lr": str(args.lr),
+    info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
             "b_u_psi_max": grid}
     (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
                                                   "per_image": [{k: v for k, v in r.items() if k != "images"}
                                                                 for r in rows]}, indent=1) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(f"{len(pairs)} pairs, model {model_path}\n\n{md}\n", encoding="utf-8")
+    what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
+    (out / "results.md").write_text(f"{what}, model {model_path}\n\n{md}\n", encoding="utf-8")
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)
