@@ -940,3 +940,36 @@ def test_ema_warmup_flag(tmp_path):
 
     assert warm() is True and warm("--init", "x.safetensors") is False
     assert warm("--ema-warmup", "off") is False and warm("--init", "x.safetensors", "--ema-warmup", "on") is True
+
+
+def test_fused_attention_switches_only_the_trained_nets_and_keeps_their_gradients():
+    """set_fused turns SDPA on in the given nets' attention modules only (a net built elsewhere in
+    the process, and the class defaults the reference path relies on, stay off), and on the CPU
+    (auto: on there since 2026-11-27) the fused gradients equal the math path's to float32
+    rounding: 2e-5 of the largest gradient, SDPA's kernel sums the softmax in another order."""
+    from upsr_core.nets.atd import ATD
+    from upsr_core.nets.attention import WindowAttention
+    from upsr_core.train.cli import set_fused
+
+    p = get_preset("tiny")
+    torch.manual_seed(0)
+    est, den, other = build_estimator_net(p.estimator), build_denoiser_net(p.denoiser), build_estimator_net(p.estimator)
+    assert not set_fused("auto", torch.device("mps"), est, den)
+    assert set_fused("auto", torch.device("cpu")) and not ATD.fused and not WindowAttention.fused
+    x, xt, lq = torch.rand(2, 3, 32, 32), torch.randn(2, 48, 16, 16), torch.randn(2, 96, 16, 16)
+    t = torch.tensor([0, 3])
+
+    def grads(mode):
+        assert set_fused(mode, torch.device("cpu"), est, den) == (mode != "off")
+        est.zero_grad()
+        den.zero_grad()
+        (est(x).square().mean() + den(xt, t, lq).square().mean()).backward()
+        return [q.grad.clone() for q in (*est.parameters(), *den.parameters()) if q.grad is not None]
+
+    slow, fast = grads("off"), grads("auto")
+    assert len(slow) == len(fast) > 0
+    scale = max(float(a.abs().max()) for a in slow)  # some tensors' gradients are ~1e-10: judged on the whole
+    for a, b in zip(slow, fast):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5 * scale)
+    assert all(m.fused for m in (*est.modules(), *den.modules()) if isinstance(m, (ATD, WindowAttention)))
+    assert not ATD.fused and not WindowAttention.fused and not other.fused

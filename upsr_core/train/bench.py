@@ -62,13 +62,13 @@ def run_bench(args: argparse.Namespace) -> dict:
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
     di = setup_distributed(args.device)
-    fused = set_fused(args.fused, di.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)
     if args.channels_last:
         den.to(memory_format=torch.channels_last)
     est = build_estimator_net(preset.estimator).to(di.device)  # frozen; runs under the step's autocast
+    fused = set_fused(args.fused, di.device, den, est)
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")
     cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=args.amp, progress=False,
                      ema_decay=0.999, grad_clip=None)
