@@ -52,7 +52,7 @@ def make_fast(model: UPSRModel, device: torch.device) -> UPSRModel:
     (minutes of compiling for every new image size). The nets are still on the CPU here, so
     the device-dependent switches are set for ``device``, as ``enable_fast`` would there."""
     cuda = device.type == "cuda"
-    return enable_fast(model, compile=False, cuda_graphs=False, channels_last=cuda, subpixel=not cuda)
+    return enable_fast(model, compile=False, cuda_graphs=False, channels_last=cuda, subpixel=device.type == "cpu")
 
 
 def register_model_folder() -> None:

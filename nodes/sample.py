@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
+from upsr_core.errors import is_out_of_memory
 from upsr_core.model import ESTIMATOR_BLOCK, Progress
 from upsr_core.pipeline import padded_size
 from upsr_core.stages import sample_maps
@@ -22,7 +23,6 @@ from .load_model import UPSRModelType
 log = logging.getLogger(__name__)
 MIN_TILE = 64  # LR pixels: the OOM retry gives up below this
 SEED_MAX = 0xFFFFFFFFFFFFFFF  # image i of a batch uses seed + i, which must stay below 2**63
-OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), mm.OOM_EXCEPTION} - {Exception})
 
 Run = Callable[[int, int, int, Progress], torch.Tensor]
 """run(tile, overlap, estimator_block, progress) -> sr (B,3,4h,4w)."""
@@ -58,12 +58,16 @@ def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S 
                  describe: Callable[[S], str], free_others: Callable[[], int] | None = None) -> R:
     """``attempt(setting)``; when the device runs out of memory, first the same setting again
     after unloading the other models (``free_others``: how many it unloaded; the result stays
-    the one asked for), then ``shrink(setting)`` until it gives None (then the error stands)."""
+    the one asked for), then ``shrink(setting)`` until it gives None (then the error stands).
+    Out of memory is what :func:`upsr_core.errors.is_out_of_memory` says it is: CUDA's
+    OutOfMemoryError, and the plain RuntimeErrors of the CPU and MPS allocators."""
     freed = free_others is None  # True once the other models have been unloaded (or cannot be)
     while True:
         try:
             return attempt(setting)
-        except OOM_ERRORS:
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
             unloaded = 0
             if not freed:
                 freed = True

@@ -553,7 +553,14 @@ def test_estimate_uncertainty_reports_progress_and_can_be_cancelled(pack, handle
     assert len(calls) == 1 and not pack.mm.processing_interrupted()
 
 
-def test_estimator_out_of_memory_halves_its_blocks(pack, handle, model, monkeypatch, caplog):
+@pytest.mark.parametrize("oom", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    # Apple silicon: the MPS allocator raises plain RuntimeErrors (the retry missed them before)
+    RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: "
+                 "18.13 GB). Tried to allocate 2.00 GB on private pool."),
+    RuntimeError("Invalid buffer size: 5.00 GB"),
+], ids=["cuda", "mps", "mps-buffer"])
+def test_estimator_out_of_memory_halves_its_blocks(pack, handle, model, monkeypatch, caplog, oom):
     img = lr_image(16, 24, seed=6)
     want = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
     real, calls = model._estimator_call, []
@@ -561,7 +568,7 @@ def test_estimator_out_of_memory_halves_its_blocks(pack, handle, model, monkeypa
     def flaky(x):
         calls.append(tuple(x.shape))
         if len(calls) == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise oom
         return real(x)
 
     monkeypatch.setattr(model, "_estimator_call", flaky)

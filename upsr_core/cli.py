@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .cliargs import B_U_ARG, PSI_MAX_ARG, int_min, png_or_folder, writable_file
-from .errors import NonFiniteOutputError, UnsupportedCheckpointError
+from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
 
 __all__ = ["main", "default_model_path"]
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # CUDA OOM is a RuntimeError; the CPU and MPS allocators raise plain ones
-        if not _is_out_of_memory(e):
+        if not is_out_of_memory(e):
             raise  # a bug, not a user-facing condition: keep its traceback
         print(f"error: {_out_of_memory_advice(e, args)}", file=sys.stderr)
         return 2
@@ -203,11 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         # free what the command built (a DDP wrapper holds the process group's gloo threads) while
         # the interpreter is alive: left to its exit, their teardown can abort the process
         gc.collect()
-
-
-def _is_out_of_memory(e: RuntimeError) -> bool:
-    msg = str(e)
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in msg or "out of memory" in msg
 
 
 def _out_of_memory_advice(e: RuntimeError, args: argparse.Namespace) -> str:

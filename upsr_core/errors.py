@@ -4,12 +4,28 @@ from __future__ import annotations
 import numbers
 from typing import Mapping
 
-__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict", "is_int"]
+import torch
+
+__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict", "is_int", "is_out_of_memory"]
 
 
 def is_int(v: object) -> bool:
     """True for an integer argument: Python's or NumPy's, not bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# what the allocators say when a tensor does not fit: CUDA raises torch.OutOfMemoryError; the
+# CPU allocator ("can't allocate memory") and MPS ("MPS backend out of memory", and "Invalid
+# buffer size" for one buffer over the device's limit) raise plain RuntimeErrors
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "Invalid buffer size")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True when ``e`` says a device (CUDA, CPU, MPS) could not allocate a tensor: a smaller
+    tile or batch may fit. Any other error is a bug to show, not retry."""
+    if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES)
 
 
 def describe_state_dict(sd: Mapping, limit: int = 4) -> str:

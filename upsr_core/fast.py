@@ -110,8 +110,8 @@ def enable_fast(
     ``cuda_graphs``: capture fixed shapes as CUDA graphs (auto: on CUDA);
     ``channels_last``: channels-last denoiser (auto: on CUDA); ``subpixel``: run each nearest
     ×2 + 3x3 conv pair as four 2x2 convs at the low resolution, 13% fewer denoiser FLOPs
-    (auto: on the CPU, where the FLOPs are the time; on CUDA the extra interleave copy may
-    cost what it saves); ``compile_mode``: passed to
+    (auto: on the CPU, where the FLOPs are the time; on CUDA and MPS the extra interleave copy
+    may cost what it saves); ``compile_mode``: passed to
     torch.compile (None = default; never a cudagraph mode: graphs are captured here);
     ``max_graphs``: captured shapes kept per model; ``nhwc_norm``: with channels-last, the
     denoiser's GroupNorms run on the NHWC memory itself (:func:`upsr_core.nets.denoiser.group_norm_nhwc`:
@@ -121,7 +121,10 @@ def enable_fast(
     kernels on the NHWC memory (:mod:`upsr_core.nets.triton_norm`; off by default until a GPU
     measures it: ``bench --variants triton-norm``; needs Triton; if its kernels fail, a warning
     and the native norm). On CUDA this also sets
-    ``torch.backends.cudnn.benchmark = True``, as the official test script does.
+    ``torch.backends.cudnn.benchmark = True``, as the official test script does. On MPS
+    (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
+    prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
+    went through batch_norm in the input precision: fp16 sums of squares overflow there).
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
     """
     if not isinstance(model, UPSRModel):
@@ -129,13 +132,16 @@ def enable_fast(
     if compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
         raise ValueError(f"compile_mode must be None, 'default' or 'max-autotune-no-cudagraphs', got "
                          f"{compile_mode!r} (the other modes capture CUDA graphs themselves: use cuda_graphs)")
-    cuda = model.device.type == "cuda"
+    cuda, mps = model.device.type == "cuda", model.device.type == "mps"
     triton = importlib.util.find_spec("triton") is not None
+    want_compile = _resolve("compile", compile, cuda and triton)
+    if want_compile and mps:
+        log.warning("torch.compile is not used on MPS (Inductor's MPS backend is a prototype): running eagerly")
     opts = FastOptions(
-        compile=_resolve("compile", compile, cuda and triton),
+        compile=want_compile and not mps,
         cuda_graphs=_resolve("cuda_graphs", cuda_graphs, cuda),
         channels_last=_resolve("channels_last", channels_last, cuda),
-        subpixel=_resolve("subpixel", subpixel, not cuda),
+        subpixel=_resolve("subpixel", subpixel, model.device.type == "cpu"),
         compile_mode=compile_mode,
         max_graphs=max_graphs,
         nhwc_norm=_resolve("nhwc_norm", nhwc_norm, False),
@@ -201,8 +207,9 @@ class FastUPSRModel(UPSRModel):
         for m in self.denoiser.modules():
             if isinstance(m, SwinBlock):
                 m.prepare_fast()
-            elif isinstance(m, GroupNorm32):
-                m.native, m.nhwc, m.triton = True, self.fast_options.nhwc_norm, self.fast_options.triton_norm
+            elif isinstance(m, GroupNorm32):  # MPS: float32 statistics (see enable_fast)
+                m.native = self.device.type != "mps"
+                m.nhwc, m.triton = self.fast_options.nhwc_norm, self.fast_options.triton_norm
                 if m.nhwc:  # batch_norm's float32 affine as the module's own weights: no cast per call
                     m.float()
         den = self.denoiser
@@ -282,8 +289,10 @@ class FastUPSRModel(UPSRModel):
 
     # ------------------------------------------------------------------ device stages (no syncs)
     def _estimate_core(self, lr_pm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """padded lr_pm (B,3,Hp,Wp) -> (y↑, ŷ), both (B,3,4Hp,4Wp) in [-1,1]."""
-        return bicubic_x4(lr_pm), run_estimator(self._estimator_call, lr_pm)
+        """padded lr_pm (B,3,Hp,Wp) -> (y↑, ŷ), both (B,3,4Hp,4Wp) in [-1,1]. On MPS y↑ is
+        computed on the CPU, as the reference path does (no MPS bicubic before torch 2.6)."""
+        bic = bicubic_x4(lr_pm.cpu()).to(lr_pm.device) if lr_pm.device.type == "mps" else bicubic_x4(lr_pm)
+        return bic, run_estimator(self._estimator_call, lr_pm)
 
     def _diffuse(self, bic: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
                  on_step: Callable[[], None] | None = None) -> torch.Tensor:

@@ -197,7 +197,7 @@ def heatmap(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     t = ((x.float().mean(dim=1, keepdim=True) - lo) / (hi - lo)).clamp(0, 1)
     # piecewise-linear black -> purple -> orange -> pale yellow
     stops = torch.tensor([[0.0, 0.0, 0.02], [0.34, 0.06, 0.43], [0.87, 0.32, 0.23], [0.99, 0.64, 0.04],
-                          [0.99, 1.0, 0.64]], dtype=torch.float32)
+                          [0.99, 1.0, 0.64]], dtype=torch.float32, device=x.device)
     pos = t * (len(stops) - 1)
     i0 = pos.floor().clamp(max=len(stops) - 2).long()
     f = pos - i0

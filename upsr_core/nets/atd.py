@@ -19,7 +19,7 @@ from torch import nn
 from ..config import ATDConfig
 from .attention import attend, attend_windows, relative_position_index, window_index, window_partition, window_reverse
 
-__all__ = ["ATD", "official_sort"]
+__all__ = ["ATD", "official_sort", "scatter_rows"]
 
 SortFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -27,9 +27,24 @@ SortFn = Callable[[torch.Tensor], torch.Tensor]
 def official_sort(category: torch.Tensor) -> torch.Tensor:
     """The official AC-MSA permutation: ``torch.sort(stable=False)`` (SPEC §8.3).
 
-    Ties are broken in an implementation-defined order, so results depend on the device.
+    Ties are broken in an implementation-defined order, so results depend on the device. On
+    MPS the (small, < num_tokens) categories are sorted as int32: some macOS 15 builds' MPS
+    sort returns wrong indices past the 256th element for int64 keys (pytorch#155560).
     """
+    if category.device.type == "mps":
+        category = category.to(torch.int32)
     return torch.sort(category, dim=-1, stable=False).indices
+
+
+def scatter_rows(src: torch.Tensor, flat: torch.Tensor, put: bool | None = None) -> torch.Tensor:
+    """out[flat[i]] = src[i] for a permutation ``flat`` (src (n, C), flat int64 (n,)): a copy,
+    no arithmetic. ``index_copy`` has no MPS kernel before torch 2.8 and was ~100× slower than
+    the CPU's after it (pytorch#154326, #185750), so MPS (``put`` None: chosen by the device)
+    writes the rows with ``index_put_``, which puts the same values in the same places."""
+    out = src.new_empty(src.shape)
+    if src.device.type == "mps" if put is None else put:
+        return out.index_put_((flat,), src)
+    return out.index_copy(0, flat, src)
 
 
 def swin_shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
@@ -203,7 +218,7 @@ class CategoryAttention(nn.Module):
             attn = (q @ k.transpose(-2, -1)) * self._scale()
             y = attn.softmax(dim=-1) @ v
         y = y.permute(0, 1, 3, 2, 4).reshape(b, n + pad, c)[:, :n]
-        y = y.new_empty(b * n, c).index_copy(0, flat, y.reshape(b * n, c))  # token perm[i] takes row i
+        y = scatter_rows(y.reshape(b * n, c), flat)  # token perm[i] takes row i
         return self.proj(y.view(b, n, c))
 
 

@@ -44,6 +44,11 @@ _WINDOW_INDEX: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDi
 _WINDOW_INDEX_MAX = 32  # sizes kept (least recently used dropped): a long session sees many sizes
 
 
+def index_build_device(device: torch.device) -> torch.device:
+    """Where :func:`window_index` builds its permutations: on the device, except for MPS (CPU)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def window_index(h: int, w: int, window: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, inv), each (h·w,) int64. ``idx``: the flat row-major positions that
     ``window_partition(roll(x, -shift))`` reads, in its output order, so for x (B, h·w, C)
@@ -51,16 +56,19 @@ def window_index(h: int, w: int, window: int, shift: int, device: torch.device) 
     ``inv`` its inverse permutation, so ``y.index_select(1, inv)`` undoes partition and roll
     together. One row gather each way instead of a roll and a layout copy. Cached per size and
     device, the 32 most recently used (built in the graph when torch.compile traces, like the
-    shift masks)."""
+    shift masks). For MPS the permutation is built on the CPU and copied (an exact integer copy):
+    some macOS 15 builds' MPS argsort returns wrong int64 indices past the 256th element
+    (pytorch#155560)."""
     key = (h, w, window, shift, torch.device(device))
     if not torch.compiler.is_compiling() and key in _WINDOW_INDEX:
         _WINDOW_INDEX.move_to_end(key)
         return _WINDOW_INDEX[key]
-    idx = torch.arange(h * w, device=device).view(1, h, w, 1)
+    build = index_build_device(key[-1])
+    idx = torch.arange(h * w, device=build).view(1, h, w, 1)
     if shift:
         idx = torch.roll(idx, (-shift, -shift), dims=(1, 2))
     idx = window_partition(idx, window).reshape(-1)
-    pair = (idx, torch.argsort(idx))
+    pair = (idx.to(device), torch.argsort(idx).to(device))
     if not torch.compiler.is_compiling():
         _WINDOW_INDEX[key] = pair
         while len(_WINDOW_INDEX) > _WINDOW_INDEX_MAX:

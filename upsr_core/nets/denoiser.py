@@ -200,6 +200,27 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return y.view(n, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, 2 * h, 2 * w)
 
 
+# Metal (MPS) buffers are limited to 4 GiB per tensor, and a larger one aborts the process
+# (pytorch#143859) instead of raising
+MPS_MAX_TENSOR_BYTES = 2**32 - 1
+
+
+def head_batch(shape: torch.Size | tuple[int, ...], itemsize: int, device_type: str) -> int:
+    """How many images of a (B, num_feat, h, w) map (``itemsize`` bytes per value) the ×4 head
+    may take at once: all, except on MPS, where its (n, num_feat, 4h, 4w) maps must stay under
+    the per-tensor limit; when one image's map is over it, a ``torch.cuda.OutOfMemoryError``
+    naming the sizes (callers retry with smaller tiles, as after any out-of-memory)."""
+    if device_type != "mps":
+        return shape[0]
+    per_image = shape[1] * 16 * shape[-2] * shape[-1] * itemsize
+    if per_image > MPS_MAX_TENSOR_BYTES:
+        raise torch.cuda.OutOfMemoryError(  # the alias every torch build has
+            f"out of memory: the denoiser's ×4 head would hold a {per_image / 2**30:.1f} GiB tensor for one "
+            f"{shape[-2]}×{shape[-1]} LR tile, over MPS's 4 GiB per-tensor limit: use a smaller tile "
+            "(or fp16)")
+    return max(1, MPS_MAX_TENSOR_BYTES // per_image)
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -466,8 +487,15 @@ class UPSRDenoiser(nn.Module):
         h = self.middle_block(h, emb, folded)
         for blk in self.output_blocks:
             h = blk(torch.cat([h, skips.pop()], dim=1), emb, folded)
-        # Head: slope 0.01 on the first LeakyReLU, 0.2 on the rest (SPEC §8.8).
         h = self.conv_before_upsample(h)
+        n = head_batch(h.shape, h.element_size(), h.device.type)
+        if n >= h.shape[0]:
+            return self._head(h)
+        return torch.cat([self._head(part) for part in h.split(n)])  # per image: the same values
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, num_feat, h, w) -> (B, out_ch, 4h, 4w): the ×4 upsampling head. Slope 0.01 on the
+        first LeakyReLU (in conv_before_upsample), 0.2 on the rest (SPEC §8.8)."""
         h = self.lrelu(upsample_conv(h, self.conv_up1))
         h = self.lrelu(upsample_conv(h, self.conv_up2))
         return self.conv_last(self.lrelu(self.conv_hr(h)))

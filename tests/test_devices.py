@@ -1,0 +1,73 @@
+"""Apple-silicon (MPS) guards, as far as a CPU can check them: each MPS-only branch is a pure
+function or has a switch, and gives what the CPU/CUDA branch gives. No Mac ran these."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from upsr_core.errors import is_out_of_memory
+from upsr_core.nets.atd import scatter_rows
+from upsr_core.nets.attention import index_build_device
+from upsr_core.nets.denoiser import MPS_MAX_TENSOR_BYTES, head_batch
+from upsr_core.train.denoiser import build_denoiser_net
+from upsr_core.train.presets import get_preset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scatter_rows_put_branch_equals_index_copy(dtype):
+    """MPS writes the category-attention rows with index_put_ (no index_copy kernel before torch
+    2.8): bit for bit what index_copy writes, and the inverse of the gather by the permutation."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(300, 24, generator=g).to(dtype)
+    flat = torch.randperm(300, generator=g)
+    a, b = scatter_rows(src, flat, put=False), scatter_rows(src, flat, put=True)
+    assert torch.equal(a, b) and torch.equal(a.index_select(0, flat), src)
+    assert torch.equal(scatter_rows(src, flat), a)  # CPU: index_copy
+
+
+def test_window_permutations_are_built_on_the_cpu_for_mps_only():
+    assert index_build_device(torch.device("mps")) == torch.device("cpu")
+    for dev in ("cpu", "cuda", "cuda:1"):
+        assert index_build_device(torch.device(dev)) == torch.device(dev)
+
+
+def test_head_batch_keeps_mps_tensors_under_4_gib():
+    """Official head (num_feat 128) at tile 512 LR: 2 GiB per image in fp32 (one at a time on
+    MPS), 1 GiB in fp16 (three); tile 1024 fp32 (8 GiB for one image) is an out-of-memory the
+    CLI and the nodes answer with a smaller tile, not Metal's process abort."""
+    shape = (4, 128, 512, 512)
+    assert head_batch(shape, 4, "cpu") == head_batch(shape, 4, "cuda") == 4
+    assert head_batch(shape, 4, "mps") == 1 and head_batch(shape, 2, "mps") == 3
+    assert 3 * 128 * 16 * 512 * 512 * 2 <= MPS_MAX_TENSOR_BYTES
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"8\.0 GiB tensor for one 1024×1024 LR tile") as e:
+        head_batch((1, 128, 1024, 1024), 4, "mps")
+    assert is_out_of_memory(e.value)
+
+
+def test_the_head_split_by_images_gives_the_whole_batch_s_values(monkeypatch):
+    """The MPS split runs the ×4 head an image at a time: the same output as the batch at once
+    (per-image convolutions; 1e-6 for oneDNN's batch-dependent blocking)."""
+    import upsr_core.nets.denoiser as dn
+
+    torch.manual_seed(0)
+    den = build_denoiser_net(get_preset("tiny").denoiser).eval()
+    x, lq, t = torch.randn(3, 48, 16, 16), torch.randn(3, 96, 16, 16), torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        whole = den(x, t, lq)
+        monkeypatch.setattr(dn, "head_batch", lambda shape, itemsize, device_type: 1)
+        split = den(x, t, lq)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("err, oom", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("MPS backend out of memory (MPS allocated: 9.1 GB, other allocations: 0 bytes, max allowed: "
+                  "9.07 GB). Tried to allocate 256 MB on private pool."), True),
+    (RuntimeError("Invalid buffer size: 4.50 GB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 68719476736 bytes."), True),
+    (RuntimeError("shape '[2, 3]' is invalid for input of size 7"), False),
+    (ValueError("out of memory"), False),  # not an allocator's error, whatever it says
+])
+def test_is_out_of_memory_knows_each_allocator(err, oom):
+    assert is_out_of_memory(err) is oom
