@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .cliargs import B_U_ARG, PSI_MAX_ARG, int_min, png_or_folder, writable_file
+from .cpu_memory import keep_freed_memory
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
 
 __all__ = ["main", "default_model_path"]
@@ -61,6 +62,13 @@ class ProgressBar:
 
 
 def _device(name: str) -> torch.device:
+    dev = _resolve_device(name)
+    if dev.type == "cpu":  # the CLI's own process: large tensors reuse freed memory (see cpu_memory)
+        keep_freed_memory()
+    return dev
+
+
+def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -62,6 +62,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
     di = setup_distributed(args.device)
+    if di.device.type == "cpu":  # the CLI's own process: large tensors reuse freed memory
+        from ..cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)
