@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
-from upsr_core.errors import is_out_of_memory
+from upsr_core.errors import is_out_of_memory, is_size_limit
 from upsr_core.model import ESTIMATOR_BLOCK, Progress
 from upsr_core.pipeline import padded_size
 from upsr_core.stages import sample_maps
@@ -60,7 +60,9 @@ def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S 
     after unloading the other models (``free_others``: how many it unloaded; the result stays
     the one asked for), then ``shrink(setting)`` until it gives None (then the error stands).
     Out of memory is what :func:`upsr_core.errors.is_out_of_memory` says it is: CUDA's
-    OutOfMemoryError, and the plain RuntimeErrors of the CPU and MPS allocators."""
+    OutOfMemoryError, and the plain RuntimeErrors of the CPU and MPS allocators; one over a
+    per-buffer limit (:func:`upsr_core.errors.is_size_limit`) shrinks at once, as unloading
+    other models cannot cure it."""
     freed = free_others is None  # True once the other models have been unloaded (or cannot be)
     while True:
         try:
@@ -69,7 +71,7 @@ def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S 
             if not is_out_of_memory(e):
                 raise
             unloaded = 0
-            if not freed:
+            if not freed and not is_size_limit(e):
                 freed = True
                 unloaded = free_others()
             smaller = None if unloaded else shrink(setting)

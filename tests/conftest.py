@@ -7,7 +7,6 @@ official runs. Tests that need it are skipped, with the path in the reason, when
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -16,12 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-# the CLI switches its own process to glibc heap blocks kept for reuse (upsr_core.cpu_memory);
-# the test process, which calls the CLI in-process hundreds of times, keeps glibc's defaults
-# (test_cpu_memory runs the setting in child processes)
-os.environ.setdefault("UPSR_CPU_MALLOC", "system")
-
-from upsr_core.config import ATDConfig, DenoiserConfig  # noqa: E402
+from upsr_core.config import ATDConfig, DenoiserConfig
 from upsr_core.model import UPSRModel
 from upsr_core.nets import ATD, UPSRDenoiser
 

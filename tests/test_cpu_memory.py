@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,13 +59,41 @@ def test_setting_is_checked_and_applied_once(monkeypatch):
     assert cm.keep_freed_memory() is False
 
 
-def test_cli_applies_it_when_a_command_runs_on_the_cpu(monkeypatch):
+def test_only_the_cli_s_own_process_gets_the_setting(monkeypatch, capsys):
+    """cli.main() called in-process (a program, these tests) leaves the allocator alone;
+    ``python -m upsr_core`` claims its process, checking the variable before any work."""
     import upsr_core.cli as cli
 
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cm, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cm, "_claimed", False)
+    assert cli._device("cpu") == torch.device("cpu") and calls == []
+    monkeypatch.setattr(cm, "_claimed", True)
     assert cli._device("cpu") == torch.device("cpu") and calls == [1]
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             cli._device("cuda")
         assert calls == [1]
+    monkeypatch.setattr(cm, "_claimed", False)
+    monkeypatch.setenv(cm.ENV, "tcmalloc")
+    assert cli.main(["upscale", "x.png", "-o", "y.png"], own_process=True) == 2
+    assert "$UPSR_CPU_MALLOC must be 'reuse' (the default) or 'system'" in capsys.readouterr().err
+    assert cm._claimed is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's (Linux); elsewhere keep_freed_memory is a no-op")
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_cli_writes_the_same_bytes_with_reused_memory(tmp_path, fast):
+    """``python -m upsr_core upscale`` of the README's sample with the demo model, with glibc's
+    defaults and with freed memory reused: the same PNG bytes (reused pages hold stale values,
+    so a tensor read before it is fully written would show here)."""
+    root = Path(__file__).resolve().parents[1]
+    outs = {}
+    for choice in ("system", "reuse"):
+        env = os.environ | {cm.ENV: choice}
+        out = tmp_path / f"{choice}.png"
+        cmd = [sys.executable, "-m", "upsr_core", "upscale", str(root / "docs" / "sample_lr.png"), "-o", str(out),
+               "--device", "cpu", "--quiet"] + (["--fast"] if fast else [])
+        subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp_path)
+        outs[choice] = out.read_bytes()
+    assert outs["system"] == outs["reuse"]

@@ -1,11 +1,14 @@
-"""Apple-silicon (MPS) guards, as far as a CPU can check them: each MPS-only branch is a pure
-function or has a switch, and gives what the CPU/CUDA branch gives. No Mac ran these."""
+"""Apple-silicon (MPS) guards, as far as a CPU can check them: the row scatter, the window
+permutations' build device, the ×4 head's limit and the out-of-memory classification are pure
+functions or have a switch, tested here against what the CPU/CUDA branch gives. The int32 sort,
+the CPU bicubic, the float32 GroupNorm, the compile refusal and the sub-pixel default on MPS
+are device checks this CPU cannot reach. No Mac ran any of them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from upsr_core.errors import is_out_of_memory
+from upsr_core.errors import is_out_of_memory, is_size_limit
 from upsr_core.nets.atd import scatter_rows
 from upsr_core.nets.attention import index_build_device
 from upsr_core.nets.denoiser import MPS_MAX_TENSOR_BYTES, head_batch
@@ -66,8 +69,18 @@ def test_the_head_split_by_images_gives_the_whole_batch_s_values(monkeypatch):
     (RuntimeError("Invalid buffer size: 4.50 GB"), True),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
                   "to allocate 68719476736 bytes."), True),
+    (RuntimeError("Could not allocate tensor with 1073741824 bytes. There is not enough GPU video memory "
+                  "available!"), True),  # DirectML
     (RuntimeError("shape '[2, 3]' is invalid for input of size 7"), False),
     (ValueError("out of memory"), False),  # not an allocator's error, whatever it says
 ])
 def test_is_out_of_memory_knows_each_allocator(err, oom):
     assert is_out_of_memory(err) is oom
+    # of these, only "Invalid buffer size" is over a per-buffer limit (no unloading cures it)
+    assert is_size_limit(err) is ("Invalid buffer size" in str(err))
+
+
+def test_the_head_s_own_limit_error_is_a_size_limit():
+    with pytest.raises(torch.cuda.OutOfMemoryError) as e:
+        head_batch((1, 128, 1024, 1024), 4, "mps")
+    assert is_size_limit(e.value)

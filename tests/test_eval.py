@@ -320,3 +320,35 @@ def test_eval_without_hr_refuses_what_it_cannot_measure(tiny_pairs, tmp_path, mo
     assert not (tmp_path / "o").exists()
     assert main([*base[:2], str(tmp_path / "missing"), *base[3:]]) == 2
     assert "missing' does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_checks_its_pairs_and_metrics_before_running(tiny_pairs, tmp_path, monkeypatch, capsys):
+    """evaluate() (the library call) refuses an empty list, a mix of pairs with and without HR
+    (naming both), a full-reference metric or no metric at all in a no-reference run, before
+    any image runs; the CLI reads '--pyiqa ,' as no metric."""
+    from upsr_core.evaluate import evaluate, lr_files, pair_files
+
+    root, model = tiny_pairs
+
+    class FakeMetric:
+        def __init__(self, mode):
+            self.metric_mode, self.device = mode, "cpu"
+
+        def __call__(self, *a):
+            raise AssertionError("no image may run")
+
+    with pytest.raises(ValueError, match="pairs is empty"):
+        evaluate(None, [], ["bicubic"])
+    mixed = pair_files(root / "hr", root / "lr")[:1] + lr_files(root / "lr")[1:]
+    with pytest.raises(ValueError, match=r"the first pair has .*img0.png, the pair of .*img1.png has none"):
+        evaluate(None, mixed, ["bicubic"])
+    nr = lr_files(root / "lr")
+    with pytest.raises(ValueError, match=r"\['lpips'\] are full-reference"):
+        evaluate(None, nr, ["bicubic"], extra={"lpips": FakeMetric("FR"), "musiq": FakeMetric("NR")})
+    with pytest.raises(ValueError, match="nothing to measure"):
+        evaluate(None, nr, ["bicubic"])
+    loaded = []
+    monkeypatch.setattr("upsr_core.model.load_upsr", lambda *a, **k: loaded.append(1))
+    assert main(["eval", "--lr", str(root / "lr"), "--model", str(model), "--niqe-params", "off", "--pyiqa", " , ",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "with --niqe-params off measures nothing" in capsys.readouterr().err and loaded == []

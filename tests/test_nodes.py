@@ -646,14 +646,15 @@ def test_cancel_in_the_one_node_upscale(pack, handle, model, monkeypatch):
     assert calls[0] == 1
 
 
-def _oom_on_first_calls(model, monkeypatch, n: int) -> list[tuple]:
-    """The denoiser raises CUDA out-of-memory on its first ``n`` calls; returns the input shapes seen."""
+def _oom_on_first_calls(model, monkeypatch, n: int, error: Exception | None = None) -> list[tuple]:
+    """The denoiser raises ``error`` (CUDA out-of-memory) on its first ``n`` calls; returns the
+    input shapes seen."""
     shapes = []
 
     def flaky(original, x, *a, **k):
         shapes.append(tuple(x.shape))
         if len(shapes) <= n:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise error or torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return original(x, *a, **k)
 
     _wrap_denoiser(model, monkeypatch, flaky)
@@ -707,6 +708,27 @@ def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, 
     assert device == handle.patcher.load_device and keep == [pack.mm.LoadedModel(handle.patcher)]
     assert "out of memory with tile 512, overlap 64: unloaded 1 other model(s), retrying the same" in caplog.text
     assert shapes[0] == shapes[1] and torch.equal(sr, want)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("Invalid buffer size: 5.00 GB"),  # MPS: one buffer over the device's limit
+    torch.cuda.OutOfMemoryError("out of memory: the denoiser's ×4 head would hold a 8.0 GiB tensor for one "
+                                "1024×1024 LR tile, over MPS's 4 GiB per-tensor limit: use a smaller tile"),
+], ids=["mps-buffer", "head-limit"])
+def test_a_per_buffer_limit_shrinks_the_tile_without_unloading_other_models(pack, handle, model, monkeypatch,
+                                                                          caplog, error):
+    """Unloading the user's other models cannot make one buffer fit under a per-buffer limit:
+    the retry keeps them and goes straight to a smaller tile."""
+    img = lr_image(16, 128, seed=4)
+    other = object()
+    monkeypatch.setattr(pack.mm, "stub_others", [other])
+    monkeypatch.setattr(pack.mm, "stub_free_calls", [])
+    shapes = _oom_on_first_calls(model, monkeypatch, 1, error)
+    with caplog.at_level(logging.WARNING):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"overlap": 16})
+    assert pack.mm.stub_others == [other] and pack.mm.stub_free_calls == []
+    assert "retrying with tile 64, overlap 16" in caplog.text and "unloaded" not in caplog.text
+    assert shapes[0][-2:] == (16, 128) and shapes[1][-2:] == (16, 56)
 
 
 def test_oom_gives_up_below_the_minimum_tile(pack, handle, model, monkeypatch):

@@ -523,13 +523,13 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
             m.graphs.clear()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
     """``python -m upsr_core.bench …`` = ``python -m upsr_core bench …``: the same parser and the
     same error handling (one ``error:`` line, exit code 2; out-of-memory advice)."""
     from .cli import main as cli_main
 
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)], own_process=own_process)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

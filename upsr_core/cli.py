@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .cliargs import B_U_ARG, PSI_MAX_ARG, int_min, png_or_folder, writable_file
-from .cpu_memory import keep_freed_memory
+from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
 
 __all__ = ["main", "default_model_path"]
@@ -63,8 +63,8 @@ class ProgressBar:
 
 def _device(name: str) -> torch.device:
     dev = _resolve_device(name)
-    if dev.type == "cpu":  # the CLI's own process: large tensors reuse freed memory (see cpu_memory)
-        keep_freed_memory()
+    if dev.type == "cpu":  # in the CLI's own process: large tensors reuse freed memory (cpu_memory)
+        for_cpu_run()
     return dev
 
 
@@ -177,10 +177,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
+    """Run one command; returns its exit code. ``own_process``: the process is the CLI's
+    (``python -m upsr_core``), so a command on the CPU may set glibc's allocator for large
+    tensors (:mod:`upsr_core.cpu_memory`); a program calling ``main`` keeps its own."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = build_parser()
     try:
+        if own_process:
+            claim_process()  # checks $UPSR_CPU_MALLOC before any work
         try:
             args = ap.parse_args(argv)
         except UsageError as e:

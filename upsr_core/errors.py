@@ -6,7 +6,8 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict", "is_int", "is_out_of_memory"]
+__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict", "is_int", "is_out_of_memory",
+           "is_size_limit"]
 
 
 def is_int(v: object) -> bool:
@@ -15,9 +16,13 @@ def is_int(v: object) -> bool:
 
 
 # what the allocators say when a tensor does not fit: CUDA raises torch.OutOfMemoryError; the
-# CPU allocator ("can't allocate memory") and MPS ("MPS backend out of memory", and "Invalid
-# buffer size" for one buffer over the device's limit) raise plain RuntimeErrors
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "Invalid buffer size")
+# CPU allocator ("can't allocate memory"), MPS ("MPS backend out of memory", and "Invalid
+# buffer size" for one buffer over the device's limit) and DirectML ("not enough GPU video
+# memory") raise plain RuntimeErrors
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "Invalid buffer size", "not enough GPU video memory")
+# the ones no amount of free memory cures, only a smaller tensor: one buffer over a device's
+# per-buffer limit (MPS's own message, and the ×4 head's check before Metal would abort)
+_SIZE_LIMIT_MESSAGES = ("Invalid buffer size", "per-tensor limit")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -26,6 +31,12 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES)
+
+
+def is_size_limit(e: BaseException) -> bool:
+    """True for an out-of-memory that only a smaller tensor (tile) cures: one buffer over a
+    device's per-buffer limit, whatever else is loaded."""
+    return is_out_of_memory(e) and any(m in str(e) for m in _SIZE_LIMIT_MESSAGES)
 
 
 def describe_state_dict(sd: Mapping, limit: int = 4) -> str:

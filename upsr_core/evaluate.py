@@ -216,8 +216,21 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     ``pairs``: (hr, lr) paths (:func:`pair_files`), or all (None, lr) for a no-reference run
     (:func:`lr_files`): then only NIQE and the no-reference ``extra`` metrics are computed.
     """
-    if len({hp is None for hp, _ in pairs}) > 1:
-        raise ValueError("pairs must all have an HR image or all have none (a no-reference run)")
+    if not pairs:
+        raise ValueError("pairs is empty: give at least one (hr, lr) or (None, lr) pair")
+    no_ref = pairs[0][0] is None
+    odd = next(((hp, lp) for hp, lp in pairs if (hp is None) != no_ref), None)
+    if odd is not None:
+        raise ValueError(f"pairs must all have an HR image or all have none (a no-reference run): the first pair "
+                         f"has {'none' if no_ref else pairs[0][0]}, the pair of {odd[1]} has "
+                         f"{'none' if odd[0] is None else odd[0]}")
+    if no_ref:
+        full_ref = [n for n, m in (extra or {}).items() if getattr(m, "metric_mode", "") == "FR"]
+        if full_ref:
+            raise ValueError(f"metric(s) {full_ref} are full-reference: they need HR images")
+        if niqe_params is None and not extra:
+            raise ValueError("a no-reference run has nothing to measure: give NIQE's parameters or "
+                             "no-reference pyiqa metrics")
     rows = []
     for i, (hp, lp) in enumerate(pairs):
         lr = read_image(lp).rgb[None]
@@ -235,15 +248,8 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
                 r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
             for name, metric in (extra or {}).items():
                 dev = getattr(metric, "device", "cpu")
-                if getattr(metric, "metric_mode", "") == "FR":
-                    if hr is None:
-                        raise ValueError(f"pyiqa metric {name!r} is full-reference: it needs HR images (--hr)")
-                    r[name] = float(metric(sr.to(dev), hr.to(dev)))
-                else:
-                    r[name] = float(metric(sr.to(dev)))
-            if not r:
-                raise ValueError("a no-reference run has nothing to measure: give NIQE's parameters or "
-                                 "no-reference pyiqa metrics")
+                r[name] = float(metric(sr.to(dev), hr.to(dev)) if getattr(metric, "metric_mode", "") == "FR"
+                                else metric(sr.to(dev)))
             row["metrics"][m] = r
         if i < keep:
             row["images"] = {"lr": lr, **outs} | ({} if hr is None else {"hr": hr})
@@ -331,9 +337,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
     ids = _manifest_ids(args.manifest, args.group) if args.manifest else None
     pairs = (pair_files(args.hr, args.lr, ids) if args.hr is not None else lr_files(args.lr, ids))[: args.limit]
-    dev = _device(args.device)
-    model_path = args.model or default_model_path()
-    model = load_upsr(model_path, args.estimator, device=dev) if methods != ["bicubic"] else None
+    pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
+    no_ref = args.hr is None
+    if no_ref and args.niqe_params == "off" and not pyiqa_names:
+        raise ValueError("a no-reference run (no --hr) with --niqe-params off measures nothing: "
+                         "give --pyiqa clipiqa,musiq,maniqa or NIQE")
     params = None
     if args.niqe_params == "off":
         log.info("NIQE off (--niqe-params off)")
@@ -343,18 +351,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         except NIQEUnavailable as e:
             if args.niqe_params is not None:  # a file named on the command line is not optional
                 raise ValueError(f"--niqe-params {args.niqe_params!r}: {e}") from None
-            if args.hr is None and not args.pyiqa:  # NIQE is all a no-reference run would measure
+            if no_ref and not pyiqa_names:  # NIQE is all a no-reference run would measure
                 raise ValueError(f"a no-reference run (no --hr) needs NIQE or --pyiqa metrics, and NIQE is "
                                  f"unavailable: {e}") from None
             log.warning("NIQE skipped: %s", e)
-    if args.hr is None and args.niqe_params == "off" and not args.pyiqa:
-        raise ValueError("a no-reference run (no --hr) with --niqe-params off measures nothing: "
-                         "give --pyiqa clipiqa,musiq,maniqa or NIQE")
-    extra = _pyiqa_metrics([n for n in args.pyiqa.split(",") if n], dev)
+    dev = _device(args.device)
+    extra = _pyiqa_metrics(pyiqa_names, dev)
     full_ref = [n for n, m in extra.items() if getattr(m, "metric_mode", "") == "FR"]
-    if args.hr is None and full_ref:
+    if no_ref and full_ref:
         raise ValueError(f"--pyiqa {','.join(full_ref)}: full-reference, needs --hr; a no-reference run takes "
                          "clipiqa, musiq, maniqa, niqe …")
+    model_path = args.model or default_model_path()
+    model = load_upsr(model_path, args.estimator, device=dev) if methods != ["bicubic"] else None
     means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
                            extra=extra, keep=args.sheet, grid=grid)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from .errors import is_out_of_memory
 from .graphs import GraphCache
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, StepCounter, UPSRModel
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
@@ -266,9 +267,9 @@ class FastUPSRModel(UPSRModel):
         if fn is not None:
             try:
                 return fn(*args)
-            except torch.cuda.OutOfMemoryError:
-                raise
             except (RuntimeError, ImportError, OSError) as e:  # no compiler / backend failure
+                if is_out_of_memory(e):  # not the compiler's fault: the caller shrinks or reports
+                    raise
                 log.warning("torch.compile failed, using the eager %s: %s", name, str(e).splitlines()[0])
                 del self._compiled[name]
         return eager(*args)

@@ -16,6 +16,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from .errors import is_out_of_memory
+
 __all__ = ["GraphCache"]
 
 log = logging.getLogger("upsr_core")
@@ -93,6 +95,8 @@ class GraphCache:
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = fn(*static_in)
         except RuntimeError as e:  # e.g. a host sync or a CPU tensor inside fn
+            if is_out_of_memory(e):  # the caller's to handle (smaller tiles), not a reason to stay eager
+                raise
             log.warning("CUDA graph capture failed for %s, running it eagerly: %s", key, str(e).splitlines()[0])
             self._eager.add(key)
             torch.cuda.synchronize()

@@ -42,7 +42,8 @@ def scatter_rows(src: torch.Tensor, flat: torch.Tensor, put: bool | None = None)
     the CPU's after it (pytorch#154326, #185750), so MPS (``put`` None: chosen by the device)
     writes the rows with ``index_put_``, which puts the same values in the same places."""
     out = src.new_empty(src.shape)
-    if src.device.type == "mps" if put is None else put:
+    use_put = src.device.type == "mps" if put is None else put
+    if use_put:
         return out.index_put_((flat,), src)
     return out.index_copy(0, flat, src)
 

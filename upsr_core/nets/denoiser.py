@@ -479,6 +479,9 @@ class UPSRDenoiser(nn.Module):
         if x.shape[-2] % m or x.shape[-1] % m or x.shape[-2:] != lq.shape[-2:]:
             raise ValueError(f"denoiser inputs x {tuple(x.shape)} and lq {tuple(lq.shape)} must share H×W, a multiple "
                              f"of {m} (pad the LR first, as upsr_core.pipeline.pad_lr does)")
+        # the ×4 head's images per call (MPS: its maps under the per-tensor limit), checked before
+        # the body runs, so a tile too large for it fails at once
+        n = head_batch((x.shape[0], self.config.num_feat, *x.shape[-2:]), x.element_size(), x.device.type)
         h = torch.cat([x, lq.to(x.dtype)], dim=1)
         skips = []
         for blk in self.input_blocks:
@@ -488,7 +491,6 @@ class UPSRDenoiser(nn.Module):
         for blk in self.output_blocks:
             h = blk(torch.cat([h, skips.pop()], dim=1), emb, folded)
         h = self.conv_before_upsample(h)
-        n = head_batch(h.shape, h.element_size(), h.device.type)
         if n >= h.shape[0]:
             return self._head(h)
         return torch.cat([self._head(part) for part in h.split(n)])  # per image: the same values

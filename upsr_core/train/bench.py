@@ -62,10 +62,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
     di = setup_distributed(args.device)
-    if di.device.type == "cpu":  # the CLI's own process: large tensors reuse freed memory
-        from ..cpu_memory import keep_freed_memory
+    if di.device.type == "cpu":  # in the CLI's own process: large tensors reuse freed memory
+        from ..cpu_memory import for_cpu_run
 
-        keep_freed_memory()
+        for_cpu_run()  # $UPSR_CPU_MALLOC was checked before setup_distributed (cli.main)
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)

@@ -287,10 +287,10 @@ def run_stage(args: argparse.Namespace) -> dict:
     """Train one stage as described by parsed CLI ``args``; returns the JSON record written."""
     t_start = time.time()
     di = setup_distributed(args.device)
-    if di.device.type == "cpu":  # the CLI's own process: large tensors reuse freed memory
-        from ..cpu_memory import keep_freed_memory
+    if di.device.type == "cpu":  # in the CLI's own process: large tensors reuse freed memory
+        from ..cpu_memory import for_cpu_run
 
-        keep_freed_memory()
+        for_cpu_run()  # $UPSR_CPU_MALLOC was checked before setup_distributed (cli.main)
     try:
         return _run_stage(args, di, t_start)
     finally:  # also on errors: a process group left to the interpreter's exit can abort it (gloo's threads)
