@@ -201,6 +201,33 @@ def test_resume_gives_the_same_weights(tmp_path, pool):
         torch.testing.assert_close(c.ema.shadow[k], v, rtol=0, atol=0)
 
 
+class _Payload:
+    """Pickles as a call to os.system: what a hostile 'checkpoint' would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_s_pickle_never_runs(tmp_path):
+    """Resuming reads tensors, numbers and containers only (weights_only): a .ckpt whose pickle
+    would run a command is refused naming the file, and the command never runs."""
+    pack = packed_crops(tmp_path)
+    t = _trainer(pack, tmp_path / "a.ckpt", False)
+    t.cfg.steps = 1
+    t.fit()
+    sd = torch.load(tmp_path / "a.ckpt", weights_only=True)  # the real one loads so
+    sd["meta"] = {"note": _Payload(tmp_path / "ran")}
+    torch.save(sd, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match=r"evil.ckpt' holds objects a training checkpoint never has"):
+        _trainer(pack, tmp_path / "b.ckpt", False).load(tmp_path / "evil.ckpt")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_time_budget_counts_the_minutes_of_earlier_runs(tmp_path, caplog):
     """--max-minutes is a budget of the whole training, as --steps: a resumed training whose
     earlier runs used it up trains no step (and says how to go on); the cosine schedule, which

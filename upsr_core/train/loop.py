@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -226,7 +227,11 @@ class Trainer:
 
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint written by :meth:`save` for the same model."""
-        sd = torch.load(str(path), map_location="cpu", weights_only=False)
+        try:  # tensors, numbers, strings and containers only: a checkpoint's pickle never runs code
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{str(path)!r} holds objects a training checkpoint never has, so it was not loaded "
+                             f"(nothing in it ran): {str(e).splitlines()[0]}") from None
         for key in ("model", "ema", "opt", "step"):
             if key not in sd:
                 raise ValueError(f"{str(path)!r} is not a training checkpoint (no {key!r} entry)")
