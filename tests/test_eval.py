@@ -352,3 +352,22 @@ def test_evaluate_checks_its_pairs_and_metrics_before_running(tiny_pairs, tmp_pa
     assert main(["eval", "--lr", str(root / "lr"), "--model", str(model), "--niqe-params", "off", "--pyiqa", " , ",
                  "--out", str(tmp_path / "o")]) == 2
     assert "with --niqe-params off measures nothing" in capsys.readouterr().err and loaded == []
+
+
+def test_eval_fast_path_is_recorded_and_scores_as_the_reference(tiny_pairs, monkeypatch):
+    """--fast runs the same math with other rounding: every mean within 0.05 dB / 1e-3 SSIM of
+    the faithful run (8-bit rounding of outputs that differ by ~1e-6 flips a few levels), and
+    results.json says which path and precision scored."""
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    res = {}
+    for name, extra in (("ref", []), ("fast", ["--fast"])):
+        out = root / name
+        assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out",
+                     str(out), "--device", "cpu", "--sheet", "0", *extra]) == 0
+        res[name] = json.loads((out / "results.json").read_text())
+    assert (res["ref"]["info"]["path"], res["fast"]["info"]["path"]) == ("reference", "fast")
+    assert res["ref"]["info"]["dtype"] == res["fast"]["info"]["dtype"] == "float32"
+    for m, r in res["ref"]["mean"].items():
+        f = res["fast"]["mean"][m]
+        assert abs(f["psnr"] - r["psnr"]) < 0.05 and abs(f["ssim"] - r["ssim"]) < 1e-3, (m, r, f)

@@ -64,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
     p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="denoiser precision (fp32 = the faithful reference path, the default; auto = fp16 on "
+                        "CUDA, else fp32), as upscale's")
+    p.add_argument("--fast", action="store_true",
+                   help="the fast path (fused attention, the loop on the device, CUDA graphs): same math, other "
+                        "rounding; quicker on full-size test sets, recorded in results.json")
     p.add_argument("--crop-border", type=int_min(0), default=0,
                    help="pixels dropped at each side before PSNR, SSIM and NIQE (BasicSR's crop_border)")
     p.add_argument("--niqe-params", default=None,
@@ -322,7 +328,7 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import _device, default_model_path
+    from .cli import _device, _dtype, default_model_path
     from .model import load_upsr
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -362,7 +368,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--pyiqa {','.join(full_ref)}: full-reference, needs --hr; a no-reference run takes "
                          "clipiqa, musiq, maniqa, niqe …")
     model_path = args.model or default_model_path()
-    model = load_upsr(model_path, args.estimator, device=dev) if methods != ["bicubic"] else None
+    dtype = _dtype(args.dtype, dev)
+    model = load_upsr(model_path, args.estimator, device=dev, dtype=dtype) if methods != ["bicubic"] else None
+    if model is not None and args.fast:
+        from .fast import enable_fast
+
+        enable_fast(model)
     means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
                            extra=extra, keep=args.sheet, grid=grid)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,6 +381,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
+            "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
             "b_u_psi_max": grid}
     (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
                                                   "per_image": [{k: v for k, v in r.items() if k != "images"}
