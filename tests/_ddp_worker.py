@@ -82,6 +82,7 @@ def main() -> int:
         result["error"] = str(e)
     result["state"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     result["lrs"] = [h["lr"] for h in trainer.history]
+    result["terms"] = [(h["loss"], h["mse"]) for h in trainer.history]
     result["calls"] = task.calls
     torch.save(result, out / f"rank{di.rank}.pt")
     dist.destroy_process_group()

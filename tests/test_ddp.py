@@ -70,6 +70,11 @@ def test_ranks_stay_identical_under_a_time_budget(tmp_path):
         assert torch.equal(v, r1["state"][k]), k
     assert r0["lrs"] == r1["lrs"] and len(set(r0["lrs"])) > 1
     assert r0["calls"] == r1["calls"] == 2 * r0["summary"]["steps"]
+    # the logged terms are the mean over ranks too (each rank draws its own batch), not rank 0's:
+    # both ranks log the same values, and mse (the loss itself here) equals the logged loss up to
+    # the history's rounding to 6 decimals
+    assert r0["terms"] == r1["terms"]
+    assert all(abs(loss - mse) <= 2e-6 for loss, mse in r0["terms"])
 
 
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):

@@ -308,9 +308,11 @@ class Trainer:
             for k, v in logs.items():
                 agg[k] = agg.get(k, 0.0) + v / self.cfg.accum
         if self.di.world > 1:  # the mean over ranks: every rank logs it, and every rank stops on a NaN
-            t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            keys = sorted(agg)  # the task's terms (mse, lpips, …), the same on every rank
+            t = torch.tensor([total] + [agg[k] for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
-            total = float(t.item()) / self.di.world
+            total, *terms = (v / self.di.world for v in t.tolist())
+            agg = dict(zip(keys, terms))
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {self.step}: lower --lr or use --amp off")
         self.scaler.unscale_(self.opt)
