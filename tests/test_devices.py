@@ -84,3 +84,27 @@ def test_the_head_s_own_limit_error_is_a_size_limit():
     with pytest.raises(torch.cuda.OutOfMemoryError) as e:
         head_batch((1, 128, 1024, 1024), 4, "mps")
     assert is_size_limit(e.value)
+
+
+def test_device_parity_tool_passes_against_itself(tiny_model_file, tmp_path, capsys):
+    """tools/device_parity.py, the one-run check for a Mac (or any device) against the CPU: on the
+    CPU itself every probe passes, the reference upscale is bit for bit (PSNR inf) and the fast
+    fp32 path is far above its 30 dB bar; fp16 is skipped on the CPU (no fast kernels)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from _support import load_tool
+
+    img = tmp_path / "lr.png"
+    Image.fromarray((np.random.default_rng(3).random((20, 28, 3)) * 255).astype(np.uint8)).save(img)
+    tool = load_tool("device_parity")
+    out = tmp_path / "parity.json"
+    assert tool.main(["--device", "cpu", "--model", str(tiny_model_file), "--image", str(img), "--json", str(out)]) == 0
+    rows = {r["check"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [r["status"] for r in rows.values()].count("FAIL") == 0
+    assert {"int64 sort", "official_sort", "window_index", "scatter_rows", "SDPA head 24", "SDPA head 32",
+            "fp16 GroupNorm", "upscale reference fp32", "upscale fast fp32"} == set(rows)
+    assert "PSNR inf dB, max |Δ| 0.00e+00" in rows["upscale reference fp32"]["detail"]
+    assert "PASS  upscale fast fp32" in capsys.readouterr().out
