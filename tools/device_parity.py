@@ -76,8 +76,9 @@ def probes(dev: torch.device) -> list[dict]:
     try:
         half = F.group_norm(x.half(), 32, w.half(), b.half()).float()
         err = float((half - ref).abs().max())
-        row("fp16 GroupNorm", None, f"native fp16 vs fp32, max |Δ| {err:.2e} (finite: {bool(torch.isfinite(half).all())});"
-            " the fast path keeps fp32 statistics on MPS")
+        finite = bool(torch.isfinite(half).all())
+        row("fp16 GroupNorm", None, f"native fp16 vs fp32, max |Δ| {err:.2e} (finite: {finite}); the fast path "
+            "keeps fp32 statistics on MPS")
     except RuntimeError as e:
         row("fp16 GroupNorm", None, f"not run: {str(e).splitlines()[0]}")
     return rows
@@ -98,8 +99,9 @@ def upscales(dev: torch.device, model_path: str, image: str) -> list[dict]:
         mse = float((got - want).square().mean())
         psnr = math.inf if mse == 0 else 10 * math.log10(1 / mse)
         ok = None if dtype == torch.float16 else psnr >= FP32_MIN_PSNR
+        diff = float((got - want).abs().max())
         rows.append({"check": f"upscale {name}", "status": "INFO" if ok is None else ("PASS" if ok else "FAIL"),
-                     "detail": f"vs CPU reference fp32: PSNR {psnr:.2f} dB, max |Δ| {float((got - want).abs().max()):.2e}"
+                     "detail": f"vs CPU reference fp32: PSNR {psnr:.2f} dB, max |Δ| {diff:.2e}"
                                + ("" if ok is None else f" (≥ {FP32_MIN_PSNR:g} dB)")})
     return rows
 
