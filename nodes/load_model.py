@@ -13,9 +13,11 @@ from comfy_api.latest import io
 
 from upsr_core import UPSRModel, load_upsr
 from upsr_core.cli import DEMO_MODEL, WEIGHTS_DIR
+from upsr_core.cpu_memory import host_hint
 from upsr_core.fast import enable_fast
 
 log = logging.getLogger(__name__)
+_HINTED = False  # the CPU start-up hint (upsr_core.cpu_memory.host_hint) is logged once per process
 
 FOLDER = "upsr"
 IN_MODEL_FILE = "(from the model file)"
@@ -103,9 +105,17 @@ class UPSRHandle:
 
     def load_for(self, image: torch.Tensor, tile: int, tile_batch: int) -> UPSRModel:
         """:meth:`load` with room for denoising the IMAGE [B,H,W,C] with these tile settings
-        (``UPSRModel.working_memory``: measured per-pixel activations, scaled)."""
-        return self.load(self.model.working_memory(tuple(image.shape[1:3]), batch=image.shape[0], tile=tile,
-                                                   tile_batch=tile_batch))
+        (``UPSRModel.working_memory``: measured per-pixel activations, scaled). On the CPU, the
+        first time, a log line on starting ComfyUI with glibc's settings for large tensors."""
+        model = self.load(self.model.working_memory(tuple(image.shape[1:3]), batch=image.shape[0], tile=tile,
+                                                    tile_batch=tile_batch))
+        global _HINTED
+        if model.device.type == "cpu" and not _HINTED:
+            _HINTED = True
+            hint = host_hint()
+            if hint:
+                log.info("UPSR: %s", hint)
+        return model
 
     def free_others(self) -> int:
         """Unload every other model from this model's device (after an out-of-memory: the

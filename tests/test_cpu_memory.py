@@ -97,3 +97,12 @@ def test_cli_writes_the_same_bytes_with_reused_memory(tmp_path, fast):
         subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tmp_path)
         outs[choice] = out.read_bytes()
     assert outs["system"] == outs["reuse"]
+
+
+def test_host_hint_says_how_to_start_a_host_and_nothing_once_it_is_so_started():
+    hint = cm.host_hint({})
+    if not GLIBC:
+        assert hint is None
+        return
+    assert "MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647" in hint
+    assert cm.host_hint({"MALLOC_MMAP_MAX_": "0"}) is None

@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import platform
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -844,3 +845,26 @@ def test_nan_result_is_an_error_naming_the_precision(pack):
     assert type(e.value).__name__ == "NonFiniteOutputError"
     with pytest.raises(FloatingPointError, match="produced NaN"):
         run(pack, "UPSRUpscale", upsr_model=h, image=img, **defaults(pack, "UPSRUpscale"))
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="the hint is about glibc's allocator (Linux)")
+def test_cpu_runs_log_the_glibc_start_up_hint_once(pack, handle, monkeypatch, caplog):
+    """On the CPU the first sampling logs how to start ComfyUI with glibc's settings for large
+    tensors (docs/NODES.md), once per process; nothing when they are already set. The pack
+    never changes the host's allocator itself."""
+    loader = sys.modules[PACK + ".nodes.load_model"]
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setattr(loader, "_HINTED", False)
+    img = lr_image(16, 24, seed=8)
+    with caplog.at_level(logging.INFO):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
+    hints = [r.getMessage() for r in caplog.records if "MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0" in r.getMessage()]
+    assert len(hints) == 1 and "~1.7x faster" in hints[0]
+    caplog.clear()
+    monkeypatch.setattr(loader, "_HINTED", False)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    with caplog.at_level(logging.INFO):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
+    assert "MALLOC_ARENA_MAX" not in caplog.text
