@@ -42,6 +42,11 @@ _claimed = False
 HOST_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
+def _glibc() -> bool:
+    """Whether this process runs on Linux's glibc, whose allocator the settings are for."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def _choice() -> str:
     choice = os.environ.get(ENV, "reuse")
     if choice not in CHOICES:
@@ -59,7 +64,7 @@ def keep_freed_memory() -> bool:
         return _applied
     choice = _choice()
     _applied = False
-    if choice == "system" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if choice == "system" or not _glibc():
         return False
     libc = ctypes.CDLL(None)  # the process's own symbols: the glibc already loaded
     mmap_off = libc.mallopt(M_MMAP_MAX, 0) == 1
@@ -94,7 +99,7 @@ def host_hint(environ: dict[str, str] | None = None) -> str | None:
     it with glibc's settings for large tensors, or None where it would not help (not glibc, or
     the variables are already set). Changes nothing itself."""
     environ = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_MAX_" in environ:
+    if not _glibc() or "MALLOC_MMAP_MAX_" in environ:
         return None
     start = " ".join(f"{k}={v}" for k, v in HOST_ENV.items())
     return (f"large images on the CPU run ~1.7x faster when the process starts with {start} (glibc then reuses "

@@ -82,13 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[Path, Path]]:
     """(hr, lr) paths with the same stem, sorted; ``ids`` keeps only those stems."""
-    hr_dir, lr_dir = Path(hr_dir), Path(lr_dir)
-    for d in (hr_dir, lr_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"image folder {str(d)!r} does not exist")
-    lrs = {p.stem: p for p in lr_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    hrs = [p for p in sorted(hr_dir.iterdir())
-           if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+    hrs = _image_files(hr_dir, ids)
+    lrs = {p.stem: p for p in _image_files(lr_dir)}
     pairs = [(p, lrs[p.stem]) for p in hrs if p.stem in lrs]
     if not pairs:
         raise ValueError(f"no HR/LR pairs with matching names in {str(hr_dir)!r} and {str(lr_dir)!r}"
@@ -100,17 +95,27 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
     return pairs
 
 
+def _image_files(folder: str | Path, ids: set[str] | None = None) -> list[Path]:
+    """The images of ``folder`` (by suffix), sorted; ``ids`` keeps only those stems."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    return [p for p in sorted(folder.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+
+
+def _full_reference(metrics: dict | None) -> list[str]:
+    """The names of the pyiqa metrics among ``metrics`` that compare with an HR image."""
+    return [n for n, m in (metrics or {}).items() if getattr(m, "metric_mode", "") == "FR"]
+
+
 def lr_files(lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[None, Path]]:
     """(None, lr) for every image of ``lr_dir`` (a no-reference run), sorted; ``ids`` keeps only those stems."""
-    lr_dir = Path(lr_dir)
-    if not lr_dir.is_dir():
-        raise FileNotFoundError(f"image folder {str(lr_dir)!r} does not exist")
-    lrs = [(None, p) for p in sorted(lr_dir.iterdir())
-           if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+    lrs = [(None, p) for p in _image_files(lr_dir, ids)]
     if not lrs:
         why = (f" for the {len(ids)} selected ids" if ids is not None
                else f" (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-        raise ValueError(f"no images in {str(lr_dir)!r}{why}")
+        raise ValueError(f"no images in {str(Path(lr_dir))!r}{why}")
     return lrs
 
 
@@ -230,8 +235,8 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
         raise ValueError(f"pairs must all have an HR image or all have none (a no-reference run): the first pair "
                          f"has {'none' if no_ref else pairs[0][0]}, the pair of {odd[1]} has "
                          f"{'none' if odd[0] is None else odd[0]}")
+    full_ref = _full_reference(extra)
     if no_ref:
-        full_ref = [n for n, m in (extra or {}).items() if getattr(m, "metric_mode", "") == "FR"]
         if full_ref:
             raise ValueError(f"metric(s) {full_ref} are full-reference: they need HR images")
         if niqe_params is None and not extra:
@@ -254,8 +259,7 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
                 r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
             for name, metric in (extra or {}).items():
                 dev = getattr(metric, "device", "cpu")
-                r[name] = float(metric(sr.to(dev), hr.to(dev)) if getattr(metric, "metric_mode", "") == "FR"
-                                else metric(sr.to(dev)))
+                r[name] = float(metric(sr.to(dev), hr.to(dev)) if name in full_ref else metric(sr.to(dev)))
             row["metrics"][m] = r
         if i < keep:
             row["images"] = {"lr": lr, **outs} | ({} if hr is None else {"hr": hr})
@@ -363,7 +367,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             log.warning("NIQE skipped: %s", e)
     dev = _device(args.device)
     extra = _pyiqa_metrics(pyiqa_names, dev)
-    full_ref = [n for n, m in extra.items() if getattr(m, "metric_mode", "") == "FR"]
+    full_ref = _full_reference(extra)
     if no_ref and full_ref:
         raise ValueError(f"--pyiqa {','.join(full_ref)}: full-reference, needs --hr; a no-reference run takes "
                          "clipiqa, musiq, maniqa, niqe …")

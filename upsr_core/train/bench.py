@@ -20,7 +20,7 @@ import torch
 from ..cliargs import int_min, writable_file
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import build_estimator_net
-from .loop import LoopConfig, Trainer, setup_distributed
+from .loop import LoopConfig, Trainer
 from .presets import get_preset
 
 __all__ = ["add_bench_parser", "run_bench"]
@@ -57,15 +57,11 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import check_crop, hardware, set_fused
+    from .cli import check_crop, hardware, set_fused, setup_device
 
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
-    di = setup_distributed(args.device)
-    if di.device.type == "cpu":  # in the CLI's own process: large tensors reuse freed memory
-        from ..cpu_memory import for_cpu_run
-
-        for_cpu_run()  # $UPSR_CPU_MALLOC was checked before setup_distributed (cli.main)
+    di = setup_device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)

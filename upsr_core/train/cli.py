@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from ..checkpoint import build_denoiser, build_estimator, detect_kind, read_checkpoint, save_converted, split_nets
 from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, off_or, writable_file
 from ..config import ATDConfig, DenoiserConfig
+from ..cpu_memory import for_cpu_run
 from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
 from ..nets.attention import WindowAttention
@@ -283,14 +284,20 @@ def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> L
     )
 
 
+def setup_device(device: str) -> DistInfo:
+    """:func:`setup_distributed` for a training command; on the CPU, in the CLI's own process,
+    large tensors then reuse freed memory (:mod:`upsr_core.cpu_memory`; ``$UPSR_CPU_MALLOC`` was
+    checked by ``cli.main`` before this)."""
+    di = setup_distributed(device)
+    if di.device.type == "cpu":
+        for_cpu_run()
+    return di
+
+
 def run_stage(args: argparse.Namespace) -> dict:
     """Train one stage as described by parsed CLI ``args``; returns the JSON record written."""
     t_start = time.time()
-    di = setup_distributed(args.device)
-    if di.device.type == "cpu":  # in the CLI's own process: large tensors reuse freed memory
-        from ..cpu_memory import for_cpu_run
-
-        for_cpu_run()  # $UPSR_CPU_MALLOC was checked before setup_distributed (cli.main)
+    di = setup_device(args.device)
     try:
         return _run_stage(args, di, t_start)
     finally:  # also on errors: a process group left to the interpreter's exit can abort it (gloo's threads)
