@@ -52,9 +52,9 @@ def make_fast(model: UPSRModel, device: torch.device) -> UPSRModel:
     management: CUDA graphs (their memory pool would stay allocated outside ComfyUI's
     accounting, and ComfyUI moves the weights the graphs point at) and torch.compile
     (minutes of compiling for every new image size). The nets are still on the CPU here, so
-    the device-dependent switches are set for ``device``, as ``enable_fast`` would there."""
-    cuda = device.type == "cuda"
-    return enable_fast(model, compile=False, cuda_graphs=False, channels_last=cuda, subpixel=device.type == "cpu")
+    the device-dependent switches ("auto": channels-last and the Triton GroupNorm on CUDA,
+    sub-pixel convs on the CPU) are decided for ``device``."""
+    return enable_fast(model, device=device, compile=False, cuda_graphs=False)
 
 
 def register_model_folder() -> None:

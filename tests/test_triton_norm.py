@@ -120,5 +120,27 @@ def test_triton_norm_needs_channels_last_triton_and_a_device_for_it(monkeypatch)
     with pytest.raises(ValueError, match="nhwc_norm and triton_norm are two implementations"):
         enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True, nhwc_norm=True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU without the interpreter
-    with pytest.raises(ValueError, match="triton_norm=True needs Triton and a CUDA device .* the model is on cpu"):
+    with pytest.raises(ValueError, match="triton_norm=True needs Triton and a CUDA device .* the model is for cpu"):
         enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True)
+
+
+def test_triton_norm_auto_is_for_cuda_with_channels_last_and_triton(monkeypatch):
+    """auto (the default): on for a CUDA device with channels-last when the kernels can run there,
+    decided for the ``device`` given (ComfyUI's nodes switch nets that are still on the CPU); the
+    norms use the kernels only where they can run, so the same model on the CPU runs natively."""
+    from upsr_core import fast as fast_mod
+    from upsr_core.nets import denoiser
+
+    monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: torch.device(dev).type == "cuda")
+    assert not enable_fast(copy.deepcopy(tiny_upsr())).fast_options.triton_norm  # the CPU
+    m = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda")
+    assert m.fast_options.triton_norm and m.fast_options.channels_last
+    norms = [g for g in m.denoiser.modules() if isinstance(g, denoiser.GroupNorm32)]
+    assert norms and not any(g.triton for g in norms)  # the nets are still on the CPU
+    for kw in ({"channels_last": False}, {"nhwc_norm": True}, {"triton_norm": False}):
+        assert not enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", **kw).fast_options.triton_norm, kw
+    monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: False)  # no Triton
+    assert not enable_fast(copy.deepcopy(tiny_upsr()), device="cuda").fast_options.triton_norm
+    monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: True)  # e.g. TRITON_INTERPRET=1
+    m = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda")
+    assert all(g.triton for g in m.denoiser.modules() if isinstance(g, denoiser.GroupNorm32))

@@ -305,6 +305,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "nhwc-norm": ({"channels_last": True, "nhwc_norm": True}, "channels-last with group_norm_nhwc"),
     "no-graphs": ({"cuda_graphs": False}, "no CUDA graphs, as the ComfyUI nodes run"),
     "triton-norm": ({"channels_last": True, "triton_norm": True}, "channels-last with the Triton GroupNorm(+SiLU)"),
+    "native-norm": ({"triton_norm": False}, "F.group_norm (CUDA's default before 2026-11-27, and without Triton)"),
 }
 """Fast-path variants ``--variants`` adds as rows ``fast/<name>``: enable_fast overrides, and why."""
 
@@ -365,12 +366,13 @@ def run_bench(args: argparse.Namespace) -> int:
             for v, n in dict.fromkeys((v, _model_dtype(n)) for v, n in keys)}
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
-            ("random demo-size" if args.small else "random full-size"), "estimator_dtype": "fp32",
+            ("random demo-size" if args.small else "random full-size"),
+            "estimator_dtype": "the row's, fp32 in fp16 rows",
             "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel,
             "channels_last": args.channels_last, "variants": variants,
             "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
-          f"{meta['weights']} weights, ATD fp32 in every row; fp32 = TF32 off", flush=True)
+          f"{meta['weights']} weights, ATD in the row's dtype (fp32 in fp16 rows); fp32 = TF32 off", flush=True)
     mult = ref.multiple_of
     if tiled:  # fail before any row runs, not after minutes of device time
         check_tiling(args.tile, args.overlap, mult)

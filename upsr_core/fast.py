@@ -40,6 +40,7 @@ from .errors import is_out_of_memory
 from .graphs import GraphCache
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, StepCounter, UPSRModel
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
+from .nets.triton_norm import available as triton_norm_runs
 from .pipeline import (
     SCALE,
     bicubic_x4,
@@ -94,6 +95,7 @@ def _resolve(name: str, value: bool | str, auto: bool) -> bool:
 def enable_fast(
     model: UPSRModel,
     *,
+    device: torch.device | str | None = None,
     compile: bool | str = False,
     cuda_graphs: bool | str = "auto",
     channels_last: bool | str = "auto",
@@ -101,10 +103,12 @@ def enable_fast(
     compile_mode: str | None = None,
     max_graphs: int = 6,
     nhwc_norm: bool | str = False,
-    triton_norm: bool | str = False,
+    triton_norm: bool | str = "auto",
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
+    ``device``: where the model will run, which decides the "auto" switches (default: where
+    its denoiser is now; a host that moves the nets itself, such as ComfyUI, passes its device);
     ``compile``: torch.compile the denoiser and the estimator (default off: it compiles for
     minutes per new image size, worth it over many same-size images; "auto": on CUDA when
     Triton is installed; a net whose compilation fails runs eagerly, with a warning);
@@ -116,12 +120,14 @@ def enable_fast(
     torch.compile (None = default; never a cudagraph mode: graphs are captured here);
     ``max_graphs``: captured shapes kept per model; ``nhwc_norm``: with channels-last, the
     denoiser's GroupNorms run on the NHWC memory itself (:func:`upsr_core.nets.denoiser.group_norm_nhwc`:
-    no layout copies, full-occupancy statistics; off by default until a GPU measures it
-    against ``F.group_norm``: ``bench --variants nhwc-norm``); ``triton_norm``: with channels-last
-    on CUDA, the denoiser's GroupNorms (and the SiLU after the ResBlocks' norms) run as Triton
-    kernels on the NHWC memory (:mod:`upsr_core.nets.triton_norm`; off by default until a GPU
-    measures it: ``bench --variants triton-norm``; needs Triton; if its kernels fail, a warning
-    and the native norm). On CUDA this also sets
+    no layout copies, full-occupancy statistics; off by default: on the H100 it was slower than
+    the native norm at LR 64 and slower than ``triton_norm`` at LR 256); ``triton_norm``: with
+    channels-last on CUDA, the denoiser's GroupNorms (and the SiLU after the ResBlocks' norms)
+    run as Triton kernels on the NHWC memory (:mod:`upsr_core.nets.triton_norm`; auto: on
+    CUDA with channels-last when Triton is installed and ``nhwc_norm`` is off; on the H100,
+    2026-11-27, fp16 LR 64 30.7 → 25.5 ms and LR 256 203 → 132 ms per image; if its kernels
+    fail, a warning and the native norm; on a device where they cannot run, e.g. after moving
+    the nets to the CPU, the native norm). On CUDA this also sets
     ``torch.backends.cudnn.benchmark = True``, as the official test script does. On MPS
     (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
@@ -133,20 +139,23 @@ def enable_fast(
     if compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
         raise ValueError(f"compile_mode must be None, 'default' or 'max-autotune-no-cudagraphs', got "
                          f"{compile_mode!r} (the other modes capture CUDA graphs themselves: use cuda_graphs)")
-    cuda, mps = model.device.type == "cuda", model.device.type == "mps"
+    dev = model.device if device is None else torch.device(device)
+    cuda, mps = dev.type == "cuda", dev.type == "mps"
     triton = importlib.util.find_spec("triton") is not None
     want_compile = _resolve("compile", compile, cuda and triton)
     if want_compile and mps:
         log.warning("torch.compile is not used on MPS (Inductor's MPS backend is a prototype): running eagerly")
+    want_cl = _resolve("channels_last", channels_last, cuda)
+    want_nhwc = _resolve("nhwc_norm", nhwc_norm, False)
     opts = FastOptions(
         compile=want_compile and not mps,
         cuda_graphs=_resolve("cuda_graphs", cuda_graphs, cuda),
-        channels_last=_resolve("channels_last", channels_last, cuda),
-        subpixel=_resolve("subpixel", subpixel, model.device.type == "cpu"),
+        channels_last=want_cl,
+        subpixel=_resolve("subpixel", subpixel, dev.type == "cpu"),
         compile_mode=compile_mode,
         max_graphs=max_graphs,
-        nhwc_norm=_resolve("nhwc_norm", nhwc_norm, False),
-        triton_norm=_resolve("triton_norm", triton_norm, False),
+        nhwc_norm=want_nhwc,
+        triton_norm=_resolve("triton_norm", triton_norm, cuda and want_cl and not want_nhwc and triton_norm_runs(dev)),
     )
     for name in ("nhwc_norm", "triton_norm"):
         if getattr(opts, name) and not opts.channels_last:
@@ -154,13 +163,9 @@ def enable_fast(
                              "got channels_last=False")
     if opts.nhwc_norm and opts.triton_norm:
         raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
-    if opts.triton_norm:
-        from .nets.triton_norm import available
-
-        if not available(model.device):
-            raise ValueError(f"triton_norm=True needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
-                             f"the model is on {model.device}, Triton "
-                             f"{'is' if triton else 'is not'} installed")
+    if opts.triton_norm and not triton_norm_runs(dev):
+        raise ValueError(f"triton_norm=True needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
+                         f"the model is for {dev}, Triton {'is' if triton else 'is not'} installed")
     if cuda:
         torch.backends.cudnn.benchmark = True
     model.__class__ = FastUPSRModel
@@ -205,12 +210,15 @@ class FastUPSRModel(UPSRModel):
 
     def _prepare(self) -> None:
         """(Re)build everything that depends on the weights, dtype or device."""
+        # the Triton norm where its kernels can run (enable_fast may have been told another device)
+        triton = self.fast_options.triton_norm and triton_norm_runs(self.device)
         for m in self.denoiser.modules():
             if isinstance(m, SwinBlock):
                 m.prepare_fast()
             elif isinstance(m, GroupNorm32):  # MPS: float32 statistics (see enable_fast)
                 m.native = self.device.type != "mps"
-                m.nhwc, m.triton = self.fast_options.nhwc_norm, self.fast_options.triton_norm
+                m.nhwc, m.triton = self.fast_options.nhwc_norm, triton
+
                 if m.nhwc:  # batch_norm's float32 affine as the module's own weights: no cast per call
                     m.float()
         den = self.denoiser
@@ -231,7 +239,7 @@ class FastUPSRModel(UPSRModel):
         self._ts = [torch.tensor([t], device=dev) for t in range(len(self._steps))]
         # each step's time embedding and scale-shifts, folded into the norms' affines (float32
         # for the NHWC and Triton norms, which apply the affine in float32, else the net's dtype)
-        fp32_affine = self.fast_options.nhwc_norm or self.fast_options.triton_norm
+        fp32_affine = self.fast_options.nhwc_norm or triton
         table_dtype = torch.float32 if fp32_affine else den.time_embed[0].weight.dtype
         den.prepare_steps(len(self._steps), table_dtype)
         self._prior = co["prior"].to(dev)

@@ -14,11 +14,13 @@ time, with the SiLU after each ResBlock norm another full pass. Here, on the NHW
    channels-last in x's dtype.
 
 One read for the statistics, one read and one write for the output (the native path: a copy,
-two reads and a write for the norm, a copy back, SiLU's read and write). Off by default
-(``enable_fast(..., triton_norm=True)``) until a GPU has measured it against the native norm
-(``bench --variants triton-norm``); ``TRITON_INTERPRET=1`` runs the same kernels on the CPU,
-which is how the tests check them. Any failure to build or launch a kernel is reported once
-and the caller falls back to the native norm.
+two reads and a write for the norm, a copy back, SiLU's read and write). The fast path's
+default on CUDA with channels-last when Triton is installed (``enable_fast(...,
+triton_norm="auto")``): on one H100 (2026-11-27, full-size nets, batch 1, CUDA graphs) fp16
+LR 64 went from 30.7 to 25.5 ms per image and LR 256 from 203 to 132 ms, bf16 from 27.3 to
+22.2 and 173 to 102 ms (``bench --variants native-norm,triton-norm``); ``TRITON_INTERPRET=1``
+runs the same kernels on the CPU, which is how the tests check them. Any failure to build or
+launch a kernel is reported once and the caller falls back to the native norm.
 """
 from __future__ import annotations
 
