@@ -11,7 +11,8 @@
 # $OUT/gpu_check.json and gpu_check.txt; then the training-step bench for at most TRAIN_LIMIT s
 # (default 240): $OUT/train_bench.jsonl. Before the nodes, tools/precision_probe.py on the demo model
 # (<= 60 s): $OUT/precision_probe.txt. PROBE_LIMIT / NODES_LIMIT / TRAIN_LIMIT = 0 skip a part. The
-# defaults sum to over 10 min: skip what was measured (on the H100, 2026-11-26: all but the compile rows).
+# defaults sum to over 10 min: skip what was measured (H100, 2026-11-26: all but the compile rows;
+# 2026-11-27: --variants nchw,nhwc-norm,triton-norm,no-graphs and compiled LR 64/256, bf16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/upsr_bench}
