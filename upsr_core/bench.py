@@ -60,7 +60,7 @@ __all__ = ["add_parser", "run_bench"]
 
 log = logging.getLogger("upsr_core")
 
-HEADER = (f"{'LR':>6} {'batch':>5} {'path':<17} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
+HEADER = (f"{'LR':>6} {'batch':>5} {'path':<21} {'dtype':<5} {'s/img':>9} {'img/s':>8} {'peak GiB':>8} "
           f"{'1st GiB':>8} {'TFLOP/s':>8} {'vs ref':>7} {'max|d|':>9} {'mean|d|':>9} {'den max|d|':>10}")
 
 
@@ -87,7 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
     p.add_argument("--compile-sizes", type=int_list(1), default=[64, 256],
-                   help="LR sides of the compiled rows (batch 1, bf16)")
+                   help="LR sides of the compiled rows (batch 1)")
+    p.add_argument("--compile-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="dtype of the compiled rows (default bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels-last denoiser in the fast path (auto: CUDA only)")
@@ -274,7 +276,7 @@ class Table:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         r = row
-        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<17} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
+        print(f"{r['lr']:>6} {r['batch']:>5} {r['path']:<21} {r['dtype']:<5} {_fmt(r['s_per_img'], '9.4f')} "
               f"{_fmt(r['img_per_s'], '8.2f')} {_fmt(r['peak_gib'], '8.2f')} {_fmt(r['first_peak_gib'], '8.2f')} "
               f"{_fmt(r['tflops'], '8.1f' if r['tflops'] >= 10 else '8.3f')} "
               f"{_fmt(r['vs_ref'], '6.1f') + ('x' if r['vs_ref'] is not None else ''):>7} "
@@ -306,6 +308,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no-graphs": ({"cuda_graphs": False}, "no CUDA graphs, as the ComfyUI nodes run"),
     "triton-norm": ({"channels_last": True, "triton_norm": True}, "channels-last with the Triton GroupNorm(+SiLU)"),
     "native-norm": ({"triton_norm": False}, "F.group_norm (CUDA's default before 2026-11-27, and without Triton)"),
+    "no-graphs-native": ({"cuda_graphs": False, "triton_norm": False},
+                         "the nodes' path before 2026-11-27: no CUDA graphs, F.group_norm"),
+    "subpixel": ({"subpixel": True}, "nearest x2 + conv as four 2x2 sub-pixel convs (the CPU default)"),
 }
 """Fast-path variants ``--variants`` adds as rows ``fast/<name>``: enable_fast overrides, and why."""
 
@@ -499,13 +504,13 @@ def _resident(model: UPSRModel, dev: torch.device, cap_gib: float = 0.0):
 
 
 def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
-    """fast+compile rows (bf16, batch 1), each only if >= 90 s of the budget are left."""
+    """fast+compile rows (``--compile-dtype``, batch 1), each only if >= 90 s of the budget are left."""
     import importlib.util
 
     if args.compile == "auto" and importlib.util.find_spec("triton") is None:
         table.comment("compile rows skipped: Triton is not installed")
         return
-    m = _fast_model(den, atd, dev, torch.bfloat16, args, compile=True)
+    m = _fast_model(den, atd, dev, _DTYPES[args.compile_dtype], args, compile=True)
     with _resident(m, dev):
         for s in args.compile_sizes:
             if out_of_time(90.0):
@@ -520,7 +525,8 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
             ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1
                             and r["path"] == "reference"), None)
             fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
-            table.add(_row(str(s), 1, "fast+compile", "bf16", timed, fl, ref_row["s_per_img"] if ref_row else None,
+            ref_s = ref_row["s_per_img"] if ref_row else None
+            table.add(_row(str(s), 1, "fast+compile", args.compile_dtype, timed, fl, ref_s,
                            out, refs.get((s, 1)), compiled=",".join(m.compiled) or "none"))
             m.graphs.clear()
 
