@@ -325,7 +325,13 @@ def test_implementation_fast_is_the_default_without_graphs_or_compile(pack, hand
     make_fast = sys.modules[PACK + ".nodes.load_model"].make_fast
     on_gpu = make_fast(UPSRModel(*_tiny_nets()), torch.device("cuda"))  # nets on the CPU, set up for a GPU
     assert (on_gpu.fast_options.compile, on_gpu.fast_options.cuda_graphs) == (False, False)
-    assert (on_gpu.fast_options.subpixel, on_gpu.fast_options.channels_last) == (False, True)
+    # channels-last with the Triton GroupNorm where Triton is installed, else NCHW (PyTorch's norm
+    # would copy channels-last maps to NCHW and back)
+    from upsr_core.nets.triton_norm import available
+
+    triton = available(torch.device("cuda"))
+    assert (on_gpu.fast_options.subpixel, on_gpu.fast_options.channels_last) == (False, triton)
+    assert on_gpu.fast_options.triton_norm == triton
 
 
 def test_load_rejects_bad_choices_with_clear_messages(pack):

@@ -139,8 +139,16 @@ def test_triton_norm_auto_is_for_cuda_with_channels_last_and_triton(monkeypatch)
     assert norms and not any(g.triton for g in norms)  # the nets are still on the CPU
     for kw in ({"channels_last": False}, {"nhwc_norm": True}, {"triton_norm": False}):
         assert not enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", **kw).fast_options.triton_norm, kw
+    # channels-last only with a norm that reads it in place (PyTorch's copies to NCHW and back)
+    opts = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", triton_norm=False).fast_options
+    assert not opts.channels_last and not opts.triton_norm
+    opts = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", nhwc_norm=True).fast_options
+    assert opts.channels_last and opts.nhwc_norm
+    opts = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", channels_last=True, triton_norm=False).fast_options
+    assert opts.channels_last and not opts.triton_norm
     monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: False)  # no Triton
-    assert not enable_fast(copy.deepcopy(tiny_upsr()), device="cuda").fast_options.triton_norm
+    opts = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda").fast_options
+    assert not opts.triton_norm and not opts.channels_last and opts.cuda_graphs
     monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: True)  # e.g. TRITON_INTERPRET=1
     m = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda")
     assert all(g.triton for g in m.denoiser.modules() if isinstance(g, denoiser.GroupNorm32))

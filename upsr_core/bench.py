@@ -307,9 +307,12 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "nhwc-norm": ({"channels_last": True, "nhwc_norm": True}, "channels-last with group_norm_nhwc"),
     "no-graphs": ({"cuda_graphs": False}, "no CUDA graphs, as the ComfyUI nodes run"),
     "triton-norm": ({"channels_last": True, "triton_norm": True}, "channels-last with the Triton GroupNorm(+SiLU)"),
-    "native-norm": ({"triton_norm": False}, "F.group_norm (CUDA's default before 2026-11-27, and without Triton)"),
-    "no-graphs-native": ({"cuda_graphs": False, "triton_norm": False},
-                         "the nodes' path before 2026-11-27: no CUDA graphs, F.group_norm"),
+    "native-norm": ({"channels_last": True, "triton_norm": False},
+                    "channels-last with F.group_norm (CUDA's default before 2026-11-27)"),
+    "no-graphs-native": ({"cuda_graphs": False, "channels_last": True, "triton_norm": False},
+                         "the nodes' path before 2026-11-27: no CUDA graphs, channels-last, F.group_norm"),
+    "no-graphs-nchw": ({"cuda_graphs": False, "channels_last": False},
+                       "the nodes' path on CUDA without Triton: no CUDA graphs, NCHW"),
     "subpixel": ({"subpixel": True}, "nearest x2 + conv as four 2x2 sub-pixel convs (the CPU default)"),
 }
 """Fast-path variants ``--variants`` adds as rows ``fast/<name>``: enable_fast overrides, and why."""
