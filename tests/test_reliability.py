@@ -563,6 +563,10 @@ SIGINT_SCRIPT = """
 import os, signal, sys
 from upsr_core import cli
 
+# Ctrl-C in a terminal reaches a foreground process with Python's handler; a shell starts
+# background jobs (`cmd &`) with SIGINT ignored, which the child would inherit
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class Bar(cli.ProgressBar):
     def update(self, n, total=None):
         super().update(n, total)
