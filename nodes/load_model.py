@@ -51,10 +51,12 @@ def make_fast(model: UPSRModel, device: torch.device) -> UPSRModel:
     """The fast path for ComfyUI's ``device``, without the two switches that fight its memory
     management: CUDA graphs (their memory pool would stay allocated outside ComfyUI's
     accounting, and ComfyUI moves the weights the graphs point at) and torch.compile
-    (minutes of compiling for every new image size). The nets are still on the CPU here, so
-    the device-dependent switches ("auto": channels-last and the Triton GroupNorm on CUDA,
-    sub-pixel convs on the CPU) are decided for ``device``."""
-    return enable_fast(model, device=device, compile=False, cuda_graphs=False)
+    (minutes of compiling for every new image size), and cuDNN's process-wide benchmark mode
+    (ComfyUI sets it itself, under ``--fast autotune``). The nets are still on the CPU here, so
+    the device-dependent switches ("auto": on CUDA the Triton GroupNorm on a channels-last
+    denoiser where Triton can run, else NCHW; sub-pixel convs on the CPU) are decided for
+    ``device``."""
+    return enable_fast(model, device=device, compile=False, cuda_graphs=False, cudnn_benchmark=False)
 
 
 def register_model_folder() -> None:

@@ -323,7 +323,9 @@ def test_implementation_fast_is_the_default_without_graphs_or_compile(pack, hand
               implementation="reference")[0].model
     assert type(ref) is UPSRModel
     make_fast = sys.modules[PACK + ".nodes.load_model"].make_fast
+    bench_flag = torch.backends.cudnn.benchmark
     on_gpu = make_fast(UPSRModel(*_tiny_nets()), torch.device("cuda"))  # nets on the CPU, set up for a GPU
+    assert torch.backends.cudnn.benchmark == bench_flag  # ComfyUI's own setting (--fast autotune), untouched
     assert (on_gpu.fast_options.compile, on_gpu.fast_options.cuda_graphs) == (False, False)
     # channels-last with the Triton GroupNorm where Triton is installed, else NCHW (PyTorch's norm
     # would copy channels-last maps to NCHW and back)

@@ -2,8 +2,8 @@
 
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels with NumPy, so their math is
 checked here; their speed only a GPU can say (``bench --variants triton-norm``). Without
-Triton installed (CI installs only the requirements) the kernel tests are skipped, and only
-the error for asking for them is tested.
+Triton installed (the ``[test]`` extra brings it on Linux x86-64 only) the kernel tests are
+skipped, and only the switches and the error for asking for them are tested.
 
 Tolerances: against ``F.group_norm`` in float64 on the same (rounded) input, fp32 output is
 within 2e-5 (input rounding × |weight| / std dominates), bf16/fp16 within 2.5 roundings of
@@ -115,13 +115,49 @@ def test_a_failing_triton_norm_falls_back_once(monkeypatch, caplog):
 
 
 def test_triton_norm_needs_channels_last_triton_and_a_device_for_it(monkeypatch):
+    from upsr_core import fast as fast_mod
+
+    monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: True)  # as under TRITON_INTERPRET=1
     with pytest.raises(ValueError, match="triton_norm=True needs channels_last"):
         enable_fast(copy.deepcopy(tiny_upsr()), channels_last=False, triton_norm=True)
     with pytest.raises(ValueError, match="nhwc_norm and triton_norm are two implementations"):
         enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True, nhwc_norm=True)
+    monkeypatch.undo()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU without the interpreter
     with pytest.raises(ValueError, match="triton_norm=True needs Triton and a CUDA device .* the model is for cpu"):
         enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True)
+    # asked for where it cannot run (no Triton, or an old GPU): that is the error, whatever
+    # channels_last resolves to
+    monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: False)
+    with pytest.raises(ValueError, match="triton_norm=True needs Triton .* the model is for cuda"):
+        enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", triton_norm=True)
+
+
+def test_triton_norm_available_needs_a_capable_cuda_device(monkeypatch):
+    from upsr_core.nets import triton_norm
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_norm.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cap, ok in (((6, 1), False), ((7, 0), True), ((9, 0), True)):  # Pascal, Volta, Hopper
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None, cap=cap: cap)
+        assert triton_norm.available(torch.device("cuda")) is ok, cap
+    assert not triton_norm.available(torch.device("cpu")) and not triton_norm.available(torch.device("mps"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not triton_norm.available(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_norm.available(torch.device("cpu"))
+
+
+def test_cudnn_benchmark_is_set_on_cuda_unless_the_host_says_no(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", cudnn_benchmark=False)  # ComfyUI's nodes
+    assert torch.backends.cudnn.benchmark is False
+    enable_fast(copy.deepcopy(tiny_upsr()))  # the CPU
+    assert torch.backends.cudnn.benchmark is False
+    enable_fast(copy.deepcopy(tiny_upsr()), device="cuda")  # auto: as the official test script
+    assert torch.backends.cudnn.benchmark is True
 
 
 def test_triton_norm_auto_is_for_cuda_with_channels_last_and_triton(monkeypatch):

@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the compiled rows (default bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="channels-last denoiser in the fast path (auto: CUDA only)")
+                   help="channels-last denoiser in the fast path (auto: CUDA with the Triton GroupNorm)")
     p.add_argument("--subpixel", choices=["auto", "on", "off"], default="auto",
                    help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
     p.add_argument("--variants", default="",

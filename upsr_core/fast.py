@@ -7,9 +7,10 @@ What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
 * attention: ``scaled_dot_product_attention`` with the relative-position bias and the
   shift masks precomputed once per block (one (heads, N, N) tensor per mask pattern, for
   every image size: ``prepare_fast`` in :mod:`upsr_core.nets`); nothing rebuilt per call;
-* GroupNorm in the net's own dtype (statistics still accumulated in float32);
-* the denoiser in channels-last layout (CUDA default); optionally both nets ``torch.compile``\\ d
-  (eager fallback if compiling fails);
+* GroupNorm in the net's own dtype (statistics still accumulated in float32); on CUDA with
+  Triton, three fused Triton kernels (norm + SiLU) on a channels-last denoiser
+  (:mod:`upsr_core.nets.triton_norm`), without Triton an NCHW denoiser; optionally both nets
+  ``torch.compile``\\ d (eager fallback if compiling fails);
 * every stage stays on the model's device: padding, bicubic, ATD, ψ/w, the 5 DDIM steps,
   crop and clamp; the schedule constants live on the device, so the sampling loop has no
   host-device sync and no host copy;
@@ -72,7 +73,9 @@ stays bounded by the tile, not the image (LR 2048² → HR 8192²: 1.07 GB)."""
 
 @dataclass(frozen=True)
 class FastOptions:
-    """Resolved switches of the fast path (``"auto"`` already decided for the device)."""
+    """Resolved switches of the fast path (``"auto"`` already decided for the device).
+    ``triton_norm`` is the wish: the norms use the kernels only while the nets are on a device
+    where they can run (see :meth:`FastUPSRModel._prepare`)."""
 
     compile: bool
     cuda_graphs: bool
@@ -104,6 +107,7 @@ def enable_fast(
     max_graphs: int = 6,
     nhwc_norm: bool | str = False,
     triton_norm: bool | str = "auto",
+    cudnn_benchmark: bool | str = "auto",
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
@@ -129,8 +133,10 @@ def enable_fast(
     CUDA with channels-last when Triton is installed and ``nhwc_norm`` is off; on the H100,
     2026-11-27, fp16 LR 64 30.7 → 25.5 ms and LR 256 203 → 132 ms per image; if its kernels
     fail, a warning and the native norm; on a device where they cannot run, e.g. after moving
-    the nets to the CPU, the native norm). On CUDA this also sets
-    ``torch.backends.cudnn.benchmark = True``, as the official test script does. On MPS
+    the nets to the CPU, the native norm; the kernels are compiled once per new shape class
+    and cached by Triton on disk); ``cudnn_benchmark``: set the process-wide
+    ``torch.backends.cudnn.benchmark = True``, as the official test script does (auto: on CUDA;
+    a host with its own setting, such as ComfyUI, passes False and the flag is left alone). On MPS
     (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
     went through batch_norm in the input precision: fp16 sums of squares overflow there).
@@ -148,6 +154,10 @@ def enable_fast(
     if want_compile and mps:
         log.warning("torch.compile is not used on MPS (Inductor's MPS backend is a prototype): running eagerly")
     want_nhwc = _resolve("nhwc_norm", nhwc_norm, False)
+    if triton_norm is True and not triton_norm_runs(dev):
+        raise ValueError(f"triton_norm=True needs Triton and a CUDA device of compute capability >= 7.0 "
+                         f"(or TRITON_INTERPRET=1); the model is for {dev}, Triton "
+                         f"{'is' if triton else 'is not'} installed")
     # channels-last pays on CUDA with a norm that reads it in place; PyTorch's GroupNorm copies
     # it to NCHW and back (on the H100, LR 256: 173 ms channels-last against 154 ms NCHW, bf16)
     norm_in_place = want_nhwc or (triton_norm is not False and triton_norm_runs(dev))
@@ -168,10 +178,7 @@ def enable_fast(
                              "got channels_last=False")
     if opts.nhwc_norm and opts.triton_norm:
         raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
-    if opts.triton_norm and not triton_norm_runs(dev):
-        raise ValueError(f"triton_norm=True needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
-                         f"the model is for {dev}, Triton {'is' if triton else 'is not'} installed")
-    if cuda:
+    if _resolve("cudnn_benchmark", cudnn_benchmark, cuda):
         torch.backends.cudnn.benchmark = True
     model.__class__ = FastUPSRModel
     model._setup(opts)  # type: ignore[attr-defined]
@@ -223,7 +230,6 @@ class FastUPSRModel(UPSRModel):
             elif isinstance(m, GroupNorm32):  # MPS: float32 statistics (see enable_fast)
                 m.native = self.device.type != "mps"
                 m.nhwc, m.triton = self.fast_options.nhwc_norm, triton
-
                 if m.nhwc:  # batch_norm's float32 affine as the module's own weights: no cast per call
                     m.float()
         den = self.denoiser

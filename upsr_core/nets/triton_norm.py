@@ -24,6 +24,7 @@ launch a kernel is reported once and the caller falls back to the native norm.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -33,11 +34,21 @@ import torch
 __all__ = ["available", "group_norm_nhwc_triton"]
 
 
+MIN_CAPABILITY = (7, 0)
+"""The oldest CUDA compute capability Triton compiles for (Volta; Inductor checks the same)."""
+
+
 def available(device: torch.device) -> bool:
-    """Triton is installed and can run on ``device`` (CUDA, or any device under TRITON_INTERPRET=1)."""
+    """Triton is installed and can run on ``device``: a CUDA device of compute capability >=
+    :data:`MIN_CAPABILITY`, a ROCm device (Triton's AMD backend; never timed here), or any
+    device under TRITON_INTERPRET=1."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
 @functools.cache
@@ -141,9 +152,12 @@ def group_norm_nhwc_triton(
     part = torch.empty(b, splits, 2, c, device=x.device, dtype=torch.float32)
     stats = torch.empty(b * num_groups, 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    stats_k[(b, splits, triton.cdiv(c, bc))](x, part, hw, c, cg, rows_per, splits, BP=bp, BC=bc)
-    finalize_k[(b * num_groups,)](x, part, stats, hw, c, cg, num_groups, splits, float(eps),
-                                  BS=_pow2(splits), BG=_pow2(cg))
-    apply_k[(triton.cdiv(hw, bp), b, triton.cdiv(c, bc))](x, y, stats, weight, bias, hw, c, cg, num_groups,
-                                                           SILU=silu, BP=bp, BC=bc)
+    # Triton launches on the current device and its stream: make them x's (a model on cuda:1)
+    other = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if other else contextlib.nullcontext():
+        stats_k[(b, splits, triton.cdiv(c, bc))](x, part, hw, c, cg, rows_per, splits, BP=bp, BC=bc)
+        finalize_k[(b * num_groups,)](x, part, stats, hw, c, cg, num_groups, splits, float(eps),
+                                      BS=_pow2(splits), BG=_pow2(cg))
+        apply_k[(triton.cdiv(hw, bp), b, triton.cdiv(c, bc))](x, y, stats, weight, bias, hw, c, cg, num_groups,
+                                                               SILU=silu, BP=bp, BC=bc)
     return y
