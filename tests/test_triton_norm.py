@@ -150,6 +150,11 @@ def test_triton_norm_available_needs_a_capable_cuda_device(monkeypatch):
     assert triton_norm.available(torch.device("cpu"))
 
 
+def test_enable_fast_names_a_bad_device():
+    with pytest.raises(ValueError, match="device must be a torch.device or a name .* got 'gpu0'"):
+        enable_fast(copy.deepcopy(tiny_upsr()), device="gpu0")
+
+
 def test_cudnn_benchmark_is_set_on_cuda_unless_the_host_says_no(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     enable_fast(copy.deepcopy(tiny_upsr()), device="cuda", cudnn_benchmark=False)  # ComfyUI's nodes

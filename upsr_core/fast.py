@@ -147,7 +147,11 @@ def enable_fast(
     if compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
         raise ValueError(f"compile_mode must be None, 'default' or 'max-autotune-no-cudagraphs', got "
                          f"{compile_mode!r} (the other modes capture CUDA graphs themselves: use cuda_graphs)")
-    dev = model.device if device is None else torch.device(device)
+    try:
+        dev = model.device if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch.device or a name such as 'cuda', 'cuda:1', 'cpu', 'mps'; "
+                         f"got {device!r}") from e
     cuda, mps = dev.type == "cuda", dev.type == "mps"
     triton = importlib.util.find_spec("triton") is not None
     want_compile = _resolve("compile", compile, cuda and triton)
