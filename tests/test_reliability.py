@@ -680,3 +680,27 @@ def test_cli_nan_output_is_one_error_line(tmp_path, capsys):
     Image.fromarray((np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)).save(img)
     rc, err = run_cli(capsys, "upscale", img, "-o", tmp_path / "out.png", "--model", path, "--device", "cpu")
     assert rc == 2 and "produced NaN" in one_error_line(err) and not (tmp_path / "out.png").exists()
+
+
+def test_reference_masks_leave_with_the_weights_and_stay_few():
+    """The reference path caches its shift masks per size, device and dtype. They are dropped
+    when the nets move (ComfyUI offloads a model's weights to the CPU between runs: masks left
+    on the GPU would hold memory outside its accounting), and at most 4 sizes are kept per
+    module (a session sees many image sizes)."""
+    from upsr_core.nets.denoiser import SwinBlock
+
+    m = tiny_upsr()
+    with torch.inference_mode():
+        m.upscale(torch.rand(1, 3, 16, 16), seed=1)
+    caches = [m.estimator._mask_cache] + [b._mask_cache for b in m.denoiser.modules()
+                                          if isinstance(b, SwinBlock) and b.shift]
+    assert len(caches) > 1 and all(len(c) == 1 for c in caches)
+    m.denoiser.to(torch.float64)  # any move: device, dtype (nn.Module._apply)
+    m.estimator.to(torch.float64)
+    assert all(len(c) == 0 for c in caches)
+    atd = m.estimator.float()
+    ref = torch.zeros(1)
+    masks = [atd._shift_mask(16 * k, 16, ref) for k in range(1, 7)]
+    assert len(atd._mask_cache) == 4
+    assert atd._shift_mask(96, 16, ref) is masks[-1]  # the recent ones are reused, not rebuilt
+    assert torch.equal(atd._shift_mask(16, 16, ref), masks[0])  # an evicted one is rebuilt the same

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ATDConfig
-from .attention import attend, attend_windows, relative_position_index, window_index, window_partition, window_reverse
+from .attention import (
+    MaskCache,
+    attend,
+    attend_windows,
+    relative_position_index,
+    window_index,
+    window_partition,
+    window_reverse,
+)
 
 __all__ = ["ATD", "official_sort", "scatter_rows"]
 
@@ -334,7 +342,11 @@ class ATD(nn.Module):
         self.upsample = nn.Sequential(
             nn.Conv2d(cfg.embed_dim, cfg.upscale**2 * cfg.in_chans, 3, padding=1), nn.PixelShuffle(cfg.upscale)
         )
-        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._mask_cache = MaskCache()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._mask_cache.clear()  # masks made for the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def multiple_of(self) -> int:
@@ -350,11 +362,9 @@ class ATD(nn.Module):
         self.fast = True
 
     def _shift_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
-        key = (h, w, ref.device, ref.dtype)
-        if key not in self._mask_cache:
-            ws = self.config.window_size
-            self._mask_cache[key] = swin_shift_mask(h, w, ws, ws // 2).to(ref.device, ref.dtype)
-        return self._mask_cache[key]
+        ws = self.config.window_size
+        return self._mask_cache.get((h, w, ref.device, ref.dtype),
+                                    lambda: swin_shift_mask(h, w, ws, ws // 2).to(ref.device, ref.dtype))
 
     def forward(self, x: torch.Tensor, *, sort_fn: SortFn | Iterator[torch.Tensor] | None = None) -> torch.Tensor:
         """x (B,3,h,w) in [0,1] -> (B,3,4h,4w).

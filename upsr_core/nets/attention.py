@@ -40,6 +40,33 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
+class MaskCache:
+    """A module's size-dependent masks (reference path): the ``max_entries`` most recently
+    used, keyed by the caller (size, device, dtype). The owning module empties it when it
+    moves (its ``_apply``), so masks never keep memory on a device the weights have left
+    (ComfyUI offloads models between runs) and a long session's many sizes stay bounded."""
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self._d: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: tuple, build) -> torch.Tensor:
+        """The mask for ``key``, made by ``build()`` on a miss."""
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        mask = self._d[key] = build()
+        while len(self._d) > self.max_entries:
+            self._d.popitem(last=False)
+        return mask
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
 _WINDOW_INDEX: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _WINDOW_INDEX_MAX = 32  # sizes kept (least recently used dropped): a long session sees many sizes
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DenoiserConfig
-from .attention import WindowAttention, window_index, window_partition, window_reverse
+from .attention import MaskCache, WindowAttention, window_index, window_partition, window_reverse
 
 __all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc"]
 
@@ -288,18 +288,20 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, heads, window, index_key="relative_position_index")
         self.norm2 = GroupNorm32(dim)
         self.mlp = Mlp(dim, dim * mlp_ratio)
-        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._mask_cache = MaskCache()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._mask_cache.clear()  # masks made for the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def _runtime_mask(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor | None:
         if not self.shift:
             return None
+        build = lambda: official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)  # noqa: E731
         if torch.compiler.is_compiling():  # built inside the graph (folded to a constant): a cache
             # filled during tracing would fail the next call's guards and recompile the whole net
-            return official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)
-        key = (h, w, ref.device, ref.dtype)
-        if key not in self._mask_cache:
-            self._mask_cache[key] = official_shift_mask(h, w, self.window, self.shift).to(ref.device, ref.dtype)
-        return self._mask_cache[key]
+            return build()
+        return self._mask_cache.get((h, w, ref.device, ref.dtype), build)
 
     def prepare_fast(self) -> None:
         """Precompute the fast path's attention masks (see :meth:`WindowAttention.prepare_fast`).
