@@ -219,6 +219,43 @@ def test_graph_cache_runs_eagerly_off_cuda():
         GraphCache(max_graphs=0)
 
 
+def test_graph_captures_share_one_warmup_stream(monkeypatch):
+    """Every capture warms up on the same side stream of its device (PyTorch keeps a cuBLAS
+    workspace per stream that ran a matmul: a new stream per capture left one behind for every
+    new shape). The CUDA calls are stand-ins here: only a GPU can run a capture."""
+    import contextlib
+
+    from upsr_core import graphs
+
+    made = []
+
+    class FakeStream:
+        def __init__(self):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    current = FakeStream()
+    made.clear()
+    monkeypatch.setattr(graphs, "_SIDE_STREAMS", {}, raising=False)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    cache = GraphCache(enabled=True, max_graphs=2)
+    for n in (3, 4, 5, 6):  # four shapes, two graphs kept
+        assert cache._capture(("k", n), lambda t: (t * 2,), (torch.ones(n),)) is not None
+    assert len(made) == 1 and len(cache) == 2
+
+
 def test_bench_parser_registers():
     import argparse
 

@@ -22,6 +22,20 @@ __all__ = ["GraphCache"]
 
 log = logging.getLogger("upsr_core")
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+"""One warm-up stream per CUDA device, shared by every cache: PyTorch keeps a cuBLAS(Lt)
+workspace per stream it has run a matmul on (allocated from, and counted in, the caching
+allocator, and kept), so a fresh stream per capture could leave one more workspace behind with
+every new shape (likely why the bench's peak-memory column grew by ~0.1 GiB with every captured
+model on an H100, 2026-11-27; rows without graphs grew ~0.03 GiB: to confirm on a GPU)."""
+
+
+def _side_stream() -> torch.cuda.Stream:
+    dev = torch.cuda.current_device()
+    if dev not in _SIDE_STREAMS:
+        _SIDE_STREAMS[dev] = torch.cuda.Stream()
+    return _SIDE_STREAMS[dev]
+
 Fn = Callable[..., tuple[torch.Tensor, ...]]
 
 
@@ -82,7 +96,7 @@ class GraphCache:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         static_in = tuple(x.clone() for x in inputs)
-        side = torch.cuda.Stream()
+        side = _side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
