@@ -504,6 +504,9 @@ def test_bench_variants_add_labelled_rows(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["path"] for r in rows] == ["reference", "fast", "fast/nchw", "fast/nhwc-norm"]
     assert all(r["max_abs"] <= FP32_ATOL for r in rows[1:])
+    # how each fast row ran (the CPU: no graphs, no Triton kernels without the interpreter's say-so)
+    assert [(r["layout"], r["norm"], r["cuda_graphs"]) for r in rows[1:]] == [
+        ("channels_last", "native", False), ("nchw", "native", False), ("channels_last", "nhwc", False)]
     assert "fast/nhwc-norm" in capsys.readouterr().out
     args = ap.parse_args([*base, "--variants", "nchw,turbo"])
     with pytest.raises(ValueError, match="'turbo'"):

@@ -302,6 +302,19 @@ def _row(lr, b, path, dtype, timed, flops, ref_s, out, ref_out, **extra) -> dict
 
 _SWITCH = {"auto": "auto", "on": True, "off": False}
 
+
+def _how(m: UPSRModel) -> dict:
+    """How a fast model ran: layout, GroupNorm (the Triton kernels only where they ran: on their
+    device, and not after a failure) and CUDA graphs, for the rows' JSON."""
+    from .nets.denoiser import _TRITON_NORM_FAILED, GroupNorm32
+
+    opts = m.fast_options
+    norms = [g for g in m.denoiser.modules() if isinstance(g, GroupNorm32)]
+    triton = any(g.triton for g in norms) and not _TRITON_NORM_FAILED
+    return {"layout": "channels_last" if opts.channels_last else "nchw",
+            "norm": "triton" if triton else "nhwc" if opts.nhwc_norm else "native",
+            "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel}
+
 VARIANTS: dict[str, tuple[dict, str]] = {
     "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
     "nhwc-norm": ({"channels_last": True, "nhwc_norm": True}, "channels-last with group_norm_nhwc"),
@@ -437,7 +450,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         den_out = m.denoise(est[0], est[1], noise=noise, **kw)
                         den_d = (den_out.float().cpu() - ref_out).abs().max().item()
                     row = _row(label, b, path, name, timed, fl, ref_s, out, ref_out, graphs=len(m.graphs),
-                               den_max_abs=den_d, mem_cap_gib=cap if cuda and cap else None)
+                               den_max_abs=den_d, mem_cap_gib=cap if cuda and cap else None, **_how(m))
                     if args.profile and b == 1 and not is_tiled:
                         m.graphs.clear()  # profile the eager ops, not one opaque graph replay
                         m.graphs.enabled = False
