@@ -130,7 +130,8 @@ def enable_fast(
     the native norm at LR 64 and slower than ``triton_norm`` at LR 256); ``triton_norm``: with
     channels-last on CUDA, the denoiser's GroupNorms (and the SiLU after the ResBlocks' norms)
     run as Triton kernels on the NHWC memory (:mod:`upsr_core.nets.triton_norm`; auto: on
-    CUDA with channels-last when Triton is installed and ``nhwc_norm`` is off; on the H100,
+    CUDA with channels-last when Triton is installed and can compile for the GPU (compute
+    capability >= 7.0) and ``nhwc_norm`` is off; on the H100,
     2026-11-27, fp16 LR 64 30.7 → 25.5 ms and LR 256 203 → 132 ms per image; if its kernels
     fail, a warning and the native norm; on a device where they cannot run, e.g. after moving
     the nets to the CPU, the native norm; the kernels are compiled once per new shape class
