@@ -159,13 +159,14 @@ def enable_fast(
     if want_compile and mps:
         log.warning("torch.compile is not used on MPS (Inductor's MPS backend is a prototype): running eagerly")
     want_nhwc = _resolve("nhwc_norm", nhwc_norm, False)
-    if triton_norm is True and not triton_norm_runs(dev):
+    kernels_run = triton_norm_runs(dev)  # the Triton GroupNorm can run on dev
+    if triton_norm is True and not kernels_run:
         raise ValueError(f"triton_norm=True needs Triton and a CUDA device of compute capability >= 7.0 "
                          f"(or TRITON_INTERPRET=1); the model is for {dev}, Triton "
                          f"{'is' if triton else 'is not'} installed")
     # channels-last pays on CUDA with a norm that reads it in place; PyTorch's GroupNorm copies
     # it to NCHW and back (on the H100, LR 256: 173 ms channels-last against 154 ms NCHW, bf16)
-    norm_in_place = want_nhwc or (triton_norm is not False and triton_norm_runs(dev))
+    norm_in_place = want_nhwc or (triton_norm is not False and kernels_run)
     want_cl = _resolve("channels_last", channels_last, cuda and norm_in_place)
     opts = FastOptions(
         compile=want_compile and not mps,
@@ -175,7 +176,7 @@ def enable_fast(
         compile_mode=compile_mode,
         max_graphs=max_graphs,
         nhwc_norm=want_nhwc,
-        triton_norm=_resolve("triton_norm", triton_norm, cuda and want_cl and not want_nhwc and triton_norm_runs(dev)),
+        triton_norm=_resolve("triton_norm", triton_norm, cuda and want_cl and not want_nhwc and kernels_run),
     )
     for name in ("nhwc_norm", "triton_norm"):
         if getattr(opts, name) and not opts.channels_last:
