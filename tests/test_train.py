@@ -624,7 +624,7 @@ def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, ca
         if compile_fails_at is not None:
             calls = []
 
-            def fake_compile(net):  # a "compiled" net that fails on its second forward
+            def fake_compile(net, mode=None):  # a "compiled" net that fails on its second forward
                 def fwd(*a, **k):
                     calls.append(1)
                     if len(calls) == compile_fails_at:
@@ -649,11 +649,20 @@ def test_compile_failure_falls_back_to_eager_with_the_same_steps(monkeypatch, ca
 
 def test_cli_compile_flag_compiles_the_trained_net_and_records_it(tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)  # real compiles take minutes
+    monkeypatch.setattr(torch, "compile", lambda net, mode: compiled.append(mode) or net)  # real ones take minutes
     pack = packed_crops(tmp_path)
     common = ["--data", str(pack), "--config", "tiny", "--degradation", "bicubic", "--steps", "1", "--device", "cpu"]
     assert main(["train", "estimator", *common, "--out", str(tmp_path / "e"), "--compile"]) == 0
-    assert len(compiled) == 1 and json.loads((tmp_path / "e" / "estimator_log.json").read_text())["compile"] is True
+    log_ = json.loads((tmp_path / "e" / "estimator_log.json").read_text())
+    assert compiled == ["default"] and log_["compile"] is True and log_["compile_mode"] == "default"
+    assert main(["train", "estimator", *common, "--out", str(tmp_path / "r"), "--compile",
+                 "--compile-mode", "reduce-overhead"]) == 0
+    assert compiled[-1] == "reduce-overhead"
+    log_ = json.loads((tmp_path / "r" / "estimator_log.json").read_text())
+    assert log_["compile_mode"] == "reduce-overhead" and log_["triton_norm"] is False
+    with pytest.raises(ValueError, match="compile mode 'fast' is not one of default, reduce-overhead"):
+        Trainer(EstimatorTask(build_estimator_net(TINY.estimator), FixedFeed(_hr()), 2, "bicubic"),
+                LoopConfig(steps=1, batch=2, progress=False)).compile("fast")
 
 
 def test_compiled_denoiser_traces_once_for_a_fixed_shape():

@@ -193,3 +193,126 @@ def test_triton_norm_auto_is_for_cuda_with_channels_last_and_triton(monkeypatch)
     monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: True)  # e.g. TRITON_INTERPRET=1
     m = enable_fast(copy.deepcopy(tiny_upsr()), device="cuda")
     assert all(g.triton for g in m.denoiser.modules() if isinstance(g, denoiser.GroupNorm32))
+
+
+# ---------------------------------------------------------------- with a backward (training)
+
+@needs_triton
+@pytest.mark.parametrize("shape,dtype,batched,silu", [
+    ((2, 64, 8, 8), torch.float32, False, False),
+    ((2, 160, 12, 10), torch.float32, True, True),  # C/32 = 5 channels per group, odd rows
+    ((3, 96, 5, 7), torch.float32, True, False),  # C not a multiple of the 128-channel block
+    ((1, 320, 8, 8), torch.bfloat16, False, True),
+])
+def test_triton_group_norm_autograd_equals_float64(shape, dtype, batched, silu):
+    """Output and all three gradients against float64 autograd through F.group_norm, affine and
+    SiLU on the same (rounded) input and output gradient. Tolerances relative to the largest
+    value: fp32 4e-6 (float32 sums over a group of up to 600 values), bf16 output and dx two
+    roundings of bf16 (2**-8 each); dγ/dβ are float32 sums of the same products, so 4e-6
+    there too."""
+    from upsr_core.nets.triton_norm import group_norm_nhwc_triton_autograd
+
+    torch.manual_seed(0)
+    b, c = shape[:2]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    dz = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last)
+    w0, b0 = torch.randn((b, c) if batched else (c,)), torch.randn((b, c) if batched else (c,))
+    x.requires_grad_()
+    w, bb = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    y = group_norm_nhwc_triton_autograd(x, 32, w, bb, 1e-5, silu=silu)
+    y.backward(dz)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w0, b0))
+    view = (lambda t: t[..., None, None]) if batched else (lambda t: t[None, :, None, None])
+    yr = F.group_norm(xr, 32, None, None, 1e-5) * view(wr) + view(br)
+    yr = F.silu(yr) if silu else yr
+    yr.backward(dz.double())
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert w.grad.shape == w0.shape and bb.grad.dtype == torch.float32
+    tol = 4e-6 if dtype == torch.float32 else 2 * 2**-8
+    for got, want, t in [(y, yr, tol), (x.grad, xr.grad, tol), (w.grad, wr.grad, 4e-6), (bb.grad, br.grad, 4e-6)]:
+        assert (got.double() - want).abs().max().item() <= t * want.abs().max().item()
+
+
+@needs_triton
+def test_triton_group_norm_autograd_is_deterministic_and_needs_its_shapes():
+    from upsr_core.nets.triton_norm import group_norm_nhwc_triton_autograd
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 64, 9, 7).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for _ in range(2):
+        xx = x.clone().requires_grad_()
+        w = torch.randn(2, 64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        group_norm_nhwc_triton_autograd(xx, 32, w, torch.zeros(2, 64), 1e-5, silu=True).square().sum().backward()
+        grads.append((xx.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    with pytest.raises(ValueError, match=r"weight and bias must both be one of \[\(64,\), \(2, 64\)\], got \(3, 64\)"):
+        group_norm_nhwc_triton_autograd(x, 32, torch.ones(3, 64), torch.ones(3, 64), 1e-5)
+
+
+def _tiny_denoiser_train_step(triton: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from upsr_core.nets.denoiser import set_triton_train_norm
+
+    den = copy.deepcopy(tiny_upsr().denoiser).train().requires_grad_(True).to(memory_format=torch.channels_last)
+    assert set_triton_train_norm(den, triton) == 36  # 8 ResBlocks × 2, 10 Swin blocks × 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 48, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    lq = torch.randn(2, 96, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    out = den(x, torch.tensor([0, 3]), lq)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in den.named_parameters()}
+
+
+@needs_triton
+def test_denoiser_training_step_with_triton_norm_equals_native():
+    """A forward and backward of a channels-last denoiser (all 36 norms: ResBlocks with their
+    scale-shift and SiLU folded into the kernel, Swin blocks plain) against the native norms:
+    fp32 rounding apart (the fused scale-shift is one rounding fewer). Each norm really ran
+    the kernels, forward and backward."""
+    from upsr_core.nets import denoiser, triton_norm
+
+    calls = []
+    real = triton_norm.group_norm_nhwc_triton_autograd
+
+    def counted(x, g, w, b, eps, silu=False):
+        calls.append((tuple(w.shape), silu))
+        return real(x, g, w, b, eps, silu)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(triton_norm, "group_norm_nhwc_triton_autograd", counted)
+    try:
+        out, grads = _tiny_denoiser_train_step(True)
+    finally:
+        mp.undo()
+    assert not denoiser._TRITON_NORM_FAILED
+    assert len(calls) == 36 and sum(silu for _, silu in calls) == 16
+    assert sum(len(shape) == 2 for shape, _ in calls) == 8  # the ResBlocks' second norm, per image
+    ref_out, ref_grads = _tiny_denoiser_train_step(False)
+    torch.testing.assert_close(out, ref_out, atol=1e-5 * ref_out.abs().max().item(), rtol=0)
+    for name, g in ref_grads.items():
+        assert grads[name] is not None, name
+        # + 1e-8: the in_layers conv biases feed a GroupNorm of one channel per group (32 channels
+        # here), which removes them; their gradient is rounding noise (~1e-9) on both paths
+        torch.testing.assert_close(grads[name], g, atol=1e-4 * g.abs().max().item() + 1e-8, rtol=0, msg=name)
+
+
+def test_set_triton_norm_auto_needs_channels_last_and_a_device(monkeypatch):
+    from upsr_core.nets import triton_norm
+    from upsr_core.nets.denoiser import GroupNorm32
+    from upsr_core.train.cli import set_triton_norm
+
+    den = copy.deepcopy(tiny_upsr().denoiser)
+    norms = [m for m in den.modules() if isinstance(m, GroupNorm32)]
+    monkeypatch.setattr(triton_norm, "available", lambda dev: True)
+    assert set_triton_norm("auto", torch.device("cuda"), den, channels_last=True)
+    assert all(m.triton_train for m in norms)
+    assert not set_triton_norm("auto", torch.device("cuda"), den, channels_last=False)
+    assert not any(m.triton_train for m in norms)
+    assert not set_triton_norm("off", torch.device("cuda"), den, channels_last=True)
+    with pytest.raises(ValueError, match="--triton-norm on needs --channels-last .* channels-last False"):
+        set_triton_norm("on", torch.device("cuda"), den, channels_last=False)
+    monkeypatch.setattr(triton_norm, "available", lambda dev: False)
+    assert not set_triton_norm("auto", torch.device("cpu"), den, channels_last=True)
+    with pytest.raises(ValueError, match="got device cpu, channels-last True, Triton runs there: False"):
+        set_triton_norm("on", torch.device("cpu"), den, channels_last=True)

@@ -23,7 +23,7 @@ from torch import nn
 from ..config import DenoiserConfig
 from .attention import MaskCache, WindowAttention, window_index, window_partition, window_reverse
 
-__all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc"]
+__all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc", "set_triton_train_norm"]
 
 log = logging.getLogger("upsr_core")
 
@@ -78,12 +78,17 @@ class GroupNorm32(nn.GroupNorm):
     (no layout copies); ``triton``: such an input goes through the Triton kernels of
     :mod:`upsr_core.nets.triton_norm` (norm and SiLU in one pass; if they fail to build or
     run, a warning and the other paths from then on; under torch.compile, which fuses the native
-    norm itself, never); anything else takes the other paths.
+    norm itself, never); anything else takes the other paths. Training switch
+    (:func:`set_triton_train_norm`): ``triton_train``: any channels-last input, with or
+    without gradients, goes through the kernels' autograd version
+    (:func:`upsr_core.nets.triton_norm.group_norm_nhwc_triton_autograd`), and the ResBlocks
+    fold their scale-shift and SiLU into it.
     """
 
     native: bool = False
     nhwc: bool = False
     triton: bool = False
+    triton_train: bool = False
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
@@ -92,27 +97,47 @@ class GroupNorm32(nn.GroupNorm):
         return self.normalize(x, self.weight, self.bias)
 
     def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        """This norm with another per-channel affine (C,) (the fast path's folded scale-shift),
-        followed by SiLU if ``silu``."""
-        fast_ok = not x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        if self.triton and fast_ok and not _TRITON_NORM_FAILED and not torch.compiler.is_compiling():
-            from .triton_norm import group_norm_nhwc_triton
+        """This norm with another affine, per channel (C,) (the fast path's folded scale-shift)
+        or per image and channel (B, C) (training's, :attr:`triton_train` only), followed by
+        SiLU if ``silu``."""
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        fast_ok = cl and not x.requires_grad
+        kernel = None
+        if self.triton_train and cl:
+            kernel = "group_norm_nhwc_triton_autograd"
+        elif self.triton and fast_ok:
+            kernel = "group_norm_nhwc_triton"
+        if kernel and not _TRITON_NORM_FAILED and not torch.compiler.is_compiling():
+            from . import triton_norm
 
             try:
-                return group_norm_nhwc_triton(x, self.num_groups, weight, bias, self.eps, silu)
+                return getattr(triton_norm, kernel)(x, self.num_groups, weight, bias, self.eps, silu)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class;
                 # the native norm computes the same thing, so say so once and use it
                 _TRITON_NORM_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 log.warning("Triton GroupNorm failed, using the native norm from now on: %s", _TRITON_NORM_FAILED[0])
-        if self.nhwc and fast_ok:
+        if weight.dim() == 2:  # training's per-image affine without the kernels: float32, then x's dtype
+            y = F.group_norm(x.float(), self.num_groups, None, None, self.eps)
+            y = (y * weight.float()[..., None, None] + bias.float()[..., None, None]).to(x.dtype)
+        elif self.nhwc and fast_ok:
             y = group_norm_nhwc(x, self.num_groups, weight, bias, self.eps)
         elif self.native:
             y = F.group_norm(x, self.num_groups, weight.to(x.dtype), bias.to(x.dtype), self.eps)
         else:
             y = F.group_norm(x.float(), self.num_groups, weight.float(), bias.float(), self.eps).to(x.dtype)
         return F.silu(y) if silu else y
+
+
+def set_triton_train_norm(net: nn.Module, on: bool) -> int:
+    """Switch every :class:`GroupNorm32` of ``net`` to (or off) the Triton norm with a backward
+    (training on a channels-last net; the caller checks :func:`upsr_core.nets.triton_norm.available`).
+    Returns how many norms it set."""
+    norms = [m for m in net.modules() if isinstance(m, GroupNorm32)]
+    for m in norms:
+        m.triton_train = bool(on)
+    return len(norms)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -136,6 +161,14 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        n1, n2 = self.in_layers[0], self.out_layers[0]
+        if n2.triton_train and not torch.compiler.is_compiling():
+            # training with the Triton norm: the scale-shift (float32, per image) folded into the
+            # second norm's affine and each SiLU into its norm; same math, one rounding fewer
+            h = self.in_layers[2](n1.normalize(x, n1.weight, n1.bias, silu=True))
+            scale, shift = self.emb_layers(emb).float().chunk(2, dim=1)
+            a, b = n2.weight * (1 + scale), n2.bias * (1 + scale) + shift
+            return self.skip_connection(x) + self.out_layers[3](n2.normalize(h, a, b, silu=True))
         h = self.in_layers(x)
         scale, shift = self.emb_layers(emb).to(h.dtype)[..., None, None].chunk(2, dim=1)
         h = self.out_layers[0](h) * (1 + scale) + shift

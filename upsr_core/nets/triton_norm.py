@@ -28,10 +28,12 @@ import contextlib
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "group_norm_nhwc_triton"]
+__all__ = ["available", "group_norm_nhwc_triton", "group_norm_nhwc_triton_autograd"]
 
 
 MIN_CAPABILITY = (7, 0)
@@ -99,7 +101,7 @@ def _kernels():
         tl.store(STATS + bg * 2 + 1, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _apply(X, Y, STATS, W, B_, HW, C, CG, G, SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    def _apply(X, Y, STATS, W, B_, HW, C, CG, G, WS, SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
         pb = tl.program_id(0)  # row blocks on axis 0: the only grid axis without a 65535 limit
         b = tl.program_id(1)
         cb = tl.program_id(2)
@@ -108,8 +110,8 @@ def _kernels():
         st = STATS + (b * G + offc // CG) * 2
         mean = tl.load(st, mask=cmask, other=0.0)
         rstd = tl.load(st + 1, mask=cmask, other=0.0)
-        scale = tl.load(W + offc, mask=cmask, other=0.0).to(tl.float32) * rstd
-        shift = tl.load(B_ + offc, mask=cmask, other=0.0).to(tl.float32) - mean * scale
+        scale = tl.load(W + b * WS + offc, mask=cmask, other=0.0).to(tl.float32) * rstd  # WS: 0 or C
+        shift = tl.load(B_ + b * WS + offc, mask=cmask, other=0.0).to(tl.float32) - mean * scale
         rows = pb * BP + tl.arange(0, BP)
         m = (rows < HW)[:, None] & cmask[None, :]
         off = b.to(tl.int64) * HW * C + rows.to(tl.int64)[:, None] * C + offc[None, :]
@@ -118,11 +120,141 @@ def _kernels():
             y = y * tl.sigmoid(y)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
-    return triton, _stats, _finalize, _apply
+    @triton.jit
+    def _bwd_stats(X, DZ, STATS, W, B_, PART, HW, C, CG, G, WS, rows_per, S, SILU: tl.constexpr,
+                   BP: tl.constexpr, BC: tl.constexpr):
+        # per channel over this program's rows: sum(dy) and sum(dy * xhat), dy the gradient at
+        # the affine's output (through the SiLU, recomputed from x, when SILU)
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        cb = tl.program_id(2)
+        offc = cb * BC + tl.arange(0, BC)
+        cmask = offc < C
+        st = STATS + (b * G + offc // CG) * 2
+        mean = tl.load(st, mask=cmask, other=0.0)
+        rstd = tl.load(st + 1, mask=cmask, other=0.0)
+        a = tl.load(W + b * WS + offc, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(B_ + b * WS + offc, mask=cmask, other=0.0).to(tl.float32)
+        base = b.to(tl.int64) * HW * C
+        acc1 = tl.zeros([BP, BC], dtype=tl.float32)
+        acc2 = tl.zeros([BP, BC], dtype=tl.float32)
+        p0 = s * rows_per
+        p1 = tl.minimum(p0 + rows_per, HW)
+        for start in range(p0, p1, BP):
+            rows = start + tl.arange(0, BP)
+            m = (rows < p1)[:, None] & cmask[None, :]
+            off = base + rows.to(tl.int64)[:, None] * C + offc[None, :]
+            xh = (tl.load(X + off, mask=m, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+            dy = tl.load(DZ + off, mask=m, other=0.0).to(tl.float32)  # 0 where masked
+            if SILU:
+                y = xh * a[None, :] + bb[None, :]
+                sg = tl.sigmoid(y)
+                dy = dy * sg * (1.0 + y * (1.0 - sg))
+            acc1 += dy
+            acc2 += dy * xh
+        out = PART + (b * S + s).to(tl.int64) * 2 * C
+        tl.store(out + offc, tl.sum(acc1, axis=0), mask=cmask)
+        tl.store(out + C + offc, tl.sum(acc2, axis=0), mask=cmask)
+
+    @triton.jit
+    def _bwd_apply(X, DZ, DX, STATS, W, B_, COEF, HW, C, CG, G, WS, SILU: tl.constexpr,
+                   BP: tl.constexpr, BC: tl.constexpr):
+        # dx = rstd * (dy * a - mean_g(dy * a) - xhat * mean_g(dy * a * xhat)), the group means in COEF
+        pb = tl.program_id(0)
+        b = tl.program_id(1)
+        cb = tl.program_id(2)
+        offc = cb * BC + tl.arange(0, BC)
+        cmask = offc < C
+        bg = b * G + offc // CG
+        mean = tl.load(STATS + bg * 2, mask=cmask, other=0.0)
+        rstd = tl.load(STATS + bg * 2 + 1, mask=cmask, other=0.0)
+        c1 = tl.load(COEF + bg * 2, mask=cmask, other=0.0)
+        c2 = tl.load(COEF + bg * 2 + 1, mask=cmask, other=0.0)
+        a = tl.load(W + b * WS + offc, mask=cmask, other=0.0).to(tl.float32)
+        bb = tl.load(B_ + b * WS + offc, mask=cmask, other=0.0).to(tl.float32)
+        rows = pb * BP + tl.arange(0, BP)
+        m = (rows < HW)[:, None] & cmask[None, :]
+        off = b.to(tl.int64) * HW * C + rows.to(tl.int64)[:, None] * C + offc[None, :]
+        xh = (tl.load(X + off, mask=m, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        dy = tl.load(DZ + off, mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            y = xh * a[None, :] + bb[None, :]
+            sg = tl.sigmoid(y)
+            dy = dy * sg * (1.0 + y * (1.0 - sg))
+        dx = rstd[None, :] * (dy * a[None, :] - c1[None, :] - xh * c2[None, :])
+        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+
+    return triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Grid and block sizes for one (B, C, H, W) map: BC channels × BP rows per program; the
+    statistics split the H·W rows into ``splits`` shares of ``rows_per`` rows."""
+
+    b: int
+    c: int
+    hw: int
+    cg: int
+    bc: int
+    bp: int
+    splits: int
+    rows_per: int
+
+
+def _plan(x: torch.Tensor, num_groups: int) -> _Plan:
+    import triton
+
+    b, c, h, w = x.shape
+    hw = h * w
+    bc = min(128, _pow2(c))
+    bp = max(1, 4096 // bc)
+    # enough programs to fill a GPU at batch 1 (the native kernel's 32 blocks were the problem),
+    # each with at least a few row blocks of work
+    splits = max(1, min(triton.cdiv(hw, 4 * bp), triton.cdiv(256, b * triton.cdiv(c, bc)), 128))
+    rows_per = triton.cdiv(triton.cdiv(hw, splits), bp) * bp
+    return _Plan(b, c, hw, c // num_groups, bc, bp, triton.cdiv(hw, rows_per), rows_per)
+
+
+def _check(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, batched: bool) -> None:
+    if x.dim() != 4 or x.shape[1] % num_groups:
+        raise ValueError(f"the Triton GroupNorm needs (B, C, H, W) with C a multiple of num_groups={num_groups}, "
+                         f"got shape {tuple(x.shape)}")
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("the Triton GroupNorm needs a channels-last contiguous input")
+    shapes = [(x.shape[1],)] + ([(x.shape[0], x.shape[1])] if batched else [])
+    if weight.shape not in shapes or bias.shape != weight.shape:
+        raise ValueError(f"weight and bias must both be one of {shapes}, "
+                         f"got {tuple(weight.shape)}, {tuple(bias.shape)}")
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current device and its stream: make them x's (a model on cuda:1)."""
+    other = x.is_cuda and x.device.index != torch.cuda.current_device()
+    return torch.cuda.device(x.device) if other else contextlib.nullcontext()
+
+
+def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+             silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, stats): y channels-last in x's dtype; stats (B·G, 2) float32 mean and 1/σ per image and group."""
+    triton, stats_k, finalize_k, apply_k, _, _ = _kernels()
+    p = _plan(x, num_groups)
+    ws = p.c if weight.dim() == 2 else 0
+    part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
+    stats = torch.empty(p.b * num_groups, 2, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    with _on_device(x):
+        stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](x, part, p.hw, p.c, p.cg, p.rows_per, p.splits,
+                                                          BP=p.bp, BC=p.bc)
+        finalize_k[(p.b * num_groups,)](x, part, stats, p.hw, p.c, p.cg, num_groups, p.splits, float(eps),
+                                        BS=_pow2(p.splits), BG=_pow2(p.cg))
+        apply_k[(triton.cdiv(p.hw, p.bp), p.b, triton.cdiv(p.c, p.bc))](
+            x, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws, SILU=silu, BP=p.bp, BC=p.bc)
+    return y, stats
 
 
 def group_norm_nhwc_triton(
@@ -131,33 +263,61 @@ def group_norm_nhwc_triton(
     """GroupNorm of ``x`` (B, C, H, W), channels-last contiguous, any float dtype, with the
     per-channel affine ``weight``/``bias`` (C,) (any float dtype, used in float32) and, if
     ``silu``, SiLU after it; returns (B, C, H, W) channels-last in x's dtype. Statistics in
-    float32 (float64 input is computed in float32 too). Inference only (no autograd)."""
-    if x.dim() != 4 or x.shape[1] % num_groups:
-        raise ValueError(f"group_norm_nhwc_triton needs (B, C, H, W) with C a multiple of num_groups={num_groups}, "
-                         f"got shape {tuple(x.shape)}")
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("group_norm_nhwc_triton needs a channels-last contiguous input")
-    if weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
-        raise ValueError(f"weight and bias must be ({x.shape[1]},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
-    triton, stats_k, finalize_k, apply_k = _kernels()
-    b, c, h, w = x.shape
-    hw, cg = h * w, c // num_groups
-    bc = min(128, _pow2(c))
-    bp = max(1, 4096 // bc)
-    # enough programs to fill a GPU at batch 1 (the native kernel's 32 blocks were the problem),
-    # each with at least a few row blocks of work
-    splits = max(1, min(triton.cdiv(hw, 4 * bp), triton.cdiv(256, b * triton.cdiv(c, bc)), 128))
-    rows_per = triton.cdiv(triton.cdiv(hw, splits), bp) * bp
-    splits = triton.cdiv(hw, rows_per)
-    part = torch.empty(b, splits, 2, c, device=x.device, dtype=torch.float32)
-    stats = torch.empty(b * num_groups, 2, device=x.device, dtype=torch.float32)
-    y = torch.empty_like(x, memory_format=torch.channels_last)
-    # Triton launches on the current device and its stream: make them x's (a model on cuda:1)
-    other = x.is_cuda and x.device.index != torch.cuda.current_device()
-    with torch.cuda.device(x.device) if other else contextlib.nullcontext():
-        stats_k[(b, splits, triton.cdiv(c, bc))](x, part, hw, c, cg, rows_per, splits, BP=bp, BC=bc)
-        finalize_k[(b * num_groups,)](x, part, stats, hw, c, cg, num_groups, splits, float(eps),
-                                      BS=_pow2(splits), BG=_pow2(cg))
-        apply_k[(triton.cdiv(hw, bp), b, triton.cdiv(c, bc))](x, y, stats, weight, bias, hw, c, cg, num_groups,
-                                                               SILU=silu, BP=bp, BC=bc)
-    return y
+    float32 (float64 input is computed in float32 too). Inference only (no autograd; see
+    :func:`group_norm_nhwc_triton_autograd` for training)."""
+    _check(x, num_groups, weight, bias, batched=False)
+    return _forward(x, num_groups, weight, bias, eps, silu)[0]
+
+
+class _GroupNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, silu):  # noqa: D102 — see group_norm_nhwc_triton_autograd
+        y, stats = _forward(x, num_groups, weight, bias, eps, silu)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.num_groups, ctx.silu = num_groups, silu
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):  # noqa: D102
+        x, weight, bias, stats = ctx.saved_tensors
+        triton, _, _, _, bwd_stats_k, bwd_apply_k = _kernels()
+        g = ctx.num_groups
+        p = _plan(x, g)
+        ws = p.c if weight.dim() == 2 else 0
+        dz = dz.contiguous(memory_format=torch.channels_last)
+        part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
+        with _on_device(x):
+            bwd_stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](
+                x, dz, stats, weight, bias, part, p.hw, p.c, p.cg, g, ws, p.rows_per, p.splits,
+                SILU=ctx.silu, BP=p.bp, BC=p.bc)
+        sums = part.sum(1)  # (B, 2, C): per image and channel sum(dy), sum(dy * xhat); fixed order
+        d_bias, d_weight = sums[:, 0], sums[:, 1]
+        a = weight.float()
+        n = p.hw * p.cg
+        coef = (torch.stack([a * d_bias, a * d_weight], dim=-1).view(p.b, g, p.cg, 2).sum(2) / n).contiguous()
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        with _on_device(x):
+            bwd_apply_k[(triton.cdiv(p.hw, p.bp), p.b, triton.cdiv(p.c, p.bc))](
+                x, dz, dx, stats, weight, bias, coef, p.hw, p.c, p.cg, g, ws, SILU=ctx.silu, BP=p.bp, BC=p.bc)
+        if weight.dim() == 1:
+            d_weight, d_bias = d_weight.sum(0), d_bias.sum(0)
+        return dx, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None, None
+
+
+def group_norm_nhwc_triton_autograd(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool = False
+) -> torch.Tensor:
+    """:func:`group_norm_nhwc_triton` with a backward (training on channels-last maps):
+    ``x`` (B, C, H, W) channels-last contiguous, any float dtype; ``weight``/``bias`` (C,) or,
+    per image, (B, C) (a ResBlock's scale-shift folded in: γ(1+s), β(1+s)+shift), float32 for
+    the gradients to be float32; y = SiLU?(x̂·weight + bias) channels-last in x's dtype.
+
+    Two kernels forward (as for inference, plus the statistics' finalize) and two backward
+    (per-channel sums of dy and dy·x̂, then dx), all reading x and dy in place: the native
+    norm on channels-last CUDA maps copies x to NCHW and back and the SiLU is its own pass,
+    each forward and backward. Only x and the (B·G, 2) statistics are kept for the backward
+    (the normalised map and SiLU are recomputed). Deterministic (no atomics). The gradient
+    itself is not differentiable again."""
+    _check(x, num_groups, weight, bias, batched=True)
+    return _GroupNormFn.apply(x, weight, bias, num_groups, float(eps), bool(silu))

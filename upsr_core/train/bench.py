@@ -20,7 +20,7 @@ import torch
 from ..cliargs import int_min, writable_file
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import build_estimator_net
-from .loop import LoopConfig, Trainer
+from .loop import COMPILE_MODES, LoopConfig, Trainer
 from .presets import get_preset
 
 __all__ = ["add_bench_parser", "run_bench"]
@@ -45,6 +45,8 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b.add_argument("--crop", type=int_min(1), default=256, help="HR side")
     b.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
     b.add_argument("--fused", choices=["auto", "on", "off"], default="auto")
+    b.add_argument("--triton-norm", choices=["auto", "on", "off"], default="auto",
+                   help="Triton GroupNorm with a backward (auto: with --channels-last where Triton runs)")
     b.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     b.add_argument("--channels-last", action="store_true", help="the denoiser in channels-last memory format")
     b.add_argument("--warmup", type=int_min(0), default=5)
@@ -52,12 +54,20 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b.add_argument("--profile", type=int_min(0), default=0, metavar="N",
                    help="after the timed steps, profile one more and print its N most expensive ops")
     b.add_argument("--device", default="auto")
+    b.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile (reduce-overhead: forward and backward as CUDA graphs)")
     b.add_argument("--json", type=writable_file(), default=None, help="also write the result here")
     b.set_defaults(func=_cmd_bench)
 
 
+def _triton_norm_failed() -> bool:
+    from ..nets import denoiser
+
+    return bool(denoiser._TRITON_NORM_FAILED)
+
+
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import check_crop, hardware, set_fused, setup_device
+    from .cli import check_crop, hardware, set_fused, set_triton_norm, setup_device
 
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
@@ -69,12 +79,13 @@ def run_bench(args: argparse.Namespace) -> dict:
         den.to(memory_format=torch.channels_last)
     est = build_estimator_net(preset.estimator).to(di.device)  # frozen; runs under the step's autocast
     fused = set_fused(args.fused, di.device, den, est)
+    triton_norm = set_triton_norm(args.triton_norm, di.device, den, args.channels_last)
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")
     cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=args.amp, progress=False,
                      ema_decay=0.999, grad_clip=None)
     tr = Trainer(task, cfg, di)
     if args.compile:
-        tr.compile()
+        tr.compile(args.compile_mode)
     times, warm = [], []
     sync = torch.cuda.synchronize if di.device.type == "cuda" else (lambda *a: None)
     for i in range(args.warmup + args.iters):
@@ -92,7 +103,10 @@ def run_bench(args: argparse.Namespace) -> dict:
             log.info("train bench: warm-up step %d/%d took %.1f s", i + 1, args.warmup, dt)
     res = {
         "config": args.config, "batch": args.batch, "hr": args.crop, "amp": args.amp, "fused": fused,
-        "compile": tr.compiled, "channels_last": args.channels_last,
+        "compile": tr.compiled, "compile_mode": args.compile_mode if tr.compiled else None,
+        "channels_last": args.channels_last,
+        # what normalised: compiled nets fuse their own norm; a failed kernel fell back to the native one
+        "triton_norm": triton_norm and not tr.compiled and not _triton_norm_failed(),
         "s_per_iter_median": round(statistics.median(times), 4), "s_per_iter_mean": round(statistics.fmean(times), 4),
         "iters": args.iters,
         "warmup_s": [round(t, 2) for t in warm],

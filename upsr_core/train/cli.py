@@ -40,7 +40,7 @@ from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import EstimatorTask, build_estimator_net
 from .feed import PairPool, default_pool_size, degradation_seed, make_feed
 from .jpeg import JPEG_MODELS
-from .loop import DistInfo, LoopConfig, Trainer, setup_distributed
+from .loop import COMPILE_MODES, DistInfo, LoopConfig, Trainer, setup_distributed
 from .losses import LPIPSHook
 from .presets import PRESETS, TrainPreset, get_preset
 
@@ -97,9 +97,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true",
                    help="the net in channels-last memory format (NHWC convolutions on CUDA; same math, compare "
                         "with `train bench --channels-last`)")
+    p.add_argument("--triton-norm", choices=["auto", "on", "off"], default="auto",
+                   help="the denoiser's GroupNorms (+ scale-shift + SiLU) as Triton kernels with a backward on the "
+                        "channels-last maps (auto: with --channels-last on a CUDA device Triton runs on; on: an "
+                        "error where it cannot run)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the trained net (the first step compiles, minutes for the full config; "
                         "falls back to eager with a warning if compiling fails)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile (reduce-overhead: forward and backward as CUDA graphs)")
     p.add_argument("--degrade-rng", choices=["device", "cpu"], default="device",
                    help="generator of the degradations: on the training device or a CPU one (fallback where "
                         "device generators are not supported); both are saved in the checkpoint")
@@ -161,6 +167,24 @@ def set_fused(mode: str, device: torch.device, *nets: torch.nn.Module) -> bool:
             if isinstance(m, (ATD, WindowAttention)):
                 m.fused = on
     return on
+
+
+def set_triton_norm(mode: str, device: torch.device, net: torch.nn.Module, channels_last: bool) -> bool:
+    """Switch the Triton GroupNorm with a backward on the GroupNorms of ``net`` (the denoiser's;
+    the ATD estimator has none); returns whether it is on. ``auto``: on for a channels-last net
+    on a device Triton runs on (:func:`upsr_core.nets.triton_norm.available`); ``on`` where it
+    cannot run is a ValueError naming why."""
+    from ..nets.denoiser import set_triton_train_norm
+    from ..nets.triton_norm import available
+
+    runs = available(device)
+    if mode == "on" and not (runs and channels_last):
+        raise ValueError("--triton-norm on needs --channels-last and a device Triton runs on (a CUDA GPU of "
+                         f"compute capability >= 7.0 with `pip install triton`); got device {device}, "
+                         f"channels-last {channels_last}, Triton runs there: {runs}")
+    on = mode == "on" or (mode == "auto" and runs and channels_last)
+    n = set_triton_train_norm(net, on)
+    return on and n > 0
 
 
 _NET = {"estimator": ("estimator", ATDConfig, "ATD estimator",
@@ -340,9 +364,10 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     fused = set_fused(args.fused, di.device, net, *([est] if args.stage == "denoiser" else []))
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
+    triton_norm = set_triton_norm(args.triton_norm, di.device, net, args.channels_last)
     trainer = Trainer(task, cfg, di)
     if args.compile:
-        trainer.compile()
+        trainer.compile(args.compile_mode)
     trainer.meta["init"] = init
     ckpt = Path(cfg.checkpoint)
     resumed = ckpt.is_file() and not args.fresh
@@ -361,9 +386,9 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         log.info("%s starts from --init %s (sha256 %s, stored %s, config from its %s)", args.stage, init["file"],
                  init["sha256"][:12], init["stored_dtype"], init["config_from"])
     n_params = sum(p.numel() for p in net.parameters())
-    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, pool %d, amp %s, fused %s, on %s",
-             args.stage, preset.name, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop, pool_size, cfg.amp,
-             fused, hardware(di.device))
+    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, pool %d, amp %s, fused %s, "
+             "Triton norm %s, on %s", args.stage, preset.name, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop,
+             pool_size, cfg.amp, fused, triton_norm, hardware(di.device))
     summary = trainer.fit()
     record = {
         "stage": args.stage, "config": preset.name, "params": n_params,
@@ -372,7 +397,8 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         "pool": pool_size, "jpeg": args.jpeg if args.degradation == "realesrgan" else None,
         "degrade_rng": args.degrade_rng,
         "kernels": args.kernels if args.degradation == "realesrgan" else None,
-        "channels_last": args.channels_last, "compile": trainer.compiled,
+        "channels_last": args.channels_last, "triton_norm": triton_norm and not trainer.compiled,
+        "compile": trainer.compiled, "compile_mode": args.compile_mode if trainer.compiled else None,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
         "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,

@@ -37,6 +37,9 @@ from .ema import EMA
 __all__ = ["LoopConfig", "Task", "Trainer", "setup_distributed", "DistInfo"]
 
 log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+"""``torch.compile`` modes for ``--compile-mode``."""
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -263,14 +266,17 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.accum).backward()
         return loss.detach(), logs
 
-    def compile(self) -> None:
-        """``torch.compile`` the trained net (after DDP wrapping). The first step compiles (minutes
-        for the full config); if compiling fails, at that step or at a later recompile, the
-        step is redone eagerly with the same random draws (a DataLoader feed's batch excepted),
-        the run stays eager and a warning says why."""
+    def compile(self, mode: str = "default") -> None:
+        """``torch.compile`` the trained net (after DDP wrapping) in ``mode`` (one of
+        :data:`COMPILE_MODES`; ``reduce-overhead`` replays forward and backward as CUDA graphs).
+        The first step compiles (minutes for the full config); if compiling fails, at that step
+        or at a later recompile, the step is redone eagerly with the same random draws (a
+        DataLoader feed's batch excepted), the run stays eager and a warning says why."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if self._eager is None:
             self._eager = self.wrapped
-            self.wrapped = torch.compile(self.wrapped)
+            self.wrapped = torch.compile(self.wrapped, mode=mode)
 
     @property
     def compiled(self) -> bool:
