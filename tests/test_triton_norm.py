@@ -67,16 +67,26 @@ def test_triton_group_norm_rejects_what_it_cannot_read():
 
 @needs_triton
 def test_fast_path_with_triton_norm_equals_reference():
-    """The whole fast path with every denoiser norm (and the ResBlocks' SiLUs) in Triton: the
-    reference path's result to fp32 rounding; the kernels really ran (none failed)."""
+    """The whole fast path with every denoiser norm (and the ResBlocks' SiLUs) in Triton, and
+    the conv biases they touch folded into the kernels (the ResBlocks' first conv into the
+    second norm, their second and skip convs into the residual pass, the Swin MLP's fc1 into
+    its GELU and fc2 into its residual): the reference path's result to fp32 rounding; the
+    kernels really ran (none failed)."""
     from upsr_core.nets import denoiser, triton_norm
 
-    calls = []
-    real = triton_norm.group_norm_nhwc_triton
+    calls, epilogues = [], []
+    real, real_epi = triton_norm.group_norm_nhwc_triton, triton_norm.bias_epilogue_nhwc_triton
 
     def counted(*a, **k):
         calls.append(k.get("silu", a[5] if len(a) > 5 else False))
+        if k.get("x_bias") is not None:
+            calls.append("x_bias")
         return real(*a, **k)
+
+    def counted_epi(x, bias, **k):
+        epilogues.append(("gelu" if k.get("gelu") else "") + ("skip" if k.get("skip") is not None else "")
+                         + ("+bias2" if k.get("bias2") is not None else ""))
+        return real_epi(x, bias, **k)
 
     ref = tiny_upsr()
     # subpixel off, as on CUDA: the CPU's sub-pixel upsampling interleaves into NCHW, which the
@@ -85,14 +95,21 @@ def test_fast_path_with_triton_norm_equals_reference():
     lr = torch.rand(1, 3, 8, 8)
     mp = pytest.MonkeyPatch()
     mp.setattr(triton_norm, "group_norm_nhwc_triton", counted)
+    mp.setattr(triton_norm, "bias_epilogue_nhwc_triton", counted_epi)
     try:
         out = fast.upscale(lr, seed=1)
     finally:
         mp.undo()
     assert not denoiser._TRITON_NORM_FAILED
     n_norms = sum(isinstance(m, denoiser.GroupNorm32) for m in fast.denoiser.modules())
-    assert len(calls) == 5 * n_norms and sum(calls) == 5 * 2 * sum(
-        isinstance(m, denoiser.ResBlock) for m in fast.denoiser.modules())  # SiLU fused into the ResBlock norms
+    res = [m for m in fast.denoiser.modules() if isinstance(m, denoiser.ResBlock)]
+    n_swin = sum(isinstance(m, denoiser.SwinBlock) for m in fast.denoiser.modules())
+    flags = [c for c in calls if c != "x_bias"]
+    assert len(flags) == 5 * n_norms and sum(flags) == 5 * 2 * len(res)  # SiLU fused into the ResBlock norms
+    assert calls.count("x_bias") == 5 * len(res)  # each ResBlock's first conv bias in its second norm
+    n_skip_conv = sum(isinstance(r.skip_connection, torch.nn.Conv2d) for r in res)
+    assert n_skip_conv > 0 and sorted(epilogues) == sorted(
+        5 * (["skip+bias2"] * n_skip_conv + ["skip"] * (len(res) - n_skip_conv + n_swin) + ["gelu"] * n_swin))
     torch.testing.assert_close(out, ref.upscale(lr, seed=1), atol=5e-5, rtol=0)
 
 
@@ -316,3 +333,110 @@ def test_set_triton_norm_auto_needs_channels_last_and_a_device(monkeypatch):
     assert not set_triton_norm("auto", torch.device("cpu"), den, channels_last=True)
     with pytest.raises(ValueError, match="got device cpu, channels-last True, Triton runs there: False"):
         set_triton_norm("on", torch.device("cpu"), den, channels_last=True)
+
+
+# ---------------------------------------------------------------- conv biases folded into the kernels
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_group_norm_of_x_plus_its_conv_bias(dtype):
+    """x_bias: the norm of x + bias without materialising it; a large bias (|bias| up to 15
+    std) checks that the shifted statistics include it. Tolerance as the plain norm's."""
+    from upsr_core.nets.triton_norm import group_norm_nhwc_triton
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 160, 12, 10, dtype=torch.float64) * 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    xb, w, b = (torch.randn(160) * 10).to(dtype), torch.randn(160), torch.randn(160)
+    want = F.silu(F.group_norm(x.double() + xb.double()[:, None, None], 32, w.double(), b.double(), 1e-5))
+    y = group_norm_nhwc_triton(x, 32, w, b, 1e-5, silu=True, x_bias=xb)
+    tol = 2e-5 if dtype == torch.float32 else 2.5 * ULP[dtype] * want.abs().max().item()
+    assert (y.double() - want).abs().max().item() <= tol
+    with pytest.raises(ValueError, match=r"x_bias must be \(160,\), got \(32,\)"):
+        group_norm_nhwc_triton(x, 32, w, b, 1e-5, x_bias=torch.zeros(32))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["skip", "skip+bias2", "gelu", "bias"])
+def test_bias_epilogue_equals_its_ops(dtype, kind):
+    """GELU?(x + bias (+ bias2)) (+ skip) in one pass, written into x, against the float64 ops
+    on the same rounded inputs: float16 within one rounding of the output (computed in float32,
+    rounded once); float32 within 4 float32 ulps of the largest value (up to three float32
+    additions and the GELU, each rounding)."""
+    from upsr_core.nets.triton_norm import bias_epilogue_nhwc_triton
+
+    torch.manual_seed(1)
+    cl = torch.channels_last
+    x = (torch.randn(3, 96, 5, 7) * 3).to(dtype).contiguous(memory_format=cl)  # C not a multiple of 128
+    bias, bias2 = torch.randn(96).to(dtype), torch.randn(96).to(dtype)
+    skip = torch.randn(3, 96, 5, 7).to(dtype).contiguous(memory_format=cl)
+    kw = {"skip": skip} if kind.startswith("skip") else {}
+    kw |= {"bias2": bias2} if kind.endswith("bias2") else {}
+    kw |= {"gelu": True} if kind == "gelu" else {}
+    want = x.double() + bias.double()[:, None, None] + (bias2.double()[:, None, None] if "bias2" in kw else 0)
+    want = F.gelu(want) if kind == "gelu" else want
+    want = want + skip.double() if "skip" in kw else want
+    x_in = x.clone()
+    y = bias_epilogue_nhwc_triton(x_in, bias, **kw)
+    assert y.data_ptr() == x_in.data_ptr() and y.dtype == dtype and y.is_contiguous(memory_format=cl)
+    tol = 4 * 2**-24 if dtype == torch.float32 else ULP[dtype]
+    assert (y.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@needs_triton
+def test_bias_epilogue_rejects_what_it_cannot_read():
+    from upsr_core.nets.triton_norm import bias_epilogue_nhwc_triton
+
+    x = torch.zeros(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="needs a channels-last contiguous"):
+        bias_epilogue_nhwc_triton(torch.zeros(1, 8, 4, 4), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"bias2 must be \(8,\), got \(4,\)"):
+        bias_epilogue_nhwc_triton(x, torch.zeros(8), bias2=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"skip must be channels-last contiguous of x's shape \(1, 8, 4, 4\), "
+                                         r"got \(1, 8, 4, 4\) \(channels-last: False\)"):
+        bias_epilogue_nhwc_triton(x, torch.zeros(8), skip=torch.zeros(1, 8, 4, 4) + torch.ones(1, 1, 1, 1))
+
+
+@needs_triton
+def test_a_failing_conv_epilogue_falls_back_once(monkeypatch, caplog):
+    """The conv epilogue fails to build: one warning, and from then on PyTorch's ops for it and
+    the norms alike; the image is the reference's."""
+    from upsr_core.nets import denoiser, triton_norm
+
+    def broken(*a, **k):
+        raise RuntimeError("triton.runtime.errors.OutOfResources: shared memory")
+
+    monkeypatch.setattr(triton_norm, "bias_epilogue_nhwc_triton", broken)
+    monkeypatch.setattr(denoiser, "_TRITON_NORM_FAILED", [])
+    fast = enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True, subpixel=False)
+    lr = torch.rand(1, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        out = fast.upscale(lr, seed=1)
+    assert caplog.text.count("Triton conv epilogue failed, using PyTorch's ops from now on: RuntimeError: "
+                             "triton.runtime.errors.OutOfResources: shared memory") == 1
+    assert "GroupNorm failed" not in caplog.text
+    torch.testing.assert_close(out, tiny_upsr().upscale(lr, seed=1), atol=5e-5, rtol=0)
+
+
+@needs_triton
+def test_conv_epilogue_switch():
+    """conv_epilogue=False: the Triton norms without the folded biases (the bench's
+    ``no-epilogue`` row), same image; True without the Triton norm is refused."""
+    from upsr_core.nets import triton_norm
+
+    calls = []
+    real = triton_norm.bias_epilogue_nhwc_triton
+    mp = pytest.MonkeyPatch()
+    mp.setattr(triton_norm, "bias_epilogue_nhwc_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        fast = enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=True, subpixel=False,
+                           conv_epilogue=False)
+        assert fast.fast_options.conv_epilogue is False
+        lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        out = fast.upscale(lr, seed=1)
+    finally:
+        mp.undo()
+    assert calls == []
+    torch.testing.assert_close(out, tiny_upsr().upscale(lr, seed=1), atol=5e-5, rtol=0)
+    with pytest.raises(ValueError, match="conv_epilogue=True needs triton_norm"):
+        enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=False, conv_epilogue=True)

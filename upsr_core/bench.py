@@ -313,6 +313,7 @@ def _how(m: UPSRModel) -> dict:
     triton = any(g.triton for g in norms) and not _TRITON_NORM_FAILED
     return {"layout": "channels_last" if opts.channels_last else "nchw",
             "norm": "triton" if triton else "nhwc" if opts.nhwc_norm else "native",
+            "conv_epilogue": triton and any(g.fuse_bias for g in norms),
             "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -327,6 +328,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no-graphs-nchw": ({"cuda_graphs": False, "channels_last": False},
                        "the nodes' path on CUDA without Triton: no CUDA graphs, NCHW"),
     "subpixel": ({"subpixel": True}, "nearest x2 + conv as four 2x2 sub-pixel convs (the CPU default)"),
+    "no-epilogue": ({"conv_epilogue": False},
+                    "Triton norm, but the convs add their own biases (the default before the conv epilogue)"),
 }
 """Fast-path variants ``--variants`` adds as rows ``fast/<name>``: enable_fast overrides, and why."""
 

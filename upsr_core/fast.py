@@ -28,6 +28,7 @@ The SR results of :meth:`FastUPSRModel.denoise` / ``upscale`` stay on the model'
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class FastOptions:
     max_graphs: int = 6
     nhwc_norm: bool = False
     triton_norm: bool = False
+    conv_epilogue: bool = False
 
 
 def _resolve(name: str, value: bool | str, auto: bool) -> bool:
@@ -107,6 +109,7 @@ def enable_fast(
     max_graphs: int = 6,
     nhwc_norm: bool | str = False,
     triton_norm: bool | str = "auto",
+    conv_epilogue: bool | str = "auto",
     cudnn_benchmark: bool | str = "auto",
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
@@ -135,9 +138,15 @@ def enable_fast(
     2026-11-27, fp16 LR 64 30.7 → 25.5 ms and LR 256 203 → 132 ms per image; if its kernels
     fail, a warning and the native norm; on a device where they cannot run, e.g. after moving
     the nets to the CPU, the native norm; the kernels are compiled once per new shape class
-    and cached by Triton on disk); ``cudnn_benchmark``: set the process-wide
-    ``torch.backends.cudnn.benchmark = True``, as the official test script does (auto: on CUDA;
-    a host with its own setting, such as ComfyUI, passes False and the flag is left alone). On MPS
+    and cached by Triton on disk); ``conv_epilogue``: with ``triton_norm``, the convolutions
+    around the norms run without their bias and the Triton kernels add it: the ResBlocks' first
+    conv's bias inside the next norm, their second (and skip) conv's in one residual pass, the
+    Swin MLP's fc1 with its GELU and fc2 with its residual (94 of the full denoiser's 124 bias
+    passes; PyTorch's CUDA convolution adds its bias as a separate kernel, 14 ms of 131 at LR 256
+    fp16 on the H100; auto: whenever ``triton_norm`` is on; not yet timed on a GPU);
+    ``cudnn_benchmark``: set the process-wide ``torch.backends.cudnn.benchmark = True``, as the
+    official test script does (auto: on CUDA; a host with its own setting, such as ComfyUI,
+    passes False and the flag is left alone). On MPS
     (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
     went through batch_norm in the input precision: fp16 sums of squares overflow there).
@@ -182,6 +191,10 @@ def enable_fast(
         if getattr(opts, name) and not opts.channels_last:
             raise ValueError(f"{name}=True needs channels_last (it normalises channels-last maps); "
                              "got channels_last=False")
+    if conv_epilogue is True and not opts.triton_norm:
+        raise ValueError("conv_epilogue=True needs triton_norm (its kernels add the conv biases); "
+                         "got triton_norm off")
+    opts = dataclasses.replace(opts, conv_epilogue=_resolve("conv_epilogue", conv_epilogue, opts.triton_norm))
     if opts.nhwc_norm and opts.triton_norm:
         raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
     if _resolve("cudnn_benchmark", cudnn_benchmark, cuda):
@@ -236,6 +249,7 @@ class FastUPSRModel(UPSRModel):
             elif isinstance(m, GroupNorm32):  # MPS: float32 statistics (see enable_fast)
                 m.native = self.device.type != "mps"
                 m.nhwc, m.triton = self.fast_options.nhwc_norm, triton
+                m.fuse_bias = triton and self.fast_options.conv_epilogue
                 if m.nhwc:  # batch_norm's float32 affine as the module's own weights: no cast per call
                     m.float()
         den = self.denoiser

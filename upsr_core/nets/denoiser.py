@@ -64,7 +64,45 @@ def group_norm_nhwc(
     return outs[0] if b == 1 else torch.cat(outs)
 
 
-_TRITON_NORM_FAILED: list[str] = []  # the first failure of the Triton norm (then never tried again)
+_TRITON_NORM_FAILED: list[str] = []  # the first failure of a Triton kernel (then never tried again)
+
+
+def _run_triton(what: str, instead: str, fn, *args, **kwargs) -> torch.Tensor | None:
+    """``fn(*args, **kwargs)``, or None after recording its failure (the caller then computes
+    the same thing with PyTorch's ops, and every Triton kernel is skipped from then on)."""
+    try:
+        return fn(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class;
+        # PyTorch's ops compute the same thing, so say so once and use them
+        _TRITON_NORM_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        log.warning("Triton %s failed, using %s from now on: %s", what, instead, _TRITON_NORM_FAILED[0])
+        return None
+
+
+def conv_nobias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` without its bias (which :func:`conv_epilogue` or a norm's ``x_bias`` then adds)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_epilogue(x: torch.Tensor, bias: torch.Tensor, *, bias2: torch.Tensor | None = None,
+                  skip: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """GELU?(x + bias (+ bias2)) (+ skip) for a conv output ``x`` made by :func:`conv_nobias`
+    (fast path, where :meth:`GroupNorm32.fuses`): one Triton pass, overwriting x, or, once a
+    Triton kernel has failed, PyTorch's ops."""
+    cl = torch.channels_last
+    if not _TRITON_NORM_FAILED and x.is_contiguous(memory_format=cl) and (
+            skip is None or (skip.shape == x.shape and skip.is_contiguous(memory_format=cl))):
+        from .triton_norm import bias_epilogue_nhwc_triton
+
+        y = _run_triton("conv epilogue", "PyTorch's ops", bias_epilogue_nhwc_triton, x, bias, bias2=bias2,
+                        skip=skip, gelu=gelu)
+        if y is not None:
+            return y
+    y = x + (bias if bias2 is None else bias + bias2).to(x.dtype)[:, None, None]
+    y = F.gelu(y) if gelu else y
+    return y if skip is None else skip + y
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -88,6 +126,7 @@ class GroupNorm32(nn.GroupNorm):
     native: bool = False
     nhwc: bool = False
     triton: bool = False
+    fuse_bias: bool = False
     triton_train: bool = False
 
     def __init__(self, channels: int):
@@ -96,28 +135,34 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(x, self.weight, self.bias)
 
-    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    def fuses(self, x: torch.Tensor) -> bool:
+        """The fast path's Triton kernels will take ``x`` (inference, channels-last, no failure
+        so far): the convolutions around this norm then leave their biases to the kernels
+        (:meth:`normalize`'s ``x_bias``, :func:`conv_epilogue`)."""
+        return (self.triton and self.fuse_bias and not _TRITON_NORM_FAILED and not x.requires_grad and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
+
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False,
+                  x_bias: torch.Tensor | None = None) -> torch.Tensor:
         """This norm with another affine, per channel (C,) (the fast path's folded scale-shift)
         or per image and channel (B, C) (training's, :attr:`triton_train` only), followed by
-        SiLU if ``silu``."""
+        SiLU if ``silu``. ``x_bias`` (C,): normalise x + x_bias (a conv's bias, see :meth:`fuses`)."""
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         fast_ok = cl and not x.requires_grad
-        kernel = None
-        if self.triton_train and cl:
+        kernel, kw = None, {}
+        if self.triton_train and cl and x_bias is None:
             kernel = "group_norm_nhwc_triton_autograd"
         elif self.triton and fast_ok:
-            kernel = "group_norm_nhwc_triton"
+            kernel, kw = "group_norm_nhwc_triton", {"x_bias": x_bias}
         if kernel and not _TRITON_NORM_FAILED and not torch.compiler.is_compiling():
             from . import triton_norm
 
-            try:
-                return getattr(triton_norm, kernel)(x, self.num_groups, weight, bias, self.eps, silu)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class;
-                # the native norm computes the same thing, so say so once and use it
-                _TRITON_NORM_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                log.warning("Triton GroupNorm failed, using the native norm from now on: %s", _TRITON_NORM_FAILED[0])
+            y = _run_triton("GroupNorm", "the native norm", getattr(triton_norm, kernel),
+                            x, self.num_groups, weight, bias, self.eps, silu, **kw)
+            if y is not None:
+                return y
+        if x_bias is not None:
+            x = x + x_bias.to(x.dtype)[:, None, None]
         if weight.dim() == 2:  # training's per-image affine without the kernels: float32, then x's dtype
             y = F.group_norm(x.float(), self.num_groups, None, None, self.eps)
             y = (y * weight.float()[..., None, None] + bias.float()[..., None, None]).to(x.dtype)
@@ -186,10 +231,17 @@ class ResBlock(nn.Module):
         """:meth:`forward` for a batch that shares one step, with ``affine`` (2, cout) from
         :meth:`folded_affine`: the second norm applies the scale-shift itself (no emb MLP,
         no separate multiply and add), and each norm its SiLU (one pass with the Triton norm)."""
-        n1 = self.in_layers[0]
-        h = self.in_layers[2](n1.normalize(x, n1.weight, n1.bias, silu=True))
-        h = self.out_layers[3](self.out_layers[0].normalize(h, affine[0], affine[1], silu=True))
-        return self.skip_connection(x) + h
+        n1, n2 = self.in_layers[0], self.out_layers[0]
+        c1, c2, sk = self.in_layers[2], self.out_layers[3], self.skip_connection
+        if n1.fuses(x):  # Triton: the convs' biases go into the next norm and the residual pass
+            h = conv_nobias(c1, n1.normalize(x, n1.weight, n1.bias, silu=True))
+            h = conv_nobias(c2, n2.normalize(h, affine[0], affine[1], silu=True, x_bias=c1.bias))
+            if isinstance(sk, nn.Conv2d):
+                return conv_epilogue(h, c2.bias, bias2=sk.bias, skip=conv_nobias(sk, x))
+            return conv_epilogue(h, c2.bias, skip=x)
+        h = c1(n1.normalize(x, n1.weight, n1.bias, silu=True))
+        h = c2(n2.normalize(h, affine[0], affine[1], silu=True))
+        return sk(x) + h
 
 
 class Downsample(nn.Module):
@@ -357,6 +409,10 @@ class SwinBlock(nn.Module):
         win = self.attn.forward_windows(win, grid, slice(grid[1] - 1, grid[1]) if s else None)
         y = win.view(b, h * w, c).index_select(1, inv)  # partition and roll undone
         x = x + y.view(b, h, w, c).permute(0, 3, 1, 2)
+        if self.norm2.fuses(x):  # Triton: fc1's bias with the GELU, fc2's with the residual, one pass each
+            m = self.mlp
+            t = conv_epilogue(conv_nobias(m.fc1, self.norm2(x)), m.fc1.bias, gelu=True)
+            return conv_epilogue(conv_nobias(m.fc2, t), m.fc2.bias, skip=x)
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

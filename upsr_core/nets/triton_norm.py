@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["available", "group_norm_nhwc_triton", "group_norm_nhwc_triton_autograd"]
+__all__ = ["available", "bias_epilogue_nhwc_triton", "group_norm_nhwc_triton", "group_norm_nhwc_triton_autograd"]
 
 
 MIN_CAPABILITY = (7, 0)
@@ -59,7 +59,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _stats(X, PART, HW, C, CG, rows_per, S, BP: tl.constexpr, BC: tl.constexpr):
+    def _stats(X, XB, PART, HW, C, CG, rows_per, S, HAS_XB: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+        # XB (HAS_XB): a per-channel bias of x (its conv's, not yet added): the norm of x + XB
         b = tl.program_id(0)
         s = tl.program_id(1)
         cb = tl.program_id(2)
@@ -67,6 +68,9 @@ def _kernels():
         cmask = offc < C
         xb = X + b.to(tl.int64) * HW * C
         k = tl.load(xb + (offc // CG) * CG, mask=cmask, other=0.0).to(tl.float32)  # the group's first value
+        if HAS_XB:  # k and x both without the bias: d = (x + XB[c]) - (k + XB[first])
+            k = k + tl.load(XB + (offc // CG) * CG, mask=cmask, other=0.0).to(tl.float32)
+            k = k - tl.load(XB + offc, mask=cmask, other=0.0).to(tl.float32)
         acc1 = tl.zeros([BP, BC], dtype=tl.float32)
         acc2 = tl.zeros([BP, BC], dtype=tl.float32)
         p0 = s * rows_per
@@ -83,7 +87,8 @@ def _kernels():
         tl.store(out + C + offc, tl.sum(acc2, axis=0), mask=cmask)
 
     @triton.jit
-    def _finalize(X, PART, STATS, HW, C, CG, G, S, eps, BS: tl.constexpr, BG: tl.constexpr):
+    def _finalize(X, XB, PART, STATS, HW, C, CG, G, S, eps, HAS_XB: tl.constexpr, BS: tl.constexpr,
+                  BG: tl.constexpr):
         bg = tl.program_id(0)
         b = bg // G
         g = bg % G
@@ -97,11 +102,14 @@ def _kernels():
         d = s1 / n
         var = tl.maximum(s2 / n - d * d, 0.0)
         k = tl.load(X + b.to(tl.int64) * HW * C + g * CG).to(tl.float32)
+        if HAS_XB:
+            k = k + tl.load(XB + g * CG).to(tl.float32)
         tl.store(STATS + bg * 2, k + d)
         tl.store(STATS + bg * 2 + 1, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _apply(X, Y, STATS, W, B_, HW, C, CG, G, WS, SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    def _apply(X, XB, Y, STATS, W, B_, HW, C, CG, G, WS, HAS_XB: tl.constexpr, SILU: tl.constexpr,
+               BP: tl.constexpr, BC: tl.constexpr):
         pb = tl.program_id(0)  # row blocks on axis 0: the only grid axis without a 65535 limit
         b = tl.program_id(1)
         cb = tl.program_id(2)
@@ -112,6 +120,8 @@ def _kernels():
         rstd = tl.load(st + 1, mask=cmask, other=0.0)
         scale = tl.load(W + b * WS + offc, mask=cmask, other=0.0).to(tl.float32) * rstd  # WS: 0 or C
         shift = tl.load(B_ + b * WS + offc, mask=cmask, other=0.0).to(tl.float32) - mean * scale
+        if HAS_XB:  # (x + XB)·scale + shift
+            shift = shift + tl.load(XB + offc, mask=cmask, other=0.0).to(tl.float32) * scale
         rows = pb * BP + tl.arange(0, BP)
         m = (rows < HW)[:, None] & cmask[None, :]
         off = b.to(tl.int64) * HW * C + rows.to(tl.int64)[:, None] * C + offc[None, :]
@@ -184,7 +194,28 @@ def _kernels():
         dx = rstd[None, :] * (dy * a[None, :] - c1[None, :] - xh * c2[None, :])
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
 
-    return triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply
+    @triton.jit
+    def _epilogue(X, BIAS, BIAS2, SKIP, Y, ROWS, C, HAS_BIAS2: tl.constexpr, HAS_SKIP: tl.constexpr,
+                  GELU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+        # y = act(x + BIAS[c] (+ BIAS2[c])) (+ SKIP) in float32, one rounding; (ROWS, C) rows = B·H·W
+        pr = tl.program_id(0)
+        cb = tl.program_id(1)
+        offc = cb * BC + tl.arange(0, BC)
+        cmask = offc < C
+        bias = tl.load(BIAS + offc, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS2:
+            bias = bias + tl.load(BIAS2 + offc, mask=cmask, other=0.0).to(tl.float32)
+        rows = pr * BP + tl.arange(0, BP)
+        m = (rows < ROWS)[:, None] & cmask[None, :]
+        off = rows.to(tl.int64)[:, None] * C + offc[None, :]
+        y = tl.load(X + off, mask=m, other=0.0).to(tl.float32) + bias[None, :]
+        if GELU:  # exact (erf) GELU, nn.GELU()'s default
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        if HAS_SKIP:
+            y = y + tl.load(SKIP + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
+
+    return triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply, _epilogue
 
 
 def _pow2(n: int) -> int:
@@ -239,34 +270,76 @@ def _on_device(x: torch.Tensor):
 
 
 def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-             silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, stats): y channels-last in x's dtype; stats (B·G, 2) float32 mean and 1/σ per image and group."""
-    triton, stats_k, finalize_k, apply_k, _, _ = _kernels()
+             silu: bool, x_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, stats): y channels-last in x's dtype; stats (B·G, 2) float32 mean and 1/σ per image and
+    group (of x + x_bias, if given)."""
+    xb = x if x_bias is None else x_bias  # a placeholder pointer where there is none
+    triton, stats_k, finalize_k, apply_k = _kernels()[:4]
     p = _plan(x, num_groups)
     ws = p.c if weight.dim() == 2 else 0
     part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
     stats = torch.empty(p.b * num_groups, 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     with _on_device(x):
-        stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](x, part, p.hw, p.c, p.cg, p.rows_per, p.splits,
-                                                          BP=p.bp, BC=p.bc)
-        finalize_k[(p.b * num_groups,)](x, part, stats, p.hw, p.c, p.cg, num_groups, p.splits, float(eps),
-                                        BS=_pow2(p.splits), BG=_pow2(p.cg))
+        has = x_bias is not None
+        stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](x, xb, part, p.hw, p.c, p.cg, p.rows_per, p.splits,
+                                                          HAS_XB=has, BP=p.bp, BC=p.bc)
+        finalize_k[(p.b * num_groups,)](x, xb, part, stats, p.hw, p.c, p.cg, num_groups, p.splits, float(eps),
+                                        HAS_XB=has, BS=_pow2(p.splits), BG=_pow2(p.cg))
         apply_k[(triton.cdiv(p.hw, p.bp), p.b, triton.cdiv(p.c, p.bc))](
-            x, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws, SILU=silu, BP=p.bp, BC=p.bc)
+            x, xb, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws, HAS_XB=has, SILU=silu,
+            BP=p.bp, BC=p.bc)
     return y, stats
 
 
 def group_norm_nhwc_triton(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool = False
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool = False,
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm of ``x`` (B, C, H, W), channels-last contiguous, any float dtype, with the
     per-channel affine ``weight``/``bias`` (C,) (any float dtype, used in float32) and, if
-    ``silu``, SiLU after it; returns (B, C, H, W) channels-last in x's dtype. Statistics in
-    float32 (float64 input is computed in float32 too). Inference only (no autograd; see
-    :func:`group_norm_nhwc_triton_autograd` for training)."""
+    ``silu``, SiLU after it; returns (B, C, H, W) channels-last in x's dtype. ``x_bias`` (C,):
+    normalise x + x_bias instead (the bias of the conv that made x, so that conv runs without
+    its separate bias pass), in float32. Statistics in float32 (float64 input is computed in
+    float32 too). Inference only (no autograd; see :func:`group_norm_nhwc_triton_autograd` for
+    training)."""
     _check(x, num_groups, weight, bias, batched=False)
-    return _forward(x, num_groups, weight, bias, eps, silu)[0]
+    if x_bias is not None and x_bias.shape != (x.shape[1],):
+        raise ValueError(f"x_bias must be ({x.shape[1]},), got {tuple(x_bias.shape)}")
+    return _forward(x, num_groups, weight, bias, eps, silu, x_bias)[0]
+
+
+def bias_epilogue_nhwc_triton(
+    x: torch.Tensor, bias: torch.Tensor, *, bias2: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """A conv's bias pass fused with what follows it, on channels-last maps: returns
+    GELU?(x + bias (+ bias2)) (+ skip), computed in float32 and written once in x's dtype, into
+    ``x`` itself (a conv output run without its bias: nothing else holds it). ``x`` and
+    ``skip`` (B, C, H, W) channels-last contiguous, same shape; ``bias``/``bias2`` (C,). One
+    pass instead of two or three: PyTorch's CUDA convolution adds its bias as a separate
+    kernel (in the H100 profile at LR 256, 627 of them, 14 ms of 131), then the residual add
+    or the GELU reads the map again."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"bias_epilogue_nhwc_triton needs a channels-last contiguous (B, C, H, W) x, "
+                         f"got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("bias", bias), ("bias2", bias2)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"{name} must be ({c},), got {tuple(t.shape)}")
+    if skip is not None and (skip.shape != x.shape or not skip.is_contiguous(memory_format=torch.channels_last)):
+        cl = skip.is_contiguous(memory_format=torch.channels_last)
+        raise ValueError(f"skip must be channels-last contiguous of x's shape {tuple(x.shape)}, got "
+                         f"{tuple(skip.shape)} (channels-last: {cl})")
+    triton, epi_k = _kernels()[0], _kernels()[6]
+    rows = x.numel() // c
+    bc = min(128, _pow2(c))
+    bp = max(1, 4096 // bc)
+    with _on_device(x):
+        epi_k[(triton.cdiv(rows, bp), triton.cdiv(c, bc))](
+            x, bias, bias if bias2 is None else bias2, x if skip is None else skip, x, rows, c,
+            HAS_BIAS2=bias2 is not None, HAS_SKIP=skip is not None, GELU=gelu, BP=bp, BC=bc)
+    return x
 
 
 class _GroupNormFn(torch.autograd.Function):
@@ -281,7 +354,7 @@ class _GroupNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dz):  # noqa: D102
         x, weight, bias, stats = ctx.saved_tensors
-        triton, _, _, _, bwd_stats_k, bwd_apply_k = _kernels()
+        triton, _, _, _, bwd_stats_k, bwd_apply_k = _kernels()[:6]
         g = ctx.num_groups
         p = _plan(x, g)
         ws = p.c if weight.dim() == 2 else 0
