@@ -130,6 +130,10 @@ def _kernels():
             y = y * tl.sigmoid(y)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
+    # _bwd_stats and _bwd_apply repeat their per-channel loads and the SiLU gradient: Triton
+    # resolves a kernel's callees among module globals, and these kernels are built lazily here
+    # (the module imports without Triton), so shared @triton.jit helpers would have to be
+    # module-level; the repetition is the smaller cost
     @triton.jit
     def _bwd_stats(X, DZ, STATS, W, B_, PART, HW, C, CG, G, WS, rows_per, S, SILU: tl.constexpr,
                    BP: tl.constexpr, BC: tl.constexpr):
@@ -238,9 +242,15 @@ class _Plan:
 
 
 def _plan(x: torch.Tensor, num_groups: int) -> _Plan:
+    return _plan_for(tuple(x.shape), num_groups)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(shape: tuple[int, int, int, int], num_groups: int) -> _Plan:
+    # cached: eager callers (the ComfyUI nodes, training) pay this Python per norm call
     import triton
 
-    b, c, h, w = x.shape
+    b, c, h, w = shape
     hw = h * w
     bc = min(128, _pow2(c))
     bp = max(1, 4096 // bc)
