@@ -32,6 +32,17 @@ if HAS_TRITON:  # before the kernels are first built: the interpreter is chosen 
 ULP = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
+@pytest.fixture(params=["one-kernel", "three-kernel"])
+def norm_path(request, monkeypatch):
+    """Both forward paths of the Triton norm on the same shapes: a whole group per program
+    (small maps, the default up to SMALL_GROUP values) and the split statistics (large maps)."""
+    if HAS_TRITON:
+        from upsr_core.nets import triton_norm
+
+        monkeypatch.setattr(triton_norm, "SMALL_GROUP", 1 << 30 if request.param == "one-kernel" else 0)
+    return request.param
+
+
 @needs_triton
 @pytest.mark.parametrize("shape,dtype,mean,silu", [
     ((1, 64, 8, 8), torch.float32, 0.0, False),
@@ -39,7 +50,7 @@ ULP = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
     ((1, 320, 8, 8), torch.bfloat16, 0.0, True),
     ((3, 96, 5, 7), torch.float16, 5.0, False),  # C not a multiple of the 128-channel block, odd H·W
 ])
-def test_triton_group_norm_equals_group_norm(shape, dtype, mean, silu):
+def test_triton_group_norm_equals_group_norm(shape, dtype, mean, silu, norm_path):
     from upsr_core.nets.triton_norm import group_norm_nhwc_triton
 
     torch.manual_seed(0)
@@ -221,7 +232,7 @@ def test_triton_norm_auto_is_for_cuda_with_channels_last_and_triton(monkeypatch)
     ((3, 96, 5, 7), torch.float32, True, False),  # C not a multiple of the 128-channel block
     ((1, 320, 8, 8), torch.bfloat16, False, True),
 ])
-def test_triton_group_norm_autograd_equals_float64(shape, dtype, batched, silu):
+def test_triton_group_norm_autograd_equals_float64(shape, dtype, batched, silu, norm_path):
     """Output and all three gradients against float64 autograd through F.group_norm, affine and
     SiLU on the same (rounded) input and output gradient. Tolerances relative to the largest
     value: fp32 4e-6 (float32 sums over a group of up to 600 values), bf16 output and dx two
@@ -252,7 +263,7 @@ def test_triton_group_norm_autograd_equals_float64(shape, dtype, batched, silu):
 
 
 @needs_triton
-def test_triton_group_norm_autograd_is_deterministic_and_needs_its_shapes():
+def test_triton_group_norm_autograd_is_deterministic_and_needs_its_shapes(norm_path):
     from upsr_core.nets.triton_norm import group_norm_nhwc_triton_autograd
 
     torch.manual_seed(1)
@@ -339,7 +350,7 @@ def test_set_triton_norm_auto_needs_channels_last_and_a_device(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_group_norm_of_x_plus_its_conv_bias(dtype):
+def test_triton_group_norm_of_x_plus_its_conv_bias(dtype, norm_path):
     """x_bias: the norm of x + bias without materialising it; a large bias (|bias| up to 15
     std) checks that the shifted statistics include it. Tolerance as the plain norm's."""
     from upsr_core.nets.triton_norm import group_norm_nhwc_triton
@@ -440,3 +451,33 @@ def test_conv_epilogue_switch():
     torch.testing.assert_close(out, tiny_upsr().upscale(lr, seed=1), atol=5e-5, rtol=0)
     with pytest.raises(ValueError, match="conv_epilogue=True needs triton_norm"):
         enable_fast(copy.deepcopy(tiny_upsr()), channels_last=True, triton_norm=False, conv_epilogue=True)
+
+
+@needs_triton
+def test_small_maps_take_one_kernel_and_large_ones_three(monkeypatch):
+    """The default routing by SMALL_GROUP: an 8×8 map with 20 channels per group is one launch,
+    a 64×72 one three (counted), and both equal F.group_norm."""
+    from upsr_core.nets import triton_norm
+
+    kernels = triton_norm._kernels()
+    launched = []
+
+    class Counting:
+        def __init__(self, k, name):
+            self.k, self.name = k, name
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.k[grid]
+
+    names = ["triton", "stats", "finalize", "apply", "bwd_stats", "bwd_apply", "epilogue", "small"]
+    wrapped = (kernels[0],) + tuple(Counting(k, n) for k, n in zip(kernels[1:], names[1:]))
+    monkeypatch.setattr(triton_norm, "_kernels", lambda: wrapped)
+    torch.manual_seed(0)
+    for shape, want in [((1, 640, 8, 8), ["small"]), ((1, 64, 64, 72), ["stats", "finalize", "apply"])]:
+        launched.clear()
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(shape[1]), torch.randn(shape[1])
+        y = triton_norm.group_norm_nhwc_triton(x, 32, w, b, 1e-5)
+        assert launched == want
+        torch.testing.assert_close(y, F.group_norm(x, 32, w, b, 1e-5), atol=2e-5, rtol=0)

@@ -36,6 +36,13 @@ from torch.autograd.function import once_differentiable
 __all__ = ["available", "bias_epilogue_nhwc_triton", "group_norm_nhwc_triton", "group_norm_nhwc_triton_autograd"]
 
 
+SMALL_GROUP = 8192
+"""Maps whose groups fit one program's registers (H·W and the channels per group, each rounded
+up to a power of two, at most this many values) are normalised by one kernel instead of three:
+at LR 64 on the full denoiser, the 44 of 80 norms per pass on 8×8 and 16×16 maps (the
+three-kernel path's ~800 launches per image were the largest group of the ~4700 at LR 64;
+not yet timed on a GPU)."""
+
 MIN_CAPABILITY = (7, 0)
 """The oldest CUDA compute capability Triton compiles for (Volta; Inductor checks the same)."""
 
@@ -130,6 +137,36 @@ def _kernels():
             y = y * tl.sigmoid(y)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _small(X, XB, Y, STATS, W, B_, HW, C, CG, G, WS, eps, HAS_XB: tl.constexpr, SILU: tl.constexpr,
+               BP: tl.constexpr, BG: tl.constexpr):
+        # a whole group in one program (small maps: BP >= H·W rows, BG >= its channels): load,
+        # two-pass statistics in registers, apply; one launch instead of three
+        bg = tl.program_id(0)
+        b = bg // G
+        g = bg % G
+        rows = tl.arange(0, BP)
+        j = tl.arange(0, BG)
+        ch = g * CG + j
+        cm = j < CG
+        m = (rows < HW)[:, None] & cm[None, :]
+        off = b.to(tl.int64) * HW * C + rows.to(tl.int64)[:, None] * C + ch[None, :]
+        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_XB:
+            x = x + tl.load(XB + ch, mask=cm, other=0.0).to(tl.float32)[None, :]
+        n = (HW * CG) * 1.0
+        mean = tl.sum(tl.sum(tl.where(m, x, 0.0), axis=1), axis=0) / n
+        d = tl.where(m, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / n + eps)
+        a = tl.load(W + b * WS + ch, mask=cm, other=0.0).to(tl.float32)
+        bb = tl.load(B_ + b * WS + ch, mask=cm, other=0.0).to(tl.float32)
+        y = d * (rstd * a)[None, :] + bb[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
+        tl.store(STATS + bg * 2, mean)
+        tl.store(STATS + bg * 2 + 1, rstd)
+
     # _bwd_stats and _bwd_apply repeat their per-channel loads and the SiLU gradient: Triton
     # resolves a kernel's callees among module globals, and these kernels are built lazily here
     # (the module imports without Triton), so shared @triton.jit helpers would have to be
@@ -219,7 +256,7 @@ def _kernels():
             y = y + tl.load(SKIP + off, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
-    return triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply, _epilogue
+    return triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply, _epilogue, _small
 
 
 def _pow2(n: int) -> int:
@@ -287,11 +324,18 @@ def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch
     triton, stats_k, finalize_k, apply_k = _kernels()[:4]
     p = _plan(x, num_groups)
     ws = p.c if weight.dim() == 2 else 0
-    part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
+    has = x_bias is not None
     stats = torch.empty(p.b * num_groups, 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x, memory_format=torch.channels_last)
+    bp, bg = _pow2(p.hw), _pow2(p.cg)
+    if bp * bg <= SMALL_GROUP:  # one program per group, one launch
+        with _on_device(x):
+            _kernels()[7][(p.b * num_groups,)](x, xb, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws,
+                                               float(eps), HAS_XB=has, SILU=silu, BP=bp, BG=bg,
+                                               num_warps=8 if bp * bg >= 4096 else 4)
+        return y, stats
+    part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
     with _on_device(x):
-        has = x_bias is not None
         stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](x, xb, part, p.hw, p.c, p.cg, p.rows_per, p.splits,
                                                           HAS_XB=has, BP=p.bp, BC=p.bc)
         finalize_k[(p.b * num_groups,)](x, xb, part, stats, p.hw, p.c, p.cg, num_groups, p.splits, float(eps),
