@@ -9,7 +9,7 @@
 # killed after LIMIT s (default 170); rows already printed stay in bench.txt/bench.json; BENCH=0 skips it.
 # Then tests/e2e/gpu_check.py (the nodes on this GPU) for at most NODES_LIMIT s (default 120):
 # $OUT/gpu_check.json and gpu_check.txt; then the training-step bench for at most TRAIN_LIMIT s
-# (default 240): $OUT/train_bench.jsonl. Before the nodes, tools/precision_probe.py on the demo model
+# (default 360): $OUT/train_bench.jsonl. Before the nodes, tools/precision_probe.py on the demo model
 # (<= 60 s): $OUT/precision_probe.txt. PROBE_LIMIT / NODES_LIMIT / TRAIN_LIMIT = 0 skip a part. The
 # defaults sum to over 10 min: skip what was measured (H100, 2026-11-26: all but the compile rows;
 # 2026-11-27: --variants nchw,nhwc-norm,triton-norm,no-graphs and compiled LR 64/256, bf16).
@@ -77,7 +77,7 @@ fi
 # same with torch.compile in reduce-overhead mode (forward and backward as CUDA graphs); add e.g.
 # "--profile 20" to a set for its op table); one JSON line each in $OUT/train_bench.jsonl.
 # TRAIN_LIMIT=0 skips it.
-TRAIN_LIMIT=${TRAIN_LIMIT:-240}   # ~25 s each eager; compile: still compiling after ~130 s on an H100
+TRAIN_LIMIT=${TRAIN_LIMIT:-360}   # ~25 s each eager; compile: still compiling after ~130 s on an H100 (last, so the eager rows land first)
 TRAIN_RUNS=${TRAIN_RUNS:-"--channels-last --triton-norm off|--channels-last|--channels-last --compile --compile-mode reduce-overhead"}
 if [ "$DEV" = cuda ] && [ "$TRAIN_LIMIT" -gt 0 ]; then
   timeout -k 10 "$TRAIN_LIMIT" bash -c '

@@ -81,6 +81,17 @@ def _run_triton(what: str, instead: str, fn, *args, **kwargs) -> torch.Tensor | 
         return None
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd would record an op on these (the kernels without a backward must not run then)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    from .triton_norm import available
+
+    return available(device)
+
+
 def conv_nobias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv`` without its bias (which :func:`conv_epilogue` or a norm's ``x_bias`` then adds)."""
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -139,8 +150,9 @@ class GroupNorm32(nn.GroupNorm):
         """The fast path's Triton kernels will take ``x`` (inference, channels-last, no failure
         so far): the convolutions around this norm then leave their biases to the kernels
         (:meth:`normalize`'s ``x_bias``, :func:`conv_epilogue`)."""
-        return (self.triton and self.fuse_bias and not _TRITON_NORM_FAILED and not x.requires_grad and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling())
+        return (self.triton and self.fuse_bias and not _TRITON_NORM_FAILED and not _needs_grad(x, self.weight)
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                and not torch.compiler.is_compiling())
 
     def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu: bool = False,
                   x_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,9 +160,9 @@ class GroupNorm32(nn.GroupNorm):
         or per image and channel (B, C) (training's, :attr:`triton_train` only), followed by
         SiLU if ``silu``. ``x_bias`` (C,): normalise x + x_bias (a conv's bias, see :meth:`fuses`)."""
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        fast_ok = cl and not x.requires_grad
+        fast_ok = cl and not _needs_grad(x, weight, bias)  # the inference kernels have no backward
         kernel, kw = None, {}
-        if self.triton_train and cl and x_bias is None:
+        if self.triton_train and cl and x_bias is None and _triton_runs_on(x.device):
             kernel = "group_norm_nhwc_triton_autograd"
         elif self.triton and fast_ok:
             kernel, kw = "group_norm_nhwc_triton", {"x_bias": x_bias}

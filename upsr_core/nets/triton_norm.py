@@ -1,4 +1,5 @@
-"""GroupNorm (+ SiLU) on channels-last maps as three Triton kernels (inference, CUDA).
+"""GroupNorm (+ SiLU) on channels-last maps as Triton kernels (CUDA; inference and training),
+and the conv-bias epilogue of the fast path.
 
 ``F.group_norm`` on CUDA makes a channels-last input contiguous NCHW (a copy in), writes NCHW
 (the next conv copies back), and runs one thread block per image and group (32 at batch 1);
@@ -21,19 +22,31 @@ LR 64 went from 30.7 to 25.5 ms per image and LR 256 from 203 to 132 ms, bf16 fr
 22.2 and 173 to 102 ms (``bench --variants native-norm,triton-norm``); ``TRITON_INTERPRET=1``
 runs the same kernels on the CPU, which is how the tests check them. Any failure to build or
 launch a kernel is reported once and the caller falls back to the native norm.
+
+Small maps (a group within :data:`SMALL_GROUP` values) take one kernel, ``_small``, instead of
+the three. :func:`group_norm_nhwc_triton_autograd` adds a backward (``_bwd_stats``: per-channel
+Σdy and Σdy·x̂ over row shares; ``_bwd_apply``: dx), for training; if the backward kernels fail,
+that backward and every later one is computed with PyTorch's ops from the saved input.
+:func:`bias_epilogue_nhwc_triton` (``_epilogue``) adds a conv's bias together with the GELU or
+the residual that follows it. Not yet timed on a GPU: the small-map kernel, the backward, the
+conv-bias folding (2026-11-27).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["available", "bias_epilogue_nhwc_triton", "group_norm_nhwc_triton", "group_norm_nhwc_triton_autograd"]
+
+log = logging.getLogger("upsr_core")
 
 
 SMALL_GROUP = 8192
@@ -105,7 +118,7 @@ def _kernels():
         base = PART + (b * S + offs).to(tl.int64)[:, None] * 2 * C + g * CG + offg[None, :]
         s1 = tl.sum(tl.sum(tl.load(base, mask=m, other=0.0), axis=1), axis=0)
         s2 = tl.sum(tl.sum(tl.load(base + C, mask=m, other=0.0), axis=1), axis=0)
-        n = (HW * CG) * 1.0
+        n = (HW * 1.0) * CG  # in float: H·W·CG may pass 2**31
         d = s1 / n
         var = tl.maximum(s2 / n - d * d, 0.0)
         k = tl.load(X + b.to(tl.int64) * HW * C + g * CG).to(tl.float32)
@@ -154,7 +167,7 @@ def _kernels():
         x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
         if HAS_XB:
             x = x + tl.load(XB + ch, mask=cm, other=0.0).to(tl.float32)[None, :]
-        n = (HW * CG) * 1.0
+        n = (HW * 1.0) * CG
         mean = tl.sum(tl.sum(tl.where(m, x, 0.0), axis=1), axis=0) / n
         d = tl.where(m, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / n + eps)
@@ -360,7 +373,8 @@ def group_norm_nhwc_triton(
     _check(x, num_groups, weight, bias, batched=False)
     if x_bias is not None and x_bias.shape != (x.shape[1],):
         raise ValueError(f"x_bias must be ({x.shape[1]},), got {tuple(x_bias.shape)}")
-    return _forward(x, num_groups, weight, bias, eps, silu, x_bias)[0]
+    x_bias = None if x_bias is None else x_bias.contiguous()  # the kernels index them densely
+    return _forward(x, num_groups, weight.contiguous(), bias.contiguous(), eps, silu, x_bias)[0]
 
 
 def bias_epilogue_nhwc_triton(
@@ -385,6 +399,8 @@ def bias_epilogue_nhwc_triton(
         cl = skip.is_contiguous(memory_format=torch.channels_last)
         raise ValueError(f"skip must be channels-last contiguous of x's shape {tuple(x.shape)}, got "
                          f"{tuple(skip.shape)} (channels-last: {cl})")
+    bias = bias.contiguous()
+    bias2 = None if bias2 is None else bias2.contiguous()
     triton, epi_k = _kernels()[0], _kernels()[6]
     rows = x.numel() // c
     bc = min(128, _pow2(c))
@@ -396,18 +412,47 @@ def bias_epilogue_nhwc_triton(
     return x
 
 
+_BACKWARD_FAILED: list[str] = []  # the first failure of the backward kernels (then never tried again)
+
+
+def _native_backward(dz, x, weight, bias, num_groups, eps, silu):
+    """The gradients of :func:`group_norm_nhwc_triton_autograd` with PyTorch's ops (its
+    fallback): the forward recomputed in float32 from the saved input, then autograd."""
+    with torch.enable_grad():
+        xf, w, b = (t.detach().float().requires_grad_() for t in (x, weight, bias))
+        view = (lambda t: t[..., None, None]) if w.dim() == 2 else (lambda t: t[None, :, None, None])
+        y = F.group_norm(xf, num_groups, None, None, eps) * view(w) + view(b)
+        y = F.silu(y) if silu else y
+        dx, dw, db = torch.autograd.grad(y, (xf, w, b), dz.float())
+    return (dx.to(x.dtype).contiguous(memory_format=torch.channels_last), dw.to(weight.dtype), db.to(bias.dtype),
+            None, None, None)
+
+
 class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, silu):  # noqa: D102 — see group_norm_nhwc_triton_autograd
         y, stats = _forward(x, num_groups, weight, bias, eps, silu)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.num_groups, ctx.silu = num_groups, silu
+        ctx.num_groups, ctx.silu, ctx.eps = num_groups, silu, eps
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz):  # noqa: D102
         x, weight, bias, stats = ctx.saved_tensors
+        if not _BACKWARD_FAILED:
+            try:
+                return _GroupNormFn._backward(ctx, dz, x, weight, bias, stats)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class
+                _BACKWARD_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                log.warning("Triton GroupNorm backward failed, computing it with PyTorch's ops from now on: %s",
+                            _BACKWARD_FAILED[0])
+        return _native_backward(dz, x, weight, bias, ctx.num_groups, ctx.eps, ctx.silu)
+
+    @staticmethod
+    def _backward(ctx, dz, x, weight, bias, stats):
         triton, _, _, _, bwd_stats_k, bwd_apply_k = _kernels()[:6]
         g = ctx.num_groups
         p = _plan(x, g)
@@ -447,4 +492,4 @@ def group_norm_nhwc_triton_autograd(
     (the normalised map and SiLU are recomputed). Deterministic (no atomics). The gradient
     itself is not differentiable again."""
     _check(x, num_groups, weight, bias, batched=True)
-    return _GroupNormFn.apply(x, weight, bias, num_groups, float(eps), bool(silu))
+    return _GroupNormFn.apply(x, weight.contiguous(), bias.contiguous(), num_groups, float(eps), bool(silu))

@@ -60,14 +60,8 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_cmd_bench)
 
 
-def _triton_norm_failed() -> bool:
-    from ..nets import denoiser
-
-    return bool(denoiser._TRITON_NORM_FAILED)
-
-
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import check_crop, hardware, set_fused, set_triton_norm, setup_device
+    from .cli import check_compile_mode, check_crop, hardware, set_fused, set_triton_norm, setup_device, triton_norm_ran
 
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
@@ -80,6 +74,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     est = build_estimator_net(preset.estimator).to(di.device)  # frozen; runs under the step's autocast
     fused = set_fused(args.fused, di.device, den, est)
     triton_norm = set_triton_norm(args.triton_norm, di.device, den, args.channels_last)
+    check_compile_mode(args)
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")
     cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=args.amp, progress=False,
                      ema_decay=0.999, grad_clip=None)
@@ -106,7 +101,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "compile": tr.compiled, "compile_mode": args.compile_mode if tr.compiled else None,
         "channels_last": args.channels_last,
         # what normalised: compiled nets fuse their own norm; a failed kernel fell back to the native one
-        "triton_norm": triton_norm and not tr.compiled and not _triton_norm_failed(),
+        "triton_norm": triton_norm and not tr.compiled and triton_norm_ran(),
         "s_per_iter_median": round(statistics.median(times), 4), "s_per_iter_mean": round(statistics.fmean(times), 4),
         "iters": args.iters,
         "warmup_s": [round(t, 2) for t in warm],

@@ -184,7 +184,22 @@ def set_triton_norm(mode: str, device: torch.device, net: torch.nn.Module, chann
                          f"channels-last {channels_last}, Triton runs there: {runs}")
     on = mode == "on" or (mode == "auto" and runs and channels_last)
     n = set_triton_train_norm(net, on)
+    if mode == "on" and n == 0:
+        raise ValueError(f"--triton-norm on: the {type(net).__name__} has no GroupNorm (the denoiser stage has)")
     return on and n > 0
+
+
+def triton_norm_ran() -> bool:
+    """No Triton GroupNorm kernel (forward or backward) has failed in this process."""
+    from ..nets import triton_norm
+    from ..nets.denoiser import _TRITON_NORM_FAILED
+
+    return not _TRITON_NORM_FAILED and not triton_norm._BACKWARD_FAILED
+
+
+def check_compile_mode(args) -> None:
+    if args.compile_mode != "default" and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile")
 
 
 _NET = {"estimator": ("estimator", ATDConfig, "ATD estimator",
@@ -365,6 +380,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     triton_norm = set_triton_norm(args.triton_norm, di.device, net, args.channels_last)
+    check_compile_mode(args)
     trainer = Trainer(task, cfg, di)
     if args.compile:
         trainer.compile(args.compile_mode)
@@ -397,7 +413,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         "pool": pool_size, "jpeg": args.jpeg if args.degradation == "realesrgan" else None,
         "degrade_rng": args.degrade_rng,
         "kernels": args.kernels if args.degradation == "realesrgan" else None,
-        "channels_last": args.channels_last, "triton_norm": triton_norm and not trainer.compiled,
+        "channels_last": args.channels_last, "triton_norm": triton_norm and not trainer.compiled and triton_norm_ran(),
         "compile": trainer.compiled, "compile_mode": args.compile_mode if trainer.compiled else None,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
