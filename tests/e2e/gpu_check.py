@@ -7,7 +7,7 @@ CUDA) and the estimator never in fp16; the fp32 chain equal to the CLI on the sa
 `upscale --fast`; reference: `upscale`) and UPSR Upscale equal to the chain; a real CUDA out-of-memory (a capped
 allocator) retried with smaller tiles, giving the result of those tiles; Cancel within one step on the GPU; the fast
 model after ComfyUI offloads and reloads its nets (same result); a canvas blended on the CPU (same result); chain
-seconds, fast vs reference. Prints one JSON
+seconds, fast vs reference; the Triton kernels the fast path used and any failure. Prints one JSON
 report.
 """
 from __future__ import annotations
@@ -185,6 +185,17 @@ try:
 except mm.InterruptProcessingException:
     report["cancel"] = {"denoiser_calls": calls[0], "flag_cleared": not mm.processing_interrupted()}
 del h.model.denoiser.forward, h.model.denoiser.forward_step
+
+# 5. Which Triton kernels the nodes' fast path used, and whether any failed (then PyTorch's ops ran)
+from upsr_core.nets import denoiser as _den  # noqa: E402
+from upsr_core.nets import triton_norm as _tn  # noqa: E402
+
+fast_h = load("fp16")
+run("UPSRUpscale", upsr_model=fast_h, image=img, **defaults("UPSRUpscale"))  # prepared where it ran
+norms = [m for m in fast_h.model.denoiser.modules() if isinstance(m, _den.GroupNorm32)]
+report["triton"] = {"available": _tn.available(torch.device("cuda")),
+                    "norm": any(m.triton for m in norms), "conv_epilogue": any(m.fuse_bias for m in norms),
+                    "failed": list(_den._TRITON_NORM_FAILED)}
 
 text = json.dumps(report, indent=1)
 print(text)
