@@ -52,9 +52,9 @@ log = logging.getLogger("upsr_core")
 SMALL_GROUP = 8192
 """Maps whose groups fit one program's registers (H·W and the channels per group, each rounded
 up to a power of two, at most this many values) are normalised by one kernel instead of three:
-at LR 64 on the full denoiser, the 44 of 80 norms per pass on 8×8 and 16×16 maps (the
-three-kernel path's ~800 launches per image were the largest group of the ~4700 at LR 64;
-not yet timed on a GPU)."""
+at LR 64 on the full denoiser, 53 of the 80 norms per pass (8×8, 16×16, and 32×32 maps with up
+to 8 channels per group; the three-kernel path's 1200 launches per image were the largest group
+of the ~4800 at LR 64; not yet timed on a GPU)."""
 
 MIN_CAPABILITY = (7, 0)
 """The oldest CUDA compute capability Triton compiles for (Volta; Inductor checks the same)."""
