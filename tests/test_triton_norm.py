@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from upsr_core.fast import enable_fast
 
-from _support import tiny_upsr
+from _support import load_tool, tiny_upsr
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton); "
@@ -599,3 +599,27 @@ def test_denoiser_training_step_under_bf16_autocast():
     assert rel(out_t, out_32) <= 1.5 * rel(out_n, out_32)
     big = [n for n, g in grads_32.items() if g.abs().max().item() > 1e-6]
     assert max(rel(grads_t[n], grads_32[n]) for n in big) <= 1.5 * max(rel(grads_n[n], grads_32[n]) for n in big)
+
+
+@needs_triton
+def test_launch_count_tool_counts_what_the_fusions_remove():
+    """tools/launch_count.py on the tiny nets: session 12's default launches three Triton kernels
+    per norm per pass and one bias pass per biased conv; today's default folds exactly the
+    biases of the ResBlocks' convs and the Swin MLPs' (5 passes), and launches fewer kernels."""
+    from upsr_core.nets import denoiser
+
+    lc = load_tool("launch_count")
+    m = tiny_upsr()
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with lc.small_group("session-12"):
+        old = lc.count(lc.build("session-12", m.denoiser, m.estimator), lr)
+    new = lc.count(lc.build("default", m.denoiser, m.estimator), lr)
+    mods = list(m.denoiser.modules())
+    n_norms = sum(isinstance(x, denoiser.GroupNorm32) for x in mods)
+    res = [x for x in mods if isinstance(x, denoiser.ResBlock)]
+    n_swin = sum(isinstance(x, denoiser.SwinBlock) for x in mods)
+    folded = 2 * len(res) + sum(isinstance(r.skip_connection, torch.nn.Conv2d) for r in res) + 2 * n_swin
+    assert old["triton"] == {"stats": 5 * n_norms, "finalize": 5 * n_norms, "apply": 5 * n_norms}
+    assert old["conv_bias_adds"] - new["conv_bias_adds"] == 5 * folded
+    assert new["triton"]["epilogue"] == 5 * (len(res) + 2 * n_swin)
+    assert new["total"] < old["total"]
