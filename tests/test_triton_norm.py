@@ -541,21 +541,55 @@ def test_kernels_read_non_contiguous_affines():
 
 
 def test_inference_kernels_stay_out_of_autograd(monkeypatch):
-    """With gradients on and weights that want them, the fast path's kernels (no backward) are
-    not used: the norm goes native and the conv biases stay in the convs."""
+    """With gradients on and weights that want them, the fast path's norm kernel (no backward)
+    is not used: the norm goes native. The conv-bias folding (written in place, out of
+    autograd's sight) only with grad mode off."""
     from upsr_core.nets import denoiser
 
     monkeypatch.setattr(denoiser, "_TRITON_NORM_FAILED", [])
     n = denoiser.GroupNorm32(64)
     n.triton = n.fuse_bias = True
     x = torch.randn(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert not n.fuses(x)  # the weight requires grad, and grad mode is on
+    assert not n.fuses(x)
     assert n.normalize(x, n.weight, n.bias).grad_fn is not None  # native, differentiable
     n.requires_grad_(False)
-    assert n.fuses(x)
-    assert not n.fuses(x.clone().requires_grad_())
+    assert not n.fuses(x)  # grad mode on: a trainable conv next to it could still be recorded
     with torch.no_grad():
         assert n.fuses(x.clone().requires_grad_())
+
+
+@needs_triton
+def test_fast_resblock_in_grad_mode_keeps_every_gradient(monkeypatch):
+    """A fast-path ResBlock (Triton norm and bias folding switched on) with frozen norms and
+    trainable convs, run with gradients on: the folding stands aside, so the convs' bias and
+    weight gradients equal those of the same block without the kernels (a review found the
+    second conv's bias gradient missing when the in-place epilogue ran here)."""
+    from upsr_core.nets import denoiser
+
+    monkeypatch.setattr(denoiser, "_TRITON_NORM_FAILED", [])
+    torch.manual_seed(0)
+    blocks = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        blk = denoiser.ResBlock(64, 96, 32).to(memory_format=torch.channels_last)
+        for nm in (blk.in_layers[0], blk.out_layers[0]):
+            nm.requires_grad_(False)
+            nm.triton = nm.fuse_bias = fast
+        blocks.append(blk)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    affine = torch.stack([torch.rand(96) + 0.5, torch.randn(96)])
+    outs = []
+    for blk in blocks:
+        out = blk.forward_folded(x, affine)
+        out.square().sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for (name, p), q in zip(blocks[0].named_parameters(), blocks[1].parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4 * q.grad.abs().max().item(), rtol=0, msg=name)
 
 
 def test_triton_norm_on_needs_norms_and_compile_mode_needs_compile():

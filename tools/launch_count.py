@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are built
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are built: CPU tensors need the interpreter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -102,13 +102,21 @@ def _counting_triton(launches: collections.Counter, inside: list[bool]):
 
 
 def count(model, lr: torch.Tensor, *, seed: int = 0) -> dict:
-    """Launches of one ``model.upscale(lr)`` (a fast model on the CPU): {"ops": operator calls
+    """Launches of one ``model.upscale(lr)`` after a first, preparing call (a fast model on the
+    CPU; a RuntimeError if a Triton kernel has failed in this process): {"ops": operator calls
     that launch a kernel, "triton": {kernel: launches}, "conv_bias_adds": CUDA's separate bias
     passes, "total": ops + Triton launches (the bias passes are among the ops)}."""
+    from upsr_core.nets import denoiser, triton_norm
+
+    with torch.no_grad():  # the first call prepares (masks, tables): not per image
+        model.upscale(lr, seed=seed)
     launches: collections.Counter = collections.Counter()
     inside = [False]
     with _counting_triton(launches, inside), torch.no_grad(), _Ops(inside) as ops:
         model.upscale(lr, seed=seed)
+    failed = denoiser._TRITON_NORM_FAILED + triton_norm._BACKWARD_FAILED
+    if failed:  # the kernels are off for the rest of the process: the counts would mix both paths
+        raise RuntimeError(f"a Triton kernel failed, the count is not the fast path's: {failed[0]}")
     n_ops = sum(v for k, v in ops.counts.items() if k not in NOT_KERNELS)
     return {"ops": n_ops, "triton": dict(launches), "conv_bias_adds": ops.counts["conv bias add_ (CUDA)"],
             "total": n_ops + sum(launches.values()), "by_op": dict(ops.counts.most_common(12))}

@@ -7,7 +7,7 @@ CUDA) and the estimator never in fp16; the fp32 chain equal to the CLI on the sa
 `upscale --fast`; reference: `upscale`) and UPSR Upscale equal to the chain; a real CUDA out-of-memory (a capped
 allocator) retried with smaller tiles, giving the result of those tiles; Cancel within one step on the GPU; the fast
 model after ComfyUI offloads and reloads its nets (same result); a canvas blended on the CPU (same result); chain
-seconds, fast vs reference; the Triton kernels the fast path used and any failure. Prints one JSON
+seconds, fast vs reference; the Triton switches the fast path set and any kernel failure. Prints one JSON
 report.
 """
 from __future__ import annotations
@@ -186,7 +186,7 @@ except mm.InterruptProcessingException:
     report["cancel"] = {"denoiser_calls": calls[0], "flag_cleared": not mm.processing_interrupted()}
 del h.model.denoiser.forward, h.model.denoiser.forward_step
 
-# 5. Which Triton kernels the nodes' fast path used, and whether any failed (then PyTorch's ops ran)
+# 5. The Triton switches the nodes' fast path set, and whether any kernel failed (then PyTorch's ops ran)
 from upsr_core.nets import denoiser as _den  # noqa: E402
 from upsr_core.nets import triton_norm as _tn  # noqa: E402
 

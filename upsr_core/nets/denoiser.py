@@ -103,7 +103,8 @@ def conv_epilogue(x: torch.Tensor, bias: torch.Tensor, *, bias2: torch.Tensor | 
     (fast path, where :meth:`GroupNorm32.fuses`): one Triton pass, overwriting x, or, once a
     Triton kernel has failed, PyTorch's ops."""
     cl = torch.channels_last
-    if not _TRITON_NORM_FAILED and x.is_contiguous(memory_format=cl) and (
+    grads = _needs_grad(x, bias, *(t for t in (bias2, skip) if t is not None))  # the kernel writes x in place
+    if not _TRITON_NORM_FAILED and not grads and x.is_contiguous(memory_format=cl) and (
             skip is None or (skip.shape == x.shape and skip.is_contiguous(memory_format=cl))):
         from .triton_norm import bias_epilogue_nhwc_triton
 
@@ -150,7 +151,9 @@ class GroupNorm32(nn.GroupNorm):
         """The fast path's Triton kernels will take ``x`` (inference, channels-last, no failure
         so far): the convolutions around this norm then leave their biases to the kernels
         (:meth:`normalize`'s ``x_bias``, :func:`conv_epilogue`)."""
-        return (self.triton and self.fuse_bias and not _TRITON_NORM_FAILED and not _needs_grad(x, self.weight)
+        # grad mode off: the folded biases are added in place, out of autograd's sight, so any
+        # recorded op around them (a trainable conv, bias or input) would lose its gradient
+        return (self.triton and self.fuse_bias and not _TRITON_NORM_FAILED and not torch.is_grad_enabled()
                 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                 and not torch.compiler.is_compiling())
 
@@ -160,7 +163,7 @@ class GroupNorm32(nn.GroupNorm):
         or per image and channel (B, C) (training's, :attr:`triton_train` only), followed by
         SiLU if ``silu``. ``x_bias`` (C,): normalise x + x_bias (a conv's bias, see :meth:`fuses`)."""
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        fast_ok = cl and not _needs_grad(x, weight, bias)  # the inference kernels have no backward
+        fast_ok = cl and not _needs_grad(x, weight, bias, *([] if x_bias is None else [x_bias]))  # no backward
         kernel, kw = None, {}
         if self.triton_train and cl and x_bias is None and _triton_runs_on(x.device):
             kernel = "group_norm_nhwc_triton_autograd"

@@ -63,6 +63,7 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> dict:
     from .cli import check_compile_mode, check_crop, hardware, set_fused, set_triton_norm, setup_device, triton_norm_ran
 
+    check_compile_mode(args)
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
     di = setup_device(args.device)
@@ -74,7 +75,6 @@ def run_bench(args: argparse.Namespace) -> dict:
     est = build_estimator_net(preset.estimator).to(di.device)  # frozen; runs under the step's autocast
     fused = set_fused(args.fused, di.device, den, est)
     triton_norm = set_triton_norm(args.triton_norm, di.device, den, args.channels_last)
-    check_compile_mode(args)
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")
     cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=args.amp, progress=False,
                      ema_decay=0.999, grad_clip=None)

@@ -458,5 +458,6 @@ def _estimator_training(meta: dict[str, str]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    check_compile_mode(args)  # before any data or net is loaded
     run_stage(args)
     return 0
