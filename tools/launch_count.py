@@ -52,9 +52,6 @@ CONFIGS: dict[str, tuple[dict, int | None]] = {
 }
 """name -> (enable_fast overrides, triton_norm.SMALL_GROUP or None for the module's)."""
 
-_KERNEL_NAMES = ("stats", "finalize", "apply", "bwd_stats", "bwd_apply", "epilogue", "small")
-
-
 class _Ops(TorchDispatchMode):
     def __init__(self, inside: list[bool]):
         super().__init__()
@@ -92,7 +89,7 @@ def _counting_triton(launches: collections.Counter, inside: list[bool]):
                     inside[0] = False
             return call
 
-    wrapped = (kernels[0],) + tuple(Counted(k, n) for k, n in zip(kernels[1:], _KERNEL_NAMES))
+    wrapped = kernels._replace(**{n: Counted(getattr(kernels, n), n) for n in kernels._fields if n != "triton"})
     real = triton_norm._kernels
     triton_norm._kernels = lambda: wrapped
     try:

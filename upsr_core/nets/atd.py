@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ATDConfig
 from .attention import (
-    MaskCache,
+    SizeCache,
     attend,
     attend_windows,
     relative_position_index,
@@ -342,7 +342,7 @@ class ATD(nn.Module):
         self.upsample = nn.Sequential(
             nn.Conv2d(cfg.embed_dim, cfg.upscale**2 * cfg.in_chans, 3, padding=1), nn.PixelShuffle(cfg.upscale)
         )
-        self._mask_cache = MaskCache()
+        self._mask_cache = SizeCache()
 
     def _apply(self, fn, *args, **kwargs):
         self._mask_cache.clear()  # masks made for the old device or dtype

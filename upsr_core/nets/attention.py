@@ -40,21 +40,22 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
-class MaskCache:
-    """A module's size-dependent masks (reference path): the ``max_entries`` most recently
-    used, keyed by the caller (size, device, dtype). The owning module empties it when it
-    moves (its ``_apply``), so masks never keep memory on a device the weights have left
-    (ComfyUI offloads models between runs) and a long session's many sizes stay bounded."""
+class SizeCache:
+    """Size-dependent tensors (shift masks, window permutations), the ``max_entries`` most
+    recently used, keyed by the caller (size, device, dtype, ...): a long session's many image
+    sizes stay bounded. A module that owns one empties it when it moves (its ``_apply``), so
+    its masks never keep memory on a device the weights have left (ComfyUI offloads models
+    between runs)."""
 
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
-        self._d: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._d: OrderedDict[tuple, object] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._d)
 
-    def get(self, key: tuple, build) -> torch.Tensor:
-        """The mask for ``key``, made by ``build()`` on a miss."""
+    def get(self, key: tuple, build):
+        """The entry for ``key``, made by ``build()`` on a miss."""
         if key in self._d:
             self._d.move_to_end(key)
             return self._d[key]
@@ -67,8 +68,8 @@ class MaskCache:
         self._d.clear()
 
 
-_WINDOW_INDEX: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _WINDOW_INDEX_MAX = 32  # sizes kept (least recently used dropped): a long session sees many sizes
+_WINDOW_INDEX = SizeCache(_WINDOW_INDEX_MAX)
 
 
 def index_build_device(device: torch.device) -> torch.device:
@@ -87,20 +88,17 @@ def window_index(h: int, w: int, window: int, shift: int, device: torch.device) 
     some macOS 15 builds' MPS argsort returns wrong int64 indices past the 256th element
     (pytorch#155560)."""
     key = (h, w, window, shift, torch.device(device))
-    if not torch.compiler.is_compiling() and key in _WINDOW_INDEX:
-        _WINDOW_INDEX.move_to_end(key)
-        return _WINDOW_INDEX[key]
-    build = index_build_device(key[-1])
-    idx = torch.arange(h * w, device=build).view(1, h, w, 1)
-    if shift:
-        idx = torch.roll(idx, (-shift, -shift), dims=(1, 2))
-    idx = window_partition(idx, window).reshape(-1)
-    pair = (idx.to(device), torch.argsort(idx).to(device))
-    if not torch.compiler.is_compiling():
-        _WINDOW_INDEX[key] = pair
-        while len(_WINDOW_INDEX) > _WINDOW_INDEX_MAX:
-            _WINDOW_INDEX.popitem(last=False)
-    return pair
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(h * w, device=index_build_device(key[-1])).view(1, h, w, 1)
+        if shift:
+            idx = torch.roll(idx, (-shift, -shift), dims=(1, 2))
+        idx = window_partition(idx, window).reshape(-1)
+        return idx.to(device), torch.argsort(idx).to(device)
+
+    if torch.compiler.is_compiling():  # built in the graph, not cached while tracing
+        return build()
+    return _WINDOW_INDEX.get(key, build)
 
 
 def relative_position_index(window: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DenoiserConfig
-from .attention import MaskCache, WindowAttention, window_index, window_partition, window_reverse
+from .attention import SizeCache, WindowAttention, window_index, window_partition, window_reverse
 
 __all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc", "set_triton_train_norm"]
 
@@ -76,14 +76,16 @@ def _run_triton(what: str, instead: str, fn, *args, **kwargs) -> torch.Tensor | 
         raise
     except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class;
         # PyTorch's ops compute the same thing, so say so once and use them
-        _TRITON_NORM_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        log.warning("Triton %s failed, using %s from now on: %s", what, instead, _TRITON_NORM_FAILED[0])
+        from .triton_norm import record_failure
+
+        record_failure(_TRITON_NORM_FAILED, e, f"Triton {what} failed, using {instead} from now on")
         return None
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Autograd would record an op on these (the kernels without a backward must not run then)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Autograd would record an op on these (None: absent; the kernels without a backward must
+    not run then)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -103,7 +105,7 @@ def conv_epilogue(x: torch.Tensor, bias: torch.Tensor, *, bias2: torch.Tensor | 
     (fast path, where :meth:`GroupNorm32.fuses`): one Triton pass, overwriting x, or, once a
     Triton kernel has failed, PyTorch's ops."""
     cl = torch.channels_last
-    grads = _needs_grad(x, bias, *(t for t in (bias2, skip) if t is not None))  # the kernel writes x in place
+    grads = _needs_grad(x, bias, bias2, skip)  # the kernel writes x in place
     if not _TRITON_NORM_FAILED and not grads and x.is_contiguous(memory_format=cl) and (
             skip is None or (skip.shape == x.shape and skip.is_contiguous(memory_format=cl))):
         from .triton_norm import bias_epilogue_nhwc_triton
@@ -163,7 +165,7 @@ class GroupNorm32(nn.GroupNorm):
         or per image and channel (B, C) (training's, :attr:`triton_train` only), followed by
         SiLU if ``silu``. ``x_bias`` (C,): normalise x + x_bias (a conv's bias, see :meth:`fuses`)."""
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        fast_ok = cl and not _needs_grad(x, weight, bias, *([] if x_bias is None else [x_bias]))  # no backward
+        fast_ok = cl and not _needs_grad(x, weight, bias, x_bias)  # the inference kernels have no backward
         kernel, kw = None, {}
         if self.triton_train and cl and x_bias is None and _triton_runs_on(x.device):
             kernel = "group_norm_nhwc_triton_autograd"
@@ -179,8 +181,9 @@ class GroupNorm32(nn.GroupNorm):
         if x_bias is not None:
             x = x + x_bias.to(x.dtype)[:, None, None]
         if weight.dim() == 2:  # training's per-image affine without the kernels: float32, then x's dtype
-            y = F.group_norm(x.float(), self.num_groups, None, None, self.eps)
-            y = (y * weight.float()[..., None, None] + bias.float()[..., None, None]).to(x.dtype)
+            from .triton_norm import group_norm_f32
+
+            y = group_norm_f32(x, self.num_groups, weight, bias, self.eps).to(x.dtype)
         elif self.nhwc and fast_ok:
             y = group_norm_nhwc(x, self.num_groups, weight, bias, self.eps)
         elif self.native:
@@ -388,7 +391,7 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, heads, window, index_key="relative_position_index")
         self.norm2 = GroupNorm32(dim)
         self.mlp = Mlp(dim, dim * mlp_ratio)
-        self._mask_cache = MaskCache()
+        self._mask_cache = SizeCache()
 
     def _apply(self, fn, *args, **kwargs):
         self._mask_cache.clear()  # masks made for the old device or dtype

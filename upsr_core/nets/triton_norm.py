@@ -39,6 +39,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,21 @@ def available(device: torch.device) -> bool:
     return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
+class _Kernels(NamedTuple):
+    """The built kernels (``_kernels()``), by name; ``triton`` is the module (for ``cdiv``)."""
+
+    triton: Any
+    stats: Any
+    finalize: Any
+    apply: Any
+    bwd_stats: Any
+    bwd_apply: Any
+    epilogue: Any
+    small: Any
+
+
 @functools.cache
-def _kernels():
+def _kernels() -> _Kernels:
     import triton
     import triton.language as tl
 
@@ -269,11 +283,17 @@ def _kernels():
             y = y + tl.load(SKIP + off, mask=m, other=0.0).to(tl.float32)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
-    return triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply, _epilogue, _small
+    return _Kernels(triton, _stats, _finalize, _apply, _bwd_stats, _bwd_apply, _epilogue, _small)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _blocks(c: int) -> tuple[int, int]:
+    """(BC, BP): channels and rows per program of the row-block kernels, ~4096 values each."""
+    bc = min(128, _pow2(c))
+    return bc, max(1, 4096 // bc)
 
 
 @dataclass(frozen=True)
@@ -302,8 +322,7 @@ def _plan_for(shape: tuple[int, int, int, int], num_groups: int) -> _Plan:
 
     b, c, h, w = shape
     hw = h * w
-    bc = min(128, _pow2(c))
-    bp = max(1, 4096 // bc)
+    bc, bp = _blocks(c)
     # enough programs to fill a GPU at batch 1 (the native kernel's 32 blocks were the problem),
     # each with at least a few row blocks of work
     splits = max(1, min(triton.cdiv(hw, 4 * bp), triton.cdiv(256, b * triton.cdiv(c, bc)), 128))
@@ -334,7 +353,7 @@ def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch
     """(y, stats): y channels-last in x's dtype; stats (B·G, 2) float32 mean and 1/σ per image and
     group (of x + x_bias, if given)."""
     xb = x if x_bias is None else x_bias  # a placeholder pointer where there is none
-    triton, stats_k, finalize_k, apply_k = _kernels()[:4]
+    k = _kernels()
     p = _plan(x, num_groups)
     ws = p.c if weight.dim() == 2 else 0
     has = x_bias is not None
@@ -343,17 +362,17 @@ def _forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch
     bp, bg = _pow2(p.hw), _pow2(p.cg)
     if bp * bg <= SMALL_GROUP:  # one program per group, one launch
         with _on_device(x):
-            _kernels()[7][(p.b * num_groups,)](x, xb, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws,
-                                               float(eps), HAS_XB=has, SILU=silu, BP=bp, BG=bg,
-                                               num_warps=8 if bp * bg >= 4096 else 4)
+            k.small[(p.b * num_groups,)](x, xb, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws,
+                                         float(eps), HAS_XB=has, SILU=silu, BP=bp, BG=bg,
+                                         num_warps=8 if bp * bg >= 4096 else 4)
         return y, stats
     part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
     with _on_device(x):
-        stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](x, xb, part, p.hw, p.c, p.cg, p.rows_per, p.splits,
-                                                          HAS_XB=has, BP=p.bp, BC=p.bc)
-        finalize_k[(p.b * num_groups,)](x, xb, part, stats, p.hw, p.c, p.cg, num_groups, p.splits, float(eps),
+        k.stats[(p.b, p.splits, k.triton.cdiv(p.c, p.bc))](x, xb, part, p.hw, p.c, p.cg, p.rows_per, p.splits,
+                                                            HAS_XB=has, BP=p.bp, BC=p.bc)
+        k.finalize[(p.b * num_groups,)](x, xb, part, stats, p.hw, p.c, p.cg, num_groups, p.splits, float(eps),
                                         HAS_XB=has, BS=_pow2(p.splits), BG=_pow2(p.cg))
-        apply_k[(triton.cdiv(p.hw, p.bp), p.b, triton.cdiv(p.c, p.bc))](
+        k.apply[(k.triton.cdiv(p.hw, p.bp), p.b, k.triton.cdiv(p.c, p.bc))](
             x, xb, y, stats, weight, bias, p.hw, p.c, p.cg, num_groups, ws, HAS_XB=has, SILU=silu,
             BP=p.bp, BC=p.bc)
     return y, stats
@@ -401,18 +420,32 @@ def bias_epilogue_nhwc_triton(
                          f"{tuple(skip.shape)} (channels-last: {cl})")
     bias = bias.contiguous()
     bias2 = None if bias2 is None else bias2.contiguous()
-    triton, epi_k = _kernels()[0], _kernels()[6]
+    k = _kernels()
     rows = x.numel() // c
-    bc = min(128, _pow2(c))
-    bp = max(1, 4096 // bc)
+    bc, bp = _blocks(c)
     with _on_device(x):
-        epi_k[(triton.cdiv(rows, bp), triton.cdiv(c, bc))](
+        k.epilogue[(k.triton.cdiv(rows, bp), k.triton.cdiv(c, bc))](
             x, bias, bias if bias2 is None else bias2, x if skip is None else skip, x, rows, c,
             HAS_BIAS2=bias2 is not None, HAS_SKIP=skip is not None, GELU=gelu, BP=bp, BC=bc)
     return x
 
 
+def record_failure(latch: list[str], e: Exception, message: str) -> None:
+    """Note a kernel's first failure in ``latch`` (its callers then skip the kernels) and warn
+    once: ``message`` (what failed and what runs instead), then the error's first line."""
+    latch.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    log.warning("%s: %s", message, latch[0])
+
+
 _BACKWARD_FAILED: list[str] = []  # the first failure of the backward kernels (then never tried again)
+
+
+def group_norm_f32(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """What the kernels compute, with PyTorch's ops: GroupNorm of ``x`` (B, C, H, W) in float32
+    with the affine ``weight``/``bias`` (C,) or, per image, (B, C); float32 result."""
+    view = (lambda t: t.float()[..., None, None]) if weight.dim() == 2 else (lambda t: t.float()[:, None, None])
+    return F.group_norm(x.float(), num_groups, None, None, eps) * view(weight) + view(bias)
 
 
 def _native_backward(dz, x, weight, bias, num_groups, eps, silu):
@@ -420,8 +453,7 @@ def _native_backward(dz, x, weight, bias, num_groups, eps, silu):
     fallback): the forward recomputed in float32 from the saved input, then autograd."""
     with torch.enable_grad():
         xf, w, b = (t.detach().float().requires_grad_() for t in (x, weight, bias))
-        view = (lambda t: t[..., None, None]) if w.dim() == 2 else (lambda t: t[None, :, None, None])
-        y = F.group_norm(xf, num_groups, None, None, eps) * view(w) + view(b)
+        y = group_norm_f32(xf, num_groups, w, b, eps)
         y = F.silu(y) if silu else y
         dx, dw, db = torch.autograd.grad(y, (xf, w, b), dz.float())
     return (dx.to(x.dtype).contiguous(memory_format=torch.channels_last), dw.to(weight.dtype), db.to(bias.dtype),
@@ -446,21 +478,20 @@ class _GroupNormFn(torch.autograd.Function):
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 — a JIT compiler's failures have no common base class
-                _BACKWARD_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                log.warning("Triton GroupNorm backward failed, computing it with PyTorch's ops from now on: %s",
-                            _BACKWARD_FAILED[0])
+                record_failure(_BACKWARD_FAILED, e,
+                               "Triton GroupNorm backward failed, computing it with PyTorch's ops from now on")
         return _native_backward(dz, x, weight, bias, ctx.num_groups, ctx.eps, ctx.silu)
 
     @staticmethod
     def _backward(ctx, dz, x, weight, bias, stats):
-        triton, _, _, _, bwd_stats_k, bwd_apply_k = _kernels()[:6]
+        k = _kernels()
         g = ctx.num_groups
         p = _plan(x, g)
         ws = p.c if weight.dim() == 2 else 0
         dz = dz.contiguous(memory_format=torch.channels_last)
         part = torch.empty(p.b, p.splits, 2, p.c, device=x.device, dtype=torch.float32)
         with _on_device(x):
-            bwd_stats_k[(p.b, p.splits, triton.cdiv(p.c, p.bc))](
+            k.bwd_stats[(p.b, p.splits, k.triton.cdiv(p.c, p.bc))](
                 x, dz, stats, weight, bias, part, p.hw, p.c, p.cg, g, ws, p.rows_per, p.splits,
                 SILU=ctx.silu, BP=p.bp, BC=p.bc)
         sums = part.sum(1)  # (B, 2, C): per image and channel sum(dy), sum(dy * xhat); fixed order
@@ -470,7 +501,7 @@ class _GroupNormFn(torch.autograd.Function):
         coef = (torch.stack([a * d_bias, a * d_weight], dim=-1).view(p.b, g, p.cg, 2).sum(2) / n).contiguous()
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         with _on_device(x):
-            bwd_apply_k[(triton.cdiv(p.hw, p.bp), p.b, triton.cdiv(p.c, p.bc))](
+            k.bwd_apply[(k.triton.cdiv(p.hw, p.bp), p.b, k.triton.cdiv(p.c, p.bc))](
                 x, dz, dx, stats, weight, bias, coef, p.hw, p.c, p.cg, g, ws, SILU=ctx.silu, BP=p.bp, BC=p.bc)
         if weight.dim() == 1:
             d_weight, d_bias = d_weight.sum(0), d_bias.sum(0)

@@ -335,6 +335,7 @@ def setup_device(device: str) -> DistInfo:
 
 def run_stage(args: argparse.Namespace) -> dict:
     """Train one stage as described by parsed CLI ``args``; returns the JSON record written."""
+    check_compile_mode(args)  # before any device, data or net is set up
     t_start = time.time()
     di = setup_device(args.device)
     try:
@@ -380,7 +381,6 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     triton_norm = set_triton_norm(args.triton_norm, di.device, net, args.channels_last)
-    check_compile_mode(args)
     trainer = Trainer(task, cfg, di)
     if args.compile:
         trainer.compile(args.compile_mode)
@@ -458,6 +458,5 @@ def _estimator_training(meta: dict[str, str]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    check_compile_mode(args)  # before any data or net is loaded
     run_stage(args)
     return 0
