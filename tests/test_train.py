@@ -170,6 +170,34 @@ def test_ema_update_and_warmup():
         EMA(lin, 1.5)
 
 
+class _ScaledTask:
+    """loss = gain · Σw: with gain 1e35 the fp16 scaler's 65536 × gradient is inf in float32."""
+
+    def __init__(self):
+        self.model, self.gain = torch.nn.Linear(2, 1, bias=False), 1.0
+
+    def loss(self, model, generator):
+        loss = self.gain * model.weight.sum()
+        return loss, {}
+
+
+def test_fp16_skipped_steps_leave_the_weights_and_the_ema_alone():
+    task = _ScaledTask()
+    tr = Trainer(task, LoopConfig(steps=3, batch=1, lr=0.1, amp="fp16", ema_decay=0.5, ema_warmup=False,
+                                  grad_clip=None, progress=False))
+    w0, ema0 = task.model.weight.detach().clone(), tr.ema.shadow["weight"].clone()
+    task.gain = 1e35  # finite loss (≈1e35), inf scaled gradients: the scaler skips the optimiser step
+    logs = tr.train_step()
+    assert logs["fp16_skipped"] == 1.0 and tr.fp16_skipped == 1 and tr.step == 1
+    assert torch.equal(task.model.weight, w0)
+    assert torch.equal(tr.ema.shadow["weight"], ema0) and tr.ema.num_updates == 0
+    task.gain = 1.0  # a normal step moves both
+    logs = tr.train_step()
+    assert "fp16_skipped" not in logs and tr.ema.num_updates == 1
+    assert not torch.equal(task.model.weight, w0)
+    torch.testing.assert_close(tr.ema.shadow["weight"], 0.5 * ema0 + 0.5 * task.model.weight.detach())
+
+
 def _trainer(pack, ckpt, pool=0):
     torch.manual_seed(0)
     est = build_estimator_net(TINY.estimator)

@@ -96,7 +96,7 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 def conv_nobias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv`` without its bias (which :func:`conv_epilogue` or a norm's ``x_bias`` then adds)."""
-    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv._conv_forward(x, conv.weight, None)  # PyTorch's own path: any padding_mode
 
 
 def conv_epilogue(x: torch.Tensor, bias: torch.Tensor, *, bias2: torch.Tensor | None = None,

@@ -175,6 +175,7 @@ class Trainer:
         )
         self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.fp16_skipped = 0  # optimiser steps the fp16 scaler skipped (inf/NaN gradients) in this process
         self.wrapped: nn.Module = self.model
         if self.di.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -325,10 +326,17 @@ class Trainer:
         if self.cfg.grad_clip:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             agg["gnorm"] = float(gn)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        # fp16: a step with inf/NaN gradients is skipped by the scaler (which then lowers its scale);
+        # the EMA skips it too, so it does not drift towards weights that did not move
+        if scale is not None and self.scaler.get_scale() < scale:
+            self.fp16_skipped += 1
+            agg["fp16_skipped"] = float(self.fp16_skipped)
+        else:
+            self.ema.update(self.model)
         self.step += 1
         return {"loss": total / self.cfg.accum, **agg, "lr": lr}
 
