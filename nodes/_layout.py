@@ -6,9 +6,14 @@ IMAGE gives) selects other CPU kernels, whose rounding differs from the CLI's in
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from upsr_core.pipeline import clamp_overshoot
 from upsr_core.stages import carry_padding
+
+log = logging.getLogger(__name__)
 
 
 def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -19,6 +24,17 @@ def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
     if image.shape[0] == 0:
         raise ValueError(f"{name}: the image batch is empty")
     return carry_padding(image, image.movedim(-1, 1).float().contiguous())
+
+
+def lr_in(image: torch.Tensor) -> torch.Tensor:
+    """The LR IMAGE [B,H,W,3] -> (B,3,H,W) float32 in [0, 1]. ComfyUI's bicubic and Lanczos
+    resizes do not clamp, so an image scaled down before UPSR overshoots [0, 1] at sharp edges:
+    that is clamped (as ComfyUI's own upscale nodes clamp their output) and logged; values
+    further out, NaN or Inf are an error."""
+    lr, found = clamp_overshoot(image_in(image, "image"), "the image")
+    if found is not None:
+        log.info("UPSR: the image holds values in [%.4g, %.4g] (a resize's overshoot): clamped to [0, 1]", *found)
+    return lr
 
 
 def image_out(x: torch.Tensor) -> torch.Tensor:

@@ -158,22 +158,28 @@ class LoadUPSRModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, estimator_name: str, precision: str,
-                        implementation: str = "fast") -> bool | str:
+    def validate_inputs(cls, model_name: str | None, estimator_name: str | None, precision: str | None,
+                        implementation: str | None = "fast") -> bool | str:
+        # an input that comes over a link is None here (its value is known only when the prompt
+        # runs); execute() checks all four again then
         files = model_files()
-        problem = check_choice("model_name", model_name, files)
-        if problem is None and estimator_name != IN_MODEL_FILE:
+        problem = None if model_name is None else check_choice("model_name", model_name, files)
+        if problem is None and estimator_name not in (None, IN_MODEL_FILE):
             problem = check_choice("estimator_name", estimator_name, files)
-        if problem is None and precision not in PRECISIONS:
+        if problem is None and precision is not None and precision not in PRECISIONS:
             problem = f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-        if problem is None and implementation not in IMPLEMENTATIONS:
+        if problem is None and implementation is not None and implementation not in IMPLEMENTATIONS:
             problem = f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}"
         return problem or True
 
     @classmethod
     def execute(cls, model_name: str, estimator_name: str, precision: str,
                 implementation: str = "fast") -> io.NodeOutput:
-        problem = cls.validate_inputs(model_name, estimator_name, precision, implementation)
+        values = {"model_name": model_name, "estimator_name": estimator_name, "precision": precision,
+                  "implementation": implementation}
+        unset = [k for k, v in values.items() if v is None]
+        problem = (f"{', '.join(unset)} has no value: connect or set it" if unset
+                   else cls.validate_inputs(model_name, estimator_name, precision, implementation))
         if problem is not True:
             raise ValueError(problem)
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)

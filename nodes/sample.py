@@ -13,16 +13,16 @@ from comfy_api.latest import io
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
 from upsr_core.errors import is_out_of_memory, is_size_limit
 from upsr_core.model import ESTIMATOR_BLOCK, Progress
-from upsr_core.pipeline import padded_size
+from upsr_core.pipeline import SCALE, generator_seed, padded_size
 from upsr_core.stages import sample_maps
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
-from ._layout import image_in, image_out
+from ._layout import image_in, image_out, lr_in
 from .load_model import UPSRModelType
 
 log = logging.getLogger(__name__)
 MIN_TILE = 64  # LR pixels: the OOM retry gives up below this
-SEED_MAX = 0xFFFFFFFFFFFFFFF  # image i of a batch uses seed + i, which must stay below 2**63
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # as KSampler's; upsr_core.pipeline.generator_seed maps it onto the generator
 
 Run = Callable[[int, int, int, Progress], torch.Tensor]
 """run(tile, overlap, estimator_block, progress) -> sr (B,3,4h,4w)."""
@@ -149,6 +149,24 @@ def _same_noise_input() -> io.Boolean.Input:
                                     "of a batch uses seed + i")
 
 
+def check_maps(image: torch.Tensor, **maps: torch.Tensor) -> None:
+    """Each IMAGE map (sr_estimate, noise_weight) must be 1 or B images at ×4 of the LR IMAGE
+    [B,H,W,C]: a ValueError in the sizes an artist sees (width×height), naming the input, else
+    nothing. (upsr_core checks the same in its own (B,C,H,W) terms.)"""
+    if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (image, *maps.values())):
+        return  # image_in names what is not an IMAGE
+    b, h, w = image.shape[:3]
+    for name, t in maps.items():
+        mb, mh, mw = t.shape[:3]
+        if (mh, mw) != (SCALE * h, SCALE * w):
+            hint = (f": it has the LR image's size; a map painted on the LR image must be scaled ×{SCALE} first"
+                    if (mh, mw) == (h, w) else "")
+            raise ValueError(f"{name} is {mw}×{mh} px; expected ×{SCALE} of the LR image ({w}×{h} px), "
+                             f"i.e. {SCALE * w}×{SCALE * h} px{hint}")
+        if mb not in (1, b):
+            raise ValueError(f"{name} is a batch of {mb}; expected 1 (for every image) or {b} (one per LR image)")
+
+
 class UPSRSample(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -178,12 +196,13 @@ class UPSRSample(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
+        check_maps(image, sr_estimate=sr_estimate, noise_weight=noise_weight)
         model = upsr_model.load_for(image, tile, tile_batch)
-        lr = image_in(image, "image")
+        lr = lr_in(image)
         est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
 
         def run(t: int, o: int, _block: int, progress: Progress) -> torch.Tensor:
-            return sample_maps(model, lr, est, w, seed=seed, tile=t, overlap=o, tile_batch=tile_batch,
+            return sample_maps(model, lr, est, w, seed=generator_seed(seed), tile=t, overlap=o, tile_batch=tile_batch,
                                progress=progress, same_noise=same_noise)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
@@ -223,11 +242,12 @@ class UPSRUpscale(io.ComfyNode):
     def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
         model = upsr_model.load_for(image, tile, tile_batch)
-        lr = image_in(image, "image")
+        lr = lr_in(image)
 
         def run(t: int, o: int, block: int, progress: Progress) -> torch.Tensor:
-            return model.upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=t, overlap=o, tile_batch=tile_batch,
-                                 progress=progress, same_noise=same_noise, estimator_block=block)
+            return model.upscale(lr, seed=generator_seed(seed), b_u=b_u, psi_max=psi_max, tile=t, overlap=o,
+                                 tile_batch=tile_batch, progress=progress, same_noise=same_noise,
+                                 estimator_block=block)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
                                                       upsr_model.free_others, estimator=True)))

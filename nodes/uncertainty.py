@@ -12,7 +12,7 @@ from upsr_core.model import ESTIMATOR_BLOCK
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
-from ._layout import image_in, image_out, mask_in, mask_out
+from ._layout import image_in, image_out, lr_in, mask_in, mask_out
 from .load_model import UPSRModelType
 from .sample import progress_bar, retry_on_oom, smaller_block
 
@@ -35,9 +35,16 @@ def external_estimator(upscale_model, device: torch.device
     if scale != 4 or cin != 3:
         raise ValueError(f"upscale_model must be a ×4 RGB model to replace the estimator, got ×{scale} "
                          f"with {cin} input channels")
+    def checked(x: torch.Tensor) -> torch.Tensor:  # one tile; tiled_scale writes it into a ×4 buffer
+        y = upscale_model(x)
+        if tuple(y.shape[-2:]) != (4 * x.shape[-2], 4 * x.shape[-1]):
+            raise ValueError(f"upscale_model says ×{scale} but turned a {x.shape[-1]}×{x.shape[-2]} tile into "
+                             f"{y.shape[-1]}×{y.shape[-2]}: it must upscale ×4 to replace the estimator")
+        return y
+
     upscale_model.to(device)
     try:
-        yield lambda x, tile: comfy.utils.tiled_scale(x.to(device), upscale_model, tile_x=tile, tile_y=tile,
+        yield lambda x, tile: comfy.utils.tiled_scale(x.to(device), checked, tile_x=tile, tile_y=tile,
                                                       overlap=EXTERNAL_OVERLAP, upscale_amount=4)
     finally:
         upscale_model.to("cpu")
@@ -75,7 +82,7 @@ class EstimateUncertainty(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, upscale_model=None) -> io.NodeOutput:
         model = upsr_model.load()
-        lr = image_in(image, "image")
+        lr = lr_in(image)
         progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
         with external_estimator(upscale_model, model.device) as g:
             # out of memory: unload other models, then halve ATD's blocks (or the upscale model's tile)
@@ -121,10 +128,11 @@ class WeightNoise(io.ComfyNode):
         if (uncertainty is None) == (uncertainty_mask is None):
             raise ValueError("UPSR Weight Noise: connect exactly one of 'uncertainty' (IMAGE) or 'uncertainty_mask' "
                              f"(MASK), got {'both' if uncertainty is not None else 'neither'}")
-        if uncertainty is not None:
-            psi = image_in(uncertainty, "uncertainty")
-        else:
-            psi = mask_in(uncertainty_mask, "uncertainty_mask")
-        w = weight_map(psi, b_u, psi_max)
+        name = "uncertainty" if uncertainty is not None else "uncertainty_mask"
+        psi = image_in(uncertainty, name) if uncertainty is not None else mask_in(uncertainty_mask, name)
+        try:
+            w = weight_map(psi, b_u, psi_max)
+        except ValueError as e:  # say which input: a mask edited upstream may have gone negative
+            raise ValueError(f"UPSR Weight Noise, input '{name}': {e}") from e
         heat = image_out(heatmap(w))
         return io.NodeOutput(image_out(w), heat, ui=ui.PreviewImage(heat, cls=cls))

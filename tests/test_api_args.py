@@ -52,6 +52,23 @@ def test_lr_overshoot_of_resampling_is_accepted(model):
     assert model.upscale(lr, **TILE).shape == (1, 3, 24, 24)
 
 
+def test_clamp_overshoot_takes_a_resize_s_overshoot_and_refuses_other_ranges(model):
+    from upsr_core.pipeline import clamp_overshoot
+
+    lr = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    assert clamp_overshoot(lr, "x") == (lr, None)  # already in [0, 1]: the same tensor
+    over = lr.mul(1.3).sub(0.15)  # ringing of a bicubic resize at sharp edges: ±0.15
+    got, found = clamp_overshoot(over, "x")
+    assert torch.equal(got, over.clamp(0, 1)) and found == pytest.approx((over.min().item(), over.max().item()))
+    with pytest.raises(ValueError, match=r"the LR image must hold values in \[0, 1\], got \[.*\] \(a bicubic or "
+                                         r"Lanczos resize overshoots: clamp to \[0, 1\]\)"):
+        model.upscale(over, **TILE)  # the library does not clamp: it names the cure
+    for bad, hint in ((lr * 255, "divide 8-bit values by 255"), (lr * 2 - 1, r"map \[-1, 1\]"),
+                      (torch.full_like(lr, float("nan")), "NaN or Inf")):
+        with pytest.raises(ValueError, match=hint):
+            clamp_overshoot(bad, "the image")
+
+
 # ------------------------------------------------------------------ weight and noise given to denoise
 def test_denoise_refuses_weights_of_the_wrong_shape_range_or_dtype(model, est_w):
     est, w = est_w

@@ -209,7 +209,7 @@ def test_schema_defaults_and_slider_ranges(pack):
     for node_id in ("UPSRSample", "UPSRUpscale"):
         _, s = _spec(pack, node_id)
         assert s["seed"][1]["control_after_generate"] is True and s["seed"][1]["default"] == 0
-        assert s["seed"][1]["min"] == 0 and s["seed"][1]["max"] + 64 < 2**63
+        assert s["seed"][1]["min"] == 0 and s["seed"][1]["max"] == 2**64 - 1  # KSampler's range
         assert (s["tile"][1]["default"], s["tile"][1]["min"], s["tile"][1]["step"]) == (512, 64, 64)
         assert (s["overlap"][1]["default"], s["tile_batch"][1]["default"]) == (64, 1)
         assert s["same_noise"][1]["default"] is False  # seed + i per image, as before the option existed
@@ -348,6 +348,12 @@ def test_load_rejects_bad_choices_with_clear_messages(pack):
         DEMO, "(from the model file)", "fp32", "turbo")
     with pytest.raises(ValueError, match="nope.pth"):
         run(pack, "LoadUPSRModel", model_name="nope.pth", estimator_name="(from the model file)", precision="fp32")
+    # ComfyUI validates before the run, when an input that comes over a link has no value yet (None)
+    assert node.validate_inputs(None, None, None, None) is True
+    assert node.validate_inputs(None, "(from the model file)", "fp8") == (
+        "precision must be one of auto, fp32, bf16, fp16, got 'fp8'")
+    with pytest.raises(ValueError, match="precision has no value: connect or set it"):
+        run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision=None)
 
 
 def test_empty_model_folder(pack, tmp_path, monkeypatch):
@@ -401,6 +407,43 @@ def test_chain_with_defaults_writes_what_the_cli_writes(pack, implementation, tm
     # exact in float too, and not trivially: another seed gives another image
     assert torch.equal(sr, model.upscale(img.movedim(-1, 1).contiguous()).movedim(1, -1))
     assert not torch.equal(sr, chain(pack, handle, img, seed=1)[0])
+
+
+def test_an_image_resized_by_comfy_s_bicubic_is_clamped_not_refused(pack, handle, caplog):
+    # ComfyUI's ImageScale(By) bicubic does not clamp: ringing at edges leaves [0, 1]
+    img = lr_image(16, 24, seed=3)
+    over = (img * 1.2 - 0.1).contiguous()  # [-0.1, 1.1]: the size of what a ×0.5 bicubic gives on photos
+    d = defaults(pack, "UPSRUpscale")
+    with caplog.at_level(logging.INFO):
+        got = run(pack, "UPSRUpscale", upsr_model=handle, image=over, **d)[0]
+    assert torch.equal(got, run(pack, "UPSRUpscale", upsr_model=handle, image=over.clamp(0, 1), **d)[0])
+    assert "(a resize's overshoot): clamped to [0, 1]" in caplog.text
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=over)
+    assert torch.equal(est[0], run(pack, "EstimateUncertainty", upsr_model=handle, image=over.clamp(0, 1))[0])
+    with pytest.raises(ValueError, match=r"divide 8-bit values by 255"):  # not an overshoot: still an error
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img * 255, **d)
+
+
+def test_seeds_of_64_bits_draw_the_noise_of_their_low_32_bits(pack, handle):
+    # ComfyUI checks no range on a linked seed, and seed nodes give up to 2**64 - 1; the CPU
+    # generator keeps a seed's low 32 bits, so the node maps it there: the same images as the
+    # seeds below 2**32 (image i of the batch: seed + i, wrapping the same way)
+    img = lr_image(16, 24, b=2, seed=7)
+    d = defaults(pack, "UPSRUpscale")
+    top = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d | {"seed": 2**64 - 1})[0]
+    low = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d | {"seed": 2**32 - 1})[0]
+    assert torch.equal(top, low)
+    second = run(pack, "UPSRUpscale", upsr_model=handle, image=img[1:], **d | {"seed": 0})[0]
+    # (2**64 - 1) + 1 wraps to seed 0's noise; 1e-6: a batch of two and a single image run the
+    # fast path's CPU kernels with other blocking (last-bit rounding, see the chain test below)
+    assert (top[1:] - second).abs().max() <= 1e-6
+    from upsr_core.pipeline import generator_seed, starting_noise
+
+    assert torch.equal(starting_noise(generator_seed(5 + 2**40), 1, (8, 8)), starting_noise(5 + 2**40, 1, (8, 8)))
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
+        generator_seed(-1)
+    with pytest.raises(ValueError, match=r"got 18446744073709551616"):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **d | {"seed": 2**64})
 
 
 @pytest.mark.slow
@@ -482,12 +525,21 @@ def test_bad_input_gives_clear_errors(pack, handle):
         return run(pack, "UPSRSample", **({"upsr_model": handle, "image": img, "sr_estimate": est[0],
                                            "noise_weight": w} | d | kw))
 
-    with pytest.raises(ValueError, match=r"noise weight has shape \(1, 3, 64, 64\); expected .* 48, 64"):
+    # sizes as the artist sees them (width×height), naming the input
+    with pytest.raises(ValueError, match=r"^noise_weight is 64×64 px; expected ×4 of the LR image \(16×12 px\), "
+                                         r"i\.e\. 64×48 px$"):
         sample(noise_weight=w_other)
-    with pytest.raises(ValueError, match="sr_estimate has shape"):
+    with pytest.raises(ValueError, match=r"^sr_estimate is 64×64 px; expected"):
         sample(sr_estimate=est_other[0])
-    with pytest.raises(ValueError, match="sr_estimate has shape"):
-        sample(sr_estimate=img)  # wrong wiring: the LR image as the estimate
+    with pytest.raises(ValueError, match=r"sr_estimate is 16×12 px; .*: it has the LR image's size; a map painted "
+                                         r"on the LR image must be scaled ×4 first"):
+        sample(sr_estimate=img)  # wrong wiring (or a map made at LR size)
+    with pytest.raises(ValueError, match=r"noise_weight is a batch of 3; expected 1 \(for every image\) or 2 "
+                                         r"\(one per LR image\)"):
+        sample(image=img.repeat(2, 1, 1, 1), sr_estimate=est[0], noise_weight=w.repeat(3, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"UPSR Weight Noise, input 'uncertainty_mask': uncertainty ψ must be "
+                                         r"finite and >= 0, got values in \[-0\.49"):
+        run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[2] - 0.5)
     with pytest.raises(ValueError, match=r"image: the image batch is empty"):
         run(pack, "EstimateUncertainty", upsr_model=handle, image=img[:0])
     with pytest.raises(ValueError, match=r"expected an IMAGE \[B,H,W,3\], got \(1, 48, 64\)"):
@@ -533,6 +585,19 @@ def test_upscale_model_as_estimator(pack, handle, monkeypatch):
                                                 upscale_amount=4)] * 2
     with pytest.raises(ValueError, match="must be a ×4 RGB model"):
         run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=FakeUpscaleModel(2))
+
+
+def test_upscale_model_that_is_not_x4_is_named_before_comfy_tiling_fails(pack, handle):
+    # it says ×4 but gives ×2: ComfyUI's tiled_scale would fail writing it into its ×4 buffer
+    class Says4Gives2(FakeUpscaleModel):
+        def __call__(self, x):
+            return F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+
+    g = Says4Gives2(4)
+    with pytest.raises(ValueError, match=r"upscale_model says ×4 but turned a 16×16 tile into 32×32: it must "
+                                         r"upscale ×4"):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=g)
+    assert g.moves[-1] == "cpu"
 
 
 # ----------------------------------------------------------------------------- progress, cancel, OOM
@@ -594,12 +659,24 @@ def test_progress_counts_steps_times_tiles(pack, handle, monkeypatch):
     img = lr_image(16, 40)  # tile 64, overlap 16 on 16x40: 1 tile
     run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"tile": 64,
                                                                                               "overlap": 16})
-    assert seen == [(k, 5) for k in range(1, 6)]
+    # (0, 5) first: a report (and Cancel check) before the estimator runs, which reports nothing
+    assert seen == [(0, 5)] + [(k, 5) for k in range(1, 6)]
     seen.clear()
     img = lr_image(16, 136)  # 3 tiles in a row
     run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"tile": 64,
                                                                                               "overlap": 16})
-    assert seen == [(k, 15) for k in range(1, 16)]
+    assert seen == [(0, 15)] + [(k, 15) for k in range(1, 16)]
+
+
+@pytest.mark.parametrize("size", [(16, 24), (16, 600)])  # one piece; streamed tiles with 2 estimator blocks
+def test_upscale_node_cancelled_before_it_starts_runs_no_estimator_block(pack, handle, model, monkeypatch, size):
+    calls = []
+    real = model.estimator.forward
+    monkeypatch.setattr(model.estimator, "forward", lambda x: calls.append(tuple(x.shape)) or real(x))
+    pack.mm.interrupt_current_processing(True)  # Cancel pressed while an earlier node ran
+    with pytest.raises(pack.mm.InterruptProcessingException):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(*size), **defaults(pack, "UPSRUpscale"))
+    assert calls == [] and not pack.mm.processing_interrupted()
 
 
 def _wrap_denoiser(model, monkeypatch, wrapper) -> None:

@@ -392,7 +392,7 @@ class FastUPSRModel(UPSRModel):
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(list(range(len(tiles))), nb):
                 full = [tiles[j] for j in group + [group[-1]] * (nb - len(group))]
-                sub, w_sub, n_sub = inputs(i, full)
+                sub, w_sub, n_sub = inputs(i, full, counter.check)
                 args = (sub.bicubic_pm.to(dev), sub.sr_estimate_pm.to(dev),
                         w_sub.to(dev, torch.float32).expand_as(sub.bicubic_pm).contiguous(),
                         n_sub.to(dev, torch.float32))
@@ -490,6 +490,7 @@ class FastUPSRModel(UPSRModel):
         outs: list[torch.Tensor] = []
         counter = StepCounter(progress, steps * b)
         for i in range(0, b, per):
+            counter.check()  # the estimator reports nothing: a Cancel is seen before it runs
             x, n = lr[i : i + per], noise[i : i + per]
             key = self._key("up", *x.shape, b_u, psi_max)
             if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only

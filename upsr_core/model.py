@@ -66,6 +66,11 @@ class StepCounter:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
+    def check(self) -> None:
+        """Report the count again without advancing it: before work that reports nothing (an
+        estimator block), so a cancelling ``progress`` can stop it before it starts."""
+        self(0)
+
 
 RowSink = Callable[[int, int, torch.Tensor], None]  # sink(image index, first HR row, rows (3, n, 4w))
 
@@ -220,7 +225,8 @@ class UPSRModel:
                    tile_batch: int, progress: Progress | None, sink: RowSink | None = None) -> torch.Tensor | None:
         """Denoise every tile of every image; blend into a (B,3,4h,4w) canvas -> sr in [0,1].
 
-        ``inputs(i, tiles)`` returns the (Estimate, weight, noise) batch of image i under ``tiles``.
+        ``inputs(i, tiles, check)`` returns the (Estimate, weight, noise) batch of image i under
+        ``tiles``, calling ``check()`` (:meth:`StepCounter.check`) before each estimator block it runs.
         With ``sink``, no full canvas is kept: see :meth:`upscale`; returns None then.
         """
         check_tiling(tile, overlap, self.multiple_of)
@@ -251,7 +257,7 @@ class UPSRModel:
     def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: StepCounter) -> torch.Tensor:
         """Denoise image i under ``group`` (one batch) -> padded [-1,1] samples on the CPU;
         ``counter`` gets len(group) after every denoiser step."""
-        sub, w_sub, n_sub = inputs(i, group)
+        sub, w_sub, n_sub = inputs(i, group, counter.check)
         dev = self.device
         return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev), schedule=schedule,
                                 callback=lambda _k, _x, _x0: counter(len(group)), crop=False).cpu()
@@ -344,7 +350,7 @@ class UPSRModel:
         blocks = partition(hp, wp, estimator_block)
         cache: dict[tuple[int, Tile], torch.Tensor] = {}
 
-        def inputs(i: int, group: list[Tile]):
+        def inputs(i: int, group: list[Tile], check: Callable[[], None]):
             for key in [k for k in cache if k[0] != i or k[1].y + k[1].h <= group[0].y]:
                 del cache[key]  # blocks above the current tile row are done with
             subs = []
@@ -355,6 +361,7 @@ class UPSRModel:
                 for blk in blocks:
                     if blk.y < t.y + t.h and t.y < blk.y + blk.h and blk.x < t.x + t.w and t.x < blk.x + blk.w:
                         if (i, blk) not in cache:
+                            check()  # a Cancel is seen before the block runs (up to 512² LR px)
                             cache[(i, blk)] = self._estimator_block(lr_pm[i : i + 1], blk, ESTIMATOR_MARGIN)
                         _paste(y_hat, cache[(i, blk)], blk, t)
                 subs.append(Estimate(lr_t, bic, y_hat, (t.h, t.w)))

@@ -39,10 +39,12 @@ __all__ = [
     "run_estimator",
     "estimate",
     "starting_noise",
+    "generator_seed",
     "NoiseField",
     "denoise_estimate",
     "crop_hr",
     "check_lr",
+    "clamp_overshoot",
     "SCALE",
 ]
 
@@ -65,8 +67,36 @@ def check_unit_range(x: torch.Tensor, what: str) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{what} contains NaN or Inf values")
     if lo < -LR_RANGE_SLACK or hi > 1 + LR_RANGE_SLACK:
-        raise ValueError(f"{what} must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}] "
-                         "(divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
+        hint = ("a bicubic or Lanczos resize overshoots: clamp to [0, 1]" if _overshoot(lo, hi)
+                else "divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5")
+        raise ValueError(f"{what} must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}] ({hint})")
+
+
+RESIZE_OVERSHOOT = 0.5
+"""How far outside [0, 1] :func:`clamp_overshoot` takes values for a resize's overshoot (bicubic
+or Lanczos ringing at sharp edges reaches ~0.2 on line art); [0, 255] and [-1, 1] images lie
+further out."""
+
+
+def _overshoot(lo: float, hi: float) -> bool:
+    return -RESIZE_OVERSHOOT <= lo and hi <= 1 + RESIZE_OVERSHOOT
+
+
+def clamp_overshoot(x: torch.Tensor, what: str) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """A float image whose values should lie in [0, 1] -> (the image in [0, 1], the (min, max) it
+    had if it was clamped, else None). Values up to RESIZE_OVERSHOOT outside [0, 1] are a
+    resize's overshoot, which image tools clamp (ComfyUI's own upscale nodes do): clamped here,
+    and the caller says so. Anything further out, NaN or Inf, raises as :func:`check_unit_range`;
+    ``what`` names the image. One pass over the data when nothing needs clamping."""
+    if not x.is_floating_point() or not x.numel():
+        check_unit_range(x, what)
+        return x, None
+    lo, hi = (v.item() for v in torch.aminmax(x.detach()))
+    if 0.0 <= lo and hi <= 1.0:
+        return x, None
+    if not (math.isfinite(lo) and math.isfinite(hi) and _overshoot(lo, hi)):
+        check_unit_range(x, what)  # raises: NaN/Inf, or too far out for an overshoot
+    return x.clamp(0.0, 1.0), (lo, hi)
 
 
 def check_lr(lr: torch.Tensor) -> None:
@@ -196,6 +226,19 @@ def _check_seed(seed: object, batch: int) -> int:
     if not 0 <= seed <= 2**63 - batch:
         raise ValueError(f"seed must be an integer in [0, 2**63 - batch], got {seed!r}")
     return int(seed)
+
+
+def generator_seed(seed: int) -> int:
+    """A seed in [0, 2**64) as the seed in [0, 2**32) that draws the same noise: the CPU generator
+    (Mersenne Twister) keeps only the low 32 bits of a seed, so ``seed % 2**32`` gives the same ε,
+    also for image i of a batch (``seed + i``). For callers whose seeds span 64 bits (ComfyUI's
+    seed widgets and seed nodes); :func:`starting_noise` takes up to 2**63 − batch.
+    TypeError unless an integer (not bool), ValueError outside [0, 2**64)."""
+    if not is_int(seed):
+        raise TypeError(f"seed must be an integer in [0, 2**64), got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed) % 2**32
 
 
 def _check_batch_hw(batch: int, lr_hw: tuple[int, int]) -> None:

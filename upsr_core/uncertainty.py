@@ -64,8 +64,9 @@ def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = D
     if not isinstance(psi, torch.Tensor) or not psi.is_floating_point() or psi.ndim != 4 or psi.shape[1] not in (1, 3):
         what = f"dtype {psi.dtype}, shape {tuple(psi.shape)}" if isinstance(psi, torch.Tensor) else type(psi).__name__
         raise ValueError(f"uncertainty ψ must be a float (B, 1|3, H, W) tensor, got {what}")
-    if not torch.isfinite(psi).all() or (psi < 0).any():
-        raise ValueError("uncertainty ψ must be finite and >= 0")
+    lo, hi = torch.aminmax(psi.detach()) if psi.numel() else (psi.new_zeros(()), psi.new_zeros(()))
+    if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0:  # NaN and ±Inf reach lo or hi
+        raise ValueError(f"uncertainty ψ must be finite and >= 0, got values in [{lo.item():.4g}, {hi.item():.4g}]")
     # half precision cannot hold a small 2ψ_max: computed in float32, returned in ψ's dtype
     p = psi if psi.dtype in (torch.float32, torch.float64) else psi.float()
     # |g − y| = 2ψ, clamped at 2ψ_max, scaled to [0, 1]: the official operation order.

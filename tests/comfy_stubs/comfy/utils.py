@@ -13,7 +13,12 @@ def tiled_scale(samples, function, tile_x=64, tile_y=64, overlap = 8, upscale_am
                                  upscale_amount=upscale_amount))
     if samples.shape[-2] > tile_y or samples.shape[-1] > tile_x:
         raise NotImplementedError("the stub tiled_scale runs single-tile images only")
-    return function(samples).to(output_device)
+    out = function(samples)
+    # as the real one: the result is written into a buffer of upscale_amount × the input
+    buf = samples.new_empty((samples.shape[0], out_channels, round(samples.shape[-2] * upscale_amount),
+                             round(samples.shape[-1] * upscale_amount)), device=output_device)
+    buf[:] = out.to(output_device)
+    return buf
 
 PROGRESS_BAR_ENABLED = True
 PROGRESS_BAR_HOOK = None
