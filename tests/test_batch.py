@@ -57,6 +57,18 @@ def test_rerun_skips_existing_outputs(folder, tmp_path, tiny_model_file, monkeyp
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in stamp.items() if n != "img3.png")
 
 
+def test_output_folder_inside_the_input_folder_is_not_an_input(folder, tmp_path, tiny_model_file, monkeypatch,
+                                                                caplog):
+    out = folder / "x4"  # upscale in -o in/x4: the second run must resume, not upscale the results
+    _run(folder, out, tiny_model_file, monkeypatch)
+    first = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    with caplog.at_level("INFO", logger="upsr_core"):
+        _run(folder, out, tiny_model_file, monkeypatch)
+    assert "skipping 5 image(s)" in caplog.text
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == first
+    assert first == [f"img{k}.png" for k in range(5)] + [f"x4/img{k}.png" for k in range(5)]
+
+
 def test_bad_rank_is_an_error(folder, tmp_path, tiny_model_file, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")

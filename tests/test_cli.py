@@ -130,8 +130,11 @@ def one_line_error(capsys) -> str:
     ("b_u", ["--b-u", "1.5"], "argument --b-u: must be in [0, 1], got 1.5"),
     ("psi_max", ["--psi-max", "0"], "argument --psi-max: must be in (0, 0.5], got 0"),
     ("tile", ["--tile", "100"], "tile size must be a positive multiple of 16, got 100"),
-    ("overlap", ["--tile", "32", "--overlap", "32"], "overlap must be in [0, tile size 32)"),
-    ("seed", ["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    ("overlap", ["--tile", "32", "--overlap", "32"], "--overlap (32; default 64) must be less than --tile (32): "
+                                                     "lower --overlap or raise --tile"),
+    ("default-overlap", ["--tile", "64"], "--overlap (64; default 64) must be less than --tile (64)"),
+    ("seed", ["--seed", "-1"], "argument --seed: must be in [0, 9223372036854775807], got -1"),
+    ("seed-64-bit", ["--seed", str(2**63)], "argument --seed: must be in [0, 9223372036854775807], got 9223372"),
 ])
 def test_bad_inputs_exit_2_with_one_line(small_model_file, tmp_path, capsys, case, extra, match):
     src = tmp_path / "in.png"

@@ -225,8 +225,10 @@ def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):
 
 @pytest.mark.parametrize("b_u,psi_max,match", [("0.4,x", "0.05", "comma list of numbers, got '0.4,x'"),
                                                ("", "0.05", "--b-u is empty"),
-                                               ("1.5", "0.05", "b_u must be in"),
+                                               ("1.5", "0.05", "--b-u / --psi-max: b_u must be in"),
                                                ("0.4", "0", "psi_max must be"),
+                                               ("0.4", "0.05,0.7", r"--psi-max must be in \(0, 0.5\] \(a computed "
+                                                                   r"ψ never exceeds 0.5\), got 0.7"),
                                                ("0.4,0.4", "0.05", "repeat a value")])
 def test_eval_grid_rejects_bad_values(b_u, psi_max, match):
     from upsr_core.evaluate import parse_grid
@@ -320,6 +322,25 @@ def test_eval_without_hr_refuses_what_it_cannot_measure(tiny_pairs, tmp_path, mo
     assert not (tmp_path / "o").exists()
     assert main([*base[:2], str(tmp_path / "missing"), *base[3:]]) == 2
     assert "missing' does not exist" in capsys.readouterr().err
+
+
+def test_pairing_refuses_two_images_of_one_name_and_names_the_unpaired(tiny_pairs, caplog):
+    import shutil
+
+    from upsr_core.evaluate import pair_files
+
+    root, _ = tiny_pairs
+    shutil.copy(root / "lr" / "img0.png", root / "lr" / "extra.png")
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        assert len(pair_files(root / "hr", root / "lr")) == 2
+    assert "1 LR image(s) in" in caplog.text and "have no HR image of the same name" in caplog.text
+    assert "extra.png" in caplog.text
+    Image.open(root / "hr" / "img1.png").save(root / "hr" / "img1.jpg")  # was scored twice, biasing the mean
+    with pytest.raises(ValueError, match=r"holds 'img1.jpg' and 'img1.png': images are paired by name"):
+        pair_files(root / "hr", root / "lr")
+    (root / "hr" / "img1.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"img0.png' is a file, not a folder"):
+        pair_files(root / "hr", root / "lr" / "img0.png")
 
 
 def test_evaluate_checks_its_pairs_and_metrics_before_running(tiny_pairs, tmp_path, monkeypatch, capsys):

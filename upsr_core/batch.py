@@ -32,13 +32,18 @@ __all__ = ["run_upscale", "collect_inputs", "plan_outputs"]
 log = logging.getLogger("upsr_core")
 
 
-def collect_inputs(items: list[str]) -> list[tuple[Path, Path]]:
-    """Expand files and folders -> [(file, root)] in sorted order; root is the folder given."""
+def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Path, Path]]:
+    """Expand files and folders -> [(file, root)] in sorted order; root is the folder given.
+    ``output``: the output folder; where it lies inside an input folder, the files under it
+    (earlier results) are not inputs."""
     out: list[tuple[Path, Path]] = []
+    skip = Path(output).resolve() if output else None
     for it in items:
         p = Path(it)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            inner = skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve())
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not (inner and f.resolve().is_relative_to(skip)))
             if not files:
                 raise ValueError(f"folder {it!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out += [(f, p) for f in files]
@@ -93,9 +98,12 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.overlap >= args.tile:  # before any model loads, in the flags' names
+        raise ValueError(f"--overlap ({args.overlap}; default 64) must be less than --tile ({args.tile}): "
+                         "lower --overlap or raise --tile")
     if args.compile and not args.fast:
         raise ValueError("--compile compiles the fast path's nets: give --fast too")
-    inputs = collect_inputs(args.inputs)
+    inputs = collect_inputs(args.inputs, args.output)  # not the results of an earlier run under -o
     single = len(inputs) == 1 and Path(args.inputs[0]).is_file() and len(args.inputs) == 1
     outputs = plan_outputs(inputs, args.output, single)
     model_path = args.model or default_model_path()

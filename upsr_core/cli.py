@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cliargs import B_U_ARG, PSI_MAX_ARG, int_min, png_or_folder, writable_file
+from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, int_min, png_or_folder, writable_file
 from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
 
@@ -106,7 +106,7 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="upsr.pth, or a converted .safetensors with both nets "
                    "(default: the bundled demo model)")
     p.add_argument("--estimator", default=None, help="atd_real.pth when --model holds only the denoiser")
-    p.add_argument("--seed", type=int_min(0), default=0)
+    p.add_argument("--seed", type=SEED_ARG, default=0)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="denoiser precision (fp32 = the faithful reference path; auto = fp16 on CUDA, else fp32)")

@@ -14,19 +14,25 @@ from .uncertainty import PSI_MAX_LIMIT
 __all__ = ["int_min", "float_range", "off_or", "int_list", "writable_file", "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
 
 
-def int_min(lo: int) -> Callable[[str], int]:
-    """An integer >= ``lo``."""
+def int_min(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An integer >= ``lo`` (and <= ``hi`` if given)."""
+    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected an integer {want}, got {s!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
         return v
 
-    parse.__name__ = f"integer >= {lo}"
+    parse.__name__ = f"integer {want}"
     return parse
+
+
+SEED_ARG = int_min(0, 2**63 - 1)
+"""--seed: every file of a run gets this seed (the library takes up to 2**63 − batch)."""
 
 
 def float_range(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .cliargs import int_min
+from .cliargs import SEED_ARG, int_min
 from .imageio import IMAGE_SUFFIXES, read_image
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
-from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
 __all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "upsr_label", "parse_grid"]
 
@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", default=None, help="keep only this manifest group (e.g. A_val)")
     p.add_argument("--limit", type=int_min(1), default=None, help="evaluate at most this many pairs")
     p.add_argument("--out", default="runs/eval", help="output folder")
-    p.add_argument("--seed", type=int_min(0), default=0)
+    p.add_argument("--seed", type=SEED_ARG, default=0)
     p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
     p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
     p.add_argument("--device", default="auto")
@@ -92,6 +92,11 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
     if alone:  # the table's mean is over the pairs found: say which images it leaves out
         log.warning("%d HR image(s) in %r have no LR image of the same name in %r and are left out: %s",
                     len(alone), str(hr_dir), str(lr_dir), ", ".join(alone[:5]) + (" …" if len(alone) > 5 else ""))
+    stems = {p.stem for p in hrs}
+    extra = [p.name for s, p in lrs.items() if s not in stems and (ids is None or s in ids)]
+    if extra:
+        log.warning("%d LR image(s) in %r have no HR image of the same name in %r and are left out: %s",
+                    len(extra), str(lr_dir), str(hr_dir), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
     return pairs
 
 
@@ -99,9 +104,17 @@ def _image_files(folder: str | Path, ids: set[str] | None = None) -> list[Path]:
     """The images of ``folder`` (by suffix), sorted; ``ids`` keeps only those stems."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    return [p for p in sorted(folder.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+        raise FileNotFoundError(f"image folder {str(folder)!r} " + ("is a file, not a folder" if folder.exists()
+                                                                    else "does not exist"))
+    files = [p for p in sorted(folder.iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+    seen: dict[str, Path] = {}
+    for p in files:  # images are paired by name: two with one name would count one image twice
+        if p.stem in seen:
+            raise ValueError(f"{str(folder)!r} holds {seen[p.stem].name!r} and {p.name!r}: images are paired by "
+                             "name without the suffix, so keep one of them")
+        seen[p.stem] = p
+    return files
 
 
 def _full_reference(metrics: dict | None) -> list[str]:
@@ -173,7 +186,13 @@ def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
 
     grid = [(b, m) for b in values("b_u", b_u) for m in values("psi_max", psi_max)]
     for b, m in grid:
-        check_weight_params(b, m)
+        try:
+            check_weight_params(b, m)
+        except ValueError as e:
+            raise ValueError(f"--b-u / --psi-max: {e}") from None
+        if m > PSI_MAX_LIMIT:  # as upscale's --psi-max: a computed ψ never reaches more, so w would never be 1
+            raise ValueError(f"--psi-max must be in (0, {PSI_MAX_LIMIT}] (a computed ψ never exceeds "
+                             f"{PSI_MAX_LIMIT}), got {m}")
     if len(set(grid)) != len(grid):
         raise ValueError(f"--b-u {b_u!r} / --psi-max {psi_max!r} repeat a value")
     return grid

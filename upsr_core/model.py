@@ -217,7 +217,7 @@ class UPSRModel:
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
-        sr = self._tile_loop(est.lr_pm, est.size, lambda i, group: _gather(est, weight, noise, i, group),
+        sr = self._tile_loop(est.lr_pm, est.size, lambda i, group, _check: _gather(est, weight, noise, i, group),
                              tile, overlap, tile_batch, progress)
         return self._checked(sr)
 
