@@ -150,6 +150,10 @@ def test_convert_cli(pth_files, pth_model, sds, tmp_path, dtype):
     rc = cli.main(["convert", "--model", str(pth_files[0]), "--estimator", str(pth_files[1]),
                    "-o", str(out), "--dtype", dtype])
     assert rc == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # safetensors alone writes 0600: another account could
+    # not read it (a ComfyUI service)
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
         keys = list(f.keys())

@@ -174,6 +174,30 @@ def test_module_entry_point_exits_2_without_traceback(small_model_file, tmp_path
         "error: argument --b-u: must be in [0, 1], got 1.5 (see python -m upsr_core upscale --help)"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be caught on Windows")
+def test_sigterm_while_writing_leaves_no_part_file(small_model_file, tmp_path):
+    """timeout(1), job schedulers: SIGTERM while a streamed PNG is half written exits 143 and
+    removes the .part file, as Ctrl-C does."""
+    import signal
+    import time
+
+    Image.fromarray(rgb_array(512, 64)).save(tmp_path / "in.png")  # several tile rows: rows stream to the .part
+    out = tmp_path / "o.png"
+    part = tmp_path / "o.png.part"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "upsr_core", "upscale", str(tmp_path / "in.png"), "-o", str(out),
+                             "--model", str(small_model_file), "--device", "cpu", "--tile", "64", "--overlap", "16",
+                             "-q"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not part.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert part.exists(), "the run ended before its .part file appeared"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert not part.exists() and not out.exists()
+
+
 def test_auto_dtype_is_fp16_on_cuda_and_fp32_elsewhere():
     """--dtype auto: fp16 on CUDA (the official nets were trained under fp16 autocast; fp16 has
     ~10x less rounding error than bf16 at the same GPU speed), fp32 on CPU and MPS."""

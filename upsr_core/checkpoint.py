@@ -263,4 +263,14 @@ def save_converted(
     if estimator is not None:
         meta["estimator_config"] = json.dumps(estimator.config.to_dict())
     meta.update(extra_metadata or {})
-    save_file(tensors, str(path), metadata=meta)
+    write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, then the mode an ordinary new file gets (0666 less the
+    umask): save_file creates files 0600, unreadable by another account (a ComfyUI service)."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

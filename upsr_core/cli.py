@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
     try:
         if own_process:
             claim_process()  # checks $UPSR_CPU_MALLOC before any work
+            signal.signal(signal.SIGTERM, _terminated)  # timeout, job schedulers: clean up as Ctrl-C does
         try:
             args = ap.parse_args(argv)
         except UsageError as e:
@@ -216,6 +218,13 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
         # free what the command built (a DDP wrapper holds the process group's gloo threads) while
         # the interpreter is alive: left to its exit, their teardown can abort the process
         gc.collect()
+
+
+def _terminated(signum: int, _frame) -> None:
+    """SIGTERM in the CLI's own process: leave as Ctrl-C leaves (half-written .part files removed,
+    no partial output), with the shell's exit code for it (128 + 15)."""
+    print("\nterminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def _out_of_memory_advice(e: RuntimeError, args: argparse.Namespace) -> str:

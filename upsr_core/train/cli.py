@@ -26,9 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..checkpoint import build_denoiser, build_estimator, detect_kind, read_checkpoint, save_converted, split_nets
+from ..checkpoint import (
+    build_denoiser,
+    build_estimator,
+    detect_kind,
+    read_checkpoint,
+    save_converted,
+    split_nets,
+    write_safetensors,
+)
 from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, off_or, writable_file
 from ..config import ATDConfig, DenoiserConfig
 from ..cpu_memory import for_cpu_run
@@ -433,9 +440,9 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
 def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path) -> None:
     ema_net = trainer.ema_model(lambda: type(net)(net.config)).cpu()
     sd = {k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}
-    save_file(sd, str(out / f"{args.stage}.safetensors"),
-              metadata={f"{args.stage}_config": json.dumps(net.config.to_dict()),
-                        "training": json.dumps(_brief(record))})
+    write_safetensors(sd, out / f"{args.stage}.safetensors",
+                      metadata={f"{args.stage}_config": json.dumps(net.config.to_dict()),
+                                "training": json.dumps(_brief(record))})
     if args.stage == "denoiser" and args.export:
         est, est_meta = load_estimator_file(args.estimator)
         meta = {"training": json.dumps(_brief(record) | {"data_note": args.data_note}),

@@ -400,9 +400,9 @@ def pack_crops(
     if out_path.suffix == ".npy":
         np.save(out_path, data)
     else:
-        from safetensors.torch import save_file
+        from ..checkpoint import write_safetensors
 
-        save_file({"crops": torch.from_numpy(data)}, str(out_path))
+        write_safetensors({"crops": torch.from_numpy(data)}, out_path)
     info = {"format": "upsr-packed-crops-1", "count": len(items), "crop": crop, "per_image": per_image, "seed": seed,
                 "prescale": prescale, "min_texture": min_texture, "small": small, "items": items}
     out_path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
