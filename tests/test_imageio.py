@@ -227,3 +227,49 @@ def test_16bit_colour_png_is_never_silently_reduced_to_8_bit(tmp_path, with_alph
 def test_write_png_rejects_bad_arguments(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         write_png(tmp_path / "o.png", **bad)
+
+
+# ------------------------------------------------------------------ ICC colour profiles
+ICC = b"not a real profile, but PNG and Pillow carry any bytes" * 4
+
+
+@pytest.mark.parametrize("mode, bits", [("RGB", 8), ("RGBA", 8), ("L", 8), ("I;16", 16)])
+def test_icc_profile_is_read_and_embedded_again(tmp_path, mode, bits):
+    """A Display-P3 or Adobe RGB photo keeps its profile: the pixels are not colour-converted,
+    so the source's profile still describes the result (8-bit, 16-bit and streamed writers)."""
+    from upsr_core.imageio import PngStreamWriter
+
+    arr = {"RGB": rgb_u8(), "RGBA": np.dstack([rgb_u8(), rgb_u8()[..., :1]]), "L": rgb_u8()[..., 0],
+           "I;16": rgb_u8()[..., 0].astype(np.uint16) * 257}[mode]
+    (Image.fromarray(arr) if mode == "I;16" else Image.fromarray(arr, mode)).save(tmp_path / "in.png", icc_profile=ICC)
+    img = read_image(tmp_path / "in.png")
+    assert img.icc == ICC and img.bits == bits
+    write_png(tmp_path / "out.png", img.rgb, img.alpha, bits=bits, gray=img.gray, icc=img.icc)
+    with PngStreamWriter(tmp_path / "stream.png", img.rgb.shape[2], img.rgb.shape[1], bits=bits, gray=img.gray,
+                         alpha=img.alpha is not None, icc=img.icc) as png:
+        png.write_rows(img.rgb, img.alpha)
+    for name in ("out.png", "stream.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.info.get("icc_profile") == ICC, name
+            assert np.array_equal(np.asarray(im), np.asarray(Image.open(tmp_path / "in.png"))), name
+    write_png(tmp_path / "plain.png", img.rgb, bits=8)  # no profile given: none written
+    with Image.open(tmp_path / "plain.png") as im:
+        assert "icc_profile" not in im.info
+
+
+def test_icc_profile_of_a_converted_mode_is_not_carried_over(tmp_path, caplog):
+    cmyk = Image.fromarray(rgb_u8()).convert("CMYK")
+    cmyk.save(tmp_path / "in.jpg", icc_profile=ICC)
+    with caplog.at_level("INFO", logger="upsr_core"):
+        img = read_image(tmp_path / "in.jpg")
+    assert img.icc is None and "its CMYK colour profile is not carried over" in caplog.text
+
+
+def test_upscale_cli_keeps_the_profile(tmp_path, tiny_model_file):
+    from upsr_core.cli import main
+
+    Image.fromarray(rgb_u8(12, 20)).save(tmp_path / "in.png", icc_profile=ICC)
+    assert main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png"), "--model", str(tiny_model_file),
+                 "--device", "cpu", "-q"]) == 0
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.info.get("icc_profile") == ICC and im.size == (80, 48)

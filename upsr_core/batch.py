@@ -192,7 +192,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
             if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
                 alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)
                 alpha = alpha[0].clamp(0, 1)
-            write_png(tmp, out, alpha, bits=_bits(img, args), gray=img.gray)
+            write_png(tmp, out, alpha, bits=_bits(img, args), gray=img.gray, icc=img.icc)
             os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
             if not args.quiet:
                 log.info("wrote %s (%dx%d)", dst, out.shape[-1], out.shape[-2])
@@ -203,7 +203,8 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
     """One image of several tile rows, its finished rows written to the PNG as they come."""
     h4, w4 = SCALE * img.rgb.shape[-2], SCALE * img.rgb.shape[-1]
     with _part_files([dst]) as (tmp,):
-        with PngStreamWriter(tmp, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None) as png:
+        with PngStreamWriter(tmp, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None,
+                             icc=img.icc) as png:
             def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
                 a = None if img.alpha is None else _alpha_rows(img.alpha, y0, rows.shape[1])
                 png.write_rows(rows, a)

@@ -1,10 +1,13 @@
 """Image files <-> tensors for the CLI: PNG/JPEG/WebP/BMP/TIFF, grayscale, RGBA, 16-bit, CMYK.
 
 ``read_image(path)`` -> :class:`LoadedImage` with ``rgb`` (3, h, w) float32 in [0, 1],
-``alpha`` (1, h, w) or None, ``bits`` (8 or 16) and ``gray`` (True for L/LA/I;16 sources).
+``alpha`` (1, h, w) or None, ``bits`` (8 or 16), ``gray`` (True for L/LA/I;16 sources) and
+``icc``, the source's ICC colour profile, which the writers embed again (the pixels are not
+colour-converted, so the profile still describes them).
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zlib
@@ -17,6 +20,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES"]
 
+log = logging.getLogger("upsr_core")
+
+_CONVERTED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
+"""Modes whose pixels read_image converts to RGB (Pillow's plain conversion): a profile of the
+source's colour space would not describe the result, so it is not carried over."""
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 Image.MAX_IMAGE_PIXELS = 40_000 * 40_000  # bound decompression bombs, allow large photos
 
@@ -27,6 +36,7 @@ class LoadedImage:
     alpha: torch.Tensor | None
     bits: int
     gray: bool
+    icc: bytes | None = None
 
 
 def _to_float(a: np.ndarray, maxval: float) -> torch.Tensor:
@@ -48,8 +58,15 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
                 raise ValueError(f"{path.name}: 16-bit colour, which Pillow can only read at 8 bits; "
                                  "save it as 8-bit colour or 16-bit grayscale")
             im.load()
+            icc = im.info.get("icc_profile") or None
+            if icc is not None and im.mode in _CONVERTED_MODES:
+                log.info("%s: its %s colour profile is not carried over (the pixels are converted to RGB)",
+                         path.name, im.mode)
+                icc = None
             im = ImageOps.exif_transpose(im)
-            return _decode(im, path.name)
+            loaded = _decode(im, path.name)
+            loaded.icc = icc
+            return loaded
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{path.name}: not a readable image ({e})") from None
     except Image.DecompressionBombError as e:
@@ -110,9 +127,10 @@ def _decode(im: Image.Image, name: str) -> LoadedImage:
 
 
 def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | None = None,
-              *, bits: int = 8, gray: bool = False) -> None:
+              *, bits: int = 8, gray: bool = False, icc: bytes | None = None) -> None:
     """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) as PNG, 8- or 16-bit; values are
-    clamped to [0, 1] and rounded (as the official ``tensor2img``).
+    clamped to [0, 1] and rounded (as the official ``tensor2img``); ``icc``: an ICC profile to
+    embed (iCCP).
 
     Converted in bands of rows: besides the output integers, no full-size float copy is
     made (a 24000 × 16000 result would need 4.6 GB per float32 copy).
@@ -136,9 +154,10 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if bits == 16:
-        _write_png16(path, a)
+        _write_png16(path, a, icc)
         return
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path, format="PNG")
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path, format="PNG",
+                                                               **({"icc_profile": icc} if icc else {}))
 
 
 _BAND = 256  # rows converted at a time by write_png
@@ -174,7 +193,7 @@ class PngStreamWriter:
     _IDAT = 1 << 20
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, bits: int = 8, gray: bool = False,
-                 alpha: bool = False):
+                 alpha: bool = False, icc: bytes | None = None):
         if bits not in (8, 16):
             raise ValueError(f"bits must be 8 or 16, got {bits}")
         if width < 1 or height < 1:
@@ -190,7 +209,7 @@ class PngStreamWriter:
         self._pending: list[bytes] = []
         self._size = 0
         ihdr = struct.pack(">IIBBBBB", width, height, bits, color_type, 0, 0, 0)
-        self._f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr))
+        self._f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _iccp(icc))
 
     def write_rows(self, rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
         if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.shape[2] != self.width:
@@ -241,7 +260,12 @@ class PngStreamWriter:
             self._f.close()
 
 
-def _write_png16(path: Path, a: np.ndarray) -> None:
+def _iccp(icc: bytes | None) -> bytes:
+    """The iCCP chunk for an ICC profile (before any IDAT), or nothing."""
+    return _chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)) if icc else b""
+
+
+def _write_png16(path: Path, a: np.ndarray, icc: bytes | None = None) -> None:
     """Minimal 16-bit PNG writer (Pillow cannot write 16-bit colour): a (H, W, C) uint16, C in 1..4."""
     h, w, c = a.shape
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
@@ -253,4 +277,5 @@ def _write_png16(path: Path, a: np.ndarray) -> None:
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + _iccp(icc) + chunk(b"IDAT", idat)
+                + chunk(b"IEND", b""))
