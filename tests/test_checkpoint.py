@@ -312,6 +312,8 @@ def test_unreadable_files(sds, tmp_path, suffix, damage):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="is a folder; expected a .pth or .safetensors file"):
+        read_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("obj, match", [

@@ -174,6 +174,18 @@ def test_module_entry_point_exits_2_without_traceback(small_model_file, tmp_path
         "error: argument --b-u: must be in [0, 1], got 1.5 (see python -m upsr_core upscale --help)"]
 
 
+def test_upsr_traceback_keeps_the_traceback_of_an_error_line(small_model_file, tmp_path, monkeypatch, capsys):
+    """A TypeError/ValueError is an error line (most are our checks of the input); for a bug
+    report UPSR_TRACEBACK=1 lets it through with its traceback."""
+    Image.fromarray(rgb_array(12, 20)).save(tmp_path / "in.png")
+    argv = ["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png"), "--model", str(small_model_file),
+            "--device", "cpu", "--tile", "64"]
+    assert cli.main(argv) == 2
+    monkeypatch.setenv("UPSR_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="--overlap"):
+        cli.main(argv)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be caught on Windows")
 def test_sigterm_while_writing_leaves_no_part_file(small_model_file, tmp_path):
     """timeout(1), job schedulers: SIGTERM while a streamed PNG is half written exits 143 and

@@ -343,6 +343,17 @@ def test_pairing_refuses_two_images_of_one_name_and_names_the_unpaired(tiny_pair
         pair_files(root / "hr", root / "lr" / "img0.png")
 
 
+def test_eval_warns_when_hr_and_lr_differ_in_colour(tiny_pairs, caplog):
+    from upsr_core.evaluate import evaluate, pair_files
+
+    root, _ = tiny_pairs
+    Image.open(root / "hr" / "img0.png").convert("L").save(root / "hr" / "img0.png")
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        evaluate(None, pair_files(root / "hr", root / "lr"), ["bicubic"], niqe_params=None)
+    assert "img0.png: the HR image is grayscale but the LR image is colour" in caplog.text
+    assert "img1.png" not in caplog.text
+
+
 def test_evaluate_checks_its_pairs_and_metrics_before_running(tiny_pairs, tmp_path, monkeypatch, capsys):
     """evaluate() (the library call) refuses an empty list, a mix of pairs with and without HR
     (naming both), a full-reference metric or no metric at all in a no-reference run, before

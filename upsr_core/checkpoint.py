@@ -63,7 +63,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; expected a .pth or .safetensors file"
+                                if path.is_dir() else f"checkpoint not found: {str(path)!r}")
     if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
     # FloatingPointError: training whose loss turned NaN/Inf (the message says what to change)
     except (ValueError, TypeError, UnsupportedCheckpointError, NonFiniteOutputError, OSError,
             FloatingPointError) as e:
+        if os.environ.get("UPSR_TRACEBACK"):  # for bug reports: a TypeError may be ours, not the input's
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # CUDA OOM is a RuntimeError; the CPU and MPS allocators raise plain ones

@@ -263,8 +263,15 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
                              "no-reference pyiqa metrics")
     rows = []
     for i, (hp, lp) in enumerate(pairs):
-        lr = read_image(lp).rgb[None]
-        hr = None if hp is None else mod_crop(read_image(hp).rgb[None], lr.shape[-2:], hp.name)
+        lr_img = read_image(lp)
+        lr = lr_img.rgb[None]
+        hr = None
+        if hp is not None:
+            hr_img = read_image(hp)
+            if hr_img.gray != lr_img.gray:  # the colour image is scored against grey: PSNR means little
+                log.warning("%s: the HR image is %s but the LR image is %s", hp.name,
+                            *(("grayscale", "colour") if hr_img.gray else ("colour", "grayscale")))
+            hr = mod_crop(hr_img.rgb[None], lr.shape[-2:], hp.name)
         outs = run_methods(model, lr, methods, seed, grid)
         row = {"image": (lp if hp is None else hp).stem, "metrics": {}}
         for m, sr in outs.items():
