@@ -463,12 +463,12 @@ def test_boundary_parameters_work(model):
 @pytest.mark.parametrize("args, match", [
     (["--b-u", "nan"], "argument --b-u: must be in [0, 1], got nan"),
     (["--psi-max", "inf"], "argument --psi-max: must be in (0, 0.5], got inf"),
-    (["--seed", str(2**70)], "seed must be an integer in [0, 2**63 - batch], got 1180591620717411303424"),
+    (["--seed", str(2**70)], "argument --seed: must be in [0, 9223372036854775807], got 1180591620717411303424"),
     (["--tile-batch", "0"], "argument --tile-batch: must be >= 1, got 0"),
     (["--tile", "-64"], "argument --tile: must be >= 1, got -64"),
     (["--tile", "102"], "tile size must be a positive multiple of 4, got 102"),
     (["--overlap", "-3"], "argument --overlap: must be >= 0, got -3"),
-    (["--overlap", "512"], "overlap must be in [0, tile size 512), got 512"),
+    (["--overlap", "512"], "--overlap (512; default 64) must be less than --tile (512)"),
 ])
 def test_cli_parameter_errors_are_one_line(model_file, tmp_path, capsys, args, match):
     Image.new("RGB", (6, 6)).save(tmp_path / "in.png")
@@ -627,7 +627,7 @@ def test_out_of_memory_in_the_cli_is_one_line_with_advice(model_file, tmp_path, 
     monkeypatch.setattr(UPSRModel, "upscale", boom)
     Image.new("RGB", (6, 6)).save(tmp_path / "in.png")
     rc, err = run_cli(capsys, "upscale", tmp_path / "in.png", "-o", tmp_path / "o.png", "--model", model_file,
-                      "--device", "cpu", "--tile", "32", "--tile-batch", "4")
+                      "--device", "cpu", "--tile", "32", "--overlap", "16", "--tile-batch", "4")
     assert rc == 2
     line = one_error_line(err)
     assert line.startswith("error: out of memory (") and str(exc).splitlines()[0].split(". ")[0] in line
