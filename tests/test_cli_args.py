@@ -116,6 +116,10 @@ def test_output_names_file_or_folder(tmp_path, tiny_model_file, capsys):
     # upscale writes PNG only: a .jpg name used to get PNG bytes
     line = fails(capsys, "upscale", src, "-o", tmp_path / "x.jpg", *common)
     assert "argument -o/--output" in line and "writes PNG only" in line
+    assert "end it with /" in line  # a folder named like v1.2
+    assert "argument -o/--output: is empty; expected a .png file or a folder" in fails(
+        capsys, "upscale", src, "-o", "", *common)  # it said the output would overwrite the input
+    assert f"input {str(src)!r} is given twice" in fails(capsys, "upscale", src, src, "-o", tmp_path / "o8", *common)
 
 
 # ------------------------------------------------------------------ files named on the command line
@@ -151,6 +155,14 @@ def test_device_mps_without_mps_is_an_error_line(tmp_path, tiny_model_file, caps
     line = fails(capsys, "upscale", _img(tmp_path / "a.png"), "-o", tmp_path / "o.png", "--device", "mps",
                  "--model", tiny_model_file)
     assert "--device mps was asked for, but MPS (Apple silicon) is not available" in line
+
+
+def test_device_cuda_n_without_cuda_names_the_device_asked_for(tmp_path, tiny_model_file, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = fails(capsys, "upscale", _img(tmp_path / "a.png"), "-o", tmp_path / "o.png", "--device", "cuda:1",
+                 "--model", tiny_model_file)
+    assert "--device cuda:1 was asked for, but CUDA is not available" in line
 
 
 # ------------------------------------------------------------------ eval

@@ -343,6 +343,15 @@ def test_pairing_refuses_two_images_of_one_name_and_names_the_unpaired(tiny_pair
         pair_files(root / "hr", root / "lr" / "img0.png")
 
 
+def test_a_metric_error_names_the_image_and_the_crop_border(tiny_pairs):
+    from upsr_core.evaluate import evaluate, pair_files
+
+    root, _ = tiny_pairs
+    with pytest.raises(ValueError, match=r"^img0: SSIM needs images of at least 11×11, got \(4, 4\) \(after "
+                                         r"--crop-border 30\)$"):
+        evaluate(None, pair_files(root / "hr", root / "lr"), ["bicubic"], crop_border=30)
+
+
 def test_eval_warns_when_hr_and_lr_differ_in_colour(tiny_pairs, caplog):
     from upsr_core.evaluate import evaluate, pair_files
 

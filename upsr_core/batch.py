@@ -76,6 +76,8 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
         if key == src.resolve():
             raise ValueError(f"-o {output!r}: the output of {str(src)!r} would overwrite the input itself; "
                              "write to another file or folder")
+        if key in seen and seen[key].resolve() == src.resolve():
+            raise ValueError(f"input {str(src)!r} is given twice (or inside a folder given too): give it once")
         if key in seen:
             raise ValueError(f"inputs {str(seen[key])!r} and {str(src)!r} would both write {str(dst)!r}; "
                              "upscale them into different folders")

@@ -79,7 +79,7 @@ def _resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
+        raise ValueError(f"--device {name} was asked for, but CUDA is not available")
     if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise ValueError("--device mps was asked for, but MPS (Apple silicon) is not available")
     if name == "cuda" and "LOCAL_RANK" in os.environ:

@@ -105,9 +105,12 @@ def png_or_folder(s: str) -> str:
     """``upscale -o``: a .png file, or a folder (an existing one, a name without a suffix or
     one ending in a separator); ``upscale`` writes PNG only, so .jpg/.webp/… are refused."""
     p = Path(s)
+    if not s.strip():
+        raise argparse.ArgumentTypeError("is empty; expected a .png file or a folder")
     if not (s.endswith(("/", "\\")) or p.is_dir()) and p.suffix and p.suffix.lower() != ".png":
         raise argparse.ArgumentTypeError(f"{s!r}: upscale writes PNG only (lossless, 8 or 16 bits, streamed for "
-                                         "large images); name the output .png, or a folder")
+                                         "large images); name the output .png, or a folder (a folder whose name "
+                                         "has a dot: end it with /)")
     return s
 
 

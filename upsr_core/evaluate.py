@@ -275,18 +275,11 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
         outs = run_methods(model, lr, methods, seed, grid)
         row = {"image": (lp if hp is None else hp).stem, "metrics": {}}
         for m, sr in outs.items():
-            r = {}
-            if hr is not None:
-                r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
-                     "psnr_y": float(psnr(sr, hr, crop_border=crop_border, y_channel=True)[0]),
-                     "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
-                     "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
-            if niqe_params is not None:
-                r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
-            for name, metric in (extra or {}).items():
-                dev = getattr(metric, "device", "cpu")
-                r[name] = float(metric(sr.to(dev), hr.to(dev)) if name in full_ref else metric(sr.to(dev)))
-            row["metrics"][m] = r
+            try:
+                row["metrics"][m] = _scores(sr, hr, crop_border, niqe_params, extra, full_ref)
+            except ValueError as e:  # e.g. SSIM's 11-px window on a small image after --crop-border
+                raise ValueError(f"{row['image']}: {e}"
+                                 + (f" (after --crop-border {crop_border})" if crop_border else "")) from None
         if i < keep:
             row["images"] = {"lr": lr, **outs} | ({} if hr is None else {"hr": hr})
         rows.append(row)
@@ -295,6 +288,23 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     means = {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
              for m in rows[0]["metrics"]}
     return means, rows
+
+
+def _scores(sr: torch.Tensor, hr: torch.Tensor | None, crop_border: int, niqe_params, extra: dict | None,
+            full_ref: list[str]) -> dict[str, float]:
+    """The metrics of one result ``sr`` (1,3,H,W) in [0,1] against ``hr`` (or none: no-reference)."""
+    r = {}
+    if hr is not None:
+        r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
+             "psnr_y": float(psnr(sr, hr, crop_border=crop_border, y_channel=True)[0]),
+             "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
+             "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
+    if niqe_params is not None:
+        r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
+    for name, metric in (extra or {}).items():
+        dev = getattr(metric, "device", "cpu")
+        r[name] = float(metric(sr.to(dev), hr.to(dev)) if name in full_ref else metric(sr.to(dev)))
+    return r
 
 
 def table(means: dict) -> str:
