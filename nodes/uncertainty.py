@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from upsr_core.model import ESTIMATOR_BLOCK
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
-from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
+from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
 from ._layout import image_in, image_out, lr_in, mask_in, mask_out
 from .load_model import UPSRModelType
@@ -130,6 +130,7 @@ class WeightNoise(io.ComfyNode):
                              f"(MASK), got {'both' if uncertainty is not None else 'neither'}")
         name = "uncertainty" if uncertainty is not None else "uncertainty_mask"
         psi = image_in(uncertainty, name) if uncertainty is not None else mask_in(uncertainty_mask, name)
+        check_weight_params(b_u, psi_max)  # (the sliders: not an error of the input named below)
         try:
             w = weight_map(psi, b_u, psi_max)
         except ValueError as e:  # say which input: a mask edited upstream may have gone negative

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .imageio import IMAGE_SUFFIXES, LoadedImage, PngStreamWriter, read_image, write_png
-from .model import UPSRModel, load_upsr
+from .model import DEFAULT_OVERLAP, UPSRModel, load_upsr
 from .pipeline import SCALE, padded_size, starting_noise
 from .tiling import plan_tiles
 from .uncertainty import check_weight_params
@@ -101,8 +101,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.overlap >= args.tile:  # before any model loads, in the flags' names
-        raise ValueError(f"--overlap ({args.overlap}; default 64) must be less than --tile ({args.tile}): "
-                         "lower --overlap or raise --tile")
+        raise ValueError(f"--overlap ({args.overlap}; default {DEFAULT_OVERLAP}) must be less than --tile "
+                         f"({args.tile}): lower --overlap or raise --tile")
     if args.compile and not args.fast:
         raise ValueError("--compile compiles the fast path's nets: give --fast too")
     inputs = collect_inputs(args.inputs, args.output)  # not the results of an earlier run under -o

@@ -21,6 +21,7 @@ import torch
 from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, int_min, png_or_folder, writable_file
 from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE
 
 __all__ = ["main", "default_model_path"]
 
@@ -114,10 +115,10 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b-u", type=B_U_ARG, default=0.4, help="noise floor b_u in [0, 1]")
     p.add_argument("--psi-max", type=PSI_MAX_ARG, default=0.05,
                    help="uncertainty ψ_max in (0, 0.5] ([0,1] units; ψ never exceeds 0.5)")
-    p.add_argument("--tile", type=int_min(1), default=512,
+    p.add_argument("--tile", type=int_min(1), default=DEFAULT_TILE,
                    help="largest tile in LR pixels (multiple of 64); larger images run as the fewest tiles "
                         "of at most this size, each as small as the overlap allows")
-    p.add_argument("--overlap", type=int_min(0), default=64, help="tile overlap in LR pixels")
+    p.add_argument("--overlap", type=int_min(0), default=DEFAULT_OVERLAP, help="tile overlap in LR pixels")
     p.add_argument("--tile-batch", type=int_min(1), default=1, help="tiles per denoiser batch")
     p.add_argument("--batch", type=int_min(1), default=1,
                    help="same-size images (of one tile row) per call, e.g. video frames; with --fast they share "

@@ -91,13 +91,17 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
     alone = [p.name for p in hrs if p.stem not in lrs]
     if alone:  # the table's mean is over the pairs found: say which images it leaves out
         log.warning("%d HR image(s) in %r have no LR image of the same name in %r and are left out: %s",
-                    len(alone), str(hr_dir), str(lr_dir), ", ".join(alone[:5]) + (" …" if len(alone) > 5 else ""))
+                    len(alone), str(hr_dir), str(lr_dir), _first_names(alone))
     stems = {p.stem for p in hrs}
     extra = [p.name for s, p in lrs.items() if s not in stems and (ids is None or s in ids)]
     if extra:
         log.warning("%d LR image(s) in %r have no HR image of the same name in %r and are left out: %s",
-                    len(extra), str(lr_dir), str(hr_dir), ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
+                    len(extra), str(lr_dir), str(hr_dir), _first_names(extra))
     return pairs
+
+
+def _first_names(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" …" if len(names) > n else "")
 
 
 def _image_files(folder: str | Path, ids: set[str] | None = None) -> list[Path]:
