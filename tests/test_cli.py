@@ -4,6 +4,7 @@ Every run passes ``--device cpu`` so the numbers do not depend on the test machi
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -122,6 +123,25 @@ def one_line_error(capsys) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+def test_quiet_silences_the_notes_and_restores_the_log_level(small_model_file, tmp_path, caplog):
+    Image.fromarray(rgb_array(12, 16)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["upscale", str(tmp_path / "a.png"), "-o", str(out / "a.png"), "--model", str(small_model_file),
+            "--device", "cpu"]
+    assert cli.main([*args, "-q"]) == 0
+    logger = logging.getLogger("upsr_core")
+    level = logger.level
+    with caplog.at_level(logging.INFO, logger="upsr_core"):
+        assert cli.main([*args, "-q"]) == 0  # output exists: skipped, silently
+        assert not [r for r in caplog.records if "skipping" in r.getMessage()]
+        assert logger.level == logging.INFO  # -q set WARNING for its run only
+        caplog.clear()
+        assert cli.main(args) == 0
+        assert [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()] == [
+            "skipping 1 image(s) whose output exists (use --overwrite to redo)"]
+    assert logger.level == level
 
 
 @pytest.mark.parametrize("case, extra, match", [

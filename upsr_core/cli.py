@@ -130,7 +130,8 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                         "new image size; pays off over many same-size images; falls back to eager if compiling fails)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--bits", choices=["auto", "8", "16"], default="auto", help="PNG bit depth (auto: as the input)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars, per-image lines or notes; warnings and errors still print")
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -197,7 +198,14 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
         if args.command == "upscale":
             from .batch import run_upscale
 
-            return run_upscale(args, _device(args.device), _dtype, ProgressBar)
+            if not args.quiet:
+                return run_upscale(args, _device(args.device), _dtype, ProgressBar)
+            level = log.level  # -q: the notes too (skipped outputs, clamped values); warnings stay
+            log.setLevel(logging.WARNING)
+            try:
+                return run_upscale(args, _device(args.device), _dtype, ProgressBar)
+            finally:
+                log.setLevel(level)
         if args.command == "convert":
             return _cmd_convert(args)
         return args.func(args)
