@@ -166,7 +166,7 @@ def test_small_helpers_refuse_bad_sizes(model):
         starting_noise(0, 1, (0, 8))  # was an empty tensor
     with pytest.raises(ValueError, match=r"overlap must be in \[0, tile size 16\), got 20"):
         tile_starts(40, 16, 20)  # returned [24]: [0, 24) uncovered
-    with pytest.raises(ValueError, match="block must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"block must be an integer >= 1 \(LR pixels\), got 0"):
         model.estimate(torch.rand(1, 3, 4, 4), block=0)  # 0 meant the default 512
 
 
@@ -225,3 +225,75 @@ def test_heatmap_refuses_nan_maps_and_ranges():
         heatmap(torch.zeros(1, 1, 2, 2), lo=float("nan"))
     with pytest.raises(ValueError, match=r"needs a finite float \(B, C, H, W\) map"):
         heatmap(torch.zeros(1, 2, 2))
+
+
+# ------------------------------------------------------------------ 2026-11-27 API probe
+def test_denoise_estimate_checks_values_as_denoise_does(model, est_w):
+    """The functional stage ran w·5, −w and NaN noise into a plausible image or an all-NaN one."""
+    from upsr_core.pipeline import denoise_estimate
+
+    est, w = est_w
+    n = starting_noise(0, 2, (8, 8))
+    for weight, noise, match in [(w * 5, n, r"noise weight must be in \[0, 1\]"),
+                                 (-w, n, r"noise weight must be in \[0, 1\], got \[-"),
+                                 (w, n * float("nan"), "noise contains NaN")]:
+        with pytest.raises(ValueError, match=match):
+            denoise_estimate(model._denoiser_call, est, weight, noise)
+    with pytest.raises(TypeError, match="est must be an Estimate .* got Tensor"):
+        denoise_estimate(model._denoiser_call, est.lr_pm, w, n)
+    with pytest.raises(TypeError, match="est must be an Estimate .* got Tensor"):
+        model.denoise(est.lr_pm, w)  # was AttributeError: 'Tensor' object has no attribute 'lr_pm'
+    # with valid inputs it is the model's own stage, up to the denoiser's batch-size rounding (both
+    # images in one call here, one by one there: 4.5e-7 measured, see test_determinism.BATCH_ATOL)
+    got = denoise_estimate(model._denoiser_call, est, w, n)
+    torch.testing.assert_close(got, model.denoise(est, w, noise=n, tile=64, overlap=8), atol=1e-5, rtol=0)
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(model):
+    lr = torch.rand(1, 3, 4, 4)
+    cases = [
+        (lambda: model.upscale(lr, estimator_block=0), ValueError, r"estimator_block must be an integer >= 1"),
+        (lambda: model.upscale(lr, estimator_block=64.5), ValueError, r"estimator_block must be an integer >= 1"),
+        (lambda: model.upscale(lr, progress=5), TypeError, "progress must be a callable"),  # failed after a block
+        (lambda: model.upscale(lr, sink="rows"), TypeError, "sink must be a callable"),
+        (lambda: crop_hr(torch.rand(1, 3, 16, 16), 4), ValueError, r"lr_size must be two integers \(h, w\)"),
+        (lambda: crop_hr(torch.rand(1, 3, 16, 16), (2.5, 3)), ValueError, "lr_size must be two integers"),
+        (lambda: starting_noise(0, 1, 64), ValueError, "lr_hw must be two integers"),  # was len() of an int
+        (lambda: pad_lr(lr.numpy()), TypeError, "lr must be a torch.Tensor"),
+        (lambda: pad_lr((lr * 255).byte()), TypeError, r"lr must be a float tensor .* \(divide 8-bit"),
+        (lambda: pad_lr(lr[0, 0]), ValueError, r"lr must be \(B, 3, h, w\) in \[0, 1\], got shape \(4, 4\)"),
+        (lambda: model.working_memory((64, 64), tile=0), ValueError, "tile must be an integer >= 1, got 0"),
+        (lambda: load_upsr(None), TypeError, "model must be a file path"),
+        (lambda: model.to(torch.float16, dtype=torch.float32), TypeError, "two dtypes"),
+        (lambda: model.to("tpu"), ValueError, "device must be 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    with pytest.raises(ValueError, match=r"expected \(1, 1 or 3, 16, 16\)"):  # it said "(1 or 1, ..."
+        model.denoise(model.estimate(lr), torch.ones(1, 3, 8, 8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_missing_cuda_is_named_not_an_assertion(small_model_file):
+    with pytest.raises(ValueError, match="device 'cuda' was asked for, but CUDA is not available"):
+        load_upsr(small_model_file, device="cuda")  # torch's own: AssertionError "not compiled with CUDA"
+
+
+def test_model_to_takes_a_dtype_first_as_nn_module_does():
+    m = tiny_upsr()
+    assert m.to(torch.bfloat16) is m  # was "to() received an invalid combination of arguments"
+    assert m.dtype == torch.bfloat16 and next(m.denoiser.parameters()).dtype == torch.bfloat16
+    assert next(m.estimator.parameters()).dtype == torch.bfloat16
+    m.to(torch.float16)
+    assert next(m.estimator.parameters()).dtype == torch.float32  # the estimator never goes to fp16
+
+
+def test_an_estimator_whose_shapes_make_no_net_is_an_unsupported_checkpoint(model, tmp_path):
+    sd = {k: v.clone() for k, v in model.estimator.state_dict().items()}
+    sd["conv_first.weight"] = torch.zeros(18, 3, 3, 3)  # embed 18 read from here: fc1's 16 // 18 = mlp_ratio 0
+    sd["conv_first.bias"] = torch.zeros(18)
+    torch.save(sd, tmp_path / "est.pth")
+    save_converted(tmp_path / "den.safetensors", model.denoiser, None)
+    with pytest.raises(UnsupportedCheckpointError, match="ATD .*the tensor shapes do not describe a consistent net"):
+        load_upsr(tmp_path / "den.safetensors", tmp_path / "est.pth")  # was "groups must be a positive integer"

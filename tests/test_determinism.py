@@ -34,6 +34,7 @@ from PIL import Image
 import upsr_core.model as model_mod
 from upsr_core import cli
 from upsr_core.checkpoint import save_converted
+from upsr_core.fast import enable_fast
 from upsr_core.imageio import read_image
 from upsr_core.model import UPSRModel
 from upsr_core.pipeline import starting_noise
@@ -297,3 +298,49 @@ def test_flicker_probe_tool(model_file, capsys):
     lr = torch.rand(1, 3, 16, 20)
     with pytest.raises(ValueError, match="at least 16x26"):
         probe.clips(lr, 3, 16, 24, 2.0)
+
+
+# ------------------------------------------------------------------ torch's default dtype
+@pytest.fixture(scope="module")
+def fast_model() -> UPSRModel:
+    return enable_fast(tiny_upsr(), compile=False)
+
+
+@pytest.fixture
+def default_float64():
+    """A notebook that set ``torch.set_default_dtype(torch.float64)`` for other work."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_starting_noise_is_float32_whatever_the_default_dtype(default_float64):
+    eps = starting_noise(3, 2, (8, 8))
+    torch.set_default_dtype(torch.float32)
+    assert eps.dtype == torch.float32 and torch.equal(eps, starting_noise(3, 2, (8, 8)))
+
+
+@pytest.mark.parametrize("plan", [UNTILED, TILED, dict(TILED, sink=True), dict(TILED, fast=True)],
+                         ids=["untiled", "tiled", "streamed", "fast"])
+def test_the_default_dtype_does_not_change_the_image(model, fast_model, plan, default_float64):
+    """The seed contract draws ε in float32 (README): float64 as torch's default dtype gave
+    other noise and a float64 image (probe, 2026-11-27: max |Δ| 0.36 on the demo model)."""
+    lr = lr_batch(1, 20, 28)
+    kw = {k: v for k, v in plan.items() if k not in ("sink", "fast")}
+    if plan.get("fast"):
+        model = fast_model
+
+    def run() -> torch.Tensor:
+        if "sink" not in plan:
+            return model.upscale(lr, seed=5, **kw)
+        rows: list[torch.Tensor] = []
+        model.upscale(lr, seed=5, sink=lambda i, y0, x: rows.append(x), **kw)
+        return torch.cat(rows, -2)
+
+    got = run()
+    torch.set_default_dtype(torch.float32)
+    want = run()
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)

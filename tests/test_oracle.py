@@ -308,3 +308,23 @@ def test_upsr_model_end_to_end(oracle, small_model, case):
     sr = small_model.denoise(est, w, noise=oracle[f"{c}.noise_xT"])
     assert sr.shape == tuple(oracle.case(case)["sr_shape"])
     assert_oracle(sr, oracle[f"{c}.sr"])
+
+
+def test_the_oracle_nets_load_through_load_upsr_with_their_category_size(oracle, tmp_path):
+    """The oracle's own weights file (no metadata) loads with ``category_size=48``, which no
+    tensor shape shows; without it the official 128 applies and ŷ differs (probe 2026-11-27)."""
+    from safetensors.torch import save_file
+
+    from upsr_core.model import load_upsr
+
+    case = "a"
+    if not sort_reproducible(oracle, case):
+        pytest.skip(SORT_SKIP)
+    nets = {**{"denoiser." + k: v for k, v in oracle.net_state_dict("denoiser.").items()},
+            **{"estimator." + k: v for k, v in oracle.net_state_dict("atd.").items()}}
+    save_file(nets, str(tmp_path / "oracle_nets.safetensors"))
+    m = load_upsr(tmp_path / "oracle_nets.safetensors", category_size=48)
+    assert m.estimator.config.category_size == 48
+    c = f"case_{case}"
+    assert_oracle(m.upscale(oracle[f"{c}.lr"], noise=oracle[f"{c}.noise_xT"]), oracle[f"{c}.sr"])
+    assert load_upsr(tmp_path / "oracle_nets.safetensors").estimator.config.category_size == 128

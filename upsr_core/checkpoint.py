@@ -207,7 +207,14 @@ def _build(kind: str, sd: Mapping[str, torch.Tensor], config):
         raise UnsupportedCheckpointError(
             f"expected {what} weights ({keys}), found {f'{other} weights' if other else describe_state_dict(sd)}"
         )
-    net = cls(config or infer(sd))
+    try:
+        net = cls(config or infer(sd))
+    except UnsupportedCheckpointError:
+        raise
+    except ValueError as e:  # shapes that read as a net that cannot be built (e.g. 0 hidden channels)
+        if config is not None:
+            raise
+        raise UnsupportedCheckpointError(f"{what}: the tensor shapes do not describe a consistent net: {e}", sd) from e
     _load_strict(net, sd, what)
     return net.eval().requires_grad_(False)
 

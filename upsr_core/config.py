@@ -1,9 +1,12 @@
 """Network configurations, and reading them back from a checkpoint's tensor shapes.
 
-Every hyperparameter of both networks is recoverable from the official state_dict
+Every hyperparameter of both networks but one is recoverable from the official state_dict
 keys and shapes (spandrel's detect/load split): nothing is hard-coded to the full-size
 checkpoint, so the reduced oracle nets, the bundled demo model and the official
-``upsr.pth`` / ``atd_real.pth`` all load through the same code.
+``upsr.pth`` / ``atd_real.pth`` all load through the same code. The exception is ATD's
+``category_size`` (the AC-MSA group size), which no tensor shows: files we write store it
+in their metadata; otherwise it is the official 128, or what the caller gives
+(``load_upsr(..., category_size=48)`` for the oracle's reduced nets).
 """
 from __future__ import annotations
 
@@ -95,6 +98,17 @@ class ATDConfig:
     reducted_dim: int = 8
     convffn_kernel_size: int = 7
     mlp_ratio: int = 1
+
+    def __post_init__(self) -> None:
+        ints = {k: v for k, v in asdict(self).items() if k not in ("depths", "num_heads")}
+        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"ATD settings must be integers >= 1, got {bad}")
+        if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths + self.num_heads) < 1:
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have one entry >= 1 per "
+                             "residual group")
+        if any(self.embed_dim % h for h in self.num_heads):
+            raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of every num_heads {self.num_heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -40,7 +40,16 @@ import torch.nn.functional as F
 
 from .errors import is_out_of_memory
 from .graphs import GraphCache
-from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, Progress, StepCounter, UPSRModel
+from .model import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    ESTIMATOR_BLOCK,
+    Progress,
+    StepCounter,
+    UPSRModel,
+    check_block,
+    check_progress,
+)
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
 from .nets.triton_norm import available as triton_norm_runs
 from .pipeline import (
@@ -385,8 +394,8 @@ class FastUPSRModel(UPSRModel):
         dev = self.device
         host = (3 * b + 1) * h4 * w4 * 4 > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
         cdev = torch.device("cpu") if host else dev
-        out = torch.zeros(b, 3, h4, w4, device=cdev)
-        norm = torch.zeros(h4, w4, device=cdev)
+        out = torch.zeros(b, 3, h4, w4, device=cdev, dtype=torch.float32)
+        norm = torch.zeros(h4, w4, device=cdev, dtype=torch.float32)
         weights = [tile_weight(t, tiles, SCALE).to(cdev) if len(tiles) > 1 else None for t in tiles]
         nb = min(tile_batch, len(tiles))
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
@@ -469,6 +478,8 @@ class FastUPSRModel(UPSRModel):
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
         check_tile_batch(tile_batch)
+        check_block(estimator_block, "estimator_block")
+        check_progress(progress)
         b, _, h, w = lr.shape
         m = self.multiple_of
         hp, wp = padded_size(h, w, m)

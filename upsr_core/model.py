@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_nets
-from .config import ATDConfig, DenoiserConfig
-from .errors import NonFiniteOutputError, UnsupportedCheckpointError
+from .config import ATDConfig, DenoiserConfig, atd_config_from_state_dict
+from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_int
 from .nets import ATD, UPSRDenoiser
 from .pipeline import (
     SCALE,
@@ -49,6 +49,18 @@ DEFAULT_OVERLAP = 64  # LR pixels: the official chop overlap (512 − 448)
 ESTIMATOR_BLOCK = 512  # LR pixels: the estimator runs whole up to this size (as the official code)
 ESTIMATOR_MARGIN = 32  # LR pixels of context around each estimator block (two ATD windows)
 
+def check_progress(progress: object) -> None:
+    """TypeError unless ``progress`` is None or callable (it is called only after work is done)."""
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
+
+
+def check_block(block: object, name: str) -> None:
+    """ValueError unless ``block`` (the estimator's block size, LR px) is an integer >= 1."""
+    if not is_int(block) or block < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (LR pixels), got {block!r}")
+
+
 Progress = Callable[[int, int], None]
 """progress(done, total): called after each denoiser step over all tiles (in ``estimate``: after
 each estimator block of each image); may raise to cancel."""
@@ -73,6 +85,25 @@ class StepCounter:
 
 
 RowSink = Callable[[int, int, torch.Tensor], None]  # sink(image index, first HR row, rows (3, n, 4w))
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device that this machine has: ValueError naming it otherwise
+    (torch's own error for a missing CUDA is a bare AssertionError)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps' (or a torch.device), got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} was asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} was asked for, but there are {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {str(dev)!r} was asked for, but MPS (Apple silicon) is not available here")
+    return dev
 
 
 @dataclass
@@ -112,15 +143,26 @@ class UPSRModel:
         (≤ tile_batch tiles of ≤ tile² LR px, scaled by the net's width), and the fast path's
         output canvas while it stays on the device. For a host (ComfyUI) that frees memory for
         a run up front; an under-estimate only means an out-of-memory to retry."""
+        for name, v in (("batch", batch), ("tile", tile), ("tile_batch", tile_batch)):
+            if not is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         hp, wp = padded_size(*lr_size, self.multiple_of)
         px = min(tile_batch * min(tile, hp) * min(tile, wp), batch * hp * wp)
         per_px = self._act_bytes_per_px * self.dtype.itemsize * self.denoiser.config.model_channels / 160
         return int(per_px * px)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "UPSRModel":
-        """Move both nets; ``dtype`` applies to the denoiser, the estimator never goes to fp16."""
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "UPSRModel":
+        """Move both nets; ``dtype`` applies to the denoiser, the estimator never goes to fp16.
+        ``to(torch.bfloat16)`` is ``to(dtype=torch.bfloat16)``, as for an ``nn.Module``."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"to() got two dtypes, {device} and dtype={dtype}")
+            device, dtype = None, device
         if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if device is not None:
+            device = check_device(device)
         dtype = dtype or self.dtype
         self.denoiser.to(device=device, dtype=dtype)
         if self.estimator is not None:
@@ -181,6 +223,9 @@ class UPSRModel:
         ``progress(done, total)`` is called after each block of each image (may raise to cancel).
         """
         check_lr(lr)
+        check_progress(progress)
+        if block is not None:
+            check_block(block, "block")
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         bic = torch.cat([bicubic_x4(lr_pm[i : i + 1]) for i in range(lr_pm.shape[0])])
         y_hat = torch.empty_like(bic)
@@ -211,6 +256,9 @@ class UPSRModel:
         seed + i; with ``same_noise`` every image uses seed) covers the whole padded image
         and is sliced per tile.
         """
+        if not isinstance(est, Estimate):
+            raise TypeError(f"est must be an Estimate (from UPSRModel.estimate), got {type(est).__name__}")
+        check_progress(progress)
         self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape
         check_weight_and_noise(weight, noise, b, (hp, wp))
@@ -239,8 +287,8 @@ class UPSRModel:
         if sink is not None:
             self._tile_loop_banded(tiles, b, h4, w4, inputs, tile_batch, schedule, total, progress, sink)
             return None
-        out = torch.zeros(b, 3, h4, w4)
-        norm = torch.zeros(h4, w4)
+        out = torch.zeros(b, 3, h4, w4, dtype=torch.float32)
+        norm = torch.zeros(h4, w4, dtype=torch.float32)
         counter = StepCounter(progress, total)
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(tiles, tile_batch):
@@ -260,7 +308,8 @@ class UPSRModel:
         sub, w_sub, n_sub = inputs(i, group, counter.check)
         dev = self.device
         return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev), schedule=schedule,
-                                callback=lambda _k, _x, _x0: counter(len(group)), crop=False).cpu()
+                                callback=lambda _k, _x, _x0: counter(len(group)), crop=False,
+                                check_values=False).cpu()  # denoise() checked w and ε once
 
     def _tile_loop_banded(self, tiles: list[Tile], b: int, h4: int, w4: int, inputs, tile_batch: int,
                           schedule, total: int, progress: Progress | None, sink: RowSink) -> None:
@@ -273,8 +322,8 @@ class UPSRModel:
         """
         counter = StepCounter(progress, total)
         for i in range(b):
-            buf = torch.zeros(3, 0, w4)  # HR rows [base, base + buf.shape[1])
-            nrm = torch.zeros(0, w4)
+            buf = torch.zeros(3, 0, w4, dtype=torch.float32)  # HR rows [base, base + buf.shape[1])
+            nrm = torch.zeros(0, w4, dtype=torch.float32)
             base = 0
             todo = list(tiles)
             for group in batches(tiles, tile_batch):
@@ -285,8 +334,8 @@ class UPSRModel:
                     need = r.y + hh - base
                     if need > buf.shape[1]:  # grow the band to this tile's last row
                         extra = need - buf.shape[1]
-                        buf = torch.cat([buf, torch.zeros(3, extra, w4)], 1)
-                        nrm = torch.cat([nrm, torch.zeros(extra, w4)], 0)
+                        buf = torch.cat([buf, torch.zeros(3, extra, w4, dtype=torch.float32)], 1)
+                        nrm = torch.cat([nrm, torch.zeros(extra, w4, dtype=torch.float32)], 0)
                     wt = tile_weight(t, tiles, SCALE)[:hh, :ww] if len(tiles) > 1 else 1.0
                     y = r.y - base
                     buf[:, y : y + hh, r.x : r.x + ww] += x[j, :, :hh, :ww] * wt
@@ -339,6 +388,10 @@ class UPSRModel:
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
+        check_block(estimator_block, "estimator_block")
+        check_progress(progress)
+        if sink is not None and not callable(sink):
+            raise TypeError(f"sink must be a callable sink(i, y0, rows), got {type(sink).__name__}")
         self._warn_if_slow()
         check_tile_batch(tile_batch)
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
@@ -424,12 +477,21 @@ def load_upsr(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    category_size: int | None = None,
 ) -> UPSRModel:
     """Load the denoiser (and estimator) from official ``.pth`` or ``.safetensors`` files.
 
     ``model`` may hold both nets (a converted file); otherwise ``estimator`` names the
-    ATD file. Raises UnsupportedCheckpointError for a wrong or unreadable file.
+    ATD file. ``category_size``: ATD's AC-MSA group size, which no tensor shape shows; a file
+    we wrote stores it (giving another value is an error), the authors' ``atd_real.pth`` does
+    not and uses the default 128 (the oracle's reduced ATD: 48). Raises
+    UnsupportedCheckpointError for a wrong or unreadable file, ValueError for a device this
+    machine does not have.
     """
+    for name, path in (("model", model), ("estimator", estimator)):
+        if not (isinstance(path, (str, os.PathLike)) or (name == "estimator" and path is None)):
+            raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__}")
+    device = check_device(device)
     sd, meta = read_checkpoint(model)
     nets = split_nets(sd, f"{os.fspath(model)!r} (the model)")
     if "denoiser" not in nets:
@@ -447,12 +509,30 @@ def load_upsr(
             raise UnsupportedCheckpointError(
                 f"{os.fspath(estimator)!r} holds UPSR denoiser weights, expected the ATD estimator (atd_real.pth)"
             )
-        ecfg = _meta_config(emeta, "estimator_config", ATDConfig, estimator)
+        ecfg = _estimator_config(enets["estimator"], emeta, estimator, category_size)
         est_net = build_estimator(enets["estimator"], ecfg)
     elif "estimator" in nets:
-        est_net = build_estimator(nets["estimator"], _meta_config(meta, "estimator_config", ATDConfig, model))
+        est_net = build_estimator(nets["estimator"], _estimator_config(nets["estimator"], meta, model, category_size))
+    elif category_size is not None:
+        raise ValueError(f"category_size={category_size} was given, but no estimator: it applies to ATD's weights")
     m = UPSRModel(den, est_net, metadata=meta)
     return m.to(device, dtype)
+
+
+def _estimator_config(sd, meta: dict[str, str], path, category_size: int | None) -> ATDConfig | None:
+    """The ATD config of a file: its metadata's, else (with ``category_size`` given) the one its
+    shapes give with that group size, else None (shapes and the official 128)."""
+    cfg = _meta_config(meta, "estimator_config", ATDConfig, path)
+    if category_size is None:
+        return cfg
+    if not is_int(category_size) or category_size < 1:
+        raise ValueError(f"category_size must be an integer >= 1, got {category_size!r}")
+    if cfg is not None:
+        if cfg.category_size != category_size:
+            raise ValueError(f"category_size={category_size} was given, but {os.fspath(path)!r} says it was trained "
+                             f"with {cfg.category_size}: leave category_size out")
+        return cfg
+    return atd_config_from_state_dict(sd, category_size=int(category_size))
 
 
 def _meta_config(meta: dict[str, str], key: str, cls, path) -> ATDConfig | DenoiserConfig | None:

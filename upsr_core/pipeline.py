@@ -125,7 +125,8 @@ def check_weight_and_noise(weight: torch.Tensor | None, noise: torch.Tensor | No
             raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
     if weight is not None and (weight.ndim != 4 or weight.shape[0] not in (1, batch) or weight.shape[1] not in (1, 3)
                                or tuple(weight.shape[-2:]) != (SCALE * hp, SCALE * wp)):
-        raise ValueError(f"noise weight has shape {tuple(weight.shape)}; expected (1 or {batch}, 1 or 3, "
+        first = "1" if batch == 1 else f"1 or {batch}"
+        raise ValueError(f"noise weight has shape {tuple(weight.shape)}; expected ({first}, 1 or 3, "
                          f"{SCALE * hp}, {SCALE * wp}): the padded HR size of the estimate")
     if noise is not None and tuple(noise.shape) != (batch, 3 * SCALE * SCALE, hp, wp):
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected ({batch}, {3 * SCALE * SCALE}, {hp}, {wp}) "
@@ -162,13 +163,27 @@ def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``."""
     if not is_int(multiple) or multiple < 1:
         raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
+    _check_image_tensor(lr, "lr", "(B, 3, h, w) in [0, 1]")
     y0 = (lr.contiguous() - 0.5) / 0.5  # a channels-last input would pick other conv kernels downstream
     h, w = y0.shape[-2:]
     return reflect_pad(y0, (-h) % multiple, (-w) % multiple)
 
 
+def _check_image_tensor(x: object, name: str, want: str) -> None:
+    """TypeError unless ``x`` is a float tensor, ValueError unless 4-D (shapes and dtype only:
+    no values read, so no device sync)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {want}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor {want}, got dtype {x.dtype} (divide 8-bit values by 255)")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+
+
 def bicubic_x4(lr_pm: torch.Tensor) -> torch.Tensor:
-    """Bicubic ×4 (A = −0.75, align_corners=False, no antialias, no clamp); any range."""
+    """Bicubic ×4 (A = −0.75, align_corners=False, no antialias, no clamp) of a float
+    (B, C, h, w) tensor in any range -> (B, C, 4h, 4w)."""
+    _check_image_tensor(lr_pm, "lr_pm", "(B, C, h, w)")
     return F.interpolate(lr_pm, scale_factor=SCALE, mode="bicubic", align_corners=False)
 
 
@@ -244,7 +259,8 @@ def generator_seed(seed: int) -> int:
 def _check_batch_hw(batch: int, lr_hw: tuple[int, int]) -> None:
     if not is_int(batch) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if len(lr_hw) != 2 or not all(is_int(v) and v >= 1 for v in lr_hw):
+    if (not isinstance(lr_hw, (tuple, list, torch.Size)) or len(lr_hw) != 2
+            or not all(is_int(v) and v >= 1 for v in lr_hw)):
         raise ValueError(f"lr_hw must be two integers >= 1 (the padded LR height and width), got {lr_hw!r}")
 
 
@@ -266,8 +282,11 @@ def starting_noise(
     hp, wp = lr_hw
     shape = (1, 3 * SCALE * SCALE, hp, wp)
     if same_noise:
-        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)).repeat(batch, 1, 1, 1).to(device)
-    eps = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(batch)]
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32
+                           ).repeat(batch, 1, 1, 1).to(device)
+    # float32 whatever torch's default dtype: the generator's numbers depend on the dtype drawn
+    eps = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i), dtype=torch.float32)
+           for i in range(batch)]
     return torch.cat(eps).to(device)
 
 
@@ -301,8 +320,8 @@ class NoiseField:
         j = 0 if self.same_noise else i  # whose noise image i gets
         if self._key != (j, y0, y1):
             g = torch.Generator("cpu").manual_seed(self.seed + j)
-            plane = torch.empty(hp, wp)
-            band = torch.empty(c, y1 - y0, wp)
+            plane = torch.empty(hp, wp, dtype=torch.float32)  # as starting_noise: whatever the default dtype
+            band = torch.empty(c, y1 - y0, wp, dtype=torch.float32)
             for k in range(c):
                 torch.randn(hp, wp, generator=g, out=plane)
                 band[k] = plane[y0:y1]
@@ -319,17 +338,21 @@ def denoise_estimate(
     schedule: ResShiftSchedule | None = None,
     callback: StepCallback | None = None,
     crop: bool = True,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Diffusion stage: returns sr (B,3,4h,4w) in [0,1] (or the padded [-1,1] sample if crop=False).
 
-    weight: noise weight w (B,3 or 1,4Hp,4Wp) in [0,1]; noise: ε (B,48,Hp,Wp).
+    weight: noise weight w (B,3 or 1,4Hp,4Wp) in [0,1]; noise: ε (B,48,Hp,Wp), finite.
     ``denoiser(x, t, lq)`` is the network (x (B,48,Hp,Wp), t int64 (B,), lq (B,96,Hp,Wp)).
+    ``check_values=False`` checks shapes and dtypes only, for callers that checked the values
+    already (reading them syncs a GPU): :meth:`UPSRModel.denoise`'s tile loop.
     """
+    if not isinstance(est, Estimate):
+        raise TypeError(f"est must be an Estimate (from estimate() or UPSRModel.estimate), got {type(est).__name__}")
     schedule = schedule or make_schedule()
     b = est.lr_pm.shape[0]
     hr = est.bicubic_pm.shape[-2:]
-    # shapes only: reading the values here would sync the device in the fast path's tile loop
-    check_weight_and_noise(weight, noise, b, tuple(est.lr_pm.shape[-2:]), values=False)
+    check_weight_and_noise(weight, noise, b, tuple(est.lr_pm.shape[-2:]), values=check_values)
     weight = weight.expand(b, 3, *hr)
     y = F.pixel_unshuffle(est.bicubic_pm, SCALE)
     lq = F.pixel_unshuffle(torch.cat([est.sr_estimate_pm, est.bicubic_pm], dim=1), SCALE)
@@ -346,7 +369,9 @@ def denoise_estimate(
 
 
 def crop_hr(x: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
-    """Crop an HR tensor at the padded size to the visible 4h × 4w."""
+    """Crop an HR tensor at the padded size to the visible 4h × 4w; ``lr_size`` = (h, w), the LR size."""
+    if not (isinstance(lr_size, (tuple, list, torch.Size)) and len(lr_size) == 2 and all(map(is_int, lr_size))):
+        raise ValueError(f"lr_size must be two integers (h, w), the LR size before padding, got {lr_size!r}")
     h, w = lr_size
     if not (0 < SCALE * h <= x.shape[-2] and 0 < SCALE * w <= x.shape[-1]):
         raise ValueError(f"lr_size {tuple(lr_size)} ×{SCALE} = {SCALE * h}x{SCALE * w} must be >= 1 and fit the "
