@@ -6,6 +6,13 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -26,7 +33,7 @@ from upsr_core.train.loop import LoopConfig, Trainer
 from upsr_core.train.losses import make_inputs, q_sample
 from upsr_core.train.presets import get_preset
 
-from _support import packed_crops
+from _support import REPO, packed_crops
 
 TINY = get_preset("tiny")
 
@@ -1037,3 +1044,44 @@ def test_fused_attention_switches_only_the_trained_nets_and_keeps_their_gradient
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5 * scale)
     assert all(m.fused for m in (*est.modules(), *den.modules()) if isinstance(m, (ATD, WindowAttention)))
     assert not ATD.fused and not WindowAttention.fused and not other.fused
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups and SIGTERM")
+@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_process_group_saves_the_checkpoint(tmp_path, sig, rc):
+    """Ctrl-C in a terminal, timeout(1) and job schedulers signal the whole process group, the
+    DataLoader workers included. Before 2026-11-27 nothing since the last periodic checkpoint
+    was saved (a short run left an empty folder), and SIGTERM ended in torch's "DataLoader worker
+    is killed by signal" traceback with exit code 1. Now the step under way finishes, the
+    checkpoint is written, and the exit code is the signal's."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{i}.png")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "upsr_core", "train", "estimator", "--data", str(photos),
+                             "--config", "tiny", "--out", str(out), "--steps", "1000000", "--workers", "1",
+                             "--degradation", "bicubic", "--amp", "off", "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("estimator stage:" in ln for ln in lines) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "".join(lines)
+    time.sleep(3)  # some steps, with the worker feeding them
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == rc, err
+    assert "Traceback" not in err, err
+    m = re.search(r"stopped at step (\d+) by (SIG\w+): checkpoint (\S+) saved", err)
+    assert m and m.group(2) == sig.name, err
+    ckpt = torch.load(out / "estimator.ckpt", weights_only=True)
+    assert ckpt["step"] == int(m.group(1)) >= 1

@@ -19,6 +19,7 @@ the device in batch by ``degradations.degrade`` (see :func:`make_lr`).
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,8 @@ class FolderFeed:
         self.seed = seed
         g = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                 generator=g, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+                                 generator=g, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                 worker_init_fn=ignore_stop_signals if workers > 0 else None)
         self.device, self.batch = device, batch
         self._it = None  # started by the first batch: resume_at() may reseed before
         log.info("folder feed: %d images in %s, random %d px crops (min texture %g), %d workers",
@@ -244,6 +246,16 @@ def is_packed(path: str | Path) -> bool:
     if path.is_file():
         return path.suffix in PACKED_SUFFIXES
     return path.is_dir() and any(p.suffix in PACKED_SUFFIXES for p in path.iterdir())
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker start: Ctrl-C and SIGTERM sent to the whole process group (a terminal,
+    ``timeout``, a job scheduler) are the main process's to handle — it finishes the step and
+    saves a checkpoint (:meth:`Trainer.fit`) with batches still to fetch. A worker killed by them
+    made torch raise "DataLoader worker is killed by signal" in the main process instead. The
+    workers still exit with the main process (torch's parent watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 FEEDS = ("loader", "device")

@@ -22,8 +22,12 @@ import logging
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -345,17 +349,47 @@ class Trainer:
         c = self.cfg
         bar = _Bar(c.steps, c.log_every, c.progress and self.di.main)
         t0 = time.perf_counter()
-        last_ckpt, window_t, window_n = t0, t0, 0
         start_step = self.step
         budget = c.max_minutes * 60 if c.max_minutes else math.inf
-        logs: dict[str, float] = {}
         # the budget counts the minutes of earlier runs of a resumed training, as c.steps counts
         # their steps (and as the cosine schedule follows them): raise it to train on
         if self.elapsed_before >= budget and self.step < c.steps:
             log.warning("time budget of %.2f min already used by the resumed training (%.2f min, step %d): "
                         "raise --max-minutes to train on", c.max_minutes, self.elapsed_before / 60, self.step)
+        stop = _StopRequest()
+        with stop.installed():
+            logs = self._loop(c, bar, t0, budget, stop)
+        bar.close()
+        run_s = time.perf_counter() - t0
+        self.elapsed_before += run_s
+        if c.checkpoint:
+            self.save(c.checkpoint)
+        if stop.signum is not None:  # saved: leave as the signal asked, with the CLI's exit code
+            if self.di.main:
+                log.warning("stopped at step %d by %s: checkpoint %s saved; run the same command again to resume",
+                            self.step, signal.Signals(stop.signum).name, c.checkpoint or "(none: no checkpoint path)")
+            if stop.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + stop.signum)
+        steps = self.step - start_step
+        summary = {"steps": self.step, "steps_this_run": steps, "minutes_this_run": round(run_s / 60, 3),
+                   "it_s": round(steps / run_s, 3) if run_s > 0 else None, "last": logs,
+                   "world_size": self.di.world}
+        if self.device.type == "cuda":
+            summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return summary
+
+    def _loop(self, c: LoopConfig, bar: "_Bar", t0: float, budget: float, stop: "_StopRequest") -> dict[str, float]:
+        """The steps of :meth:`fit` until ``steps``, the budget or a stop request (Ctrl-C, SIGTERM:
+        between two steps, on every rank at the same step); returns the last step's logs."""
+        last_ckpt, window_t, window_n = t0, t0, 0
+        logs: dict[str, float] = {}
         while self.step < c.steps:
-            run_s = self._clock(time.perf_counter() - t0)
+            run_s, stopping = self._clock(time.perf_counter() - t0, stop.signum is not None)
+            if stopping:
+                if stop.signum is None:  # another rank was asked: stop with it, as Ctrl-C stops
+                    stop.signum = signal.SIGINT
+                break
             if self.elapsed_before + run_s >= budget:
                 log.info("time budget of %.2f min reached at step %d", c.max_minutes, self.step)
                 break
@@ -374,18 +408,7 @@ class Trainer:
             if c.checkpoint and (self.step % c.ckpt_every == 0 or now - last_ckpt > c.ckpt_minutes * 60):
                 self._save_now(t0)
                 last_ckpt = time.perf_counter()
-        bar.close()
-        run_s = time.perf_counter() - t0
-        self.elapsed_before += run_s
-        if c.checkpoint:
-            self.save(c.checkpoint)
-        steps = self.step - start_step
-        summary = {"steps": self.step, "steps_this_run": steps, "minutes_this_run": round(run_s / 60, 3),
-                   "it_s": round(steps / run_s, 3) if run_s > 0 else None, "last": logs,
-                   "world_size": self.di.world}
-        if self.device.type == "cuda":
-            summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-        return summary
+        return logs
 
     def _save_now(self, t0: float) -> None:
         run_s = time.perf_counter() - t0
@@ -393,8 +416,9 @@ class Trainer:
         self.save(self.cfg.checkpoint)
         self.elapsed_before -= run_s
 
-    def _clock(self, local_s: float) -> float:
-        """Seconds this run has trained, as rank 0 counts them, on every rank.
+    def _clock(self, local_s: float, stop: bool = False) -> tuple[float, bool]:
+        """(Seconds this run has trained, as rank 0 counts them; whether any rank was asked to
+        stop), the same on every rank.
 
         Under DDP the ranks must agree on everything that follows from the clock: when the time
         budget stops the run, and the learning rate (the cosine schedule follows the clock under
@@ -403,10 +427,11 @@ class Trainer:
         averages only the gradients.
         """
         if self.di.world == 1:
-            return local_s
-        t = torch.tensor([local_s], dtype=torch.float64, device=self.device)
-        dist.broadcast(t, 0)
-        return float(t.item())
+            return local_s, stop
+        t = torch.tensor([local_s if self.di.rank == 0 else 0.0, float(stop)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)  # rank 0's seconds (the others add 0), and the number of ranks asked to stop
+        seconds, stops = t.tolist()
+        return seconds, stops > 0
 
     def ema_model(self, build: "callable") -> nn.Module:
         """A fresh copy of the model (``build()``) holding the EMA weights, eval mode."""
@@ -426,3 +451,35 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+class _StopRequest:
+    """Ctrl-C and SIGTERM during :meth:`Trainer.fit`: the first one is noted (``signum``) and the
+    loop stops after the step under way, saves its checkpoint and then leaves as the signal
+    would have (KeyboardInterrupt, or SystemExit 128 + 15); a second one leaves at once, as
+    without this (the periodic checkpoint is then the last). Installed in the main thread only
+    (elsewhere Python allows no handlers: signals act as before)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:  # the second: at once
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save the checkpoint "
+              "(again to stop at once)", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in before.items():
+                signal.signal(s, h)
