@@ -231,3 +231,107 @@ def test_bench_module_entry_point_keeps_the_one_line_contract(capsys):
 
     assert bench_main(["--sizes", "0"]) == 2
     assert one_error(capsys) == "error: argument --sizes: must be >= 1, got 0 (see python -m upsr_core bench --help)"
+
+
+# ------------------------------------------------------------------ training runs (probe of 2026-11-27)
+def _photos(folder, n=3, size=40):
+    for i in range(n):
+        _img(folder / f"p{i}.png", size, size, seed=i)
+    return folder
+
+
+TINY = ["--config", "tiny", "--feed", "device", "--degradation", "bicubic", "--amp", "off", "--batch", "2"]
+
+
+def _train(tmp_path, *extra, stage="estimator", out="run"):
+    return main(["train", stage, "--data", str(_photos(tmp_path / "photos")), *TINY, "--out", str(tmp_path / out),
+                 *map(str, extra)])
+
+
+def test_train_out_must_be_a_writable_folder_before_training(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    assert _train(tmp_path, "--steps", "1", out="afile") == 2
+    assert "--out" in (line := one_error(capsys)) and "is a file; expected a folder" in line  # was [Errno 17]
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # (root may write anywhere: refuse as a read-only disk)
+    assert _train(tmp_path, "--steps", "1", out="ro") == 2
+    assert "--out" in (line := one_error(capsys)) and "cannot write there (Permission denied)" in line
+    assert not (tmp_path / "ro").exists()  # the folder the failed run made is gone again
+
+
+def test_train_export_folder_is_made_and_checked_before_training(tmp_path, capsys):
+    est = tmp_path / "run" / "estimator.safetensors"
+    assert _train(tmp_path, "--steps", "1") == 0 and est.is_file()
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("")
+    rc = _train(tmp_path, "--steps", "1", "--estimator", est, "--export", tmp_path / "afile" / "x.safetensors",
+                stage="denoiser", out="den")
+    assert rc == 2 and "--export's folder" in one_error(capsys)  # was a SafetensorError traceback after training
+    assert not (tmp_path / "den").exists()
+    deep = tmp_path / "new" / "sub" / "x.safetensors"
+    assert _train(tmp_path, "--steps", "1", "--estimator", est, "--export", deep, stage="denoiser", out="den") == 0
+    assert deep.is_file()
+
+
+def test_train_resume_names_another_config_and_warns_of_changed_settings(tmp_path, capsys, caplog):
+    assert _train(tmp_path, "--steps", "2", "--lr", "1e-3") == 0
+    capsys.readouterr()
+    line = fails(capsys, "train", "estimator", "--data", tmp_path / "photos", *TINY[:1], "small",
+                 *TINY[2:], "--crop", "32", "--out", tmp_path / "run", "--steps", "3")
+    assert "holds the training of another net" in line and "--fresh" in line  # was a 60-line load_state_dict dump
+    with caplog.at_level(logging.WARNING):
+        assert _train(tmp_path, "--steps", "3", "--lr", "5e-2") == 0
+    assert "with other settings than its last run: lr 0.001 -> 0.05" in caplog.text
+    log = json.loads((tmp_path / "run" / "estimator_log.json").read_text())
+    assert log["changed_on_resume"] == {"lr": [0.001, 0.05]}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train(tmp_path, "--steps", "2", "--lr", "5e-2") == 0  # at step 3 already
+    assert "at step 3, --steps is 2: nothing to train" in caplog.text
+    assert "other settings" not in caplog.text  # the last run's settings are the ones compared
+
+
+def test_train_init_with_a_training_checkpoint_is_explained(tmp_path, capsys):
+    assert _train(tmp_path, "--steps", "1") == 0
+    capsys.readouterr()
+    assert _train(tmp_path, "--steps", "1", "--init", tmp_path / "run" / "estimator.ckpt", out="two") == 2
+    line = one_error(capsys)
+    assert "--init" in line and "is a training checkpoint" in line and "estimator.safetensors" in line
+    assert _train(tmp_path, "--steps", "1", "--init", tmp_path / "nope.safetensors", out="two") == 2
+    assert "--init" in (line := one_error(capsys)) and "does not exist" in line
+
+
+def test_a_folder_of_images_with_a_packed_file_trains_on_the_images(tmp_path, caplog):
+    from upsr_core.train.feed import is_packed
+
+    photos = _photos(tmp_path / "photos")
+    np.save(photos / "crops.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    with caplog.at_level(logging.INFO):
+        assert not is_packed(photos)  # the images were ignored for the .npy, silently
+    assert "holds images: training on them, not on crops.npy" in caplog.text
+
+
+@pytest.mark.parametrize("feed", [["--feed", "device"], ["--feed", "loader", "--workers", "1"]],
+                         ids=["device", "loader"])
+def test_an_undecodable_image_is_named(tmp_path, capsys, feed):
+    photos = _photos(tmp_path / "photos", size=64)
+    data = (photos / "p0.png").read_bytes()
+    (photos / "p0.png").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    rc = main(["train", "estimator", "--data", str(photos), "--config", "tiny", *feed, "--degradation", "bicubic",
+               "--amp", "off", "--batch", "2", "--steps", "30", "--out", str(tmp_path / "run")])
+    assert rc == 2
+    line = one_error(capsys)  # the loader's said "Caught OSError in DataLoader worker process 0. Original Traceback"
+    assert "p0.png" in line and "cannot decode the image" in line
+
+
+def test_pack_crops_cli_errors_are_one_line(tmp_path, capsys):
+    from upsr_core.train.data import main as pack_main
+
+    assert pack_main(["--photos", str(tmp_path / "nope"), "--out", str(tmp_path / "c.npy")]) == 2
+    assert "nope" in one_error(capsys)  # was a FileNotFoundError traceback
+    assert pack_main(["--photos", str(_photos(tmp_path / "ph")), "--out", str(tmp_path / "c.npy"), "--crop", "0"]) == 2
+    assert "crop" in one_error(capsys)

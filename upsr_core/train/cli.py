@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,6 +241,12 @@ def _read_net(path: str | Path, stage: str, flag: str):
     if stage not in _NET:
         raise ValueError(f"stage must be 'estimator' or 'denoiser', got {stage!r}")
     key, cls, what, expected = _NET[stage]
+    if Path(path).suffix == ".ckpt":  # what train writes to resume from, not a net's weights
+        raise ValueError(f"{flag} {str(path)!r} is a training checkpoint: to continue that training give its folder as "
+                         f"--out (same settings); to start from its weights give the {stage}.safetensors written "
+                         "beside it")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
     sd, meta = read_checkpoint(path)
     nets = split_nets(sd, f"{flag} {str(path)!r}")
     if key not in nets:
@@ -277,6 +284,10 @@ def read_init(path: str | Path, stage: str) -> tuple[torch.nn.Module, dict]:
     return net, record
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def _config_diff(a, b) -> str:
     da, db = a.to_dict(), b.to_dict()
     return "; ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k])
@@ -289,7 +300,7 @@ def _init_preset(args: argparse.Namespace, net_config) -> TrainPreset:
         preset = get_preset(args.config)
         if getattr(preset, attr) != net_config:
             raise ValueError(
-                f"--init {args.init!r} holds a {args.stage} whose config differs from --config {args.config!r} "
+                f"--init {args.init!r} holds {_a(args.stage)} whose config differs from --config {args.config!r} "
                 f"(file vs --config: {_config_diff(net_config, getattr(preset, attr))}); drop --config to take "
                 f"the file's config, or name the matching preset")
         return preset
@@ -360,7 +371,36 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     else:
         preset = get_preset(args.config or "small")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    made = _writable_folder(out, "--out", di.main)
+    try:
+        return _train_into(args, di, t_start, preset, init_net, init, out)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):  # a run that failed before writing anything
+            out.rmdir()
+        raise
+
+
+def _writable_folder(folder: Path, flag: str, check: bool = True) -> bool:
+    """Make ``folder`` (and its parents) and try writing in it, so that a folder training cannot
+    write to fails now, not at its first checkpoint minutes or hours in. True if it was made."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {str(folder)!r} is a file; expected a folder")
+    made = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if check:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as e:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise ValueError(f"{flag} {str(folder)!r}: cannot write there ({e.strerror or e})") from None
+    return made
+
+
+def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, init_net, init, out: Path) -> dict:
+    if args.stage == "denoiser" and args.export and di.main:  # written after training: checked before it
+        _writable_folder(Path(args.export).parent, "--export's folder")
     cfg = _loop_config(args, preset, di, out)
     den_cfg = None if args.stage == "estimator" else (init_net.config if init_net is not None else preset.denoiser)
     crop = check_crop(preset.hr_size if args.crop is None else args.crop, args.stage, den_cfg)
@@ -392,10 +432,19 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     if args.compile:
         trainer.compile(args.compile_mode)
     trainer.meta["init"] = init
+    settings = _run_settings(args, cfg, preset.name, crop, pool_size)
+    trainer.meta |= {"config": preset.name, "settings": settings}
     ckpt = Path(cfg.checkpoint)
     resumed = ckpt.is_file() and not args.fresh
+    changes: dict[str, list] = {}
     if resumed:
         trainer.load(ckpt)  # its meta says which --init (if any) its weights descend from
+        changes = _changed_settings(trainer.meta.get("settings"), settings)
+        if changes:
+            log.warning("resuming %s (step %d) with other settings than its last run: %s; the run goes on with the "
+                        "new ones (--fresh starts over with them)", ckpt, trainer.step,
+                        ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        trainer.meta |= {"config": preset.name, "settings": settings}
         if hasattr(feed, "resume_at"):  # a DataLoader feed draws from its own generator, not the trainer's
             feed.resume_at(trainer.step)
         if deg_gen is not None and not task.restored_deg_generator:  # rank > 0, or an older checkpoint:
@@ -409,7 +458,9 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         log.info("%s starts from --init %s (sha256 %s, stored %s, config from its %s)", args.stage, init["file"],
                  init["sha256"][:12], init["stored_dtype"], init["config_from"])
     n_params = sum(p.numel() for p in net.parameters())
-    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d GPU(s), crop %d, pool %d, amp %s, fused %s, "
+    log.info("%s stage: %s config, %.2fM params, batch %d×%d×%d " + ("GPU(s)" if di.device.type == "cuda" else
+                                                                      "process(es)") +
+             ", crop %d, pool %d, amp %s, fused %s, "
              "Triton norm %s, on %s", args.stage, preset.name, n_params / 1e6, cfg.batch, cfg.accum, di.world, crop,
              pool_size, cfg.amp, fused, triton_norm, hardware(di.device))
     summary = trainer.fit()
@@ -424,6 +475,7 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         "compile": trainer.compiled, "compile_mode": args.compile_mode if trainer.compiled else None,
         "hardware": hardware(di.device),
         "init": trainer.meta.get("init"), "resumed": str(ckpt) if resumed else None,
+        "changed_on_resume": changes or None,
         "summary": summary, "wall_minutes_total": round((time.time() - t_start) / 60, 3), "history": trainer.history,
     }
     if args.stage == "denoiser":
@@ -435,6 +487,27 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     if di.world > 1:
         torch.distributed.barrier()  # the other ranks exit once rank 0 has written everything
     return record
+
+
+def _run_settings(args: argparse.Namespace, cfg: LoopConfig, config: str, crop: int, pool: int) -> dict:
+    """What a resumed run should share with the run that wrote its checkpoint (stored in the
+    checkpoint; :func:`_changed_settings` compares)."""
+    settings = {"config": config, "lr": cfg.lr, "batch": cfg.batch, "accum": cfg.accum, "schedule": cfg.schedule,
+                "warmup": cfg.warmup, "ema_decay": cfg.ema_decay, "grad_clip": cfg.grad_clip, "amp": cfg.amp,
+                "seed": cfg.seed, "crop": crop, "pool": pool, "degradation": args.degradation,
+                "kernels": args.kernels, "jpeg": args.jpeg, "data": str(Path(args.data).resolve())}
+    if args.stage == "denoiser":
+        settings |= {"estimator": str(Path(args.estimator).resolve()), "b_u": args.b_u, "psi_max": args.psi_max,
+                     "lpips": args.lpips, "lpips_weight": args.lpips_weight}
+    return settings
+
+
+def _changed_settings(old: dict | None, new: dict) -> dict[str, list]:
+    """{setting: [checkpoint's, this run's]} for the settings that differ (none for a checkpoint
+    written before settings were stored)."""
+    if not isinstance(old, dict):
+        return {}
+    return {k: [old[k], v] for k, v in new.items() if k in old and old[k] != v}
 
 
 def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path) -> None:

@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import logging
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -79,7 +80,17 @@ def load_image_array(path: str | Path, prescale: Prescale = 1) -> tuple[np.ndarr
     """Read an image as ``(H, W, 3)`` uint8 or uint16 and its full-scale value (255 or 65535).
 
     ``prescale``: integer reduction factor (Lanczos) or 'auto' (see ``_prescale_factor``).
+    An image that cannot be decoded is an OSError naming the file.
     """
+    try:
+        return _load_image_array(path, prescale)
+    except OSError as e:  # Pillow's "image file is truncated" and the like do not say which file
+        if str(path) in str(e):
+            raise
+        raise OSError(f"{str(path)!r}: cannot decode the image ({e})") from None
+
+
+def _load_image_array(path: str | Path, prescale: Prescale) -> tuple[np.ndarray, int]:
     with Image.open(path) as opened:
         im = ImageOps.exif_transpose(opened)
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -220,7 +231,10 @@ class ImageFolderDataset(Dataset):
         elif paths:
             check_small_images(paths, crop, prescale)
         if not paths:
-            raise ValueError(f"no usable images (root={root!r}, files given: {files is not None}, crop={crop})")
+            where = f"in {str(root)!r}" if root is not None else "among the files given"
+            size = f" of at least {crop} px on the short side" if small == "skip" else ""
+            raise ValueError(f"no images{size} {where} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: "
+                             "convert it to PNG)")
         self.files, self.crop, self.augment, self.random_crop = paths, crop, augment, random_crop
         self.prescale, self.repeat = prescale, repeat
         self.min_texture, self.tries = float(min_texture), tries
@@ -409,8 +423,18 @@ def pack_crops(
     return info
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: pack the crops of a folder or of a SOURCES.tsv group into one file."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: pack the crops of a folder or of a SOURCES.tsv group into one file. Returns the exit
+    code: 0, or 2 with one ``error:`` line for a bad value, a missing folder, an unreadable image."""
+    try:
+        _pack_main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _pack_main(argv: Sequence[str] | None) -> None:
     ap = argparse.ArgumentParser(description="Pack random HR crops into one uint8 file for training.")
     ap.add_argument("--photos", required=True, help="image folder (with SOURCES.tsv when --group is used)")
     ap.add_argument("--group", default=None, help="SOURCES.tsv group to pack, e.g. A_train (default: all images)")
@@ -424,7 +448,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     files = photos_of_group(a.photos, a.group) if a.group else None
-    prescale: Prescale = "auto" if a.prescale == "auto" else int(a.prescale)
+    try:
+        prescale: Prescale = "auto" if a.prescale == "auto" else int(a.prescale)
+    except ValueError:
+        raise ValueError(f"--prescale must be 'auto' or an integer >= 1, got {a.prescale!r}") from None
     info = pack_crops(a.photos, a.out, a.crop, a.per_image, a.seed, files=files, prescale=prescale,
                       small=a.small, min_texture=a.min_texture)
     size = Path(a.out).stat().st_size
@@ -433,4 +460,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .data import (
+    IMAGE_SUFFIXES,
     LUMA,
     ImageFolderDataset,
     _pad_to,
@@ -118,7 +119,8 @@ class PhotoFeed:
         if world > 1 and len(files) >= world:
             files = files[rank::world]
         if not files:
-            raise ValueError(f"no images in {str(root)!r} (suffixes .png .jpg .jpeg .webp .bmp)")
+            raise ValueError(f"no images in {str(root)!r} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: "
+                             "convert it to PNG)")
         check_small_images(files, crop)
         self.crop, self.device, self.root = crop, device, Path(root)
         self.min_texture, self.tries = float(min_texture), tries if min_texture > 0 else 1
@@ -219,11 +221,24 @@ class FolderFeed:
         if self._it is None:
             self._it = iter(self.loader)
         try:
-            x = next(self._it)
-        except StopIteration:
-            self._it = iter(self.loader)
-            x = next(self._it)
+            try:
+                x = next(self._it)
+            except StopIteration:
+                self._it = iter(self.loader)
+                x = next(self._it)
+        except (OSError, ValueError) as e:  # an image the workers could not read: its own message, not theirs
+            raise type(e)(worker_message(str(e))) from None
         return x.to(self.device, non_blocking=True)
+
+
+def worker_message(text: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (torch prefixes "Caught
+    OSError in DataLoader worker process 0. Original Traceback …"); other text as it is."""
+    if "in DataLoader worker process" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name, sep, msg = last.partition(": ")
+    return msg if sep and name.replace(".", "").replace("_", "").isalnum() else last
 
 
 def resolve_packed(path: str | Path) -> Path:
@@ -245,7 +260,15 @@ def is_packed(path: str | Path) -> bool:
     path = Path(path)
     if path.is_file():
         return path.suffix in PACKED_SUFFIXES
-    return path.is_dir() and any(p.suffix in PACKED_SUFFIXES for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    names = list(path.iterdir())
+    packs = [p for p in names if p.suffix in PACKED_SUFFIXES]
+    if packs and any(p.suffix.lower() in IMAGE_SUFFIXES for p in names):  # images first: as documented
+        log.info("%s holds images: training on them, not on %s (give that file as --data to train from it)",
+                 path, ", ".join(p.name for p in packs))
+        return False
+    return bool(packs)
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -363,8 +386,9 @@ class PairPool:
 
     def load_state_dict(self, sd: dict, device: torch.device) -> None:
         if int(sd["size"]) != self.size:
-            raise ValueError(f"the checkpoint's pair pool holds {sd['size']} pairs, this run's {self.size}: "
-                             f"resume with --pool {sd['size']} (or --fresh)")
+            raise ValueError(f"the checkpoint's pair pool holds {sd['size']} pairs, this run's {self.size} (its "
+                             "default follows --batch and --degradation): resume with the checkpoint's --batch, or "
+                             f"with --pool {sd['size']} if that is a multiple of this --batch (or --fresh)")
         self.filled = int(sd["filled"])
         if self.filled == 0:
             self.hr = self.lr = None

@@ -243,7 +243,15 @@ class Trainer:
         for key in ("model", "ema", "opt", "step"):
             if key not in sd:
                 raise ValueError(f"{str(path)!r} is not a training checkpoint (no {key!r} entry)")
-        self.model.load_state_dict(sd["model"])
+        try:
+            self.model.load_state_dict(sd["model"])
+        except RuntimeError as e:  # missing keys or other shapes: another net than this run builds
+            was = sd.get("meta", {}).get("config")
+            raise ValueError(
+                f"{str(path)!r} holds the training of another net ({type(self.model).__name__}"
+                f"{f', config {was!r}' if was else ''}; {str(e).splitlines()[0].rstrip(':.')}) than this run builds: "
+                "give the same --config (and --init) as the run that wrote it, another --out, or --fresh "
+                "to start over") from None
         self.ema.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["opt"])
         self.scaler.load_state_dict(sd["scaler"])
@@ -325,7 +333,8 @@ class Trainer:
             total, *terms = (v / self.di.world for v in t.tolist())
             agg = dict(zip(keys, terms))
         if not math.isfinite(total):
-            raise FloatingPointError(f"loss became {total} at step {self.step}: lower --lr or use --amp off")
+            raise FloatingPointError(f"loss became {total} at step {self.step}: lower --lr"
+                                     + (" or use --amp off" if self.cfg.amp != "off" else ""))
         self.scaler.unscale_(self.opt)
         if self.cfg.grad_clip:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -356,6 +365,9 @@ class Trainer:
         if self.elapsed_before >= budget and self.step < c.steps:
             log.warning("time budget of %.2f min already used by the resumed training (%.2f min, step %d): "
                         "raise --max-minutes to train on", c.max_minutes, self.elapsed_before / 60, self.step)
+        if self.step >= c.steps and self.step > 0:
+            log.warning("the resumed training is at step %d, --steps is %d: nothing to train (raise --steps to train "
+                        "on; --fresh starts over)", self.step, c.steps)
         stop = _StopRequest()
         with stop.installed():
             logs = self._loop(c, bar, t0, budget, stop)
