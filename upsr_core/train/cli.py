@@ -121,8 +121,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="image folder: crops by DataLoader workers (loader), or from the decoded images held on the "
                         "training device (device: no workers, exactly resumable; the folder must fit the device)")
     p.add_argument("--workers", type=int_min(0), default=None,
-                   help="DataLoader workers for an image folder (--feed loader; default 4); "
-                        "other feeds have no workers and warn if given")
+                   help="DataLoader workers for an image folder (--feed loader; default 4, fewer on a machine with "
+                        "fewer cores); other feeds have no workers and warn if given")
     p.add_argument("--min-texture", type=float_range(0), default=0.0,
                    help="image folder: re-draw random crops flatter than this mean luma gradient (8-bit units; "
                         "the packed crops and the A_val pairs used 3), up to 10 draws; 0: off")

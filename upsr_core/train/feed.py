@@ -19,6 +19,7 @@ the device in batch by ``degradations.degrade`` (see :func:`make_lr`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -281,13 +282,19 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def default_workers() -> int:
+    """DataLoader workers when --workers is not given: 4, or fewer on a machine with fewer cores
+    (torch warns of more workers than cores, and they would only compete with the training)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 FEEDS = ("loader", "device")
 
 
 def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, shard: tuple[int, int] = (0, 1),
               workers: int | None = None, seed: int = 0, min_texture: float = 0.0, feed: str = "loader"):
     """PackedFeed for packed crops; for a folder of images FolderFeed (``feed='loader'``, with
-    ``workers`` DataLoader workers, default 4) or PhotoFeed (``feed='device'``). ``min_texture``:
+    ``workers`` DataLoader workers, default :func:`default_workers`) or PhotoFeed (``feed='device'``). ``min_texture``:
     see ``ImageFolderDataset``; packed crops were filtered when packed, so it does not apply to
     them. Workers given where none are used are named in a warning, as is min_texture."""
     if feed not in FEEDS:
@@ -306,7 +313,7 @@ def make_feed(data: str | Path, crop: int, device: torch.device, batch: int, *, 
         raise FileNotFoundError(f"--data {str(data)!r} is neither a folder of images nor a packed-crops file")
     if feed == "device":
         return PhotoFeed(data, crop, device, shard=shard, min_texture=min_texture)
-    return FolderFeed(data, crop, device, batch, workers=4 if workers is None else workers,
+    return FolderFeed(data, crop, device, batch, workers=default_workers() if workers is None else workers,
                       seed=seed + 7919 * shard[0], min_texture=min_texture)
 
 
