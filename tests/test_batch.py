@@ -23,14 +23,15 @@ def folder(tmp_path):
     return src
 
 
-def _run(src, out, model, monkeypatch, rank=None, world=None):
+def _run(src, out, model, monkeypatch, rank=None, world=None, quiet=True):
     if rank is None:
         monkeypatch.delenv("RANK", raising=False)
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
-    assert main(["upscale", str(src), "-o", str(out), "--model", str(model), "--device", "cpu", "-q"]) == 0
+    quiet_flag = ["-q"] if quiet else []  # -q silences the "skipping" note too
+    assert main(["upscale", str(src), "-o", str(out), "--model", str(model), "--device", "cpu", *quiet_flag]) == 0
 
 
 def test_ranks_take_disjoint_shards_that_add_up_to_the_single_run(folder, tmp_path, tiny_model_file, monkeypatch):
@@ -51,7 +52,7 @@ def test_rerun_skips_existing_outputs(folder, tmp_path, tiny_model_file, monkeyp
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     (out / "img3.png").unlink()
     with caplog.at_level("INFO", logger="upsr_core"):
-        _run(folder, out, tiny_model_file, monkeypatch)
+        _run(folder, out, tiny_model_file, monkeypatch, quiet=False)
     assert "skipping 4 image(s)" in caplog.text
     assert sorted(p.name for p in out.glob("*.png")) == [f"img{k}.png" for k in range(5)]
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in stamp.items() if n != "img3.png")
@@ -63,7 +64,7 @@ def test_output_folder_inside_the_input_folder_is_not_an_input(folder, tmp_path,
     _run(folder, out, tiny_model_file, monkeypatch)
     first = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
     with caplog.at_level("INFO", logger="upsr_core"):
-        _run(folder, out, tiny_model_file, monkeypatch)
+        _run(folder, out, tiny_model_file, monkeypatch, quiet=False)
     assert "skipping 5 image(s)" in caplog.text
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == first
     assert first == [f"img{k}.png" for k in range(5)] + [f"x4/img{k}.png" for k in range(5)]
