@@ -297,3 +297,11 @@ def test_an_estimator_whose_shapes_make_no_net_is_an_unsupported_checkpoint(mode
     save_converted(tmp_path / "den.safetensors", model.denoiser, None)
     with pytest.raises(UnsupportedCheckpointError, match="ATD .*the tensor shapes do not describe a consistent net"):
         load_upsr(tmp_path / "den.safetensors", tmp_path / "est.pth")  # was "groups must be a positive integer"
+
+
+def test_denoiser_and_save_converted_name_arguments_of_the_wrong_type(model, tmp_path):
+    x, lq = torch.zeros(1, 48, 4, 4), torch.zeros(1, 96, 4, 4)
+    with pytest.raises(TypeError, match="timesteps must be a torch.Tensor, got int"):
+        model.denoiser(x, 4, lq)  # was AttributeError: 'int' object has no attribute 'device'
+    with pytest.raises(TypeError, match=r"extra_metadata keys and values must be str .* got \{'n': 'int'\}"):
+        save_converted(tmp_path / "m.safetensors", model.denoiser, model.estimator, extra_metadata={"n": 5})

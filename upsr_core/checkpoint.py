@@ -251,6 +251,10 @@ def save_converted(
         raise TypeError(f"denoiser must be an UPSRDenoiser, got {type(denoiser).__name__}")
     if estimator is not None and not isinstance(estimator, ATD):
         raise TypeError(f"estimator must be an ATD (or None), got {type(estimator).__name__}")
+    odd = {k: type(v).__name__ for k, v in (extra_metadata or {}).items()
+           if not (isinstance(k, str) and isinstance(v, str))}
+    if odd:  # safetensors stores strings only (its own error named neither key nor value)
+        raise TypeError(f"extra_metadata keys and values must be str (json.dumps other values), got {odd}")
     reserved = {"format", "format_version", "dtype", "denoiser_config", "estimator_config"} & set(extra_metadata or {})
     if reserved:
         raise ValueError(f"extra_metadata may not set {sorted(reserved)}: they describe the file's own layout")

@@ -545,6 +545,9 @@ class UPSRDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         """x (B,in_ch,h,w), timesteps int (B,), lq (B,96,h,w) -> x0 (B,out_ch,4h,4w), [-1,1] space."""
+        for name, v in (("x", x), ("timesteps", timesteps), ("lq", lq)):
+            if not isinstance(v, torch.Tensor):  # an int t: torch.full((B,), t) (a deep AttributeError before)
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         return self._body(x, lq, emb, None)
 
