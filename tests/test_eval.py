@@ -412,3 +412,30 @@ def test_eval_fast_path_is_recorded_and_scores_as_the_reference(tiny_pairs, monk
     for m, r in res["ref"]["mean"].items():
         f = res["fast"]["mean"][m]
         assert abs(f["psnr"] - r["psnr"]) < 0.05 and abs(f["ssim"] - r["ssim"]) < 1e-3, (m, r, f)
+
+
+def test_an_interrupted_eval_writes_the_images_it_finished(tiny_pairs, monkeypatch, capsys):
+    """Ctrl-C hours into a large set lost every score: the finished images are written, marked
+    partial, and the exit code is still 130."""
+    import upsr_core.evaluate as ev
+
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    real, calls = ev.run_methods, []
+
+    def second_interrupts(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "run_methods", second_interrupts)
+    out = root / "ev"
+    rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
+               "--device", "cpu", "--method", "bicubic,upsr"])
+    assert rc == 130
+    res = json.loads((out / "results.json").read_text())
+    assert res["info"]["partial"] == "interrupted after 1 of 2" and len(res["per_image"]) == 1
+    assert res["mean"]["upsr"]["psnr"] == res["per_image"][0]["metrics"]["upsr"]["psnr"]
+    assert (out / "results.md").read_text().startswith("PARTIAL: the first 1 of 2 pairs")
+    assert "interrupted after 1 of 2 images" in capsys.readouterr().err

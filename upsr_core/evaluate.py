@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,34 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
         if niqe_params is None and not extra:
             raise ValueError("a no-reference run has nothing to measure: give NIQE's parameters or "
                              "no-reference pyiqa metrics")
-    rows = []
+    rows: list = []
+    try:
+        _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid, rows)
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (the CLI's handler): keep what is done
+        if not rows:
+            raise
+        code = 130 if isinstance(e, KeyboardInterrupt) else e.code
+        raise EvalInterrupted(_means(rows), rows, code if isinstance(code, int) else 130) from None
+    return _means(rows), rows
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """:func:`evaluate` stopped by Ctrl-C or SIGTERM after some images: ``means`` and ``rows`` of
+    those (as evaluate returns them), ``code`` the exit code the signal asks for (130, 143)."""
+
+    def __init__(self, means: dict, rows: list, code: int):
+        super().__init__(f"interrupted after {len(rows)} image(s)")
+        self.means, self.rows, self.code = means, rows, code
+
+
+def _means(rows: list) -> dict:
+    return {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
+            for m in rows[0]["metrics"]}
+
+
+def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid,
+                 rows: list) -> None:
+    """The loop of :func:`evaluate`: appends one row per pair to ``rows`` as it finishes."""
     for i, (hp, lp) in enumerate(pairs):
         lr_img = read_image(lp)
         lr = lr_img.rgb[None]
@@ -289,9 +317,6 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
         rows.append(row)
         log.info("%d/%d %s  %s", i + 1, len(pairs), row["image"],
                  "  ".join(f"{m} {_label(row['metrics'][m])}" for m in outs))
-    means = {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
-             for m in rows[0]["metrics"]}
-    return means, rows
 
 
 def _scores(sr: torch.Tensor, hr: torch.Tensor | None, crop_border: int, niqe_params, extra: dict | None,
@@ -418,21 +443,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .fast import enable_fast
 
         enable_fast(model)
-    means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border, niqe_params=params,
-                           extra=extra, keep=args.sheet, grid=grid)
+    stopped = None
+    try:
+        means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border,
+                               niqe_params=params, extra=extra, keep=args.sheet, grid=grid)
+    except EvalInterrupted as e:  # hours into a large set: the images done are written, marked partial
+        means, rows, stopped = e.means, e.rows, e.code
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
-            "b_u_psi_max": grid}
+            "b_u_psi_max": grid,
+            "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}"}
     (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
                                                   "per_image": [{k: v for k, v in r.items() if k != "images"}
                                                                 for r in rows]}, indent=1) + "\n", encoding="utf-8")
     what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
+    if stopped is not None:
+        what = f"PARTIAL: the first {len(rows)} of {what} (interrupted)"
     (out / "results.md").write_text(f"{what}, model {model_path}\n\n{md}\n", encoding="utf-8")
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)
+    if stopped is not None:
+        print(f"interrupted after {len(rows)} of {len(pairs)} images: the means above are theirs, written to "
+              f"{out / 'results.json'} (marked partial)", file=sys.stderr)
+        return stopped
     return 0
