@@ -378,8 +378,9 @@ class Trainer:
             self.save(c.checkpoint)
         if stop.signum is not None:  # saved: leave as the signal asked, with the CLI's exit code
             if self.di.main:
-                log.warning("stopped at step %d by %s: checkpoint %s saved; run the same command again to resume",
-                            self.step, signal.Signals(stop.signum).name, c.checkpoint or "(none: no checkpoint path)")
+                saved = (f"checkpoint {c.checkpoint} saved; run the same command again to resume" if c.checkpoint
+                         else "no checkpoint path, nothing saved")
+                log.warning("stopped at step %d by %s: %s", self.step, signal.Signals(stop.signum).name, saved)
             if stop.signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + stop.signum)
