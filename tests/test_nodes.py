@@ -953,3 +953,44 @@ def test_cpu_runs_log_the_glibc_start_up_hint_once(pack, handle, monkeypatch, ca
     with caplog.at_level(logging.INFO):
         run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
     assert "MALLOC_ARENA_MAX" not in caplog.text
+
+
+def _carried_bytes(t: torch.Tensor) -> int:
+    info = getattr(t, "_upsr_full", None)
+    return 0 if info is None else sum(x.numel() * x.element_size() for x in (info.full, info.bottom, info.right)
+                                      if x is not None)
+
+
+def test_uncertainty_and_weight_maps_carry_only_their_padded_border(pack, handle):
+    """ComfyUI caches every output: ψ and w carried a whole padded copy each (2× their memory);
+    now only the strips outside the visible map (ŷ keeps its [-1, 1] original, which its [0, 1]
+    view cannot give back exactly). The chain still gives the CLI's image (tested above)."""
+    m8 = handle.model.multiple_of  # 8 for the test model (64 for the official nets)
+    h, w_ = 5 * m8 - 3, 4 * m8 - 2  # padded to 5·m8 × 4·m8
+    img = lr_image(h, w_, seed=2)
+    sr, est, wn = chain(pack, handle, img)
+    strips = 3 * 4 * 16 * (5 * m8 * 4 * m8 - h * w_)  # 3 channels, float32, (4·)² HR px per LR px
+    for m in (est[1], wn[0]):  # a whole padded copy before: 3·4·16·(5·m8·4·m8) bytes
+        assert _carried_bytes(m) == strips
+    assert _carried_bytes(est[0]) == 3 * 4 * 16 * (5 * m8 * 4 * m8)  # ŷ: the [-1, 1] original
+    plain = lr_image(2 * m8, 3 * m8, seed=2)  # no padding: nothing to carry
+    _, est2, wn2 = chain(pack, handle, plain)
+    assert _carried_bytes(est2[1]) == 0 and _carried_bytes(wn2[0]) == 0
+
+
+def test_a_map_edited_in_place_between_nodes_is_padded_from_the_edit(pack, handle):
+    """Another node that writes into the uncertainty IMAGE in place (which ComfyUI does not stop)
+    must not get the border of the unedited map: the result is that of an edited copy."""
+    img = lr_image(21, 30, seed=2)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    copy = est[1].clone()  # no carried border: padded by mirroring
+    copy[:, :40] = 0.0
+    est[1][:, :40] = 0.0  # in place: torch's version counter moves
+    wd = defaults(pack, "WeightNoise")
+    w_inplace = run(pack, "WeightNoise", **wd | {"uncertainty": est[1]})[0]
+    w_copy = run(pack, "WeightNoise", **wd | {"uncertainty": copy})[0]
+    assert _carried_bytes(w_inplace) == 0 and torch.equal(w_inplace, w_copy)
+    kw = defaults(pack, "UPSRSample")
+    a = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w_inplace, **kw)[0]
+    b = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w_copy, **kw)[0]
+    assert torch.equal(a, b)
