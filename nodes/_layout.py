@@ -18,17 +18,20 @@ log = logging.getLogger(__name__)
 
 def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
     """IMAGE [B,H,W,3] -> (B,3,H,W) float32, contiguous."""
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[-1] == 4:
+        raise ValueError(f"{name}: the image has an alpha channel (4 channels); UPSR upscales RGB: split the alpha "
+                         "off first (Split Image with Alpha) and upscale it on its own if it is needed")
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{name}: expected an IMAGE [B,H,W,3], got {shape}")
+        raise ValueError(f"{name}: expected an IMAGE [B,H,W,3] (batch, height, width, RGB), got {shape}")
     if image.shape[0] == 0:
         raise ValueError(f"{name}: the image batch is empty")
     return carry_padding(image, image.movedim(-1, 1).float().contiguous())
 
 
 def lr_in(image: torch.Tensor) -> torch.Tensor:
-    """The LR IMAGE [B,H,W,3] -> (B,3,H,W) float32 in [0, 1]. ComfyUI's bicubic and Lanczos
-    resizes do not clamp, so an image scaled down before UPSR overshoots [0, 1] at sharp edges:
+    """The LR IMAGE [B,H,W,3] -> (B,3,H,W) float32 in [0, 1]. ComfyUI's bicubic resize does not
+    clamp (its Lanczos goes through 8 bits), so an image scaled down before UPSR overshoots [0, 1] at sharp edges:
     that is clamped (as ComfyUI's own upscale nodes clamp their output) and logged; values
     further out, NaN or Inf are an error."""
     lr, found = clamp_overshoot(image_in(image, "image"), "the image")

@@ -146,7 +146,8 @@ class LoadUPSRModel(io.ComfyNode):
                                        "(the official nets were trained in fp16; half the memory of fp32), "
                                        "else bf16, else fp32 (the CPU). fp32 gives what the upsr_core CLI gives "
                                        "by default. A NaN result (an fp16 overflow) stops with an error: pick "
-                                       "fp32 or bf16 then. The estimator never runs in fp16."),
+                                       "fp32 or bf16 then. The estimator never runs in fp16. On the CPU, fp16 is "
+                                       "~190× slower than fp32 (no fast kernels): keep auto there."),
                 io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
                                tooltip="fast: fused attention with precomputed masks and the sampling loop on the "
                                        "device; equal to reference up to float rounding (what `python -m upsr_core "
@@ -158,19 +159,25 @@ class LoadUPSRModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str | None, estimator_name: str | None, precision: str | None,
-                        implementation: str | None = "fast") -> bool | str:
-        # an input that comes over a link is None here (its value is known only when the prompt
-        # runs); execute() checks all four again then
+    def validate_inputs(cls, model_name: str | None) -> bool | str:
+        # model_name only: ComfyUI shows a message on every input validate_inputs takes, and skips
+        # its own combo check for them; the other combos get ComfyUI's check, on the input at fault.
+        # An input that comes over a link is None here (known only when the prompt runs);
+        # execute() checks all four then.
+        return (None if model_name is None else check_choice("model_name", model_name, model_files())) or True
+
+    @classmethod
+    def check_all(cls, model_name: str, estimator_name: str, precision: str, implementation: str) -> str | None:
+        """What is wrong with the four values (a linked one is known only now), or None."""
         files = model_files()
-        problem = None if model_name is None else check_choice("model_name", model_name, files)
-        if problem is None and estimator_name not in (None, IN_MODEL_FILE):
+        problem = check_choice("model_name", model_name, files)
+        if problem is None and estimator_name != IN_MODEL_FILE:
             problem = check_choice("estimator_name", estimator_name, files)
-        if problem is None and precision is not None and precision not in PRECISIONS:
+        if problem is None and precision not in PRECISIONS:
             problem = f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-        if problem is None and implementation is not None and implementation not in IMPLEMENTATIONS:
+        if problem is None and implementation not in IMPLEMENTATIONS:
             problem = f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}"
-        return problem or True
+        return problem
 
     @classmethod
     def execute(cls, model_name: str, estimator_name: str, precision: str,
@@ -179,8 +186,8 @@ class LoadUPSRModel(io.ComfyNode):
                   "implementation": implementation}
         unset = [k for k, v in values.items() if v is None]
         problem = (f"{', '.join(unset)} has no value: connect or set it" if unset
-                   else cls.validate_inputs(model_name, estimator_name, precision, implementation))
-        if problem is not True:
+                   else cls.check_all(model_name, estimator_name, precision, implementation))
+        if problem:
             raise ValueError(problem)
         path = folder_paths.get_full_path_or_raise(FOLDER, model_name)
         est = None if estimator_name == IN_MODEL_FILE else folder_paths.get_full_path_or_raise(FOLDER, estimator_name)

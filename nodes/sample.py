@@ -110,6 +110,7 @@ def smaller_block(block: int) -> int | None:
 
 
 TILE_MAX, OVERLAP_MAX = 4096, 1024
+TILE_STEP = 64  # the official nets pad the LR to multiples of 64: every tile must be one
 
 
 def tiling_problem(tile: int | None, overlap: int | None) -> str | None:
@@ -118,6 +119,9 @@ def tiling_problem(tile: int | None, overlap: int | None) -> str | None:
     check for inputs that a node's validate_inputs takes."""
     if tile is not None and not MIN_TILE <= tile <= TILE_MAX:
         return f"tile must be in [{MIN_TILE}, {TILE_MAX}] LR pixels, got {tile}"
+    if tile is not None and tile % TILE_STEP:
+        down = max(MIN_TILE, tile // TILE_STEP * TILE_STEP)
+        return f"tile must be a multiple of {TILE_STEP} LR pixels (64, 128, …, 512, …), got {tile}: try {down}"
     if overlap is not None and not 0 <= overlap <= OVERLAP_MAX:
         return f"overlap must be in [0, {OVERLAP_MAX}] LR pixels, got {overlap}"
     if tile is not None and overlap is not None and overlap >= tile:
@@ -125,9 +129,16 @@ def tiling_problem(tile: int | None, overlap: int | None) -> str | None:
     return None
 
 
+def check_tiling_inputs(tile: int, overlap: int) -> None:
+    """:func:`tiling_problem` as a ValueError, for values that came over a link."""
+    problem = tiling_problem(tile, overlap)
+    if problem:
+        raise ValueError(problem)
+
+
 def _tiling_inputs() -> list:
     return [
-        io.Int.Input("tile", default=DEFAULT_TILE, min=MIN_TILE, max=TILE_MAX, step=64,
+        io.Int.Input("tile", default=DEFAULT_TILE, min=MIN_TILE, max=TILE_MAX, step=TILE_STEP,
                      tooltip="largest tile in LR pixels (a multiple of 64); images up to this size run in one piece, "
                              "larger ones as the fewest tiles of at most this size"),
         io.Int.Input("overlap", default=DEFAULT_OVERLAP, min=0, max=OVERLAP_MAX, step=8,
@@ -156,11 +167,21 @@ def check_maps(image: torch.Tensor, **maps: torch.Tensor) -> None:
     if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (image, *maps.values())):
         return  # image_in names what is not an IMAGE
     b, h, w = image.shape[:3]
+    # every map at the image's own size: the image is the one that is off (an upscaled image wired in)
+    upscaled_image = all(tuple(t.shape[1:3]) == (h, w) for t in maps.values())
     for name, t in maps.items():
         mb, mh, mw = t.shape[:3]
         if (mh, mw) != (SCALE * h, SCALE * w):
-            hint = (f": it has the LR image's size; a map painted on the LR image must be scaled ×{SCALE} first"
-                    if (mh, mw) == (h, w) else "")
+            if upscaled_image:
+                hint = (": the 'image' input has the maps' size, so it looks already upscaled; connect the LR "
+                        "image that went into UPSR Estimate Uncertainty")
+            elif (mh, mw) == (h, w) and name == "noise_weight":
+                hint = f": it has the LR image's size; a map painted on the LR image must be scaled ×{SCALE} first"
+            elif (mh, mw) == (h, w):
+                hint = (": it has the LR image's size; connect UPSR Estimate Uncertainty's sr_estimate output "
+                        "(made from this same LR image)")
+            else:
+                hint = ": give UPSR Sample the same LR image that went into UPSR Estimate Uncertainty"
             raise ValueError(f"{name} is {mw}×{mh} px; expected ×{SCALE} of the LR image ({w}×{h} px), "
                              f"i.e. {SCALE * w}×{SCALE * h} px{hint}")
         if mb not in (1, b):
@@ -196,6 +217,7 @@ class UPSRSample(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
+        check_tiling_inputs(tile, overlap)  # linked values: unknown to validate_inputs
         check_maps(image, sr_estimate=sr_estimate, noise_weight=noise_weight)
         model = upsr_model.load_for(image, tile, tile_batch)
         lr = lr_in(image)
@@ -241,6 +263,7 @@ class UPSRUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
+        check_tiling_inputs(tile, overlap)  # linked values: unknown to validate_inputs
         model = upsr_model.load_for(image, tile, tile_batch)
         lr = lr_in(image)
 

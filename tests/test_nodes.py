@@ -338,20 +338,24 @@ def test_implementation_fast_is_the_default_without_graphs_or_compile(pack, hand
 
 def test_load_rejects_bad_choices_with_clear_messages(pack):
     node = pack.nodes["LoadUPSRModel"]
-    assert node.validate_inputs(DEMO, "(from the model file)", "fp32") is True
-    msg = node.validate_inputs("nope.pth", "(from the model file)", "fp32")
+    # before the run: model_name only (ComfyUI shows the message on every input validate_inputs takes,
+    # and checks the other combos itself, on the input at fault; live probe 2026-11-27)
+    assert list(inspect.signature(node.validate_inputs).parameters) == ["model_name"]
+    assert node.validate_inputs(DEMO) is True
+    msg = node.validate_inputs("nope.pth")
     assert "model_name 'nope.pth' is not in the upsr model folders" in msg and DEMO in msg
-    assert "estimator_name 'x.pth'" in node.validate_inputs(DEMO, "x.pth", "fp32")
-    msg = node.validate_inputs(DEMO, "(from the model file)", "fp8")
-    assert "precision must be one of auto, fp32, bf16, fp16" in msg
-    assert "implementation must be one of fast, reference, got 'turbo'" in node.validate_inputs(
+    assert node.validate_inputs(None) is True  # linked: known only when the prompt runs
+    # at run time: all four (linked values arrive only then)
+    assert node.check_all(DEMO, "(from the model file)", "fp32", "fast") is None
+    assert "estimator_name 'x.pth'" in node.check_all(DEMO, "x.pth", "fp32", "fast")
+    assert "precision must be one of auto, fp32, bf16, fp16" in node.check_all(DEMO, "(from the model file)", "fp8",
+                                                                                 "fast")
+    assert "implementation must be one of fast, reference, got 'turbo'" in node.check_all(
         DEMO, "(from the model file)", "fp32", "turbo")
     with pytest.raises(ValueError, match="nope.pth"):
         run(pack, "LoadUPSRModel", model_name="nope.pth", estimator_name="(from the model file)", precision="fp32")
-    # ComfyUI validates before the run, when an input that comes over a link has no value yet (None)
-    assert node.validate_inputs(None, None, None, None) is True
-    assert node.validate_inputs(None, "(from the model file)", "fp8") == (
-        "precision must be one of auto, fp32, bf16, fp16, got 'fp8'")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision="fp8")
     with pytest.raises(ValueError, match="precision has no value: connect or set it"):
         run(pack, "LoadUPSRModel", model_name=DEMO, estimator_name="(from the model file)", precision=None)
 
@@ -527,13 +531,21 @@ def test_bad_input_gives_clear_errors(pack, handle):
 
     # sizes as the artist sees them (width×height), naming the input
     with pytest.raises(ValueError, match=r"^noise_weight is 64×64 px; expected ×4 of the LR image \(16×12 px\), "
-                                         r"i\.e\. 64×48 px$"):
+                                         r"i\.e\. 64×48 px: give UPSR Sample the same LR image"):
         sample(noise_weight=w_other)
     with pytest.raises(ValueError, match=r"^sr_estimate is 64×64 px; expected"):
         sample(sr_estimate=est_other[0])
-    with pytest.raises(ValueError, match=r"sr_estimate is 16×12 px; .*: it has the LR image's size; a map painted "
+    with pytest.raises(ValueError, match=r"sr_estimate is 16×12 px; .*: it has the LR image's size; connect UPSR "
+                                         r"Estimate Uncertainty's sr_estimate output"):
+        sample(sr_estimate=img)  # wrong wiring: the LR into sr_estimate
+    with pytest.raises(ValueError, match=r"noise_weight is 16×12 px; .*: it has the LR image's size; a map painted "
                                          r"on the LR image must be scaled ×4 first"):
-        sample(sr_estimate=img)  # wrong wiring (or a map made at LR size)
+        sample(noise_weight=img)  # a map painted at LR size
+    with pytest.raises(ValueError, match=r"sr_estimate is 64×48 px; expected ×4 of the LR image \(64×48 px\).*: "
+                                         r"the 'image' input has the maps' size, so it looks already upscaled"):
+        sample(image=est[0])  # the ×4 estimate wired in as the LR
+    with pytest.raises(ValueError, match=r"^image: the image has an alpha channel \(4 channels\); UPSR upscales RGB"):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=torch.cat([img, img[..., :1]], -1))
     with pytest.raises(ValueError, match=r"noise_weight is a batch of 3; expected 1 \(for every image\) or 2 "
                                          r"\(one per LR image\)"):
         sample(image=img.repeat(2, 1, 1, 1), sr_estimate=est[0], noise_weight=w.repeat(3, 1, 1, 1))
@@ -542,7 +554,8 @@ def test_bad_input_gives_clear_errors(pack, handle):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[2] - 0.5)
     with pytest.raises(ValueError, match=r"image: the image batch is empty"):
         run(pack, "EstimateUncertainty", upsr_model=handle, image=img[:0])
-    with pytest.raises(ValueError, match=r"expected an IMAGE \[B,H,W,3\], got \(1, 48, 64\)"):
+    with pytest.raises(ValueError, match=r"expected an IMAGE \[B,H,W,3\] \(batch, height, width, RGB\), got "
+                                         r"\(1, 48, 64\)"):
         sample(noise_weight=est[2])  # wrong wiring: a MASK into an IMAGE input
     with pytest.raises(ValueError, match=r"uncertainty_mask: expected a MASK \[B,H,W\], got \(1, 48, 64, 3\)"):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[1])
@@ -550,9 +563,9 @@ def test_bad_input_gives_clear_errors(pack, handle):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est[1], uncertainty_mask=est[2])
     with pytest.raises(ValueError, match="connect exactly one of .* got neither"):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05)
-    with pytest.raises(ValueError, match="tile size must be a positive multiple of 8, got 100"):
-        sample(tile=100)
-    with pytest.raises(ValueError, match="overlap must be in"):
+    with pytest.raises(ValueError, match="tile must be a multiple of 64 LR pixels .* got 100: try 64"):
+        sample(tile=100)  # a linked value: checked at run time, before any work
+    with pytest.raises(ValueError, match=r"overlap \(64\) must be less than the tile \(64\)"):
         sample(tile=64, overlap=64)
     with pytest.raises(ValueError, match=r"b_u must be in \[0, 1\]"):
         run(pack, "WeightNoise", b_u=1.5, psi_max=0.05, uncertainty=est[1])
@@ -833,6 +846,9 @@ def test_tiling_widgets_are_checked_before_the_prompt_runs(pack, node_id):
     # ComfyUI skips its own min/max check for inputs a validate_inputs takes, so these are ours
     assert node.validate_inputs(tile=32, overlap=0) == "tile must be in [64, 4096] LR pixels, got 32"
     assert node.validate_inputs(tile=512, overlap=-8) == "overlap must be in [0, 1024] LR pixels, got -8"
+    # the widget's step guides the slider only: 100 over the API failed at run time, after the estimate
+    assert node.validate_inputs(tile=100, overlap=8) == (
+        "tile must be a multiple of 64 LR pixels (64, 128, …, 512, …), got 100: try 64")
 
 
 def test_smaller_tiles_policy(pack):
