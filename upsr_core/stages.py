@@ -2,20 +2,15 @@
 (the ComfyUI nodes): estimate -> ψ -> w -> sample, each on (B, C, 4h, 4w) tensors.
 
 The networks work on the LR padded to a multiple of 64, and the official result depends
-on the estimator's output in that padded border. Each visible map therefore carries what
-it takes to rebuild its padded original, as an attribute: the [-1, 1] original itself for
-ŷ (whose [0, 1] view does not give those values back exactly), only the padded border
-strips for ψ and w (the interior is the map; nothing at all without padding).
-:func:`recover_full` takes the original back when the visible map is unchanged (ŷ: exact
-equality; ψ, w: torch's version counter, which every in-place edit advances) and otherwise —
-an edited map, or one made elsewhere — pads the visible map by the HR mirror of the LR
-reflection. So the default chain gives exactly :meth:`UPSRModel.upscale`, and edited maps
-still work.
+on the estimator's output in that padded border. Each visible map therefore carries its
+padded original as an attribute; :func:`recover_full` takes it back when the visible
+map is unchanged (checked by exact equality) and otherwise — an edited map, or one
+made elsewhere — pads the visible map by the HR mirror of the LR reflection. So the
+default chain gives exactly :meth:`UPSRModel.upscale`, and edited maps still work.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -38,53 +33,22 @@ __all__ = [
 _ATTR = "_upsr_full"
 
 
-@dataclass(frozen=True)
-class _Padded:
-    """What rebuilds a visible map's padded original (see the module docstring).
-
-    ``full``: the original ([-1, 1] when ``pm``), kept whole; else ``bottom`` (…, 4Hp − 4h, 4Wp)
-    and ``right`` (…, 4h, 4Wp − 4w), the strips outside the visible map, and ``version``, the
-    visible map's version counter when they were attached (an in-place edit advances it)."""
-
-    pm: bool
-    full: torch.Tensor | None = None
-    bottom: torch.Tensor | None = None
-    right: torch.Tensor | None = None
-    version: int = 0
-
-
 def make_visible(full: torch.Tensor, size: tuple[int, int], *, pm: bool = False) -> torch.Tensor:
     """Visible part (B, C, 4h, 4w) of a padded HR map; ``pm`` maps [-1,1] to [0,1] first.
 
-    What rebuilds the padded original rides along as an attribute (see :func:`recover_full`).
+    The padded original rides along as an attribute (see :func:`recover_full`).
     """
     vis = crop_hr(full * 0.5 + 0.5 if pm else full, size).contiguous()
-    h4, w4 = vis.shape[-2:]
-    if pm:
-        setattr(vis, _ATTR, _Padded(pm=True, full=full))
-    elif full.shape[-2:] != (h4, w4):  # (no padding: the map is the original, nothing to carry)
-        # clones: views would keep the whole original alive
-        setattr(vis, _ATTR, _Padded(pm=False, bottom=full[..., h4:, :].clone(), right=full[..., :h4, w4:].clone(),
-                                    version=vis._version))
+    setattr(vis, _ATTR, (full, pm))
     return vis
 
 
 def carry_padding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Give ``dst``, a re-laid-out copy (or view) of ``src``, what rebuilds ``src``'s padded
-    original — unless ``src`` was edited in place since it was attached."""
+    """Copy the padded original from ``src`` to ``dst`` (a re-laid-out view of it)."""
     info = getattr(src, _ATTR, None)
-    if info is not None and (info.full is not None or src._version == info.version):
-        setattr(dst, _ATTR, info if info.full is not None else replace(info, version=dst._version))
+    if info is not None:
+        setattr(dst, _ATTR, info)
     return dst
-
-
-def _full_of(vis: torch.Tensor, info: _Padded) -> torch.Tensor | None:
-    """The padded original of a border-carrying map ``vis``, or None if ``vis`` changed since
-    (an in-place edit) or does not fit the strips."""
-    b, r = info.bottom, info.right
-    if vis._version != info.version or b.shape[:-2] != vis.shape[:-2] or r.shape[:-1] != vis.shape[:-1]:
-        return None
-    return torch.cat([torch.cat([vis, r.to(vis.device, vis.dtype)], -1), b.to(vis.device, vis.dtype)], -2)
 
 
 def mirror_pad_hr(x: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int]) -> torch.Tensor:
@@ -111,16 +75,13 @@ def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[i
     Returns [-1,1] values when ``pm`` (``vis`` itself is always in [0,1] units).
     """
     info = getattr(vis, _ATTR, None)
-    want = (SCALE * padded_lr[0], SCALE * padded_lr[1])
-    if info is not None and info.pm == pm:
-        full = info.full
-        if full is not None:
-            if full.shape[-2:] == want and full.shape[:2] == vis.shape[:2]:
-                again = crop_hr(full * 0.5 + 0.5 if pm else full, lr_size)
-                if again.shape == vis.shape and torch.equal(again.to(vis.device), vis):
-                    return full
-        elif (full := _full_of(vis, info)) is not None and full.shape[-2:] == want:
-            return full
+    if info is not None:
+        full, was_pm = info
+        if (was_pm == pm and full.shape[-2:] == (SCALE * padded_lr[0], SCALE * padded_lr[1])
+                and full.shape[:2] == vis.shape[:2]):
+            again = crop_hr(full * 0.5 + 0.5 if pm else full, lr_size)
+            if again.shape == vis.shape and torch.equal(again.to(vis.device), vis):
+                return full
     x = (vis - 0.5) / 0.5 if pm else vis
     return mirror_pad_hr(x, lr_size, padded_lr)
 
@@ -181,9 +142,11 @@ def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEF
     if psi.ndim != 4 or psi.shape[1] not in (1, 3):
         raise ValueError(f"uncertainty must be (B, 1|3, H, W), got {tuple(psi.shape)}")
     info = getattr(psi, _ATTR, None)
-    if info is not None and not info.pm and (full := _full_of(psi, info)) is not None:
+    if info is not None and not info[1]:
+        full = info[0]
         size = (psi.shape[-2] // SCALE, psi.shape[-1] // SCALE)
-        return make_visible(weight_noise(full, b_u, psi_max), size)
+        if full.shape[:2] == psi.shape[:2] and torch.equal(crop_hr(full, size).to(psi.device), psi):
+            return make_visible(weight_noise(full, b_u, psi_max), size)
     return weight_noise(psi, b_u, psi_max)
 
 
