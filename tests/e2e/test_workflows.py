@@ -124,6 +124,15 @@ def test_ui_to_api_matches_the_frontend(server, e2e, object_info, tmp_path):
         assert strip(ours) == strip(frontend), name
 
 
+def failure(entry: dict) -> str:
+    """A failed prompt's error: the node, the exception and its last traceback lines."""
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            tb = "".join(data.get("traceback", [])[-3:])
+            return f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}\n{tb}"
+    return json.dumps(entry["status"])[-2000:]
+
+
 # ----------------------------------------------------------------------------- each workflow as shipped
 def test_templates_are_served(server, client):
     assert sorted(client.get_json("/workflow_templates")[comfy_server.PACK_DIR_NAME]) == WORKFLOWS
@@ -136,7 +145,7 @@ def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
     t0 = time.monotonic()
     entry, msgs = run_watched(client, e2e, prompt)
     TIMINGS["upsr_basic"] = time.monotonic() - t0
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["status"]["status_str"] == "success", failure(entry)
     h, w = lr_size(prompt, server)
     (out,) = outputs(client, entry, save, tmp_path / "out")
     assert out.shape == (4 * h, 4 * w, 3)
@@ -170,7 +179,7 @@ def test_paint_uncertainty(server, client, e2e, object_info, tmp_path):
     t0 = time.monotonic()
     entry, msgs = run_watched(client, e2e, prompt)
     TIMINGS["upsr_paint_uncertainty"] = time.monotonic() - t0
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["status"]["status_str"] == "success", failure(entry)
     h, w = lr_size(prompt, server)
     (out,) = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / "out")
     assert out.shape == (4 * h, 4 * w, 3)
@@ -192,7 +201,7 @@ def test_large_tiled(server, client, e2e, object_info, tmp_path):
     t0 = time.monotonic()
     entry, msgs = run_watched(client, e2e, prompt)
     TIMINGS["upsr_large_tiled"] = time.monotonic() - t0
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["status"]["status_str"] == "success", failure(entry)
     h, w = lr_size(prompt, server)
     (out,) = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / "out")
     assert out.shape == (4 * h, 4 * w, 3) and out.std() > 0
@@ -215,7 +224,7 @@ def test_same_noise_makes_a_batch_of_frames_steady(server, client, e2e, object_i
     for same in (True, False):
         prompt[up]["inputs"]["same_noise"] = same
         entry, _ = run_watched(client, e2e, prompt)
-        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert entry["status"]["status_str"] == "success", failure(entry)
         frames[same] = outputs(client, entry, nodes_of(prompt, "SaveImage")[0], tmp_path / str(same))
         assert len(frames[same]) == 2
     a, b = (f.astype(int) for f in frames[True])
