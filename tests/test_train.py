@@ -1086,3 +1086,20 @@ def test_a_stop_signal_to_the_process_group_saves_the_checkpoint(tmp_path, sig, 
     assert m and m.group(2) == sig.name, err
     ckpt = torch.load(out / "estimator.ckpt", weights_only=True)
     assert ckpt["step"] == int(m.group(1)) >= 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_process_with_live_loader_workers_still_exits(tmp_path):
+    """The main process's exit ends the DataLoader workers with SIGTERM (multiprocessing's atexit);
+    workers that ignored SIGTERM made it wait for ever (CI hung after its last test, 2026-11-27)."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(photos / "a.png")
+    code = ("import torch\nfrom upsr_core.train.feed import FolderFeed\n"
+            f"f = FolderFeed({str(photos)!r}, 32, torch.device('cpu'), 2, workers=1)\n"
+            "print(tuple(f.next(2, torch.Generator()).shape))\n")  # exits with the workers alive
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and "(2, 3, 32, 32)" in done.stdout, done.stderr

@@ -273,13 +273,18 @@ def is_packed(path: str | Path) -> bool:
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker start: Ctrl-C and SIGTERM sent to the whole process group (a terminal,
-    ``timeout``, a job scheduler) are the main process's to handle — it finishes the step and
-    saves a checkpoint (:meth:`Trainer.fit`) with batches still to fetch. A worker killed by them
-    made torch raise "DataLoader worker is killed by signal" in the main process instead. The
-    workers still exit with the main process (torch's parent watchdog)."""
+    """DataLoader worker start: Ctrl-C sent to the whole process group (a terminal) is the main
+    process's to handle — it finishes the step and saves a checkpoint (:meth:`Trainer.fit`) with
+    the batches the workers still make. SIGTERM (``timeout``, a job scheduler, and the way
+    multiprocessing and the DataLoader end their workers) ends a worker with exit code 0: killed
+    by the signal, it made torch raise "DataLoader worker is killed by signal" in the main process;
+    ignored, the main process's exit waited on it for ever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(_signum: int, _frame) -> None:
+    raise SystemExit(0)
 
 
 def default_workers() -> int:
