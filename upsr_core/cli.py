@@ -198,10 +198,9 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
         if args.command == "upscale":
             from .batch import run_upscale
 
-            if not args.quiet:
-                return run_upscale(args, _device(args.device), _dtype, ProgressBar)
-            level = log.level  # -q: the notes too (skipped outputs, clamped values); warnings stay
-            log.setLevel(logging.WARNING)
+            level = log.level
+            if args.quiet:  # the notes too (skipped outputs, clamped values); warnings stay
+                log.setLevel(logging.WARNING)
             try:
                 return run_upscale(args, _device(args.device), _dtype, ProgressBar)
             finally:

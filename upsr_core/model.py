@@ -28,6 +28,7 @@ from .pipeline import (
     Estimate,
     NoiseField,
     bicubic_x4,
+    check_estimate,
     check_lr,
     check_weight_and_noise,
     denoise_estimate,
@@ -256,8 +257,7 @@ class UPSRModel:
         seed + i; with ``same_noise`` every image uses seed) covers the whole padded image
         and is sliced per tile.
         """
-        if not isinstance(est, Estimate):
-            raise TypeError(f"est must be an Estimate (from UPSRModel.estimate), got {type(est).__name__}")
+        check_estimate(est)
         check_progress(progress)
         self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape

@@ -44,6 +44,7 @@ __all__ = [
     "denoise_estimate",
     "crop_hr",
     "check_lr",
+    "check_estimate",
     "clamp_overshoot",
     "SCALE",
 ]
@@ -224,6 +225,12 @@ class Estimate:
         return Estimate(self.lr_pm.to(device), self.bicubic_pm.to(device), self.sr_estimate_pm.to(device), self.size)
 
 
+def check_estimate(est: object) -> None:
+    """TypeError unless ``est`` is an :class:`Estimate` (what the diffusion stage starts from)."""
+    if not isinstance(est, Estimate):
+        raise TypeError(f"est must be an Estimate (from estimate() or UPSRModel.estimate), got {type(est).__name__}")
+
+
 def estimate(
     estimator: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, multiple: int = 64
 ) -> Estimate:
@@ -347,8 +354,7 @@ def denoise_estimate(
     ``check_values=False`` checks shapes and dtypes only, for callers that checked the values
     already (reading them syncs a GPU): :meth:`UPSRModel.denoise`'s tile loop.
     """
-    if not isinstance(est, Estimate):
-        raise TypeError(f"est must be an Estimate (from estimate() or UPSRModel.estimate), got {type(est).__name__}")
+    check_estimate(est)
     schedule = schedule or make_schedule()
     b = est.lr_pm.shape[0]
     hr = est.bicubic_pm.shape[-2:]
