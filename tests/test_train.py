@@ -421,9 +421,12 @@ def test_checkpoint_wins_over_init_unless_fresh(tmp_path, caplog):
     assert rec["summary"]["steps"] == 3 and rec["summary"]["steps_this_run"] == 1
     assert rec["init"]["sha256"] == sha[a] and rec["resumed"].endswith("estimator.ckpt")  # the run descends from a
     assert any(f"--init {b} not used" in r.getMessage() and "a.safetensors" in r.getMessage() for r in caplog.records)
+    old_ckpt = (out / "estimator.ckpt").read_bytes()
     assert main(["train", "estimator", *common, "--init", str(b), "--steps", "1", "--fresh"]) == 0
     rec = log_of()
     assert rec["summary"]["steps"] == 1 and rec["init"]["sha256"] == sha[b] and rec["resumed"] is None
+    # --fresh set the old checkpoint aside before training (a run killed before its first save leaves none to resume)
+    assert (out / "estimator.ckpt.before-fresh").read_bytes() == old_ckpt
 
 
 def test_init_record_in_log_and_export_metadata(tmp_path):

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -99,7 +100,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default: bf16 on CUDA, off on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int_min(0), default=0)
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: an existing checkpoint in --out is renamed to <name>.before-fresh first")
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="fused SDPA attention (auto: on for CUDA and the CPU)")
     p.add_argument("--channels-last", action="store_true",
@@ -436,6 +438,12 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
     trainer.meta |= {"config": preset.name, "settings": settings}
     ckpt = Path(cfg.checkpoint)
     resumed = ckpt.is_file() and not args.fresh
+    if args.fresh and ckpt.is_file() and di.rank == 0:
+        # set aside now, not at the first save: a run killed before it (SIGKILL, power) must not leave the old
+        # checkpoint for the next plain run to resume; the old one stays recoverable under its new name
+        aside = ckpt.with_name(ckpt.name + ".before-fresh")
+        os.replace(ckpt, aside)
+        log.info("--fresh: the existing checkpoint %s is set aside as %s", ckpt, aside.name)
     changes: dict[str, list] = {}
     if resumed:
         trainer.load(ckpt)  # its meta says which --init (if any) its weights descend from
