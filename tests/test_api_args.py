@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -119,11 +120,18 @@ def test_weight_noise_in_half_precision_keeps_a_small_psi_max():
     assert torch.equal(weight_noise(psi.half(), 0.4, 0.05), weight_noise(psi, 0.4, 0.05).half())
 
 
-@pytest.mark.parametrize("psi", [torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, 4, 4),
-                                 torch.zeros(1, 4, 4, 4)])
-def test_weight_noise_refuses_psi_of_other_dtype_or_shape(psi):
-    with pytest.raises(ValueError, match=r"uncertainty ψ must be a float \(B, 1\|3, H, W\) tensor"):
+@pytest.mark.parametrize(("psi", "error"), [(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), TypeError),
+                                            (np.zeros((1, 3, 4, 4), np.float32), TypeError),
+                                            (torch.zeros(3, 4, 4), ValueError), (torch.zeros(1, 4, 4, 4), ValueError)])
+def test_weight_noise_refuses_psi_of_other_dtype_or_shape(psi, error):
+    # the kind of the value is a TypeError, its shape a ValueError, as for estimate_uncertainty
+    with pytest.raises(error, match=r"uncertainty ψ must be a float \(B, 1\|3, H, W\) tensor, got"):
         weight_noise(psi)
+
+
+def test_estimate_uncertainty_refuses_a_map_of_other_rank():
+    with pytest.raises(ValueError, match=r"sr_estimate must be a float \(B, C, H, W\) tensor, got shape \(3, 2, 2\)"):
+        estimate_uncertainty(torch.zeros(3, 2, 2), torch.zeros(3, 2, 2))
 
 
 def test_estimate_uncertainty_refuses_integer_images():

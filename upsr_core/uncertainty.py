@@ -22,15 +22,22 @@ DEFAULT_PSI_MAX = 0.05
 PSI_MAX_LIMIT = 0.5  # ψ = ½|g − bicubic| never exceeds ½ on [0, 1] images: a larger ψ_max never gives w = 1
 
 
+def _check_map_tensor(name: str, x: object, layout: str, channels: tuple[int, ...] | None) -> None:
+    """TypeError unless ``x`` is a floating-point tensor; ValueError unless it is 4-D with ``channels``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a float {layout} tensor, got {what}")
+    if x.ndim != 4 or (channels is not None and x.shape[1] not in channels):
+        raise ValueError(f"{name} must be a float {layout} tensor, got shape {tuple(x.shape)}")
+
+
 def estimate_uncertainty(sr_estimate: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
     """ψ = ½|g(y) − bicubic(y)|, both (B, C, H, W) in [0, 1] units -> (B, C, H, W) >= 0.
 
     The inputs are not clamped (SPEC §8.13: the official code does not clamp either).
     """
     for name, x in (("sr_estimate", sr_estimate), ("bicubic", bicubic)):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
-            what = f"dtype {x.dtype}, shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"{name} must be a float (B, C, H, W) tensor, got {what}")  # uint8 would wrap around
+        _check_map_tensor(name, x, "(B, C, H, W)", None)  # uint8 would wrap around
     if sr_estimate.shape != bicubic.shape:
         raise ValueError(
             f"sr_estimate {tuple(sr_estimate.shape)} and bicubic {tuple(bicubic.shape)} must have the same shape"
@@ -61,9 +68,7 @@ def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = D
     ψ may have 1 channel (an edited mask) or 3; it must be finite and >= 0.
     """
     check_weight_params(b_u, psi_max)
-    if not isinstance(psi, torch.Tensor) or not psi.is_floating_point() or psi.ndim != 4 or psi.shape[1] not in (1, 3):
-        what = f"dtype {psi.dtype}, shape {tuple(psi.shape)}" if isinstance(psi, torch.Tensor) else type(psi).__name__
-        raise ValueError(f"uncertainty ψ must be a float (B, 1|3, H, W) tensor, got {what}")
+    _check_map_tensor("uncertainty ψ", psi, "(B, 1|3, H, W)", (1, 3))
     lo, hi = torch.aminmax(psi.detach()) if psi.numel() else (psi.new_zeros(()), psi.new_zeros(()))
     if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0:  # NaN and ±Inf reach lo or hi
         raise ValueError(f"uncertainty ψ must be finite and >= 0, got values in [{lo.item():.4g}, {hi.item():.4g}]")
