@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -151,6 +152,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that keeps the one-line ``error: …`` contract: its complaints (which name the
     flag, the value and the range) become a UsageError, printed by :func:`main` with exit code 2,
     instead of usage text and a SystemExit. Subcommand parsers inherit the class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern has no exponent, so "--lr -1e-4" read -1e-4 as a flag ("expected one
+        # argument") instead of a value for the range check to name
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
