@@ -62,6 +62,44 @@ def test_load_image_modes(folder: Path) -> None:
     assert half.shape == (40, 48, 3)
 
 
+def test_load_image_array_reads_as_read_image_does(tmp_path: Path, caplog) -> None:
+    """The training reader against upscale's: a tRNS colour key is alpha (composited over white),
+    a float TIFF is [0, 1] gray, a 32-bit integer TIFF of 8-bit values is 8-bit, and 16-bit colour
+    (Pillow reads its high bytes) is named in a warning."""
+    key = np.zeros((4, 4, 3), np.uint8)
+    key[:2] = (0, 255, 0)
+    key[2:] = (10, 20, 30)
+    Image.fromarray(key).save(tmp_path / "key.png", transparency=(0, 255, 0))
+    a, m = load_image_array(tmp_path / "key.png")
+    assert m == 255 and (a[:2] == 255).all() and (a[2:] == (10, 20, 30)).all()  # the key showed green
+    f = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(f).save(tmp_path / "f.tif")
+    a, m = load_image_array(tmp_path / "f.tif")
+    assert m == 65535 and a.dtype == np.uint16 and np.array_equal(a[..., 1], np.round(f * 65535))  # was black
+    Image.fromarray(np.arange(16, dtype=np.int32).reshape(4, 4) * 17).save(tmp_path / "i.tif")
+    a, m = load_image_array(tmp_path / "i.tif")
+    assert m == 255 and a.dtype == np.uint8 and int(a.max()) == 255  # was /65535: nearly black
+    rgb16 = (np.arange(48, dtype=np.uint16).reshape(4, 4, 3) * 1000).astype(">u2")
+    _write_png16(tmp_path / "c16.png", rgb16)
+    with caplog.at_level("WARNING", logger="upsr_core.train.data"):
+        a, m = load_image_array(tmp_path / "c16.png")
+    assert m == 255 and np.array_equal(a, (rgb16.astype(np.uint16) >> 8).astype(np.uint8))
+    assert any("c16.png: 16-bit colour" in r.getMessage() for r in caplog.records)
+
+
+def _write_png16(path: Path, rgb: np.ndarray) -> None:
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def test_folder_dataset_crops(folder: Path) -> None:
     torch.manual_seed(0)
     ds = ImageFolderDataset(folder, crop=32, repeat=2)

@@ -146,6 +146,76 @@ def test_corrupted_files_raise_value_error(tmp_path, damage):
         read_image(bad)
 
 
+def test_png_colour_key_transparency_becomes_alpha(tmp_path):
+    # a tRNS colour key on an RGB or gray PNG (no alpha channel): the keyed pixels are transparent
+    a = np.zeros((4, 4, 3), np.uint8)
+    a[:2] = (0, 255, 0)
+    a[2:] = (10, 20, 30)
+    Image.fromarray(a).save(tmp_path / "rgb.png", transparency=(0, 255, 0))
+    img = read_image(tmp_path / "rgb.png")
+    assert not img.gray and img.alpha is not None  # was read as opaque RGB: the key colour showed
+    np.testing.assert_array_equal(as_u8(img.alpha)[:, 0, 0], [0, 0, 255, 255])
+    np.testing.assert_array_equal(as_u8(img.rgb)[3, 0], [10, 20, 30])
+    g = np.full((4, 4), 7, np.uint8)
+    g[0] = 0
+    Image.fromarray(g).save(tmp_path / "l.png", transparency=0)
+    img = read_image(tmp_path / "l.png")
+    assert img.gray and img.alpha is not None
+    np.testing.assert_array_equal(as_u8(img.alpha)[:, 0, 0], [0, 255, 255, 255])
+
+
+def test_mpo_jpeg_reads_its_primary_image(tmp_path):
+    # many cameras' and phones' JPEGs carry an MPF index (previews, a depth or gain map): Pillow opens
+    # them as MPO with n_frames >= 2, and they were refused as multi-frame files
+    first, second = Image.new("RGB", (32, 24), (255, 0, 0)), Image.new("RGB", (32, 24), (0, 0, 255))
+    first.save(tmp_path / "a.jpg", format="MPO", save_all=True, append_images=[second])
+    with Image.open(tmp_path / "a.jpg") as im:
+        assert im.format == "MPO" and im.n_frames == 2
+    img = read_image(tmp_path / "a.jpg")
+    assert img.rgb.shape == (3, 24, 32)
+    assert (as_u8(img.rgb)[..., 0] >= 250).all() and (as_u8(img.rgb)[..., 2] <= 5).all()  # the red one
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width × height (8-bit gray) with a few bytes of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_huge_header_is_refused_even_after_the_training_code_is_imported(tmp_path):
+    """The CLI imports upsr_core.train to register ``train``; its module set Pillow's limit to None
+    for the whole process, so ``upscale`` tried to allocate 3.6 GB for this 11-byte-IDAT file."""
+    from upsr_core.cli import build_parser
+    was = Image.MAX_IMAGE_PIXELS
+    build_parser()  # imports upsr_core.train.data
+    assert Image.MAX_IMAGE_PIXELS == was  # no module changes the process-wide setting
+    _png_header_only(tmp_path / "bomb.png", 60000, 60000)
+    with pytest.raises(ValueError, match=r"bomb.png: image too large \(60000x60000 px"):
+        read_image(tmp_path / "bomb.png")
+
+
+def test_large_photo_within_the_bound_opens_whatever_pillows_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # far below this 8x8 image: read_image sets its own
+    Image.fromarray(rgb_u8(8, 8)).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.png").rgb.shape == (3, 8, 8)
+    assert Image.MAX_IMAGE_PIXELS == 16  # restored
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow may also warn about the corrupt directory
+def test_corrupt_tiff_directory_names_the_file(tmp_path):
+    Image.fromarray(rgb_u8(8, 8)).save(tmp_path / "t.tif")
+    b = bytearray((tmp_path / "t.tif").read_bytes())
+    assert b[:2] == b"II"
+    ifd = struct.unpack("<I", b[4:8])[0]
+    nxt = ifd + 2 + 12 * struct.unpack("<H", b[ifd : ifd + 2])[0]
+    b[nxt : nxt + 4] = struct.pack("<I", len(b) - 3)  # the next directory: past the end of the file
+    (tmp_path / "bad.tif").write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=r"bad.tif: not a readable image \(TypeError"):
+        read_image(tmp_path / "bad.tif")  # was the bare TypeError "Missing dimensions"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         read_image(tmp_path / "nope.png")

@@ -7,10 +7,13 @@ colour-converted, so the profile still describes them).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,34 @@ _CONVERTED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 source's colour space would not describe the result, so it is not carried over."""
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-Image.MAX_IMAGE_PIXELS = 40_000 * 40_000  # bound decompression bombs, allow large photos
+MAX_PIXELS = 40_000 * 40_000
+"""The largest image :func:`read_image` opens (width × height): a bound on decompression bombs and
+corrupt headers that still allows large photos. Pillow's process-wide limit is left as it is."""
+
+_limit_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; None: none) for the
+    ``Image.open`` calls inside, restored afterwards: a setting made on import would hold for the
+    whole process, whichever module opens an image."""
+    with _limit_lock:
+        was, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = was
+
+
+class _Refused(ValueError):
+    """An image read_image decoded and refuses (its own message); Pillow's errors are wrapped."""
+
+
+# what Pillow's decoders raise on corrupt or hostile files besides OSError (TIFF's "Missing
+# dimensions" TypeError, a BMP header's OverflowError, a header claiming gigapixels' MemoryError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, TypeError, ValueError, EOFError, OverflowError,
+                  MemoryError, struct.error, zlib.error)
 
 
 @dataclass
@@ -50,13 +80,20 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {str(path)!r}")
     try:
-        with Image.open(path) as im:
-            if getattr(im, "n_frames", 1) > 1:
-                raise ValueError(f"{path.name}: has {im.n_frames} frames; extract the frames first "
-                                 "(one image per file)")
+        with pixel_limit(None):  # MAX_PIXELS below instead: Pillow's own check warns up to twice its limit
+            opened = Image.open(path)
+        with opened as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise _Refused(f"{path.name}: image too large ({im.width}x{im.height} px, more than "
+                               f"{MAX_PIXELS} px)")
+            # an MPO (the JPEG of many cameras and phones: a primary photo plus previews, a depth or
+            # gain map) opens at its primary image; other formats' frames are images of equal standing
+            if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
+                raise _Refused(f"{path.name}: has {im.n_frames} frames; extract the frames first "
+                               "(one image per file)")
             if _colour_16bit(im):
-                raise ValueError(f"{path.name}: 16-bit colour, which Pillow can only read at 8 bits; "
-                                 "save it as 8-bit colour or 16-bit grayscale")
+                raise _Refused(f"{path.name}: 16-bit colour, which Pillow can only read at 8 bits; "
+                               "save it as 8-bit colour or 16-bit grayscale")
             im.load()
             icc = im.info.get("icc_profile") or None
             if icc is not None and im.mode in _CONVERTED_MODES:
@@ -67,10 +104,10 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
             loaded = _decode(im, path.name)
             loaded.icc = icc
             return loaded
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path.name}: not a readable image ({e})") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{path.name}: image too large ({e})") from None
+    except _Refused:
+        raise
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _colour_16bit(im: Image.Image) -> bool:
@@ -90,7 +127,7 @@ def _colour_16bit(im: Image.Image) -> bool:
 def _check_range(a: np.ndarray, lo: float, hi: float, name: str, kind: str) -> None:
     """Refuse (never clip) sample values outside [lo, hi]: the image's scale is unknown then."""
     if a.size and (a.min() < lo or a.max() > hi):
-        raise ValueError(f"{name}: {kind} image values must be in [{lo:g}, {hi:g}], found "
+        raise _Refused(f"{name}: {kind} image values must be in [{lo:g}, {hi:g}], found "
                          f"[{a.min():g}, {a.max():g}]; rescale it first")
 
 
@@ -105,23 +142,24 @@ def _decode(im: Image.Image, name: str) -> LoadedImage:
     if mode == "F":
         a = np.array(im, dtype=np.float32)  # a writable copy: torch warns on read-only arrays
         if not np.isfinite(a).all():
-            raise ValueError(f"{name}: the float image holds NaN or Inf values")
+            raise _Refused(f"{name}: the float image holds NaN or Inf values")
         _check_range(a, 0, 1, name, "float")
         g = torch.from_numpy(a).unsqueeze(0)
         return LoadedImage(g.expand(3, -1, -1).clone(), None, 16, True)
-    if mode in ("L", "1"):
+    keyed = "transparency" in im.info  # P's transparent entries, or L's / RGB's tRNS colour key
+    if mode in ("L", "1") and not keyed:
         g = _to_float(np.asarray(im.convert("L")), 255.0)
         return LoadedImage(g.expand(3, -1, -1).clone(), None, 8, True)
-    if mode == "LA":
-        a = _to_float(np.asarray(im), 255.0)
-        return LoadedImage(a[:1].expand(3, -1, -1).clone(), a[1:], 8, True)
+    if mode == "LA" or mode == "L" and keyed:
+        a = _to_float(np.asarray(im.convert("LA")), 255.0)
+        return LoadedImage(a[:1].expand(3, -1, -1).clone(), a[1:].contiguous(), 8, True)
     if mode in ("RGB;16", "RGBA;16"):
-        raise ValueError(f"{name}: unsupported 16-bit colour layout {mode}")
-    if mode == "P" and "transparency" in im.info or mode in ("RGBA", "PA", "La", "RGBa"):
+        raise _Refused(f"{name}: unsupported 16-bit colour layout {mode}")
+    if mode in ("P", "RGB") and keyed or mode in ("RGBA", "PA", "La", "RGBa"):
         a = _to_float(np.asarray(im.convert("RGBA")), 255.0)
         return LoadedImage(a[:3].contiguous(), a[3:].contiguous(), 8, False)
     if mode not in ("RGB", "P", "CMYK", "YCbCr", "LAB", "HSV"):
-        raise ValueError(f"{name}: unsupported image mode {mode!r}")
+        raise _Refused(f"{name}: unsupported image mode {mode!r}")
     a = _to_float(np.asarray(im.convert("RGB")), 255.0)
     return LoadedImage(a, None, 8, False)
 

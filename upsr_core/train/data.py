@@ -10,8 +10,9 @@
 
 Randomness in the datasets uses torch's global RNG, which ``DataLoader`` seeds per worker
 from the main process seed. Pixel reading: EXIF orientation applied; gray → 3 equal channels;
-alpha composited over white; 16-bit gray scaled by 1/65535 (Pillow reads 16-bit colour PNGs as
-8-bit, so their extra precision is lost). Run ``python -m upsr_core.train.data --help``.
+alpha (also a tRNS colour key) composited over white; 16-bit gray scaled by 1/65535, float gray
+([0, 1]) taken to 16 bits; Pillow reads 16-bit colour PNGs as 8-bit, so their extra precision is
+lost (a warning names such a file). Run ``python -m upsr_core.train.data --help``.
 """
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..imageio import _colour_16bit, pixel_limit
+
 __all__ = [
     "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "augment_dihedral", "list_images",
     "load_image_array", "pack_crops", "photos_of_group",
 ]
 
 log = logging.getLogger(__name__)
-Image.MAX_IMAGE_PIXELS = None  # the photos are trusted, and some exceed Pillow's bomb limit
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 Prescale = int | Literal["auto"]
 Small = Literal["pad", "skip"]
@@ -67,6 +69,13 @@ def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- pixels
+def _open(path: str | Path) -> Image.Image:
+    """``Image.open`` without Pillow's decompression-bomb limit, for this call only: training photos
+    are the user's own, and large ones exceed it (``upscale`` and ``eval`` keep a bound)."""
+    with pixel_limit(None):
+        return Image.open(path)
+
+
 def _prescale_factor(size: tuple[int, int], prescale: Prescale) -> int:
     """'auto': reduce by floor(short/1024) when that is >= 2 (as the eval pairs do)."""
     if prescale == "auto":
@@ -91,19 +100,31 @@ def load_image_array(path: str | Path, prescale: Prescale = 1) -> tuple[np.ndarr
 
 
 def _load_image_array(path: str | Path, prescale: Prescale) -> tuple[np.ndarray, int]:
-    with Image.open(path) as opened:
+    with _open(path) as opened:
+        if _colour_16bit(opened):
+            log.warning("%s: 16-bit colour, which Pillow reads at 8 bits: trained on its high bytes", path)
         im = ImageOps.exif_transpose(opened)
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            im, maxval = im.convert("I"), 65535
-        elif im.mode in ("1", "L"):
+            # 16-bit gray; a 32-bit "I" image holding only 8-bit values is 8-bit (as read_image decides)
+            peak = int(np.asarray(im).max(initial=0))
+            if peak > 65535 or int(np.asarray(im).min(initial=0)) < 0:
+                raise ValueError(f"{str(path)!r}: integer image values must be in [0, 65535]")
+            maxval = 65535 if peak > 255 or im.mode.startswith("I;16") else 255
+            im = im.convert("I")
+        elif im.mode == "F":  # float gray in [0, 1], as read_image takes it: to 16 bits
+            a = np.asarray(im, dtype=np.float64)
+            if not (np.isfinite(a).all() and (a.size == 0 or (a.min() >= 0 and a.max() <= 1))):
+                raise ValueError(f"{str(path)!r}: float image values must be finite and in [0, 1]")
+            im, maxval = Image.fromarray(np.round(a * 65535).astype(np.int32)), 65535
+        elif im.mode in ("1", "L") and "transparency" not in im.info:
             im, maxval = im.convert("L"), 255
-        elif im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        elif im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:  # incl. a tRNS colour key
             rgba = im.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             im, maxval = Image.alpha_composite(white, rgba).convert("RGB"), 255
         elif im.mode == "RGB":
             maxval = 255
-        else:  # P, CMYK, YCbCr, LAB, HSV, F, ...
+        else:  # P, CMYK, YCbCr, LAB, HSV, ...
             im, maxval = im.convert("RGB"), 255
         f = _prescale_factor(im.size, prescale)
         if f > 1:
@@ -111,6 +132,8 @@ def _load_image_array(path: str | Path, prescale: Prescale) -> tuple[np.ndarray,
         a = np.asarray(im)
     if maxval == 65535:
         a = np.clip(a, 0, 65535).astype(np.uint16)
+    elif a.dtype != np.uint8:  # a 32-bit "I" image of 8-bit values
+        a = a.astype(np.uint8)
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     return np.ascontiguousarray(a), maxval
@@ -166,7 +189,7 @@ def _prescaled_sizes(files: Sequence[Path], prescale: Prescale) -> Iterator[tupl
     """(path, width, height after prescale, prescale factor) per file, from the headers only
     (EXIF rotation does not change the short side)."""
     for p in files:
-        with Image.open(p) as im:
+        with _open(p) as im:
             w, h = im.size
         f = _prescale_factor((w, h), prescale)
         yield p, w // f, h // f, f
@@ -401,7 +424,7 @@ def pack_crops(
     crops, items = [], []
     for p in paths:
         a, maxval = load_image_array(p, prescale)
-        with Image.open(p) as im:
+        with _open(p) as im:
             factor = _prescale_factor(im.size, prescale)
         a = _pad_to(a, crop)
         rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
