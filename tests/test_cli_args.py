@@ -96,8 +96,14 @@ def test_an_output_that_is_its_input_is_refused(tmp_path, tiny_model_file, capsy
     line = fails(capsys, "upscale", src, "-o", src, "--overwrite", "--model", tiny_model_file)
     assert "would overwrite the input itself" in line
     assert src.read_bytes() == before
-    assert "would overwrite the input itself" in fails(capsys, "upscale", tmp_path, "-o", tmp_path, "--overwrite",
-                                                       "--model", tiny_model_file)
+    # a folder into itself: x.jpg's result x.png would be an input of the next run (which then failed as
+    # "would overwrite the input itself", so an interrupted run could not resume): refused up front
+    jpg = tmp_path / "in" / "x.jpg"
+    jpg.parent.mkdir()
+    Image.open(src).save(jpg)
+    line = fails(capsys, "upscale", jpg.parent, "-o", jpg.parent, "--model", tiny_model_file)
+    assert "is the input folder" in line and "itself" in line
+    assert sorted(p.name for p in jpg.parent.iterdir()) == ["x.jpg"]
 
 
 def test_output_names_file_or_folder(tmp_path, tiny_model_file, capsys):

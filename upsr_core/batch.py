@@ -41,7 +41,11 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
     for it in items:
         p = Path(it)
         if p.is_dir():
-            inner = skip is not None and skip != p.resolve() and skip.is_relative_to(p.resolve())
+            if skip is not None and skip == p.resolve():
+                # the results (x.png beside x.jpg) would be inputs of the next run, so a resume failed
+                raise ValueError(f"-o {output!r} is the input folder {it!r} itself: the next run would read the "
+                                 f"results as inputs; write to another folder (e.g. {str(Path(it) / 'x4')!r})")
+            inner = skip is not None and skip.is_relative_to(p.resolve())
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                            and not (inner and f.resolve().is_relative_to(skip)))
             if not files:
