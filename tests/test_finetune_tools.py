@@ -56,6 +56,11 @@ def test_pack_photos_writes_the_group_as_jpeg(tmp_path, capsys):
     assert "group 'B'" in capsys.readouterr().err
     assert pp.main(["--photos", str(photos), "--out", str(out), "--budget-mib", "0.001"]) == 1
     assert "exceeds --budget-mib" in capsys.readouterr().err
+    # two photos of one stem (a.png, a.jpg) would be one a.jpg: refused before anything is written
+    Image.open(photos / "small.png").save(photos / "small.jpg")
+    (photos / "SOURCES.tsv").write_text("file\tgroup\nsmall.png\tA_train\nsmall.jpg\tA_train\n", encoding="utf-8")
+    assert pp.main(["--photos", str(photos), "--out", str(tmp_path / "dup")]) == 2
+    assert "would both be written as" in capsys.readouterr().err and not (tmp_path / "dup").exists()
 
 
 def _pairs(tmp_path):

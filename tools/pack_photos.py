@@ -37,6 +37,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from upsr_core.imageio import pixel_limit  # noqa: E402
 from upsr_core.train.data import IMAGE_SUFFIXES, _prescale_factor, load_image_array, photos_of_group, to_uint8  # noqa: E402
 
 
@@ -48,11 +49,16 @@ def write_photos(photos: Path, group: str, out: Path, *, quality: int = 95, max_
     if max_side is not None and max_side < 256:
         raise ValueError(f"--max-side must be >= 256 (the training crop), got {max_side}")
     files = photos_of_group(photos, group)
+    by_name: dict[str, Path] = {}
+    for p in files:  # a.png and a.jpg, or x/a.jpg and y/a.jpg: one would overwrite the other
+        other = by_name.setdefault(p.stem + ".jpg", p)
+        if other != p:
+            raise ValueError(f"{other} and {p} would both be written as {out / (p.stem + '.jpg')}; rename one")
     out.mkdir(parents=True, exist_ok=True)
     items = []
     for p in files:
         a, maxval = load_image_array(p, prescale)
-        with Image.open(p) as im:
+        with pixel_limit(None), Image.open(p) as im:  # the user's own photos: no bomb bound, as training
             orig = im.size
             factor = _prescale_factor(orig, prescale)
         img = Image.fromarray(to_uint8(a, maxval))
