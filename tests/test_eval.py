@@ -363,6 +363,21 @@ def test_eval_warns_when_hr_and_lr_differ_in_colour(tiny_pairs, caplog):
     assert "img1.png" not in caplog.text
 
 
+def test_eval_warns_about_transparent_pixels(tiny_pairs, caplog):
+    from upsr_core.evaluate import evaluate, pair_files
+
+    root, _ = tiny_pairs
+    im = Image.open(root / "hr" / "img0.png").convert("RGBA")
+    a = np.asarray(im).copy()
+    a[:, : a.shape[1] // 3, 3] = 0
+    Image.fromarray(a).save(root / "hr" / "img0.png")
+    Image.open(root / "lr" / "img1.png").convert("RGBA").save(root / "lr" / "img1.png")  # opaque alpha: no warning
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        evaluate(None, pair_files(root / "hr", root / "lr"), ["bicubic"], niqe_params=None)
+    assert "img0.png: has transparent pixels; the scores count their hidden colour too" in caplog.text
+    assert "img1.png" not in caplog.text
+
+
 def test_evaluate_checks_its_pairs_and_metrics_before_running(tiny_pairs, tmp_path, monkeypatch, capsys):
     """evaluate() (the library call) refuses an empty list, a mix of pairs with and without HR
     (naming both), a full-reference metric or no metric at all in a no-reference run, before

@@ -304,6 +304,10 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
                 log.warning("%s: the HR image is %s but the LR image is %s", hp.name,
                             *(("grayscale", "colour") if hr_img.gray else ("colour", "grayscale")))
             hr = mod_crop(hr_img.rgb[None], lr.shape[-2:], hp.name)
+        for img, path in ((lr_img, lp), *(((hr_img, hp),) if hp is not None else ())):
+            if img.alpha is not None and bool((img.alpha < 1).any()):  # scored: the colour under it too
+                log.warning("%s: has transparent pixels; the scores count their hidden colour too (composite the "
+                            "pairs over one background first to score what is seen)", path.name)
         outs = run_methods(model, lr, methods, seed, grid)
         row = {"image": (lp if hp is None else hp).stem, "metrics": {}}
         for m, sr in outs.items():
