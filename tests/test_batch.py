@@ -70,6 +70,17 @@ def test_output_folder_inside_the_input_folder_is_not_an_input(folder, tmp_path,
     assert first == [f"img{k}.png" for k in range(5)] + [f"x4/img{k}.png" for k in range(5)]
 
 
+def test_files_a_folder_run_skips_are_named(folder, caplog):
+    from upsr_core.batch import collect_inputs
+
+    Image.new("RGB", (8, 8)).save(folder / "anim.gif")  # read when named, not from a folder
+    (folder / "notes.txt").write_text("x")
+    (folder / "README").write_text("x")
+    with caplog.at_level("INFO", logger="upsr_core"):
+        assert [f.name for f, _ in collect_inputs([str(folder)])] == [f"img{k}.png" for k in range(5)]
+    assert caplog.messages == [f"{folder}: 3 file(s) with other suffixes skipped ((none), .gif, .txt)"]
+
+
 def test_bad_rank_is_an_error(folder, tmp_path, tiny_model_file, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -46,8 +46,12 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
                 raise ValueError(f"-o {output!r} is the input folder {it!r} itself: the next run would read the "
                                  f"results as inputs; write to another folder (e.g. {str(Path(it) / 'x4')!r})")
             inner = skip is not None and skip.is_relative_to(p.resolve())
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not (inner and f.resolve().is_relative_to(skip)))
+            found = [f for f in p.rglob("*") if f.is_file() and not (inner and f.resolve().is_relative_to(skip))]
+            files = sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES)
+            others = sorted({f.suffix.lower() or "(none)" for f in found} - IMAGE_SUFFIXES)
+            if others:  # a .gif, say, is read when named, not from a folder: say so rather than skip it silently
+                log.info("%s: %d file(s) with other suffixes skipped (%s)", it, len(found) - len(files),
+                         ", ".join(others))
             if not files:
                 raise ValueError(f"folder {it!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out += [(f, p) for f in files]
