@@ -61,6 +61,8 @@ def fails(capsys, *argv) -> str:
     (["train", "denoiser", "--data", "d", "--estimator", "e", "--psi-max", "2"],
      "argument --psi-max: must be in (0, 0.5], got 2"),
     (["train", "bench", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["train", "denoiser", "--data", "d", "--estimator", "e", "--lpips", "foo"],  # was after the estimator loaded
+     "argument --lpips: invalid choice: 'foo'"),
     # a negative number in exponent notation is a value, not a flag (argparse's own pattern has no exponent)
     (["train", "estimator", "--data", "d", "--lr", "-1e-4"], "argument --lr: must be a finite number > 0, got -1e-4"),
     (["upscale", "a.png", "-o", "b.png", "--b-u", "-2.5E-1"], "argument --b-u: must be in [0, 1], got -2.5E-1"),

@@ -143,7 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--estimator", required=True, help="stage-1 estimator.safetensors (or any file holding ATD)")
     d.add_argument("--b-u", type=B_U_ARG, default=0.4, help="noise floor b_u (1 = no uncertainty weighting)")
     d.add_argument("--psi-max", type=PSI_MAX_ARG, default=0.05, help="ψ_max in (0, 0.5]")
-    d.add_argument("--lpips", default="off",
+    d.add_argument("--lpips", default="off", choices=["off", "pyiqa", "lpips"],  # checked before the estimator loads
                    help="off | pyiqa (the official loss: pyiqa's lpips-vgg, called as UPSR's training does) | "
                         "lpips (the lpips package's VGG LPIPS); each needs its package and weights")
     d.add_argument("--lpips-weight", type=float_range(0), default=0.5)
@@ -423,7 +423,7 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
         net = init_net if init_net is not None else build_denoiser_net(preset.denoiser)
         lp = LPIPSHook.from_name(args.lpips, di.device)
         if not lp.available:
-            log.info("LPIPS term off (no LPIPS weights offline): loss = MSE only")
+            log.info("LPIPS term off (--lpips off): loss = MSE only")
         task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
                             args.lpips_weight, deg_generator=deg_gen, pool=pool, deg_config=deg_cfg)
     fused = set_fused(args.fused, di.device, net, *([est] if args.stage == "denoiser" else []))
