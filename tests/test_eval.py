@@ -188,6 +188,31 @@ def test_crop_border_reaches_every_metric(tiny_pairs, tmp_path):
     assert means["bicubic"]["ssim"] == pytest.approx(float(ssim(sr[c], ref[c])[0]), abs=1e-9)
 
 
+def test_gray_pairs_are_scored_as_the_grayscale_png_upscale_writes(tiny_pairs, tmp_path):
+    from upsr_core.evaluate import evaluate, pair_files
+    from upsr_core.imageio import read_image, write_png
+    from upsr_core.metrics import psnr
+    from upsr_core.model import load_upsr
+    from upsr_core.pipeline import crop_hr
+
+    root, model_file = tiny_pairs
+    for d in ("hr", "lr"):
+        for f in (root / d).iterdir():
+            Image.open(f).convert("L").save(f)
+    model = load_upsr(model_file, device="cpu")
+    _, rows = evaluate(model, pair_files(root / "hr", root / "lr"), ["estimator"], niqe_params=None)
+    for row in rows:
+        lr = read_image(root / "lr" / f"{row['image']}.png")
+        est = model.estimate(lr.rgb[None])
+        sr = crop_hr(est.sr_estimate, est.size)[0]
+        assert (sr[0] - sr[1]).abs().max() > 1 / 255  # the net's output has colour
+        write_png(tmp_path / "sr.png", sr, gray=True)  # what upscale writes for a gray input
+        saved = read_image(tmp_path / "sr.png").rgb[None]
+        hr = read_image(root / "hr" / f"{row['image']}.png").rgb[None]
+        # it scored the colour output (0.13 dB from the written file in a probe's pair)
+        assert row["metrics"]["estimator"]["psnr"] == pytest.approx(float(psnr(saved, hr)[0]), abs=1e-9)
+
+
 def test_eval_cli_tiny(tiny_pairs, monkeypatch):
     root, model = tiny_pairs
     monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))  # NIQE skipped with a warning

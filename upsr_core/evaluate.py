@@ -1,6 +1,7 @@
 """``python -m upsr_core eval [--hr DIR] --lr DIR [--method …]``: metrics table and contact sheet.
 
-Methods (all from the same LR, outputs rounded to 8 bits like a saved PNG):
+Methods (all from the same LR, outputs rounded to 8 bits like a saved PNG; of a grayscale LR,
+its luma, as ``upscale`` writes it):
 
 * ``bicubic``  — y↑, bicubic ×4 (the diffusion's centre, clamped to [0,1])
 * ``estimator``— g(y), the SR estimate alone
@@ -205,11 +206,13 @@ def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
 
 @torch.no_grad()
 def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
-                grid: list[tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
+                grid: list[tuple[float, float]] | None = None, *, gray: bool = False) -> dict[str, torch.Tensor]:
     """lr (1,3,h,w) [0,1] -> {method: sr (1,3,4h,4w) in [0,1], 8-bit levels}.
 
     ``grid``: the (b_u, ψ_max) pairs of the ``upsr`` method (default: the official one); each
     is a key :func:`upsr_label` names, in grid order where ``upsr`` stands in ``methods``.
+    ``gray``: a grayscale source; each output is its luma in 3 equal channels, the grayscale
+    PNG that ``upscale`` writes for it (the networks' output has colour).
     """
     from .pipeline import default_weight
 
@@ -227,7 +230,13 @@ def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
             for b_u, psi_max in grid:
                 out[upsr_label(b_u, psi_max)] = model.denoise(est, default_weight(est, b_u, psi_max), seed=seed)
     keys = [k for m in methods for k in ([upsr_label(*g) for g in grid] if m == "upsr" else [m])]
-    return {k: to_uint8_levels(out[k].cpu()) for k in keys}
+    def levels(x: torch.Tensor) -> torch.Tensor:
+        x = x.cpu().float().clamp(0, 1)
+        if gray:  # the luma write_png takes, then its rounding
+            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand(-1, 3, -1, -1)
+        return to_uint8_levels(x)
+
+    return {k: levels(out[k]) for k in keys}
 
 
 def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str) -> torch.Tensor:
@@ -308,7 +317,7 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
             if img.alpha is not None and bool((img.alpha < 1).any()):  # scored: the colour under it too
                 log.warning("%s: has transparent pixels; the scores count their hidden colour too (composite the "
                             "pairs over one background first to score what is seen)", path.name)
-        outs = run_methods(model, lr, methods, seed, grid)
+        outs = run_methods(model, lr, methods, seed, grid, gray=lr_img.gray)
         row = {"image": (lp if hp is None else hp).stem, "metrics": {}}
         for m, sr in outs.items():
             try:
