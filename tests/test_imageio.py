@@ -290,6 +290,13 @@ def test_16bit_colour_png_is_never_silently_reduced_to_8_bit(tmp_path, with_alph
     assert torch.equal((img.rgb * 65535).round(), levels[:3])
 
 
+def test_16bit_gray_with_alpha_is_refused_with_advice_that_keeps_the_alpha(tmp_path):
+    g = torch.rand(1, 6, 10)
+    write_png(tmp_path / "la.png", g.expand(3, -1, -1), torch.rand(1, 6, 10), bits=16, gray=True)
+    with pytest.raises(ValueError, match=r"la.png: 16-bit gray with alpha, .* save it as 8-bit gray \+ alpha"):
+        read_image(tmp_path / "la.png")  # the advice was "8-bit colour or 16-bit grayscale" (dropping alpha)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(rgb=torch.zeros(1, 4, 4)), "expected rgb"),
     (dict(rgb=torch.zeros(3, 4, 4), bits=12), "bits must be 8 or 16"),

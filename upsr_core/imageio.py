@@ -91,9 +91,10 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
             if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
                 raise _Refused(f"{path.name}: has {im.n_frames} frames; extract the frames first "
                                "(one image per file)")
-            if _colour_16bit(im):
-                raise _Refused(f"{path.name}: 16-bit colour, which Pillow can only read at 8 bits; "
-                               "save it as 8-bit colour or 16-bit grayscale")
+            if raw := _colour_16bit(im):
+                what, fix = (("16-bit gray with alpha", "8-bit gray + alpha, or 16-bit grayscale without alpha")
+                             if raw.startswith("LA") else ("16-bit colour", "8-bit colour or 16-bit grayscale"))
+                raise _Refused(f"{path.name}: {what}, which Pillow can only read at 8 bits; save it as {fix}")
             im.load()
             icc = im.info.get("icc_profile") or None
             if icc is not None and im.mode in _CONVERTED_MODES:
@@ -110,18 +111,18 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def _colour_16bit(im: Image.Image) -> bool:
-    """True when Pillow would decode 16-bit colour (or gray + alpha) samples to 8 bits: its
-    decoder's raw mode is 16-bit ('RGB;16B', 'RGBA;16L', 'LA;16B', …) while the image mode is an
-    8-bit one. Only 16-bit grayscale (modes 'I;16*', 'I') keeps its 16 bits."""
+def _colour_16bit(im: Image.Image) -> str:
+    """The decoder's raw mode ('RGB;16B', 'RGBA;16L', 'LA;16B', …) when Pillow would decode 16-bit
+    colour (or gray + alpha) samples to 8 bits (the image mode is an 8-bit one), else "". Only
+    16-bit grayscale (modes 'I;16*', 'I') keeps its 16 bits."""
     if im.mode.startswith("I") or im.mode == "F":
-        return False
+        return ""
     for t in im.tile:
         args = t[3]
         raw = args if isinstance(args, str) else next((a for a in args or () if isinstance(a, str)), "")
         if ";16" in raw:
-            return True
-    return False
+            return raw
+    return ""
 
 
 def _check_range(a: np.ndarray, lo: float, hi: float, name: str, kind: str) -> None:
