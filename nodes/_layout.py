@@ -15,6 +15,24 @@ from upsr_core.stages import carry_padding
 
 log = logging.getLogger(__name__)
 
+ROLES = {  # the pack's IMAGE maps, tagged so that a map wired into the wrong input is named
+    "sr_estimate": "UPSR Estimate Uncertainty's sr_estimate (g(y))",
+    "uncertainty": "UPSR Estimate Uncertainty's uncertainty (ψ)",
+    "noise_weight": "UPSR Weight Noise's noise_weight (w)",
+    "heatmap": "UPSR Weight Noise's heatmap (a colour picture of w)",
+}
+_ROLE = "_upsr_role"
+
+
+def check_role(image: object, name: str, expected: str | None) -> None:
+    """A ValueError when ``image`` is one of the pack's maps other than ``expected`` (None: the
+    LR image, which is none of them). Untagged IMAGEs (any other node's, or a map edited on the
+    way) pass: only the pack's own outputs, wired as they are, carry a role."""
+    role = getattr(image, _ROLE, None)
+    if role is not None and role != expected:
+        want = ROLES[expected] if expected else "the low-resolution image"
+        raise ValueError(f"{name}: got {ROLES[role]}; connect {want} here")
+
 
 def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
     """IMAGE [B,H,W,3] -> (B,3,H,W) float32, contiguous."""
@@ -40,11 +58,17 @@ def lr_in(image: torch.Tensor) -> torch.Tensor:
     return lr
 
 
-def image_out(x: torch.Tensor) -> torch.Tensor:
+def image_out(x: torch.Tensor, role: str | None = None) -> torch.Tensor:
     """(B,1|3,H,W) -> IMAGE [B,H,W,3] on the CPU, contiguous: other nodes may ``.view()`` it or
-    write into it (a movedim view, or an expand of one channel, would break them)."""
+    write into it (a movedim view, or an expand of one channel, would break them). ``role``: one
+    of :data:`ROLES`, checked by :func:`check_role` where the IMAGE arrives."""
     y = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    return carry_padding(x, y.movedim(1, -1).cpu().contiguous())
+    out = carry_padding(x, y.movedim(1, -1).cpu().contiguous())
+    if role is not None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        setattr(out, _ROLE, role)
+    return out
 
 
 def mask_in(mask: torch.Tensor, name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ from upsr_core.pipeline import SCALE, generator_seed, padded_size
 from upsr_core.stages import sample_maps
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
-from ._layout import image_in, image_out, lr_in
+from ._layout import check_role, image_in, image_out, lr_in
 from .load_model import UPSRModelType
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,9 @@ class UPSRSample(io.ComfyNode):
     def execute(cls, upsr_model, image, sr_estimate, noise_weight, seed, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
         check_tiling_inputs(tile, overlap)  # linked values: unknown to validate_inputs
+        for value, name, role in ((image, "image", None), (sr_estimate, "sr_estimate", "sr_estimate"),
+                                  (noise_weight, "noise_weight", "noise_weight")):
+            check_role(value, name, role)  # e.g. the heatmap into noise_weight: an image of the wrong values
         check_maps(image, sr_estimate=sr_estimate, noise_weight=noise_weight)
         model = upsr_model.load_for(image, tile, tile_batch)
         lr = lr_in(image)
@@ -264,6 +267,7 @@ class UPSRUpscale(io.ComfyNode):
     def execute(cls, upsr_model, image, seed, b_u, psi_max, tile, overlap, tile_batch,
                 same_noise=False) -> io.NodeOutput:
         check_tiling_inputs(tile, overlap)  # linked values: unknown to validate_inputs
+        check_role(image, "image", None)
         model = upsr_model.load_for(image, tile, tile_batch)
         lr = lr_in(image)
 

@@ -12,7 +12,7 @@ from upsr_core.model import ESTIMATOR_BLOCK
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
-from ._layout import image_in, image_out, lr_in, mask_in, mask_out
+from ._layout import check_role, image_in, image_out, lr_in, mask_in, mask_out
 from .load_model import UPSRModelType
 from .sample import progress_bar, retry_on_oom, smaller_block
 
@@ -81,6 +81,7 @@ class EstimateUncertainty(io.ComfyNode):
 
     @classmethod
     def execute(cls, upsr_model, image, upscale_model=None) -> io.NodeOutput:
+        check_role(image, "image", None)
         model = upsr_model.load()
         lr = lr_in(image)
         progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
@@ -94,8 +95,8 @@ class EstimateUncertainty(io.ComfyNode):
             start, what = (ESTIMATOR_BLOCK, "estimator block") if g is None else (EXTERNAL_TILE, "upscale_model tile")
             sr, psi = retry_on_oom(run, start, smaller_block, lambda v: f"{what} {v}", upsr_model.free_others)
         preview = image_out(heatmap(psi, hi=DEFAULT_PSI_MAX))
-        return io.NodeOutput(image_out(sr), image_out(psi), mask_out(uncertainty_mask(psi)),
-                             ui=ui.PreviewImage(preview, cls=cls))
+        return io.NodeOutput(image_out(sr, "sr_estimate"), image_out(psi, "uncertainty"),
+                             mask_out(uncertainty_mask(psi)), ui=ui.PreviewImage(preview, cls=cls))
 
 
 class WeightNoise(io.ComfyNode):
@@ -129,11 +130,13 @@ class WeightNoise(io.ComfyNode):
             raise ValueError("UPSR Weight Noise: connect exactly one of 'uncertainty' (IMAGE) or 'uncertainty_mask' "
                              f"(MASK), got {'both' if uncertainty is not None else 'neither'}")
         name = "uncertainty" if uncertainty is not None else "uncertainty_mask"
+        if uncertainty is not None:
+            check_role(uncertainty, "UPSR Weight Noise, input 'uncertainty'", "uncertainty")
         psi = image_in(uncertainty, name) if uncertainty is not None else mask_in(uncertainty_mask, name)
         check_weight_params(b_u, psi_max)  # (the sliders: not an error of the input named below)
         try:
             w = weight_map(psi, b_u, psi_max)
         except ValueError as e:  # say which input: a mask edited upstream may have gone negative
             raise ValueError(f"UPSR Weight Noise, input '{name}': {e}") from e
-        heat = image_out(heatmap(w))
-        return io.NodeOutput(image_out(w), heat, ui=ui.PreviewImage(heat, cls=cls))
+        heat = image_out(heatmap(w), "heatmap")
+        return io.NodeOutput(image_out(w, "noise_weight"), heat, ui=ui.PreviewImage(heat, cls=cls))

@@ -543,7 +543,28 @@ def test_bad_input_gives_clear_errors(pack, handle):
         sample(noise_weight=img)  # a map painted at LR size
     with pytest.raises(ValueError, match=r"sr_estimate is 64×48 px; expected ×4 of the LR image \(64×48 px\).*: "
                                          r"the 'image' input has the maps' size, so it looks already upscaled"):
-        sample(image=est[0])  # the ×4 estimate wired in as the LR
+        sample(image=est[0].clone())  # an upscaled image (not one of the pack's maps) wired in as the LR
+    # the pack's own maps carry their role: one wired into another's input is named (sizes match, so the
+    # heatmap or ψ into noise_weight ran with the wrong values silently)
+    heat = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est[1])[1]
+    for kw, msg in [({"noise_weight": heat}, r"^noise_weight: got UPSR Weight Noise's heatmap \(a colour picture of "
+                                             r"w\); connect UPSR Weight Noise's noise_weight \(w\) here$"),
+                    ({"noise_weight": est[1]}, r"^noise_weight: got UPSR Estimate Uncertainty's uncertainty \(ψ\)"),
+                    ({"sr_estimate": w}, r"^sr_estimate: got UPSR Weight Noise's noise_weight \(w\); connect UPSR "
+                                         r"Estimate Uncertainty's sr_estimate \(g\(y\)\) here$"),
+                    ({"sr_estimate": w, "noise_weight": est[0]}, r"^sr_estimate: got"),  # swapped: the first named
+                    ({"image": est[0]}, r"^image: got UPSR Estimate Uncertainty's sr_estimate \(g\(y\)\); connect "
+                                        r"the low-resolution image here$")]:
+        with pytest.raises(ValueError, match=msg):
+            sample(**kw)
+    with pytest.raises(ValueError, match=r"^UPSR Weight Noise, input 'uncertainty': got UPSR Weight Noise's heatmap"):
+        run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=heat)
+    with pytest.raises(ValueError, match=r"^image: got UPSR Weight Noise's noise_weight"):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=w)
+    with pytest.raises(ValueError, match=r"^image: got UPSR Estimate Uncertainty's uncertainty"):
+        run(pack, "UPSRUpscale", **({"upsr_model": handle, "image": est[1]} | defaults(pack, "UPSRUpscale")))
+    # an edited copy is the artist's own map: no role, no check
+    assert run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est[1].clone())[0].shape == w.shape
     with pytest.raises(ValueError, match=r"^image: the image has an alpha channel \(4 channels\); UPSR upscales RGB"):
         run(pack, "EstimateUncertainty", upsr_model=handle, image=torch.cat([img, img[..., :1]], -1))
     with pytest.raises(ValueError, match=r"noise_weight is a batch of 3; expected 1 \(for every image\) or 2 "

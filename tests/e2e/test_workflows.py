@@ -270,6 +270,20 @@ def test_cancel_stops_within_one_step_and_the_next_run_is_normal(server, client,
     assert np.array_equal(as_saveimage(ref), out)
 
 
+def test_a_map_wired_into_the_wrong_input_is_named(server, client, e2e, object_info):
+    """The pack's IMAGE maps carry their role through ComfyUI's executor (cache included): the
+    heatmap wired into UPSR Sample's noise_weight fails naming both, instead of sampling with a
+    colour picture as w."""
+    prompt = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
+    (smp,) = nodes_of(prompt, "UPSRSample")
+    wn = prompt[smp]["inputs"]["noise_weight"][0]
+    prompt[smp]["inputs"]["noise_weight"] = [wn, 1]  # WeightNoise's second output: the heatmap
+    entry = client.wait(client.submit(prompt), 900)
+    assert entry["status"]["status_str"] == "error"
+    assert ("noise_weight: got UPSR Weight Noise's heatmap (a colour picture of w); connect UPSR Weight Noise's "
+            "noise_weight (w) here") in failure(entry)
+
+
 def test_report_timings(server):
     """Prints the wall time of each workflow run (pytest -s), and checks the server is still up."""
     print("\nE2E timings (s): " + json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}))
