@@ -9,6 +9,10 @@ import sys
 
 _here = os.path.dirname(os.path.abspath(__file__))
 
+WEB_DIRECTORY = "./web"
+"""Served at /extensions/<this folder's name>/: ``docs/<node id>.md`` are the pages the frontend's
+node Help (the ? of a node in the Node Library) shows; no JavaScript."""
+
 
 def _import_bundled_core() -> None:
     """Import the bundled ``upsr_core`` as a top-level package.

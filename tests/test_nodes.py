@@ -157,6 +157,20 @@ def test_entrypoint_lists_the_five_nodes(pack):
         assert cls.GET_SCHEMA().display_name
 
 
+def test_every_node_has_a_help_page_that_names_its_inputs(pack):
+    """web/docs/<node id>.md: the page the frontend's node Help shows (WEB_DIRECTORY); it fell back
+    to a generated page after two 404s. Each page must be titled with the node's display name and
+    mention every input the artist sets, so a renamed input cannot leave its page behind."""
+    web = REPO / pack.module.WEB_DIRECTORY
+    assert sorted(p.stem for p in (web / "docs").glob("*.md")) == sorted(pack.nodes)
+    for node_id, cls in pack.nodes.items():
+        schema = cls.GET_SCHEMA()
+        page = (web / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+        assert page.startswith(f"# {schema.display_name}\n"), node_id
+        missing = [i.id for i in schema.inputs if i.id not in page]
+        assert not missing, f"{node_id}.md does not mention {missing}"
+
+
 def _spec(pack, node_id):
     info = pack.nodes[node_id].GET_NODE_INFO_V1()
     flat = {k: v for sec in ("required", "optional") for k, v in info["input"].get(sec, {}).items()}

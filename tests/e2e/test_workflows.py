@@ -138,6 +138,15 @@ def test_templates_are_served(server, client):
     assert sorted(client.get_json("/workflow_templates")[comfy_server.PACK_DIR_NAME]) == WORKFLOWS
 
 
+def test_node_help_pages_are_served(server, client, object_info):
+    """The frontend's node Help fetches /extensions/<pack folder>/docs/<node id>.md (WEB_DIRECTORY)."""
+    ours = sorted(k for k, v in object_info.items() if v.get("python_module", "").endswith(comfy_server.PACK_DIR_NAME))
+    assert len(ours) == 5, ours
+    for node_id in ours:
+        page = client._req("GET", f"/extensions/{comfy_server.PACK_DIR_NAME}/docs/{node_id}.md").decode("utf-8")
+        assert page.startswith(f"# {object_info[node_id]['display_name']}\n"), node_id
+
+
 def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
     prompt = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
     (smp,) = nodes_of(prompt, "UPSRSample")
