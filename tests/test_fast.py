@@ -319,6 +319,40 @@ def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsy
     assert all(r["finite"] and r["s_per_img"] > 0 for r in rows)
 
 
+def test_bench_names_every_row_its_budget_leaves_out(tmp_path, capsys):
+    """--budget-s 0: no row starts, and each one left out is a comment line and a JSON row (the
+    fast rows of a size were dropped without a word, and no JSON was written when no row ran);
+    a size padded to the nets' multiple says so; a --tiled-dtypes typo is refused without a tiled row."""
+    import argparse
+    import json
+
+    from upsr_core.bench import add_parser
+    from upsr_core.checkpoint import save_converted
+    from upsr_core.pipeline import padded_size
+
+    m = tiny_upsr()
+    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    out = tmp_path / "bench.json"
+    base = ["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--reps", "1"]
+    args = ap.parse_args([*base, "--sizes", "16,24", "--dtypes", "fp32", "--budget-s", "0", "--json", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "# budget reached: LR 16 batch 1 skipped" in text and "# budget reached: LR 24 batch 1 skipped" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["lr"], r["skipped"]) for r in rows] == [("16", "budget"), ("24", "budget")]
+    args = ap.parse_args([*base, "--sizes", "13", "--dtypes", "fp32", "--json", str(out)])
+    assert args.func(args) == 0
+    mult, hp = m.multiple_of, padded_size(13, 13, m.multiple_of)[0]
+    assert hp != 13
+    note = f"# LR 13 runs padded to {hp} (the nets' multiple of {mult}): its rows time that work"
+    assert note in capsys.readouterr().out
+    with pytest.raises(ValueError, match="bogus"):
+        args = ap.parse_args([*base, "--sizes", "16", "--tiled-dtypes", "bogus"])
+        args.func(args)
+
+
 def test_bench_checks_the_tiling_before_any_row(tmp_path, capsys):
     """A bad --tile/--overlap fails at once, not after the other rows have used device time."""
     import argparse

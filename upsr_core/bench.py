@@ -1,19 +1,21 @@
 """``python -m upsr_core bench``: speed, memory and accuracy of the fast path vs the reference.
 
 One table, one row per (LR size, batch, path, dtype), printed as each row finishes:
-seconds per image, images/s, peak memory, achieved TFLOP/s (reference FLOPs, counted
-once per shape with ``FlopCounterMode`` on meta tensors, divided by the time), the speed-up
+seconds per image, images/s, peak memory, achieved TFLOP/s (the reference's FLOPs, counted
+once per shape with ``FlopCounterMode`` on meta tensors, divided by the row's time: the model's
+work per second on one scale for every row, not what a fast row executed — on the CPU its
+sub-pixel convs do 15 % fewer FLOPs), the speed-up
 over the reference path timed in the same run, and max/mean |Δ| in [0,1] against the
 reference output for the same LR and the same noise ε, and ``den max|d|``: the same with the
 reference's estimate ŷ and weight w given to both paths, so only the denoiser's precision shows
-(with random weights ATD's category sort regroups tokens on last-bit differences, SPEC §8.3,
-which dominates ``max|d|``; trained weights sort stably).
+(with random weights ATD's category sort regroups tokens on last-bit differences, which
+dominates ``max|d|``; trained weights sort stably).
 
 * reference = :class:`UPSRModel` as loaded: fp32, eager, math attention (``fused=False``),
   TF32 off — our faithful port of the official code;
 * fast = :func:`upsr_core.fast.enable_fast` with the denoiser in fp32 / tf32 (fp32 weights,
-  TF32 matmuls and convs) / bf16 / fp16; the estimator (ATD, 4% of the FLOPs) stays fp32
-  because its category sort turns rounding into discrete regrouping (SPEC §8.3);
+  TF32 matmuls and convs; CUDA only) / bf16 / fp16; the estimator (ATD, 4% of the FLOPs) runs
+  in the row's dtype, except in fp16 rows, where it stays fp32;
 * ``fast+compile``: the same with ``torch.compile`` (CUDA only, when time is left).
 
 Without ``--model`` the full-size nets (``--small``: the demo-size nets) get a seeded random
@@ -25,11 +27,12 @@ CPU), so a peak is what one model needs. ``peak GiB`` is the steady state (CUDA 
 allocated over the timed runs, after a warm-up); ``1st GiB`` includes the first call (cuDNN
 benchmark's algorithm probing, CUDA-graph capture); the JSON also has the reserved figures. On
 CPU the peak is the process's RSS high-water mark (when ``/proc/self/clear_refs`` allows a
-reset, else "-"). ``--mem-cap-gib`` runs the fast rows under a hard CUDA memory cap
+reset, else "-"): every model built for the run and what earlier rows left mapped count too,
+so it is an upper bound, not one row's need. ``--mem-cap-gib`` runs the fast rows under a hard CUDA memory cap
 (``torch.cuda.set_per_process_memory_fraction``; default 6 GiB for the tiled row, the issue's
 bar): a row that finishes under the cap fits a card with that much free memory; one that runs
-out is reported as ``OOM``. ``--budget-s`` skips the rows that would not fit in the remaining
-time (by the reference row's time).
+out is reported as ``OOM``. ``--budget-s``: no row starts once that many seconds are spent (a
+row under way finishes); every row left out is named in the table and the JSON.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -98,7 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="",
                    help="extra fast-path rows (not tiled) to A/B in the same run, comma-separated: "
                         + ", ".join(f"{k} ({v[1]})" for k, v in VARIANTS.items()))
-    p.add_argument("--reps", type=int_min(1), default=None, help="timed runs per row (default: CUDA 10; CPU 2)")
+    p.add_argument("--reps", type=int_min(1), default=None,
+                   help="timed runs per fast row (default: CUDA 10; CPU 2); at most 3 for batch > 1 and tiled rows; "
+                        "the reference: 3 after a warm-up at CUDA batch 1, else 1")
     p.add_argument("--budget-s", type=float_range(0), default=None, help="skip rows once this many seconds are used")
     p.add_argument("--profile", type=int_min(0), default=0, metavar="N",
                    help="after each batch-1 fast row, profile one more call and print its N most expensive ops")
@@ -226,8 +232,8 @@ def _peak(dev: torch.device, ok: bool) -> tuple[float | None, float | None]:
 
 def _time(fn, dev: torch.device, warmup: int, reps: int
           ) -> tuple[torch.Tensor, list[float], list[float], tuple, tuple, float | None]:
-    """-> (last output, wall seconds per run, process CPU seconds per run (contention-proof on a
-    shared CPU), peak (GiB, reserved GiB) including the warm-up, peak over the timed runs only,
+    """-> (last output, wall seconds per run, process CPU seconds per run (on a shared CPU OpenMP's
+    spin-waiting inflates it too), peak (GiB, reserved GiB) including the warm-up, peak over the timed runs only,
     wall seconds of the warm-up (compiling, cuDNN probing, graph capture; None without one))."""
     out = None
     ok = _reset_peak(dev)
@@ -255,7 +261,11 @@ def _time(fn, dev: torch.device, warmup: int, reps: int
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """``v`` in ``spec``; None as "-" right-aligned in the spec's width (the columns stay aligned)."""
+    if v is None:
+        width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+        return "-".rjust(int(width or 1))
+    return format(v, spec)
 
 
 class Table:
@@ -263,6 +273,11 @@ class Table:
         self.rows: list[dict] = []
         self.path, self.meta = path, meta
         print(HEADER, flush=True)
+        self._write()  # a run that finishes no row still leaves its file
+
+    def _write(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
 
     def comment(self, text: str, row: dict | None = None) -> None:
         """A ``# text`` line in the table (and ``row`` in the JSON)."""
@@ -270,8 +285,7 @@ class Table:
         self.meta.setdefault("comments", []).append(text)
         if row is not None:
             self.rows.append(row)
-        if self.path:
-            Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        self._write()
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -282,8 +296,7 @@ class Table:
               f"{_fmt(r['vs_ref'], '6.1f') + ('x' if r['vs_ref'] is not None else ''):>7} "
               f"{_fmt(r['max_abs'], '9.2e')} {_fmt(r['mean_abs'], '9.2e')} {_fmt(r.get('den_max_abs'), '10.2e')}"
               + (f"  (cap {r['mem_cap_gib']:g} GiB)" if r.get("mem_cap_gib") else ""), flush=True)
-        if self.path:
-            Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        self._write()
 
 
 def _row(lr, b, path, dtype, timed, flops, ref_s, out, ref_out, **extra) -> dict:
@@ -354,6 +367,14 @@ def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dty
     return m.to("cpu")
 
 
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def _tf32(on: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
@@ -368,7 +389,8 @@ def run_bench(args: argparse.Namespace) -> int:
     batch_sizes = args.batches or ([1, 8] if cuda else [1])
     dtypes = _dtypes(args.dtypes) if args.dtypes else (["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
     tiled = args.tiled if args.tiled is not None else (1024 if cuda else 0)
-    tiled_dtypes = _dtypes(args.tiled_dtypes) if tiled else []
+    tiled_dtypes = _dtypes(args.tiled_dtypes)  # checked with or without a tiled row
+    tiled_dtypes = tiled_dtypes if tiled else []
     reps = args.reps or (10 if cuda else 2)
     if args.json:  # made now: an unwritable path fails before minutes of timing, not after
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -394,7 +416,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "estimator_dtype": "the row's, fp32 in fp16 rows",
             "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel,
             "channels_last": args.channels_last, "variants": variants,
-            "argv": sys.argv[1:]}
+            "load_avg_1min": _load(), "cpus": os.cpu_count(), "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['weights']} weights, ATD in the row's dtype (fp32 in fp16 rows); fp32 = TF32 off", flush=True)
     mult = ref.multiple_of
@@ -403,19 +425,37 @@ def run_bench(args: argparse.Namespace) -> int:
     table = Table(args.json, meta)
     if args.compile == "on" and not cuda:
         table.comment("compile rows skipped: --compile on times compiled CUDA graphs, on CUDA only")
-    for switch in ("graphs", "channels_last"):
-        if getattr(args, switch) == "on" and not cuda:
-            table.comment(f"--{switch.replace('_', '-')} on: a CUDA switch, without effect on {dev.type}")
+    if not cuda:
+        if args.graphs == "on":
+            table.comment(f"--graphs on: a CUDA switch, without effect on {dev.type}")
+        if "tf32" in dtypes + tiled_dtypes:
+            table.comment(f"tf32 on {dev.type}: TF32 is a CUDA mode; these rows run fp32 (their difference from the "
+                          "fp32 rows is noise)")
+        if args.mem_cap_gib:
+            table.comment(f"--mem-cap-gib: a CUDA memory cap, without effect on {dev.type}")
+        table.comment(f"peak/1st GiB on {dev.type}: the process's RSS high-water mark (every model built for the run "
+                      "and what earlier rows left mapped count too): an upper bound, not one row's need")
+        load = meta["load_avg_1min"]
+        if load is not None and load > (os.cpu_count() or 1):
+            table.comment(f"load average {load:.1f} on {os.cpu_count()} CPUs: other processes share the cores, "
+                          "so these times are slower and noisier than on a quiet machine")
     refs: dict[tuple[int, int], torch.Tensor] = {}
     # the targets first (batch 1, then the tiled row), larger batches while time is left
     first = [b for b in batch_sizes if b == 1] or batch_sizes[:1]
     plan = [(s, b, False) for b in first for s in sizes] + ([(tiled, 1, True)] if tiled else [])
     plan += [(s, b, False) for b in batch_sizes if b not in first for s in sizes]
-    for s, b, is_tiled in plan:
+    padded_note: set[int] = set()
+    for k, (s, b, is_tiled) in enumerate(plan):
         if out_of_time():
-            print(f"# budget reached: skipping LR {s} batch {b} and later rows", flush=True)
+            for s2, b2, t2 in plan[k:]:
+                label2 = f"{s2}t" if t2 else str(s2)
+                table.comment(f"budget reached: LR {label2} batch {b2} skipped",
+                              {"lr": label2, "batch": b2, "path": "all", "skipped": "budget"})
             break
         hp = padded_size(s, s, mult)[0]
+        if hp != s and s not in padded_note:
+            padded_note.add(s)
+            table.comment(f"LR {s} runs padded to {hp} (the nets' multiple of {mult}): its rows time that work")
         lr = torch.rand(b, 3, s, s, generator=torch.Generator().manual_seed(args.seed))
         noise = starting_noise(args.seed, b, (hp, hp))
         tile, overlap = (args.tile, args.overlap) if is_tiled else (max(DEFAULT_TILE, hp), DEFAULT_OVERLAP)
@@ -427,6 +467,9 @@ def run_bench(args: argparse.Namespace) -> int:
             with _resident(ref, dev):
                 # the reference runs images one by one: batch-1 rows already warmed its shapes up
                 warm = 1 if (cuda and b == 1 and not is_tiled) else 0
+                if cuda and is_tiled:
+                    table.comment(f"LR {label}: the reference is timed once, cold (cuDNN's algorithm search "
+                                  "for its tile shapes included)")
                 ref_out, *timed = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
                 ref_out = refs[(s, b)] = ref_out.float().cpu()
                 if not is_tiled:  # the reference's estimate and weight, for the denoiser-only difference
@@ -437,8 +480,12 @@ def run_bench(args: argparse.Namespace) -> int:
             table.add(row)
         cap = args.mem_cap_gib if args.mem_cap_gib is not None else (6.0 if is_tiled else 0.0)
         runs = [("", n) for n in tiled_dtypes] if is_tiled else [(v, n) for v in ["", *variants] for n in dtypes]
-        for variant, name in runs:
+        for j, (variant, name) in enumerate(runs):
             if out_of_time():
+                for v2, n2 in runs[j:]:
+                    table.comment(f"budget reached: LR {label} batch {b} {f'fast/{v2}' if v2 else 'fast'} {n2} "
+                                  "skipped", {"lr": label, "batch": b, "path": f"fast/{v2}" if v2 else "fast",
+                                              "dtype": n2, "skipped": "budget"})
                 break
             m = fast[(variant, _model_dtype(name))]
             path = f"fast/{variant}" if variant else "fast"
