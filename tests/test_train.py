@@ -626,6 +626,8 @@ def test_train_bench_runs_on_cpu_with_channels_last():
         res = run_bench(ap.parse_args(["bench", "--config", "tiny", "--batch", "2", "--crop", "64", "--amp", "off",
                                        "--warmup", "1", "--iters", "2", "--device", "cpu", *flag]))
         assert res["channels_last"] == bool(flag) and res["s_per_iter_median"] > 0 and res["iters"] == 2
+        # no allocator statistics on the CPU: an explicit None, and the process RSS peak (Linux) as an upper bound
+        assert res["peak_mem_gib"] is None and (res["peak_rss_gib"] is None or res["peak_rss_gib"] > 0)
 
 
 def test_train_bench_profile_names_the_step_ops(capsys):
