@@ -196,8 +196,14 @@ async function main() {
     if (args.apiOut && apiPrompt) fs.writeFileSync(args.apiOut, JSON.stringify(apiPrompt, null, 2));
 
     // Disable LiteGraph's low-quality (LOD) rendering so zoomed-out graphs
-    // still show titles and widget values in the screenshot.
-    await page.evaluate(() => {
+    // still show titles and widget values in the screenshot; hide the
+    // minimap, which otherwise covers a corner of the graph (and of the
+    // Templates thumbnail made from this shot).
+    await page.evaluate(async () => {
+      const setting = window.app.extensionManager && window.app.extensionManager.setting;
+      if (setting && typeof setting.set === 'function') {
+        try { await setting.set('Comfy.Minimap.Visible', false); } catch (_) { /* older frontends: no minimap */ }
+      }
       const c = window.app.canvas;
       if ('_min_font_size_for_lod' in c) c._min_font_size_for_lod = 0;
       if (typeof c.updateLowQualityThreshold === 'function') c.updateLowQualityThreshold();
