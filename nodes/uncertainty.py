@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import comfy.model_management as mm
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
@@ -22,12 +23,30 @@ MASK_PSI_MAX = 1.0  # the slider's top: a painted MASK holds values up to 1 (com
 EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel: g(y) is what it would give
 
 
+class TileProgress:
+    """``comfy.utils.tiled_scale``'s ``pbar`` for a batch of ``images``: one step per tile of every
+    image on one ComfyUI progress bar, and a Cancel check before each count (core's tiling calls
+    it after every tile, so Cancel stops within a tile, not after the whole image)."""
+
+    def __init__(self, images: int):
+        self.images, self.done, self.total = images, 0, images
+        self.bar = comfy.utils.ProgressBar(images)
+
+    def tiles_per_image(self, tiles: int) -> None:
+        self.total = self.images * tiles
+
+    def update(self, n: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.done += n
+        self.bar.update_absolute(self.done, self.total)
+
+
 @contextmanager
 def external_estimator(upscale_model, device: torch.device
-                       ) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor] | None]:
-    """A ComfyUI UPSCALE_MODEL (spandrel descriptor) as the estimator g(x, tile): run through
-    ComfyUI's own tiling (``comfy.utils.tiled_scale``, tile × tile with 32 px of overlap, as core's
-    ImageUpscaleWithModel), on ``device`` while in use and back on the CPU afterwards."""
+                       ) -> Iterator[Callable[[torch.Tensor, int, TileProgress], torch.Tensor] | None]:
+    """A ComfyUI UPSCALE_MODEL (spandrel descriptor) as the estimator g(x, tile, progress): run
+    through ComfyUI's own tiling (``comfy.utils.tiled_scale``, tile × tile with 32 px of overlap,
+    as core's ImageUpscaleWithModel), on ``device`` while in use and back on the CPU afterwards."""
     if upscale_model is None:
         yield None
         return
@@ -44,8 +63,9 @@ def external_estimator(upscale_model, device: torch.device
 
     upscale_model.to(device)
     try:
-        yield lambda x, tile: comfy.utils.tiled_scale(x.to(device), checked, tile_x=tile, tile_y=tile,
-                                                      overlap=EXTERNAL_OVERLAP, upscale_amount=4)
+        yield lambda x, tile, progress: comfy.utils.tiled_scale(x.to(device), checked, tile_x=tile, tile_y=tile,
+                                                                overlap=EXTERNAL_OVERLAP, upscale_amount=4,
+                                                                pbar=progress)
     finally:
         upscale_model.to("cpu")
 
@@ -90,7 +110,14 @@ class EstimateUncertainty(io.ComfyNode):
             def run(setting: int) -> tuple[torch.Tensor, torch.Tensor]:
                 if g is None:
                     return estimate_maps(model, lr, progress=progress, block=setting)
-                return estimate_maps(model, lr, estimator=lambda x: g(x, setting), progress=progress)
+                tiles = TileProgress(lr.shape[0])  # counted per tile (core's tiling), not per image
+
+                def one_image(x: torch.Tensor) -> torch.Tensor:
+                    tiles.tiles_per_image(comfy.utils.get_tiled_scale_steps(x.shape[-1], x.shape[-2], setting,
+                                                                            setting, EXTERNAL_OVERLAP))
+                    return g(x, setting, tiles)
+
+                return estimate_maps(model, lr, estimator=one_image)
 
             start, what = (ESTIMATOR_BLOCK, "estimator block") if g is None else (EXTERNAL_TILE, "upscale_model tile")
             sr, psi = retry_on_oom(run, start, smaller_block, lambda v: f"{what} {v}", upsr_model.free_others)

@@ -675,6 +675,33 @@ def test_estimate_uncertainty_reports_progress_and_can_be_cancelled(pack, handle
     assert len(calls) == 1 and not pack.mm.processing_interrupted()
 
 
+def test_an_upscale_model_reports_progress_per_tile_and_can_be_cancelled_between_tiles(pack, handle, monkeypatch):
+    """With an upscale_model the bar counted images only (core's tiling got no pbar), so a large
+    image sat at 0 % and Cancel waited for the whole image; now every tile of every image counts."""
+    seen, tiles_run = [], []
+    monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: seen.append((v, t)))
+    real = pack.utils.tiled_scale
+
+    def two_tiles(samples, function, tile_x=64, tile_y=64, overlap=8, upscale_amount=4, out_channels=3,
+                  output_device="cpu", pbar=None):
+        assert (tile_x, tile_y, overlap) == (512, 512, 32)
+        tiles_run.append(1)
+        pbar.update(1)  # as if the first of two tiles were done; the second does the work
+        tiles_run.append(2)
+        return real(samples, function, tile_x, tile_y, overlap, upscale_amount, out_channels, output_device, pbar)
+
+    monkeypatch.setattr(pack.utils, "tiled_scale", two_tiles)
+    monkeypatch.setattr(pack.utils, "get_tiled_scale_steps", lambda w, h, tx, ty, o: 2)
+    g = FakeUpscaleModel()
+    run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16, b=3), upscale_model=g)
+    assert seen == [(k, 6) for k in range(1, 7)]
+    tiles_run.clear()
+    pack.mm.interrupt_current_processing(True)  # Cancel pressed during the first tile
+    with pytest.raises(pack.mm.InterruptProcessingException):
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16, b=3), upscale_model=g)
+    assert tiles_run == [1] and not pack.mm.processing_interrupted() and g.moves[-1] == "cpu"
+
+
 @pytest.mark.parametrize("oom", [
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
     # Apple silicon: the MPS allocator raises plain RuntimeErrors (the retry missed them before)

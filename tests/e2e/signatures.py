@@ -47,7 +47,7 @@ def main() -> None:
         "mm.should_use_bf16": mm.should_use_bf16, "mm.should_use_fp16": mm.should_use_fp16,
         "mm.load_models_gpu": mm.load_models_gpu, "mm.soft_empty_cache": mm.soft_empty_cache,
         "mm.free_memory": mm.free_memory, "mm.LoadedModel": mm.LoadedModel.__init__,
-        "utils.tiled_scale": comfy.utils.tiled_scale,
+        "utils.tiled_scale": comfy.utils.tiled_scale, "utils.get_tiled_scale_steps": comfy.utils.get_tiled_scale_steps,
         "mm.interrupt_current_processing": mm.interrupt_current_processing,
         "mm.processing_interrupted": mm.processing_interrupted,
         "mm.throw_exception_if_processing_interrupted": mm.throw_exception_if_processing_interrupted,

@@ -293,6 +293,37 @@ def test_a_map_wired_into_the_wrong_input_is_named(server, client, e2e, object_i
             "noise_weight (w) here") in failure(entry)
 
 
+TINY_ESRGAN = """
+import sys
+from safetensors.torch import save_file
+from spandrel.architectures.ESRGAN import ESRGAN
+import torch
+torch.manual_seed(0)
+net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
+save_file({k: v.contiguous() for k, v in net.state_dict().items()}, sys.argv[1])
+"""
+
+
+def test_an_upscale_model_as_estimator_reports_each_tile(server, client, e2e, object_info):
+    """A real UPSCALE_MODEL (a tiny ESRGAN that ComfyUI's spandrel loads) as g, on an LR that core's
+    tiling cuts into 2 tiles: Estimate Uncertainty's bar counts the tiles (it counted images only)."""
+    dest = server.base / "models" / "upscale_models" / "tiny_esrgan.safetensors"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([comfy_server.comfyui_python(), "-c", TINY_ESRGAN, str(dest)], check=True, timeout=300)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 600, 3), dtype=np.uint8)).save(
+        server.input_dir / "upsr_wide.png")  # padded to 64x640: two 512-px tiles with 32 px of overlap
+    base = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
+    (loader,) = nodes_of(base, "LoadUPSRModel")
+    prompt = {"1": base[loader], "2": {"class_type": "LoadImage", "inputs": {"image": "upsr_wide.png"}},
+              "3": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": dest.name}},
+              "4": {"class_type": "EstimateUncertainty",
+                    "inputs": {"upsr_model": ["1", 0], "image": ["2", 0], "upscale_model": ["3", 0]}},
+              "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}}
+    entry, msgs = run_watched(client, e2e, prompt)
+    assert entry["status"]["status_str"] == "success", failure(entry)
+    assert progress_of(msgs, "4") == [(1, 2), (2, 2)]
+
+
 def test_report_timings(server):
     """Prints the wall time of each workflow run (pytest -s), and checks the server is still up."""
     print("\nE2E timings (s): " + json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}))

@@ -4,7 +4,15 @@ tiled_scale (here: the function on the whole image when it fits one tile, else a
 real feathered tiling runs in the end-to-end tests). ``stub_tiled_calls`` records its calls."""
 from __future__ import annotations
 
+import math
+
 stub_tiled_calls: list[dict] = []
+
+
+def get_tiled_scale_steps(width, height, tile_x, tile_y, overlap):
+    rows = 1 if height <= tile_y else math.ceil((height - overlap) / (tile_y - overlap))
+    cols = 1 if width <= tile_x else math.ceil((width - overlap) / (tile_x - overlap))
+    return rows * cols
 
 
 def tiled_scale(samples, function, tile_x=64, tile_y=64, overlap = 8, upscale_amount = 4, out_channels = 3,  # noqa: E251
@@ -14,6 +22,8 @@ def tiled_scale(samples, function, tile_x=64, tile_y=64, overlap = 8, upscale_am
     if samples.shape[-2] > tile_y or samples.shape[-1] > tile_x:
         raise NotImplementedError("the stub tiled_scale runs single-tile images only")
     out = function(samples)
+    if pbar is not None:  # as the real one: after each tile
+        pbar.update(1)
     # as the real one: the result is written into a buffer of upscale_amount × the input
     buf = samples.new_empty((samples.shape[0], out_channels, round(samples.shape[-2] * upscale_amount),
                              round(samples.shape[-1] * upscale_amount)), device=output_device)
