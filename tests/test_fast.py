@@ -544,7 +544,12 @@ def test_bench_variants_add_labelled_rows(tmp_path, capsys):
     # how each fast row ran (the CPU: no graphs, no Triton kernels without the interpreter's say-so)
     assert [(r["layout"], r["norm"], r["cuda_graphs"]) for r in rows[1:]] == [
         ("channels_last", "native", False), ("nchw", "native", False), ("channels_last", "nhwc", False)]
-    assert "fast/nhwc-norm" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "fast/nhwc-norm" in text and "runs as fast does" not in text  # both differ from fast here
+    # a variant whose switches resolve to the plain fast path on this device is called noise, not an effect
+    args = ap.parse_args([*base, "--variants", "no-graphs", "--budget-s", "0"])
+    assert args.func(args) == 0
+    assert "# fast/no-graphs runs as fast does on cpu (fp32)" in capsys.readouterr().out
     args = ap.parse_args([*base, "--variants", "nchw,turbo"])
     with pytest.raises(ValueError, match="'turbo'"):
         args.func(args)

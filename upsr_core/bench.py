@@ -408,8 +408,12 @@ def run_bench(args: argparse.Namespace) -> int:
     ref = UPSRModel(den, atd)  # every model waits on the CPU; only the running one is on the device
     variants = _variants(args.variants)
     keys = [("", n) for n in dtypes + tiled_dtypes] + [(v, n) for v in variants for n in dtypes]
-    fast = {(v, n): _fast_model(den, atd, dev, _DTYPES[n], args, **(VARIANTS[v][0] if v else {}))
-            for v, n in dict.fromkeys((v, _model_dtype(n)) for v, n in keys)}
+    fast = {}
+    for v, n in dict.fromkeys((v, _model_dtype(n)) for v, n in keys):
+        try:
+            fast[(v, n)] = _fast_model(den, atd, dev, _DTYPES[n], args, **(VARIANTS[v][0] if v else {}))
+        except ValueError as e:  # e.g. a Triton variant without Triton or CUDA: name the flag
+            raise ValueError(f"--variants {v}: {e}" if v else str(e)) from None
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"),
@@ -439,6 +443,12 @@ def run_bench(args: argparse.Namespace) -> int:
         if load is not None and load > (os.cpu_count() or 1):
             table.comment(f"load average {load:.1f} on {os.cpu_count()} CPUs: other processes share the cores, "
                           "so these times are slower and noisier than on a quiet machine")
+    for v in variants:  # on some devices a variant's switches resolve to the plain fast path's
+        same = [n for n in dtypes if (v, _model_dtype(n)) in fast and ("", _model_dtype(n)) in fast
+                and _how(fast[(v, _model_dtype(n))]) == _how(fast[("", _model_dtype(n))])]
+        if same:
+            table.comment(f"fast/{v} runs as fast does on {dev.type} ({', '.join(same)}): same layout, norm, "
+                          "graphs and convs, so their difference is noise")
     refs: dict[tuple[int, int], torch.Tensor] = {}
     # the targets first (batch 1, then the tiled row), larger batches while time is left
     first = [b for b in batch_sizes if b == 1] or batch_sizes[:1]
