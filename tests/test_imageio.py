@@ -203,6 +203,17 @@ def test_large_photo_within_the_bound_opens_whatever_pillows_limit(tmp_path, mon
     assert Image.MAX_IMAGE_PIXELS == 16  # restored
 
 
+def test_out_of_memory_while_decoding_is_one_line_naming_the_file_and_size(tmp_path, monkeypatch):
+    Image.fromarray(rgb_u8(8, 6)).save(tmp_path / "a.png")
+
+    def no_memory(self, *a, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(Image.Image, "load", no_memory)  # what a large photo on a small machine gives
+    with pytest.raises(ValueError, match=r"^a.png: out of memory while decoding its 6x8 px$"):
+        read_image(tmp_path / "a.png")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow may also warn about the corrupt directory
 def test_corrupt_tiff_directory_names_the_file(tmp_path):
     Image.fromarray(rgb_u8(8, 8)).save(tmp_path / "t.tif")

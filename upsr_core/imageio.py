@@ -55,9 +55,9 @@ class _Refused(ValueError):
 
 
 # what Pillow's decoders raise on corrupt or hostile files besides OSError (TIFF's "Missing
-# dimensions" TypeError, a BMP header's OverflowError, a header claiming gigapixels' MemoryError)
+# dimensions" TypeError, a corrupt BMP header's OverflowError)
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, TypeError, ValueError, EOFError, OverflowError,
-                  MemoryError, struct.error, zlib.error)
+                  struct.error, zlib.error)
 
 
 @dataclass
@@ -79,10 +79,12 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {str(path)!r}")
+    size = None
     try:
         with pixel_limit(None):  # MAX_PIXELS below instead: Pillow's own check warns up to twice its limit
             opened = Image.open(path)
         with opened as im:
+            size = im.size
             if im.width * im.height > MAX_PIXELS:
                 raise _Refused(f"{path.name}: image too large ({im.width}x{im.height} px, more than "
                                f"{MAX_PIXELS} px)")
@@ -107,6 +109,9 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
             return loaded
     except _Refused:
         raise
+    except MemoryError:  # within MAX_PIXELS: a real image larger than this machine's free memory
+        what = f"its {size[0]}x{size[1]} px" if size else "it"
+        raise ValueError(f"{path.name}: out of memory while decoding {what}") from None
     except _DECODE_ERRORS as e:
         raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
 
