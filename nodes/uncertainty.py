@@ -25,8 +25,8 @@ EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel: g(y) 
 
 class TileProgress:
     """``comfy.utils.tiled_scale``'s ``pbar`` for a batch of ``images``: one step per tile of every
-    image on one ComfyUI progress bar, and a Cancel check before each count (core's tiling calls
-    it after every tile, so Cancel stops within a tile, not after the whole image)."""
+    image on one ComfyUI progress bar, and a Cancel check at each count (core's tiling calls it
+    after every tile, so Cancel stops after the current tile, not after the whole image)."""
 
     def __init__(self, images: int):
         self.images, self.done, self.total = images, 0, images
