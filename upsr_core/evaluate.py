@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
-from .imageio import IMAGE_SUFFIXES, read_image
+from .imageio import IMAGE_SUFFIXES, luma, read_image
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
@@ -233,7 +233,7 @@ def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
     def levels(x: torch.Tensor) -> torch.Tensor:
         x = x.cpu().float().clamp(0, 1)
         if gray:  # the luma write_png takes, then its rounding
-            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand(-1, 3, -1, -1)
+            x = luma(x).expand(-1, 3, -1, -1)
         return to_uint8_levels(x)
 
     return {k: levels(out[k]) for k in keys}

@@ -207,12 +207,19 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
 _BAND = 256  # rows converted at a time by write_png
 
 
+def luma(rgb: torch.Tensor, dim: int = -3) -> torch.Tensor:
+    """The gray a grayscale PNG gets from RGB in [0, 1] (0.299 R + 0.587 G + 0.114 B), the colour
+    axis ``dim`` kept with size 1: what :func:`write_png` writes for ``gray`` sources."""
+    r, g, b = rgb.unbind(dim)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(dim)
+
+
 def _to_ints(rgb: torch.Tensor, alpha: torch.Tensor | None, bits: int, gray: bool) -> np.ndarray:
     """rgb (3, n, W) (+ alpha (1, n, W)) in [0, 1] -> (n, W, C) uint8/uint16: clamp, *maxval, round."""
     maxv, dtype = (255.0, np.uint8) if bits == 8 else (65535.0, np.uint16)
     x = rgb.detach().float().cpu().clamp(0, 1)
     if gray:
-        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+        x = luma(x, 0)
     if alpha is not None:
         x = torch.cat([x, alpha.detach().float().cpu().clamp(0, 1)])
     return (x * maxv).round().permute(1, 2, 0).numpy().astype(dtype)
