@@ -425,7 +425,10 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{meta['weights']} weights, ATD in the row's dtype (fp32 in fp16 rows); fp32 = TF32 off", flush=True)
     mult = ref.multiple_of
     if tiled:  # fail before any row runs, not after minutes of device time
-        check_tiling(args.tile, args.overlap, mult)
+        try:
+            check_tiling(args.tile, args.overlap, mult)
+        except ValueError as e:  # its words are the library's: name the flags
+            raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
     table = Table(args.json, meta)
     if args.compile == "on" and not cuda:
         table.comment("compile rows skipped: --compile on times compiled CUDA graphs, on CUDA only")
