@@ -406,7 +406,18 @@ class Trainer:
             if self.elapsed_before + run_s >= budget:
                 log.info("time budget of %.2f min reached at step %d", c.max_minutes, self.step)
                 break
-            logs = self.train_step(self.elapsed_before + run_s)
+            try:
+                logs = self.train_step(self.elapsed_before + run_s)
+            except (OSError, EOFError, RuntimeError) as e:
+                if stop.signum is None:
+                    raise
+                # a signal to the process group ends the DataLoader workers too: the step under way
+                # could not get its batch ("Connection reset by peer", "worker exited unexpectedly").
+                # No weight has moved (the optimiser steps after the last micro-batch): save as it is
+                log.info("step %d not run: the data loader's workers stopped with the %s (%s)", self.step + 1,
+                         signal.Signals(stop.signum).name, str(e).strip().splitlines()[0] if str(e).strip()
+                         else type(e).__name__)
+                break
             window_n += 1
             now = time.perf_counter()
             if self.step % c.log_every == 0 or self.step == c.steps:
