@@ -377,7 +377,10 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
     try:
         return _train_into(args, di, t_start, preset, init_net, init, out)
     except BaseException:
-        if made and out.is_dir() and not any(out.iterdir()):  # a run that failed before writing anything
+        # a run that failed before writing anything; rank 0 only: under torchrun every rank fails at
+        # once, and another rank's look into the folder raced this removal (its own error line became
+        # "No such file or directory", a flaky CI run of test_ddp)
+        if made and di.main and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
 
