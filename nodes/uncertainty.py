@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import comfy.model_management as mm
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
@@ -25,20 +24,20 @@ EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel: g(y) 
 
 class TileProgress:
     """``comfy.utils.tiled_scale``'s ``pbar`` for a batch of ``images``: one step per tile of every
-    image on one ComfyUI progress bar, and a Cancel check at each count (core's tiling calls it
-    after every tile, so Cancel stops after the current tile, not after the whole image)."""
+    image on one ComfyUI progress bar (:func:`progress_bar`, which checks Cancel at each count;
+    core's tiling counts after every tile, so Cancel stops after the current tile, not after the
+    whole image)."""
 
     def __init__(self, images: int):
         self.images, self.done, self.total = images, 0, images
-        self.bar = comfy.utils.ProgressBar(images)
+        self.progress = progress_bar()
 
     def tiles_per_image(self, tiles: int) -> None:
         self.total = self.images * tiles
 
     def update(self, n: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
         self.done += n
-        self.bar.update_absolute(self.done, self.total)
+        self.progress(self.done, self.total)
 
 
 @contextmanager
