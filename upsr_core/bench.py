@@ -222,12 +222,18 @@ def _peak(dev: torch.device, ok: bool) -> tuple[float | None, float | None]:
     """(peak allocated or RSS, peak reserved) in GiB."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**30, torch.cuda.max_memory_reserved(dev) / 2**30
-    if not ok:
-        return None, None
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20, None
-    return None, None
+    return (peak_rss_gib() if ok else None), None
+
+
+def peak_rss_gib() -> float | None:
+    """The process's RSS high-water mark (Linux ``VmHWM``) in GiB, None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def _time(fn, dev: torch.device, warmup: int, reps: int

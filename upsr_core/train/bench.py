@@ -38,17 +38,6 @@ class RandomFeed:
         return torch.rand((batch, 3, self.crop, self.crop), generator=generator, device=self.device)
 
 
-def _peak_rss_gib() -> float | None:
-    """The process's RSS high-water mark (Linux ``VmHWM``) in GiB, None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 2**20, 3)
-    except OSError:
-        pass
-    return None
-
-
 def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b = stages.add_parser("bench", help="s/iter and peak memory of a denoiser training step (random data)",
                           description="Times the step the official training was timed with: by default the full "
@@ -129,7 +118,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(di.device) / 2**30, 3)
     else:  # no allocator statistics: the process's RSS high-water mark, an upper bound (imports included)
         res["peak_mem_gib"] = None
-        res["peak_rss_gib"] = _peak_rss_gib()
+        from ..bench import peak_rss_gib
+
+        rss = peak_rss_gib()
+        res["peak_rss_gib"] = None if rss is None else round(rss, 3)
     if args.profile:  # after the timing and the peak: the profiled steps must not reach them
         from ..bench import print_profile, profile_table
 
