@@ -106,8 +106,9 @@ def _load_image_array(path: str | Path, prescale: Prescale) -> tuple[np.ndarray,
         im = ImageOps.exif_transpose(opened)
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             # 16-bit gray; a 32-bit "I" image holding only 8-bit values is 8-bit (as read_image decides)
-            peak = int(np.asarray(im).max(initial=0))
-            if peak > 65535 or int(np.asarray(im).min(initial=0)) < 0:
+            values = np.asarray(im)
+            peak = int(values.max(initial=0))
+            if peak > 65535 or int(values.min(initial=0)) < 0:
                 raise ValueError(f"{str(path)!r}: integer image values must be in [0, 65535]")
             maxval = 65535 if peak > 255 or im.mode.startswith("I;16") else 255
             im = im.convert("I")
