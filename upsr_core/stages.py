@@ -74,16 +74,25 @@ def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[i
 
     Returns [-1,1] values when ``pm`` (``vis`` itself is always in [0,1] units).
     """
-    info = getattr(vis, _ATTR, None)
-    if info is not None:
-        full, was_pm = info
-        if (was_pm == pm and full.shape[-2:] == (SCALE * padded_lr[0], SCALE * padded_lr[1])
-                and full.shape[:2] == vis.shape[:2]):
-            again = crop_hr(full * 0.5 + 0.5 if pm else full, lr_size)
-            if again.shape == vis.shape and torch.equal(again.to(vis.device), vis):
-                return full
+    full = _original(vis, lr_size, pm, (SCALE * padded_lr[0], SCALE * padded_lr[1]))
+    if full is not None:
+        return full
     x = (vis - 0.5) / 0.5 if pm else vis
     return mirror_pad_hr(x, lr_size, padded_lr)
+
+
+def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool,
+              hr_size: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """The padded original ``vis`` carries if ``vis`` is still exactly its visible part (and the
+    original is ``hr_size`` when given), else None: an edited map, or one made elsewhere."""
+    info = getattr(vis, _ATTR, None)
+    if info is None:
+        return None
+    full, was_pm = info
+    if was_pm != pm or full.shape[:2] != vis.shape[:2] or (hr_size is not None and full.shape[-2:] != hr_size):
+        return None
+    again = crop_hr(full * 0.5 + 0.5 if pm else full, lr_size)
+    return full if again.shape == vis.shape and torch.equal(again.to(vis.device), vis) else None
 
 
 def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...]) -> None:
@@ -141,12 +150,10 @@ def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEF
     """
     if psi.ndim != 4 or psi.shape[1] not in (1, 3):
         raise ValueError(f"uncertainty must be (B, 1|3, H, W), got {tuple(psi.shape)}")
-    info = getattr(psi, _ATTR, None)
-    if info is not None and not info[1]:
-        full = info[0]
-        size = (psi.shape[-2] // SCALE, psi.shape[-1] // SCALE)
-        if full.shape[:2] == psi.shape[:2] and torch.equal(crop_hr(full, size).to(psi.device), psi):
-            return make_visible(weight_noise(full, b_u, psi_max), size)
+    size = (psi.shape[-2] // SCALE, psi.shape[-1] // SCALE)
+    full = _original(psi, size, pm=False)
+    if full is not None:
+        return make_visible(weight_noise(full, b_u, psi_max), size)
     return weight_noise(psi, b_u, psi_max)
 
 
