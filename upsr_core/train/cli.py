@@ -380,9 +380,15 @@ def _run_stage(args: argparse.Namespace, di: DistInfo, t_start: float) -> dict:
         # a run that failed before writing anything; rank 0 only: under torchrun every rank fails at
         # once, and another rank's look into the folder raced this removal (its own error line became
         # "No such file or directory", a flaky CI run of test_ddp)
-        if made and di.main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if made and di.main:
+            _remove_if_empty(out)
         raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it is an empty folder (one a failed run made and wrote nothing into)."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _writable_folder(folder: Path, flag: str, check: bool = True) -> bool:
@@ -397,8 +403,8 @@ def _writable_folder(folder: Path, flag: str, check: bool = True) -> bool:
             with tempfile.TemporaryFile(dir=folder):
                 pass
     except OSError as e:
-        if made and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        if made:
+            _remove_if_empty(folder)
         raise ValueError(f"{flag} {str(folder)!r}: cannot write there ({e.strerror or e})") from None
     return made
 
