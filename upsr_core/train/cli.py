@@ -447,7 +447,7 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
     trainer.meta |= {"config": preset.name, "settings": settings}
     ckpt = Path(cfg.checkpoint)
     resumed = ckpt.is_file() and not args.fresh
-    if args.fresh and ckpt.is_file() and di.rank == 0:
+    if args.fresh and ckpt.is_file() and di.main:
         # set aside now, not at the first save: a run killed before it (SIGKILL, power) must not leave the old
         # checkpoint for the next plain run to resume; the old one stays recoverable under its new name
         aside = ckpt.with_name(ckpt.name + ".before-fresh")
