@@ -176,6 +176,22 @@ def test_device_cuda_n_without_cuda_names_the_device_asked_for(tmp_path, tiny_mo
     assert "--device cuda:1 was asked for, but CUDA is not available" in line
 
 
+def test_device_cuda_index_beyond_the_gpus_and_malformed_names_are_error_lines(tmp_path, tiny_model_file, capsys,
+                                                                              monkeypatch):
+    # a machine with one GPU, pretended (this one may have none): cuda:3 used to pass the CLI's check and
+    # fail later inside torch; "cuda:x" reached torch.device and left a traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    src = _img(tmp_path / "a.png")
+    line = fails(capsys, "upscale", src, "-o", tmp_path / "o.png", "--device", "cuda:3", "--model", tiny_model_file)
+    assert "--device cuda:3 was asked for, but there are 1 CUDA device(s)" in line
+    line = fails(capsys, "upscale", src, "-o", tmp_path / "o.png", "--device", "cuda:x", "--model", tiny_model_file)
+    assert "--device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'" in line
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    line = fails(capsys, "upscale", src, "-o", tmp_path / "o.png", "--device", "cuda", "--model", tiny_model_file)
+    assert "--device cuda (LOCAL_RANK 2) was asked for, but there are 1 CUDA device(s)" in line
+
+
 # ------------------------------------------------------------------ eval
 @pytest.fixture()
 def pairs(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, int_min, png_or_folder, writable_file
 from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
-from .model import DEFAULT_OVERLAP, DEFAULT_TILE
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, check_device
 
 __all__ = ["main", "default_model_path"]
 
@@ -72,21 +72,21 @@ def _device(name: str) -> torch.device:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """``--device``: auto picks CUDA (this rank's GPU under torchrun), then MPS, then the CPU; a
+    named device is checked by :func:`upsr_core.model.check_device` (CUDA present, index in range)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+    if name not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", name):
         raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for, but CUDA is not available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise ValueError("--device mps was asked for, but MPS (Apple silicon) is not available")
+    dev = check_device(name, label=f"--device {name}")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+        return check_device(f"cuda:{int(os.environ['LOCAL_RANK'])}", label=f"--device {name} (LOCAL_RANK "
+                            f"{os.environ['LOCAL_RANK']})")
+    return dev
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -88,22 +88,23 @@ class StepCounter:
 RowSink = Callable[[int, int, torch.Tensor], None]  # sink(image index, first HR row, rows (3, n, 4w))
 
 
-def check_device(device: torch.device | str) -> torch.device:
+def check_device(device: torch.device | str, *, label: str | None = None) -> torch.device:
     """``device`` as a torch.device that this machine has: ValueError naming it otherwise
-    (torch's own error for a missing CUDA is a bare AssertionError)."""
+    (torch's own error for a missing CUDA is a bare AssertionError). ``label`` is how the
+    messages name it (default ``device 'cuda:1'``; the CLI says ``--device cuda:1``)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps' (or a torch.device), got {device!r}") from e
+    what = label or f"device {str(dev)!r}"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(dev)!r} was asked for, but CUDA is not available here")
+            raise ValueError(f"{what} was asked for, but CUDA is not available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(dev)!r} was asked for, but there are {torch.cuda.device_count()} CUDA "
-                             "device(s)")
+            raise ValueError(f"{what} was asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
                                   and torch.backends.mps.is_available()):
-        raise ValueError(f"device {str(dev)!r} was asked for, but MPS (Apple silicon) is not available here")
+        raise ValueError(f"{what} was asked for, but MPS (Apple silicon) is not available here")
     return dev
 
 
