@@ -362,3 +362,18 @@ def test_pack_crops_cli_errors_are_one_line(tmp_path, capsys):
     assert "nope" in one_error(capsys)  # was a FileNotFoundError traceback
     assert pack_main(["--photos", str(_photos(tmp_path / "ph")), "--out", str(tmp_path / "c.npy"), "--crop", "0"]) == 2
     assert "crop" in one_error(capsys)
+
+
+def test_train_device_cuda_index_beyond_the_gpus_and_malformed_names_are_errors(monkeypatch):
+    # checked before torch.cuda.set_device, whose own error for cuda:3 is "invalid device ordinal";
+    # "cuda:x" was int("x")'s ValueError (one GPU pretended: this machine may have none)
+    from upsr_core.train.loop import setup_distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device cuda:3 \(GPU 3\) was asked for, but there are 1 CUDA device"):
+        setup_distributed("cuda:3")
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"):
+        setup_distributed("cuda:x")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"--device cuda \(GPU 1\) was asked for, but there are 1 CUDA device"):
+        setup_distributed("cuda")

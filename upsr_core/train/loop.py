@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model import check_device
 from .ema import EMA
 
 __all__ = ["LoopConfig", "Task", "Trainer", "setup_distributed", "DistInfo"]
@@ -121,12 +123,14 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
+        raise ValueError(f"--device {device} was asked for, but CUDA is not available")
     dev = torch.device("cuda", local if world > 1 or device in ("auto", "cuda") else int(device.split(":")[1])) \
         if use_cuda else torch.device("cpu")
+    if use_cuda:  # an index beyond the GPUs (cuda:3, or a LOCAL_RANK of more processes than GPUs)
+        check_device(dev, label=f"--device {device} (GPU {dev.index})")
     if use_cuda:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
