@@ -192,6 +192,51 @@ def test_fast_follows_nets_moved_behind_its_back(small_nets, monkeypatch):
     assert prepared == [1]
 
 
+
+def test_fast_follows_weights_changed_in_place_or_replaced():
+    """New values in the same storage (load_state_dict, an optimizer step, a patcher's copy_) or
+    one parameter other than the first replaced: the tables folded from the weights (step table,
+    window masks with the position bias, ATD gains, sub-pixel kernels) are rebuilt. Before, only
+    the first parameter's storage was watched and the fast path ran the old weights (0.36 off).
+    Random tiny nets (no oracle needed), so the check also runs in CI."""
+    ref = tiny_upsr()
+    m = enable_fast(copy.deepcopy(ref))
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+    other = tiny_upsr(denoiser_gain=3.0).denoiser
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for net in (ref.denoiser, m.denoiser):
+        net.load_state_dict(other.state_dict())
+    torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+    name = "input_blocks.1.0.emb_layers.1.weight"  # the step table folds this one
+    value = 0.5 * ref.denoiser.get_parameter(name).detach()
+    mod_name, _, attr = name.rpartition(".")
+    for model in (ref, m):
+        setattr(model.denoiser.get_submodule(mod_name), attr, torch.nn.Parameter(value.clone(), requires_grad=False))
+    torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+    for model in (ref, m):  # and the estimator's weights (its gains and masks)
+        with torch.no_grad():
+            for p in model.estimator.parameters():
+                p.mul_(0.9)
+    torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+    other_atd = tiny_upsr(estimator_gain=2.0).estimator  # a net assigned anew
+    ref.estimator, m.estimator = other_atd, copy.deepcopy(other_atd)
+    torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+
+
+def test_enable_fast_refused_leaves_the_model_as_it_was(small_nets):
+    """max_graphs was checked after the model's class had been switched: the refused call left a
+    half-made fast model whose every later call failed with an AttributeError."""
+    model = UPSRModel(*(copy.deepcopy(n) for n in small_nets))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"max_graphs must be an int >= 1, got {bad!r}"):
+            enable_fast(model, max_graphs=bad)
+    assert type(model) is UPSRModel
+    assert model.upscale(torch.rand(1, 3, 8, 8), seed=0).shape == (1, 3, 32, 32)
+
 @pytest.mark.parametrize("shape,tile", [((2, 3, 16, 16), 512), ((1, 3, 40, 72), 32)])
 def test_fast_reports_progress_after_every_step_off_cuda(fast32, shape, tile):
     """Without graph replay (CPU, or graphs off under ComfyUI) progress, and with it ComfyUI's
@@ -725,6 +770,40 @@ def test_window_index_cache_is_bounded():
         attention.window_index(4, 4 * (i + 1), 4, 0, torch.device("cpu"))
     assert len(attention._WINDOW_INDEX) == attention._WINDOW_INDEX_MAX
 
+
+
+def test_size_cache_survives_threads_evicting_each_others_keys():
+    """The window-index cache is one per process, shared by every model: a lookup and its read
+    were two steps, and another thread's eviction in between raised KeyError. A race, so the test is
+    a stress run: without the lock it failed 5 of 5 runs on the 2-core VM (2026-11-27); it cannot
+    fail spuriously with the lock."""
+    import sys
+    import threading
+
+    from upsr_core.nets.attention import SizeCache
+
+    cache, errors = SizeCache(2), []
+
+    def hammer(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        keys = torch.randint(0, 6, (100000,), generator=g).tolist()
+        try:
+            for k in keys:
+                assert cache.get((k,), lambda k=k: k) == k
+        except (KeyError, AssertionError) as e:  # what the race raised; anything else fails the test itself
+            errors.append(repr(e))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == [] and len(cache) <= 2
 
 def test_category_attention_gradients_equal_the_gather_formulation():
     """Training goes through the same row gather/scatter: values and gradients equal the official

@@ -4,7 +4,8 @@
 stages of :mod:`upsr_core.pipeline` over tiles so that peak memory is bounded by the
 tile size and tile batch, not by the image size:
 
-* :meth:`UPSRModel.estimate`  lr (B,3,h,w) [0,1] -> :class:`Estimate` (ATD tiled, feathered)
+* :meth:`UPSRModel.estimate`  lr (B,3,h,w) [0,1] -> :class:`Estimate` (ATD in disjoint blocks, each with a
+  margin of context that is cut off: no blend)
 * :meth:`UPSRModel.denoise`   Estimate + w + seed -> sr (B,3,4h,4w) [0,1] (one noise field
   for the whole image, sliced per tile, feathered blend)
 * :meth:`UPSRModel.upscale`   both, with w from ψ, b_u and ψ_max

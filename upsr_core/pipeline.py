@@ -359,8 +359,8 @@ def denoise_estimate(
     b = est.lr_pm.shape[0]
     hr = est.bicubic_pm.shape[-2:]
     check_weight_and_noise(weight, noise, b, tuple(est.lr_pm.shape[-2:]), values=check_values)
-    weight = weight.expand(b, 3, *hr)
     y = F.pixel_unshuffle(est.bicubic_pm, SCALE)
+    weight = weight.to(y.device, y.dtype).expand(b, 3, *hr)  # a float64 w must not make x_T float64
     lq = F.pixel_unshuffle(torch.cat([est.sr_estimate_pm, est.bicubic_pm], dim=1), SCALE)
     x_T = prior_sample(y, F.pixel_unshuffle(weight, SCALE), noise.to(y.device, y.dtype), schedule)
 

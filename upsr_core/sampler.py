@@ -52,7 +52,8 @@ def sample(
     """Run the T-step DDIM (η = 0) sampler from x_T, return the final x̂0.
 
     y: PixelUnshuffle(bicubic(y)) (B, 48, h, w) in [-1, 1] space; x_T from :func:`prior_sample`.
-    ``callback(i, x_t, x0_hat)`` is called after each of the T steps (i = 0..T-1).
+    ``callback(i, x, x0_hat)`` is called after each of the T steps (i = 0..T-1), with x the
+    state after the step (x_{t−1}; after the last step the result) and x̂0 the step's prediction.
     """
     co = {k: v.to(y.device) for k, v in schedule.f32().items()}
     x = x_T

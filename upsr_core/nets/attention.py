@@ -6,6 +6,7 @@ mask, precomputed once per (shape, device, dtype), to ``scaled_dot_product_atten
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -50,22 +51,37 @@ class SizeCache:
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
         self._d: OrderedDict[tuple, object] = OrderedDict()
+        # one lock: the module-level window-index cache is shared by every model, and two threads
+        # (two models, or a server's workers) otherwise evict a key between its lookup and its read
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._d)
 
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) starts empty: entries are rebuilt on use
+        return {"max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_entries"])
+
     def get(self, key: tuple, build):
-        """The entry for ``key``, made by ``build()`` on a miss."""
-        if key in self._d:
+        """The entry for ``key``, made by ``build()`` on a miss (built outside the lock: two
+        threads missing the same key both build it, and the second one's copy is kept)."""
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        value = build()
+        with self._lock:
+            self._d[key] = value
             self._d.move_to_end(key)
-            return self._d[key]
-        mask = self._d[key] = build()
-        while len(self._d) > self.max_entries:
-            self._d.popitem(last=False)
-        return mask
+            while len(self._d) > self.max_entries:
+                self._d.popitem(last=False)
+        return value
 
     def clear(self) -> None:
-        self._d.clear()
+        with self._lock:
+            self._d.clear()
 
 
 _WINDOW_INDEX_MAX = 32  # sizes kept (least recently used dropped): a long session sees many sizes
