@@ -313,3 +313,42 @@ def test_denoiser_and_save_converted_name_arguments_of_the_wrong_type(model, tmp
         model.denoiser(x, 4, lq)  # was AttributeError: 'int' object has no attribute 'device'
     with pytest.raises(TypeError, match=r"extra_metadata keys and values must be str .* got \{'n': 'int'\}"):
         save_converted(tmp_path / "m.safetensors", model.denoiser, model.estimator, extra_metadata={"n": 5})
+
+
+def test_a_float64_noise_weight_runs_in_the_estimates_dtype():
+    """``weight_noise`` returns ψ's dtype, so a float64 ψ gives a float64 w: the sampler state
+    x_T = y + κ·√η·w·ε took w's dtype, the raw network then failed ("mat1 and mat2 must have the
+    same dtype") and the model's wrapper ran the whole sampler in float64 (4.5e-7 off)."""
+    from upsr_core.pipeline import default_weight, denoise_estimate, estimate
+
+    m = tiny_upsr()
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    est = estimate(m.estimator, lr, m.multiple_of)
+    w = default_weight(est)
+    noise = starting_noise(1, 1, tuple(est.lr_pm.shape[-2:]))
+    want = denoise_estimate(m.denoiser, est, w, noise)
+    got = denoise_estimate(m.denoiser, est, w.double(), noise)  # the raw network, as documented
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    e = m.estimate(lr)
+    w32 = weight_noise(e.uncertainty(), 0.4, 0.05)
+    out = m.denoise(e, w32.double(), seed=1)
+    assert out.dtype == torch.float32 and torch.equal(out, m.denoise(e, w32, seed=1))
+
+
+def test_uncertainty_and_noise_weight_values_from_the_formulas():
+    """ψ = ½|g(y) − y↑| and w = b_u + (1 − b_u)·min(ψ/ψ_max, 1) at hand-computed points, and the
+    official defaults b_u = 0.4, ψ_max = 0.05: checked here without the oracle, which CI lacks
+    (its test_noise_weight is the only other check of the constants; the fast path's
+    noise_weight is compared with weight_noise, so a change to both would pass that one)."""
+    from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX
+
+    assert (DEFAULT_B_U, DEFAULT_PSI_MAX) == (0.4, 0.05)
+    g = torch.tensor([0.7, 0.2, 0.5, 1.25]).view(1, 4, 1, 1)
+    bic = torch.tensor([0.5, 0.3, 0.5, -0.25]).view(1, 4, 1, 1)
+    psi = estimate_uncertainty(g, bic)
+    torch.testing.assert_close(psi.flatten(), torch.tensor([0.1, 0.05, 0.0, 0.75]), rtol=0, atol=1e-7)  # float32 ulps
+    psi = torch.tensor([0.0, 0.025, 0.05, 0.2]).view(1, 1, 2, 2)
+    torch.testing.assert_close(weight_noise(psi).flatten(), torch.tensor([0.4, 0.7, 1.0, 1.0]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(weight_noise(psi, b_u=0.0, psi_max=0.1).flatten(),
+                               torch.tensor([0.0, 0.25, 0.5, 1.0]), rtol=0, atol=1e-7)
+    assert torch.equal(weight_noise(psi, b_u=1.0, psi_max=0.1), torch.ones_like(psi))  # w ≡ 1: no weighting

@@ -70,10 +70,13 @@ def test_final_sample_is_last_x0_and_callback_runs_once_per_step(tensors):
         assert torch.equal(x_in, x_t / std[t])
 
 
-def test_prior_sample_scales_noise_by_kappa_sqrt_eta_T_and_weight(oracle, tensors):
+def test_prior_sample_scales_noise_by_kappa_sqrt_eta_T_and_weight(tensors):
+    # x_T = y + κ·√η_T·w·ε with the official float32 κ·√η_T = float32(2.475) (oracle_small.json
+    # "float32_prior_coef"), in that order of operations: bit for bit, with a non-uniform w
     _, y, w, eps = tensors
     s = make_schedule()
-    coef = oracle.meta["schedule"]["float32_prior_coef sqrt_etas[T-1]*kappa"]  # float32(2.475)
+    coef = torch.tensor(2.475, dtype=torch.float32)
+    assert torch.equal(prior_sample(y, w, eps, s), y + coef * w * eps)
     assert torch.equal(prior_sample(torch.zeros(SHAPE), torch.ones(SHAPE), eps, s), eps * coef)
     assert torch.equal(prior_sample(y, torch.zeros(SHAPE), eps, s), y)
 
