@@ -303,6 +303,30 @@ def test_graph_captures_share_one_warmup_stream(monkeypatch):
         assert cache._capture(("k", n), lambda t: (t * 2,), (torch.ones(n),)) is not None
     assert len(made) == 1 and len(cache) == 2
 
+    # a model on cuda:1: warm-up, capture and replay run with cuda:1 as the current device (they
+    # ran on the process's current device's streams); stand-in tensors, as above
+    entered, during = [], []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+
+    class OnGpu1:
+        device = torch.device("cuda", 1)
+
+        def clone(self):
+            return self
+
+        def copy_(self, other):
+            return self
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    x = OnGpu1()
+    for _ in range(2):  # capture, then replay
+        assert cache.run("gpu1", lambda t: (during.append(list(entered)) or t,), x) == (x,)
+    assert entered == [torch.device("cuda", 1)] * 2 and all(d == [torch.device("cuda", 1)] for d in during)
+
 
 def test_bench_parser_registers():
     import argparse

@@ -46,8 +46,8 @@ class GraphCache:
     """
 
     def __init__(self, enabled: bool = True, max_graphs: int = 6, warmup: int = 2):
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
         self.enabled = enabled
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -80,6 +80,14 @@ class GraphCache:
         """
         if not inputs or not self.replays(key, inputs[0].device):
             return fn(*inputs)
+        # the inputs' GPU as the current device: the side stream, the capture stream and the
+        # replay belong to the current device, and a model on cuda:1 in a process whose current
+        # device is cuda:0 (the CLI's --device cuda:1, a host's second GPU) would otherwise be
+        # warmed up and captured on cuda:0's streams (not yet run on a machine with two GPUs)
+        with torch.cuda.device(inputs[0].device):
+            return self._run(key, fn, inputs)
+
+    def _run(self, key: Hashable, fn: Fn, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, fn, inputs)
