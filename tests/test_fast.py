@@ -227,6 +227,24 @@ def test_fast_follows_weights_changed_in_place_or_replaced():
     torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
 
 
+def test_fast_runs_nets_made_under_inference_mode():
+    """ComfyUI loads and runs everything under torch.inference_mode: such parameters have no
+    version counter (reading it raised "Inference tensors do not track version counter" in the
+    loader node, caught by the ComfyUI end-to-end tests); their storage is still watched."""
+    with torch.inference_mode():
+        ref = tiny_upsr()
+        m = enable_fast(copy.deepcopy(ref))
+        lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+        name = "input_blocks.1.0.emb_layers.1.weight"
+        mod_name, _, attr = name.rpartition(".")
+        value = 0.5 * ref.denoiser.get_parameter(name).detach()
+        for model in (ref, m):  # a replaced parameter is still seen
+            new = torch.nn.Parameter(value.clone(), requires_grad=False)
+            setattr(model.denoiser.get_submodule(mod_name), attr, new)
+        torch.testing.assert_close(m.upscale(lr, seed=1), ref.upscale(lr, seed=1), atol=FP32_ATOL, rtol=0)
+
+
 def test_enable_fast_refused_leaves_the_model_as_it_was(small_nets):
     """max_graphs was checked after the model's class had been switched: the refused call left a
     half-made fast model whose every later call failed with an AttributeError."""

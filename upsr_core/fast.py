@@ -228,11 +228,15 @@ def placement(*nets: torch.nn.Module | None, dicts: list[dict] | None = None) ->
     (None nets skipped): the device and dtype of the first parameter, and the storage and
     in-place version counter of every parameter; compare two to know whether the nets moved,
     were given new values in place (``load_state_dict``, an optimizer step, a patcher's
-    ``copy_``) or had a parameter replaced since. ``dicts``: :func:`param_dicts` of the same nets,
+    ``copy_``; not seen for inference tensors, which have no version counter) or had a parameter
+    replaced since. ``dicts``: :func:`param_dicts` of the same nets,
     kept by a caller that asks often (a submodule replaced as a whole is then not seen). Host-side
     only (no GPU sync): 0.25 ms for the full-size nets with ``dicts`` on a busy 2-core VM."""
     params = [p for d in (param_dicts(*nets) if dicts is None else dicts) for p in d.values() if p is not None]
-    return (params[0].device, params[0].dtype, *((p.data_ptr(), p._version) for p in params))
+    # weights made under torch.inference_mode (ComfyUI loads and runs everything in it) have no
+    # version counter: their storage is all that can be watched (-1 for the version)
+    return (params[0].device, params[0].dtype,
+            *((p.data_ptr(), -1 if p.is_inference() else p._version) for p in params))
 
 
 def noise_weight(y_hat_pm: torch.Tensor, bic_pm: torch.Tensor, b_u: float, psi_max: float) -> torch.Tensor:
