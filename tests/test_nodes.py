@@ -121,9 +121,12 @@ def model(handle) -> UPSRModel:
 
 
 def run(pack: Pack, node_id: str, **kwargs):
-    """Execute a node as ComfyUI does (a class clone with hidden inputs, normalised output)."""
+    """Execute a node as ComfyUI does (a class clone with hidden inputs, normalised output, under
+    torch.inference_mode as ComfyUI's executor runs every prompt: a loader's weights are then
+    inference tensors, which, e.g., have no version counter)."""
     cls = pack.nodes[node_id].PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
-    out = cls.EXECUTE_NORMALIZED(**kwargs)
+    with torch.inference_mode():
+        out = cls.EXECUTE_NORMALIZED(**kwargs)
     assert isinstance(out, pack.io.NodeOutput)
     return out
 
@@ -657,7 +660,8 @@ def test_outputs_are_contiguous_tensors(pack, handle):
     sr = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
     for t in (*est.args, *wn.args, *sr.args):
         assert t.is_contiguous() and t.view(-1).numel() == t.numel()
-    wn.args[0].add_(0)  # writable: an expand of one channel would raise here
+    with torch.inference_mode():  # as another node in ComfyUI's executor
+        wn.args[0].add_(0)  # writable: an expand of one channel would raise here
 
 
 def test_estimate_uncertainty_reports_progress_and_can_be_cancelled(pack, handle, model, monkeypatch):
