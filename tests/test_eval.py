@@ -72,7 +72,7 @@ _REPO_NIQE = Path(__file__).resolve().parents[1] / ".devcarry" / "niqe" / "niqe_
 
 
 @pytest.mark.skipif(find_niqe_params() is None and not _REPO_NIQE.is_file(),
-                    reason="the official NIQE parameters are not on this machine (pip install iqa-torch, "
+                    reason="the official NIQE parameters are not on this machine (pip install --no-deps iqa-torch, "
                            "or set UPSR_NIQE_PARAMS)")
 def test_niqe_matches_iqa_torch():
     """Values of iqa-torch 1.2.1's ``niqe`` (float32; the official MATLAB release re-implemented) on

@@ -73,7 +73,11 @@ case "$MODE" in
 esac
 
 if [[ "${1:-}" == "--prepare" ]]; then   # dev-machine check of what must be carried
-    ls "$EVAL_HR" "$EVAL_LR" >/dev/null
+    for d in "$EVAL_HR" "$EVAL_LR"; do
+        [[ -d "$d" ]] || { echo "error: the evaluation pairs $d are missing: make them once with"
+                           echo "  python ../shared/data/get_photos.py --out photos"
+                           echo "  python ../shared/data/make_pairs.py --photos photos --out $PACK   # needs scipy"; exit 2; }
+    done
     if [[ -f "$NIQE_NPZ" ]]; then CARRY+=("$(dirname "$NIQE_NPZ")")
     else echo "note: $NIQE_NPZ missing: the device eval will skip NIQE"; fi
     if [[ "$MODE" == scratch ]]; then

@@ -32,9 +32,9 @@ from .pipeline import check_unit_range
 
 __all__ = ["NIQEParams", "NIQEUnavailable", "load_niqe_params", "niqe", "find_niqe_params", "matlab_resize_half"]
 
-_HINT = ("NIQE needs the official pristine parameters 'niqe_pris_params.npz': `pip install iqa-torch` "
-         "(it wants numpy < 2.4: install it in a separate venv and point $UPSR_NIQE_PARAMS at "
-         "<venv>/lib/python3.*/site-packages/iqa/niqe/niqe_pris_params.npz)")
+_HINT = ("NIQE needs the official pristine parameters 'niqe_pris_params.npz': `pip install --no-deps iqa-torch` "
+         "(only that file is read, the package is never imported; --no-deps keeps pip from installing "
+         "torchvision, which can pull in another torch build), or set $UPSR_NIQE_PARAMS to the file")
 
 
 class NIQEUnavailable(ValueError):
