@@ -205,6 +205,88 @@ def test_fp16_skipped_steps_leave_the_weights_and_the_ema_alone():
     torch.testing.assert_close(tr.ema.shadow["weight"], 0.5 * ema0 + 0.5 * task.model.weight.detach())
 
 
+
+class _NaNGradientTask:
+    """A finite loss with NaN gradients, as a NaN LPIPS value counted as 0 gives (0 · NaN in the
+    backward): ``nan`` switches it on."""
+
+    def __init__(self):
+        self.model, self.nan = torch.nn.Linear(2, 1, bias=False), False
+
+    def loss(self, model, generator):
+        loss = model.weight.sum()
+        if self.nan:
+            bad = (model.weight * 0).sum() / (model.weight * 0).sum()  # NaN, and NaN in its gradient
+            loss = loss + torch.where(torch.isnan(bad), torch.zeros_like(bad), bad)
+        return loss, {}
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_nan_gradients_with_a_finite_loss_skip_the_step_without_a_scaler(amp):
+    """Under bf16 or off (no GradScaler) AdamW wrote the NaN gradients into every weight and the EMA
+    copied them, and the run went on; now the step is skipped as the fp16 scaler skips it, and ten
+    in a row stop the run."""
+    task = _NaNGradientTask()
+    tr = Trainer(task, LoopConfig(steps=20, batch=1, lr=0.1, amp=amp, ema_decay=0.5, ema_warmup=False,
+                                  grad_clip=None, progress=False))
+    w0, ema0 = task.model.weight.detach().clone(), tr.ema.shadow["weight"].clone()
+    task.nan = True
+    logs = tr.train_step()
+    assert math.isfinite(logs["loss"]) and logs["nonfinite_skipped"] == 1.0 and tr.step == 1
+    assert torch.equal(task.model.weight, w0) and torch.equal(tr.ema.shadow["weight"], ema0)
+    task.nan = False
+    logs = tr.train_step()
+    assert "nonfinite_skipped" not in logs and not torch.equal(task.model.weight, w0)
+    assert torch.isfinite(task.model.weight).all() and tr.ema.num_updates == 1
+    task.nan = True
+    for _ in range(Trainer.MAX_NONFINITE_RUN - 1):
+        tr.train_step()
+    with pytest.raises(FloatingPointError, match=r"gradients were inf/NaN in 10 steps in a row \(up to step 12\)"):
+        tr.train_step()
+
+
+def test_a_bf16_checkpoint_resumes_under_fp16(tmp_path):
+    """A disabled scaler saves {}: an fp16 resume raised "The source state dict is empty"."""
+    task = _ScaledTask()
+    a = Trainer(task, LoopConfig(steps=1, batch=1, amp="off", progress=False, checkpoint=str(tmp_path / "a.ckpt")))
+    a.fit()
+    b = Trainer(_ScaledTask(), LoopConfig(steps=2, batch=1, amp="fp16", progress=False))
+    b.load(tmp_path / "a.ckpt")
+    assert b.step == 1 and b.scaler.is_enabled() and b.scaler.get_scale() == 65536.0  # a fresh scaler
+
+
+def test_a_resumed_run_keeps_its_own_ema_warmup():
+    """--ema-warmup of the resumed run counts, as --ema-decay does (the checkpoint's overrode it,
+    while the run's log recorded the flag)."""
+    model = torch.nn.Linear(2, 1)
+    sd = EMA(model, 0.9, warmup=True).state_dict()
+    ema = EMA(model, 0.9, warmup=False)
+    ema.load_state_dict(sd)
+    assert ema.warmup is False
+
+
+def test_folder_feed_without_workers_draws_other_crops_on_each_rank(tmp_path):
+    """Every torchrun rank seeds the global RNG alike (same initial weights), and without workers the
+    crops and flips came from it: on a one-image folder the ranks trained on identical batches."""
+    from PIL import Image
+
+    from upsr_core.train.feed import make_feed
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((80, 90, 3)) * 255).astype(np.uint8)).save(folder / "a.png")
+    batches = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        feed = make_feed(folder, 32, torch.device("cpu"), 2, shard=(rank, 2), workers=0, seed=0)
+        batches.append(torch.cat([feed.next(2, None) for _ in range(3)]))
+    assert not torch.equal(batches[0], batches[1])
+    torch.manual_seed(5)  # and the feed leaves the global RNG alone
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    make_feed(folder, 32, torch.device("cpu"), 2, workers=0, seed=0).next(2, None)
+    assert torch.equal(torch.rand(3), want)
+
 def _trainer(pack, ckpt, pool=0):
     torch.manual_seed(0)
     est = build_estimator_net(TINY.estimator)

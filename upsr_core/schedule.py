@@ -4,7 +4,7 @@ Notation (code name -> paper symbol):
 
 =====================  ==========================================================
 ``sqrt_etas[t]``       √η_t, geometric in ((t/(T-1))^p) from √0.001 to ``etas_end``
-``etas[t]``            η_t, the residual-shift weight: x_t ≈ y + η_t (x0 − y)
+``etas[t]``            η_t, the residual-shift weight: x_t ≈ x0 + η_t (y − x0)
 ``etas_prev[t]``       η_{t−1} (0 for t = 0)
 ``alpha[t]``           α_t = η_t − η_{t−1}
 ``kappa``              κ, noise scale: x_T = y + κ √η_T · w ⊙ ε

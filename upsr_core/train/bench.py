@@ -1,7 +1,7 @@
 """``python -m upsr_core train bench``: training speed and peak memory of one stage-2 step.
 
-Random HR/LR data (no degradation, no data loading): frozen estimator forward →
-denoiser forward/backward (MSE, no LPIPS) → AdamW → EMA, under autocast. Reports
+Random HR data, LR by bicubic (no Real-ESRGAN degradation, no data loading): frozen estimator
+forward (float32) → denoiser forward/backward (MSE, no LPIPS) → AdamW → EMA, under autocast. Reports
 seconds per iteration (median of timed iterations after warm-up) and peak CUDA memory.
 Official reference (full config, batch 16, HR 256², fp16 autocast, H200): 0.268 s/iter,
 9.66 GiB.
@@ -78,7 +78,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     den = build_denoiser_net(preset.denoiser)
     if args.channels_last:
         den.to(memory_format=torch.channels_last)
-    est = build_estimator_net(preset.estimator).to(di.device)  # frozen; runs under the step's autocast
+    est = build_estimator_net(preset.estimator).to(di.device)  # frozen; float32 (make_inputs: no autocast)
     fused = set_fused(args.fused, di.device, den, est)
     triton_norm = set_triton_norm(args.triton_norm, di.device, den, args.channels_last)
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")

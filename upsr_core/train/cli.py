@@ -510,7 +510,8 @@ def _run_settings(args: argparse.Namespace, cfg: LoopConfig, config: str, crop: 
     """What a resumed run should share with the run that wrote its checkpoint (stored in the
     checkpoint; :func:`_changed_settings` compares)."""
     settings = {"config": config, "lr": cfg.lr, "batch": cfg.batch, "accum": cfg.accum, "schedule": cfg.schedule,
-                "warmup": cfg.warmup, "ema_decay": cfg.ema_decay, "grad_clip": cfg.grad_clip, "amp": cfg.amp,
+                "warmup": cfg.warmup, "ema_decay": cfg.ema_decay, "ema_warmup": cfg.ema_warmup,
+                "grad_clip": cfg.grad_clip, "amp": cfg.amp,
                 "seed": cfg.seed, "crop": crop, "pool": pool, "degradation": args.degradation,
                 "kernels": args.kernels, "jpeg": args.jpeg, "data": str(Path(args.data).resolve())}
     if args.stage == "denoiser":

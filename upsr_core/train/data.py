@@ -8,8 +8,9 @@
 * ``photos_of_group``: the photos of a split group (``A_train``, ``A_val``) from the
   ``SOURCES.tsv`` written by ``get_photos.py``.
 
-Randomness in the datasets uses torch's global RNG, which ``DataLoader`` seeds per worker
-from the main process seed. Pixel reading: EXIF orientation applied; gray → 3 equal channels;
+Randomness in the datasets uses torch's global RNG: in a ``DataLoader`` worker the one the
+loader seeds from its own generator; without workers ``FolderFeed`` swaps in a stream of its own
+around each batch (seeded per torchrun rank). Pixel reading: EXIF orientation applied; gray → 3 equal channels;
 alpha (also a tRNS colour key) composited over white; 16-bit gray scaled by 1/65535, float gray
 ([0, 1]) taken to 16 bits; Pillow reads 16-bit colour PNGs as 8-bit, so their extra precision is
 lost (a warning names such a file). Run ``python -m upsr_core.train.data --help``.

@@ -57,4 +57,5 @@ class EMA:
         for k, v in sd["shadow"].items():
             self.shadow[k].copy_(v)
         self.num_updates = int(sd["num_updates"])
-        self.warmup = bool(sd.get("warmup", self.warmup))  # older checkpoints did not store it
+        # self.warmup stays this run's (--ema-warmup), as the decay does: a resumed run goes on with its
+        # own settings (the CLI names a changed one); the checkpoint's "warmup" is its writer's record

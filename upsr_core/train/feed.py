@@ -205,6 +205,12 @@ class FolderFeed:
                                  worker_init_fn=ignore_stop_signals if workers > 0 else None)
         self.device, self.batch = device, batch
         self._it = None  # started by the first batch: resume_at() may reseed before
+        # Without workers the dataset's crop positions and flips come from the process's global RNG,
+        # which every torchrun rank seeds alike (for the same initial weights): every rank drew the
+        # same crops and flips. They draw from a stream of this feed's own (seeded per rank by
+        # make_feed) instead, swapped in around each batch; a worker process gets one from the
+        # DataLoader already.
+        self._own_rng = None if workers > 0 else torch.Generator().manual_seed(seed + 104_729).get_state()
         log.info("folder feed: %d images in %s, random %d px crops (min texture %g), %d workers",
                  len(self.dataset.files), root, crop, min_texture, workers)
 
@@ -215,20 +221,27 @@ class FolderFeed:
         if self._it is not None:
             raise RuntimeError("FolderFeed.resume_at must be called before the first batch")
         self.loader.generator.manual_seed(self.seed + 1_000_003 * step)
+        if self._own_rng is not None:
+            self._own_rng = torch.Generator().manual_seed(self.seed + 104_729 + 1_000_003 * step).get_state()
 
     def next(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if batch != self.batch:
             raise ValueError(f"FolderFeed was built for batch {self.batch}, asked for {batch}")
         if self._it is None:
             self._it = iter(self.loader)
-        try:
+        with torch.random.fork_rng(devices=[], enabled=self._own_rng is not None):
+            if self._own_rng is not None:
+                torch.set_rng_state(self._own_rng)
             try:
-                x = next(self._it)
-            except StopIteration:
-                self._it = iter(self.loader)
-                x = next(self._it)
-        except (OSError, ValueError) as e:  # an image the workers could not read: its own message, not theirs
-            raise type(e)(worker_message(str(e))) from None
+                try:
+                    x = next(self._it)
+                except StopIteration:
+                    self._it = iter(self.loader)
+                    x = next(self._it)
+            except (OSError, ValueError) as e:  # an image the workers could not read: its own message, not theirs
+                raise type(e)(worker_message(str(e))) from None
+            if self._own_rng is not None:
+                self._own_rng = torch.get_rng_state()
         return x.to(self.device, non_blocking=True)
 
 

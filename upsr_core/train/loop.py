@@ -184,6 +184,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.fp16_skipped = 0  # optimiser steps the fp16 scaler skipped (inf/NaN gradients) in this process
+        self.nonfinite_skipped = 0  # the same without a scaler (bf16, off): steps whose gradients were inf/NaN
+        self._nonfinite_run = 0  # of them in a row (MAX_NONFINITE_RUN stops the run)
         self.wrapped: nn.Module = self.model
         if self.di.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -258,7 +260,8 @@ class Trainer:
                 "to start over") from None
         self.ema.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["opt"])
-        self.scaler.load_state_dict(sd["scaler"])
+        if sd.get("scaler"):  # a bf16/off run saves a disabled scaler's {}: an fp16 resume starts a fresh one
+            self.scaler.load_state_dict(sd["scaler"])
         self.step, self.elapsed_before = int(sd["step"]), float(sd["elapsed"])
         if self.di.rank == 0:  # the checkpoint holds rank 0's streams (and pair pool): it continues exactly
             self.generator.set_state(sd["generator"])
@@ -337,12 +340,16 @@ class Trainer:
             total, *terms = (v / self.di.world for v in t.tolist())
             agg = dict(zip(keys, terms))
         if not math.isfinite(total):
-            raise FloatingPointError(f"loss became {total} at step {self.step}: lower --lr"
+            raise FloatingPointError(f"loss became {total} at step {self.step + 1}: lower --lr"
                                      + (" or use --amp off" if self.cfg.amp != "off" else ""))
         self.scaler.unscale_(self.opt)
+        gn = None
         if self.cfg.grad_clip:
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            agg["gnorm"] = float(gn)
+            gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            agg["gnorm"] = gn
+        if not self.scaler.is_enabled() and not self._gradients_finite(gn):
+            return self._skip_nonfinite(total, agg, lr)
+        self._nonfinite_run = 0
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -354,6 +361,37 @@ class Trainer:
             agg["fp16_skipped"] = float(self.fp16_skipped)
         else:
             self.ema.update(self.model)
+        self.step += 1
+        return {"loss": total / self.cfg.accum, **agg, "lr": lr}
+
+    MAX_NONFINITE_RUN = 10
+
+    def _gradients_finite(self, norm: float | None) -> bool:
+        """Whether every gradient is finite (the clipped norm when there is one, else one norm over
+        all gradients: one host sync, as the loss's). A finite loss can still have NaN gradients:
+        a NaN LPIPS value counted as 0 (as officially) back-propagates NaN through LPIPS."""
+        if norm is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if not grads:
+                return True
+            norm = float(torch.stack(torch._foreach_norm(grads)).float().sum())
+        return math.isfinite(norm)
+
+    def _skip_nonfinite(self, total: float, agg: dict[str, float], lr: float) -> dict[str, float]:
+        """Without a GradScaler, skip the optimiser and EMA step of inf/NaN gradients as the fp16
+        scaler does (AdamW would write NaN into every weight and the EMA copy them); stop after
+        MAX_NONFINITE_RUN such steps in a row. Every rank decides alike (the gradients are all-reduced)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= self.MAX_NONFINITE_RUN:
+            raise FloatingPointError(f"gradients were inf/NaN in {self._nonfinite_run} steps in a row (up to step "
+                                     f"{self.step + 1}): lower --lr" + (", use --amp off" if self.cfg.amp != "off"
+                                                                        else "") + " or --lpips off")
+        if self.di.main:
+            log.warning("step %d: inf/NaN gradients with a finite loss; the step is skipped (%d so far)",
+                        self.step + 1, self.nonfinite_skipped)
+        agg["nonfinite_skipped"] = float(self.nonfinite_skipped)
         self.step += 1
         return {"loss": total / self.cfg.accum, **agg, "lr": lr}
 
