@@ -361,3 +361,13 @@ def test_hostile_pickle_is_refused_without_running(sds, tmp_path, payload, conta
     with pytest.raises(UnsupportedCheckpointError, match="refused to load"):
         load_upsr(path)
     assert not marker.exists()
+
+
+def test_a_state_dict_with_module_x_and_x_is_refused():
+    # stripping DDP's "module." made the two one key: the last one won silently
+    from upsr_core.checkpoint import canonicalize_state_dict
+
+    sd = {"module.w": torch.zeros(2), "w": torch.ones(2)}
+    with pytest.raises(UnsupportedCheckpointError, match="holds both 'module.w' and 'w'"):
+        canonicalize_state_dict(sd)
+    assert list(canonicalize_state_dict({"module.w": torch.zeros(2), "b": torch.ones(2)})) == ["w", "b"]

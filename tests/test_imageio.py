@@ -162,6 +162,19 @@ def test_png_colour_key_transparency_becomes_alpha(tmp_path):
     img = read_image(tmp_path / "l.png")
     assert img.gray and img.alpha is not None
     np.testing.assert_array_equal(as_u8(img.alpha)[:, 0, 0], [0, 255, 255, 255])
+    # 16-bit gray with a key (its alpha was dropped) and 1-bit with a key (refused as mode '1')
+    g16 = (np.arange(16).reshape(4, 4) * 1000).astype(np.uint16)
+    Image.fromarray(g16).save(tmp_path / "l16.png", transparency=2000)
+    img = read_image(tmp_path / "l16.png")
+    assert img.gray and img.bits == 16 and img.alpha is not None
+    np.testing.assert_array_equal(img.alpha[0, 0].numpy(), [1, 1, 0, 1])
+    assert img.rgb[0, 1, 1].item() == np.float32(5000 / 65535)  # 16 bits kept
+    b = np.zeros((4, 4), bool)
+    b[1:3, 1:3] = True
+    Image.fromarray(b).convert("1").save(tmp_path / "1.png", transparency=0)
+    img = read_image(tmp_path / "1.png")
+    assert img.gray and img.alpha is not None
+    np.testing.assert_array_equal(as_u8(img.alpha)[..., 0], as_u8(img.rgb)[..., 0])  # black is the key
 
 
 def test_mpo_jpeg_reads_its_primary_image(tmp_path):

@@ -129,7 +129,11 @@ def canonicalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
             raise UnsupportedCheckpointError(
                 f"expected a state dict of tensors, found entry {k!r} of type {type(v).__name__}", obj
             )
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        name = k[len("module."):] if k.startswith("module.") else k
+        if name in out:  # both "module.X" and "X": which one the net should get is unknown
+            raise UnsupportedCheckpointError(f"the checkpoint holds both {('module.' + name)!r} and {name!r}: "
+                                             "two nets' weights in one file, or a file written twice")
+        out[name] = v
     if not out:
         raise UnsupportedCheckpointError("the checkpoint holds no tensors")
     return out

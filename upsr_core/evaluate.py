@@ -3,7 +3,8 @@
 Methods (all from the same LR, outputs rounded to 8 bits like a saved PNG; of a grayscale LR,
 its luma, as ``upscale`` writes it):
 
-* ``bicubic``  — y↑, bicubic ×4 (the diffusion's centre, clamped to [0,1])
+* ``bicubic``  — bicubic ×4 of the LR as it is, clamped to [0,1] (the diffusion's centre y↑ is the
+  bicubic of the padded LR: the two differ in the last 2 HR rows/columns of a padded size)
 * ``estimator``— g(y), the SR estimate alone
 * ``upsr_w1``  — UPSR with w ≡ 1 (no uncertainty weighting, b_u = 1), same ε
 * ``upsr``     — UPSR with the model's uncertainty-weighted noise (b_u 0.4, ψ_max 0.05)

@@ -139,12 +139,15 @@ def _check_range(a: np.ndarray, lo: float, hi: float, name: str, kind: str) -> N
 
 def _decode(im: Image.Image, name: str) -> LoadedImage:
     mode = im.mode
+    keyed = "transparency" in im.info  # P's transparent entries, or a tRNS colour key of L / I;16 / RGB / 1
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im).astype(np.float64)
         _check_range(a, 0, 65535, name, "integer")  # 32-bit "I" images can hold anything
         maxv = 65535.0 if a.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
         g = _to_float(a, maxv)
-        return LoadedImage(g.expand(3, -1, -1).clone(), None, 16 if maxv > 255 else 8, True)
+        key = im.info.get("transparency") if keyed else None  # a 16-bit gray PNG's key, in its sample units
+        alpha = torch.from_numpy((a != key).astype(np.float32))[None] if isinstance(key, int) else None
+        return LoadedImage(g.expand(3, -1, -1).clone(), alpha, 16 if maxv > 255 else 8, True)
     if mode == "F":
         a = np.array(im, dtype=np.float32)  # a writable copy: torch warns on read-only arrays
         if not np.isfinite(a).all():
@@ -152,11 +155,10 @@ def _decode(im: Image.Image, name: str) -> LoadedImage:
         _check_range(a, 0, 1, name, "float")
         g = torch.from_numpy(a).unsqueeze(0)
         return LoadedImage(g.expand(3, -1, -1).clone(), None, 16, True)
-    keyed = "transparency" in im.info  # P's transparent entries, or L's / RGB's tRNS colour key
     if mode in ("L", "1") and not keyed:
         g = _to_float(np.asarray(im.convert("L")), 255.0)
         return LoadedImage(g.expand(3, -1, -1).clone(), None, 8, True)
-    if mode == "LA" or mode == "L" and keyed:
+    if mode == "LA" or mode in ("L", "1") and keyed:
         a = _to_float(np.asarray(im.convert("LA")), 255.0)
         return LoadedImage(a[:1].expand(3, -1, -1).clone(), a[1:].contiguous(), 8, True)
     if mode in ("RGB;16", "RGBA;16"):
