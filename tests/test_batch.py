@@ -6,6 +6,8 @@ single-process result, byte for byte.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -170,6 +172,25 @@ def test_batch_interrupted_while_writing_leaves_no_part_file(mixed, tmp_path, ti
                  "--batch", "3"]) == 0  # resumes: a0 skipped, the rest written
     assert len(list(out.glob("*.png"))) == 9 and not list(out.glob("*.part"))
 
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsync'd file through /proc (Linux)")
+def test_each_output_is_on_the_disk_before_it_gets_its_name(mixed, tmp_path, tiny_model_file, monkeypatch):
+    """fsync of the .part file, then the rename: after a power loss an output that exists is complete
+    (a resumed run skips existing outputs, so a truncated one would be kept for good)."""
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), replace(a, b))[1])
+    out = tmp_path / "out"
+    assert main(["upscale", str(mixed), "-o", str(out), "--model", str(tiny_model_file), "--device", "cpu", "-q",
+                 "--batch", "3", "--tile", "16", "--overlap", "4"]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 9 and len(events) == 18
+    for (k1, a), (k2, b) in zip(events[::2], events[1::2]):  # each file: fsync of the .part, then its rename
+        assert (k1, k2) == ("fsync", "replace") and a == b and a.endswith(".part")
 
 def test_bad_batch_is_an_error(folder, tmp_path, tiny_model_file, capsys):
     assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),

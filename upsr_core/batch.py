@@ -187,6 +187,15 @@ def _part_files(dsts: list[Path]) -> Iterator[list[Path]]:
         raise
 
 
+def _commit(tmp: Path, dst: Path) -> None:
+    """The finished .part file becomes ``dst``: its bytes are on the disk first (fsync), so that
+    after a crash or power loss an output that exists is complete, and a resumed run, which skips
+    existing outputs, never keeps a truncated one; an interrupted write leaves only the .part."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
 def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]], args: argparse.Namespace,
                    kw: dict, bar) -> None:
     """Same-size images of one tile row in one ``upscale`` call, each with the noise of ``--seed``
@@ -203,7 +212,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
                 alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)
                 alpha = alpha[0].clamp(0, 1)
             write_png(tmp, out, alpha, bits=_bits(img, args), gray=img.gray, icc=img.icc)
-            os.replace(tmp, dst)  # an interrupted write never leaves a complete-looking output
+            _commit(tmp, dst)
             if not args.quiet:
                 log.info("wrote %s (%dx%d)", dst, out.shape[-1], out.shape[-2])
 
@@ -221,7 +230,7 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
 
             model.upscale(img.rgb[None], seed=args.seed, sink=sink, progress=bar.update, **kw)
         bar.close()
-        os.replace(tmp, dst)
+        _commit(tmp, dst)
     if not args.quiet:
         log.info("wrote %s (%dx%d)", dst, w4, h4)
 
