@@ -265,6 +265,25 @@ def test_triton_group_norm_autograd_equals_float64(shape, dtype, batched, silu, 
 
 
 @needs_triton
+def test_one_affine_for_a_batch_is_read_per_image(norm_path):
+    """A (1, C) affine (one timestep for the whole batch) was refused by the kernel's shape check,
+    and that refusal counted as a kernel failure: Triton was off for every norm of the process."""
+    from upsr_core.nets.triton_norm import group_norm_nhwc_triton_autograd
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 6, 5).contiguous(memory_format=torch.channels_last)
+    w1, b1 = torch.randn(1, 64, requires_grad=True), torch.randn(1, 64, requires_grad=True)
+    w2, b2 = (t.detach().expand(2, -1).clone().requires_grad_() for t in (w1, b1))
+    y1 = group_norm_nhwc_triton_autograd(x, 32, w1, b1, 1e-5, silu=True)
+    y2 = group_norm_nhwc_triton_autograd(x, 32, w2, b2, 1e-5, silu=True)
+    assert torch.equal(y1, y2)
+    dz = torch.randn_like(y1)
+    y1.backward(dz)
+    y2.backward(dz)
+    torch.testing.assert_close(w1.grad, w2.grad.sum(0, keepdim=True), rtol=1e-6, atol=1e-6)  # float32 sums
+    torch.testing.assert_close(b1.grad, b2.grad.sum(0, keepdim=True), rtol=1e-6, atol=1e-6)
+
+@needs_triton
 def test_triton_group_norm_autograd_is_deterministic_and_needs_its_shapes(norm_path):
     from upsr_core.nets.triton_norm import group_norm_nhwc_triton_autograd
 

@@ -522,5 +522,8 @@ def group_norm_nhwc_triton_autograd(
     each forward and backward. Only x and the (B·G, 2) statistics are kept for the backward
     (the normalised map and SiLU are recomputed). Deterministic (no atomics). The gradient
     itself is not differentiable again."""
+    if weight.dim() == 2 and weight.shape[0] == 1 and x.shape[0] > 1:  # one affine for the batch (one
+        # timestep for all images): per image, as the kernels read it (the gradients sum back through expand)
+        weight, bias = weight.expand(x.shape[0], -1), bias.expand(x.shape[0], -1)
     _check(x, num_groups, weight, bias, batched=True)
     return _GroupNormFn.apply(x, weight.contiguous(), bias.contiguous(), num_groups, float(eps), bool(silu))
