@@ -222,9 +222,9 @@ class UPSRSample(io.ComfyNode):
                                   (noise_weight, "noise_weight", "noise_weight")):
             check_role(value, name, role)  # e.g. the heatmap into noise_weight: an image of the wrong values
         check_maps(image, sr_estimate=sr_estimate, noise_weight=noise_weight)
-        model = upsr_model.load_for(image, tile, tile_batch)
-        lr = lr_in(image)
+        lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
         est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
+        model = upsr_model.load_for(image, tile, tile_batch)
 
         def run(t: int, o: int, _block: int, progress: Progress) -> torch.Tensor:
             return sample_maps(model, lr, est, w, seed=generator_seed(seed), tile=t, overlap=o, tile_batch=tile_batch,
@@ -269,8 +269,8 @@ class UPSRUpscale(io.ComfyNode):
                 same_noise=False) -> io.NodeOutput:
         check_tiling_inputs(tile, overlap)  # linked values: unknown to validate_inputs
         check_role(image, "image", None)
+        lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
         model = upsr_model.load_for(image, tile, tile_batch)
-        lr = lr_in(image)
 
         def run(t: int, o: int, block: int, progress: Progress) -> torch.Tensor:
             return model.upscale(lr, seed=generator_seed(seed), b_u=b_u, psi_max=psi_max, tile=t, overlap=o,

@@ -609,6 +609,24 @@ def test_bad_input_gives_clear_errors(pack, handle):
         run(pack, "WeightNoise", b_u=1.5, psi_max=0.05, uncertainty=est[1])
 
 
+
+def test_a_bad_image_is_refused_before_the_model_is_loaded(pack, handle, monkeypatch):
+    """Loading may offload the user's other models from the GPU: not for an image that is refused."""
+    loads = []
+    monkeypatch.setattr(type(handle), "load_for", lambda self, *a, **k: loads.append(1))
+    img = lr_image(12, 16)
+    rgba = torch.cat([img, img[..., :1]], -1)
+    with pytest.raises(ValueError, match=r"^image: the image has an alpha channel"):
+        run(pack, "UPSRUpscale", **({"upsr_model": handle, "image": rgba} | defaults(pack, "UPSRUpscale")))
+    nan = img.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    maps = torch.rand(1, 48, 64, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        run(pack, "UPSRSample", **({"upsr_model": handle, "image": nan, "sr_estimate": maps, "noise_weight": maps}
+                                   | defaults(pack, "UPSRSample")))
+    assert loads == []
+
+
 # ----------------------------------------------------------------------------- external estimator
 class FakeUpscaleModel:
     """A spandrel-descriptor look-alike: bicubic ×scale, with .scale, .input_channels and .to()."""
