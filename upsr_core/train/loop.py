@@ -129,9 +129,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         raise ValueError(f"--device {device} was asked for, but CUDA is not available")
     dev = torch.device("cuda", local if world > 1 or device in ("auto", "cuda") else int(device.split(":")[1])) \
         if use_cuda else torch.device("cpu")
-    if use_cuda:  # an index beyond the GPUs (cuda:3, or a LOCAL_RANK of more processes than GPUs)
-        check_device(dev, label=f"--device {device} (GPU {dev.index})")
     if use_cuda:
+        check_device(dev, label=f"--device {device} (GPU {dev.index})")  # cuda:3, or more ranks than GPUs
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -348,19 +347,20 @@ class Trainer:
             gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
             agg["gnorm"] = gn
         if not self.scaler.is_enabled() and not self._gradients_finite(gn):
-            return self._skip_nonfinite(total, agg, lr)
-        self._nonfinite_run = 0
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        # fp16: a step with inf/NaN gradients is skipped by the scaler (which then lowers its scale);
-        # the EMA skips it too, so it does not drift towards weights that did not move
-        if scale is not None and self.scaler.get_scale() < scale:
-            self.fp16_skipped += 1
-            agg["fp16_skipped"] = float(self.fp16_skipped)
+            self._skip_nonfinite(agg)
         else:
-            self.ema.update(self.model)
+            self._nonfinite_run = 0
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            # fp16: a step with inf/NaN gradients is skipped by the scaler (which then lowers its scale);
+            # the EMA skips it too, so it does not drift towards weights that did not move
+            if scale is not None and self.scaler.get_scale() < scale:
+                self.fp16_skipped += 1
+                agg["fp16_skipped"] = float(self.fp16_skipped)
+            else:
+                self.ema.update(self.model)
         self.step += 1
         return {"loss": total / self.cfg.accum, **agg, "lr": lr}
 
@@ -377,7 +377,7 @@ class Trainer:
             norm = float(torch.stack(torch._foreach_norm(grads)).float().sum())
         return math.isfinite(norm)
 
-    def _skip_nonfinite(self, total: float, agg: dict[str, float], lr: float) -> dict[str, float]:
+    def _skip_nonfinite(self, agg: dict[str, float]) -> None:
         """Without a GradScaler, skip the optimiser and EMA step of inf/NaN gradients as the fp16
         scaler does (AdamW would write NaN into every weight and the EMA copy them); stop after
         MAX_NONFINITE_RUN such steps in a row. Every rank decides alike (the gradients are all-reduced)."""
@@ -392,8 +392,6 @@ class Trainer:
             log.warning("step %d: inf/NaN gradients with a finite loss; the step is skipped (%d so far)",
                         self.step + 1, self.nonfinite_skipped)
         agg["nonfinite_skipped"] = float(self.nonfinite_skipped)
-        self.step += 1
-        return {"loss": total / self.cfg.accum, **agg, "lr": lr}
 
     def fit(self) -> dict:
         """Train until ``steps`` or the time budget; checkpoint at the end. Returns a summary."""
