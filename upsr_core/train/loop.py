@@ -385,9 +385,11 @@ class Trainer:
         self.nonfinite_skipped += 1
         self._nonfinite_run += 1
         if self._nonfinite_run >= self.MAX_NONFINITE_RUN:
+            lpips_on = getattr(getattr(self.task, "lpips", None), "available", False)  # the denoiser stage's
             raise FloatingPointError(f"gradients were inf/NaN in {self._nonfinite_run} steps in a row (up to step "
                                      f"{self.step + 1}): lower --lr" + (", use --amp off" if self.cfg.amp != "off"
-                                                                        else "") + " or --lpips off")
+                                                                        else "") + (" or --lpips off" if lpips_on
+                                                                                    else ""))
         if self.di.main:
             log.warning("step %d: inf/NaN gradients with a finite loss; the step is skipped (%d so far)",
                         self.step + 1, self.nonfinite_skipped)
