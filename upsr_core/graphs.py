@@ -18,7 +18,7 @@ import torch
 
 from .errors import is_out_of_memory
 
-__all__ = ["GraphCache"]
+__all__ = ["GraphCache", "check_max_graphs"]
 
 log = logging.getLogger("upsr_core")
 
@@ -39,6 +39,12 @@ def _side_stream() -> torch.cuda.Stream:
 Fn = Callable[..., tuple[torch.Tensor, ...]]
 
 
+def check_max_graphs(max_graphs: object) -> None:
+    """ValueError unless ``max_graphs`` (captured shapes kept) is an int >= 1."""
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+
+
 class GraphCache:
     """Captured CUDA graphs by key, at most ``max_graphs`` (least recently used dropped).
 
@@ -46,8 +52,7 @@ class GraphCache:
     """
 
     def __init__(self, enabled: bool = True, max_graphs: int = 6, warmup: int = 2):
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        check_max_graphs(max_graphs)
         self.enabled = enabled
         self.max_graphs = max_graphs
         self.warmup = warmup

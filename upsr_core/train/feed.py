@@ -210,7 +210,7 @@ class FolderFeed:
         # same crops and flips. They draw from a stream of this feed's own (seeded per rank by
         # make_feed) instead, swapped in around each batch; a worker process gets one from the
         # DataLoader already.
-        self._own_rng = None if workers > 0 else torch.Generator().manual_seed(seed + 104_729).get_state()
+        self._own_rng = None if workers > 0 else self._own_stream(0)
         log.info("folder feed: %d images in %s, random %d px crops (min texture %g), %d workers",
                  len(self.dataset.files), root, crop, min_texture, workers)
 
@@ -222,7 +222,11 @@ class FolderFeed:
             raise RuntimeError("FolderFeed.resume_at must be called before the first batch")
         self.loader.generator.manual_seed(self.seed + 1_000_003 * step)
         if self._own_rng is not None:
-            self._own_rng = torch.Generator().manual_seed(self.seed + 104_729 + 1_000_003 * step).get_state()
+            self._own_rng = self._own_stream(step)
+
+    def _own_stream(self, step: int) -> torch.Tensor:
+        """The RNG state without workers for a run (resumed) at ``step``."""
+        return torch.Generator().manual_seed(self.seed + 104_729 + 1_000_003 * step).get_state()
 
     def next(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if batch != self.batch:
