@@ -84,6 +84,46 @@ def test_eval_niqe_off(tmp_path, monkeypatch):
     assert res["info"]["niqe"] is False and "niqe" not in res["mean"]["bicubic"] and res["info"]["pairs"] == 2
 
 
+def _make_pairs_layout(tmp_path):
+    """What shared/data/make_pairs.py writes: group A's pairs mixed in A/, the group in the manifest."""
+    pairs = tmp_path / "pairs"
+    rows = [("t0", "A_train", 256), ("v0", "A_val", 256), ("v1", "A_val", 256), ("v2", "A_val", 512)]
+    for i, (cid, _, size) in enumerate(rows):
+        for sub, px in ((f"hr{size}", size), (f"lr{size}_realesrgan", size // 4), (f"lr{size}_bicubic", size // 4)):
+            (pairs / "A" / sub).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (px, px), (i, 2 * i, 3 * i)).save(pairs / "A" / sub / f"{cid}.png")
+    (pairs / "manifest.jsonl").write_text("".join(json.dumps({"id": c, "group": g, "hr_size": s}) + "\n"
+                                                  for c, g, s in rows))
+    return pairs
+
+
+def test_val_pairs_copies_one_group_byte_for_byte(tmp_path, capsys):
+    # tools/val_pairs.py: make_pairs' layout mixes A_train and A_val; the GPU run carries A_val alone.
+    vp = load_tool("val_pairs")
+    pairs = _make_pairs_layout(tmp_path)
+    out = tmp_path / "carry" / "A_val"
+    assert vp.main([str(pairs), "--out", str(out)]) == 0
+    for sub in ("hr256", "lr256_realesrgan"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == ["v0.png", "v1.png"]  # not t0, not the 512 one
+        assert (out / sub / "v1.png").read_bytes() == (pairs / "A" / sub / "v1.png").read_bytes()
+    assert not (out / "lr256_bicubic").exists()
+    assert vp.main([str(pairs), "--out", str(out)]) == 0  # a rerun over its own copy is fine
+    (out / "hr256" / "t0.png").write_bytes(b"stale")
+    assert vp.main([str(pairs), "--out", str(out)]) == 2
+    assert "holds 1 file(s) that are not A_val pairs (first: t0.png)" in capsys.readouterr().err
+    (pairs / "A" / "lr256_realesrgan" / "v1.png").unlink()
+    assert vp.main([str(pairs), "--out", str(tmp_path / "x")]) == 2
+    assert "1 of the 2 A_val pairs are missing" in capsys.readouterr().err
+    assert vp.main([str(pairs), "--group", "A_test", "--out", str(tmp_path / "y")]) == 2
+    assert "no pairs of group 'A_test' at HR 256" in capsys.readouterr().err
+    # eval reads make_pairs' own layout through --manifest/--group (the README's command)
+    eval_out = tmp_path / "eval"
+    assert main(["eval", "--hr", str(pairs / "A" / "hr512"), "--lr", str(pairs / "A" / "lr512_realesrgan"),
+                 "--manifest", str(pairs / "manifest.jsonl"), "--group", "A_val", "--method", "bicubic",
+                 "--niqe-params", "off", "--sheet", "0", "--device", "cpu", "--out", str(eval_out)]) == 0
+    assert json.loads((eval_out / "results.json").read_text())["info"]["pairs"] == 1
+
+
 @pytest.mark.parametrize("mode", ["finetune", "scratch"])
 def test_device_train_prepare_checks_the_carry(tmp_path, mode):
     pack = tmp_path / "pack"

@@ -76,7 +76,8 @@ if [[ "${1:-}" == "--prepare" ]]; then   # dev-machine check of what must be car
     for d in "$EVAL_HR" "$EVAL_LR"; do
         [[ -d "$d" ]] || { echo "error: the evaluation pairs $d are missing: make them once with"
                            echo "  python ../shared/data/get_photos.py --out photos"
-                           echo "  python ../shared/data/make_pairs.py --photos photos --out $PACK   # needs scipy"; exit 2; }
+                           echo "  python ../shared/data/make_pairs.py --photos photos --out pairs   # needs scipy"
+                           echo "  python tools/val_pairs.py pairs --out $PACK/A_val   # the 32 A_val pairs (~3 MiB)"; exit 2; }
     done
     if [[ -f "$NIQE_NPZ" ]]; then CARRY+=("$(dirname "$NIQE_NPZ")")
     else echo "note: $NIQE_NPZ missing: the device eval will skip NIQE"; fi
