@@ -115,7 +115,13 @@ def test_val_pairs_copies_one_group_byte_for_byte(tmp_path, capsys):
     assert vp.main([str(pairs), "--out", str(tmp_path / "x")]) == 2
     assert "1 of the 2 A_val pairs are missing" in capsys.readouterr().err
     assert vp.main([str(pairs), "--group", "A_test", "--out", str(tmp_path / "y")]) == 2
-    assert "no pairs of group 'A_test' at HR 256" in capsys.readouterr().err
+    assert "no entries of group 'A_test' at HR 256" in capsys.readouterr().err
+    with open(pairs / "manifest.jsonl", "a") as f:
+        f.write('{"id": "v9", "group": "A_val"}\n')  # no hr_size
+    assert vp.main([str(pairs), "--out", str(tmp_path / "z")]) == 2
+    assert "line 5: expected a JSON object with 'id', 'group' and 'hr_size' (KeyError" in capsys.readouterr().err
+    (pairs / "manifest.jsonl").write_text((pairs / "manifest.jsonl").read_text().replace('"v9"', '"v9", "hr_size": 64'))
+    (pairs / "A" / "lr256_realesrgan" / "v1.png").write_bytes((pairs / "A" / "lr256_bicubic" / "v1.png").read_bytes())
     # eval reads make_pairs' own layout through --manifest/--group (the README's command)
     eval_out = tmp_path / "eval"
     assert main(["eval", "--hr", str(pairs / "A" / "hr512"), "--lr", str(pairs / "A" / "lr512_realesrgan"),

@@ -15,34 +15,17 @@ be scored silently).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
-
-def group_ids(manifest: Path, group: str, size: int) -> list[str]:
-    """The ids of ``group`` at HR ``size`` in make_pairs' manifest.jsonl, in file order."""
-    ids = []
-    with open(manifest, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                if d["group"] == group and d["hr_size"] == size:
-                    ids.append(d["id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{manifest} line {n}: expected a JSON object with 'id', 'group' and 'hr_size' "
-                                 f"({type(e).__name__}: {e})") from None
-    if not ids:
-        raise ValueError(f"no pairs of group {group!r} at HR {size} in {manifest}")
-    return ids
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from upsr_core.evaluate import manifest_ids  # noqa: E402
 
 
 def copy_group(pairs: Path, group: str, out: Path, *, size: int = 256, kind: str = "realesrgan") -> int:
     """Copy the group's HR and LR PNGs from ``pairs/A`` (or ``pairs/B``) to ``out``; returns the count."""
-    ids = group_ids(pairs / "manifest.jsonl", group, size)
+    ids = manifest_ids(pairs / "manifest.jsonl", group, size)
     src = pairs / ("B" if group == "B" else "A")
     subs = (f"hr{size}", f"lr{size}_{kind}")
     for sub in subs:

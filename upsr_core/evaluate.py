@@ -139,20 +139,25 @@ def lr_files(lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[None
     return lrs
 
 
-def _manifest_ids(path: str, group: str) -> set[str]:
-    ids = set()
+def manifest_ids(path: str | Path, group: str, hr_size: int | None = None) -> list[str]:
+    """The ids of ``group`` (and, when given, of HR size ``hr_size``) in a make_pairs.py
+    ``manifest.jsonl``, in file order. ValueError for a line that is not a JSON object with
+    'id' and 'group' (and 'hr_size' when asked for), or for no match."""
+    ids = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     d = json.loads(line)
-                    if d.get("group") == group:
-                        ids.add(d["id"])
-                except (json.JSONDecodeError, AttributeError, KeyError) as e:
-                    raise ValueError(f"--manifest {path!r} line {n}: expected a JSON object with 'id' and 'group' "
+                    if d["group"] == group and (hr_size is None or d["hr_size"] == hr_size):
+                        ids.append(d["id"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    want = "'id', 'group' and 'hr_size'" if hr_size is not None else "'id' and 'group'"
+                    raise ValueError(f"manifest {str(path)!r} line {n}: expected a JSON object with {want} "
                                      f"({type(e).__name__}: {e})") from None
     if not ids:
-        raise ValueError(f"no entries of group {group!r} in {path!r}")
+        size = f" at HR {hr_size}" if hr_size is not None else ""
+        raise ValueError(f"no entries of group {group!r}{size} in {str(path)!r}")
     return ids
 
 
@@ -424,7 +429,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
-    ids = _manifest_ids(args.manifest, args.group) if args.manifest else None
+    ids = set(manifest_ids(args.manifest, args.group)) if args.manifest else None
     pairs = (pair_files(args.hr, args.lr, ids) if args.hr is not None else lr_files(args.lr, ids))[: args.limit]
     pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
     no_ref = args.hr is None
