@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -96,6 +97,13 @@ def test_an_output_that_is_its_input_is_refused(tmp_path, tiny_model_file, capsy
     src = _img(tmp_path / "self.png")
     before = src.read_bytes()
     line = fails(capsys, "upscale", src, "-o", src, "--overwrite", "--model", tiny_model_file)
+    assert "would overwrite the input itself" in line
+    assert src.read_bytes() == before
+    # the same file under another name: a hard link here; on a case-insensitive file system (macOS,
+    # Windows) `IMG.PNG -o img.png` is this case, and resolve() does not see it
+    link = tmp_path / "other_name.png"
+    os.link(src, link)
+    line = fails(capsys, "upscale", src, "-o", link, "--overwrite", "--model", tiny_model_file)
     assert "would overwrite the input itself" in line
     assert src.read_bytes() == before
     # a folder into itself: x.jpg's result x.png would be an input of the next run (which then failed as

@@ -81,7 +81,9 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
     seen: dict[Path, Path] = {}
     for (src, _), dst in zip(inputs, outs):
         key = dst.resolve()
-        if key == src.resolve():
+        # samefile: another name for the same file (a hard link, or the other case of the name on
+        # a case-insensitive file system: macOS, Windows), which resolve() does not show
+        if key == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
             raise ValueError(f"-o {output!r}: the output of {str(src)!r} would overwrite the input itself; "
                              "write to another file or folder")
         if key in seen and seen[key].resolve() == src.resolve():

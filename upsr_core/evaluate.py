@@ -43,7 +43,7 @@ from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
-__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "upsr_label", "parse_grid"]
+__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
@@ -139,10 +139,11 @@ def lr_files(lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[None
     return lrs
 
 
-def manifest_ids(path: str | Path, group: str, hr_size: int | None = None) -> list[str]:
+def manifest_ids(path: str | Path, group: str, hr_size: int | None = None, *, label: str = "manifest") -> list[str]:
     """The ids of ``group`` (and, when given, of HR size ``hr_size``) in a make_pairs.py
     ``manifest.jsonl``, in file order. ValueError for a line that is not a JSON object with
-    'id' and 'group' (and 'hr_size' when asked for), or for no match."""
+    'id' and 'group' (and 'hr_size' when asked for), or for no match; ``label`` names the file
+    in the message (the CLI's flag)."""
     ids = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -153,11 +154,11 @@ def manifest_ids(path: str | Path, group: str, hr_size: int | None = None) -> li
                         ids.append(d["id"])
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     want = "'id', 'group' and 'hr_size'" if hr_size is not None else "'id' and 'group'"
-                    raise ValueError(f"manifest {str(path)!r} line {n}: expected a JSON object with {want} "
+                    raise ValueError(f"{label} {str(path)!r} line {n}: expected a JSON object with {want} "
                                      f"({type(e).__name__}: {e})") from None
     if not ids:
         size = f" at HR {hr_size}" if hr_size is not None else ""
-        raise ValueError(f"no entries of group {group!r}{size} in {str(path)!r}")
+        raise ValueError(f"no entries of group {group!r}{size} in {label} {str(path)!r}")
     return ids
 
 
@@ -429,7 +430,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
-    ids = set(manifest_ids(args.manifest, args.group)) if args.manifest else None
+    ids = set(manifest_ids(args.manifest, args.group, label="--manifest")) if args.manifest else None
     pairs = (pair_files(args.hr, args.lr, ids) if args.hr is not None else lr_files(args.lr, ids))[: args.limit]
     pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
     no_ref = args.hr is None
