@@ -6,6 +6,7 @@ Each case was accepted (or crashed deep inside torch) before (2026-11-26 API aud
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -352,3 +353,98 @@ def test_uncertainty_and_noise_weight_values_from_the_formulas():
     torch.testing.assert_close(weight_noise(psi, b_u=0.0, psi_max=0.1).flatten(),
                                torch.tensor([0.0, 0.25, 0.5, 1.0]), rtol=0, atol=1e-7)
     assert torch.equal(weight_noise(psi, b_u=1.0, psi_max=0.1), torch.ones_like(psi))  # w ≡ 1: no weighting
+
+
+# ------------------------------------------------------------------ 2026-11-28 style review
+def test_a_hand_built_estimate_whose_maps_disagree_is_refused(model, est_w):
+    # before: image 2 silently dropped by denoise (batch from lr_pm), or image 0's ε broadcast to both
+    from upsr_core.pipeline import Estimate, denoise_estimate
+
+    est, w = est_w
+    cases = [
+        (Estimate(est.lr_pm[:1], est.bicubic_pm, est.sr_estimate_pm, est.size), r"bicubic_pm must be \(1, 3, 32, 32\)"),
+        (Estimate(est.lr_pm, est.bicubic_pm[..., :16, :16], est.sr_estimate_pm, est.size), r"×4 of lr_pm"),
+        (Estimate(est.lr_pm, est.bicubic_pm, est.sr_estimate_pm[:, :1], est.size), r"sr_estimate_pm must be a \(B, 3"),
+        (Estimate(est.lr_pm, est.bicubic_pm, est.sr_estimate_pm, (9, 6)), r"size must be the LR \(h, w\).*8x8"),
+        (Estimate(est.lr_pm, est.bicubic_pm, est.sr_estimate_pm, (0, 6)), r"size must be"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model.denoise(bad, w)
+        with pytest.raises(ValueError, match=match):
+            denoise_estimate(model._denoiser_call, bad, w, starting_noise(0, 2, (8, 8)))
+
+
+def test_upsr_model_checks_what_it_is_built_from(model):
+    from upsr_core import UPSRModel
+
+    assert model.scale == 4
+    with pytest.raises(TypeError, match="scale"):  # ×4 is the networks', not a setting (scale=2 gave ×4)
+        UPSRModel(model.denoiser, model.estimator, scale=2)
+    with pytest.raises(TypeError, match="denoiser must be an UPSRDenoiser, got str"):
+        UPSRModel("not a net", None)
+    with pytest.raises(TypeError, match="estimator must be an ATD module or None, got int"):
+        UPSRModel(model.denoiser, 3)
+    with pytest.raises(ValueError, match=r"dtype torch.bfloat16 does not match the denoiser's weights \(torch.flo"):
+        UPSRModel(model.denoiser, model.estimator, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        UPSRModel(model.denoiser, model.estimator, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"no estimator \(g\): load one with load_upsr\(model, estimator=FILE\)"):
+        UPSRModel(model.denoiser, None).upscale(torch.rand(1, 3, 8, 8))
+
+
+def test_fast_path_checks_a_given_noise_for_nan_as_the_reference_does(model):
+    # before: the fast path ran a NaN ε and blamed the weights (NonFiniteOutputError)
+    import copy
+
+    from upsr_core import UPSRModel
+
+    fast = enable_fast(UPSRModel(copy.deepcopy(model.denoiser), copy.deepcopy(model.estimator)))
+    n = starting_noise(0, 1, (8, 8))
+    n[0, 0, 0, 0] = float("nan")
+    for m in (model, fast):
+        with pytest.raises(ValueError, match="noise contains NaN or Inf"):
+            m.upscale(torch.rand(1, 3, 8, 8), noise=n)
+
+
+@pytest.mark.parametrize("field, value", [("swin_num_heads", 0), ("model_channels", 0), ("window_size", 0),
+                                          ("mlp_ratio", -1), ("model_channels", 64.0),
+                                          ("channel_mult", (1, 0, 2, 4)), ("middle_swin", 1)])
+def test_denoiser_config_refuses_values_no_net_can_have(field, value):
+    from upsr_core.config import DenoiserConfig
+
+    with pytest.raises(ValueError, match=rf"settings must be integers >= 1.*'{field}': {re.escape(repr(value))}"):
+        DenoiserConfig(**{field: value})
+
+
+def test_sampler_refuses_states_that_would_broadcast():
+    from upsr_core.sampler import prior_sample, sample
+
+    s = make_schedule()
+    y, x_T = torch.rand(1, 48, 8, 8), torch.rand(2, 48, 8, 8)
+    with pytest.raises(ValueError, match=r"x_T \(2, 48, 8, 8\) must have the shape of y \(1, 48, 8, 8\)"):
+        sample(lambda x, t: x, y, x_T, s)
+    with pytest.raises(ValueError, match=r"denoise returned \(1, 48, 1, 1\) at step t=4"):
+        sample(lambda x, t: torch.zeros(1, 48, 1, 1), y, y.clone(), s)
+    with pytest.raises(TypeError, match="callback must be callable or None, got int"):
+        sample(lambda x, t: x, y, y.clone(), s, callback=5)
+    with pytest.raises(ValueError, match=r"weight \(1, 3, 32, 32\) must have the shape of y.*unshuffled"):
+        prior_sample(y, torch.rand(1, 3, 32, 32), torch.rand(1, 48, 8, 8), s)
+    with pytest.raises(ValueError, match=r"noise must be a \(B, 48, h, w\) tensor"):
+        prior_sample(y, torch.rand(1, 48, 8, 8), torch.rand(48, 8, 8), s)
+
+
+def test_the_nets_name_inputs_of_the_wrong_rank_channels_or_batch(model):
+    den, atd = model.denoiser, model.estimator
+    x, lq = torch.rand(2, 48, 8, 8), torch.rand(2, 96, 8, 8)
+    t = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"x must be a \(B, 3, h, w\) tensor, got \(3, 16, 16\)"):
+        atd(torch.rand(3, 16, 16))
+    with pytest.raises(ValueError, match=r"x must be a \(B, 3, h, w\) tensor, got \(1, 4, 16, 16\)"):
+        atd(torch.rand(1, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"x must be \(B, 48, h, w\), got \(2, 47, 8, 8\)"):
+        den(x[:, :47], t, lq)
+    with pytest.raises(ValueError, match=r"lq must be \(B, 96, h, w\) with x's B 2, got \(1, 96, 8, 8\)"):
+        den(x, t, lq[:1])
+    with pytest.raises(ValueError, match=r"timesteps must be one step per image, shape \(2,\), got \(3,\)"):
+        den(x, torch.zeros(3, dtype=torch.long), lq)

@@ -56,6 +56,18 @@ class DenoiserConfig:
     num_feat: int = 128
 
     def __post_init__(self) -> None:
+        tuples = ("channel_mult", "num_res_blocks", "swin_levels")
+        ints = {k: v for k, v in asdict(self).items() if k not in tuples and k != "middle_swin"}
+        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad.update({k: getattr(self, k) for k in tuples
+                    if not isinstance(getattr(self, k), tuple)
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in getattr(self, k))})
+        if not isinstance(self.middle_swin, bool):
+            bad["middle_swin"] = self.middle_swin
+        if bad:
+            raise ValueError(f"denoiser settings must be integers >= 1 (tuples of them; middle_swin a bool), got {bad}")
+        if not self.channel_mult:
+            raise ValueError("channel_mult must have at least one level, got ()")
         if len(self.channel_mult) != len(self.num_res_blocks):
             raise ValueError(
                 f"channel_mult {self.channel_mult} and num_res_blocks {self.num_res_blocks} "

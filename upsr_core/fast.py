@@ -511,9 +511,10 @@ class FastUPSRModel(UPSRModel):
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise, sink=sink,
                                    same_noise=same_noise, estimator_block=estimator_block)
-        if noise is None:
+        given = noise is not None  # a caller's ε is checked for NaN/Inf as the reference path does;
+        if not given:              # one made here is finite (and checking it would sync the host)
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
-        check_weight_and_noise(None, noise, b, (hp, wp), values=False)  # shape and dtype; no host sync
+        check_weight_and_noise(None, noise, b, (hp, wp), values=given)
         self._warn_if_slow()  # (the base class's upscale, above, warns itself)
         dev = self.device
         lr, noise = lr.to(dev, torch.float32), noise.to(dev, torch.float32)

@@ -111,12 +111,35 @@ def check_device(device: torch.device | str, *, label: str | None = None) -> tor
 
 @dataclass
 class UPSRModel:
+    """The two UPSR networks and the tiled stage runners (what :func:`load_upsr` returns).
+
+    ``denoiser``: the Swin-UNet (:class:`~upsr_core.nets.UPSRDenoiser`) in ``dtype``
+    (float32, bfloat16 or float16); ``estimator``: the ATD g (:class:`~upsr_core.nets.ATD`,
+    float32 or bfloat16) or None (then :meth:`upscale` and :meth:`estimate` need one; the
+    diffusion stage alone runs from an :class:`Estimate`); ``metadata``: the file's safetensors
+    metadata. ``scale`` is ×4, fixed by the networks (not a setting).
+
+    :meth:`upscale`: lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1], any h, w >= 1.
+    """
+
     denoiser: UPSRDenoiser
     estimator: ATD | None
     metadata: dict[str, str] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
-    scale: int = SCALE
+    scale: int = field(default=SCALE, init=False)
     _warned_slow: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.denoiser, torch.nn.Module) or not hasattr(self.denoiser, "multiple_of"):
+            raise TypeError(f"denoiser must be an UPSRDenoiser, got {type(self.denoiser).__name__}")
+        if self.estimator is not None and not isinstance(self.estimator, torch.nn.Module):
+            raise TypeError(f"estimator must be an ATD module or None, got {type(self.estimator).__name__}")
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        have = next(self.denoiser.parameters()).dtype
+        if have != self.dtype:
+            raise ValueError(f"dtype {self.dtype} does not match the denoiser's weights ({have}): convert the "
+                             f"denoiser first, or build the model in {have} and call .to({self.dtype})")
 
     @property
     def device(self) -> torch.device:
@@ -196,7 +219,9 @@ class UPSRModel:
 
     def _estimator_call(self, x01: torch.Tensor) -> torch.Tensor:
         if self.estimator is None:
-            raise ValueError("this UPSRModel has no estimator: load one (--estimator) or pass sr_estimate")
+            raise ValueError("this UPSRModel has no estimator (g): load one with load_upsr(model, estimator=FILE), "
+                             "or run the diffusion stage alone from an Estimate (UPSRModel.denoise, "
+                             "upsr_core.stages.sample_maps)")
         edt = next(self.estimator.parameters()).dtype
         return self.estimator(x01.to(edt)).float()
 

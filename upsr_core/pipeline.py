@@ -226,9 +226,27 @@ class Estimate:
 
 
 def check_estimate(est: object) -> None:
-    """TypeError unless ``est`` is an :class:`Estimate` (what the diffusion stage starts from)."""
+    """TypeError unless ``est`` is an :class:`Estimate` (what the diffusion stage starts from);
+    ValueError unless its maps fit together: ``lr_pm`` (B,3,Hp,Wp), ``bicubic_pm`` and
+    ``sr_estimate_pm`` (B,3,4Hp,4Wp), ``size`` (h, w) with 1 <= h <= Hp, 1 <= w <= Wp. Shapes only
+    (no values: reading them would sync a GPU)."""
     if not isinstance(est, Estimate):
         raise TypeError(f"est must be an Estimate (from estimate() or UPSRModel.estimate), got {type(est).__name__}")
+    maps = {"lr_pm": est.lr_pm, "bicubic_pm": est.bicubic_pm, "sr_estimate_pm": est.sr_estimate_pm}
+    for name, t in maps.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != 3:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"Estimate.{name} must be a (B, 3, H, W) tensor, got {got}")
+    b, _, hp, wp = est.lr_pm.shape
+    want = (b, 3, SCALE * hp, SCALE * wp)
+    for name in ("bicubic_pm", "sr_estimate_pm"):
+        if tuple(maps[name].shape) != want:
+            raise ValueError(f"Estimate.{name} must be {want}: ×{SCALE} of lr_pm {tuple(est.lr_pm.shape)}, "
+                             f"got {tuple(maps[name].shape)}")
+    size = est.size
+    if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(map(is_int, size))
+            and 1 <= size[0] <= hp and 1 <= size[1] <= wp):
+        raise ValueError(f"Estimate.size must be the LR (h, w) before padding, within lr_pm's {hp}x{wp}, got {size!r}")
 
 
 def estimate(

@@ -22,9 +22,23 @@ class Denoise(Protocol):
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+def _check_states(**tensors: torch.Tensor) -> None:
+    """ValueError unless every tensor is 4-D with the first one's shape (no silent broadcast)."""
+    (first, ref), *rest = tensors.items()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a (B, 48, h, w) tensor (unshuffled), got {got}")
+    for name, t in rest:
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} must have the shape of {first} {tuple(ref.shape)} "
+                             "(all unshuffled: PixelUnshuffle(·, 4) of the HR maps)")
+
+
 def prior_sample(y: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor,
                  schedule: ResShiftSchedule) -> torch.Tensor:
     """x_T = y + κ·√η_T·w ⊙ ε (UPSR eq. 8); all (B, 48, h, w), unshuffled, [-1, 1] space."""
+    _check_states(y=y, weight=weight, noise=noise)
     coef = schedule.f32()["prior"].to(y.device)
     return y + coef * weight * noise
 
@@ -55,10 +69,16 @@ def sample(
     ``callback(i, x, x0_hat)`` is called after each of the T steps (i = 0..T-1), with x the
     state after the step (x_{t−1}; after the last step the result) and x̂0 the step's prediction.
     """
+    _check_states(y=y, x_T=x_T)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     co = {k: v.to(y.device) for k, v in schedule.f32().items()}
     x = x_T
     for i, t in enumerate(reversed(range(schedule.num_steps))):
         x0 = denoise(scale_input(x, t, co), t)  # ResShift eq. 7 input scaling
+        if x0.shape != x.shape:
+            raise ValueError(f"denoise returned {tuple(x0.shape)} at step t={t}, expected x̂0 of the state's shape "
+                             f"{tuple(x.shape)}")
         x = ddim_step(x, x0, y, t, co)  # DDIM η = 0: x_{t−1} = k_t x̂0 + m_t x_t + c_t y
         if callback is not None:
             callback(i, x, x0)

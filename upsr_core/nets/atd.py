@@ -372,6 +372,9 @@ class ATD(nn.Module):
         ``sort_fn``: the AC-MSA permutation source — :func:`official_sort` by default;
         tests pass an iterator of recorded permutations to replay the official run.
         """
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.config.in_chans:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a (B, {self.config.in_chans}, h, w) tensor, got {got}")
         h, w = x.shape[-2:]
         ws = self.config.window_size
         ph, pw = (-h) % ws, (-w) % ws

@@ -548,6 +548,14 @@ class UPSRDenoiser(nn.Module):
         for name, v in (("x", x), ("timesteps", timesteps), ("lq", lq)):
             if not isinstance(v, torch.Tensor):  # an int t: torch.full((B,), t) (a deep AttributeError before)
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be (B, {c.in_channels}, h, w), got {tuple(x.shape)}")
+        if lq.dim() != 4 or lq.shape[1] != c.lq_channels or lq.shape[0] != x.shape[0]:
+            raise ValueError(f"lq must be (B, {c.lq_channels}, h, w) with x's B {x.shape[0]}, got {tuple(lq.shape)}")
+        if timesteps.shape != (x.shape[0],):
+            raise ValueError(f"timesteps must be one step per image, shape ({x.shape[0]},), "
+                             f"got {tuple(timesteps.shape)}")
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         return self._body(x, lq, emb, None)
 
