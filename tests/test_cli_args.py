@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -385,3 +386,76 @@ def test_train_device_cuda_index_beyond_the_gpus_and_malformed_names_are_errors(
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"--device cuda \(GPU 1\) was asked for, but there are 1 CUDA device"):
         setup_distributed("cuda")
+
+
+# ------------------------------------------------------------------ 2026-11-28 portability review
+def test_hidden_files_in_a_folder_are_not_images(tmp_path, tiny_model_file, caplog):
+    """macOS's AppleDouble companions (._x.png) and a Mac zip's __MACOSX/ have image suffixes but
+    are not images: one of them stopped `upscale DIR`, `train --data DIR` and `eval` before."""
+    from upsr_core.evaluate import pair_files
+    from upsr_core.train.data import list_images
+
+    src = tmp_path / "in"
+    _img(src / "a.png")
+    (src / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (src / "__MACOSX").mkdir()
+    (src / "__MACOSX" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    (src / ".hidden").mkdir()
+    (src / ".hidden" / "b.png").write_bytes(b"junk")
+    with caplog.at_level(logging.INFO, logger="upsr_core"):
+        assert main(["upscale", str(src), "-o", str(tmp_path / "out"), "--model", str(tiny_model_file),
+                     "--device", "cpu", "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["a.png"]
+    assert [p.name for p in list_images(src)] == ["a.png"]
+    hr = tmp_path / "hr"
+    _img(hr / "a.png", 32, 40)
+    (hr / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    assert [(h.name, lr.name) for h, lr in pair_files(hr, src)] == [("a.png", "a.png")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="emulates Windows' rule with fcntl (Unix)")
+def test_the_output_is_fsynced_through_a_handle_windows_accepts(tmp_path, tiny_model_file, monkeypatch):
+    # Windows' fsync (FlushFileBuffers) fails with EBADF on a read-only handle: every output was lost
+    import fcntl
+
+    fsync, seen = os.fsync, []
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor")
+        seen.append(fd)
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    src = _img(tmp_path / "x.png")
+    assert main(["upscale", str(src), "-o", str(tmp_path / "y.png"), "--model", str(tiny_model_file),
+                 "--device", "cpu", "-q"]) == 0
+    assert seen and (tmp_path / "y.png").is_file()
+
+
+def test_help_survives_a_console_that_cannot_print_psi(tmp_path):
+    # a Windows pipe or redirect is cp1252: `--help` (ψ, ≡) ended in a 'charmap' codec error, exit 2
+    import subprocess
+
+    from _support import REPO
+
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONPATH": str(REPO)}
+    for argv in (["upscale", "--help"], ["eval", "--help"], ["train", "denoiser", "--help"]):
+        r = subprocess.run([sys.executable, "-m", "upsr_core", *argv], capture_output=True, env=env, timeout=120,
+                           check=False)
+        assert r.returncode == 0 and b"usage:" in r.stdout, r.stderr.decode("cp1252", "replace")
+
+
+def test_the_installed_upsr_command_runs_as_python_m_upsr_core(monkeypatch):
+    # the console script called main() as a library caller would: no SIGTERM clean-up, no allocator setting
+    import tomllib
+
+    from upsr_core import cli
+
+    from _support import REPO
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"upsr": "upsr_core.cli:console_main"}
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv=None, **kw: calls.append((argv, kw)) or 0)
+    assert cli.console_main() == 0 and calls == [(None, {"own_process": True})]

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .imageio import IMAGE_SUFFIXES, LoadedImage, PngStreamWriter, read_image, write_png
+from .imageio import IMAGE_SUFFIXES, LoadedImage, PngStreamWriter, is_hidden, read_image, write_png
 from .model import DEFAULT_OVERLAP, UPSRModel, load_upsr
 from .pipeline import SCALE, padded_size, starting_noise
 from .tiling import plan_tiles
@@ -47,6 +47,10 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
                                  f"results as inputs; write to another folder (e.g. {str(Path(it) / 'x4')!r})")
             inner = skip is not None and skip.is_relative_to(p.resolve())
             found = [f for f in p.rglob("*") if f.is_file() and not (inner and f.resolve().is_relative_to(skip))]
+            hidden = [f for f in found if is_hidden(f, p)]
+            if hidden:
+                log.info("%s: %d hidden file(s) skipped (names starting with '.', __MACOSX/)", it, len(hidden))
+                found = [f for f in found if not is_hidden(f, p)]
             files = sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES)
             others = sorted({f.suffix.lower() or "(none)" for f in found} - IMAGE_SUFFIXES)
             if others:  # a .gif, say, is read when named, not from a folder: say so rather than skip it silently
@@ -193,7 +197,7 @@ def _commit(tmp: Path, dst: Path) -> None:
     """The finished .part file becomes ``dst``: its bytes are on the disk first (fsync), so that
     after a crash or power loss an output that exists is complete, and a resumed run, which skips
     existing outputs, never keeps a truncated one; an interrupted write leaves only the .part."""
-    with open(tmp, "rb") as f:
+    with open(tmp, "r+b") as f:  # opened for writing: Windows' fsync (FlushFileBuffers) refuses a read-only handle
         os.fsync(f.fileno())
     os.replace(tmp, dst)
 

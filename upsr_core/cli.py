@@ -187,6 +187,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The installed ``upsr`` command: ``python -m upsr_core`` (the process is the CLI's)."""
+    return main(own_process=True)
+
+
 def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
     """Run one command; returns its exit code. ``own_process``: the process is the CLI's
     (``python -m upsr_core``), so a command on the CPU may set glibc's allocator for large
@@ -195,6 +200,9 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
     ap = build_parser()
     try:
         if own_process:
+            for stream in (sys.stdout, sys.stderr):  # a Windows pipe is cp1252: ψ in --help must not end the run
+                if hasattr(stream, "reconfigure"):
+                    stream.reconfigure(errors="replace")
             claim_process()  # checks $UPSR_CPU_MALLOC before any work
             signal.signal(signal.SIGTERM, _terminated)  # timeout, job schedulers: clean up as Ctrl-C does
         try:

@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
-from .imageio import IMAGE_SUFFIXES, luma, read_image
+from .imageio import IMAGE_SUFFIXES, is_hidden, luma, read_image
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
@@ -108,13 +108,14 @@ def _first_names(names: list[str], n: int = 5) -> str:
 
 
 def _image_files(folder: str | Path, ids: set[str] | None = None) -> list[Path]:
-    """The images of ``folder`` (by suffix), sorted; ``ids`` keeps only those stems."""
+    """The images of ``folder`` (by suffix; hidden files such as macOS's ``._x.png`` skipped), sorted;
+    ``ids`` keeps only those stems."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} " + ("is a file, not a folder" if folder.exists()
                                                                     else "does not exist"))
     files = [p for p in sorted(folder.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES and (ids is None or p.stem in ids)]
+             if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, folder) and (ids is None or p.stem in ids)]
     seen: dict[str, Path] = {}
     for p in files:  # images are paired by name: two with one name would count one image twice
         if p.stem in seen:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES"]
+__all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden"]
 
 log = logging.getLogger("upsr_core")
 
@@ -30,6 +30,16 @@ _CONVERTED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 source's colour space would not describe the result, so it is not carried over."""
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    """True for a file that a folder listing skips: its name, or a folder between ``root`` and it,
+    starts with '.' or is ``__MACOSX``. macOS writes an AppleDouble companion ``._x.jpg`` beside
+    each file on non-Apple disks, and zips made on a Mac carry them in ``__MACOSX/``: they have
+    image suffixes but are not images (read as one, they stopped a whole run)."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
 MAX_PIXELS = 40_000 * 40_000
 """The largest image :func:`read_image` opens (width × height): a bound on decompression bombs and
 corrupt headers that still allows large photos. Pillow's process-wide limit is left as it is."""

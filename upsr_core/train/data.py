@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ..imageio import _colour_16bit, pixel_limit
+from ..imageio import _colour_16bit, is_hidden, pixel_limit
 
 __all__ = [
     "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "augment_dihedral", "list_images",
@@ -47,11 +47,13 @@ Small = Literal["pad", "skip"]
 
 # ----------------------------------------------------------------------------- files
 def list_images(root: str | Path) -> list[Path]:
-    """All images under ``root`` (recursive, suffix in ``IMAGE_SUFFIXES``, any case), sorted."""
+    """All images under ``root`` (recursive, suffix in ``IMAGE_SUFFIXES``, any case; hidden files
+    and folders, such as macOS's ``._x.jpg`` and ``__MACOSX/``, skipped), sorted."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
 
 
 def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
