@@ -108,3 +108,31 @@ def test_device_parity_tool_passes_against_itself(tiny_model_file, tmp_path, cap
             "fp16 GroupNorm", "upscale reference fp32", "upscale fast fp32"} == set(rows)
     assert "PSNR inf dB, max |Δ| 0.00e+00" in rows["upscale reference fp32"]["detail"]
     assert "PASS  upscale fast fp32" in capsys.readouterr().out
+
+
+def test_device_parity_reports_a_raising_kernel_as_a_row_and_goes_on(tiny_model_file, tmp_path, capsys, monkeypatch):
+    """A missing MPS kernel ended the tool with a traceback, no rows and no JSON (portability
+    review 2026-11-28): now it is a FAIL row and the other checks still run."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from _support import load_tool
+
+    img = tmp_path / "lr.png"
+    Image.fromarray((np.random.default_rng(3).random((20, 28, 3)) * 255).astype(np.uint8)).save(img)
+    tool = load_tool("device_parity")
+
+    def unsupported(*a, **k):
+        raise RuntimeError("MPS: sort with int64 keys is not supported on this macOS")
+
+    monkeypatch.setattr(tool, "official_sort", unsupported)
+    out = tmp_path / "parity.json"
+    assert tool.main(["--device", "cpu", "--model", str(tiny_model_file), "--image", str(img), "--json", str(out)]) == 1
+    rows = {r["check"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["official_sort"]["status"] == "FAIL"
+    assert rows["official_sort"]["detail"] == ("raised RuntimeError: MPS: sort with int64 keys is not supported "
+                                               "on this macOS")
+    assert rows["upscale fast fp32"]["status"] == "PASS" and len(rows) == 9
+    assert "FAIL  official_sort" in capsys.readouterr().out
