@@ -6,6 +6,7 @@ single-process result, byte for byte.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,26 @@ def test_compile_is_opt_in_and_needs_fast(folder, tmp_path, tiny_model_file, mon
     assert main(["upscale", str(folder), "-o", str(tmp_path / "o"), "--model", str(tiny_model_file),
                  "--compile"]) == 2
     assert "--compile compiles the fast path's nets: give --fast too" in capsys.readouterr().err
+
+
+def test_output_folder_checks_see_a_case_insensitive_file_system(tmp_path, monkeypatch):
+    """macOS/Windows: `upscale photos/ -o Photos/` is the input folder, and earlier results in
+    Photos/x4 lie inside photos/ — which path comparison alone (case-sensitive on macOS) missed.
+    Emulated here: names equal up to case are one file (portability review 2026-11-28)."""
+    from upsr_core.batch import collect_inputs
+
+    src = tmp_path / "photos"
+    for f in (src / "a.png", src / "x4" / "a.png"):  # x4/a.png: an earlier run's result
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(f)
+    real_exists = Path.exists
+
+    def ci(p):
+        return Path(str(Path(p).absolute()).lower())
+
+    monkeypatch.setattr(Path, "exists", lambda self, *a, **k: real_exists(self) or real_exists(ci(self)))
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: ci(a).resolve() == ci(b).resolve())
+    with pytest.raises(ValueError, match=r"-o '.*Photos' is the input folder"):
+        collect_inputs([str(src)], str(tmp_path / "Photos"))
+    found = collect_inputs([str(src)], str(tmp_path / "Photos" / "x4"))
+    assert [f.relative_to(src).as_posix() for f, _ in found] == ["a.png"]  # not x4/a.png
