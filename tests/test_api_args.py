@@ -448,3 +448,23 @@ def test_the_nets_name_inputs_of_the_wrong_rank_channels_or_batch(model):
         den(x, t, lq[:1])
     with pytest.raises(ValueError, match=r"timesteps must be one step per image, shape \(2,\), got \(3,\)"):
         den(x, torch.zeros(3, dtype=torch.long), lq)
+
+
+def test_options_that_a_given_noise_or_estimator_would_drop_are_refused(model):
+    # before: same_noise=True with a given ε, and block= with another estimator, did nothing, silently
+    import copy
+
+    from upsr_core import UPSRModel
+    from upsr_core.stages import estimate_maps
+
+    lr = torch.rand(2, 3, 8, 8)
+    n = starting_noise(0, 2, (8, 8))
+    fast = enable_fast(UPSRModel(copy.deepcopy(model.denoiser), copy.deepcopy(model.estimator)))
+    for m in (model, fast):
+        with pytest.raises(ValueError, match="same_noise=True chooses how the noise is made from the seed"):
+            m.upscale(lr, noise=n, same_noise=True)
+    est = model.estimate(lr)
+    with pytest.raises(ValueError, match="same_noise=True"):
+        model.denoise(est, weight_noise(est.uncertainty()), noise=n, same_noise=True)
+    with pytest.raises(ValueError, match="block=256 sets ATD's block size; another estimator runs on whole images"):
+        estimate_maps(model, lr, estimator=lambda x: torch.nn.functional.interpolate(x, scale_factor=4), block=256)

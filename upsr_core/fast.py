@@ -56,6 +56,7 @@ from .pipeline import (
     SCALE,
     bicubic_x4,
     check_lr,
+    check_noise_choice,
     check_weight_and_noise,
     crop_hr,
     pad_lr,
@@ -511,6 +512,7 @@ class FastUPSRModel(UPSRModel):
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise, sink=sink,
                                    same_noise=same_noise, estimator_block=estimator_block)
+        check_noise_choice(noise, same_noise)
         given = noise is not None  # a caller's ε is checked for NaN/Inf as the reference path does;
         if not given:              # one made here is finite (and checking it would sync the host)
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)

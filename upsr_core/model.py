@@ -31,6 +31,7 @@ from .pipeline import (
     bicubic_x4,
     check_estimate,
     check_lr,
+    check_noise_choice,
     check_weight_and_noise,
     denoise_estimate,
     pad_lr,
@@ -289,6 +290,7 @@ class UPSRModel:
         self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape
         check_weight_and_noise(weight, noise, b, (hp, wp))
+        check_noise_choice(noise, same_noise)
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
@@ -424,6 +426,7 @@ class UPSRModel:
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         b, _, hp, wp = lr_pm.shape
         check_weight_and_noise(None, noise, b, (hp, wp))  # a given ε: its shape was sliced per tile unchecked
+        check_noise_choice(noise, same_noise)
         if noise is None:  # several tile rows: make ε band by band (same numbers, 1/48 of the memory)
             noise = (NoiseField(seed, b, (hp, wp), same_noise=same_noise) if hp > tile
                      else starting_noise(seed, b, (hp, wp), same_noise=same_noise))

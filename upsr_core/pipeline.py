@@ -45,6 +45,7 @@ __all__ = [
     "crop_hr",
     "check_lr",
     "check_estimate",
+    "check_noise_choice",
     "clamp_overshoot",
     "SCALE",
 ]
@@ -158,6 +159,14 @@ def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
 def padded_size(h: int, w: int, multiple: int = 64) -> tuple[int, int]:
     """(Hp, Wp): the LR size (h, w) rounded up to multiples of ``multiple``, as :func:`pad_lr` pads it."""
     return -(-h // multiple) * multiple, -(-w // multiple) * multiple
+
+
+def check_noise_choice(noise: torch.Tensor | None, same_noise: bool) -> None:
+    """ValueError for ``same_noise`` with a given ``noise``: it chooses how ε is made from the seed,
+    and a given ε is used as it is (the option would be dropped without a word)."""
+    if noise is not None and same_noise:
+        raise ValueError("same_noise=True chooses how the noise is made from the seed; with a given noise "
+                         "it has no effect: leave it out, or pass noise=None")
 
 
 def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:

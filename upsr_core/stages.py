@@ -126,6 +126,8 @@ def estimate_maps(
     if estimator is None:
         est = model.estimate(lr, block=block, progress=progress)
     else:
+        if block is not None:  # it would be dropped without a word
+            raise ValueError(f"block={block!r} sets ATD's block size; another estimator runs on whole images")
         check_lr(lr)
         lr_pm = pad_lr(lr.float().cpu(), model.multiple_of)
         want = (SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1])
