@@ -374,3 +374,23 @@ def test_upscale_cli_keeps_the_profile(tmp_path, tiny_model_file):
                  "--device", "cpu", "-q"]) == 0
     with Image.open(tmp_path / "o.png") as im:
         assert im.info.get("icc_profile") == ICC and im.size == (80, 48)
+
+
+def test_formats_outside_the_list_are_refused_whatever_the_name(tmp_path, monkeypatch):
+    """An EPS named .png reached Pillow's Ghostscript call (security review 2026-11-28); a TGA or
+    other rarely used decoder was used for any name. Only PNG/JPEG(MPO)/WebP/BMP/TIFF/GIF decode."""
+    from PIL import EpsImagePlugin
+
+    from upsr_core.train.data import load_image_array
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
+    im = Image.new("RGB", (8, 8), (10, 20, 30))
+    for fmt in ("EPS", "TGA", "PCX"):
+        path = tmp_path / f"photo_{fmt.lower()}.png"
+        im.save(path, format=fmt)
+        with pytest.raises(ValueError, match=r"not an image in a format read here \(PNG, JPEG.*GIF; whatever"):
+            read_image(path)
+        with pytest.raises(OSError, match="photo_"):  # training's documented error: an OSError naming the file
+            load_image_array(path, 1)
+    assert calls == []

@@ -30,6 +30,17 @@ _CONVERTED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 source's colour space would not describe the result, so it is not carried over."""
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF")
+"""The decoders Pillow may use, whatever a file is named (MPO: a phone's multi-picture JPEG): a file
+of another format named .png — EPS, which runs Ghostscript, or a rarely used decoder — is refused
+instead of decoded. Use :func:`image_formats` (the ones this Pillow has)."""
+
+
+def image_formats() -> tuple[str, ...]:
+    """:data:`IMAGE_FORMATS` that this Pillow build can open (its plugins loaded: ``Image.open``
+    with ``formats=`` loads only the five basic ones itself, MPO/WebP/TIFF not among them)."""
+    Image.init()  # idempotent, cheap after the first call
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 def is_hidden(path: Path, root: Path) -> bool:
@@ -92,7 +103,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     size = None
     try:
         with pixel_limit(None):  # MAX_PIXELS below instead: Pillow's own check warns up to twice its limit
-            opened = Image.open(path)
+            opened = Image.open(path, formats=image_formats())
         with opened as im:
             size = im.size
             if im.width * im.height > MAX_PIXELS:
@@ -122,6 +133,9 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     except MemoryError:  # within MAX_PIXELS: a real image larger than this machine's free memory
         what = f"its {size[0]}x{size[1]} px" if size else "it"
         raise ValueError(f"{path.name}: out of memory while decoding {what}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path.name}: not an image in a format read here ({', '.join(image_formats())}; "
+                         "whatever the file name says)") from None
     except _DECODE_ERRORS as e:
         raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
 

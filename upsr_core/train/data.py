@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ..imageio import _colour_16bit, is_hidden, pixel_limit
+from ..imageio import _colour_16bit, image_formats, is_hidden, pixel_limit
 
 __all__ = [
     "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "augment_dihedral", "list_images",
@@ -76,7 +76,7 @@ def _open(path: str | Path) -> Image.Image:
     """``Image.open`` without Pillow's decompression-bomb limit, for this call only: training photos
     are the user's own, and large ones exceed it (``upscale`` and ``eval`` keep a bound)."""
     with pixel_limit(None):
-        return Image.open(path)
+        return Image.open(path, formats=image_formats())  # not EPS (Ghostscript) named .jpg, say
 
 
 def _prescale_factor(size: tuple[int, int], prescale: Prescale) -> int:
