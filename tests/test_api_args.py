@@ -468,3 +468,73 @@ def test_options_that_a_given_noise_or_estimator_would_drop_are_refused(model):
         model.denoise(est, weight_noise(est.uncertainty()), noise=n, same_noise=True)
     with pytest.raises(ValueError, match="block=256 sets ATD's block size; another estimator runs on whole images"):
         estimate_maps(model, lr, estimator=lambda x: torch.nn.functional.interpolate(x, scale_factor=4), block=256)
+
+
+# ------------------------------------------------------------------ 2026-11-28 security review
+def test_model_files_that_declare_more_than_they_hold_are_refused_before_building(model, tmp_path):
+    """A small file could ask the loader for terabytes: stride-0 views in a .pth (87 KB declaring
+    1.2 TB), sizes in the metadata, or a parameter count beyond any UPSR net. Refused with
+    UnsupportedCheckpointError before the net is allocated."""
+    from safetensors import safe_open
+
+    from upsr_core.checkpoint import MAX_NET_PARAMS, read_checkpoint
+    from upsr_core.config import DenoiserConfig
+
+    sd = {f"denoiser.{k}": v for k, v in model.denoiser.state_dict().items()}
+    sd |= {f"estimator.{k}": v for k, v in model.estimator.state_dict().items()}
+    bomb = dict(sd)
+    bomb["denoiser.time_embed.0.weight"] = torch.zeros(1).expand(4 * 32768, 32768)  # 4 bytes of storage
+    torch.save(bomb, tmp_path / "stride0.pth")
+    with pytest.raises(UnsupportedCheckpointError, match=r"declares more elements than its storage holds"):
+        read_checkpoint(tmp_path / "stride0.pth")
+    sparse = dict(sd)
+    sparse["estimator.conv_first.bias"] = torch.sparse_coo_tensor(torch.tensor([[10**7]]), torch.ones(1), (4,),
+                                                                   check_invariants=False)
+    torch.save(sparse, tmp_path / "sparse.pth")
+    with pytest.raises(UnsupportedCheckpointError, match=r"is not a dense CPU tensor \(layout torch.sparse_coo"):
+        read_checkpoint(tmp_path / "sparse.pth")
+
+    good = tmp_path / "m.safetensors"
+    save_converted(good, model.denoiser, model.estimator)
+    tensors = load_file(str(good))
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    den = json.loads(meta["denoiser_config"])
+    atd = json.loads(meta["estimator_config"])
+    cases = [
+        ("denoiser_config", {**den, "model_channels": 32768}, r"above what this project builds.*channels <= 1024"),
+        ("denoiser_config", {**den, "swin_depth": 10**6}, r"swin_depth <= 32"),
+        ("estimator_config", {**atd, "category_size": 10**9}, r"category_size <= 4096"),
+        ("denoiser_config", "[" * 100_000, r"RecursionError"),
+        ("denoiser_config", {**den, "model_channels": 10**40}, r"model_channels"),
+        # within every bound, but 8.6 G parameters: the meta-device probe counts them first
+        ("denoiser_config", {**den, "model_channels": 1024, "channel_mult": [16] * len(den["channel_mult"])},
+         rf"parameters, more than this loader builds \({MAX_NET_PARAMS:,}"),
+    ]
+    for key, value, match in cases:
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata=meta | {key: value if isinstance(value, str) else json.dumps(value)})
+        with pytest.raises(UnsupportedCheckpointError, match=match):
+            load_upsr(bad)
+    assert DenoiserConfig(model_channels=1024).model_channels == 1024  # the bounds leave room
+
+
+def test_atd_config_from_many_keys_is_linear(monkeypatch):
+    """The ATD layout was read with one regex pass over all keys per residual group (a 2.3 MB file of
+    zero-size tensors took 26 s; ~40 min extrapolated for 6 MB): the number of key matches must grow
+    with the keys, not with keys × groups (counted, not timed)."""
+    from upsr_core import config
+
+    sd = dict(tiny_upsr().estimator.state_dict())
+    n0 = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+    extra = {f"layers.{b}.residual_group.layers.0.attn_win.relative_position_bias_table": torch.zeros(0, 2)
+             for b in range(n0, 3000)}
+    calls = []
+    monkeypatch.setattr(config.re, "match", lambda *a, **k: calls.append(1) or _match(*a, **k))
+    with pytest.raises(ValueError, match=r"levels <= 32"):  # and then refused: no UPSR estimator has 3000
+        config.atd_config_from_state_dict(sd | extra, category_size=16)
+    keys = len(sd) + len(extra)
+    assert len(calls) <= 3 * keys, (len(calls), keys)  # quadratic: ~3000 × keys
+
+
+_match = re.match

@@ -112,6 +112,22 @@ def _reason(e: BaseException) -> str:
     return key or (lines[0] if lines else type(e).__name__)
 
 
+MAX_NET_PARAMS = 1_000_000_000
+"""The largest net :func:`load_upsr` builds from a file (8.4× the official denoiser's 119.4 M): a
+file's metadata or tensor shapes could otherwise ask for terabytes before any check."""
+
+
+def _check_tensor(k: str, v: torch.Tensor) -> None:
+    """A plain dense CPU tensor whose storage holds all its elements: a sparse or meta tensor, or an
+    expanded view of a few bytes (a zero stride declaring gigabytes), is not a weight."""
+    if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized or v.is_nested:
+        raise UnsupportedCheckpointError(f"tensor {k!r} is not a dense CPU tensor (layout {v.layout}, device "
+                                         f"{v.device.type}): not a weight file")
+    if v.numel() and (0 in v.stride() or v.untyped_storage().nbytes() < v.numel() * v.element_size()):
+        raise UnsupportedCheckpointError(f"tensor {k!r} of shape {tuple(v.shape)} declares more elements than "
+                                         "its storage holds (an expanded view): not a weight file")
+
+
 def canonicalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
     """Unwrap ``params_ema``/``params``/``state_dict``, strip ``module.``; returns a new dict.
 
@@ -129,6 +145,7 @@ def canonicalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
             raise UnsupportedCheckpointError(
                 f"expected a state dict of tensors, found entry {k!r} of type {type(v).__name__}", obj
             )
+        _check_tensor(k, v)
         name = k[len("module."):] if k.startswith("module.") else k
         if name in out:  # both "module.X" and "X": which one the net should get is unknown
             raise UnsupportedCheckpointError(f"the checkpoint holds both {('module.' + name)!r} and {name!r}: "
@@ -175,7 +192,9 @@ def split_nets(sd: Mapping[str, torch.Tensor], source: str | None = None) -> dic
     return {k: v for k, v in out.items() if v}
 
 
-def _load_strict(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+def _check_fit(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """UnsupportedCheckpointError unless ``sd`` has exactly ``net``'s keys and shapes (``net`` may
+    live on the meta device: only shapes are read)."""
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -190,6 +209,10 @@ def _load_strict(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str
             parts.append(f"{len(bad)} with other shapes (e.g. {bad[0]!r}: file {tuple(sd[bad[0]].shape)}, "
                          f"expected {tuple(own[bad[0]].shape)})")
         raise UnsupportedCheckpointError(f"{what}: keys do not fit — " + "; ".join(parts), sd)
+
+
+def _load_strict(net: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    _check_fit(net, sd, what)
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UnsupportedCheckpointError(f"{what}: tensor {k!r} holds NaN or Inf values")
@@ -212,7 +235,17 @@ def _build(kind: str, sd: Mapping[str, torch.Tensor], config):
             f"expected {what} weights ({keys}), found {f'{other} weights' if other else describe_state_dict(sd)}"
         )
     try:
-        net = cls(config or infer(sd))
+        cfg = config or infer(sd)
+        with torch.device("meta"):  # shapes only (~0.1 s at full size): sizes from the file are checked
+            probe = cls(cfg)        # before anything is allocated for them
+        n = sum(p.numel() for p in probe.parameters())
+        if n > MAX_NET_PARAMS:
+            raise UnsupportedCheckpointError(
+                f"{what}: its config makes a net of {n:,} parameters, more than this loader builds "
+                f"({MAX_NET_PARAMS:,}; the official denoiser has 119.4 M): {cfg}")
+        _check_fit(probe, sd, what)
+        del probe
+        net = cls(cfg)
     except UnsupportedCheckpointError:
         raise
     except ValueError as e:  # shapes that read as a net that cannot be built (e.g. 0 hidden channels)

@@ -29,6 +29,35 @@ __all__ = [
 ]
 
 
+# Upper bounds of the settings (generous: several times the official nets' values). A file's
+# metadata or tensor shapes are untrusted input; these keep a crafted config from building for
+# minutes or asking for terabytes (the loader also caps the parameter count: checkpoint.MAX_NET_PARAMS).
+_DENOISER_MAX = {"in_channels": 192, "lq_channels": 384, "model_channels": 1024, "out_channels": 16,
+                 "channel_mult": 16, "num_res_blocks": 16, "swin_levels": 4096, "image_size": 4096,
+                 "swin_depth": 32, "swin_embed_dim": 1024, "swin_num_heads": 64, "window_size": 64,
+                 "mlp_ratio": 16, "num_feat": 1024, "levels": 8}
+_ATD_MAX = {"in_chans": 16, "upscale": 8, "embed_dim": 1024, "depths": 64, "num_heads": 64, "window_size": 64,
+            "category_size": 4096, "num_tokens": 1024, "reducted_dim": 1024, "convffn_kernel_size": 31,
+            "mlp_ratio": 16, "levels": 32}
+
+
+def _check_bounds(what: str, cfg: object, maxima: dict[str, int]) -> None:
+    """ValueError naming every setting above its bound (tuples: each entry; ``levels``: their length)."""
+    over = {}
+    for k, top in maxima.items():
+        if k == "levels":
+            continue
+        v = getattr(cfg, k)
+        if (max(v, default=0) if isinstance(v, tuple) else v) > top:
+            over[k] = v
+    longest = max((len(v) for v in vars(cfg).values() if isinstance(v, tuple)), default=0)
+    if longest > maxima["levels"]:
+        over["levels"] = longest
+    if over:
+        raise ValueError(f"{what} settings above what this project builds: {over} (bounds: "
+                         + ", ".join(f"{k} <= {maxima[k]}" for k in over) + ")")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DenoiserConfig:
     """Hyperparameters of the Swin-UNet denoiser (official ``UNetModelSwin``).
@@ -66,6 +95,7 @@ class DenoiserConfig:
             bad["middle_swin"] = self.middle_swin
         if bad:
             raise ValueError(f"denoiser settings must be integers >= 1 (tuples of them; middle_swin a bool), got {bad}")
+        _check_bounds("denoiser", self, _DENOISER_MAX)
         if not self.channel_mult:
             raise ValueError("channel_mult must have at least one level, got ()")
         if len(self.channel_mult) != len(self.num_res_blocks):
@@ -116,6 +146,7 @@ class ATDConfig:
         bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
         if bad:
             raise ValueError(f"ATD settings must be integers >= 1, got {bad}")
+        _check_bounds("ATD", self, _ATD_MAX)
         if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths + self.num_heads) < 1:
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have one entry >= 1 per "
                              "residual group")
@@ -232,11 +263,14 @@ def atd_config_from_state_dict(sd: Mapping[str, torch.Tensor], *, category_size:
     what = "ATD estimator"
     embed, in_chans = _shape(sd, "conv_first.weight", what)[:2]
     n_blocks = len({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+    layers: dict[int, set[int]] = {}  # one pass over the keys (a file with many groups: not groups × keys)
+    for k in sd:
+        if m := re.match(r"layers\.(\d+)\.residual_group\.layers\.(\d+)\.", k):
+            layers.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     depths, heads = [], []
     for b in range(n_blocks):
         p = f"layers.{b}.residual_group.layers."
-        d = len({int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"(\d+)\.", k))})
-        depths.append(d)
+        depths.append(len(layers.get(b, ())))
         heads.append(_shape(sd, p + "0.attn_win.relative_position_bias_table", what)[1])
     table = _shape(sd, "layers.0.residual_group.layers.0.attn_win.relative_position_bias_table", what)[0]
     up_out = _shape(sd, "upsample.0.weight", what)[0]

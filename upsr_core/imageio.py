@@ -134,8 +134,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         what = f"its {size[0]}x{size[1]} px" if size else "it"
         raise ValueError(f"{path.name}: out of memory while decoding {what}") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{path.name}: not an image in a format read here ({', '.join(image_formats())}; "
-                         "whatever the file name says)") from None
+        raise ValueError(f"{path.name}: not a readable image: corrupt, or in a format not read here (read: "
+                         f"{', '.join(image_formats())}, whatever the file name says)") from None
     except _DECODE_ERRORS as e:
         raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
 

@@ -572,7 +572,7 @@ def _meta_config(meta: dict[str, str], key: str, cls, path) -> ATDConfig | Denoi
         return None
     try:
         return cls.from_dict(json.loads(meta[key]))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
         raise UnsupportedCheckpointError(f"{os.fspath(path)!r}: its metadata {key!r} is not a valid "
                                          f"{cls.__name__} ({type(e).__name__}: {e})") from None
 

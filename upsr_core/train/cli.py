@@ -231,7 +231,7 @@ def _meta_config(meta: dict, key: str, cls, path, flag: str) -> ATDConfig | Deno
         return None
     try:
         return cls.from_dict(json.loads(meta[key]))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
         raise UnsupportedCheckpointError(
             f"{flag} {str(path)!r}: metadata {key!r} is not a {cls.__name__} as JSON ({e}): {meta[key][:120]!r}"
         ) from None
