@@ -25,7 +25,8 @@ def install_example_inputs() -> list[Path]:
     dest = Path(folder_paths.get_input_directory())
     copied = []
     for src in sorted(EXAMPLES.glob(EXAMPLE_INPUT_GLOB)):
-        if src.suffix.lower() in (".png", ".jpg") and not (dest / src.name).exists():
+        target = dest / src.name  # a link there (even a dangling one) is left alone: never written through
+        if src.suffix.lower() in (".png", ".jpg") and not target.exists() and not target.is_symlink():
             try:
                 dest.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dest / src.name)

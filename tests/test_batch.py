@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from upsr_core.cli import main
@@ -250,3 +251,28 @@ def test_output_folder_checks_see_a_case_insensitive_file_system(tmp_path, monke
         collect_inputs([str(src)], str(tmp_path / "Photos"))
     found = collect_inputs([str(src)], str(tmp_path / "Photos" / "x4"))
     assert [f.relative_to(src).as_posix() for f, _ in found] == ["a.png"]  # not x4/a.png
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="O_NOFOLLOW is POSIX (Windows links need privileges)")
+def test_a_planted_part_link_is_never_written_through(tmp_path, tiny_model_file):
+    """In a shared folder, `out.png.part -> victim` made upscale overwrite the victim's file with
+    PNG data (security review 2026-11-28): the stale name is removed, and every PNG writer opens
+    without following a link."""
+    from upsr_core.imageio import PngStreamWriter, write_png
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    src = tmp_path / "in.png"
+    Image.new("RGB", (10, 8), (1, 2, 3)).save(src)
+    (tmp_path / "out.png.part").symlink_to(victim)
+    assert main(["upscale", str(src), "-o", str(tmp_path / "out.png"), "--model", str(tiny_model_file),
+                 "--device", "cpu", "-q"]) == 0
+    assert victim.read_text() == "precious" and not (tmp_path / "out.png").is_symlink()
+    assert Image.open(tmp_path / "out.png").size == (40, 32)
+    link = tmp_path / "link.png"
+    link.symlink_to(victim)
+    for write in (lambda: write_png(link, torch.zeros(3, 4, 4)), lambda: write_png(link, torch.zeros(3, 4, 4), bits=16),
+                  lambda: PngStreamWriter(link, 4, 4)):
+        with pytest.raises(OSError):
+            write()
+    assert victim.read_text() == "precious"

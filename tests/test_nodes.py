@@ -964,6 +964,11 @@ def test_example_inputs_are_copied_into_the_input_folder_once(pack):
     (dest / shipped[0]).write_bytes(b"edited by the user")
     assert nodes_pkg.install_example_inputs() == []
     assert (dest / shipped[0]).read_bytes() == b"edited by the user"
+    # a dangling link planted in input/ was written through (security review 2026-11-28): left alone now
+    victim = dest.parent / "outside_input.bin"
+    (dest / shipped[-1]).unlink()
+    (dest / shipped[-1]).symlink_to(victim)
+    assert nodes_pkg.install_example_inputs() == [] and not victim.exists()
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "COMBO", "STRING", "BOOLEAN"}

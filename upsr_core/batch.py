@@ -198,6 +198,9 @@ def _part_files(dsts: list[Path]) -> Iterator[list[Path]]:
     interrupted write never leaves a complete-looking output); on any exception (disk full,
     Ctrl-C, …) those not yet renamed are removed: no half-written .part is left behind either."""
     tmps = [dst.with_name(dst.name + ".part") for dst in dsts]
+    for tmp in tmps:  # a stale .part (power loss) or a link planted in a shared folder: removed, never followed
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()
     try:
         yield tmps
     except BaseException:

@@ -226,11 +226,20 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
     if bits == 16:
         _write_png16(path, a, icc)
         return
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path, format="PNG",
-                                                               **({"icc_profile": icc} if icc else {}))
+    with _open_for_writing(path) as f:
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(f, format="PNG",
+                                                                   **({"icc_profile": icc} if icc else {}))
 
 
 _BAND = 256  # rows converted at a time by write_png
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (Windows has none: links there need privileges to make)
+
+
+def _open_for_writing(path: Path):
+    """``open(path, "wb")`` that does not follow a symlink at ``path`` itself (ELOOP, an OSError):
+    in a shared folder another user's planted ``out.png`` link would make us overwrite its target."""
+    return open(path, "wb", opener=lambda p, flags: os.open(p, flags | _NOFOLLOW, 0o666))
 
 
 def luma(rgb: torch.Tensor, dim: int = -3) -> torch.Tensor:
@@ -281,7 +290,7 @@ class PngStreamWriter:
         color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "wb")
+        self._f = _open_for_writing(path)
         self._comp = zlib.compressobj(6)
         self._pending: list[bytes] = []
         self._size = 0
@@ -353,6 +362,6 @@ def _write_png16(path: Path, a: np.ndarray, icc: bytes | None = None) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    with open(path, "wb") as f:
+    with _open_for_writing(path) as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + _iccp(icc) + chunk(b"IDAT", idat)
                 + chunk(b"IEND", b""))
