@@ -256,6 +256,19 @@ def test_a_bf16_checkpoint_resumes_under_fp16(tmp_path):
     assert b.step == 1 and b.scaler.is_enabled() and b.scaler.get_scale() == 65536.0  # a fresh scaler
 
 
+def test_a_planted_checkpoint_tmp_link_is_not_written_through(tmp_path):
+    """a.ckpt.tmp -> victim in a shared run folder: the checkpoint overwrote the victim (security
+    review 2026-11-28); the link is removed and the write does not follow links."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "a.ckpt.tmp").symlink_to(victim)
+    a = Trainer(_ScaledTask(), LoopConfig(steps=1, batch=1, amp="off", progress=False,
+                                          checkpoint=str(tmp_path / "a.ckpt")))
+    a.fit()
+    assert victim.read_text() == "precious" and (tmp_path / "a.ckpt").is_file()
+    assert not (tmp_path / "a.ckpt").is_symlink() and not (tmp_path / "a.ckpt.tmp").exists()
+
+
 def test_a_resumed_run_keeps_its_own_ema_warmup():
     """--ema-warmup of the resumed run counts, as --ema-decay does (the checkpoint's overrode it,
     while the run's log recorded the flag)."""

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden"]
+__all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
+           "open_for_writing"]
 
 log = logging.getLogger("upsr_core")
 
@@ -226,7 +227,7 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
     if bits == 16:
         _write_png16(path, a, icc)
         return
-    with _open_for_writing(path) as f:
+    with open_for_writing(path) as f:
         Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(f, format="PNG",
                                                                    **({"icc_profile": icc} if icc else {}))
 
@@ -236,7 +237,7 @@ _BAND = 256  # rows converted at a time by write_png
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (Windows has none: links there need privileges to make)
 
 
-def _open_for_writing(path: Path):
+def open_for_writing(path: str | os.PathLike):
     """``open(path, "wb")`` that does not follow a symlink at ``path`` itself (ELOOP, an OSError):
     in a shared folder another user's planted ``out.png`` link would make us overwrite its target."""
     return open(path, "wb", opener=lambda p, flags: os.open(p, flags | _NOFOLLOW, 0o666))
@@ -290,7 +291,7 @@ class PngStreamWriter:
         color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = _open_for_writing(path)
+        self._f = open_for_writing(path)
         self._comp = zlib.compressobj(6)
         self._pending: list[bytes] = []
         self._size = 0
@@ -362,6 +363,6 @@ def _write_png16(path: Path, a: np.ndarray, icc: bytes | None = None) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    with _open_for_writing(path) as f:
+    with open_for_writing(path) as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + _iccp(icc) + chunk(b"IDAT", idat)
                 + chunk(b"IEND", b""))

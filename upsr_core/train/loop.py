@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..imageio import open_for_writing
 from ..model import check_device
 from .ema import EMA
 
@@ -232,7 +233,9 @@ class Trainer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "wb") as f:
+        if tmp.is_symlink():  # planted in a shared run folder: removed, never written through
+            tmp.unlink()
+        with open_for_writing(tmp) as f:
             torch.save(self.state_dict(), f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new file
