@@ -123,7 +123,7 @@ def _check_tensor(k: str, v: torch.Tensor) -> None:
     if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized or v.is_nested:
         raise UnsupportedCheckpointError(f"tensor {k!r} is not a dense CPU tensor (layout {v.layout}, device "
                                          f"{v.device.type}): not a weight file")
-    if v.numel() and (0 in v.stride() or v.untyped_storage().nbytes() < v.numel() * v.element_size()):
+    if v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
         raise UnsupportedCheckpointError(f"tensor {k!r} of shape {tuple(v.shape)} declares more elements than "
                                          "its storage holds (an expanded view): not a weight file")
 

@@ -146,10 +146,10 @@ class ATDConfig:
         bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
         if bad:
             raise ValueError(f"ATD settings must be integers >= 1, got {bad}")
-        _check_bounds("ATD", self, _ATD_MAX)
         if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths + self.num_heads) < 1:
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have one entry >= 1 per "
                              "residual group")
+        _check_bounds("ATD", self, _ATD_MAX)
         if any(self.embed_dim % h for h in self.num_heads):
             raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of every num_heads {self.num_heads}")
 

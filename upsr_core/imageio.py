@@ -8,6 +8,7 @@ colour-converted, so the profile still describes them).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -238,9 +239,16 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (Windows has none: links there need 
 
 
 def open_for_writing(path: str | os.PathLike):
-    """``open(path, "wb")`` that does not follow a symlink at ``path`` itself (ELOOP, an OSError):
-    in a shared folder another user's planted ``out.png`` link would make us overwrite its target."""
-    return open(path, "wb", opener=lambda p, flags: os.open(p, flags | _NOFOLLOW, 0o666))
+    """``open(path, "wb")`` that does not follow a symlink at ``path`` itself (an OSError naming
+    it): in a shared folder another user's planted ``out.png`` link would make us overwrite its
+    target."""
+    try:
+        return open(path, "wb", opener=lambda p, flags: os.open(p, flags | _NOFOLLOW, 0o666))
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):
+            raise OSError(e.errno, f"{os.fspath(path)!r} is a symbolic link; outputs are not written through "
+                                   "links: write to the file it points at, or remove the link") from None
+        raise
 
 
 def luma(rgb: torch.Tensor, dim: int = -3) -> torch.Tensor:
