@@ -29,8 +29,8 @@ def install_example_inputs() -> list[Path]:
         if src.suffix.lower() in (".png", ".jpg") and not target.exists() and not target.is_symlink():
             try:
                 dest.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest / src.name)
-                copied.append(dest / src.name)
+                shutil.copyfile(src, target)
+                copied.append(target)
             except OSError as e:
                 log.warning("UPSR: could not copy the example image %s into %s: %s", src.name, dest, e)
     return copied

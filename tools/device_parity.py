@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from upsr_core import load_upsr  # noqa: E402
-from upsr_core.cli import default_model_path  # noqa: E402
+from upsr_core.cli import default_model_path, replace_unencodable_output  # noqa: E402
 from upsr_core.errors import NonFiniteOutputError  # noqa: E402
 from upsr_core.fast import enable_fast  # noqa: E402
 from upsr_core.imageio import read_image  # noqa: E402
@@ -68,7 +68,7 @@ class Rows:
             ok, detail = check()
         except PROBE_ERRORS as e:
             first = (str(e).splitlines() or [""])[0]
-            ok, detail = (None if info else False), f"raised {type(e).__name__}: {first}"
+            ok, detail = False, f"raised {type(e).__name__}: {first}"
         self.add(name, None if info else ok, detail)
 
 
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", default=str(REPO / "docs" / "sample_lr.png"), help="LR image to upscale")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # Δ, ≥ on a cp1252 console (Windows)
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
+    replace_unencodable_output()  # Δ, ≥ on a cp1252 console (Windows)
     dev = torch.device(args.device)
     print(f"# device parity: {dev} against the CPU, torch {torch.__version__}", flush=True)
     out = Rows()

@@ -47,10 +47,11 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
                                  f"results as inputs; write to another folder (e.g. {str(Path(it) / 'x4')!r})")
             inner = skip is not None and _inside(skip, p)
             found = [f for f in p.rglob("*") if f.is_file() and not (inner and _inside(f, skip))]
-            hidden = [f for f in found if is_hidden(f, p)]
-            if hidden:
-                log.info("%s: %d hidden file(s) skipped (names starting with '.', __MACOSX/)", it, len(hidden))
-                found = [f for f in found if not is_hidden(f, p)]
+            shown = [f for f in found if not is_hidden(f, p)]
+            if len(shown) < len(found):
+                log.info("%s: %d hidden file(s) skipped (names starting with '.', __MACOSX/)", it,
+                         len(found) - len(shown))
+                found = shown
             files = sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES)
             others = sorted({f.suffix.lower() or "(none)" for f in found} - IMAGE_SUFFIXES)
             if others:  # a .gif, say, is read when named, not from a folder: say so rather than skip it silently

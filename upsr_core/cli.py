@@ -187,6 +187,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def replace_unencodable_output() -> None:
+    """stdout and stderr write '?' for a character their encoding lacks instead of raising: a
+    Windows pipe or redirect is cp1252, and ψ in --help (or Δ in a report) ended the run. For a
+    process of our own only (a program calling :func:`main` keeps its streams as they are)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def console_main() -> int:
     """The installed ``upsr`` command: ``python -m upsr_core`` (the process is the CLI's)."""
     return main(own_process=True)
@@ -200,9 +209,7 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
     ap = build_parser()
     try:
         if own_process:
-            for stream in (sys.stdout, sys.stderr):  # a Windows pipe is cp1252: ψ in --help must not end the run
-                if hasattr(stream, "reconfigure"):
-                    stream.reconfigure(errors="replace")
+            replace_unencodable_output()
             claim_process()  # checks $UPSR_CPU_MALLOC before any work
             signal.signal(signal.SIGTERM, _terminated)  # timeout, job schedulers: clean up as Ctrl-C does
         try:

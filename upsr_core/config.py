@@ -41,6 +41,17 @@ _ATD_MAX = {"in_chans": 16, "upscale": 8, "embed_dim": 1024, "depths": 64, "num_
             "mlp_ratio": 16, "levels": 32}
 
 
+METADATA_CONFIG_ERRORS = (ValueError, TypeError, AttributeError, RecursionError, OverflowError)
+"""What ``cls.from_dict(json.loads(text))`` raises for a file's config metadata that is not one
+(``json.JSONDecodeError`` is a ValueError; nested or huge-number JSON RecursionError/OverflowError):
+the loaders turn these into UnsupportedCheckpointError."""
+
+
+def _is_count(v: object) -> bool:
+    """An int >= 1 (not a bool): what every size and count setting of the nets must be."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def _check_bounds(what: str, cfg: object, maxima: dict[str, int]) -> None:
     """ValueError naming every setting above its bound (tuples: each entry; ``levels``: their length)."""
     over = {}
@@ -87,10 +98,9 @@ class DenoiserConfig:
     def __post_init__(self) -> None:
         tuples = ("channel_mult", "num_res_blocks", "swin_levels")
         ints = {k: v for k, v in asdict(self).items() if k not in tuples and k != "middle_swin"}
-        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in ints.items() if not _is_count(v)}
         bad.update({k: getattr(self, k) for k in tuples
-                    if not isinstance(getattr(self, k), tuple)
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in getattr(self, k))})
+                    if not isinstance(getattr(self, k), tuple) or not all(map(_is_count, getattr(self, k)))})
         if not isinstance(self.middle_swin, bool):
             bad["middle_swin"] = self.middle_swin
         if bad:
@@ -143,7 +153,7 @@ class ATDConfig:
 
     def __post_init__(self) -> None:
         ints = {k: v for k, v in asdict(self).items() if k not in ("depths", "num_heads")}
-        bad = {k: v for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in ints.items() if not _is_count(v)}
         if bad:
             raise ValueError(f"ATD settings must be integers >= 1, got {bad}")
         if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths + self.num_heads) < 1:

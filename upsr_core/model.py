@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_nets
-from .config import ATDConfig, DenoiserConfig, atd_config_from_state_dict
+from .config import METADATA_CONFIG_ERRORS, ATDConfig, DenoiserConfig, atd_config_from_state_dict
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_int
 from .nets import ATD, UPSRDenoiser
 from .pipeline import (
@@ -572,7 +572,7 @@ def _meta_config(meta: dict[str, str], key: str, cls, path) -> ATDConfig | Denoi
         return None
     try:
         return cls.from_dict(json.loads(meta[key]))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
+    except METADATA_CONFIG_ERRORS as e:
         raise UnsupportedCheckpointError(f"{os.fspath(path)!r}: its metadata {key!r} is not a valid "
                                          f"{cls.__name__} ({type(e).__name__}: {e})") from None
 

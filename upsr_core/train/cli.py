@@ -39,7 +39,7 @@ from ..checkpoint import (
     write_safetensors,
 )
 from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, off_or, writable_file
-from ..config import ATDConfig, DenoiserConfig
+from ..config import METADATA_CONFIG_ERRORS, ATDConfig, DenoiserConfig
 from ..cpu_memory import for_cpu_run
 from ..errors import UnsupportedCheckpointError
 from ..nets import ATD
@@ -231,7 +231,7 @@ def _meta_config(meta: dict, key: str, cls, path, flag: str) -> ATDConfig | Deno
         return None
     try:
         return cls.from_dict(json.loads(meta[key]))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
+    except METADATA_CONFIG_ERRORS as e:
         raise UnsupportedCheckpointError(
             f"{flag} {str(path)!r}: metadata {key!r} is not a {cls.__name__} as JSON ({e}): {meta[key][:120]!r}"
         ) from None
