@@ -846,11 +846,10 @@ def test_folder_feed_resumed_at_a_step_draws_new_batches_not_the_first_run_s(tmp
     from upsr_core.train.feed import FolderFeed
 
     rng = np.random.default_rng(0)
-    for i in range(6):  # with workers=0 the crops repeat (global RNG): the shuffled images must differ
+    for i in range(6):
         Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
 
     def first_batch(step=None):
-        torch.manual_seed(0)  # workers=0 crops use the global RNG (restored by Trainer.load on resume)
         feed = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=workers, seed=3)
         if step is not None:
             feed.resume_at(step)
@@ -864,6 +863,57 @@ def test_folder_feed_resumed_at_a_step_draws_new_batches_not_the_first_run_s(tmp
     resumed = first_batch(step=500)
     assert not torch.equal(resumed, fresh)
     assert torch.equal(resumed, first_batch(step=500))
+
+
+def test_folder_feed_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Each crop's position and flips come from a seed the sampler gives in the main process: the
+    same batches with 0, 1 or 2 DataLoader workers (before, each worker seeded the global RNG its
+    own way, so --workers changed the training data), and without workers the process's global
+    RNG is not drawn from (the training's noise stream does not depend on the feed)."""
+    from PIL import Image
+
+    from upsr_core.train.feed import FolderFeed
+
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray((rng.random((80, 72, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+
+    def batches(workers):
+        feed = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=workers, seed=11)
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        x = torch.cat([feed.next(2, None) for _ in range(3)])
+        assert torch.equal(torch.get_rng_state(), state)
+        return x
+
+    zero = batches(0)
+    assert torch.equal(zero, batches(1)) and torch.equal(zero, batches(2))
+    assert len({tuple(c.flatten()[:8].tolist()) for c in zero}) == 6  # 6 different crops
+
+
+def test_seeded_dataset_keys_give_the_same_item_for_the_same_seed(tmp_path):
+    from PIL import Image
+
+    from upsr_core.train.data import ImageFolderDataset, PackedCropsDataset, SeededSampler
+
+    Image.fromarray((np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    folder = ImageFolderDataset(tmp_path, 16)
+    packed = PackedCropsDataset(packed_crops(tmp_path), 8)
+    for ds in (folder, packed):
+        assert torch.equal(ds[(0, 42)], ds[(0, 42)])
+        assert not all(torch.equal(ds[(0, 42)], ds[(0, s)]) for s in range(1, 6))
+        with pytest.raises(IndexError, match="index 99 out of range"):
+            ds[(99, 1)]
+        with pytest.raises(ValueError, match=r"expected an index or \(index, seed\)"):
+            ds[(0, 1, 2)]
+    a, b = SeededSampler(5, seed=1), SeededSampler(5, seed=1)
+    first = list(a)
+    assert first == list(b) and sorted(i for i, _ in first) == list(range(5))
+    assert list(a) != first  # the next epoch continues the stream
+    a.reseed(1)
+    assert list(a) == first
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
+        SeededSampler(0)
 
 
 def test_cli_resume_with_a_folder_feed(tmp_path, monkeypatch):

@@ -8,9 +8,11 @@
 * ``photos_of_group``: the photos of a split group (``A_train``, ``A_val``) from the
   ``SOURCES.tsv`` written by ``get_photos.py``.
 
-Randomness in the datasets uses torch's global RNG: in a ``DataLoader`` worker the one the
-loader seeds from its own generator; without workers ``FolderFeed`` swaps in a stream of its own
-around each batch (seeded per torchrun rank). Pixel reading: EXIF orientation applied; gray → 3 equal channels;
+Randomness in the datasets: an item asked for as ``(index, seed)`` — what :class:`SeededSampler`
+yields, as ``FolderFeed`` does — draws its crop position and flips from a generator seeded with
+``seed``, so a batch is the same with any number of DataLoader workers (and the process's global
+RNG is not touched); an item asked for by a plain index draws from torch's global RNG.
+Pixel reading: EXIF orientation applied; gray → 3 equal channels;
 alpha (also a tRNS colour key) composited over white; 16-bit gray scaled by 1/65535, float gray
 ([0, 1]) taken to 16 bits; Pillow reads 16-bit colour PNGs as 8-bit, so their extra precision is
 lost (a warning names such a file). Run ``python -m upsr_core.train.data --help``.
@@ -30,12 +32,12 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ..imageio import _colour_16bit, image_formats, is_hidden, pixel_limit
 
 __all__ = [
-    "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "augment_dihedral", "list_images",
+    "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "SeededSampler", "augment_dihedral", "list_images",
     "load_image_array", "pack_crops", "photos_of_group",
 ]
 
@@ -239,7 +241,8 @@ class ImageFolderDataset(Dataset):
     ``min_texture``: a random crop whose texture (mean luma gradient in 8-bit units, as
     ``pack_crops`` and the evaluation pairs measure it) is below this is re-drawn, up to
     ``tries`` draws in all, keeping the most textured one (0: every crop is kept).
-    Items: float32 ``(3, crop, crop)`` in [0, 1].
+    Items: float32 ``(3, crop, crop)`` in [0, 1]; the key is an index, or ``(index, seed)``
+    (see :class:`SeededSampler`).
     """
 
     def __init__(
@@ -279,18 +282,18 @@ class ImageFolderDataset(Dataset):
             self._cache[i] = (a, maxval)
         return a, maxval
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        index, g = _item_key(key, len(self))
         a, maxval = self._array(index % len(self.files))
         h, w = a.shape[:2]
         if self.random_crop:
             y, x = textured_position(a, maxval, self.crop, self.min_texture, self.tries, lambda: (
-                int(torch.randint(0, h - self.crop + 1, ())), int(torch.randint(0, w - self.crop + 1, ()))))
+                int(torch.randint(0, h - self.crop + 1, (), generator=g)),
+                int(torch.randint(0, w - self.crop + 1, (), generator=g))))
         else:
             y, x = (h - self.crop) // 2, (w - self.crop) // 2
         t = _crop_tensor(a, y, x, self.crop, maxval)
-        return augment_dihedral(t) if self.augment else t
+        return augment_dihedral(t, g) if self.augment else t
 
 
 class PackedCropsDataset(Dataset):
@@ -298,7 +301,7 @@ class PackedCropsDataset(Dataset):
 
     ``path``: ``.npy`` or ``.safetensors`` holding uint8 ``(N, 3, S, S)``. ``crop``: output side
     (default S; a smaller value takes a random, or with ``random_crop=False`` central, window).
-    Items: float32 ``(3, crop, crop)`` in [0, 1].
+    Items: float32 ``(3, crop, crop)`` in [0, 1]; the key is an index, or ``(index, seed)``.
     """
 
     def __init__(
@@ -318,17 +321,54 @@ class PackedCropsDataset(Dataset):
     def __len__(self) -> int:
         return self.data.shape[0] * self.repeat
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        index, g = _item_key(key, len(self))
         c = self.data[index % self.data.shape[0]]
         room = c.shape[-1] - self.crop
         if room and self.random_crop:
-            y, x = torch.randint(0, room + 1, (2,)).tolist()
+            y, x = torch.randint(0, room + 1, (2,), generator=g).tolist()
         else:
             y = x = room // 2
         t = c[:, y:y + self.crop, x:x + self.crop].float() / 255.0
-        return augment_dihedral(t) if self.augment else t
+        return augment_dihedral(t, g) if self.augment else t
+
+
+class SeededSampler(Sampler):
+    """A shuffled order of ``n`` items, each yielded as ``(index, seed)``: the dataset draws that
+    item's random crop and flips from a generator seeded with ``seed``. Order and seeds come from
+    this sampler's own generator, in the main process, so the batches of a ``DataLoader`` do not
+    depend on its number of workers (with plain indices they did: each worker seeds the global RNG
+    its own way) and two samplers with the same seed give the same items. ``reseed`` restarts the
+    stream (a resumed run); each epoch (``iter``) continues it."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=self.generator).tolist()
+        return iter(zip(order, seeds))
+
+
+def _item_key(key: int | tuple[int, int], n: int) -> tuple[int, torch.Generator | None]:
+    """A dataset key → (index in range, the item's generator or None for the global RNG)."""
+    index, g = key, None
+    if isinstance(key, tuple):
+        if len(key) != 2:
+            raise ValueError(f"expected an index or (index, seed), got {key!r}")
+        index, g = key[0], torch.Generator().manual_seed(int(key[1]))
+    if not -n <= index < n:
+        raise IndexError(f"index {index} out of range for {n} items")
+    return index, g
 
 
 # ----------------------------------------------------------------------------- packing

@@ -9,9 +9,11 @@
   and an optional texture filter evaluated in O(1) per candidate from summed-area tables: like
   PackedFeed no workers (no shared memory), exactly resumable; for folders that fit the device
   (the 41 training photos: 100 Mpx, 0.3 GB, + 1.6 GB of tables with the filter on).
-* :class:`FolderFeed` wraps ``data.ImageFolderDataset`` in a DataLoader (CPU workers);
-  not bit-resumable (worker RNG), good for large folders. A resumed run calls
-  :meth:`FolderFeed.resume_at` so its shuffle and crops are new ones, not the first run's again.
+* :class:`FolderFeed` wraps ``data.ImageFolderDataset`` in a DataLoader (CPU workers), good for
+  large folders; its order and every crop's seed come from a ``data.SeededSampler``, so the
+  batches are the same with any ``--workers``. Not bit-resumable (the stream restarts at the
+  step, it does not continue mid-epoch): a resumed run calls :meth:`FolderFeed.resume_at` so its
+  shuffle and crops are new ones, not the first run's again.
 
 Both return float32 (B, 3, crop, crop) in [0, 1] on the device; LR images are then made on
 the device in batch by ``degradations.degrade`` (see :func:`make_lr`).
@@ -32,6 +34,7 @@ from .data import (
     IMAGE_SUFFIXES,
     LUMA,
     ImageFolderDataset,
+    SeededSampler,
     _pad_to,
     check_small_images,
     check_texture_filter,
@@ -199,53 +202,40 @@ class FolderFeed:
         self.dataset = ImageFolderDataset(root, crop, files=files, repeat=max(1, self.EPOCH_SAMPLES // max(n, 1)),
                                           cache=n <= self.CACHE_MAX_IMAGES, min_texture=min_texture)
         self.seed = seed
-        g = torch.Generator().manual_seed(seed)
-        self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                 generator=g, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        # Order and per-crop seeds from the sampler (seeded per torchrun rank by make_feed): the
+        # same batches with any number of workers, and the global RNG untouched; the loader's own
+        # generator only seeds the workers' RNG (which nothing draws from), not the global RNG.
+        self.sampler = SeededSampler(len(self.dataset), seed)
+        self.loader = DataLoader(self.dataset, batch_size=batch, sampler=self.sampler, num_workers=workers,
+                                 drop_last=True, generator=torch.Generator().manual_seed(seed),
+                                 persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                                  worker_init_fn=ignore_stop_signals if workers > 0 else None)
         self.device, self.batch = device, batch
         self._it = None  # started by the first batch: resume_at() may reseed before
-        # Without workers the dataset's crop positions and flips come from the process's global RNG,
-        # which every torchrun rank seeds alike (for the same initial weights): every rank drew the
-        # same crops and flips. They draw from a stream of this feed's own (seeded per rank by
-        # make_feed) instead, swapped in around each batch; a worker process gets one from the
-        # DataLoader already.
-        self._own_rng = None if workers > 0 else self._own_stream(0)
         log.info("folder feed: %d images in %s, random %d px crops (min texture %g), %d workers",
                  len(self.dataset.files), root, crop, min_texture, workers)
 
     def resume_at(self, step: int) -> None:
-        """Reseed for a run resumed at ``step``: the loader's shuffle and its workers' RNG (seeded
-        from the loader's generator when they start) get a stream of their own, instead of the
-        first run's sequence again. Call before the first batch."""
+        """Reseed for a run resumed at ``step``: the order and the crops get a stream of their
+        own, instead of the first run's sequence again. Call before the first batch."""
         if self._it is not None:
             raise RuntimeError("FolderFeed.resume_at must be called before the first batch")
+        self.sampler.reseed(self.seed + 1_000_003 * step)
         self.loader.generator.manual_seed(self.seed + 1_000_003 * step)
-        if self._own_rng is not None:
-            self._own_rng = self._own_stream(step)
-
-    def _own_stream(self, step: int) -> torch.Tensor:
-        """The RNG state without workers for a run (resumed) at ``step``."""
-        return torch.Generator().manual_seed(self.seed + 104_729 + 1_000_003 * step).get_state()
 
     def next(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if batch != self.batch:
             raise ValueError(f"FolderFeed was built for batch {self.batch}, asked for {batch}")
         if self._it is None:
             self._it = iter(self.loader)
-        with torch.random.fork_rng(devices=[], enabled=self._own_rng is not None):
-            if self._own_rng is not None:
-                torch.set_rng_state(self._own_rng)
+        try:
             try:
-                try:
-                    x = next(self._it)
-                except StopIteration:
-                    self._it = iter(self.loader)
-                    x = next(self._it)
-            except (OSError, ValueError) as e:  # an image the workers could not read: its own message, not theirs
-                raise type(e)(worker_message(str(e))) from None
-            if self._own_rng is not None:
-                self._own_rng = torch.get_rng_state()
+                x = next(self._it)
+            except StopIteration:
+                self._it = iter(self.loader)
+                x = next(self._it)
+        except (OSError, ValueError) as e:  # an image the workers could not read: its own message, not theirs
+            raise type(e)(worker_message(str(e))) from None
         return x.to(self.device, non_blocking=True)
 
 
