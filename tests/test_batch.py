@@ -276,3 +276,38 @@ def test_a_planted_part_link_is_never_written_through(tmp_path, tiny_model_file)
         with pytest.raises(OSError, match="is a symbolic link; outputs are not written through links"):
             write()
     assert victim.read_text() == "precious"
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="O_NOFOLLOW is POSIX (Windows links need privileges)")
+def test_results_logs_and_exported_weights_are_not_written_through_a_planted_link(tmp_path):
+    """eval's results and contact sheet, training logs, packed crops and safetensors exports go
+    through the same no-follow open as the images: a link planted at the name is refused."""
+    from upsr_core.checkpoint import write_safetensors
+    from upsr_core.evaluate import contact_sheet
+    from upsr_core.imageio import write_text
+    from upsr_core.train.data import pack_crops
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(photos / "a.png")
+    for name, write in [
+        ("results.json", lambda p: write_text(p, "{}")),
+        ("w.safetensors", lambda p: write_safetensors({"a": torch.zeros(2)}, p)),
+        ("crops.npy", lambda p: pack_crops(photos, p, crop=16, per_image=1)),
+        ("sheet.png", lambda p: contact_sheet([{"images": {"lr": torch.zeros(1, 3, 8, 8),
+                                                           "bicubic": torch.zeros(1, 3, 32, 32)}, "metrics": {}}],
+                                              ["bicubic"], p)),
+    ]:
+        link = tmp_path / name
+        link.symlink_to(victim)
+        with pytest.raises(OSError, match="is a symbolic link; outputs are not written through links"):
+            write(link)
+        assert victim.read_text() == "precious"
+    plain = tmp_path / "plain.safetensors"
+    write_safetensors({"a": torch.arange(3.0)}, plain, {"k": "v"})
+    from safetensors import safe_open
+
+    with safe_open(str(plain), framework="pt") as f:
+        assert f.metadata() == {"k": "v"} and torch.equal(f.get_tensor("a"), torch.arange(3.0))

@@ -54,6 +54,7 @@ from .cliargs import float_range, int_list, int_min, writable_file
 from .config import FULL_ATD, FULL_DENOISER
 from .errors import NonFiniteOutputError
 from .fast import enable_fast
+from .imageio import write_text
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
 from .pipeline import padded_size, starting_noise
@@ -283,7 +284,7 @@ class Table:
 
     def _write(self) -> None:
         if self.path:
-            Path(self.path).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+            write_text(self.path, json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
 
     def comment(self, text: str, row: dict | None = None) -> None:
         """A ``# text`` line in the table (and ``row`` in the JSON)."""

@@ -22,10 +22,11 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .config import ATDConfig, DenoiserConfig, atd_config_from_state_dict, denoiser_config_from_state_dict
 from .errors import UnsupportedCheckpointError, describe_state_dict
+from .imageio import open_for_writing
 from .nets import ATD, UPSRDenoiser
 
 __all__ = [
@@ -317,9 +318,10 @@ def save_converted(
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, then the mode an ordinary new file gets (0666 less the
-    umask): save_file creates files 0600, unreadable by another account (a ComfyUI service)."""
-    save_file(tensors, str(path), metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    """A safetensors file at ``path`` with the mode an ordinary new file gets (0666 less the umask;
+    ``save_file`` creates files 0600, unreadable by another account such as a ComfyUI service),
+    written through :func:`imageio.open_for_writing`: a symbolic link at ``path`` is refused, not
+    followed. The file is serialised in memory first (its size again, transiently)."""
+    data = safetensors_bytes(tensors, metadata=metadata)
+    with open_for_writing(path) as f:
+        f.write(data)

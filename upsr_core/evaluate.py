@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
-from .imageio import IMAGE_SUFFIXES, is_hidden, luma, read_image
+from .imageio import IMAGE_SUFFIXES, is_hidden, luma, open_for_writing, read_image, write_text
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
@@ -414,7 +414,8 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
                 left, top, right, bottom = draw.textbbox(xy, label)
                 draw.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=(0, 0, 0))
                 draw.text(xy, label, fill=(255, 255, 255))
-    sheet.save(path)
+    with open_for_writing(path) as f:
+        sheet.save(f, format="PNG")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -478,13 +479,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
             "b_u_psi_max": grid,
             "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}"}
-    (out / "results.json").write_text(json.dumps({"info": info, "mean": means,
-                                                  "per_image": [{k: v for k, v in r.items() if k != "images"}
-                                                                for r in rows]}, indent=1) + "\n", encoding="utf-8")
+    write_text(out / "results.json", json.dumps({"info": info, "mean": means,
+                                                 "per_image": [{k: v for k, v in r.items() if k != "images"}
+                                                               for r in rows]}, indent=1) + "\n")
     what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
     if stopped is not None:
         what = f"PARTIAL: the first {len(rows)} of {what} (interrupted)"
-    (out / "results.md").write_text(f"{what}, model {model_path}\n\n{md}\n", encoding="utf-8")
+    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n")
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)

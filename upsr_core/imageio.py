@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
-           "open_for_writing"]
+           "open_for_writing", "write_text"]
 
 log = logging.getLogger("upsr_core")
 
@@ -249,6 +249,13 @@ def open_for_writing(path: str | os.PathLike):
             raise OSError(e.errno, f"{os.fspath(path)!r} is a symbolic link; outputs are not written through "
                                    "links: write to the file it points at, or remove the link") from None
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`open_for_writing` (a link at ``path`` is
+    refused, not followed): the JSON and Markdown results, logs and records written beside images."""
+    with open_for_writing(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def luma(rgb: torch.Tensor, dim: int = -3) -> torch.Tensor:

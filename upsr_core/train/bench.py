@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cliargs import int_min, writable_file
+from ..imageio import write_text
 from .denoiser import DenoiserTask, build_denoiser_net
 from .estimator import build_estimator_net
 from .loop import COMPILE_MODES, LoopConfig, Trainer
@@ -137,6 +138,5 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     line = json.dumps(res)
     log.info("%s", line)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+        write_text(args.json, line + "\n")
     return 0

@@ -42,6 +42,7 @@ from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, off_or, writab
 from ..config import METADATA_CONFIG_ERRORS, ATDConfig, DenoiserConfig
 from ..cpu_memory import for_cpu_run
 from ..errors import UnsupportedCheckpointError
+from ..imageio import write_text
 from ..nets import ATD
 from ..nets.attention import WindowAttention
 from .degradations import KERNEL_SIZES, RealESRGANDegradation
@@ -540,7 +541,7 @@ def _write_outputs(args, trainer: Trainer, net, record: dict, out: Path) -> None
                 "estimator_training": _estimator_training(est_meta)}
         save_converted(args.export, ema_net, est, dtype=args.export_dtype, extra_metadata=meta)
         log.info("exported %s", args.export)
-    (out / f"{args.stage}_log.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_text(out / f"{args.stage}_log.json", json.dumps(record, indent=1) + "\n")
     log.info("%s done: %s", args.stage, json.dumps(record["summary"]))
 
 

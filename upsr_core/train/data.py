@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from ..imageio import _colour_16bit, image_formats, is_hidden, pixel_limit
+from ..imageio import _colour_16bit, image_formats, is_hidden, open_for_writing, pixel_limit, write_text
 
 __all__ = [
     "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "SeededSampler", "augment_dihedral", "list_images",
@@ -479,14 +479,15 @@ def pack_crops(
     data = np.ascontiguousarray(np.stack(crops))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".npy":
-        np.save(out_path, data)
+        with open_for_writing(out_path) as f:
+            np.save(f, data)
     else:
         from ..checkpoint import write_safetensors
 
         write_safetensors({"crops": torch.from_numpy(data)}, out_path)
     info = {"format": "upsr-packed-crops-1", "count": len(items), "crop": crop, "per_image": per_image, "seed": seed,
                 "prescale": prescale, "min_texture": min_texture, "small": small, "items": items}
-    out_path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    write_text(out_path.with_suffix(".json"), json.dumps(info, indent=1) + "\n")
     return info
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..imageio import open_for_writing
+from ..imageio import open_for_writing, write_text
 from ..model import check_device
 from .ema import EMA
 
@@ -511,7 +511,7 @@ class Trainer:
 
     def write_history(self, path: str | os.PathLike) -> None:
         if self.di.main:
-            Path(path).write_text(json.dumps(self.history, indent=0) + "\n", encoding="utf-8")
+            write_text(path, json.dumps(self.history, indent=0) + "\n")
 
 
 class _nullcontext:
