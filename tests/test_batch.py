@@ -311,3 +311,24 @@ def test_results_logs_and_exported_weights_are_not_written_through_a_planted_lin
 
     with safe_open(str(plain), framework="pt") as f:
         assert f.metadata() == {"k": "v"} and torch.equal(f.get_tensor("a"), torch.arange(3.0))
+
+
+def test_outputs_differing_only_in_case_are_refused_where_case_is_ignored(tmp_path, monkeypatch):
+    """A.jpg and a.png write A.png and a.png: one file on macOS/Windows (the second overwrote the
+    first, or was skipped as done). The probe of the output folder decides: this Linux file
+    system keeps case, so both are planned; a case-insensitive one (emulated) refuses."""
+    import upsr_core.batch as batch
+    from upsr_core.batch import collect_inputs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (8, 8)).save(src / "A.jpg")
+    Image.new("RGB", (8, 8)).save(src / "a.png")
+    found = collect_inputs([str(src)])
+    out = tmp_path / "out"
+    assert not batch._case_insensitive(out)  # this VM's file system keeps case (the probe is removed)
+    assert [p.name for p in batch.plan_outputs(found, str(out), False)] == ["A.png", "a.png"]
+    assert not out.exists() and os.listdir(tmp_path) == ["in"]
+    monkeypatch.setattr(batch, "_case_insensitive", lambda folder: True)
+    with pytest.raises(ValueError, match=r"would write .*A\.png' and .*a\.png', one file on this case-insensitive"):
+        batch.plan_outputs(found, str(out), False)

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -110,7 +111,41 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
             raise ValueError(f"inputs {str(seen[key])!r} and {str(src)!r} would both write {str(dst)!r}; "
                              "upscale them into different folders")
         seen[key] = src
+    _refuse_case_collisions(seen, output)
     return outs
+
+
+def _refuse_case_collisions(seen: dict[Path, Path], output: str) -> None:
+    """Two outputs whose names differ only in case (inputs ``A.jpg`` and ``a.png``) are one file
+    on a case-insensitive file system (macOS, Windows): the second would overwrite the first, or
+    be skipped as already done. Refused there (a probe file in the output folder tells); kept
+    where case matters (Linux)."""
+    by_fold: dict[str, Path] = {}
+    for dst in seen:
+        other = by_fold.setdefault(str(dst).casefold(), dst)
+        if other != dst and _case_insensitive(dst.parent):
+            raise ValueError(f"inputs {str(seen[other])!r} and {str(seen[dst])!r} would write {str(other)!r} and "
+                             f"{str(dst)!r}, one file on this case-insensitive file system (-o {output!r}); "
+                             "rename one input or upscale them into different folders")
+
+
+def _case_insensitive(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` (or its nearest existing parent) ignores case:
+    a probe file with a lower-case name is created there and looked up in upper case. A folder
+    where no probe can be written counts as insensitive (the caller then refuses, which is safe)."""
+    where = folder.resolve()
+    while not where.is_dir() and where != where.parent:
+        where = where.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix="upsr-case-probe-", dir=where)
+    except OSError:
+        return True
+    os.close(fd)
+    try:
+        upper = os.path.join(os.path.dirname(probe), os.path.basename(probe).upper())
+        return os.path.exists(upper)
+    finally:
+        os.unlink(probe)
 
 
 def _shard(n: int) -> range:
