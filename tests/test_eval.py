@@ -47,6 +47,18 @@ def test_ssim_identical_is_one_and_drops_with_noise():
         ssim(a, a[..., :16])
 
 
+def test_metrics_run_in_float64_where_the_images_are_except_on_mps():
+    """float64 on the images' device (CUDA, CPU); MPS has no float64 (`.double()` raises there),
+    so MPS images are measured on the CPU (no Mac here: the device choice is what is tested)."""
+    from upsr_core.metrics import float64_device
+
+    assert float64_device(torch.device("mps")) == torch.device("cpu")
+    assert float64_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert float64_device(torch.device("cpu")) == torch.device("cpu")
+    a = torch.rand(1, 3, 16, 16)
+    assert psnr(a, a.clamp(0.1, 0.9)).dtype == torch.float64
+
+
 def test_rgb_to_y_range_and_quantise():
     assert float(rgb_to_y(torch.ones(1, 3, 1, 1))) * 255 == pytest.approx(235.0, abs=1e-3)
     assert float(rgb_to_y(torch.zeros(1, 3, 1, 1))) * 255 == pytest.approx(16.0)

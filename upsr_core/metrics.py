@@ -2,7 +2,8 @@
 
 All functions take float tensors (B, C, H, W) or (C, H, W) with finite values in [0, 1]
 (± 0.05: raw network outputs overshoot a little; anything else is refused) and
-compute on the 0-255 scale in float64, as BasicSR/MATLAB do. Quantise first (``to_uint8_levels``)
+compute on the 0-255 scale in float64, as BasicSR/MATLAB do (on the images' device; MPS has no
+float64, so MPS images are measured on the CPU and the result is a CPU tensor). Quantise first (``to_uint8_levels``)
 to measure what a saved 8-bit PNG would give. ``crop_border`` pixels are dropped on each side.
 
 * PSNR = 10·log10(255² / MSE) per image; ``inf`` for identical images.
@@ -27,7 +28,13 @@ def _batch(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected a (B, C, H, W) or (C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     check_unit_range(x, name)
-    return (x if x.ndim == 4 else x.unsqueeze(0)).double()
+    return (x if x.ndim == 4 else x.unsqueeze(0)).to(float64_device(x.device), torch.float64)
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where a float64 measurement of tensors on ``device`` runs: there, or the CPU for MPS (which
+    has no float64: ``.double()`` on an MPS tensor raises)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor, crop_border: int, y_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
