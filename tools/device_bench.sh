@@ -15,7 +15,7 @@
 # 2026-11-27: --variants nchw,nhwc-norm,triton-norm,no-graphs and compiled LR 64/256, bf16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/upsr_bench}
+OUT=${OUT:-$PWD/out}
 PY=${PY:-python}
 BUDGET=${BUDGET:-140}
 LIMIT=${LIMIT:-170}
@@ -80,11 +80,13 @@ fi
 TRAIN_LIMIT=${TRAIN_LIMIT:-360}   # ~25 s each eager; compile: still compiling after ~130 s on an H100 (last, so the eager rows land first)
 TRAIN_RUNS=${TRAIN_RUNS:-"--channels-last --triton-norm off|--channels-last|--channels-last --compile --compile-mode reduce-overhead"}
 if [ "$DEV" = cuda ] && [ "$TRAIN_LIMIT" -gt 0 ]; then
+  TB_JSON=$(mktemp "${TMPDIR:-/tmp}/upsr_tb.XXXXXX.json")   # a fresh file of ours, not a fixed /tmp name
   timeout -k 10 "$TRAIN_LIMIT" bash -c '
     IFS="|" read -r -a runs <<< "$2"
     for flags in "${runs[@]}"; do
-      "$0" -m upsr_core train bench --config full --batch 16 $flags --json /tmp/upsr_tb.json && cat /tmp/upsr_tb.json >> "$1/train_bench.jsonl"
-    done' "$PY" "$OUT" "$TRAIN_RUNS" > "$OUT/train_bench.txt" 2>&1
+      "$0" -m upsr_core train bench --config full --batch 16 $flags --json "$3" && cat "$3" >> "$1/train_bench.jsonl"
+    done' "$PY" "$OUT" "$TRAIN_RUNS" "$TB_JSON" > "$OUT/train_bench.txt" 2>&1
   echo "train bench exit code $? (124 = killed at TRAIN_LIMIT=${TRAIN_LIMIT}s; finished lines are kept)" | tee -a "$OUT/train_bench.txt"
+  rm -f "$TB_JSON"
 fi
 exit "$rc"

@@ -98,7 +98,8 @@ if [[ "${1:-}" == "--prepare" ]]; then   # dev-machine check of what must be car
 fi
 
 OUT=${OUT:-$PWD/out}
-RUN=${RUN_DIR:-/tmp/upsr_demo_run}   # checkpoints (optimiser state) and the whole export stay off $OUT
+RUN=${RUN_DIR:-$PWD/.devrun/demo_run}   # checkpoints (optimiser state) and the whole export stay off $OUT; in the
+# repository (ignored), not a fixed /tmp name another account could have made first
 mkdir -p "$OUT" "$RUN"
 exec > >(tee -a "$OUT/train.log") 2>&1
 T0=$(date +%s)
