@@ -371,3 +371,27 @@ def test_a_state_dict_with_module_x_and_x_is_refused():
     with pytest.raises(UnsupportedCheckpointError, match="holds both 'module.w' and 'w'"):
         canonicalize_state_dict(sd)
     assert list(canonicalize_state_dict({"module.w": torch.zeros(2), "b": torch.ones(2)})) == ["w", "b"]
+
+
+def test_an_oversized_safetensors_header_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """A header of many empty tensors (300 000 of them: 790 MB and 3.4 s inside safetensors)
+    is refused by its length, read from the first 8 bytes; real files stay far below the bound
+    (the demo file's header is 96 KB, the official nets' ~0.2 MB)."""
+    import upsr_core.checkpoint as ck
+    from upsr_core.train.data import read_packed
+
+    with open(cli.default_model_path(), "rb") as f:
+        demo = int.from_bytes(f.read(8), "little")
+    assert 50_000 < demo < ck.MAX_SAFETENSORS_HEADER // 50
+    path = tmp_path / "bomb.safetensors"
+    save_file({f"t{i}": torch.zeros(0) for i in range(2000)}, str(path))
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    monkeypatch.setattr(ck, "MAX_SAFETENSORS_HEADER", n - 1)  # the same check, at this file's size
+    with pytest.raises(UnsupportedCheckpointError, match=rf"bomb.safetensors: its safetensors header is {n} bytes, "
+                                                         rf"more than the {n - 1} read here"):
+        read_checkpoint(path)
+    with pytest.raises(UnsupportedCheckpointError, match="its safetensors header is"):
+        read_packed(path)
+    monkeypatch.setattr(ck, "MAX_SAFETENSORS_HEADER", n)
+    with pytest.raises(ValueError, match="holds no 'crops' tensor"):  # at the bound: parsed, then checked
+        read_packed(path)

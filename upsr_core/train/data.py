@@ -380,6 +380,9 @@ def read_packed(path: str | Path) -> torch.Tensor:
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from ..checkpoint import check_safetensors_header
+
+        check_safetensors_header(path)
         tensors = load_file(str(path))
         if "crops" not in tensors:
             raise ValueError(f"{str(path)!r} holds no 'crops' tensor (it holds {sorted(tensors)[:5]}): expected a "
