@@ -153,7 +153,7 @@ def test_eval_crops_an_hr_up_to_3_px_larger_than_x4_as_basicsr(tiny_pairs, monke
     import logging
 
     root, model = tiny_pairs
-    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
     hr = np.asarray(Image.open(root / "hr" / "img0.png"))
     wide = np.pad(hr, ((0, 3), (0, 1), (0, 0)), mode="reflect")
     (root / "hr_big").mkdir()
@@ -227,7 +227,8 @@ def test_gray_pairs_are_scored_as_the_grayscale_png_upscale_writes(tiny_pairs, t
 
 def test_eval_cli_tiny(tiny_pairs, monkeypatch):
     root, model = tiny_pairs
-    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))  # NIQE skipped with a warning
+    monkeypatch.delenv("UPSR_NIQE_PARAMS", raising=False)  # no file anywhere: NIQE skipped with a warning
+    monkeypatch.setattr("upsr_core.niqe.find_niqe_params", lambda: None)
     out = root / "ev"
     rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
                "--device", "cpu", "--sheet", "1", "--limit", "1"])
@@ -244,7 +245,7 @@ def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):
     """--b-u/--psi-max lists: one upsr row per pair, the official pair still named 'upsr'; b_u = 1 is
     w ≡ 1 whatever ψ_max, so its row equals upsr_w1 exactly (same ε)."""
     root, model = tiny_pairs
-    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
     out = root / "sweep"
     rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
                "--device", "cpu", "--sheet", "1", "--method", "upsr_w1,upsr", "--b-u", "0.4,1", "--psi-max",
@@ -343,10 +344,18 @@ def test_eval_without_hr_refuses_what_it_cannot_measure(tiny_pairs, tmp_path, mo
     base = ["eval", "--lr", str(root / "lr"), "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "o")]
     assert main([*base, "--niqe-params", "off"]) == 2
     assert "with --niqe-params off measures nothing" in capsys.readouterr().err
-    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(tmp_path / "none.npz"))
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    assert main(base) == 2
+    assert "with $UPSR_NIQE_PARAMS off measures nothing" in capsys.readouterr().err
+    monkeypatch.delenv("UPSR_NIQE_PARAMS")
+    monkeypatch.setattr("upsr_core.niqe.find_niqe_params", lambda: None)
     assert main(base) == 2
     assert "a no-reference run (no --hr) needs NIQE or --pyiqa metrics, and NIQE is unavailable" in \
         capsys.readouterr().err
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(tmp_path / "none.npz"))  # a file named is not optional
+    assert main([*base, "--hr", str(root / "hr")]) == 2
+    assert "$UPSR_NIQE_PARAMS '" in (err := capsys.readouterr().err) and "none.npz'" in err
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
 
     class FakeMetric:
         def __init__(self, mode):
@@ -452,7 +461,7 @@ def test_eval_fast_path_is_recorded_and_scores_as_the_reference(tiny_pairs, monk
     the faithful run (8-bit rounding of outputs that differ by ~1e-6 flips a few levels), and
     results.json says which path and precision scored."""
     root, model = tiny_pairs
-    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
     res = {}
     for name, extra in (("ref", []), ("fast", ["--fast"])):
         out = root / name
@@ -472,7 +481,7 @@ def test_an_interrupted_eval_writes_the_images_it_finished(tiny_pairs, monkeypat
     import upsr_core.evaluate as ev
 
     root, model = tiny_pairs
-    monkeypatch.setenv("UPSR_NIQE_PARAMS", str(root / "none.npz"))
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
     real, calls = ev.run_methods, []
 
     def second_interrupts(*a, **k):

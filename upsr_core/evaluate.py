@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -76,7 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-border", type=int_min(0), default=0,
                    help="pixels dropped at each side before PSNR, SSIM and NIQE (BasicSR's crop_border)")
     p.add_argument("--niqe-params", default=None,
-                   help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS or iqa), or 'off' to skip NIQE "
+                   help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS, else the iqa-torch package's; "
+                        "a file named either way must exist), or 'off' (also as $UPSR_NIQE_PARAMS) to skip NIQE "
                         "(it runs on the CPU, ~1 s per image and method)")
     p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
     p.add_argument("--sheet", type=int_min(0), default=6, help="images on the contact sheet (0: none)")
@@ -436,18 +438,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     pairs = (pair_files(args.hr, args.lr, ids) if args.hr is not None else lr_files(args.lr, ids))[: args.limit]
     pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
     no_ref = args.hr is None
-    if no_ref and args.niqe_params == "off" and not pyiqa_names:
-        raise ValueError("a no-reference run (no --hr) with --niqe-params off measures nothing: "
-                         "give --pyiqa clipiqa,musiq,maniqa or NIQE")
     params = None
-    if args.niqe_params == "off":
-        log.info("NIQE off (--niqe-params off)")
+    # --niqe-params, else $UPSR_NIQE_PARAMS: a file either names is not optional; "off" in either skips NIQE
+    named, choice = (("--niqe-params", args.niqe_params) if args.niqe_params is not None
+                     else ("$UPSR_NIQE_PARAMS", os.environ.get("UPSR_NIQE_PARAMS") or None))
+    if no_ref and choice == "off" and not pyiqa_names:
+        raise ValueError(f"a no-reference run (no --hr) with {named} off measures nothing: "
+                         "give --pyiqa clipiqa,musiq,maniqa or NIQE")
+    if choice == "off":
+        log.info("NIQE off (%s off)", named)
     else:
         try:
-            params = load_niqe_params(args.niqe_params)
+            params = load_niqe_params(choice)
         except NIQEUnavailable as e:
-            if args.niqe_params is not None:  # a file named on the command line is not optional
-                raise ValueError(f"--niqe-params {args.niqe_params!r}: {e}") from None
+            if choice is not None:
+                raise ValueError(f"{named} {choice!r}: {e}") from None
             if no_ref and not pyiqa_names:  # NIQE is all a no-reference run would measure
                 raise ValueError(f"a no-reference run (no --hr) needs NIQE or --pyiqa metrics, and NIQE is "
                                  f"unavailable: {e}") from None

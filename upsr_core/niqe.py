@@ -49,8 +49,11 @@ class NIQEParams:
 
 
 def find_niqe_params() -> Path | None:
-    """Path of niqe_pris_params.npz from $UPSR_NIQE_PARAMS or an installed ``iqa`` package, else None."""
+    """Path of niqe_pris_params.npz from $UPSR_NIQE_PARAMS or an installed ``iqa`` package, else None
+    (also for ``UPSR_NIQE_PARAMS=off``)."""
     env = os.environ.get("UPSR_NIQE_PARAMS")
+    if env == "off":
+        return None
     if env:
         return Path(env)
     spec = importlib.util.find_spec("iqa")
