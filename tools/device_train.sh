@@ -13,7 +13,9 @@
 # estimator (L1) from random weights for $STAGE1_MIN (2.5) minutes, stage 2 the denoiser with
 # the frozen stage-1 estimator for $STAGE2_MIN (4) minutes (uncertainty-weighted noise, MSE),
 # on the 164 packed crops in $PACK; exports upsr_demo_x4.safetensors (fp32). Carry
-# [".devcarry/train_pack", ".devcarry/niqe"] (34 MiB).
+# [".devcarry/train_pack", ".devcarry/niqe"] (34 MiB). The crops, once (4 per A_train photo):
+#     python -m upsr_core.train.data --photos photos --group A_train --crop 256 --per-image 4 \
+#         --min-texture 3 --out .devcarry/train_pack/A_train_256.npy
 #
 # MODE=finetune: both stages start from the bundled demo's nets ($INIT, train --init; the net
 # config comes from that file) with a fresh AdamW, warm-up $WARMUP steps, cosine from a lower
@@ -82,7 +84,9 @@ if [[ "${1:-}" == "--prepare" ]]; then   # dev-machine check of what must be car
     if [[ -f "$NIQE_NPZ" ]]; then CARRY+=("$(dirname "$NIQE_NPZ")")
     else echo "note: $NIQE_NPZ missing: the device eval will skip NIQE"; fi
     if [[ "$MODE" == scratch ]]; then
-        ls "$PACK"/*.npy >/dev/null
+        ls "$PACK"/*.npy >/dev/null 2>&1 || { echo "error: no packed crops (.npy) in $PACK: make them once with"
+            echo "  python -m upsr_core.train.data --photos photos --group A_train --crop 256 --per-image 4 \\"
+            echo "      --min-texture 3 --out $PACK/A_train_256.npy"; exit 2; }
     else
         [[ -f "$INIT" ]] || { echo "error: --init file $INIT not found"; exit 2; }
         n=$(find "$PHOTOS" -maxdepth 1 -iname '*.jpg' | wc -l)
