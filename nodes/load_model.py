@@ -39,7 +39,7 @@ def auto_precision(device: torch.device) -> torch.dtype:
 def run_device() -> torch.device:
     """Where ComfyUI will run the nets: its device, except under ``--novram``, where it moves
     only comfy.ops layers to the GPU and leaves all of ours on the CPU (so precision auto,
-    chosen for the GPU, would pick fp16 for a CPU run, about 190× slower than fp32)."""
+    chosen for the GPU, would pick fp16 for a CPU run, about 130× slower than fp32)."""
     device = mm.get_torch_device()
     if device.type != "cpu" and mm.vram_state == mm.VRAMState.NO_VRAM:
         log.warning("UPSR: ComfyUI runs with --novram, which keeps these nets on the CPU: running on the CPU")
@@ -147,7 +147,7 @@ class LoadUPSRModel(io.ComfyNode):
                                        "else bf16, else fp32 (the CPU). fp32 gives what the upsr_core CLI gives "
                                        "by default. A NaN result (an fp16 overflow) stops with an error: pick "
                                        "fp32 or bf16 then. The estimator never runs in fp16. On the CPU, fp16 is "
-                                       "~190× slower than fp32 (no fast kernels): keep auto there."),
+                                       "~130× slower than fp32 (no fast kernels): keep auto there."),
                 io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
                                tooltip="fast: fused attention with precomputed masks and the sampling loop on the "
                                        "device; equal to reference up to float rounding (what `python -m upsr_core "

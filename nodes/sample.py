@@ -180,12 +180,23 @@ def check_maps(image: torch.Tensor, **maps: torch.Tensor) -> None:
             elif (mh, mw) == (h, w):
                 hint = (": it has the LR image's size; connect UPSR Estimate Uncertainty's sr_estimate output "
                         "(made from this same LR image)")
+            elif name == "noise_weight" and _fits(maps.get("sr_estimate"), h, w):
+                # the estimate fits this LR image, so the weight is what is off: a mask of another size
+                hint = (": sr_estimate fits the LR image, so the map or mask going into UPSR Weight Noise is "
+                        f"the one to fix: make it {SCALE * w}×{SCALE * h} px")
+            elif name == "sr_estimate" and _fits(maps.get("noise_weight"), h, w):
+                hint = ": connect the sr_estimate that UPSR Estimate Uncertainty made from this same LR image"
             else:
                 hint = ": give UPSR Sample the same LR image that went into UPSR Estimate Uncertainty"
             raise ValueError(f"{name} is {mw}×{mh} px; expected ×{SCALE} of the LR image ({w}×{h} px), "
                              f"i.e. {SCALE * w}×{SCALE * h} px{hint}")
         if mb not in (1, b):
             raise ValueError(f"{name} is a batch of {mb}; expected 1 (for every image) or {b} (one per LR image)")
+
+
+def _fits(t: torch.Tensor | None, h: int, w: int) -> bool:
+    """``t`` is an IMAGE at ×SCALE of an LR image of h×w."""
+    return t is not None and tuple(t.shape[1:3]) == (SCALE * h, SCALE * w)
 
 
 class UPSRSample(io.ComfyNode):

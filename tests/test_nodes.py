@@ -549,10 +549,15 @@ def test_bad_input_gives_clear_errors(pack, handle):
 
     # sizes as the artist sees them (width×height), naming the input
     with pytest.raises(ValueError, match=r"^noise_weight is 64×64 px; expected ×4 of the LR image \(16×12 px\), "
-                                         r"i\.e\. 64×48 px: give UPSR Sample the same LR image"):
-        sample(noise_weight=w_other)
-    with pytest.raises(ValueError, match=r"^sr_estimate is 64×64 px; expected"):
+                                         r"i\.e\. 64×48 px: sr_estimate fits the LR image, so the map or mask going "
+                                         r"into UPSR Weight Noise is the one to fix: make it 64×48 px$"):
+        sample(noise_weight=w_other)  # e.g. a Solid Mask of another size painted into Weight Noise (artist probe)
+    with pytest.raises(ValueError, match=r"^sr_estimate is 64×64 px; expected .*: connect the sr_estimate that UPSR "
+                                         r"Estimate Uncertainty made from this same LR image$"):
         sample(sr_estimate=est_other[0])
+    with pytest.raises(ValueError, match=r"^sr_estimate is 64×64 px; .*: give UPSR Sample the same LR image that "
+                                         r"went into UPSR Estimate Uncertainty$"):
+        sample(sr_estimate=est_other[0], noise_weight=w_other)  # both maps from another image: the LR is off
     with pytest.raises(ValueError, match=r"sr_estimate is 16×12 px; .*: it has the LR image's size; connect UPSR "
                                          r"Estimate Uncertainty's sr_estimate output"):
         sample(sr_estimate=img)  # wrong wiring: the LR into sr_estimate
