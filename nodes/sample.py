@@ -171,7 +171,7 @@ def check_maps(image: torch.Tensor, **maps: torch.Tensor) -> None:
     upscaled_image = all(tuple(t.shape[1:3]) == (h, w) for t in maps.values())
     for name, t in maps.items():
         mb, mh, mw = t.shape[:3]
-        if (mh, mw) != (SCALE * h, SCALE * w):
+        if not _fits(t, h, w):
             if upscaled_image:
                 hint = (": the 'image' input has the maps' size, so it looks already upscaled; connect the LR "
                         "image that went into UPSR Estimate Uncertainty")

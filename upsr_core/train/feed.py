@@ -203,8 +203,8 @@ class FolderFeed:
                                           cache=n <= self.CACHE_MAX_IMAGES, min_texture=min_texture)
         self.seed = seed
         # Order and per-crop seeds from the sampler (seeded per torchrun rank by make_feed): the
-        # same batches with any number of workers, and the global RNG untouched; the loader's own
-        # generator only seeds the workers' RNG (which nothing draws from), not the global RNG.
+        # same batches with any number of workers. The loader's generator is there only so that the
+        # workers' base seed (which nothing draws from) is not taken from the global RNG.
         self.sampler = SeededSampler(len(self.dataset), seed)
         self.loader = DataLoader(self.dataset, batch_size=batch, sampler=self.sampler, num_workers=workers,
                                  drop_last=True, generator=torch.Generator().manual_seed(seed),
@@ -221,7 +221,6 @@ class FolderFeed:
         if self._it is not None:
             raise RuntimeError("FolderFeed.resume_at must be called before the first batch")
         self.sampler.reseed(self.seed + 1_000_003 * step)
-        self.loader.generator.manual_seed(self.seed + 1_000_003 * step)
 
     def next(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         if batch != self.batch:
