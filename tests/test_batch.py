@@ -313,6 +313,47 @@ def test_results_logs_and_exported_weights_are_not_written_through_a_planted_lin
         assert f.metadata() == {"k": "v"} and torch.equal(f.get_tensor("a"), torch.arange(3.0))
 
 
+def test_a_failed_write_leaves_the_file_that_was_there_and_no_part(tmp_path, monkeypatch):
+    """Model files, checkpoints, packed crops and results are written all or nothing (error audit
+    2026-11-28: a full disk during `convert` left a truncated .safetensors, in place over its own
+    input; training left a torn estimator.safetensors and an empty .npy). The full disk is the
+    fsync's ENOSPC, raised where the real write path raises it; the message names the file."""
+    import errno
+
+    from upsr_core.checkpoint import write_safetensors
+    from upsr_core.imageio import write_atomically, write_text
+
+    target = tmp_path / "w.safetensors"
+    write_safetensors({"a": torch.arange(3.0)}, target)
+    before = target.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("upsr_core.imageio.os.fsync", full)
+    with pytest.raises(OSError, match=f"cannot write {str(target)!r}: No space left on device"):
+        write_safetensors({"a": torch.zeros(1000)}, target)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_text(tmp_path / "results.json", "{}")
+    monkeypatch.undo()
+    with pytest.raises(KeyboardInterrupt), write_atomically(target) as f:  # Ctrl-C half-way
+        f.write(b"half")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    (tmp_path / "w.safetensors.part").write_bytes(b"stale")  # from a power loss: replaced, not appended to
+    write_safetensors({"a": torch.ones(2)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny_model_file, capsys):
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(Path(tiny_model_file).read_bytes())
+    assert main(["convert", "--model", str(src), "-o", str(src), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert f"-o {str(src)!r} is the --model file itself: write the converted file under another name" in err
+    assert src.read_bytes() == Path(tiny_model_file).read_bytes()
+
+
 def test_outputs_differing_only_in_case_are_refused_where_case_is_ignored(tmp_path, monkeypatch):
     """A.jpg and a.png write A.png and a.png: one file on macOS/Windows (the second overwrote the
     first, or was skipped as done). The probe of the output folder decides: this Linux file

@@ -257,16 +257,16 @@ def test_a_bf16_checkpoint_resumes_under_fp16(tmp_path):
 
 
 def test_a_planted_checkpoint_tmp_link_is_not_written_through(tmp_path):
-    """a.ckpt.tmp -> victim in a shared run folder: the checkpoint overwrote the victim (security
-    review 2026-11-28); the link is removed and the write does not follow links."""
+    """a.ckpt.part -> victim in a shared run folder: the checkpoint overwrote the victim (security
+    review 2026-11-28, then named .tmp); the link is removed and the write does not follow links."""
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (tmp_path / "a.ckpt.tmp").symlink_to(victim)
+    (tmp_path / "a.ckpt.part").symlink_to(victim)
     a = Trainer(_ScaledTask(), LoopConfig(steps=1, batch=1, amp="off", progress=False,
                                           checkpoint=str(tmp_path / "a.ckpt")))
     a.fit()
     assert victim.read_text() == "precious" and (tmp_path / "a.ckpt").is_file()
-    assert not (tmp_path / "a.ckpt").is_symlink() and not (tmp_path / "a.ckpt.tmp").exists()
+    assert not (tmp_path / "a.ckpt").is_symlink() and not (tmp_path / "a.ckpt.part").exists()
 
 
 def test_a_resumed_run_keeps_its_own_ema_warmup():
@@ -354,9 +354,33 @@ def test_a_checkpoint_s_pickle_never_runs(tmp_path):
     sd = torch.load(tmp_path / "a.ckpt", weights_only=True)  # the real one loads so
     sd["meta"] = {"note": _Payload(tmp_path / "ran")}
     torch.save(sd, tmp_path / "evil.ckpt")
-    with pytest.raises(ValueError, match=r"evil.ckpt' holds objects a training checkpoint never has"):
+    with pytest.raises(ValueError, match=r"evil.ckpt' is not a readable training checkpoint \(evil.ckpt: refused "
+                                         r"to load .*\(nothing was executed\): .*GLOBAL posix.system.*\): "
+                                         r"start over with --fresh"):
         _trainer(pack, tmp_path / "b.ckpt", False).load(tmp_path / "evil.ckpt")
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_truncated_or_foreign_checkpoint_is_one_error_naming_fresh(tmp_path):
+    """A .ckpt cut short (an old crash), empty, or a text file: one ValueError naming the file,
+    why, and --fresh (error audit 2026-11-28: a RuntimeError/EOFError traceback, or "holds objects
+    a training checkpoint never has" with torch's advice to load it unsafely)."""
+    pack = packed_crops(tmp_path)
+    t = _trainer(pack, tmp_path / "a.ckpt", False)
+    t.cfg.steps = 1
+    t.fit()
+    whole = (tmp_path / "a.ckpt").read_bytes()
+    for name, data, why in [("cut.ckpt", whole[:1000], "truncated or corrupted"),
+                            ("empty.ckpt", b"", "the file is empty"),
+                            ("text.ckpt", b"garbage\n", "starts with b'garbage\\n'")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            _trainer(pack, tmp_path / "b.ckpt", False).load(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"{str(tmp_path / name)!r} is not a readable training checkpoint ({name}: ")
+        assert why in msg
+        assert msg.endswith("start over with --fresh (which keeps this file as <name>.before-fresh), or give "
+                            "another --out") and "weights_only" not in msg
 
 
 def test_time_budget_counts_the_minutes_of_earlier_runs(tmp_path, caplog):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -26,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .config import ATDConfig, DenoiserConfig, atd_config_from_state_dict, denoiser_config_from_state_dict
 from .errors import UnsupportedCheckpointError, describe_state_dict
-from .imageio import open_for_writing
+from .imageio import write_atomically
 from .nets import ATD, UPSRDenoiser
 
 __all__ = [
@@ -93,6 +94,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except (SafetensorError, OSError, ValueError) as e:
             raise UnsupportedCheckpointError(f"{path.name}: not a readable .safetensors file ({e})") from None
         return _canonical(sd, path), meta
+    return _canonical(load_pickled(path), path), {}
+
+
+def load_pickled(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure an
+    :class:`UnsupportedCheckpointError` naming the file and the reason (no torch advice to load
+    unsafely): an empty file, one that is neither a zip archive nor a pickle, a pickle asking for
+    code or objects beyond tensors and containers (nothing runs), a truncated or corrupted one."""
     with open(path, "rb") as f:
         head = f.read(8)
     if not head:
@@ -102,7 +111,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path.name}: not a checkpoint — a .pth/.pt file is a zip archive or a pickle and a .safetensors "
             f"file starts with its JSON header; this one starts with {head!r}")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a corrupted pickle's "Detected pickle protocol" warning: the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsupportedCheckpointError(
             f"{path.name}: refused to load — expected a state dict of plain tensors, but the pickle asks for "
@@ -114,7 +125,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UnsupportedCheckpointError(
             f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(e)}"
         ) from None
-    return _canonical(obj, path), {}
 
 
 def _canonical(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -129,7 +139,8 @@ def _reason(e: BaseException) -> str:
     retry with weights_only=False, which must not be shown to a user as the cause)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     key = next((ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")), None)
-    return key or (lines[0] if lines else type(e).__name__)
+    # and not its "Please use torch.serialization.add_safe_globals(...)": code a CLI user cannot run
+    return (key.split(" Please use ")[0] if key else None) or (lines[0] if lines else type(e).__name__)
 
 
 MAX_NET_PARAMS = 1_000_000_000
@@ -339,8 +350,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None) -> None:
     """A safetensors file at ``path`` with the mode an ordinary new file gets (0666 less the umask;
     ``save_file`` creates files 0600, unreadable by another account such as a ComfyUI service),
-    written through :func:`imageio.open_for_writing`: a symbolic link at ``path`` is refused, not
-    followed. The file is serialised in memory first (its size again, transiently)."""
+    written through :func:`imageio.write_atomically`: all or nothing (a failed write leaves the
+    file that was there), a symbolic link at ``path`` refused, not followed. The file is serialised
+    in memory first (its size again, transiently)."""
     data = safetensors_bytes(tensors, metadata=metadata)
-    with open_for_writing(path) as f:
+    with write_atomically(path) as f:
         f.write(data)

@@ -178,6 +178,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save_converted
     from .model import load_upsr
 
+    out = Path(args.output)
+    for flag, given in (("--model", args.model), ("--estimator", args.estimator)):
+        if given is not None and out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise ValueError(f"-o {args.output!r} is the {flag} file itself: write the converted file under "
+                             "another name (the input stays as it is)")
     m = load_upsr(args.model, args.estimator)
     if m.estimator is None:
         raise ValueError("convert needs the estimator too: pass --estimator atd_real.pth")

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
-from .imageio import IMAGE_SUFFIXES, is_hidden, luma, open_for_writing, read_image, write_text
+from .imageio import IMAGE_SUFFIXES, is_hidden, luma, read_image, write_atomically, write_text
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
@@ -416,7 +416,7 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
                 left, top, right, bottom = draw.textbbox(xy, label)
                 draw.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=(0, 0, 0))
                 draw.text(xy, label, fill=(255, 255, 255))
-    with open_for_writing(path) as f:
+    with write_atomically(path) as f:
         sheet.save(f, format="PNG")
 
 

@@ -17,13 +17,14 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
-           "open_for_writing", "write_text"]
+           "open_for_writing", "write_atomically", "write_text"]
 
 log = logging.getLogger("upsr_core")
 
@@ -246,15 +247,48 @@ def open_for_writing(path: str | os.PathLike):
         return open(path, "wb", opener=lambda p, flags: os.open(p, flags | _NOFOLLOW, 0o666))
     except OSError as e:
         if e.errno == errno.ELOOP and os.path.islink(path):
-            raise OSError(e.errno, f"{os.fspath(path)!r} is a symbolic link; outputs are not written through "
-                                   "links: write to the file it points at, or remove the link") from None
+            raise _link_refused(path) from None
+        raise
+
+
+def _link_refused(path: str | os.PathLike) -> OSError:
+    return OSError(errno.ELOOP, f"{os.fspath(path)!r} is a symbolic link; outputs are not written through "
+                                "links: write to the file it points at, or remove the link")
+
+
+@contextlib.contextmanager
+def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file whose bytes become ``path`` only if the ``with`` block ends without an
+    exception: they go to ``<path>.part`` beside it (through :func:`open_for_writing`), are
+    fsync'd and then renamed over ``path``. On any exception (disk full, Ctrl-C, …) the .part is
+    removed and ``path`` is as it was: a failed write never leaves a truncated model file, and
+    rewriting the file just read (``convert`` in place, a training checkpoint) cannot destroy it.
+    A link at ``path`` is refused (an OSError naming it), a stale .part or a link there is
+    removed, never followed; an OSError that names no file (ENOSPC from a write) is raised again
+    naming ``path``."""
+    path = Path(path)
+    if path.is_symlink():
+        raise _link_refused(path)
+    tmp = path.with_name(path.name + ".part")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    try:
+        with open_for_writing(tmp) as f:  # "wb": Windows' fsync (FlushFileBuffers) needs a writable handle
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None and e.errno != errno.ELOOP:
+            raise OSError(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from e
         raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through :func:`open_for_writing` (a link at ``path`` is
-    refused, not followed): the JSON and Markdown results, logs and records written beside images."""
-    with open_for_writing(path) as f:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`write_atomically` (all or nothing; a link
+    at ``path`` is refused, not followed): the JSON and Markdown results, logs and records."""
+    with write_atomically(path) as f:
         f.write(text.encode("utf-8"))
 
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
-from ..imageio import _colour_16bit, image_formats, is_hidden, open_for_writing, pixel_limit, write_text
+from ..imageio import _colour_16bit, image_formats, is_hidden, pixel_limit, write_atomically, write_text
 
 __all__ = [
     "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "SeededSampler", "augment_dihedral", "list_images",
@@ -482,7 +482,7 @@ def pack_crops(
     data = np.ascontiguousarray(np.stack(crops))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".npy":
-        with open_for_writing(out_path) as f:
+        with write_atomically(out_path) as f:
             np.save(f, data)
     else:
         from ..checkpoint import write_safetensors

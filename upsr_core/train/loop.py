@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import signal
 import sys
@@ -37,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..imageio import open_for_writing, write_text
+from ..checkpoint import UnsupportedCheckpointError, load_pickled
+from ..imageio import write_atomically, write_text
 from ..model import check_device
 from .ema import EMA
 
@@ -232,24 +232,18 @@ class Trainer:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        if tmp.is_symlink():  # planted in a shared run folder: removed, never written through
-            tmp.unlink()
-        with open_for_writing(tmp) as f:
+        with write_atomically(path) as f:  # a crash or a full disk leaves the old checkpoint, not a torn one
             torch.save(self.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new file
-        os.replace(tmp, path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint written by :meth:`save` for the same model."""
         try:  # tensors, numbers, strings and containers only: a checkpoint's pickle never runs code
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{str(path)!r} holds objects a training checkpoint never has, so it was not loaded "
-                             f"(nothing in it ran): {str(e).splitlines()[0]}") from None
+            sd = load_pickled(Path(path))
+        except UnsupportedCheckpointError as e:  # truncated by a crash of an older version, corrupted, foreign
+            raise ValueError(f"{str(path)!r} is not a readable training checkpoint ({e}): start over with --fresh "
+                             "(which keeps this file as <name>.before-fresh), or give another --out") from None
         for key in ("model", "ema", "opt", "step"):
-            if key not in sd:
+            if not isinstance(sd, dict) or key not in sd:
                 raise ValueError(f"{str(path)!r} is not a training checkpoint (no {key!r} entry)")
         try:
             self.model.load_state_dict(sd["model"])
