@@ -240,6 +240,17 @@ def test_train_data_checks(tmp_path, capsys, caplog):
     save_file({"w": torch.zeros(2)}, str(junk))
     line = fails(capsys, "train", "estimator", "--data", junk, "--config", "tiny", "--out", tmp_path / "o")
     assert "holds no 'crops' tensor" in line and "['w']" in line
+    assert "make one with python -m upsr_core.train.data --photos DIR --out FILE" in line
+    # not packed crops (error audit 2026-11-28: a SafetensorError traceback; numpy's "contains pickled
+    # data ... allow_pickle=" for a text file, not naming it)
+    (cut := tmp_path / "cut.safetensors").write_bytes(junk.read_bytes()[:-4])
+    (text := tmp_path / "text.npy").write_text("not an array\n")
+    np.save(obj := tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    np.save(f32 := tmp_path / "f32.npy", np.zeros((2, 3, 8, 8), np.float32))
+    for bad, why in [(cut, "incomplete metadata"), (text, "it starts with b'not an'"),
+                     (obj, "allow_pickle=False"), (f32, "it holds torch.float32 (2, 3, 8, 8)")]:
+        line = fails(capsys, "train", "estimator", "--data", bad, "--config", "tiny", "--out", tmp_path / "o")
+        assert f"{str(bad)!r} is not a packed-crops file" in line and why in line, line
     photos = tmp_path / "photos"
     _img(photos / "a.png", 16, 16), _img(photos / "b.png", 48, 40)
     line = fails(capsys, "train", "estimator", "--data", photos, "--config", "tiny", "--crop", "64", "--feed",
@@ -369,8 +380,19 @@ def test_pack_crops_cli_errors_are_one_line(tmp_path, capsys):
 
     assert pack_main(["--photos", str(tmp_path / "nope"), "--out", str(tmp_path / "c.npy")]) == 2
     assert "nope" in one_error(capsys)  # was a FileNotFoundError traceback
-    assert pack_main(["--photos", str(_photos(tmp_path / "ph")), "--out", str(tmp_path / "c.npy"), "--crop", "0"]) == 2
-    assert "crop" in one_error(capsys)
+    ph = str(_photos(tmp_path / "ph"))
+    # each names its flag, as the other commands' lines do (error audit 2026-11-28: "crop must be a
+    # positive int", "out_path must end in", argparse's usage text for --crop abc)
+    for args, line in [
+        (["--crop", "0"], "error: argument --crop: must be >= 1, got 0 (see python -m upsr_core.train.data --help)"),
+        (["--crop", "abc"], "error: argument --crop: expected an integer >= 1, got 'abc'"),
+        (["--out", str(tmp_path / "c.txt")], f"error: argument --out: {str(tmp_path / 'c.txt')!r} must end in .npy "
+                                              "or .safetensors"),
+        (["--group", "A_train"], "SOURCES.tsv' not found: the project's ../shared/data/get_photos.py --out"),
+    ]:
+        assert pack_main(["--photos", ph, "--out", str(tmp_path / "c.npy"), *args]) == 2
+        assert line in one_error(capsys)
+    assert not (tmp_path / "c.npy").exists()
 
 
 def test_train_device_cuda_index_beyond_the_gpus_and_malformed_names_are_errors(monkeypatch):

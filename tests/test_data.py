@@ -181,7 +181,8 @@ def test_packed_dataset_recrop_and_errors(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="larger than the packed crops"):
         PackedCropsDataset(out, crop=40)
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="expected uint8"):
+    with pytest.raises(ValueError, match=r"is not a packed-crops file \(a .npy of uint8 \(N, 3, S, S\).*"
+                                         r"it holds torch.float32 \(2, 3, 8, 8\)"):
         PackedCropsDataset(tmp_path / "bad.npy")
     with pytest.raises(ValueError, match=r"\.npy or \.safetensors"):
         pack_crops(folder, tmp_path / "p.png", crop=32)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, int_min, png_or_folder, writable_file
+from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, OneLineParser, UsageError, int_min, png_or_folder, writable_file
 from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, check_device
@@ -144,27 +144,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
 
 
-class UsageError(Exception):
-    """A command line argparse refused (unknown flag, missing argument, value out of range)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that keeps the one-line ``error: …`` contract: its complaints (which name the
-    flag, the value and the range) become a UsageError, printed by :func:`main` with exit code 2,
-    instead of usage text and a SystemExit. Subcommand parsers inherit the class."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # argparse's own pattern has no exponent, so "--lr -1e-4" read -1e-4 as a flag ("expected one
-        # argument") instead of a value for the range check to name
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m upsr_core", description="UPSR ×4 super-resolution (CVPR 2025)")
+    ap = OneLineParser(prog="python -m upsr_core", description="UPSR ×4 super-resolution (CVPR 2025)")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_upscale(sub)
     _add_convert(sub)

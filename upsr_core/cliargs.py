@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from .uncertainty import PSI_MAX_LIMIT
 
-__all__ = ["int_min", "float_range", "off_or", "int_list", "writable_file", "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
+__all__ = ["UsageError", "OneLineParser", "int_min", "float_range", "off_or", "int_list", "writable_file",
+           "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
 
 
 def int_min(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -86,15 +88,19 @@ def int_list(lo: int) -> Callable[[str], list[int]]:
     return parse
 
 
-def writable_file(suffix: str | None = None) -> Callable[[str], str]:
+def writable_file(suffix: str | tuple[str, ...] | None = None, *, exact: bool = False) -> Callable[[str], str]:
     """A path to write one file to: not an existing folder, not ending in a separator and,
-    if ``suffix`` is given, ending in it (case-insensitive). Its folder is made on writing."""
+    if ``suffix`` is given, ending in it (or one of them; case-insensitive unless ``exact``).
+    Its folder is made on writing."""
+    ends = (suffix,) if isinstance(suffix, str) else suffix
+    want = " or ".join(ends) if ends else ""
+
     def parse(s: str) -> str:
         if s.endswith(("/", "\\")) or Path(s).is_dir():
             raise argparse.ArgumentTypeError(f"{s!r} is a folder; expected a file path"
-                                             + (f" ending in {suffix}" if suffix else ""))
-        if suffix is not None and not s.lower().endswith(suffix):
-            raise argparse.ArgumentTypeError(f"{s!r} must end in {suffix}")
+                                             + (f" ending in {want}" if ends else ""))
+        if ends is not None and not (s if exact else s.lower()).endswith(ends):
+            raise argparse.ArgumentTypeError(f"{s!r} must end in {want}")
         return s
 
     parse.__name__ = "file path"
@@ -122,3 +128,22 @@ B_U_ARG = float_range(0.0, 1.0)
 PSI_MAX_ARG = float_range(0.0, PSI_MAX_LIMIT, lo_open=True)
 """--psi-max: in (0, 0.5], the range of a computed ψ (as UPSR Upscale ×4's slider; Weight Noise's
 goes to 1 for painted masks, which the CLI does not take)."""
+
+
+class UsageError(Exception):
+    """A command line argparse refused (unknown flag, missing argument, value out of range)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that keeps the one-line ``error: …`` contract: its complaints (which name the
+    flag, the value and the range) become a UsageError, printed by the command's ``main`` with exit code 2,
+    instead of usage text and a SystemExit. Subcommand parsers inherit the class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern has no exponent, so "--lr -1e-4" read -1e-4 as a flag ("expected one
+        # argument") instead of a value for the range check to name
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")

@@ -19,7 +19,6 @@ lost (a warning names such a file). Run ``python -m upsr_core.train.data --help`
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -34,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+from ..cliargs import OneLineParser, UsageError, float_range, int_min, writable_file
 from ..imageio import _colour_16bit, image_formats, is_hidden, pixel_limit, write_atomically, write_text
 
 __all__ = [
@@ -62,7 +62,8 @@ def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
     """Photos of one split group listed in ``photos_dir/SOURCES.tsv`` (column ``group``), sorted."""
     tsv = Path(photos_dir) / "SOURCES.tsv"
     if not tsv.is_file():
-        raise FileNotFoundError(f"{str(tsv)!r} not found: run get_photos.py --out {photos_dir} first")
+        raise FileNotFoundError(f"{str(tsv)!r} not found: the project's ../shared/data/get_photos.py --out "
+                                f"{photos_dir} writes it beside the photos; or pack the whole folder (no group)")
     with open(tsv, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if rows and ("group" not in rows[0] or "file" not in rows[0]):
@@ -373,25 +374,38 @@ def _item_key(key: int | tuple[int, int], n: int) -> tuple[int, torch.Generator 
 
 # ----------------------------------------------------------------------------- packing
 def read_packed(path: str | Path) -> torch.Tensor:
-    """Load a packed-crops file: uint8 ``(N, 3, S, S)`` tensor (CPU)."""
+    """Load a packed-crops file (:func:`pack_crops`): uint8 ``(N, 3, S, S)`` tensor (CPU). A file
+    that is not one is a ValueError naming it, what it is not, and the command that makes one."""
     path = Path(path)
+    what = (f"{str(path)!r} is not a packed-crops file (a .npy of uint8 (N, 3, S, S), or a .safetensors with "
+            "a 'crops' tensor of them; make one with python -m upsr_core.train.data --photos DIR --out FILE)")
     if path.suffix == ".npy":
-        data = torch.from_numpy(np.load(path))
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise ValueError(f"{what}: it starts with {magic!r}, not a .npy file's b'\\x93NUMPY'")
+        try:
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as e:  # cut short, or an object array (which would need a pickle)
+            raise ValueError(f"{what}: {str(e).splitlines()[0]}") from None
     elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from ..checkpoint import check_safetensors_header
 
         check_safetensors_header(path)
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{what}: {e}") from None
         if "crops" not in tensors:
-            raise ValueError(f"{str(path)!r} holds no 'crops' tensor (it holds {sorted(tensors)[:5]}): expected a "
-                             "packed-crops file (tools/pack_photos.py, upsr_core.train.data.pack_crops)")
+            raise ValueError(f"{what}: it holds no 'crops' tensor, only {sorted(tensors)[:5]}")
         data = tensors["crops"]
     else:
         raise ValueError(f"packed crops must be .npy or .safetensors, got {str(path)!r}")
     if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[1] != 3 or data.shape[2] != data.shape[3]:
-        raise ValueError(f"expected uint8 (N, 3, S, S) in {str(path)!r}, got {data.dtype} {tuple(data.shape)}")
+        raise ValueError(f"{what}: it holds {data.dtype} {tuple(data.shape)}")
     return data
 
 
@@ -499,22 +513,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     code: 0, or 2 with one ``error:`` line for a bad value, a missing folder, an unreadable image."""
     try:
         _pack_main(argv)
-    except (ValueError, OSError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def _pack_main(argv: Sequence[str] | None) -> None:
-    ap = argparse.ArgumentParser(description="Pack random HR crops into one uint8 file for training.")
+    ap = OneLineParser(prog="python -m upsr_core.train.data",
+                       description="Pack random HR crops into one uint8 file for training.")
     ap.add_argument("--photos", required=True, help="image folder (with SOURCES.tsv when --group is used)")
     ap.add_argument("--group", default=None, help="SOURCES.tsv group to pack, e.g. A_train (default: all images)")
-    ap.add_argument("--out", required=True, help="output .npy or .safetensors (a .json is written beside it)")
-    ap.add_argument("--crop", type=int, default=256)
-    ap.add_argument("--per-image", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, type=writable_file((".npy", ".safetensors"), exact=True),
+                    help="output .npy or .safetensors (a .json is written beside it)")
+    ap.add_argument("--crop", type=int_min(1), default=256)
+    ap.add_argument("--per-image", type=int_min(1), default=12)
+    ap.add_argument("--seed", type=int_min(0), default=0)
     ap.add_argument("--prescale", default="auto", help="'auto' or an integer reduction factor")
-    ap.add_argument("--min-texture", type=float, default=0.0)
+    ap.add_argument("--min-texture", type=float_range(0.0), default=0.0)
     ap.add_argument("--small", choices=("pad", "skip"), default="skip")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
