@@ -191,7 +191,8 @@ def check_maps(image: torch.Tensor, **maps: torch.Tensor) -> None:
             raise ValueError(f"{name} is {mw}×{mh} px; expected ×{SCALE} of the LR image ({w}×{h} px), "
                              f"i.e. {SCALE * w}×{SCALE * h} px{hint}")
         if mb not in (1, b):
-            raise ValueError(f"{name} is a batch of {mb}; expected 1 (for every image) or {b} (one per LR image)")
+            want = "1, as the LR image is one" if b == 1 else f"1 (for every image) or {b} (one per LR image)"
+            raise ValueError(f"{name} is a batch of {mb}; expected {want}")
 
 
 def _fits(t: torch.Tensor | None, h: int, w: int) -> bool:

@@ -101,8 +101,8 @@ class EstimateUncertainty(io.ComfyNode):
     @classmethod
     def execute(cls, upsr_model, image, upscale_model=None) -> io.NodeOutput:
         check_role(image, "image", None)
+        lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
         model = upsr_model.load()
-        lr = lr_in(image)
         progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
         with external_estimator(upscale_model, model.device) as g:
             # out of memory: unload other models, then halve ATD's blocks (or the upscale model's tile)

@@ -17,7 +17,7 @@ from upsr_core.checkpoint import save_converted
 from upsr_core.errors import UnsupportedCheckpointError
 from upsr_core.fast import enable_fast
 from upsr_core.model import load_upsr
-from upsr_core.pipeline import crop_hr, pad_lr, starting_noise
+from upsr_core.pipeline import crop_hr, denoise_estimate, pad_lr, starting_noise
 from upsr_core.schedule import make_schedule
 from upsr_core.tiling import tile_starts
 from upsr_core.uncertainty import estimate_uncertainty, weight_noise
@@ -275,6 +275,13 @@ def test_api_arguments_of_the_wrong_kind_are_named(model):
         (lambda: load_upsr(None), TypeError, "model must be a file path"),
         (lambda: model.to(torch.float16, dtype=torch.float32), TypeError, "two dtypes"),
         (lambda: model.to("tpu"), ValueError, "device must be 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+        # error audit 2026-11-28: a 4-channel LR was padded as if RGB; noise=None, 'meta' and a missing
+        # CUDA in starting_noise were AttributeError, a model of no data, torch's AssertionError
+        (lambda: pad_lr(torch.rand(1, 4, 8, 8)), ValueError, r"lr must be \(B, 3, h, w\) in \[0, 1\], got shape "
+                                                              r"\(1, 4, 8, 8\) \(RGB only"),
+        (lambda: model.to("meta"), ValueError, "got 'meta': the meta device holds no data"),
+        (lambda: denoise_estimate(model._denoiser_call, model.estimate(lr), torch.ones(1, 1, 64, 64), None),
+         TypeError, r"noise must be a \(B, 48, Hp, Wp\) \(starting_noise\(seed, B, \(Hp, Wp\)\)\) tensor, got None"),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -287,6 +294,15 @@ def test_api_arguments_of_the_wrong_kind_are_named(model):
 def test_a_missing_cuda_is_named_not_an_assertion(small_model_file):
     with pytest.raises(ValueError, match="device 'cuda' was asked for, but CUDA is not available"):
         load_upsr(small_model_file, device="cuda")  # torch's own: AssertionError "not compiled with CUDA"
+    with pytest.raises(ValueError, match="device 'cuda' was asked for, but CUDA is not available"):
+        starting_noise(0, 1, (8, 8), device="cuda")
+
+
+@pytest.mark.skipif(not hasattr(torch, "xpu") or torch.xpu.is_available(), reason="checks the message on a machine "
+                    "whose torch knows XPU (Intel GPUs) but has none")
+def test_a_missing_xpu_is_named_not_an_assertion(small_model_file):
+    with pytest.raises(ValueError, match="device 'xpu' was asked for, but XPU is not available here"):
+        load_upsr(small_model_file, device="xpu")
 
 
 def test_model_to_takes_a_dtype_first_as_nn_module_does():
@@ -385,6 +401,10 @@ def test_upsr_model_checks_what_it_is_built_from(model):
         UPSRModel("not a net", None)
     with pytest.raises(TypeError, match="estimator must be an ATD module or None, got int"):
         UPSRModel(model.denoiser, 3)
+    with pytest.raises(TypeError, match="denoiser must be an UPSRDenoiser, got ATD"):  # swapped: failed in upscale
+        UPSRModel(model.estimator, model.denoiser)
+    with pytest.raises(TypeError, match="estimator must be an ATD module or None, got UPSRDenoiser"):
+        UPSRModel(model.denoiser, model.denoiser)
     with pytest.raises(ValueError, match=r"dtype torch.bfloat16 does not match the denoiser's weights \(torch.flo"):
         UPSRModel(model.denoiser, model.estimator, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
@@ -493,6 +513,13 @@ def test_model_files_that_declare_more_than_they_hold_are_refused_before_buildin
     torch.save(sparse, tmp_path / "sparse.pth")
     with pytest.raises(UnsupportedCheckpointError, match=r"is not a dense CPU tensor \(layout torch.sparse_coo"):
         read_checkpoint(tmp_path / "sparse.pth")
+    for key in ("estimator.conv_first.weight", "denoiser.input_blocks.0.0.weight"):  # sizes are inferred from these
+        empty = dict(sd)
+        empty[key] = torch.zeros(sd[key].shape[0], 0, *sd[key].shape[2:])
+        torch.save(empty, tmp_path / "empty.pth")  # error audit 2026-11-28: a ZeroDivisionError traceback
+        with pytest.raises(UnsupportedCheckpointError, match=rf"tensor '{key}' has shape \(\d+, 0, 3, 3\): a "
+                                                             "zero-size dimension is not a weight of these nets"):
+            read_checkpoint(tmp_path / "empty.pth")
 
     good = tmp_path / "m.safetensors"
     save_converted(good, model.denoiser, model.estimator)

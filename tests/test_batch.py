@@ -354,6 +354,36 @@ def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny_model_file, 
     assert src.read_bytes() == Path(tiny_model_file).read_bytes()
 
 
+def test_an_output_folder_that_takes_no_file_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """-o on a read-only or full file system failed at the first .part, after the model had loaded
+    and the first image had run (minutes on a CPU; error audit 2026-11-28). The folder's nearest
+    existing parent is probed (the test runs as any user: the refusal is emulated)."""
+    import errno
+    import tempfile
+
+    import upsr_core.batch as batch
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    real = tempfile.TemporaryFile
+    probed = []
+
+    def read_only(*a, dir=None, **kw):
+        probed.append(Path(dir))
+        if Path(dir) == tmp_path / "ro":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(batch.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(batch, "load_upsr", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "ro").mkdir()
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "ro" / "new" / "sub/")]) == 2
+    assert f"error: -o: cannot write into {str(tmp_path / 'ro')!r} (Read-only file system)" in capsys.readouterr().err
+    assert probed == [tmp_path / "ro"] and not (tmp_path / "ro" / "new").exists()  # nothing made
+    (tmp_path / "f").write_text("")
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "f" / "x.png")]) == 2
+    assert f"{str(tmp_path / 'f')!r} is a file" in capsys.readouterr().err
+
+
 def test_outputs_differing_only_in_case_are_refused_where_case_is_ignored(tmp_path, monkeypatch):
     """A.jpg and a.png write A.png and a.png: one file on macOS/Windows (the second overwrote the
     first, or was skipped as done). The probe of the output folder decides: this Linux file

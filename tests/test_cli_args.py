@@ -225,6 +225,10 @@ def test_eval_explicit_requests_are_not_dropped(pairs, capsys, monkeypatch):
     junk = pairs / "junk.safetensors"
     save_file({"w": torch.zeros(2)}, str(junk))
     assert "is not a NIQE parameter file" in fails(capsys, *base, "--niqe-params", junk)
+    # an image: numpy's "contains pickled data ... allow_pickle=" was passed on (error audit 2026-11-28)
+    line = fails(capsys, *base, "--niqe-params", pairs / "lr" / "p0.png")
+    assert "is not a NIQE parameter file (.npz with mu_pris_param" in line and "it starts with b'\\x89PNG'" in line
+    assert "pickle" not in line
     monkeypatch.setitem(__import__("sys").modules, "pyiqa", None)  # as if not installed
     assert "--pyiqa lpips needs the pyiqa package" in fails(capsys, *base, "--niqe-params", "off", "--pyiqa", "lpips")
     (pairs / "m.jsonl").write_text("{\"id\": \"p0\", \"group\": \"A\"}\nnot json\n")

@@ -1,6 +1,7 @@
 """Image files <-> tensors (upsr_core.imageio): formats, modes, bit depths, refusals."""
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -223,8 +224,24 @@ def test_out_of_memory_while_decoding_is_one_line_naming_the_file_and_size(tmp_p
         raise MemoryError()
 
     monkeypatch.setattr(Image.Image, "load", no_memory)  # what a large photo on a small machine gives
-    with pytest.raises(ValueError, match=r"^a.png: out of memory while decoding its 6x8 px$"):
+    with pytest.raises(ValueError) as e:
         read_image(tmp_path / "a.png")
+    assert str(e.value) == f"{tmp_path / 'a.png'}: out of memory while decoding its 6x8 px"
+
+
+def test_a_bad_image_in_a_folder_run_is_named_by_its_path(tmp_path, capsys):
+    """nest/a/x.png fine, nest/b/x.png truncated: the error said only "x.png" (error audit 2026-11-28)."""
+    from upsr_core.cli import main
+
+    for sub in ("a", "b"):
+        (tmp_path / "nest" / sub).mkdir(parents=True)
+        Image.fromarray(rgb_u8(8, 8)).save(tmp_path / "nest" / sub / "x.png")
+    bad = tmp_path / "nest" / "b" / "x.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: not a readable image"):
+        read_image(bad)
+    assert main(["upscale", str(tmp_path / "nest"), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert f"error: {bad}: not a readable image" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow may also warn about the corrupt directory

@@ -593,6 +593,8 @@ def test_bad_input_gives_clear_errors(pack, handle):
     with pytest.raises(ValueError, match=r"noise_weight is a batch of 3; expected 1 \(for every image\) or 2 "
                                          r"\(one per LR image\)"):
         sample(image=img.repeat(2, 1, 1, 1), sr_estimate=est[0], noise_weight=w.repeat(3, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"noise_weight is a batch of 3; expected 1, as the LR image is one$"):
+        sample(image=img, sr_estimate=est[0], noise_weight=w.repeat(3, 1, 1, 1))  # said "1 (...) or 1 (...)"
     with pytest.raises(ValueError, match=r"UPSR Weight Noise, input 'uncertainty_mask': uncertainty ψ must be "
                                          r"finite and >= 0, got values in \[-0\.49"):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[2] - 0.5)
@@ -620,7 +622,10 @@ def test_a_bad_image_is_refused_before_the_model_is_loaded(pack, handle, monkeyp
     """Loading may offload the user's other models from the GPU: not for an image that is refused."""
     loads = []
     monkeypatch.setattr(type(handle), "load_for", lambda self, *a, **k: loads.append(1))
+    monkeypatch.setattr(type(handle), "load", lambda self, *a, **k: loads.append(1))
     img = lr_image(12, 16)
+    with pytest.raises(ValueError, match=r"^the image must hold values in \[0, 1\], got"):  # 0-255 by mistake
+        run(pack, "EstimateUncertainty", upsr_model=handle, image=img * 255)  # loaded first (error audit 2026-11-28)
     rgba = torch.cat([img, img[..., :1]], -1)
     with pytest.raises(ValueError, match=r"^image: the image has an alpha channel"):
         run(pack, "UPSRUpscale", **({"upsr_model": handle, "image": rgba} | defaults(pack, "UPSRUpscale")))

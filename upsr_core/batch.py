@@ -171,6 +171,7 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     inputs = collect_inputs(args.inputs, args.output)  # not the results of an earlier run under -o
     single = len(inputs) == 1 and Path(args.inputs[0]).is_file() and len(args.inputs) == 1
     outputs = plan_outputs(inputs, args.output, single)
+    check_writable({outputs[i].parent for i in _shard(len(inputs))})  # not after the model and the first image
     model_path = args.model or default_model_path()
     if args.model is None and not Path(model_path).is_file():
         raise FileNotFoundError(f"the bundled demo model is missing ({model_path}); pass --model")
@@ -217,6 +218,23 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
             flush()
     flush()
     return 0
+
+
+def check_writable(folders: set[Path]) -> None:
+    """Each output folder, or the nearest of its parents that exists (where it will be made), takes
+    a file: a read-only or full -o fails before the model loads and the first image runs, not after.
+    ValueError naming the folder and the system's reason."""
+    for folder in sorted(folders):
+        probe = folder
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ValueError(f"-o: {str(folder)!r} cannot be made: {str(probe)!r} is a file")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise ValueError(f"-o: cannot write into {str(probe)!r} ({e.strerror or e})") from None
 
 
 def _label(group: list, done: int, total: int) -> str:

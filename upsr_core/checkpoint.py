@@ -154,7 +154,10 @@ def _check_tensor(k: str, v: torch.Tensor) -> None:
     if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized or v.is_nested:
         raise UnsupportedCheckpointError(f"tensor {k!r} is not a dense CPU tensor (layout {v.layout}, device "
                                          f"{v.device.type}): not a weight file")
-    if v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
+    if v.numel() == 0:  # no UPSR/ATD weight is empty; sizes inferred from it would divide by zero
+        raise UnsupportedCheckpointError(f"tensor {k!r} has shape {tuple(v.shape)}: a zero-size dimension is not a "
+                                         "weight of these nets (a damaged or foreign file)")
+    if v.untyped_storage().nbytes() < v.numel() * v.element_size():
         raise UnsupportedCheckpointError(f"tensor {k!r} of shape {tuple(v.shape)} declares more elements than "
                                          "its storage holds (an expanded view): not a weight file")
 

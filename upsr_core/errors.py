@@ -6,8 +6,8 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "describe_state_dict", "is_int", "is_out_of_memory",
-           "is_size_limit"]
+__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "check_device", "describe_state_dict", "is_int",
+           "is_out_of_memory", "is_size_limit"]
 
 
 def is_int(v: object) -> bool:
@@ -62,3 +62,31 @@ class UnsupportedCheckpointError(ValueError):
 class NonFiniteOutputError(FloatingPointError):
     """The denoiser's output holds NaN: the net overflowed (fp16 with some weights) or its
     weights are broken. Raised instead of handing back a black or white image."""
+
+
+def check_device(device: torch.device | str, *, label: str | None = None) -> torch.device:
+    """``device`` as a torch.device that this machine has: ValueError naming it otherwise
+    (torch's own error for a missing CUDA or XPU is a bare AssertionError; the meta device is
+    refused, it holds no data). Other backends (XPU, DirectML) pass where torch has them. ``label`` is how the
+    messages name it (default ``device 'cuda:1'``; the CLI says ``--device cuda:1``)."""
+    want = "'cpu', 'cuda', 'cuda:N' or 'mps' (or a torch.device)"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be {want}, got {device!r}") from e
+    what = label or f"device {str(dev)!r}"
+    if dev.type == "meta":  # loads "successfully", then upscale cannot copy out a single value
+        raise ValueError(f"device must be {want}, got {device!r}: the meta device holds no data")
+    backend = getattr(torch, dev.type, None)  # torch.xpu, …: torch's own error for a missing one is an AssertionError
+    if dev.type not in ("cpu", "cuda", "mps") and callable(getattr(backend, "is_available", None)) \
+            and not backend.is_available():
+        raise ValueError(f"{what} was asked for, but {dev.type.upper()} is not available here")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} was asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} was asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"{what} was asked for, but MPS (Apple silicon) is not available here")
+    return dev

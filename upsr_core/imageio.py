@@ -99,8 +99,10 @@ def _to_float(a: np.ndarray, maxval: float) -> torch.Tensor:
 
 
 def read_image(path: str | os.PathLike) -> LoadedImage:
-    """Read one still image; raises ValueError with the reason for anything unreadable."""
+    """Read one still image; raises ValueError with the reason for anything unreadable, naming the
+    path as given (in a folder run, ``a/x.png`` and ``b/x.png`` are told apart)."""
     path = Path(path)
+    name = str(path)
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {str(path)!r}")
     size = None
@@ -110,37 +112,37 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         with opened as im:
             size = im.size
             if im.width * im.height > MAX_PIXELS:
-                raise _Refused(f"{path.name}: image too large ({im.width}x{im.height} px, more than "
+                raise _Refused(f"{name}: image too large ({im.width}x{im.height} px, more than "
                                f"{MAX_PIXELS} px)")
             # an MPO (the JPEG of many cameras and phones: a primary photo plus previews, a depth or
             # gain map) opens at its primary image; other formats' frames are images of equal standing
             if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
-                raise _Refused(f"{path.name}: has {im.n_frames} frames; extract the frames first "
+                raise _Refused(f"{name}: has {im.n_frames} frames; extract the frames first "
                                "(one image per file)")
             if raw := _colour_16bit(im):
                 what, fix = (("16-bit gray with alpha", "8-bit gray + alpha, or 16-bit grayscale without alpha")
                              if raw.startswith("LA") else ("16-bit colour", "8-bit colour or 16-bit grayscale"))
-                raise _Refused(f"{path.name}: {what}, which Pillow can only read at 8 bits; save it as {fix}")
+                raise _Refused(f"{name}: {what}, which Pillow can only read at 8 bits; save it as {fix}")
             im.load()
             icc = im.info.get("icc_profile") or None
             if icc is not None and im.mode in _CONVERTED_MODES:
                 log.info("%s: its %s colour profile is not carried over (the pixels are converted to RGB)",
-                         path.name, im.mode)
+                         name, im.mode)
                 icc = None
             im = ImageOps.exif_transpose(im)
-            loaded = _decode(im, path.name)
+            loaded = _decode(im, name)
             loaded.icc = icc
             return loaded
     except _Refused:
         raise
     except MemoryError:  # within MAX_PIXELS: a real image larger than this machine's free memory
         what = f"its {size[0]}x{size[1]} px" if size else "it"
-        raise ValueError(f"{path.name}: out of memory while decoding {what}") from None
+        raise ValueError(f"{name}: out of memory while decoding {what}") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{path.name}: not a readable image: corrupt, or in a format not read here (read: "
+        raise ValueError(f"{name}: not a readable image: corrupt, or in a format not read here (read: "
                          f"{', '.join(image_formats())}, whatever the file name says)") from None
     except _DECODE_ERRORS as e:
-        raise ValueError(f"{path.name}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _colour_16bit(im: Image.Image) -> str:

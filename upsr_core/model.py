@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_nets
 from .config import METADATA_CONFIG_ERRORS, ATDConfig, DenoiserConfig, atd_config_from_state_dict
-from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_int
+from .errors import NonFiniteOutputError, UnsupportedCheckpointError, check_device, is_int
 from .nets import ATD, UPSRDenoiser
 from .pipeline import (
     SCALE,
@@ -90,26 +90,6 @@ class StepCounter:
 RowSink = Callable[[int, int, torch.Tensor], None]  # sink(image index, first HR row, rows (3, n, 4w))
 
 
-def check_device(device: torch.device | str, *, label: str | None = None) -> torch.device:
-    """``device`` as a torch.device that this machine has: ValueError naming it otherwise
-    (torch's own error for a missing CUDA is a bare AssertionError). ``label`` is how the
-    messages name it (default ``device 'cuda:1'``; the CLI says ``--device cuda:1``)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps' (or a torch.device), got {device!r}") from e
-    what = label or f"device {str(dev)!r}"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what} was asked for, but CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{what} was asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                  and torch.backends.mps.is_available()):
-        raise ValueError(f"{what} was asked for, but MPS (Apple silicon) is not available here")
-    return dev
-
-
 @dataclass
 class UPSRModel:
     """The two UPSR networks and the tiled stage runners (what :func:`load_upsr` returns).
@@ -131,9 +111,12 @@ class UPSRModel:
     _warned_slow: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.denoiser, torch.nn.Module) or not hasattr(self.denoiser, "multiple_of"):
+        # duck-typed (stand-in nets: tools/large_image_rss.py --stub), but the two swapped failed only inside upscale
+        if (not isinstance(self.denoiser, torch.nn.Module) or not hasattr(self.denoiser, "multiple_of")
+                or isinstance(self.denoiser, ATD)):
             raise TypeError(f"denoiser must be an UPSRDenoiser, got {type(self.denoiser).__name__}")
-        if self.estimator is not None and not isinstance(self.estimator, torch.nn.Module):
+        if self.estimator is not None and (not isinstance(self.estimator, torch.nn.Module)
+                                           or isinstance(self.estimator, UPSRDenoiser)):
             raise TypeError(f"estimator must be an ATD module or None, got {type(self.estimator).__name__}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")

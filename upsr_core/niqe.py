@@ -70,10 +70,16 @@ def load_niqe_params(path: str | os.PathLike | None = None) -> NIQEParams:
     p = Path(path) if path is not None else find_niqe_params()
     if p is None or not p.is_file():
         raise NIQEUnavailable(f"{_HINT}; looked at {str(p) if p else '$UPSR_NIQE_PARAMS and the iqa package'}")
+    what = (f"{str(p)!r} is not a NIQE parameter file (.npz with mu_pris_param, cov_pris_param, gaussian_window; "
+            "niqe_pris_params.npz of the iqa-torch package)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x93":  # an .npz is a zip archive, an .npy starts \x93NUMPY
+        raise NIQEUnavailable(f"{what}: it starts with {magic!r}")  # numpy would say "pickled data ... allow_pickle"
     try:
         d = np.load(p)
-    except (OSError, ValueError, EOFError) as e:  # not an .npz (pickled or other data: never unpickled)
-        raise NIQEUnavailable(f"{str(p)!r} is not a NIQE parameter file (.npz): {e}") from None
+    except (OSError, ValueError, EOFError) as e:  # cut short, or object arrays (never unpickled)
+        raise NIQEUnavailable(f"{what}: {str(e).splitlines()[0]}") from None
     if not isinstance(d, np.lib.npyio.NpzFile):
         raise NIQEUnavailable(f"{str(p)!r} holds one array, not a NIQE parameter file (.npz with mu_pris_param, "
                               "cov_pris_param, gaussian_window)")

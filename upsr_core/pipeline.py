@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import is_int
+from .errors import check_device, is_int
 from .sampler import StepCallback, prior_sample, sample
 from .schedule import ResShiftSchedule, make_schedule
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, estimate_uncertainty, weight_noise
@@ -170,10 +170,15 @@ def check_noise_choice(noise: torch.Tensor | None, same_noise: bool) -> None:
 
 
 def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
-    """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``."""
+    """lr (B,3,h,w) in [0,1] -> padded LR (B,3,Hp,Wp) in [-1,1], Hp, Wp multiples of ``multiple``.
+    Shape and dtype are checked, the values are not (reading them would sync a GPU): the
+    entry points (:func:`estimate`, :meth:`UPSRModel.upscale`) check the range first."""
     if not is_int(multiple) or multiple < 1:
         raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}")
     _check_image_tensor(lr, "lr", "(B, 3, h, w) in [0, 1]")
+    if lr.shape[1] != 3:
+        raise ValueError(f"lr must be (B, 3, h, w) in [0, 1], got shape {tuple(lr.shape)} (RGB only: drop an alpha "
+                         "channel, repeat a gray one)")
     y0 = (lr.contiguous() - 0.5) / 0.5  # a channels-last input would pick other conv kernels downstream
     h, w = y0.shape[-2:]
     return reflect_pad(y0, (-h) % multiple, (-w) % multiple)
@@ -313,6 +318,7 @@ def starting_noise(
     """
     _check_batch_hw(batch, lr_hw)
     seed = _check_seed(seed, 1 if same_noise else batch)
+    device = check_device(device)  # torch's error for a missing CUDA is a bare AssertionError, after the draw
     hp, wp = lr_hw
     shape = (1, 3 * SCALE * SCALE, hp, wp)
     if same_noise:
@@ -385,6 +391,10 @@ def denoise_estimate(
     schedule = schedule or make_schedule()
     b = est.lr_pm.shape[0]
     hr = est.bicubic_pm.shape[-2:]
+    for name, x, want in (("weight", weight, "(B, 1 or 3, 4Hp, 4Wp) in [0, 1] (weight_noise)"),
+                          ("noise", noise, "(B, 48, Hp, Wp) (starting_noise(seed, B, (Hp, Wp)))")):
+        if x is None:  # check_weight_and_noise skips a None: here both are needed
+            raise TypeError(f"{name} must be a {want} tensor, got None")
     check_weight_and_noise(weight, noise, b, tuple(est.lr_pm.shape[-2:]), values=check_values)
     y = F.pixel_unshuffle(est.bicubic_pm, SCALE)
     weight = weight.to(y.device, y.dtype).expand(b, 3, *hr)  # a float64 w must not make x_T float64
