@@ -11,18 +11,25 @@ With ``torchrun --nproc-per-node N``, rank r takes files r, r+N, … (no process
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .imageio import IMAGE_SUFFIXES, LoadedImage, PngStreamWriter, is_hidden, read_image, write_png
+from .imageio import (
+    IMAGE_SUFFIXES,
+    LoadedImage,
+    PngStreamWriter,
+    commit_part,
+    is_hidden,
+    part_files,
+    read_image,
+    write_png,
+)
 from .model import DEFAULT_OVERLAP, UPSRModel, load_upsr
 from .pipeline import SCALE, padded_size, starting_noise
 from .tiling import plan_tiles
@@ -246,32 +253,6 @@ def _bits(img: LoadedImage, args: argparse.Namespace) -> int:
     return img.bits if args.bits == "auto" else int(args.bits)
 
 
-@contextlib.contextmanager
-def _part_files(dsts: list[Path]) -> Iterator[list[Path]]:
-    """The ``.part`` paths the outputs ``dsts`` are written to first (then renamed into place, so an
-    interrupted write never leaves a complete-looking output); on any exception (disk full,
-    Ctrl-C, …) those not yet renamed are removed: no half-written .part is left behind either."""
-    tmps = [dst.with_name(dst.name + ".part") for dst in dsts]
-    for tmp in tmps:  # a stale .part (power loss) or a link planted in a shared folder: removed, never followed
-        if tmp.is_symlink() or tmp.is_file():
-            tmp.unlink()
-    try:
-        yield tmps
-    except BaseException:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def _commit(tmp: Path, dst: Path) -> None:
-    """The finished .part file becomes ``dst``: its bytes are on the disk first (fsync), so that
-    after a crash or power loss an output that exists is complete, and a resumed run, which skips
-    existing outputs, never keeps a truncated one; an interrupted write leaves only the .part."""
-    with open(tmp, "r+b") as f:  # opened for writing: Windows' fsync (FlushFileBuffers) refuses a read-only handle
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
 def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]], args: argparse.Namespace,
                    kw: dict, bar) -> None:
     """Same-size images of one tile row in one ``upscale`` call, each with the noise of ``--seed``
@@ -279,7 +260,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
     lr = torch.stack([img.rgb for img, _, _ in group])
     hp, wp = padded_size(*lr.shape[-2:], model.multiple_of)
     noise = starting_noise(args.seed, 1, (hp, wp)).expand(len(group), -1, -1, -1).contiguous()
-    with _part_files([dst for _, _, dst in group]) as tmps:
+    with part_files([dst for _, _, dst in group]) as tmps:
         sr = model.upscale(lr, noise=noise, progress=bar.update, **kw)
         bar.close()
         for (img, _, dst), tmp, out in zip(group, tmps, sr):
@@ -288,7 +269,7 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
                 alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)
                 alpha = alpha[0].clamp(0, 1)
             write_png(tmp, out, alpha, bits=_bits(img, args), gray=img.gray, icc=img.icc)
-            _commit(tmp, dst)
+            commit_part(tmp, dst)
             if not args.quiet:
                 log.info("wrote %s (%dx%d)", dst, out.shape[-1], out.shape[-2])
 
@@ -297,7 +278,7 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
                       bar) -> None:
     """One image of several tile rows, its finished rows written to the PNG as they come."""
     h4, w4 = SCALE * img.rgb.shape[-2], SCALE * img.rgb.shape[-1]
-    with _part_files([dst]) as (tmp,):
+    with part_files([dst]) as (tmp,):
         with PngStreamWriter(tmp, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None,
                              icc=img.icc) as png:
             def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
@@ -306,7 +287,7 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
 
             model.upscale(img.rgb[None], seed=args.seed, sink=sink, progress=bar.update, **kw)
         bar.close()
-        _commit(tmp, dst)
+        commit_part(tmp, dst)
     if not args.quiet:
         log.info("wrote %s (%dx%d)", dst, w4, h4)
 

@@ -24,7 +24,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
-           "open_for_writing", "write_atomically", "write_text"]
+           "open_for_writing", "part_files", "commit_part", "write_atomically",
+           "write_text"]
 
 log = logging.getLogger("upsr_core")
 
@@ -259,30 +260,49 @@ def _link_refused(path: str | os.PathLike) -> OSError:
 
 
 @contextlib.contextmanager
+def part_files(dsts: list[Path]) -> Iterator[list[Path]]:
+    """The ``.part`` paths the outputs ``dsts`` are written to first (then renamed into place, so an
+    interrupted write never leaves a complete-looking output); on any exception (disk full,
+    Ctrl-C, …) those not yet renamed are removed: no half-written .part is left behind either."""
+    tmps = [dst.with_name(dst.name + ".part") for dst in dsts]
+    for tmp in tmps:  # a stale .part (power loss) or a link planted in a shared folder: removed, never followed
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()
+    try:
+        yield tmps
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def commit_part(tmp: Path, dst: Path) -> None:
+    """The finished .part file becomes ``dst``: its bytes are on the disk first (fsync), so that
+    after a crash or power loss an output that exists is complete, and a resumed run, which skips
+    existing outputs, never keeps a truncated one; an interrupted write leaves only the .part."""
+    with open(tmp, "r+b") as f:  # opened for writing: Windows' fsync (FlushFileBuffers) refuses a read-only handle
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+@contextlib.contextmanager
 def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file whose bytes become ``path`` only if the ``with`` block ends without an
-    exception: they go to ``<path>.part`` beside it (through :func:`open_for_writing`), are
-    fsync'd and then renamed over ``path``. On any exception (disk full, Ctrl-C, …) the .part is
-    removed and ``path`` is as it was: a failed write never leaves a truncated model file, and
-    rewriting the file just read (``convert`` in place, a training checkpoint) cannot destroy it.
-    A link at ``path`` is refused (an OSError naming it), a stale .part or a link there is
-    removed, never followed; an OSError that names no file (ENOSPC from a write) is raised again
-    naming ``path``."""
+    exception: one :func:`part_files` .part beside it (opened through :func:`open_for_writing`),
+    then :func:`commit_part`. On any exception (disk full, Ctrl-C, …) the .part is removed and
+    ``path`` is as it was: a failed write never leaves a truncated model file or checkpoint.
+    A link at ``path`` is refused (an OSError naming it); an OSError that names no file (ENOSPC
+    from a write) is raised again naming ``path``."""
     path = Path(path)
     if path.is_symlink():
         raise _link_refused(path)
-    tmp = path.with_name(path.name + ".part")
-    if tmp.is_symlink() or tmp.is_file():
-        tmp.unlink()
     try:
-        with open_for_writing(tmp) as f:  # "wb": Windows' fsync (FlushFileBuffers) needs a writable handle
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None and e.errno != errno.ELOOP:
+        with part_files([path]) as (tmp,):
+            with open_for_writing(tmp) as f:
+                yield f
+            commit_part(tmp, path)
+    except OSError as e:
+        if e.filename is None and e.errno is not None and e.errno != errno.ELOOP:
             raise OSError(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from e
         raise
 
