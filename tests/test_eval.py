@@ -389,6 +389,82 @@ def test_pairing_refuses_two_images_of_one_name_and_names_the_unpaired(tiny_pair
         pair_files(root / "hr", root / "lr" / "img0.png")
 
 
+def _touch_png(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (90, 120, 150)).save(path)
+    return path
+
+
+def _names(pairs, hr_root, lr_root):
+    return [(str(h.relative_to(hr_root)), str(lr.relative_to(lr_root))) for h, lr in pairs]
+
+
+def test_pairing_takes_the_benchmark_layouts_as_they_are(tmp_path, caplog):
+    """Nested folders pair by the path below each (as upscale reads a folder); a name left over
+    pairs without its scale tag: DIV2K's 0801x4, DRealSR's _x1/_x4, and RealSR V3's _HR/_LR4 in
+    one folder given as both --hr and --lr. An exact name wins over a tag (box4 is not box + x4)."""
+    from upsr_core.evaluate import lr_files, pair_files
+
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    for sub in ("Canon", "Nikon"):  # one name in two subfolders: two pairs, not one duplicate
+        _touch_png(hr / sub / "001.png", 32), _touch_png(lr / sub / "001.png", 8)
+    _touch_png(hr / "0801.png", 32), _touch_png(lr / "0801x4.png", 8)  # DIV2K
+    _touch_png(hr / "DSC_1454_x1.png", 32), _touch_png(lr / "DSC_1454_x4.png", 8)  # DRealSR
+    _touch_png(hr / "box4.png", 32), _touch_png(lr / "box4.png", 8), _touch_png(lr / "bo_x4.png", 8)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        pairs = pair_files(hr, lr)
+    assert _names(pairs, hr, lr) == [("0801.png", "0801x4.png"), ("Canon/001.png", "Canon/001.png"),
+                                     ("DSC_1454_x1.png", "DSC_1454_x4.png"), ("Nikon/001.png", "Nikon/001.png"),
+                                     ("box4.png", "box4.png")]
+    assert "1 LR image(s)" in caplog.text and "bo_x4.png" in caplog.text  # box4 was taken by its exact name
+    assert _names(pair_files(hr, lr, {"0801", "DSC_1454"}), hr, lr) == [("0801.png", "0801x4.png"),
+                                                                         ("DSC_1454_x1.png", "DSC_1454_x4.png")]
+    assert [p.relative_to(lr).as_posix() for _, p in lr_files(lr, {"Canon/001", "0801"})] == ["0801x4.png",
+                                                                                               "Canon/001.png"]
+    real = tmp_path / "RealSR" / "Canon" / "Test" / "4"  # RealSR V3: HR and LR side by side
+    for i in (1, 2):
+        _touch_png(real / f"Canon_00{i}_HR.png", 32), _touch_png(real / f"Canon_00{i}_LR4.png", 8)
+    assert _names(pair_files(real, real), real, real) == [("Canon_001_HR.png", "Canon_001_LR4.png"),
+                                                          ("Canon_002_HR.png", "Canon_002_LR4.png")]
+    assert len(pair_files(real, real, {"Canon_002"})) == 1
+
+
+def test_pairing_refuses_what_it_cannot_tell_apart(tmp_path):
+    """One folder as both without tags, and a name two tagged images of one side share, pair
+    nothing rather than guess; eval's --out inside --lr is not read as images of the set."""
+    from upsr_core.evaluate import lr_files, pair_files
+
+    flat = tmp_path / "flat"
+    _touch_png(flat / "a.png", 32)
+    with pytest.raises(ValueError, match=r"--hr and --lr are one folder, .*flat': its HR and LR images are told "
+                                         r"apart by a tag .* it holds 0 HR and 0 LR image\(s\) so tagged"):
+        pair_files(flat, flat)
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    _touch_png(hr / "a.png", 32), _touch_png(lr / "a_x4.png", 8), _touch_png(lr / "a_LR4.png", 8)
+    with pytest.raises(ValueError, match="no HR/LR pairs with matching names"):
+        pair_files(hr, lr)
+    _touch_png(lr / "runs" / "contact_sheet.png", 8)
+    assert [p.name for _, p in lr_files(lr, exclude=lr / "runs")] == ["a_LR4.png", "a_x4.png"]
+
+
+def test_eval_names_nested_images_by_their_path(tmp_path, monkeypatch):
+    """Two images of one name in two subfolders are two rows, named by their path below the folder."""
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    rng = np.random.default_rng(1)
+    for sub in ("a", "b"):
+        hr = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+        _touch_png(tmp_path / "hr" / sub / "x.png", 32)
+        Image.fromarray(hr).save(tmp_path / "hr" / sub / "x.png")
+        _touch_png(tmp_path / "lr" / sub / "x.png", 8)
+    out = tmp_path / "lr" / "eval"  # inside --lr: not an input of the next run
+    args = ["eval", "--hr", str(tmp_path / "hr"), "--lr", str(tmp_path / "lr"), "--method", "bicubic",
+            "--out", str(out), "--sheet", "2"]
+    for _ in range(2):
+        assert main(args) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert [r["image"] for r in res["per_image"]] == ["a/x", "b/x"] and res["info"]["pairs"] == 2
+
+
 def test_a_metric_error_names_the_image_and_the_crop_border(tiny_pairs):
     from upsr_core.evaluate import evaluate, pair_files
 

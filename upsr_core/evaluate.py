@@ -17,7 +17,9 @@ Metrics: PSNR / SSIM on RGB and on Y (BT.601), NIQE with the official pristine m
 (optional: see :mod:`upsr_core.niqe`), and — when ``pyiqa`` with its weights is installed —
 ``--pyiqa lpips,clipiqa,musiq,maniqa``. Writes ``OUT/results.json``, ``OUT/results.md`` and
 ``OUT/contact_sheet.png`` (rows: images; columns: LR, methods, HR).
-HR/LR pairs are matched by file name; ``--manifest``+``--group`` keep one split group.
+HR/LR pairs are matched by their path below ``--hr`` and ``--lr`` (searched recursively), then by
+name without a scale tag (DIV2K ``x4``, DRealSR ``_x1``/``_x4``, RealSR V3 ``_HR``/``_LR4`` in one
+folder given as both): :func:`pair_files`; ``--manifest``+``--group`` keep one split group.
 
 Without ``--hr`` the run is no-reference, as the paper's RealSet65 column: every image of
 ``--lr`` is scored by NIQE and the no-reference pyiqa metrics only (``clipiqa``, ``musiq``,
@@ -29,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -56,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hr", default=None,
                    help="folder of HR images; leave out for a no-reference run (NIQE and pyiqa's no-reference "
                         "metrics of every image in --lr, as the paper's RealSet65 column)")
-    p.add_argument("--lr", required=True, help="folder of LR images (same file names, ×4 smaller)")
+    p.add_argument("--lr", required=True, help="folder of LR images, ×4 smaller, paired with --hr's by path and name (a scale "
+                        "tag such as x4, _x4, _LR4 / _HR, _x1 aside; RealSR V3's one folder: give it as both)")
     p.add_argument("--model", default=None, help="converted .safetensors with both nets (default: the demo model)")
     p.add_argument("--estimator", default=None, help="ATD file when --model holds only the denoiser")
     p.add_argument("--method", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
@@ -85,46 +89,116 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[Path, Path]]:
-    """(hr, lr) paths with the same stem, sorted; ``ids`` keeps only those stems."""
-    hrs = _image_files(hr_dir, ids)
-    lrs = {p.stem: p for p in _image_files(lr_dir)}
-    pairs = [(p, lrs[p.stem]) for p in hrs if p.stem in lrs]
+def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = None, *,
+               exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
+    """(hr, lr) image paths of two folders (searched recursively, as ``upscale`` reads a folder),
+    sorted by the HR image's path. Paired by the path below each folder without the suffix; an
+    image left over is then paired by its name without a scale tag (``_HR``, ``_GT``, ``_x1``,
+    ``_LR``, ``_LR4``, ``x4``…), which takes the usual benchmark layouts as they are: DIV2K
+    (``0801.png`` / ``0801x4.png``), DRealSR (``_x1`` / ``_x4``) and RealSR V3, whose HR and LR
+    images share one folder (``Canon_001_HR.png`` / ``Canon_001_LR4.png``: give that folder as
+    both). ``ids`` keeps the pairs whose HR name (with or without its tag) is among them;
+    ``exclude``: a folder whose files are never images of the set (eval's ``--out``).
+    ValueError when nothing pairs; a warning names the images left out."""
+    same = _same_folder(hr_dir, lr_dir)
+    hrs, lrs = _image_files(hr_dir, exclude=exclude), _image_files(lr_dir, exclude=exclude)
+    if same:  # RealSR V3: one folder, HR and LR told apart by their tags
+        hrs = {k: p for k, p in hrs.items() if _role(k) == "hr"}
+        lrs = {k: p for k, p in lrs.items() if _role(k) == "lr"}
+        if not hrs or not lrs:
+            raise ValueError(f"--hr and --lr are one folder, {str(hr_dir)!r}: its HR and LR images are told apart by "
+                             f"a tag at the end of the name (HR: _HR, _GT, _x1; LR: _LR, _LR4, _x4), and it holds "
+                             f"{len(hrs)} HR and {len(lrs)} LR image(s) so tagged")
+        pairs = {k: (hrs[k], lrs[m]) for k, m in _match_tagged(list(hrs), list(lrs), both=True).items()}
+    else:
+        pairs = {k: (p, lrs[k]) for k, p in hrs.items() if k in lrs}
+        tagged = _match_tagged([k for k in hrs if k not in pairs], [k for k in lrs if k not in hrs], both=False)
+        pairs |= {k: (hrs[k], lrs[m]) for k, m in tagged.items()}
+    paired_lr = {lp for _, lp in pairs.values()}
+    wanted = (lambda k: True) if ids is None else (lambda k: k in ids or _untag(k)[0] in ids)
+    pairs = {k: v for k, v in pairs.items() if wanted(k)}
     if not pairs:
         raise ValueError(f"no HR/LR pairs with matching names in {str(hr_dir)!r} and {str(lr_dir)!r}"
                          + (f" for the {len(ids)} selected ids" if ids is not None else ""))
-    alone = [p.name for p in hrs if p.stem not in lrs]
+    alone = [str(p.relative_to(hr_dir)) for k, p in hrs.items() if k not in pairs and wanted(k)]
     if alone:  # the table's mean is over the pairs found: say which images it leaves out
         log.warning("%d HR image(s) in %r have no LR image of the same name in %r and are left out: %s",
                     len(alone), str(hr_dir), str(lr_dir), _first_names(alone))
-    stems = {p.stem for p in hrs}
-    extra = [p.name for s, p in lrs.items() if s not in stems and (ids is None or s in ids)]
+    extra = [str(p.relative_to(lr_dir)) for k, p in lrs.items() if p not in paired_lr and wanted(k)]
     if extra:
         log.warning("%d LR image(s) in %r have no HR image of the same name in %r and are left out: %s",
                     len(extra), str(lr_dir), str(hr_dir), _first_names(extra))
-    return pairs
+    return [pairs[k] for k in sorted(pairs)]
+
+
+_TAG = re.compile(r"^(?P<base>.+?)[_\-.]?(?P<tag>hr|gt|x1|lr|lr4|lrx4|x4)$", re.IGNORECASE)
+_HR_TAGS, _LR_TAGS = {"hr", "gt", "x1"}, {"lr", "lr4", "lrx4", "x4"}
+
+
+def _untag(key: str) -> tuple[str, str | None]:
+    """``sub/Canon_001_LR4`` -> (``sub/Canon_001``, ``lr4``); a name without a scale tag -> (key, None)."""
+    folder, _, name = key.rpartition("/")
+    m = _TAG.match(name)
+    if m is None:
+        return key, None
+    return (f"{folder}/" if folder else "") + m["base"], m["tag"].lower()
+
+
+def _role(key: str) -> str | None:
+    tag = _untag(key)[1]
+    return "hr" if tag in _HR_TAGS else "lr" if tag in _LR_TAGS else None
+
+
+def _match_tagged(hr_keys: list[str], lr_keys: list[str], both: bool) -> dict[str, str]:
+    """HR key -> LR key for the names equal without their scale tags (``both``: each side must carry
+    one, as in a shared folder); a base two names of one side share is ambiguous and pairs nothing."""
+    def by_base(keys: list[str]) -> dict[str, str]:
+        out: dict[str, str | None] = {}
+        for k in keys:
+            base, tag = _untag(k)
+            if tag is None and both:
+                continue
+            out[base] = None if base in out else k
+        return {b: k for b, k in out.items() if k is not None}
+
+    h, lo = by_base(hr_keys), by_base(lr_keys)
+    return {h[b]: lo[b] for b in h.keys() & lo.keys()}
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.is_dir() and b.is_dir() and os.path.samefile(a, b))
 
 
 def _first_names(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" …" if len(names) > n else "")
 
 
-def _image_files(folder: str | Path, ids: set[str] | None = None) -> list[Path]:
-    """The images of ``folder`` (by suffix; hidden files such as macOS's ``._x.png`` skipped), sorted;
-    ``ids`` keeps only those stems."""
+def _image_files(folder: str | Path, ids: set[str] | None = None, *,
+                 exclude: str | Path | None = None) -> dict[str, Path]:
+    """The images below ``folder`` (recursively; by suffix; hidden files such as macOS's ``._x.png``
+    and files under ``exclude`` skipped), keyed by their path below ``folder`` without the suffix
+    (``/``-separated), in sorted order; ``ids`` keeps only the keys (with or without a scale tag)
+    among them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} " + ("is a file, not a folder" if folder.exists()
                                                                     else "does not exist"))
-    files = [p for p in sorted(folder.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, folder) and (ids is None or p.stem in ids)]
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files = sorted(p for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_hidden(p, folder)
+                   and not (skip is not None and p.resolve().is_relative_to(skip)))
     seen: dict[str, Path] = {}
     for p in files:  # images are paired by name: two with one name would count one image twice
-        if p.stem in seen:
-            raise ValueError(f"{str(folder)!r} holds {seen[p.stem].name!r} and {p.name!r}: images are paired by "
-                             "name without the suffix, so keep one of them")
-        seen[p.stem] = p
-    return files
+        key = p.relative_to(folder).with_suffix("").as_posix()
+        if ids is not None and key not in ids and _untag(key)[0] not in ids:
+            continue
+        if key in seen:
+            raise ValueError(f"{str(folder)!r} holds {str(seen[key].relative_to(folder))!r} and "
+                             f"{str(p.relative_to(folder))!r}: images are paired by name without the suffix, "
+                             "so keep one of them")
+        seen[key] = p
+    return dict(sorted(seen.items()))
 
 
 def _full_reference(metrics: dict | None) -> list[str]:
@@ -132,9 +206,11 @@ def _full_reference(metrics: dict | None) -> list[str]:
     return [n for n, m in (metrics or {}).items() if getattr(m, "metric_mode", "") == "FR"]
 
 
-def lr_files(lr_dir: str | Path, ids: set[str] | None = None) -> list[tuple[None, Path]]:
-    """(None, lr) for every image of ``lr_dir`` (a no-reference run), sorted; ``ids`` keeps only those stems."""
-    lrs = [(None, p) for p in _image_files(lr_dir, ids)]
+def lr_files(lr_dir: str | Path, ids: set[str] | None = None, *,
+             exclude: str | Path | None = None) -> list[tuple[None, Path]]:
+    """(None, lr) for every image below ``lr_dir`` (recursively; a no-reference run), sorted;
+    ``ids`` keeps only those names (with or without a scale tag); ``exclude``: a folder skipped."""
+    lrs = [(None, p) for p in _image_files(lr_dir, ids, exclude=exclude).values()]
     if not lrs:
         why = (f" for the {len(ids)} selected ids" if ids is not None
                else f" (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -313,6 +389,7 @@ def _means(rows: list) -> dict:
 def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid,
                  rows: list) -> None:
     """The loop of :func:`evaluate`: appends one row per pair to ``rows`` as it finishes."""
+    names = _row_names(pairs)
     for i, (hp, lp) in enumerate(pairs):
         lr_img = read_image(lp)
         lr = lr_img.rgb[None]
@@ -320,15 +397,15 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
         if hp is not None:
             hr_img = read_image(hp)
             if hr_img.gray != lr_img.gray:  # the colour image is scored against grey: PSNR means little
-                log.warning("%s: the HR image is %s but the LR image is %s", hp.name,
+                log.warning("%s: the HR image is %s but the LR image is %s", hp,
                             *(("grayscale", "colour") if hr_img.gray else ("colour", "grayscale")))
-            hr = mod_crop(hr_img.rgb[None], lr.shape[-2:], hp.name)
+            hr = mod_crop(hr_img.rgb[None], lr.shape[-2:], str(hp))
         for img, path in ((lr_img, lp), *(((hr_img, hp),) if hp is not None else ())):
             if img.alpha is not None and bool((img.alpha < 1).any()):  # scored: the colour under it too
                 log.warning("%s: has transparent pixels; the scores count their hidden colour too (composite the "
-                            "pairs over one background first to score what is seen)", path.name)
+                            "pairs over one background first to score what is seen)", path)
         outs = run_methods(model, lr, methods, seed, grid, gray=lr_img.gray)
-        row = {"image": (lp if hp is None else hp).stem, "metrics": {}}
+        row = {"image": names[i], "metrics": {}}
         for m, sr in outs.items():
             try:
                 row["metrics"][m] = _scores(sr, hr, crop_border, niqe_params, extra, full_ref)
@@ -340,6 +417,14 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
         rows.append(row)
         log.info("%d/%d %s  %s", i + 1, len(pairs), row["image"],
                  "  ".join(f"{m} {_label(row['metrics'][m])}" for m in outs))
+
+
+def _row_names(pairs: list[tuple[Path | None, Path]]) -> list[str]:
+    """The name each pair goes by in the table, the log and the sheet: the HR image's (else the LR
+    image's) path below the folder all of them share, without the suffix (a flat folder: the stem)."""
+    paths = [lp if hp is None else hp for hp, lp in pairs]
+    root = Path(os.path.commonpath([p.absolute().parent for p in paths]))
+    return [p.absolute().relative_to(root).with_suffix("").as_posix() for p in paths]
 
 
 def _scores(sr: torch.Tensor, hr: torch.Tensor | None, crop_border: int, niqe_params, extra: dict | None,
@@ -435,7 +520,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
     ids = set(manifest_ids(args.manifest, args.group, label="--manifest")) if args.manifest else None
-    pairs = (pair_files(args.hr, args.lr, ids) if args.hr is not None else lr_files(args.lr, ids))[: args.limit]
+    pairs = (pair_files(args.hr, args.lr, ids, exclude=out) if args.hr is not None
+             else lr_files(args.lr, ids, exclude=out))[: args.limit]
     pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
     no_ref = args.hr is None
     params = None
