@@ -26,7 +26,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import upsr_core.batch as batch_mod
 import upsr_core.model as model_mod
 from upsr_core import cli
 from upsr_core.checkpoint import save_converted
@@ -598,18 +597,19 @@ def test_a_real_sigint_gives_exit_130_without_a_traceback(model_file, tmp_path):
                                      (KeyboardInterrupt(), 130)])
 def test_a_failed_write_leaves_no_part_file(model_file, tmp_path, capsys, monkeypatch, exc, rc):
     """The disk fills up (or Ctrl-C comes) while the PNG is being written: one error line,
-    and neither the output nor its half-written .part file is left."""
-    def half_write(path, *a, **k):
-        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n partial")
+    and neither the output nor its half-written .part file is left; the error names the output
+    (a write's ENOSPC names no file of its own)."""
+    def half_save(self, fp, *a, **k):
+        fp.write(b"\x89PNG\r\n\x1a\n partial")
         raise exc
 
-    monkeypatch.setattr(batch_mod, "write_png", half_write)
     Image.new("RGB", (6, 6)).save(tmp_path / "in.png")
+    monkeypatch.setattr(Image.Image, "save", half_save)
     code, err = run_cli(capsys, "upscale", tmp_path / "in.png", "-o", tmp_path / "o.png", "--model", model_file,
                         "--device", "cpu", "-q")
     assert code == rc
     if rc == 2:
-        assert str(exc.strerror) in one_error_line(err)
+        assert str(exc.strerror) in one_error_line(err) and f"cannot write {str(tmp_path / 'o.png')!r}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
 
 

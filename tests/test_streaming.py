@@ -134,6 +134,24 @@ def test_stream_png_checks_rows(tmp_path):
     png.write_rows(torch.zeros(3, 2, 4))
     with pytest.raises(ValueError, match="2 of 3 rows"):
         png.close()
+    assert list(tmp_path.iterdir()) == []  # a short image is no file, and no .part is left
+
+
+def test_stream_png_and_write_png_are_all_or_nothing(tmp_path):
+    """An existing output stays as it was when a new write of it fails part-way (here: an error
+    in the band of rows being converted); a finished stream replaces it."""
+    old = tmp_path / "o.png"
+    write_png(old, torch.full((3, 4, 4), 0.5))
+    before = old.read_bytes()
+    with pytest.raises(ValueError, match="NaN"):
+        with PngStreamWriter(old, 4, 4) as png:
+            png.write_rows(torch.zeros(3, 2, 4))
+            write_png(old, torch.full((3, 4, 4), float("nan")))
+    assert old.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
+    with PngStreamWriter(old, 4, 4) as png:
+        png.write_rows(torch.zeros(3, 4, 4))
+        assert old.read_bytes() == before  # not yet: the rows are in o.png.part
+    assert read_image(old).rgb.max() == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
 
 
 def run_cli(model_file, src, dst, *extra) -> int:

@@ -24,9 +24,7 @@ from .imageio import (
     IMAGE_SUFFIXES,
     LoadedImage,
     PngStreamWriter,
-    commit_part,
     is_hidden,
-    part_files,
     read_image,
     write_png,
 )
@@ -260,34 +258,30 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
     lr = torch.stack([img.rgb for img, _, _ in group])
     hp, wp = padded_size(*lr.shape[-2:], model.multiple_of)
     noise = starting_noise(args.seed, 1, (hp, wp)).expand(len(group), -1, -1, -1).contiguous()
-    with part_files([dst for _, _, dst in group]) as tmps:
-        sr = model.upscale(lr, noise=noise, progress=bar.update, **kw)
-        bar.close()
-        for (img, _, dst), tmp, out in zip(group, tmps, sr):
-            alpha = None
-            if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
-                alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)
-                alpha = alpha[0].clamp(0, 1)
-            write_png(tmp, out, alpha, bits=_bits(img, args), gray=img.gray, icc=img.icc)
-            commit_part(tmp, dst)
-            if not args.quiet:
-                log.info("wrote %s (%dx%d)", dst, out.shape[-1], out.shape[-2])
+    sr = model.upscale(lr, noise=noise, progress=bar.update, **kw)
+    bar.close()
+    for (img, _, dst), out in zip(group, sr):
+        alpha = None
+        if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
+            alpha = F.interpolate(img.alpha[None], scale_factor=4, mode="bicubic", align_corners=False)
+            alpha = alpha[0].clamp(0, 1)
+        write_png(dst, out, alpha, bits=_bits(img, args), gray=img.gray, icc=img.icc)  # via dst.part
+        if not args.quiet:
+            log.info("wrote %s (%dx%d)", dst, out.shape[-1], out.shape[-2])
 
 
 def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argparse.Namespace, kw: dict,
                       bar) -> None:
     """One image of several tile rows, its finished rows written to the PNG as they come."""
     h4, w4 = SCALE * img.rgb.shape[-2], SCALE * img.rgb.shape[-1]
-    with part_files([dst]) as (tmp,):
-        with PngStreamWriter(tmp, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None,
-                             icc=img.icc) as png:
-            def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
-                a = None if img.alpha is None else _alpha_rows(img.alpha, y0, rows.shape[1])
-                png.write_rows(rows, a)
+    with PngStreamWriter(dst, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None,
+                         icc=img.icc) as png:  # rows go to dst.part, renamed when all are written
+        def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
+            a = None if img.alpha is None else _alpha_rows(img.alpha, y0, rows.shape[1])
+            png.write_rows(rows, a)
 
-            model.upscale(img.rgb[None], seed=args.seed, sink=sink, progress=bar.update, **kw)
-        bar.close()
-        commit_part(tmp, dst)
+        model.upscale(img.rgb[None], seed=args.seed, sink=sink, progress=bar.update, **kw)
+    bar.close()
     if not args.quiet:
         log.info("wrote %s (%dx%d)", dst, w4, h4)
 

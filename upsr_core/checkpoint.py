@@ -72,7 +72,7 @@ def check_safetensors_header(path: str | os.PathLike) -> None:
     n = int.from_bytes(head, "little") if len(head) == 8 else 0
     if n > MAX_SAFETENSORS_HEADER:
         raise UnsupportedCheckpointError(
-            f"{Path(path).name}: its safetensors header is {n} bytes, more than the {MAX_SAFETENSORS_HEADER} "
+            f"{path}: its safetensors header is {n} bytes, more than the {MAX_SAFETENSORS_HEADER} "
             "read here (a real model's is under 1 MB): not a model file, or a crafted one")
 
 
@@ -92,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 meta = dict(f.metadata() or {})
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
-            raise UnsupportedCheckpointError(f"{path.name}: not a readable .safetensors file ({e})") from None
+            raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
         return _canonical(sd, path), meta
     return _canonical(load_pickled(path), path), {}
 
@@ -105,10 +105,10 @@ def load_pickled(path: Path) -> object:
     with open(path, "rb") as f:
         head = f.read(8)
     if not head:
-        raise UnsupportedCheckpointError(f"{path.name}: not a readable PyTorch checkpoint: the file is empty")
+        raise UnsupportedCheckpointError(f"{path}: not a readable PyTorch checkpoint: the file is empty")
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip archive or a pickle
         raise UnsupportedCheckpointError(
-            f"{path.name}: not a checkpoint — a .pth/.pt file is a zip archive or a pickle and a .safetensors "
+            f"{path}: not a checkpoint — a .pth/.pt file is a zip archive or a pickle and a .safetensors "
             f"file starts with its JSON header; this one starts with {head!r}")
     try:
         with warnings.catch_warnings():  # a corrupted pickle's "Detected pickle protocol" warning: the error says it
@@ -116,14 +116,14 @@ def load_pickled(path: Path) -> object:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsupportedCheckpointError(
-            f"{path.name}: refused to load — expected a state dict of plain tensors, but the pickle asks for "
+            f"{path}: refused to load — expected a state dict of plain tensors, but the pickle asks for "
             f"code or objects outside them, or is corrupted (nothing was executed): {_reason(e)}"
         ) from None
     # A corrupted pickle can also fail inside the unpickler with these (seen by fuzzing torch 2.13).
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
             KeyError, IndexError, AssertionError, TypeError, AttributeError) as e:
         raise UnsupportedCheckpointError(
-            f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(e)}"
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): {_reason(e)}"
         ) from None
 
 
@@ -131,7 +131,7 @@ def _canonical(obj: object, path: Path) -> dict[str, torch.Tensor]:
     try:
         return canonicalize_state_dict(obj)
     except UnsupportedCheckpointError as e:
-        raise UnsupportedCheckpointError(f"{path.name}: {e}") from None
+        raise UnsupportedCheckpointError(f"{path}: {e}") from None
 
 
 def _reason(e: BaseException) -> str:

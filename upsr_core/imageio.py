@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
-           "open_for_writing", "part_files", "commit_part", "write_atomically",
+           "open_for_writing", "write_atomically",
            "write_text"]
 
 log = logging.getLogger("upsr_core")
@@ -206,7 +206,8 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
               *, bits: int = 8, gray: bool = False, icc: bytes | None = None) -> None:
     """Write rgb (3, H, W) in [0, 1] (+ alpha (1, H, W)) as PNG, 8- or 16-bit; values are
     clamped to [0, 1] and rounded (as the official ``tensor2img``); ``icc``: an ICC profile to
-    embed (iCCP).
+    embed (iCCP). All or nothing (:func:`write_atomically`): an interrupted or failed write
+    leaves ``path`` as it was, never a truncated PNG; a link at ``path`` is refused.
 
     Converted in bands of rows: besides the output integers, no full-size float copy is
     made (a 24000 × 16000 result would need 4.6 GB per float32 copy).
@@ -229,12 +230,12 @@ def write_png(path: str | os.PathLike, rgb: torch.Tensor, alpha: torch.Tensor | 
                                     bits, gray)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if bits == 16:
-        _write_png16(path, a, icc)
-        return
-    with open_for_writing(path) as f:
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(f, format="PNG",
-                                                                   **({"icc_profile": icc} if icc else {}))
+    with write_atomically(path) as f:
+        if bits == 16:
+            _write_png16(f, a, icc)
+        else:
+            Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(f, format="PNG",
+                                                                       **({"icc_profile": icc} if icc else {}))
 
 
 _BAND = 256  # rows converted at a time by write_png
@@ -260,47 +261,32 @@ def _link_refused(path: str | os.PathLike) -> OSError:
 
 
 @contextlib.contextmanager
-def part_files(dsts: list[Path]) -> Iterator[list[Path]]:
-    """The ``.part`` paths the outputs ``dsts`` are written to first (then renamed into place, so an
-    interrupted write never leaves a complete-looking output); on any exception (disk full,
-    Ctrl-C, …) those not yet renamed are removed: no half-written .part is left behind either."""
-    tmps = [dst.with_name(dst.name + ".part") for dst in dsts]
-    for tmp in tmps:  # a stale .part (power loss) or a link planted in a shared folder: removed, never followed
-        if tmp.is_symlink() or tmp.is_file():
-            tmp.unlink()
-    try:
-        yield tmps
-    except BaseException:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def commit_part(tmp: Path, dst: Path) -> None:
-    """The finished .part file becomes ``dst``: its bytes are on the disk first (fsync), so that
-    after a crash or power loss an output that exists is complete, and a resumed run, which skips
-    existing outputs, never keeps a truncated one; an interrupted write leaves only the .part."""
-    with open(tmp, "r+b") as f:  # opened for writing: Windows' fsync (FlushFileBuffers) refuses a read-only handle
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
-@contextlib.contextmanager
 def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file whose bytes become ``path`` only if the ``with`` block ends without an
-    exception: one :func:`part_files` .part beside it (opened through :func:`open_for_writing`),
-    then :func:`commit_part`. On any exception (disk full, Ctrl-C, …) the .part is removed and
-    ``path`` is as it was: a failed write never leaves a truncated model file or checkpoint.
-    A link at ``path`` is refused (an OSError naming it); an OSError that names no file (ENOSPC
-    from a write) is raised again naming ``path``."""
+    exception: they go to ``<path>.part`` (opened through :func:`open_for_writing`), which is
+    fsynced and then renamed to ``path``, so that after a crash or power loss an output that
+    exists is complete and a resumed run, which skips existing outputs, never keeps a truncated
+    one. On any exception (disk full, Ctrl-C, …) the .part is removed and ``path`` is as it was.
+    A stale .part (power loss) or a link planted there is removed, never followed; a link at
+    ``path`` is refused (an OSError naming it); an OSError that names no file (ENOSPC from a
+    write) is raised again naming ``path``. Every output of the project is written so: images,
+    model files, checkpoints, results."""
     path = Path(path)
     if path.is_symlink():
         raise _link_refused(path)
+    tmp = path.with_name(path.name + ".part")
     try:
-        with part_files([path]) as (tmp,):
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()
+        try:
             with open_for_writing(tmp) as f:
                 yield f
-            commit_part(tmp, path)
+            with open(tmp, "r+b") as f:  # opened for writing: Windows' fsync (FlushFileBuffers) refuses read-only
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     except OSError as e:
         if e.filename is None and e.errno is not None and e.errno != errno.ELOOP:
             raise OSError(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from e
@@ -344,8 +330,10 @@ class PngStreamWriter:
     luma), top to bottom; ``close()`` checks that ``height`` rows came and ends the file.
     Filter type 0 per row, stdlib zlib; compressed data goes out in IDAT chunks of about
     1 MiB, so memory is one band. The pixels equal write_png's (the bytes may differ:
-    Pillow filters rows adaptively). Use as a context manager; on an exception the file
-    is left incomplete (write to a temporary name).
+    Pillow filters rows adaptively). Use as a context manager. All or nothing, as
+    :func:`write_png`: the rows go to ``<path>.part``, which becomes ``path`` when ``close()``
+    finds every row written; on an exception (or a short image) the .part is removed and
+    ``path`` is as it was.
     """
 
     _IDAT = 1 << 20
@@ -362,7 +350,9 @@ class PngStreamWriter:
         color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open_for_writing(path)
+        self._file = write_atomically(path)
+        self._f = self._file.__enter__()
+        self._done = False
         self._comp = zlib.compressobj(6)
         self._pending: list[bytes] = []
         self._size = 0
@@ -398,24 +388,30 @@ class PngStreamWriter:
             self._pending, self._size = [], 0
 
     def close(self) -> None:
-        if self._f.closed:
+        """End the PNG and put it in place; a ValueError (and no file) if rows are missing."""
+        if self._done:
             return
         try:
             if self.rows != self.height:
                 raise ValueError(f"PNG got {self.rows} of {self.height} rows")
             self._pending.append(self._comp.flush())
             self._f.write(_chunk(b"IDAT", b"".join(self._pending)) + _chunk(b"IEND", b""))
-        finally:
-            self._f.close()
+        except BaseException as e:
+            self._done = True
+            if not self._file.__exit__(type(e), e, e.__traceback__):  # the .part goes (an OSError: named)
+                raise
+        self._done = True
+        self._file.__exit__(None, None, None)
 
     def __enter__(self) -> "PngStreamWriter":
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._f.close()
+        elif not self._done:
+            self._file.__exit__(exc_type, exc, tb)
+            self._done = True
 
 
 def _iccp(icc: bytes | None) -> bytes:
@@ -423,17 +419,12 @@ def _iccp(icc: bytes | None) -> bytes:
     return _chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)) if icc else b""
 
 
-def _write_png16(path: Path, a: np.ndarray, icc: bytes | None = None) -> None:
-    """Minimal 16-bit PNG writer (Pillow cannot write 16-bit colour): a (H, W, C) uint16, C in 1..4."""
+def _write_png16(f: BinaryIO, a: np.ndarray, icc: bytes | None = None) -> None:
+    """Minimal 16-bit PNG writer (Pillow cannot write 16-bit colour): a (H, W, C) uint16, C in 1..4,
+    to the open binary file ``f``."""
     h, w, c = a.shape
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
     comp = zlib.compressobj(6)
     idat = b"".join(comp.compress(b"\x00" + a[i].astype(">u2").tobytes()) for i in range(h)) + comp.flush()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    with open_for_writing(path) as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + _iccp(icc) + chunk(b"IDAT", idat)
-                + chunk(b"IEND", b""))
+    f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _iccp(icc) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))

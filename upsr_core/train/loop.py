@@ -240,7 +240,8 @@ class Trainer:
         try:  # tensors, numbers, strings and containers only: a checkpoint's pickle never runs code
             sd = load_pickled(Path(path))
         except UnsupportedCheckpointError as e:  # truncated by a crash of an older version, corrupted, foreign
-            raise ValueError(f"{str(path)!r} is not a readable training checkpoint ({e}): start over with --fresh "
+            why = str(e).removeprefix(f"{Path(path)}: ")  # load_pickled's message names the file too
+            raise ValueError(f"{str(path)!r} is not a readable training checkpoint ({why}): start over with --fresh "
                              "(which keeps this file as <name>.before-fresh), or give another --out") from None
         for key in ("model", "ema", "opt", "step"):
             if not isinstance(sd, dict) or key not in sd:
