@@ -465,6 +465,27 @@ def test_eval_names_nested_images_by_their_path(tmp_path, monkeypatch):
         assert [r["image"] for r in res["per_image"]] == ["a/x", "b/x"] and res["info"]["pairs"] == 2
 
 
+def test_eval_saves_the_outputs_it_scored(tiny_pairs, monkeypatch):
+    """--save-images writes each method's output as the 8-bit PNG that was scored: read back, it
+    gives the table's PSNR exactly; a sweep's rows get folders without spaces."""
+    from upsr_core.imageio import read_image
+
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    out = root / "ev"
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--method",
+                 "bicubic,upsr", "--b-u", "0.4,0.6", "--out", str(out), "--save-images", "--sheet", "0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["info"]["images"] == str(out / "images")
+    assert sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.png")) == [
+        f"{m}/img{i}.png" for m in ("bicubic", "upsr", "upsr_b_u=0.6_psi_max=0.05") for i in (0, 1)]
+    for row in res["per_image"]:
+        hr = read_image(root / "hr" / f"{row['image']}.png").rgb[None]
+        for m, folder in (("bicubic", "bicubic"), ("upsr b_u=0.6 psi_max=0.05", "upsr_b_u=0.6_psi_max=0.05")):
+            sr = read_image(out / "images" / folder / f"{row['image']}.png").rgb[None]
+            assert float(psnr(sr, hr)[0]) == row["metrics"][m]["psnr"]
+
+
 def test_a_metric_error_names_the_image_and_the_crop_border(tiny_pairs):
     from upsr_core.evaluate import evaluate, pair_files
 

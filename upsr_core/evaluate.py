@@ -41,13 +41,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
-from .imageio import IMAGE_SUFFIXES, is_hidden, luma, read_image, write_atomically, write_text
+from .imageio import IMAGE_SUFFIXES, is_hidden, luma, read_image, write_atomically, write_png, write_text
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
-__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid"]
+__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid",
+           "method_folder"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
@@ -59,8 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hr", default=None,
                    help="folder of HR images; leave out for a no-reference run (NIQE and pyiqa's no-reference "
                         "metrics of every image in --lr, as the paper's RealSet65 column)")
-    p.add_argument("--lr", required=True, help="folder of LR images, ×4 smaller, paired with --hr's by path and name (a scale "
-                        "tag such as x4, _x4, _LR4 / _HR, _x1 aside; RealSR V3's one folder: give it as both)")
+    p.add_argument("--lr", required=True,
+                   help="folder of LR images, ×4 smaller, paired with --hr's by path and name (a scale tag such "
+                        "as x4, _x4, _LR4 / _HR, _x1 aside; RealSR V3's one folder: give it as both)")
     p.add_argument("--model", default=None, help="converted .safetensors with both nets (default: the demo model)")
     p.add_argument("--estimator", default=None, help="ATD file when --model holds only the denoiser")
     p.add_argument("--method", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
@@ -86,6 +88,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(it runs on the CPU, ~1 s per image and method)")
     p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
     p.add_argument("--sheet", type=int_min(0), default=6, help="images on the contact sheet (0: none)")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write every method's output, the 8-bit PNG scored, to OUT/images/<method>/<image>.png")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -265,6 +269,12 @@ def upsr_label(b_u: float, psi_max: float) -> str:
     return f"upsr b_u={b_u:g} psi_max={psi_max:g}"
 
 
+def method_folder(label: str) -> str:
+    """The folder ``eval --save-images`` writes a method's outputs to: its row name without spaces
+    (``upsr b_u=0.2 psi_max=0.05`` -> ``upsr_b_u=0.2_psi_max=0.05``)."""
+    return label.replace(" ", "_")
+
+
 def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
     """Comma lists '0.2,0.4' and '0.05' -> every (b_u, ψ_max) pair, b_u outer; checked as weight_noise does."""
     def values(name: str, text: str) -> list[float]:
@@ -339,12 +349,15 @@ def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str) -> torch.Ten
 
 def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *, seed: int = 0,
              crop_border: int = 0, niqe_params=None, extra: dict | None = None, keep: int = 0,
-             grid: list[tuple[float, float]] | None = None) -> tuple[dict, list]:
+             grid: list[tuple[float, float]] | None = None, save_dir: str | Path | None = None) -> tuple[dict, list]:
     """Metrics per image and method -> ({method: {metric: mean}}, per-image rows); also returns
     the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet.
 
     ``pairs``: (hr, lr) paths (:func:`pair_files`), or all (None, lr) for a no-reference run
     (:func:`lr_files`): then only NIQE and the no-reference ``extra`` metrics are computed.
+    ``save_dir``: each method's output is also written there as the 8-bit PNG that was scored,
+    ``save_dir/<method>/<image>.png`` (:func:`method_folder`; ``<image>`` the row's name), for
+    other scoring tools or a side-by-side look.
     """
     if not pairs:
         raise ValueError("pairs is empty: give at least one (hr, lr) or (None, lr) pair")
@@ -363,7 +376,8 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
                              "no-reference pyiqa metrics")
     rows: list = []
     try:
-        _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid, rows)
+        _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid, rows,
+                     None if save_dir is None else Path(save_dir))
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (the CLI's handler): keep what is done
         if not rows:
             raise
@@ -387,7 +401,7 @@ def _means(rows: list) -> dict:
 
 
 def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid,
-                 rows: list) -> None:
+                 rows: list, save_dir: Path | None) -> None:
     """The loop of :func:`evaluate`: appends one row per pair to ``rows`` as it finishes."""
     names = _row_names(pairs)
     for i, (hp, lp) in enumerate(pairs):
@@ -406,6 +420,8 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
                             "pairs over one background first to score what is seen)", path)
         outs = run_methods(model, lr, methods, seed, grid, gray=lr_img.gray)
         row = {"image": names[i], "metrics": {}}
+        for m, sr in outs.items() if save_dir is not None else ():
+            write_png(save_dir / method_folder(m) / f"{names[i]}.png", sr[0], gray=lr_img.gray)
         for m, sr in outs.items():
             try:
                 row["metrics"][m] = _scores(sr, hr, crop_border, niqe_params, extra, full_ref)
@@ -559,7 +575,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     stopped = None
     try:
         means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border,
-                               niqe_params=params, extra=extra, keep=args.sheet, grid=grid)
+                               niqe_params=params, extra=extra, keep=args.sheet, grid=grid,
+                               save_dir=out / "images" if args.save_images else None)
     except EvalInterrupted as e:  # hours into a large set: the images done are written, marked partial
         means, rows, stopped = e.means, e.rows, e.code
     out.mkdir(parents=True, exist_ok=True)
@@ -568,7 +585,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
-            "b_u_psi_max": grid,
+            "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
             "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}"}
     write_text(out / "results.json", json.dumps({"info": info, "mean": means,
                                                  "per_image": [{k: v for k, v in r.items() if k != "images"}
