@@ -168,7 +168,8 @@ def test_eval_crops_an_hr_up_to_3_px_larger_than_x4_as_basicsr(tiny_pairs, monke
     assert a == b
     Image.fromarray(np.pad(hr, ((0, 4), (0, 0), (0, 0)), mode="reflect")).save(root / "hr_big" / "img0.png")
     assert main([*argv, "--hr", str(root / "hr_big"), "--out", str(root / "c")]) != 0
-    assert "img0.png: HR (68, 64) is not ×4 of LR (16, 16) (or up to 3 px more)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"img0.png: HR (68, 64) is not ×4 of LR (16, 16) ({root / 'lr' / 'img0.png'}) (or up to 3 px more)" in err
     with pytest.raises(ValueError, match=r"img0.png: HR \(64, 60\) is not ×4 of LR \(16, 16\)"):
         mod_crop(torch.zeros(1, 3, 64, 60), (16, 16), "img0.png")
 
@@ -437,14 +438,94 @@ def test_pairing_refuses_what_it_cannot_tell_apart(tmp_path):
     flat = tmp_path / "flat"
     _touch_png(flat / "a.png", 32)
     with pytest.raises(ValueError, match=r"--hr and --lr are one folder, .*flat': its HR and LR images are told "
-                                         r"apart by a tag .* it holds 0 HR and 0 LR image\(s\) so tagged"):
+                                         r"apart by a tag .* it holds 0 HR and 0 ×4 LR image\(s\) so tagged"):
         pair_files(flat, flat)
     hr, lr = tmp_path / "hr", tmp_path / "lr"
     _touch_png(hr / "a.png", 32), _touch_png(lr / "a_x4.png", 8), _touch_png(lr / "a_LR4.png", 8)
-    with pytest.raises(ValueError, match="no HR/LR pairs with matching names"):
+    with pytest.raises(ValueError, match=r"no HR/LR pairs in .*hr' \(1 image\(s\), e.g. 'a'\) and .*lr' \(2 image\(s\), "
+                                         r"e.g. 'a_LR4'\), 1 name\(s\) ambiguous \(see above\)"):
         pair_files(hr, lr)
     _touch_png(lr / "runs" / "contact_sheet.png", 8)
     assert [p.name for _, p in lr_files(lr, exclude=lr / "runs")] == ["a_LR4.png", "a_x4.png"]
+
+
+def test_pairing_names_what_it_left_out_and_why(tmp_path, caplog):
+    """Review of 2026-11-28: an ambiguous name is a warning naming the images (not a silent
+    'no pairs'); 'no pairs' says what each folder holds and the rule; tags need a separator
+    (cathr is not cat's HR) but the HR's whole name is tried first (night_gt / night_gt_x4); an
+    --lr inside --hr is not counted as HR images; selected ids without an image are named; a
+    stray duplicate outside the selected ids does not stop the run."""
+    from upsr_core.evaluate import pair_files
+
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    for name in ("a.png", "a_HR.png", "b.png", "cathr.png", "box1.png", "night_gt.png"):
+        _touch_png(hr / name, 32)
+    for name in ("a_x4.png", "b.png", "cat.png", "box1x4.png", "night_gt_x4.png"):
+        _touch_png(lr / name, 8)
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        pairs = pair_files(hr, lr)
+    assert _names(pairs, hr, lr) == [("b.png", "b.png"), ("box1.png", "box1x4.png"),
+                                     ("night_gt.png", "night_gt_x4.png")]
+    assert "each of these names matches more than one image: a, a_HR, a_x4" in caplog.text
+    assert "left out: a.png, a_HR.png, cathr.png" in caplog.text and "left out: a_x4.png, cat.png" in caplog.text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no HR/LR pairs in .*empty' \(no images\) and .*lr' \(5 image\(s\), e.g. "
+                                         r"'a_x4'\): images pair by their path below each folder without the suffix, "
+                                         r"or without a scale tag"):
+        pair_files(empty, lr)
+    nest = tmp_path / "nest"  # --lr inside --hr
+    _touch_png(nest / "a.png", 32), _touch_png(nest / "lr" / "a.png", 8)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        assert _names(pair_files(nest, nest / "lr"), nest, nest / "lr") == [("a.png", "a.png")]
+    assert caplog.text == ""
+    _touch_png(hr / "z.png", 32), _touch_png(hr / "z.jpg", 32)  # outside the ids: not this run's business
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        assert _names(pair_files(hr, lr, {"b", "typo"}), hr, lr) == [("b.png", "b.png")]
+    assert "1 of the 2 selected ids have no image here: typo" in caplog.text
+
+
+def test_eval_refuses_an_out_that_holds_its_inputs_and_skips_earlier_results(tiny_pairs, monkeypatch, capsys):
+    """--out = --lr (or a parent of it, such as '.') made every input vanish behind 'no pairs';
+    now it is refused by name before anything runs. An earlier run's results inside --lr (its
+    sheet, its saved images) are not scored as inputs of a no-reference run; a --save-images
+    target that cannot be written fails before the model loads."""
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    base = ["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--method", "bicubic", "--sheet", "2"]
+    for out in (root / "lr", root):
+        assert main([*base, "--out", str(out)]) == 2
+        assert f"--out {str(out)!r} is, or holds, the " in capsys.readouterr().err
+    assert main([*base, "--out", str(root / "lr" / "run1"), "--save-images"]) == 0
+    assert (root / "lr" / "run1" / "images" / "bicubic" / "img0.png").is_file()
+    assert main([*base, "--out", str(root / "lr" / "run2")]) == 0
+    assert json.loads((root / "lr" / "run2" / "results.json").read_text())["info"]["pairs"] == 2
+    capsys.readouterr()
+    (root / "o3").mkdir()
+    (root / "o3" / "images").write_text("a file")
+    assert main([*base, "--out", str(root / "o3"), "--save-images", "--model", str(root / "missing.safetensors"),
+                 "--method", "bicubic,estimator"]) == 2
+    assert f"--out: {str(root / 'o3' / 'images')!r} cannot be made" in capsys.readouterr().err
+
+
+def test_eval_row_names_do_not_depend_on_the_subset(tmp_path, monkeypatch):
+    """--limit 1 named the one row 'x' where the whole set named it 'a/x': names are paths below --hr."""
+    from upsr_core.evaluate import _row_names
+
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    for sub in ("a", "b"):
+        _touch_png(tmp_path / "hr" / sub / "x.png", 32), _touch_png(tmp_path / "lr" / sub / "x.png", 8)
+    out = tmp_path / "ev"
+    assert main(["eval", "--hr", str(tmp_path / "hr"), "--lr", str(tmp_path / "lr"), "--method", "bicubic",
+                 "--out", str(out), "--limit", "1", "--sheet", "0", "--save-images"]) == 0
+    assert [r["image"] for r in json.loads((out / "results.json").read_text())["per_image"]] == ["a/x"]
+    assert (out / "images" / "bicubic" / "a" / "x.png").is_file()
+    odd = [(tmp_path / "hr" / "a" / "x.png", tmp_path / "lr" / "a" / "x.png"),
+           (tmp_path / "hr" / "a" / ".." / "b" / "x.png", tmp_path / "lr" / "b" / "x.png")]
+    assert _row_names(odd) == ["a/x", "b/x"]  # spelled with '..': normalised, not '../b/x'
+    with pytest.raises(ValueError, match=r"root .*lr'.*is not below it"):
+        _row_names(odd, tmp_path / "lr")
 
 
 def test_eval_names_nested_images_by_their_path(tmp_path, monkeypatch):

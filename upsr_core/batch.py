@@ -225,21 +225,21 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     return 0
 
 
-def check_writable(folders: set[Path]) -> None:
+def check_writable(folders: set[Path], flag: str = "-o") -> None:
     """Each output folder, or the nearest of its parents that exists (where it will be made), takes
-    a file: a read-only or full -o fails before the model loads and the first image runs, not after.
-    ValueError naming the folder and the system's reason."""
+    a file: a read-only or full ``flag`` folder fails before the model loads and the first image
+    runs, not after. ValueError naming the flag, the folder and the system's reason."""
     for folder in sorted(folders):
         probe = folder
         while not probe.exists() and probe.parent != probe:
             probe = probe.parent
         if not probe.is_dir():
-            raise ValueError(f"-o: {str(folder)!r} cannot be made: {str(probe)!r} is a file")
+            raise ValueError(f"{flag}: {str(folder)!r} cannot be made: {str(probe)!r} is a file")
         try:
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError as e:
-            raise ValueError(f"-o: cannot write into {str(probe)!r} ({e.strerror or e})") from None
+            raise ValueError(f"{flag}: cannot write into {str(probe)!r} ({e.strerror or e})") from None
 
 
 def _label(group: list, done: int, total: int) -> str:

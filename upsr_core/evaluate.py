@@ -89,7 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
     p.add_argument("--sheet", type=int_min(0), default=6, help="images on the contact sheet (0: none)")
     p.add_argument("--save-images", action="store_true",
-                   help="also write every method's output, the 8-bit PNG scored, to OUT/images/<method>/<image>.png")
+                   help="also write every method's output, the 8-bit PNG scored, to OUT/images/<method>/<image>.png "
+                        "(<image>: the HR image's path below --hr, its tag kept, so a result sits by the name of its "
+                        "ground truth; images/upsr is the official b_u/psi_max pair of a sweep)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -97,55 +99,76 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
                exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
     """(hr, lr) image paths of two folders (searched recursively, as ``upscale`` reads a folder),
     sorted by the HR image's path. Paired by the path below each folder without the suffix; an
-    image left over is then paired by its name without a scale tag (``_HR``, ``_GT``, ``_x1``,
-    ``_LR``, ``_LR4``, ``x4``…), which takes the usual benchmark layouts as they are: DIV2K
-    (``0801.png`` / ``0801x4.png``), DRealSR (``_x1`` / ``_x4``) and RealSR V3, whose HR and LR
-    images share one folder (``Canon_001_HR.png`` / ``Canon_001_LR4.png``: give that folder as
-    both). ``ids`` keeps the pairs whose HR name (with or without its tag) is among them;
-    ``exclude``: a folder whose files are never images of the set (eval's ``--out``).
-    ValueError when nothing pairs; a warning names the images left out."""
+    image left over answers also to its name without a scale tag (HR: ``_HR``, ``_GT``, ``_x1``;
+    LR: ``_LR``, ``_LR4``, ``_LRx4``, ``_x4`` or a bare ``x4``; the separator may be ``_``, ``-``
+    or ``.``), and images answering to one name pair. That takes the usual benchmark layouts as
+    they are: DIV2K (``0801.png`` / ``0801x4.png``), DRealSR (``_x1`` / ``_x4``) and RealSR V3,
+    whose HR and LR images share one folder (``Canon_001_HR.png`` / ``Canon_001_LR4.png``: give
+    that folder as both; ``_LR2``/``_LR3``, other scales, are not used). Names that link more
+    than one image of a side pair none of them (a warning names them). ``ids`` keeps the images
+    whose name (with or without its tag) is among them; ``exclude``: a folder whose files are
+    never images of the set (eval's ``--out``); a folder holding an earlier eval's results.json
+    and results.md is skipped too, as is the other folder where one lies inside the other.
+    ValueError when nothing pairs, saying what each folder holds; warnings name the images
+    (and ids) left out."""
+    hr_dir, lr_dir = Path(hr_dir), Path(lr_dir)
     same = _same_folder(hr_dir, lr_dir)
-    hrs, lrs = _image_files(hr_dir, exclude=exclude), _image_files(lr_dir, exclude=exclude)
+    skip = [] if exclude is None else [Path(exclude)]
+    hrs = _image_files(hr_dir, ids, exclude=skip + ([] if same else [lr_dir]))
+    lrs = _image_files(lr_dir, ids, exclude=skip + ([] if same else [hr_dir]))
     if same:  # RealSR V3: one folder, HR and LR told apart by their tags
+        other = [k for k in hrs if _role(k) is None]
         hrs = {k: p for k, p in hrs.items() if _role(k) == "hr"}
         lrs = {k: p for k, p in lrs.items() if _role(k) == "lr"}
+        if other:
+            log.info("%d image(s) in %r carry neither an HR nor a ×4 LR tag and are not used (the model is ×4; "
+                     "_LR2, _LR3 are other scales): %s", len(other), str(hr_dir), _first_names(other))
         if not hrs or not lrs:
             raise ValueError(f"--hr and --lr are one folder, {str(hr_dir)!r}: its HR and LR images are told apart by "
                              f"a tag at the end of the name (HR: _HR, _GT, _x1; LR: _LR, _LR4, _x4), and it holds "
-                             f"{len(hrs)} HR and {len(lrs)} LR image(s) so tagged")
-        pairs = {k: (hrs[k], lrs[m]) for k, m in _match_tagged(list(hrs), list(lrs), both=True).items()}
+                             f"{len(hrs)} HR and {len(lrs)} ×4 LR image(s) so tagged")
+        matched, ambiguous = _match_tagged(list(hrs), list(lrs))
+        pairs = {k: (hrs[k], lrs[m]) for k, m in matched.items()}
     else:
         pairs = {k: (p, lrs[k]) for k, p in hrs.items() if k in lrs}
-        tagged = _match_tagged([k for k in hrs if k not in pairs], [k for k in lrs if k not in hrs], both=False)
-        pairs |= {k: (hrs[k], lrs[m]) for k, m in tagged.items()}
-    paired_lr = {lp for _, lp in pairs.values()}
-    wanted = (lambda k: True) if ids is None else (lambda k: k in ids or _untag(k)[0] in ids)
-    pairs = {k: v for k, v in pairs.items() if wanted(k)}
+        matched, ambiguous = _match_tagged([k for k in hrs if k not in pairs], [k for k in lrs if k not in hrs])
+        pairs |= {k: (hrs[k], lrs[m]) for k, m in matched.items()}
+    for names in ambiguous:
+        log.warning("not paired, as each of these names matches more than one image: %s", ", ".join(names))
     if not pairs:
-        raise ValueError(f"no HR/LR pairs with matching names in {str(hr_dir)!r} and {str(lr_dir)!r}"
-                         + (f" for the {len(ids)} selected ids" if ids is not None else ""))
-    alone = [str(p.relative_to(hr_dir)) for k, p in hrs.items() if k not in pairs and wanted(k)]
+        raise ValueError(
+            f"no HR/LR pairs in {str(hr_dir)!r} ({_holds(hrs)}) and {str(lr_dir)!r} ({_holds(lrs)})"
+            + (f" among the {len(ids)} selected ids" if ids is not None else "")
+            + (f", {len(ambiguous)} name(s) ambiguous (see above)" if ambiguous else "")
+            + ": images pair by their path below each folder without the suffix, or without a scale tag "
+              "(x4, _x4, _LR4 / _HR, _GT, _x1)")
+    paired_lr = {lp for _, lp in pairs.values()}
+    alone = [str(p.relative_to(hr_dir)) for k, p in hrs.items() if k not in pairs]
     if alone:  # the table's mean is over the pairs found: say which images it leaves out
         log.warning("%d HR image(s) in %r have no LR image of the same name in %r and are left out: %s",
                     len(alone), str(hr_dir), str(lr_dir), _first_names(alone))
-    extra = [str(p.relative_to(lr_dir)) for k, p in lrs.items() if p not in paired_lr and wanted(k)]
+    extra = [str(p.relative_to(lr_dir)) for p in lrs.values() if p not in paired_lr]
     if extra:
         log.warning("%d LR image(s) in %r have no HR image of the same name in %r and are left out: %s",
                     len(extra), str(lr_dir), str(hr_dir), _first_names(extra))
+    if ids is not None:
+        _warn_missing_ids(ids, pairs)
     return [pairs[k] for k in sorted(pairs)]
 
 
-_TAG = re.compile(r"^(?P<base>.+?)[_\-.]?(?P<tag>hr|gt|x1|lr|lr4|lrx4|x4)$", re.IGNORECASE)
+_TAG = re.compile(r"^(?P<base>.+?)(?:[_\-.](?P<tag>hr|gt|x1|lr|lr4|lrx4|x4)|(?P<bare>x4))$", re.IGNORECASE)
 _HR_TAGS, _LR_TAGS = {"hr", "gt", "x1"}, {"lr", "lr4", "lrx4", "x4"}
 
 
 def _untag(key: str) -> tuple[str, str | None]:
-    """``sub/Canon_001_LR4`` -> (``sub/Canon_001``, ``lr4``); a name without a scale tag -> (key, None)."""
+    """``sub/Canon_001_LR4`` -> (``sub/Canon_001``, ``lr4``); ``0801x4`` -> (``0801``, ``x4``); a
+    name without a scale tag -> (key, None). HR tags and LR tags but the bare ``x4`` need a
+    separator (``cathr`` is a cat's name, not a cat's HR)."""
     folder, _, name = key.rpartition("/")
     m = _TAG.match(name)
     if m is None:
         return key, None
-    return (f"{folder}/" if folder else "") + m["base"], m["tag"].lower()
+    return (f"{folder}/" if folder else "") + m["base"], (m["tag"] or m["bare"]).lower()
 
 
 def _role(key: str) -> str | None:
@@ -153,20 +176,61 @@ def _role(key: str) -> str | None:
     return "hr" if tag in _HR_TAGS else "lr" if tag in _LR_TAGS else None
 
 
-def _match_tagged(hr_keys: list[str], lr_keys: list[str], both: bool) -> dict[str, str]:
-    """HR key -> LR key for the names equal without their scale tags (``both``: each side must carry
-    one, as in a shared folder); a base two names of one side share is ambiguous and pairs nothing."""
-    def by_base(keys: list[str]) -> dict[str, str]:
-        out: dict[str, str | None] = {}
-        for k in keys:
-            base, tag = _untag(k)
-            if tag is None and both:
-                continue
-            out[base] = None if base in out else k
-        return {b: k for b, k in out.items() if k is not None}
+def _match_tagged(hr_keys: list[str], lr_keys: list[str]) -> tuple[dict[str, str], list[list[str]]]:
+    """HR key -> LR key for images that answer to one name, each answering to its key and, where it
+    carries a scale tag of its side's kind (an HR tag on the HR side, an LR tag on the LR side),
+    its key without it (``night_gt`` and ``night_gt_x4`` share ``night_gt``; ``0801`` and
+    ``0801x4`` share ``0801``). Images linked through shared names pair only as one HR and one LR:
+    a group with more (``a``, ``a_HR`` and ``a_x4``) pairs none and comes back as a list of keys,
+    for a warning."""
+    def names(key: str, role: str) -> set[str]:
+        return {key, _untag(key)[0]} if _role(key) == role else {key}
 
-    h, lo = by_base(hr_keys), by_base(lr_keys)
-    return {h[b]: lo[b] for b in h.keys() & lo.keys()}
+    nodes = [("hr", k) for k in hr_keys] + [("lr", k) for k in lr_keys]
+    parent = list(range(len(nodes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, (side, key) in enumerate(nodes):
+        for n in names(key, side):
+            if n in owner:
+                parent[find(i)] = find(owner[n])
+            else:
+                owner[n] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(nodes)):
+        groups.setdefault(find(i), []).append(i)
+    matched: dict[str, str] = {}
+    ambiguous: list[list[str]] = []
+    for members in groups.values():
+        sides = [nodes[i][0] for i in members]
+        if "hr" not in sides or "lr" not in sides:
+            continue
+        if len(members) == 2:
+            (_, h), (_, lo) = sorted(nodes[i] for i in members)
+            matched[h] = lo
+        else:
+            ambiguous.append(sorted(nodes[i][1] for i in members))
+    return matched, sorted(ambiguous)
+
+
+def _holds(files: dict[str, Path]) -> str:
+    if not files:
+        return "no images"
+    return f"{len(files)} image(s), e.g. {next(iter(files))!r}"
+
+
+def _warn_missing_ids(ids: set[str], pairs: dict[str, object]) -> None:
+    found = {k for k in pairs} | {_untag(k)[0] for k in pairs}
+    missing = sorted(i for i in ids if i not in found)
+    if missing:
+        log.warning("%d of the %d selected ids have no image here: %s", len(missing), len(ids),
+                    _first_names(missing))
 
 
 def _same_folder(a: str | Path, b: str | Path) -> bool:
@@ -179,25 +243,33 @@ def _first_names(names: list[str], n: int = 5) -> str:
 
 
 def _image_files(folder: str | Path, ids: set[str] | None = None, *,
-                 exclude: str | Path | None = None) -> dict[str, Path]:
+                 exclude: list[str | Path] | None = None) -> dict[str, Path]:
     """The images below ``folder`` (recursively; by suffix; hidden files such as macOS's ``._x.png``
-    and files under ``exclude`` skipped), keyed by their path below ``folder`` without the suffix
-    (``/``-separated), in sorted order; ``ids`` keeps only the keys (with or without a scale tag)
-    among them."""
+    skipped, and the files under each ``exclude`` folder that lies inside ``folder``, and under a
+    folder holding an earlier eval's results.json and results.md), keyed by their path below
+    ``folder`` without the suffix (``/``-separated), in sorted order; ``ids`` keeps only the keys
+    (with or without a scale tag) among them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} " + ("is a file, not a folder" if folder.exists()
                                                                     else "does not exist"))
-    skip = Path(exclude).resolve() if exclude is not None else None
-    files = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_hidden(p, folder)
-                   and not (skip is not None and p.resolve().is_relative_to(skip)))
+    root = folder.resolve()
+    skip = [r for r in (Path(e).resolve() for e in exclude or ()) if r != root and r.is_relative_to(root)]
+    results = [p.parent for p in folder.rglob("results.json")
+               if (p.parent / "results.md").is_file() and p.parent.resolve() != root]
+    if results:
+        log.info("%s: skipped %d folder(s) of earlier eval results: %s", folder, len(results),
+                 _first_names([str(r.relative_to(folder)) for r in results]))
+        skip += [r.resolve() for r in results]
     seen: dict[str, Path] = {}
-    for p in files:  # images are paired by name: two with one name would count one image twice
+    for p in sorted(folder.rglob("*")):
+        if (p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or is_hidden(p, folder)
+                or any(p.resolve().is_relative_to(s) for s in skip)):
+            continue
         key = p.relative_to(folder).with_suffix("").as_posix()
         if ids is not None and key not in ids and _untag(key)[0] not in ids:
             continue
-        if key in seen:
+        if key in seen:  # images are paired by name: two with one name would count one image twice
             raise ValueError(f"{str(folder)!r} holds {str(seen[key].relative_to(folder))!r} and "
                              f"{str(p.relative_to(folder))!r}: images are paired by name without the suffix, "
                              "so keep one of them")
@@ -213,13 +285,16 @@ def _full_reference(metrics: dict | None) -> list[str]:
 def lr_files(lr_dir: str | Path, ids: set[str] | None = None, *,
              exclude: str | Path | None = None) -> list[tuple[None, Path]]:
     """(None, lr) for every image below ``lr_dir`` (recursively; a no-reference run), sorted;
-    ``ids`` keeps only those names (with or without a scale tag); ``exclude``: a folder skipped."""
-    lrs = [(None, p) for p in _image_files(lr_dir, ids, exclude=exclude).values()]
-    if not lrs:
+    ``ids`` keeps only those names (with or without a scale tag); ``exclude``: a folder skipped
+    (as a folder of earlier eval results is)."""
+    files = _image_files(lr_dir, ids, exclude=None if exclude is None else [exclude])
+    if not files:
         why = (f" for the {len(ids)} selected ids" if ids is not None
                else f" (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
         raise ValueError(f"no images in {str(Path(lr_dir))!r}{why}")
-    return lrs
+    if ids is not None:
+        _warn_missing_ids(ids, files)
+    return [(None, p) for p in files.values()]
 
 
 def manifest_ids(path: str | Path, group: str, hr_size: int | None = None, *, label: str = "manifest") -> list[str]:
@@ -335,13 +410,16 @@ def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
     return {k: levels(out[k]) for k in keys}
 
 
-def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str) -> torch.Tensor:
+def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str, paired_with: str | None = None) -> torch.Tensor:
     """HR (B,3,H,W) cut to ×4 of ``lr_size`` (h, w) at the top left where H, W are 4h..4h+3 and
     4w..4w+3 (LR made from an HR whose sides are not multiples of 4, as BasicSR's and UPSR's
-    test sets: the same crop, logged); any other size is a ValueError naming both."""
+    test sets: the same crop, logged); any other size is a ValueError naming both sizes, and
+    ``paired_with`` (the LR image's name), so that a wrong pairing shows."""
     h, w = (4 * s for s in lr_size)
     if not (h <= hr.shape[-2] < h + 4 and w <= hr.shape[-1] < w + 4):
-        raise ValueError(f"{name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr_size)} (or up to 3 px more)")
+        lr_name = f" ({paired_with})" if paired_with else ""
+        raise ValueError(f"{name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr_size)}{lr_name} (or up to 3 px "
+                         "more)" + (": is that its LR image? (the model is ×4 only)" if paired_with else ""))
     if hr.shape[-2:] != (h, w):
         log.info("%s: HR %s cropped to %s (×4 of the LR), at the top left", name, tuple(hr.shape[-2:]), (h, w))
     return hr[..., :h, :w]
@@ -349,7 +427,8 @@ def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str) -> torch.Ten
 
 def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *, seed: int = 0,
              crop_border: int = 0, niqe_params=None, extra: dict | None = None, keep: int = 0,
-             grid: list[tuple[float, float]] | None = None, save_dir: str | Path | None = None) -> tuple[dict, list]:
+             grid: list[tuple[float, float]] | None = None, save_dir: str | Path | None = None,
+             root: str | Path | None = None) -> tuple[dict, list]:
     """Metrics per image and method -> ({method: {metric: mean}}, per-image rows); also returns
     the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet.
 
@@ -357,7 +436,9 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     (:func:`lr_files`): then only NIQE and the no-reference ``extra`` metrics are computed.
     ``save_dir``: each method's output is also written there as the 8-bit PNG that was scored,
     ``save_dir/<method>/<image>.png`` (:func:`method_folder`; ``<image>`` the row's name), for
-    other scoring tools or a side-by-side look.
+    other scoring tools or a side-by-side look. ``root``: the folder the row names are paths
+    below (eval: ``--hr``, else ``--lr``), so a subset's rows are named as in the whole set;
+    default: the folder the images share.
     """
     if not pairs:
         raise ValueError("pairs is empty: give at least one (hr, lr) or (None, lr) pair")
@@ -377,7 +458,7 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     rows: list = []
     try:
         _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid, rows,
-                     None if save_dir is None else Path(save_dir))
+                     None if save_dir is None else Path(save_dir), root)
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (the CLI's handler): keep what is done
         if not rows:
             raise
@@ -401,9 +482,9 @@ def _means(rows: list) -> dict:
 
 
 def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid,
-                 rows: list, save_dir: Path | None) -> None:
+                 rows: list, save_dir: Path | None, root: str | Path | None) -> None:
     """The loop of :func:`evaluate`: appends one row per pair to ``rows`` as it finishes."""
-    names = _row_names(pairs)
+    names = _row_names(pairs, root)
     for i, (hp, lp) in enumerate(pairs):
         lr_img = read_image(lp)
         lr = lr_img.rgb[None]
@@ -413,7 +494,7 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
             if hr_img.gray != lr_img.gray:  # the colour image is scored against grey: PSNR means little
                 log.warning("%s: the HR image is %s but the LR image is %s", hp,
                             *(("grayscale", "colour") if hr_img.gray else ("colour", "grayscale")))
-            hr = mod_crop(hr_img.rgb[None], lr.shape[-2:], str(hp))
+            hr = mod_crop(hr_img.rgb[None], lr.shape[-2:], str(hp), paired_with=str(lp))
         for img, path in ((lr_img, lp), *(((hr_img, hp),) if hp is not None else ())):
             if img.alpha is not None and bool((img.alpha < 1).any()):  # scored: the colour under it too
                 log.warning("%s: has transparent pixels; the scores count their hidden colour too (composite the "
@@ -435,12 +516,16 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
                  "  ".join(f"{m} {_label(row['metrics'][m])}" for m in outs))
 
 
-def _row_names(pairs: list[tuple[Path | None, Path]]) -> list[str]:
-    """The name each pair goes by in the table, the log and the sheet: the HR image's (else the LR
-    image's) path below the folder all of them share, without the suffix (a flat folder: the stem)."""
-    paths = [lp if hp is None else hp for hp, lp in pairs]
-    root = Path(os.path.commonpath([p.absolute().parent for p in paths]))
-    return [p.absolute().relative_to(root).with_suffix("").as_posix() for p in paths]
+def _row_names(pairs: list[tuple[Path | None, Path]], root: str | Path | None = None) -> list[str]:
+    """The name each pair goes by in the table, the log, the sheet and ``save_dir``: the HR image's
+    (else the LR image's) path below ``root`` (default: the folder all of them share) without the
+    suffix; a flat folder: the stem."""
+    paths = [Path(os.path.abspath(lp if hp is None else hp)) for hp, lp in pairs]
+    base = Path(os.path.commonpath([p.parent for p in paths])) if root is None else Path(os.path.abspath(root))
+    bad = next((p for p in paths if not p.is_relative_to(base)), None)
+    if bad is not None:
+        raise ValueError(f"root {str(root)!r}: the image {str(bad)!r} is not below it")
+    return [p.relative_to(base).with_suffix("").as_posix() for p in paths]
 
 
 def _scores(sr: torch.Tensor, hr: torch.Tensor | None, crop_border: int, niqe_params, extra: dict | None,
@@ -522,6 +607,7 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .batch import check_writable
     from .cli import _device, _dtype, default_model_path
     from .model import load_upsr
 
@@ -535,6 +621,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
+    for flag, folder in (("--hr", args.hr), ("--lr", args.lr)):
+        if folder is None:
+            continue
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{flag} {folder!r} " + ("is a file, not a folder" if Path(folder).exists()
+                                                             else "does not exist"))
+        if out.resolve() == Path(folder).resolve() or Path(folder).resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"--out {args.out!r} is, or holds, the {flag} folder {folder!r}: the results would be "
+                             "read as images of the set next time; give a folder of their own (default runs/eval)")
+    check_writable({out / "images" if args.save_images else out}, flag="--out")  # not after hours of scoring
     ids = set(manifest_ids(args.manifest, args.group, label="--manifest")) if args.manifest else None
     pairs = (pair_files(args.hr, args.lr, ids, exclude=out) if args.hr is not None
              else lr_files(args.lr, ids, exclude=out))[: args.limit]
@@ -576,7 +672,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border,
                                niqe_params=params, extra=extra, keep=args.sheet, grid=grid,
-                               save_dir=out / "images" if args.save_images else None)
+                               save_dir=out / "images" if args.save_images else None,
+                               root=args.lr if args.hr is None else args.hr)
     except EvalInterrupted as e:  # hours into a large set: the images done are written, marked partial
         means, rows, stopped = e.means, e.rows, e.code
     out.mkdir(parents=True, exist_ok=True)
