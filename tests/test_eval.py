@@ -442,8 +442,8 @@ def test_pairing_refuses_what_it_cannot_tell_apart(tmp_path):
         pair_files(flat, flat)
     hr, lr = tmp_path / "hr", tmp_path / "lr"
     _touch_png(hr / "a.png", 32), _touch_png(lr / "a_x4.png", 8), _touch_png(lr / "a_LR4.png", 8)
-    with pytest.raises(ValueError, match=r"no HR/LR pairs in .*hr' \(1 image\(s\), e.g. 'a'\) and .*lr' \(2 image\(s\), "
-                                         r"e.g. 'a_LR4'\), 1 name\(s\) ambiguous \(see above\)"):
+    with pytest.raises(ValueError, match=r"no HR/LR pairs in .*hr' \(1 image\(s\), e.g. 'a'\) and .*lr' "
+                                         r"\(2 image\(s\), e.g. 'a_LR4'\), 1 name\(s\) ambiguous \(see above\)"):
         pair_files(hr, lr)
     _touch_png(lr / "runs" / "contact_sheet.png", 8)
     assert [p.name for _, p in lr_files(lr, exclude=lr / "runs")] == ["a_LR4.png", "a_x4.png"]
