@@ -395,3 +395,26 @@ def test_an_oversized_safetensors_header_is_refused_before_it_is_parsed(tmp_path
     monkeypatch.setattr(ck, "MAX_SAFETENSORS_HEADER", n)
     with pytest.raises(ValueError, match="holds no 'crops' tensor"):  # at the bound: parsed, then checked
         read_packed(path)
+
+
+def test_a_refused_pickle_is_explained_without_torchs_advice_to_load_it_unsafely():
+    """torch.load's weights-only errors begin with advice to retry with weights_only=False (torch
+    < 2.6: "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False`
+    will likely succeed, but it can result in arbitrary code execution …"; the wording below is
+    torch 2.4's, seen in a run of this suite there on 2026-11-28). The reason shown is the line
+    that says what was refused, never that advice."""
+    from upsr_core.checkpoint import _reason
+
+    advice = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+              "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted "
+              "source.")
+    glob = (" Please file an issue with the following so that we can make `weights_only=True` compatible with your "
+            "use case: WeightsUnpickler error: Unsupported global: GLOBAL posix.system was not an allowed global by "
+            "default. Please use `torch.serialization.add_safe_globals([system])` to allowlist this global if you "
+            "trust this class/function.")
+    assert _reason(RuntimeError(advice + "\n" + glob)) == ("Unsupported global: GLOBAL posix.system was not an "
+                                                           "allowed global by default.")
+    assert _reason(RuntimeError(advice)) == "torch's weights-only loader refused it"
+    assert _reason(RuntimeError("Weights only load failed.\nWeightsUnpickler error: Unsupported operand 149")) == (
+        "Unsupported operand 149")
+    assert _reason(EOFError("Ran out of input")) == "Ran out of input"

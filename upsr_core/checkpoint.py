@@ -137,10 +137,15 @@ def _canonical(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def _reason(e: BaseException) -> str:
     """The informative line of a torch.load error (its first lines are generic advice to
     retry with weights_only=False, which must not be shown to a user as the cause)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    key = next((ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")), None)
+    lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in str(e).splitlines() if ln.strip()]
+    key = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), None)
     # and not its "Please use torch.serialization.add_safe_globals(...)": code a CLI user cannot run
-    return (key.split(" Please use ")[0] if key else None) or (lines[0] if lines else type(e).__name__)
+    if key and key.split(" Please use ")[0]:
+        return key.split(" Please use ")[0]
+    # torch < 2.6 starts with "Weights only load failed. Re-running `torch.load` with `weights_only` set
+    # to `False` will likely succeed, but it can result in arbitrary code execution …": not a reason
+    plain = [ln for ln in lines if "weights_only" not in ln and "Re-running" not in ln and "file an issue" not in ln]
+    return plain[0] if plain else "torch's weights-only loader refused it"
 
 
 MAX_NET_PARAMS = 1_000_000_000
