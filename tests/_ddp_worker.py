@@ -57,6 +57,7 @@ def resume(di, out: Path) -> int:
     torch.save({"rank": di.rank, "continues": torch.equal(loaded, end_state),
                 "replays": torch.equal(loaded, start_state), "step": second.step,
                 "state": {k: v.clone() for k, v in second.model.state_dict().items()}}, out / f"rank{di.rank}.pt")
+    del first, second  # their DDP wrappers go before the process group: torch < 2.6 could hang in gloo's teardown
     dist.destroy_process_group()
     return 0
 
@@ -85,6 +86,7 @@ def main() -> int:
     result["terms"] = [(h["loss"], h["mse"]) for h in trainer.history]
     result["calls"] = task.calls
     torch.save(result, out / f"rank{di.rank}.pt")
+    del trainer  # its DDP wrapper goes before the process group (see resume)
     dist.destroy_process_group()
     return 0
 
