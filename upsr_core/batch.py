@@ -25,7 +25,9 @@ from .imageio import (
     LoadedImage,
     PngStreamWriter,
     is_hidden,
+    is_inside,
     read_image,
+    same_place,
     write_png,
 )
 from .model import DEFAULT_OVERLAP, UPSRModel, load_upsr
@@ -47,12 +49,12 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
     for it in items:
         p = Path(it)
         if p.is_dir():
-            if skip is not None and _same_place(skip, p):
+            if skip is not None and same_place(skip, p):
                 # the results (x.png beside x.jpg) would be inputs of the next run, so a resume failed
                 raise ValueError(f"-o {output!r} is the input folder {it!r} itself: the next run would read the "
                                  f"results as inputs; write to another folder (e.g. {str(Path(it) / 'x4')!r})")
-            inner = skip is not None and _inside(skip, p)
-            found = [f for f in p.rglob("*") if f.is_file() and not (inner and _inside(f, skip))]
+            inner = skip is not None and is_inside(skip, p)
+            found = [f for f in p.rglob("*") if f.is_file() and not (inner and is_inside(f, skip))]
             shown = [f for f in found if not is_hidden(f, p)]
             if len(shown) < len(found):
                 log.info("%s: %d hidden file(s) skipped (names starting with '.', __MACOSX/)", it,
@@ -71,19 +73,6 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
         else:
             raise FileNotFoundError(f"input not found: {it!r}")
     return out
-
-
-def _same_place(a: Path, b: Path) -> bool:
-    """``a`` and ``b`` name one file or folder: by resolved path, or — on a case-insensitive file
-    system (macOS, Windows: ``Photos`` is ``photos``) or through a link — by identity, where both exist."""
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-
-
-def _inside(child: Path, folder: Path) -> bool:
-    """``child`` is ``folder`` or lies below it (see :func:`_same_place` for what counts as the same)."""
-    if child.resolve().is_relative_to(folder.resolve()):
-        return True
-    return folder.exists() and any(_same_place(a, folder) for a in (child, *child.resolve().parents) if a.exists())
 
 
 def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> list[Path]:

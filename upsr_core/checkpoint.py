@@ -140,8 +140,9 @@ def _reason(e: BaseException) -> str:
     lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in str(e).splitlines() if ln.strip()]
     key = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), None)
     # and not its "Please use torch.serialization.add_safe_globals(...)": code a CLI user cannot run
-    if key and key.split(" Please use ")[0]:
-        return key.split(" Please use ")[0]
+    refused = key.split(" Please use ")[0] if key else ""
+    if refused:
+        return refused
     # torch < 2.6 starts with "Weights only load failed. Re-running `torch.load` with `weights_only` set
     # to `False` will likely succeed, but it can result in arbitrary code execution …": not a reason
     plain = [ln for ln in lines if "weights_only" not in ln and "Re-running" not in ln and "file an issue" not in ln]

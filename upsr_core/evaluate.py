@@ -41,7 +41,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
-from .imageio import IMAGE_SUFFIXES, is_hidden, luma, read_image, write_atomically, write_png, write_text
+from .imageio import (
+    IMAGE_SUFFIXES,
+    is_hidden,
+    is_inside,
+    luma,
+    read_image,
+    same_place,
+    write_atomically,
+    write_png,
+    write_text,
+)
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import bicubic_x4, crop_hr
@@ -112,7 +122,7 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
     ValueError when nothing pairs, saying what each folder holds; warnings name the images
     (and ids) left out."""
     hr_dir, lr_dir = Path(hr_dir), Path(lr_dir)
-    same = _same_folder(hr_dir, lr_dir)
+    same = same_place(hr_dir, lr_dir)
     skip = [] if exclude is None else [Path(exclude)]
     hrs = _image_files(hr_dir, ids, exclude=skip + ([] if same else [lr_dir]))
     lrs = _image_files(lr_dir, ids, exclude=skip + ([] if same else [hr_dir]))
@@ -231,11 +241,6 @@ def _warn_missing_ids(ids: set[str], pairs: dict[str, object]) -> None:
     if missing:
         log.warning("%d of the %d selected ids have no image here: %s", len(missing), len(ids),
                     _first_names(missing))
-
-
-def _same_folder(a: str | Path, b: str | Path) -> bool:
-    a, b = Path(a), Path(b)
-    return a.resolve() == b.resolve() or (a.is_dir() and b.is_dir() and os.path.samefile(a, b))
 
 
 def _first_names(names: list[str], n: int = 5) -> str:
@@ -627,7 +632,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{flag} {folder!r} " + ("is a file, not a folder" if Path(folder).exists()
                                                              else "does not exist"))
-        if out.resolve() == Path(folder).resolve() or Path(folder).resolve().is_relative_to(out.resolve()):
+        if is_inside(Path(folder), out):
             raise ValueError(f"--out {args.out!r} is, or holds, the {flag} folder {folder!r}: the results would be "
                              "read as images of the set next time; give a folder of their own (default runs/eval)")
     check_writable({out / "images" if args.save_images else out}, flag="--out")  # not after hours of scoring

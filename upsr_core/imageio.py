@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
+           "same_place", "is_inside",
            "open_for_writing", "write_atomically",
            "write_text"]
 
@@ -53,6 +54,19 @@ def is_hidden(path: Path, root: Path) -> bool:
     each file on non-Apple disks, and zips made on a Mac carry them in ``__MACOSX/``: they have
     image suffixes but are not images (read as one, they stopped a whole run)."""
     return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
+def same_place(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file or folder: by resolved path, or — on a case-insensitive file
+    system (macOS, Windows: ``Photos`` is ``photos``) or through a link — by identity, where both exist."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def is_inside(child: Path, folder: Path) -> bool:
+    """``child`` is ``folder`` or lies below it (see :func:`same_place` for what counts as the same)."""
+    if child.resolve().is_relative_to(folder.resolve()):
+        return True
+    return folder.exists() and any(same_place(a, folder) for a in (child, *child.resolve().parents) if a.exists())
 
 
 MAX_PIXELS = 40_000 * 40_000
