@@ -13,7 +13,8 @@ from PIL import Image
 
 from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
-from upsr_core.evaluate import mod_crop, run_methods
+from upsr_core.evaluate import _means, mod_crop, run_methods, table
+from upsr_core.imageio import read_image, write_png
 from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
 from upsr_core.niqe import (
     NIQEUnavailable,
@@ -23,6 +24,7 @@ from upsr_core.niqe import (
     matlab_resize_half,
     niqe,
 )
+from upsr_core.pipeline import bicubic_x4
 from upsr_core.train.denoiser import build_denoiser_net
 from upsr_core.train.estimator import build_estimator_net
 from upsr_core.train.presets import get_preset
@@ -89,12 +91,13 @@ _REPO_NIQE = Path(__file__).resolve().parents[1] / ".devcarry" / "niqe" / "niqe_
 def test_niqe_matches_iqa_torch():
     """Values of iqa-torch 1.2.1's ``niqe`` (float32; the official MATLAB release re-implemented) on
     one fixed image: its default gray luma, its YCbCr-Y (test_y_channel=True) and a 4-px border
-    crop, recorded 2026-11-27. Tolerance 2e-3: iqa-torch computes in float32, this in float64."""
+    crop, recorded 2026-11-27. Tolerance 1e-5: the luma is iqa-torch's float32 one (its .5 ties), the rest
+    is float64 here and float32 there (4.7e-7 apart on 26 images, 2026-11-28)."""
     params = load_niqe_params(find_niqe_params() or _REPO_NIQE)
     img = _niqe_probe()
-    assert float(niqe(img, params)[0]) == pytest.approx(14.61030102, abs=2e-3)
-    assert float(niqe(img, params, luma="y")[0]) == pytest.approx(14.23740768, abs=2e-3)
-    assert float(niqe(img, params, crop_border=4)[0]) == pytest.approx(12.87820721, abs=2e-3)
+    assert float(niqe(img, params)[0]) == pytest.approx(14.61030102, abs=1e-5)
+    assert float(niqe(img, params, luma="y")[0]) == pytest.approx(14.23740768, abs=1e-5)
+    assert float(niqe(img, params, crop_border=4)[0]) == pytest.approx(12.87820721, abs=1e-5)
 
 
 def test_niqe_luma_is_matlab_rgb2gray_by_default(tmp_path):
@@ -106,8 +109,8 @@ def test_niqe_luma_is_matlab_rgb2gray_by_default(tmp_path):
              gaussian_window=np.outer(g, g) / g.sum() ** 2)
     params = load_niqe_params(p)
     img = _niqe_probe()
-    x = img.double()  # as niqe computes
-    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).clamp(0, 1)
+    x = img.float()  # as niqe computes: float32, as pyiqa and iqa-torch
+    gray = torch.einsum("bchw,c->bhw", x, torch.tensor([0.299, 0.587, 0.114])).clamp(0, 1).double()
     same = torch.round(gray * 255) / 255
     assert float(niqe(img, params)[0]) == pytest.approx(float(niqe(same.expand(1, 3, -1, -1), params)[0]), abs=1e-9)
     assert float(niqe(img, params, luma="y")[0]) != pytest.approx(float(niqe(img, params)[0]), abs=1e-3)
@@ -240,6 +243,41 @@ def test_eval_cli_tiny(tiny_pairs, monkeypatch):
     assert len(res["per_image"]) == 1 and not res["info"]["niqe"]
     assert Image.open(out / "contact_sheet.png").size == (192 * 6, 16 + 192)
     assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--method", "nope"]) == 2
+
+
+def test_eval_leaves_non_finite_values_out_of_every_methods_mean(tiny_pairs, monkeypatch, caplog):
+    """An HR that is exactly the bicubic ×4 of its LR gives bicubic PSNR ∞ there: that image leaves
+    the PSNR means of every method (so they compare the same images), is named in the log, in
+    results.md and in results.json (strict JSON: the value is null, no Infinity token)."""
+    import logging
+
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    lr = read_image(root / "lr" / "img1.png").rgb[None]
+    write_png(root / "hr" / "img1.png", to_uint8_levels(bicubic_x4(lr))[0])
+    out = root / "ev"
+    with caplog.at_level(logging.WARNING, logger="upsr_core.evaluate"):
+        rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out",
+                   str(out), "--device", "cpu", "--sheet", "0", "--method", "bicubic,estimator"])
+    assert rc == 0
+    text = (out / "results.json").read_text()
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+    rows = {r["image"]: r["metrics"] for r in res["per_image"]}
+    assert rows["img1"]["bicubic"]["psnr"] is None  # ∞
+    assert rows["img1"]["bicubic"]["ssim"] == pytest.approx(1.0, abs=1e-12)  # identical (float64 rounding)
+    assert res["info"]["left_out_of_means"] == {"psnr": ["img1"], "psnr_y": ["img1"]}
+    for m in ("bicubic", "estimator"):
+        assert res["mean"][m]["psnr"] == rows["img0"][m]["psnr"]  # img0 alone, for both methods
+        assert res["mean"][m]["ssim"] == pytest.approx((rows["img0"][m]["ssim"] + rows["img1"][m]["ssim"]) / 2)
+    assert "psnr: left out of the means (not finite for some method): img1" in (out / "results.md").read_text()
+    assert "psnr is not finite for 1 image(s) (img1" in caplog.text
+
+
+def test_table_shows_a_mean_without_finite_values_as_a_dash():
+    rows = [{"image": "flat", "metrics": {"bicubic": {"niqe": math.nan, "psnr": 20.0}}}]
+    means = _means(rows)
+    assert math.isnan(means["bicubic"]["niqe"]) and means["bicubic"]["psnr"] == 20.0
+    assert table(means).splitlines()[-1] == "| bicubic | – | 20.000 |"
 
 
 def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -58,7 +59,7 @@ from .pipeline import bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
 __all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid",
-           "method_folder"]
+           "method_folder", "unscored"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
@@ -437,6 +438,11 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     """Metrics per image and method -> ({method: {metric: mean}}, per-image rows); also returns
     the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet.
 
+    A value that is not finite (PSNR is ∞ where an output equals its HR; NIQE is NaN on an image
+    without a textured 96-px block, e.g. a flat one) stays in its row, and that image is left out
+    of that metric's mean for every method, so the means compare the same images
+    (:func:`unscored`; logged as a warning). A metric with no finite value left has mean NaN.
+
     ``pairs``: (hr, lr) paths (:func:`pair_files`), or all (None, lr) for a no-reference run
     (:func:`lr_files`): then only NIQE and the no-reference ``extra`` metrics are computed.
     ``save_dir``: each method's output is also written there as the 8-bit PNG that was scored,
@@ -472,6 +478,17 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     return _means(rows), rows
 
 
+def unscored(rows: list) -> dict[str, list[str]]:
+    """{metric: names of the images left out of its means}: those where any method's value of
+    that metric is not finite (see :func:`evaluate`); metrics without such an image are absent."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        for k in dict.fromkeys(k for v in r["metrics"].values() for k in v):
+            if not all(math.isfinite(v[k]) for v in r["metrics"].values() if k in v):
+                out.setdefault(k, []).append(r["image"])
+    return out
+
+
 class EvalInterrupted(KeyboardInterrupt):
     """:func:`evaluate` stopped by Ctrl-C or SIGTERM after some images: ``means`` and ``rows`` of
     those (as evaluate returns them), ``code`` the exit code the signal asks for (130, 143)."""
@@ -482,8 +499,31 @@ class EvalInterrupted(KeyboardInterrupt):
 
 
 def _means(rows: list) -> dict:
-    return {m: {k: statistics.fmean(r["metrics"][m][k] for r in rows) for k in rows[0]["metrics"][m]}
-            for m in rows[0]["metrics"]}
+    """{method: {metric: mean over the images with finite values of it for every method}}, logging
+    the images left out (:func:`unscored`)."""
+    left = unscored(rows)
+    for k, names in left.items():
+        log.warning("%s is not finite for %d image(s) (%s%s): left out of its means for every method (%s)",
+                    k, len(names), ", ".join(names[:3]), ", …" if len(names) > 3 else "",
+                    "NIQE: no textured 96-px block" if k == "niqe" else "PSNR: an output equal to its HR"
+                    if k.startswith("psnr") else "see results.json")
+
+    def mean(m: str, k: str) -> float:
+        vals = [r["metrics"][m][k] for r in rows if r["image"] not in left.get(k, ())]
+        return statistics.fmean(vals) if vals else math.nan
+
+    return {m: {k: mean(m, k) for k in rows[0]["metrics"][m]} for m in rows[0]["metrics"]}
+
+
+def _finite_or_none(obj):
+    """``obj`` with every non-finite float as None, for strict JSON (no NaN/Infinity tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid,
@@ -555,7 +595,8 @@ def table(means: dict) -> str:
     keys = list(next(iter(means.values())))
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, r in means.items():
-        lines.append(f"| {m} | " + " | ".join(f"{r[k]:.4f}" if "ssim" in k else f"{r[k]:.3f}" for k in keys) + " |")
+        lines.append(f"| {m} | " + " | ".join("–" if not math.isfinite(r[k]) else f"{r[k]:.4f}" if "ssim" in k
+                                              else f"{r[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -688,14 +729,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
             "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
-            "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}"}
-    write_text(out / "results.json", json.dumps({"info": info, "mean": means,
-                                                 "per_image": [{k: v for k, v in r.items() if k != "images"}
-                                                               for r in rows]}, indent=1) + "\n")
+            "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}",
+            "left_out_of_means": unscored(rows)}  # {metric: images}; their values are null (not finite)
+    doc = {"info": info, "mean": means, "per_image": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
+    write_text(out / "results.json", json.dumps(_finite_or_none(doc), indent=1, allow_nan=False) + "\n")
     what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
     if stopped is not None:
         what = f"PARTIAL: the first {len(rows)} of {what} (interrupted)"
-    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n")
+    left = "".join(f"\n{k}: left out of the means (not finite for some method): {', '.join(v)}\n"
+                   for k, v in unscored(rows).items())
+    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left}")
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)

@@ -1,9 +1,12 @@
 """NIQE (Mittal et al. 2013, "Making a completely blind image quality analyzer"), in torch.
 
-Follows the official MATLAB release (``computequality.m``): the ``rgb2gray`` luma
-0.299 R + 0.587 G + 0.114 B on 0-255, rounded (as ``iqa-torch``'s default and pyiqa's YIQ luma,
-which the UPSR paper's numbers come from; BasicSR's YCbCr Y, 16-235, is ``luma="y"``: it
-compresses the range and moves scores by ~0.2 on average), 96×96 blocks without overlap,
+Follows the official MATLAB release (``computequality.m``) on the luma of pyiqa's YIQ and
+``iqa-torch``'s default, which the UPSR paper's numbers come from: 0.299 R + 0.587 G + 0.114 B,
+computed in float32 as they do (so is ``luma="y"``) and rounded to 0-255 (MATLAB's ``rgb2gray`` weighs
+0.298936/0.587043/0.114021 in float64, which moves a score by up to ~0.07; a float64 sum of the
+pyiqa weights rounds ~0.03 % of 8-bit pixels' exact .5 ties the other way, ~1e-2 on a score;
+BasicSR's YCbCr Y, 16-235, is ``luma="y"``: it compresses the range and moves scores by ~0.2 on
+average), 96×96 blocks without overlap,
 two scales (the second by MATLAB-style bicubic ``imresize(·, 0.5)`` with antialiasing and
 symmetric borders), MSCN with the 7×7 Gaussian window of the parameter file, 18 AGGD
 features per block and scale, and the Mahalanobis-like distance to the pristine model:
@@ -27,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import rgb_to_y
 from .pipeline import check_unit_range
 
 __all__ = ["NIQEParams", "NIQEUnavailable", "load_niqe_params", "niqe", "find_niqe_params", "matlab_resize_half"]
@@ -185,15 +187,16 @@ def _niqe_y(y: torch.Tensor, params: NIQEParams, block: int = 96) -> float:
     return float(torch.sqrt(q.clamp_min(0))[0, 0])
 
 
-_GRAY = (0.299, 0.587, 0.114)  # MATLAB rgb2gray (BT.601 luma, full range)
+_GRAY = (0.299, 0.587, 0.114)  # pyiqa's YIQ Y, iqa-torch's rgb2gray (BT.601 luma, full range)
+_Y = (65.481, 128.553, 24.966)  # BT.601 YCbCr Y: these / 255 (in float32) + 16/255, so 16-235
 
 
 def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: int = 0,
          luma: str = "gray") -> torch.Tensor:
     """NIQE per image (lower is better) of RGB (B,3,H,W) or (3,H,W) in [0,1] -> (B,) float64.
 
-    ``luma``: ``"gray"`` (MATLAB rgb2gray on 0-255, rounded: the official release, iqa-torch's
-    default) or ``"y"`` (BT.601 YCbCr Y, 16-235, rounded: BasicSR's ``convert_to='y'``).
+    ``luma``: ``"gray"`` (0.299/0.587/0.114 on 0-255 in float32, rounded: pyiqa's YIQ Y and
+    iqa-torch's default) or ``"y"`` (BT.601 YCbCr Y, 16-235, rounded: BasicSR's ``convert_to='y'``).
     Images need sides >= 96 px after ``crop_border``.
     """
     if luma not in ("gray", "y"):
@@ -205,9 +208,9 @@ def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: in
     params = params or load_niqe_params()
     if crop_border:
         x = x[..., crop_border:-crop_border, crop_border:-crop_border]
-    x = x.double().clamp(0, 1)
-    if luma == "gray":
-        y = torch.round(torch.einsum("bchw,c->bhw", x, x.new_tensor(_GRAY)) * 255.0)
-    else:
-        y = torch.round(rgb_to_y(x) * 255.0)[:, 0]
+    # float32, as iqa-torch (and pyiqa, BasicSR) compute it: which way an exact .5 rounds (module docstring)
+    x = x.float().clamp(0, 1)
+    weights, bias = (x.new_tensor(_GRAY), 0.0) if luma == "gray" else (x.new_tensor(_Y) / 255.0, 16.0 / 255.0)
+    y = torch.einsum("bchw,c->bhw", x, weights) + bias
+    y = torch.round(y.clamp(0, 1) * 255.0).double()
     return torch.tensor([_niqe_y(yi, params) for yi in y], dtype=torch.float64)
