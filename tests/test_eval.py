@@ -13,7 +13,7 @@ from PIL import Image
 
 from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
-from upsr_core.evaluate import _means, mod_crop, run_methods, table
+from upsr_core.evaluate import _means, manifest_entries, manifest_ids, mod_crop, pair_files, run_methods, table
 from upsr_core.imageio import read_image, write_png
 from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
 from upsr_core.niqe import (
@@ -522,6 +522,28 @@ def test_pairing_names_what_it_left_out_and_why(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="upsr_core"):
         assert _names(pair_files(hr, lr, {"b", "typo"}), hr, lr) == [("b.png", "b.png")]
     assert "1 of the 2 selected ids have no image here: typo" in caplog.text
+
+
+def test_manifest_ids_of_another_crop_size_are_not_missing(tmp_path, caplog):
+    """make_pairs.py puts the 256- and 512-px crops of a group in one manifest and in two folders:
+    scoring the 256-px folder (the README's command) warned that every 512-px id had no image.
+    Now only ids of a size found in the folder count; the others are logged at INFO."""
+    man = tmp_path / "manifest.jsonl"
+    rows = [("p_s256_c0", 256), ("p_s256_c1", 256), ("p_s512_c0", 512), ("q_s256_c0", 256)]
+    man.write_text("".join(json.dumps({"id": i, "group": "A_val" if i != "q_s256_c0" else "A_train", "hr_size": n})
+                           + "\n" for i, n in rows))
+    entries = manifest_entries(man, "A_val")
+    assert entries == {"p_s256_c0": 256, "p_s256_c1": 256, "p_s512_c0": 512}
+    assert manifest_ids(man, "A_val", 512) == ["p_s512_c0"]
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    _touch_png(hr / "p_s256_c0.png", 32), _touch_png(lr / "p_s256_c0.png", 8)
+    with caplog.at_level("INFO", logger="upsr_core"):
+        assert _names(pair_files(hr, lr, entries), hr, lr) == [("p_s256_c0.png", "p_s256_c0.png")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["1 of the 2 selected ids have no image here: p_s256_c1"]
+    assert "ids of HR size 512 are not in this folder (its images are of size 256)" in caplog.text
+    with pytest.raises(ValueError, match="no entries of group 'B' in manifest"):
+        manifest_entries(man, "B")
 
 
 def test_eval_refuses_an_out_that_holds_its_inputs_and_skips_earlier_results(tiny_pairs, monkeypatch, capsys):

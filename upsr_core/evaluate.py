@@ -35,6 +35,7 @@ import os
 import re
 import statistics
 import sys
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ from .pipeline import bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
 __all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid",
-           "method_folder", "unscored"]
+           "method_folder", "unscored", "manifest_entries"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
@@ -106,7 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
-def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = None, *,
+def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | None = None, *,
                exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
     """(hr, lr) image paths of two folders (searched recursively, as ``upscale`` reads a folder),
     sorted by the HR image's path. Paired by the path below each folder without the suffix; an
@@ -117,7 +118,8 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: set[str] | None = No
     whose HR and LR images share one folder (``Canon_001_HR.png`` / ``Canon_001_LR4.png``: give
     that folder as both; ``_LR2``/``_LR3``, other scales, are not used). Names that link more
     than one image of a side pair none of them (a warning names them). ``ids`` keeps the images
-    whose name (with or without its tag) is among them; ``exclude``: a folder whose files are
+    whose name (with or without its tag) is among them (as {id: hr_size}, :func:`manifest_entries`,
+    only ids of a crop size found here are warned of as missing); ``exclude``: a folder whose files are
     never images of the set (eval's ``--out``); a folder holding an earlier eval's results.json
     and results.md is skipped too, as is the other folder where one lies inside the other.
     ValueError when nothing pairs, saying what each folder holds; warnings name the images
@@ -236,19 +238,27 @@ def _holds(files: dict[str, Path]) -> str:
     return f"{len(files)} image(s), e.g. {next(iter(files))!r}"
 
 
-def _warn_missing_ids(ids: set[str], pairs: dict[str, object]) -> None:
+def _warn_missing_ids(ids: Collection[str] | Mapping[str, int | None], pairs: dict[str, object]) -> None:
+    """Warn of ``ids`` without an image in ``pairs``; with sizes ({id: hr_size}, a manifest's),
+    only of those of a size found here (a folder of 256-px crops lacks the 512-px ids by design)."""
     found = {k for k in pairs} | {_untag(k)[0] for k in pairs}
-    missing = sorted(i for i in ids if i not in found)
+    sizes = ids if isinstance(ids, Mapping) else dict.fromkeys(ids)
+    here = {sizes[i] for i in sizes if i in found}
+    missing = sorted(i for i in sizes if i not in found and (sizes[i] in here or not here))
+    other = sorted({sizes[i] for i in sizes if i not in found and sizes[i] not in here and here}, key=str)
+    if other:
+        log.info("ids of HR size %s are not in this folder (its images are of size %s)",
+                 ", ".join(map(str, other)), ", ".join(sorted(map(str, here))))
     if missing:
-        log.warning("%d of the %d selected ids have no image here: %s", len(missing), len(ids),
-                    _first_names(missing))
+        log.warning("%d of the %d selected ids have no image here: %s", len(missing),
+                    sum(1 for i in sizes if sizes[i] in here or not here), _first_names(missing))
 
 
 def _first_names(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (" …" if len(names) > n else "")
 
 
-def _image_files(folder: str | Path, ids: set[str] | None = None, *,
+def _image_files(folder: str | Path, ids: Collection[str] | None = None, *,
                  exclude: list[str | Path] | None = None) -> dict[str, Path]:
     """The images below ``folder`` (recursively; by suffix; hidden files such as macOS's ``._x.png``
     skipped, and the files under each ``exclude`` folder that lies inside ``folder``, and under a
@@ -288,7 +298,7 @@ def _full_reference(metrics: dict | None) -> list[str]:
     return [n for n, m in (metrics or {}).items() if getattr(m, "metric_mode", "") == "FR"]
 
 
-def lr_files(lr_dir: str | Path, ids: set[str] | None = None, *,
+def lr_files(lr_dir: str | Path, ids: Collection[str] | None = None, *,
              exclude: str | Path | None = None) -> list[tuple[None, Path]]:
     """(None, lr) for every image below ``lr_dir`` (recursively; a no-reference run), sorted;
     ``ids`` keeps only those names (with or without a scale tag); ``exclude``: a folder skipped
@@ -308,21 +318,33 @@ def manifest_ids(path: str | Path, group: str, hr_size: int | None = None, *, la
     ``manifest.jsonl``, in file order. ValueError for a line that is not a JSON object with
     'id' and 'group' (and 'hr_size' when asked for), or for no match; ``label`` names the file
     in the message (the CLI's flag)."""
-    ids = []
+    entries = manifest_entries(path, group, label=label, need_size=hr_size is not None)
+    ids = [i for i, size in entries.items() if hr_size is None or size == hr_size]
+    if not ids:
+        raise ValueError(f"no entries of group {group!r} at HR {hr_size} in {label} {str(path)!r}")
+    return ids
+
+
+def manifest_entries(path: str | Path, group: str, *, label: str = "manifest",
+                     need_size: bool = False) -> dict[str, int | None]:
+    """{id: its 'hr_size' (None where the line has none)} of ``group`` in a make_pairs.py
+    ``manifest.jsonl``, in file order; errors as :func:`manifest_ids`. As ``ids`` of
+    :func:`pair_files`/:func:`lr_files`, the sizes say which ids belong in a folder of one crop
+    size: only ids of a size found there are reported missing."""
+    ids: dict[str, int | None] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     d = json.loads(line)
-                    if d["group"] == group and (hr_size is None or d["hr_size"] == hr_size):
-                        ids.append(d["id"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    want = "'id', 'group' and 'hr_size'" if hr_size is not None else "'id' and 'group'"
+                    if d["group"] == group:
+                        ids[d["id"]] = d["hr_size"] if need_size else d.get("hr_size")
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    want = "'id', 'group' and 'hr_size'" if need_size else "'id' and 'group'"
                     raise ValueError(f"{label} {str(path)!r} line {n}: expected a JSON object with {want} "
                                      f"({type(e).__name__}: {e})") from None
     if not ids:
-        size = f" at HR {hr_size}" if hr_size is not None else ""
-        raise ValueError(f"no entries of group {group!r}{size} in {label} {str(path)!r}")
+        raise ValueError(f"no entries of group {group!r} in {label} {str(path)!r}")
     return ids
 
 
@@ -677,7 +699,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out!r} is, or holds, the {flag} folder {folder!r}: the results would be "
                              "read as images of the set next time; give a folder of their own (default runs/eval)")
     check_writable({out / "images" if args.save_images else out}, flag="--out")  # not after hours of scoring
-    ids = set(manifest_ids(args.manifest, args.group, label="--manifest")) if args.manifest else None
+    ids = manifest_entries(args.manifest, args.group, label="--manifest") if args.manifest else None
     pairs = (pair_files(args.hr, args.lr, ids, exclude=out) if args.hr is not None
              else lr_files(args.lr, ids, exclude=out))[: args.limit]
     pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
