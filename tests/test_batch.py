@@ -7,6 +7,7 @@ single-process result, byte for byte.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,84 @@ def test_a_failed_write_leaves_the_file_that_was_there_and_no_part(tmp_path, mon
     (tmp_path / "w.safetensors.part").write_bytes(b"stale")  # from a power loss: replaced, not appended to
     write_safetensors({"a": torch.ones(2)}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+_RANK = """
+import signal, sys, time
+from upsr_core.cli import _terminate_with_launcher, _terminated
+signal.signal(signal.SIGTERM, _terminated)
+_terminate_with_launcher()
+print("ready", flush=True)
+time.sleep(60)
+sys.exit(0)
+"""
+_LAUNCHER = """
+import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)  # as torchrun starts ranks
+print(rank.pid, flush=True)
+rank.wait()
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()  # a zombie no one reaps here has exited too
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_a_torchrun_rank_stops_when_its_launcher_is_killed(tmp_path):
+    """torchrun starts each rank in a session of its own: with the launcher killed by SIGKILL, the
+    ranks ran on unattended (out of Ctrl-C's reach) and wrote into the folder a rerun wrote into.
+    A rank now asks the kernel for SIGTERM at its launcher's death and stops as SIGTERM stops it."""
+    import subprocess
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _RANK], stdout=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+    try:
+        rank = int(launcher.stdout.readline())
+        assert launcher.stdout.readline() == "ready\n"  # the rank's: it asked for the signal
+        assert not _gone(rank), "the rank stopped on its own"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while not _gone(rank):
+            assert time.monotonic() < deadline, "the rank kept running after its launcher was killed"
+            time.sleep(0.05)
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_a_second_writer_of_one_output_never_gets_a_half_file_its_name(tmp_path):
+    """Two runs writing one folder at once (a double start; ranks left running by a killed
+    torchrun): the second removed the first's .part and wrote its own, and the first then renamed
+    the second's unfinished file to the output (torn for good if the second was killed then). Now
+    the first sees its .part is not its file any more: no rename, no removal of the other's .part,
+    an error that says what happened."""
+    from upsr_core.imageio import write_atomically
+
+    out = tmp_path / "x.png"
+    part = tmp_path / "x.png.part"
+    with pytest.raises(OSError, match=r"x.png.part' was removed or replaced by another process while this one wrote "
+                                      r"it, so .*x.png' was not written: is a second run writing into"):
+        with write_atomically(out) as f:
+            f.write(b"first, complete")
+            part.unlink()  # what the second writer does on starting (a stale .part from its view)
+            part.write_bytes(b"second, half")
+    assert not out.exists() and part.read_bytes() == b"second, half"  # the other writer's file untouched
+    part.unlink()
+    with pytest.raises(OSError, match="was removed or replaced by another process"):
+        with write_atomically(out) as f:
+            f.write(b"a")
+            part.unlink()  # the other writer finished first and renamed the name away
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with write_atomically(out) as f:  # alone: as always
+        f.write(b"alone")
+    assert out.read_bytes() == b"alone" and not part.exists()
 
 
 def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny_model_file, capsys):

@@ -559,6 +559,9 @@ def test_eval_refuses_an_out_that_holds_its_inputs_and_skips_earlier_results(tin
         assert f"--out {str(out)!r} is, or holds, the " in capsys.readouterr().err
     assert main([*base, "--out", str(root / "lr" / "run1"), "--save-images"]) == 0
     assert (root / "lr" / "run1" / "images" / "bicubic" / "img0.png").is_file()
+    for name in ("results.json", "results.md", "contact_sheet.png"):  # as if killed (kill -9) before its results
+        (root / "lr" / "run1" / name).unlink()
+    assert (root / "lr" / "run1" / ".upsr-eval").is_file()  # written before the scoring: its images are no set's
     assert main([*base, "--out", str(root / "lr" / "run2")]) == 0
     assert json.loads((root / "lr" / "run2" / "results.json").read_text())["info"]["pairs"] == 2
     capsys.readouterr()

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
             replace_unencodable_output()
             claim_process()  # checks $UPSR_CPU_MALLOC before any work
             signal.signal(signal.SIGTERM, _terminated)  # timeout, job schedulers: clean up as Ctrl-C does
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank: stop with the launcher
+                _terminate_with_launcher()
         try:
             args = ap.parse_args(argv)
         except UsageError as e:
@@ -243,6 +245,28 @@ def _terminated(signum: int, _frame) -> None:
     no partial output), with the shell's exit code for it (128 + 15)."""
     print("\nterminated", file=sys.stderr)
     raise SystemExit(128 + signum)
+
+
+def _terminate_with_launcher() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent (torchrun's agent) dies.
+    torchrun starts each rank in a session of its own, so a launcher killed with SIGKILL (an
+    out-of-memory killer, a scheduler, kill -9) left its ranks running unattended, beyond the
+    reach of Ctrl-C, writing into the folder a rerun writes into; now they stop as SIGTERM stops
+    them (finished outputs and the last checkpoint kept). Elsewhere nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no libc prctl (e.g. musl without it): as before
+        ok = False
+    if not ok:
+        log.debug("could not ask for SIGTERM on the launcher's death")
+    elif os.getppid() != parent:  # it died before the request took effect
+        _terminated(signal.SIGTERM, None)
 
 
 def _out_of_memory_advice(e: RuntimeError, args: argparse.Namespace) -> str:

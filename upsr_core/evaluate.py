@@ -64,6 +64,7 @@ __all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manif
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
+EVAL_MARK = ".upsr-eval"  # in an --out with saved images: skipped as input, as a folder of results is
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -262,7 +263,8 @@ def _image_files(folder: str | Path, ids: Collection[str] | None = None, *,
                  exclude: list[str | Path] | None = None) -> dict[str, Path]:
     """The images below ``folder`` (recursively; by suffix; hidden files such as macOS's ``._x.png``
     skipped, and the files under each ``exclude`` folder that lies inside ``folder``, and under a
-    folder holding an earlier eval's results.json and results.md), keyed by their path below
+    folder holding an earlier eval's results.json and results.md, or its ``.upsr-eval`` mark: one
+    stopped before its results, with saved images), keyed by their path below
     ``folder`` without the suffix (``/``-separated), in sorted order; ``ids`` keeps only the keys
     (with or without a scale tag) among them."""
     folder = Path(folder)
@@ -271,8 +273,9 @@ def _image_files(folder: str | Path, ids: Collection[str] | None = None, *,
                                                                     else "does not exist"))
     root = folder.resolve()
     skip = [r for r in (Path(e).resolve() for e in exclude or ()) if r != root and r.is_relative_to(root)]
-    results = [p.parent for p in folder.rglob("results.json")
-               if (p.parent / "results.md").is_file() and p.parent.resolve() != root]
+    results = sorted({p.parent for p in folder.rglob("results.json") if (p.parent / "results.md").is_file()}
+                     | {p.parent for p in folder.rglob(EVAL_MARK)})
+    results = [r for r in results if r.resolve() != root]
     if results:
         log.info("%s: skipped %d folder(s) of earlier eval results: %s", folder, len(results),
                  _first_names([str(r.relative_to(folder)) for r in results]))
@@ -736,6 +739,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .fast import enable_fast
 
         enable_fast(model)
+    if args.save_images:  # a run stopped before its results (kill -9) still marks its images as no set's
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / EVAL_MARK, "upsr_core eval output: the images below are results, not a test set\n")
     stopped = None
     try:
         means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border,

@@ -281,30 +281,61 @@ def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
     fsynced and then renamed to ``path``, so that after a crash or power loss an output that
     exists is complete and a resumed run, which skips existing outputs, never keeps a truncated
     one. On any exception (disk full, Ctrl-C, …) the .part is removed and ``path`` is as it was.
-    A stale .part (power loss) or a link planted there is removed, never followed; a link at
-    ``path`` is refused (an OSError naming it); an OSError that names no file (ENOSPC from a
+    A stale .part (power loss, kill -9) or a link planted there is removed, never followed;
+    a .part that another process replaced while this one wrote (two runs writing one output
+    folder at once) is neither renamed nor removed: an OSError says so, and ``path`` is as the
+    other writer leaves it (renaming the name would give ``path`` that writer's unfinished file);
+    a link at ``path`` is refused (an OSError naming it); an OSError that names no file (ENOSPC from a
     write) is raised again naming ``path``. Every output of the project is written so: images,
     model files, checkpoints, results."""
     path = Path(path)
     if path.is_symlink():
         raise _link_refused(path)
     tmp = path.with_name(path.name + ".part")
+    mine = None
     try:
         if tmp.is_symlink() or tmp.is_file():
             tmp.unlink()
         try:
             with open_for_writing(tmp) as f:
+                mine = os.fstat(f.fileno())
                 yield f
-            with open(tmp, "r+b") as f:  # opened for writing: Windows' fsync (FlushFileBuffers) refuses read-only
-                os.fsync(f.fileno())
+                synced = not f.closed
+                if synced:  # through our own handle: the name may be another writer's file by now
+                    f.flush()
+                    os.fsync(f.fileno())
+            if not synced:  # the caller closed it: a handle opened for writing (Windows' fsync refuses read-only)
+                if not _is_file(tmp, mine):
+                    raise _taken_over(tmp, path)
+                with open(tmp, "r+b") as g:
+                    os.fsync(g.fileno())
+            if not _is_file(tmp, mine):
+                raise _taken_over(tmp, path)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            if mine is not None and _is_file(tmp, mine):  # never another writer's .part
+                tmp.unlink(missing_ok=True)
             raise
     except OSError as e:
-        if e.filename is None and e.errno is not None and e.errno != errno.ELOOP:
+        if e.filename is None and e.errno is not None and e.errno not in (errno.ELOOP, errno.EBUSY):
             raise OSError(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from e
         raise
+
+
+def _is_file(path: Path, st: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``st`` was taken of (not removed, not replaced)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _taken_over(tmp: Path, path: Path) -> OSError:
+    return OSError(errno.EBUSY, f"{os.fspath(tmp)!r} was removed or replaced by another process while this one "
+                                f"wrote it, so {os.fspath(path)!r} was not written: is a second run writing into "
+                                f"{os.fspath(path.parent)!r} at the same time? (Run one; a rerun skips finished "
+                                "outputs.)")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
