@@ -547,6 +547,11 @@ def test_checkpoint_wins_over_init_unless_fresh(tmp_path, caplog):
     assert rec["summary"]["steps"] == 1 and rec["init"]["sha256"] == sha[b] and rec["resumed"] is None
     # --fresh set the old checkpoint aside before training (a run killed before its first save leaves none to resume)
     assert (out / "estimator.ckpt.before-fresh").read_bytes() == old_ckpt
+    second = (out / "estimator.ckpt").read_bytes()
+    # a second --fresh overwrote the first one's .before-fresh
+    assert main(["train", "estimator", *common, "--steps", "1", "--fresh"]) == 0
+    assert (out / "estimator.ckpt.before-fresh").read_bytes() == old_ckpt
+    assert (out / "estimator.ckpt.before-fresh.1").read_bytes() == second
 
 
 def test_init_record_in_log_and_export_metadata(tmp_path):

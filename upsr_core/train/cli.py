@@ -102,7 +102,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int_min(0), default=0)
     p.add_argument("--fresh", action="store_true",
-                   help="start over: an existing checkpoint in --out is renamed to <name>.before-fresh first")
+                   help="start over: an existing checkpoint in --out is renamed to <name>.before-fresh first "
+                        "(.before-fresh.1, .2, … when that name is taken)")
     p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                    help="fused SDPA attention (auto: on for CUDA and the CPU)")
     p.add_argument("--channels-last", action="store_true",
@@ -452,6 +453,9 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
         # set aside now, not at the first save: a run killed before it (SIGKILL, power) must not leave the old
         # checkpoint for the next plain run to resume; the old one stays recoverable under its new name
         aside = ckpt.with_name(ckpt.name + ".before-fresh")
+        n = 1
+        while aside.exists() or aside.is_symlink():  # an earlier --fresh's: kept too (.before-fresh.1, .2, …)
+            aside, n = ckpt.with_name(f"{ckpt.name}.before-fresh.{n}"), n + 1
         os.replace(ckpt, aside)
         log.info("--fresh: the existing checkpoint %s is set aside as %s", ckpt, aside.name)
     changes: dict[str, list] = {}
