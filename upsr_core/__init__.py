@@ -9,6 +9,7 @@ Quick use::
     model = load_upsr("upsr_x4.safetensors", device="cuda")
     sr = model.upscale(lr, seed=0)          # lr (B,3,h,w) in [0,1] -> (B,3,4h,4w) in [0,1]
 """
+from . import _launch  # noqa: F401  (first: the parent pid before torch loads)
 from .checkpoint import read_checkpoint, save_converted
 from .config import ATDConfig, DenoiserConfig
 from .errors import UnsupportedCheckpointError

@@ -257,7 +257,8 @@ def _terminate_with_launcher() -> None:
         return
     import ctypes
 
-    parent = os.getppid()
+    from ._launch import PARENT_AT_IMPORT
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         ok = libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0  # PR_SET_PDEATHSIG
@@ -265,7 +266,7 @@ def _terminate_with_launcher() -> None:
         ok = False
     if not ok:
         log.debug("could not ask for SIGTERM on the launcher's death")
-    elif os.getppid() != parent:  # it died before the request took effect
+    elif os.getppid() != PARENT_AT_IMPORT:  # it died before the request took effect (e.g. while torch loaded)
         _terminated(signal.SIGTERM, None)
 
 

@@ -277,49 +277,114 @@ def _link_refused(path: str | os.PathLike) -> OSError:
 @contextlib.contextmanager
 def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file whose bytes become ``path`` only if the ``with`` block ends without an
-    exception: they go to ``<path>.part`` (opened through :func:`open_for_writing`), which is
-    fsynced and then renamed to ``path``, so that after a crash or power loss an output that
-    exists is complete and a resumed run, which skips existing outputs, never keeps a truncated
-    one. On any exception (disk full, Ctrl-C, …) the .part is removed and ``path`` is as it was.
-    A stale .part (power loss, kill -9) or a link planted there is removed, never followed;
-    a .part that another process replaced while this one wrote (two runs writing one output
-    folder at once) is neither renamed nor removed: an OSError says so, and ``path`` is as the
-    other writer leaves it (renaming the name would give ``path`` that writer's unfinished file);
-    a link at ``path`` is refused (an OSError naming it); an OSError that names no file (ENOSPC from a
-    write) is raised again naming ``path``. Every output of the project is written so: images,
-    model files, checkpoints, results."""
+    exception: they go to ``<path>.part`` (created new, not through a link), which is fsynced and
+    then renamed to ``path``, so that after a crash or power loss an output that exists is
+    complete and a resumed run, which skips existing outputs, never keeps a truncated one. On any
+    exception (disk full, Ctrl-C, …) the .part is removed and ``path`` is as it was.
+    The .part is held under an exclusive lock (``flock``; on Windows an open file cannot be
+    removed) until it is renamed: one left by a writer that is gone (kill -9, power loss) or a
+    link planted there is removed, never followed, but one that another process is writing (two
+    runs writing one output folder at once) is an OSError saying so, and a .part that is no longer
+    this writer's file when it is done is neither renamed nor removed (an OSError too): ``path``
+    never gets another writer's unfinished bytes, nor a mix of two writers'. A link at ``path`` is
+    refused (an OSError naming it); an OSError that names no file (ENOSPC from a write) is raised
+    again naming ``path``. Every output of the project is written so: images, model files,
+    checkpoints, results."""
     path = Path(path)
     if path.is_symlink():
         raise _link_refused(path)
     tmp = path.with_name(path.name + ".part")
     mine = None
     try:
-        if tmp.is_symlink() or tmp.is_file():
-            tmp.unlink()
+        _remove_stale(tmp, path)
         try:
-            with open_for_writing(tmp) as f:
-                mine = os.fstat(f.fileno())
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_BINARY", 0), 0o666)
+            except FileExistsError:  # created by another writer since _remove_stale looked
+                raise _InUse(tmp, path) from None
+            with open(fd, "wb") as f:
+                mine = os.fstat(fd)
+                if _lock(fd) is False:  # (a stale check of another writer holds it for an instant)
+                    raise _InUse(tmp, path)
                 yield f
-                synced = not f.closed
-                if synced:  # through our own handle: the name may be another writer's file by now
+                renamed = False
+                if not f.closed:  # through our own handle, under the lock
                     f.flush()
                     os.fsync(f.fileno())
-            if not synced:  # the caller closed it: a handle opened for writing (Windows' fsync refuses read-only)
-                if not _is_file(tmp, mine):
-                    raise _taken_over(tmp, path)
-                with open(tmp, "r+b") as g:
-                    os.fsync(g.fileno())
-            if not _is_file(tmp, mine):
-                raise _taken_over(tmp, path)
-            os.replace(tmp, path)
+                    if os.name != "nt":  # renamed under the lock (Windows cannot rename an open file)
+                        _replace_if_mine(tmp, path, mine)
+                        renamed = True
+            if not renamed:
+                if f.closed and _is_file(tmp, mine):  # the caller closed it: fsync through a handle for writing
+                    with open(tmp, "r+b") as g:  # (Windows' fsync, FlushFileBuffers, refuses read-only)
+                        os.fsync(g.fileno())
+                _replace_if_mine(tmp, path, mine)
         except BaseException:
             if mine is not None and _is_file(tmp, mine):  # never another writer's .part
                 tmp.unlink(missing_ok=True)
             raise
     except OSError as e:
-        if e.filename is None and e.errno is not None and e.errno not in (errno.ELOOP, errno.EBUSY):
+        if (e.filename is None and e.errno is not None and e.errno != errno.ELOOP
+                and not isinstance(e, _InUse)):
             raise OSError(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from e
         raise
+
+
+class _InUse(OSError):
+    """Another process writes the same output now (its .part is locked, or it replaced ours)."""
+
+    def __init__(self, tmp: Path, path: Path, replaced: bool = False):
+        what = "was removed or replaced by another process while this one wrote it" if replaced else \
+            "is being written by another process"
+        super().__init__(errno.EBUSY, f"{os.fspath(tmp)!r} {what}, so {os.fspath(path)!r} was not written: is a "
+                                      f"second run writing into {os.fspath(path.parent)!r} at the same time? (Run "
+                                      "one; a rerun skips finished outputs.)")
+
+
+def _lock(fd: int) -> bool | None:
+    """An exclusive, non-blocking ``flock`` on ``fd``: True taken, False held by another process,
+    None where there is no such lock (Windows; a file system without locks)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+        return None
+
+
+def _remove_stale(tmp: Path, path: Path) -> None:
+    """Remove a link at ``tmp``, or a file there that no live writer holds (see write_atomically)."""
+    if tmp.is_symlink():
+        tmp.unlink()
+        return
+    try:
+        fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        locked = _lock(fd)
+        if locked is False:
+            raise _InUse(tmp, path)
+        if locked:
+            tmp.unlink(missing_ok=True)  # under our lock: no writer holds it
+    finally:
+        os.close(fd)
+    if locked is None:  # no locks: Windows refuses to remove a file another process has open
+        try:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            raise _InUse(tmp, path) from None
+
+
+def _replace_if_mine(tmp: Path, path: Path, mine: os.stat_result) -> None:
+    if not _is_file(tmp, mine):
+        raise _InUse(tmp, path, replaced=True)
+    os.replace(tmp, path)
 
 
 def _is_file(path: Path, st: os.stat_result) -> bool:
@@ -329,13 +394,6 @@ def _is_file(path: Path, st: os.stat_result) -> bool:
     except FileNotFoundError:
         return False
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _taken_over(tmp: Path, path: Path) -> OSError:
-    return OSError(errno.EBUSY, f"{os.fspath(tmp)!r} was removed or replaced by another process while this one "
-                                f"wrote it, so {os.fspath(path)!r} was not written: is a second run writing into "
-                                f"{os.fspath(path.parent)!r} at the same time? (Run one; a rerun skips finished "
-                                "outputs.)")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
