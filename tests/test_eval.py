@@ -13,7 +13,16 @@ from PIL import Image
 
 from upsr_core.checkpoint import save_converted
 from upsr_core.cli import main
-from upsr_core.evaluate import _means, manifest_entries, manifest_ids, mod_crop, pair_files, run_methods, table
+from upsr_core.evaluate import (
+    _means,
+    lr_files,
+    manifest_entries,
+    manifest_ids,
+    mod_crop,
+    pair_files,
+    run_methods,
+    table,
+)
 from upsr_core.imageio import read_image, write_png
 from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
 from upsr_core.niqe import (
@@ -562,6 +571,7 @@ def test_eval_refuses_an_out_that_holds_its_inputs_and_skips_earlier_results(tin
     for name in ("results.json", "results.md", "contact_sheet.png"):  # as if killed (kill -9) before its results
         (root / "lr" / "run1" / name).unlink()
     assert (root / "lr" / "run1" / ".upsr-eval").is_file()  # written before the scoring: its images are no set's
+    assert [lp.name for _, lp in lr_files(root / "lr")] == ["img0.png", "img1.png"]  # a no-reference run's listing
     assert main([*base, "--out", str(root / "lr" / "run2")]) == 0
     assert json.loads((root / "lr" / "run2" / "results.json").read_text())["info"]["pairs"] == 2
     capsys.readouterr()

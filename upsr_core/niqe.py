@@ -2,7 +2,8 @@
 
 Follows the official MATLAB release (``computequality.m``) on the luma of pyiqa's YIQ and
 ``iqa-torch``'s default, which the UPSR paper's numbers come from: 0.299 R + 0.587 G + 0.114 B,
-computed in float32 as they do (so is ``luma="y"``) and rounded to 0-255 (MATLAB's ``rgb2gray`` weighs
+computed in float32 as they do (``luma="y"`` as iqa-torch: pyiqa's and BasicSR's Y order the
+float32 operations otherwise, ~5 in 1e6 pixels apart) and rounded to 0-255 (MATLAB's ``rgb2gray`` weighs
 0.298936/0.587043/0.114021 in float64, which moves a score by up to ~0.07; a float64 sum of the
 pyiqa weights rounds ~0.03 % of 8-bit pixels' exact .5 ties the other way, ~1e-2 on a score;
 BasicSR's YCbCr Y, 16-235, is ``luma="y"``: it compresses the range and moves scores by ~0.2 on
@@ -208,7 +209,7 @@ def niqe(img: torch.Tensor, params: NIQEParams | None = None, *, crop_border: in
     params = params or load_niqe_params()
     if crop_border:
         x = x[..., crop_border:-crop_border, crop_border:-crop_border]
-    # float32, as iqa-torch (and pyiqa, BasicSR) compute it: which way an exact .5 rounds (module docstring)
+    # float32, in iqa-torch's order of operations: which way an exact .5 rounds (module docstring)
     x = x.float().clamp(0, 1)
     weights, bias = (x.new_tensor(_GRAY), 0.0) if luma == "gray" else (x.new_tensor(_Y) / 255.0, 16.0 / 255.0)
     y = torch.einsum("bchw,c->bhw", x, weights) + bias
