@@ -321,10 +321,11 @@ def manifest_ids(path: str | Path, group: str, hr_size: int | None = None, *, la
     ``manifest.jsonl``, in file order. ValueError for a line that is not a JSON object with
     'id' and 'group' (and 'hr_size' when asked for), or for no match; ``label`` names the file
     in the message (the CLI's flag)."""
-    entries = manifest_entries(path, group, label=label, need_size=hr_size is not None)
+    entries = _read_manifest(path, group, label, need_size=hr_size is not None)
     ids = [i for i, size in entries.items() if hr_size is None or size == hr_size]
     if not ids:
-        raise ValueError(f"no entries of group {group!r} at HR {hr_size} in {label} {str(path)!r}")
+        size = f" at HR {hr_size}" if hr_size is not None else ""
+        raise ValueError(f"no entries of group {group!r}{size} in {label} {str(path)!r}")
     return ids
 
 
@@ -334,6 +335,13 @@ def manifest_entries(path: str | Path, group: str, *, label: str = "manifest",
     ``manifest.jsonl``, in file order; errors as :func:`manifest_ids`. As ``ids`` of
     :func:`pair_files`/:func:`lr_files`, the sizes say which ids belong in a folder of one crop
     size: only ids of a size found there are reported missing."""
+    ids = _read_manifest(path, group, label, need_size)
+    if not ids:
+        raise ValueError(f"no entries of group {group!r} in {label} {str(path)!r}")
+    return ids
+
+
+def _read_manifest(path: str | Path, group: str, label: str, need_size: bool) -> dict[str, int | None]:
     ids: dict[str, int | None] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -346,8 +354,6 @@ def manifest_entries(path: str | Path, group: str, *, label: str = "manifest",
                     want = "'id', 'group' and 'hr_size'" if need_size else "'id' and 'group'"
                     raise ValueError(f"{label} {str(path)!r} line {n}: expected a JSON object with {want} "
                                      f"({type(e).__name__}: {e})") from None
-    if not ids:
-        raise ValueError(f"no entries of group {group!r} in {label} {str(path)!r}")
     return ids
 
 
