@@ -476,6 +476,20 @@ def test_a_part_file_being_written_is_not_taken_for_a_stale_one(tmp_path):
     assert out.read_bytes() == b"first, complete" and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
+def test_a_file_closed_inside_write_atomically_is_not_put_in_place(tmp_path):
+    """The bytes are fsynced through the handle the .part's lock is on; a caller that closed it
+    (and with it the lock) gets a ValueError saying so, and the output is as it was, no .part."""
+    from upsr_core.imageio import write_atomically
+
+    out = tmp_path / "x.png"
+    out.write_bytes(b"old")
+    with pytest.raises(ValueError, match=r"the file for .*x.png' was closed inside write_atomically's with block"):
+        with write_atomically(out) as f:
+            f.write(b"new")
+            f.close()
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
 def test_convert_refuses_to_write_over_its_own_input(tmp_path, tiny_model_file, capsys):
     src = tmp_path / "m.safetensors"
     src.write_bytes(Path(tiny_model_file).read_bytes())

@@ -758,21 +758,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         means, rows, stopped = e.means, e.rows, e.code
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
+    left = unscored(rows)  # (evaluate logged them)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
             "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
             "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}",
-            "left_out_of_means": unscored(rows)}  # {metric: images}; their values are null (not finite)
+            "left_out_of_means": left}  # {metric: images}; their values are null (not finite)
     doc = {"info": info, "mean": means, "per_image": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
     write_text(out / "results.json", json.dumps(_finite_or_none(doc), indent=1, allow_nan=False) + "\n")
     what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
     if stopped is not None:
         what = f"PARTIAL: the first {len(rows)} of {what} (interrupted)"
-    left = "".join(f"\n{k}: left out of the means (not finite for some method): {', '.join(v)}\n"
-                   for k, v in unscored(rows).items())
-    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left}")
+    left_md = "".join(f"\n{k}: left out of the means (not finite for some method): {', '.join(v)}\n"
+                      for k, v in left.items())
+    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left_md}")
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)

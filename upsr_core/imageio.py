@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
            "same_place", "is_inside",
-           "open_for_writing", "write_atomically",
+           "write_atomically",
            "write_text"]
 
 log = logging.getLogger("upsr_core")
@@ -257,18 +257,6 @@ _BAND = 256  # rows converted at a time by write_png
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (Windows has none: links there need privileges to make)
 
 
-def open_for_writing(path: str | os.PathLike):
-    """``open(path, "wb")`` that does not follow a symlink at ``path`` itself (an OSError naming
-    it): in a shared folder another user's planted ``out.png`` link would make us overwrite its
-    target."""
-    try:
-        return open(path, "wb", opener=lambda p, flags: os.open(p, flags | _NOFOLLOW, 0o666))
-    except OSError as e:
-        if e.errno == errno.ELOOP and os.path.islink(path):
-            raise _link_refused(path) from None
-        raise
-
-
 def _link_refused(path: str | os.PathLike) -> OSError:
     return OSError(errno.ELOOP, f"{os.fspath(path)!r} is a symbolic link; outputs are not written through "
                                 "links: write to the file it points at, or remove the link")
@@ -288,8 +276,9 @@ def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
     this writer's file when it is done is neither renamed nor removed (an OSError too): ``path``
     never gets another writer's unfinished bytes, nor a mix of two writers'. A link at ``path`` is
     refused (an OSError naming it); an OSError that names no file (ENOSPC from a write) is raised
-    again naming ``path``. Every output of the project is written so: images, model files,
-    checkpoints, results."""
+    again naming ``path``. The file is closed by this function, not by the ``with`` block (a file
+    closed there is a ValueError and nothing is written: its lock went with it). Every output of
+    the project is written so: images, model files, checkpoints, results."""
     path = Path(path)
     if path.is_symlink():
         raise _link_refused(path)
@@ -307,17 +296,14 @@ def write_atomically(path: str | os.PathLike) -> Iterator[BinaryIO]:
                 if _lock(fd) is False:  # (a stale check of another writer holds it for an instant)
                     raise _InUse(tmp, path)
                 yield f
-                renamed = False
-                if not f.closed:  # through our own handle, under the lock
-                    f.flush()
-                    os.fsync(f.fileno())
-                    if os.name != "nt":  # renamed under the lock (Windows cannot rename an open file)
-                        _replace_if_mine(tmp, path, mine)
-                        renamed = True
-            if not renamed:
-                if f.closed and _is_file(tmp, mine):  # the caller closed it: fsync through a handle for writing
-                    with open(tmp, "r+b") as g:  # (Windows' fsync, FlushFileBuffers, refuses read-only)
-                        os.fsync(g.fileno())
+                if f.closed:  # its bytes could not be fsynced through the handle the lock is on
+                    raise ValueError(f"the file for {os.fspath(path)!r} was closed inside write_atomically's "
+                                     "with block: leave closing it to write_atomically")
+                f.flush()
+                os.fsync(f.fileno())
+                if os.name != "nt":  # renamed under the lock
+                    _replace_if_mine(tmp, path, mine)
+            if os.name == "nt":  # (Windows cannot rename an open file)
                 _replace_if_mine(tmp, path, mine)
         except BaseException:
             if mine is not None and _is_file(tmp, mine):  # never another writer's .part
