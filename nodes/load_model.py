@@ -147,7 +147,8 @@ class LoadUPSRModel(io.ComfyNode):
                                        "else bf16, else fp32 (the CPU). fp32 gives what the upsr_core CLI gives "
                                        "by default. A NaN result (an fp16 overflow) stops with an error: pick "
                                        "fp32 or bf16 then. The estimator never runs in fp16. On the CPU, fp16 is "
-                                       "~130× slower than fp32 (no fast kernels): keep auto there."),
+                                       "~130× slower than fp32 (no fast kernels), and bf16 too without AVX-512: "
+                                       "keep auto there."),
                 io.Combo.Input("implementation", options=list(IMPLEMENTATIONS), default="fast", optional=True,
                                tooltip="fast: fused attention with precomputed masks and the sampling loop on the "
                                        "device; equal to reference up to float rounding (what `python -m upsr_core "

@@ -755,6 +755,32 @@ def test_train_bench_runs_on_cpu_with_channels_last():
         assert res["peak_mem_gib"] is None and (res["peak_rss_gib"] is None or res["peak_rss_gib"] > 0)
 
 
+def test_train_bench_takes_trains_amp_and_warns_of_slow_cpu_half_precision(monkeypatch, caplog):
+    """train bench's --amp default is train's (bf16 on CUDA, off on the CPU: it was bf16 everywhere,
+    and bf16 convolutions on an AVX2-only CPU run ~250x slower than fp32); an --amp the CPU has no
+    fast kernels for runs, with a warning (train warns the same, from the same function)."""
+    import argparse
+
+    from upsr_core.train.bench import add_bench_parser, run_bench
+    from upsr_core.train.cli import warn_slow_amp
+
+    monkeypatch.setattr("upsr_core.train.cli.cpu_has_fast_bf16", lambda: False)
+    ap = argparse.ArgumentParser()
+    add_bench_parser(ap.add_subparsers())
+    common = ["bench", "--config", "tiny", "--batch", "1", "--crop", "64", "--warmup", "0", "--iters", "1",
+              "--device", "cpu"]
+    with caplog.at_level("WARNING"):
+        assert run_bench(ap.parse_args(common))["amp"] == "off"
+        assert not caplog.records
+        assert run_bench(ap.parse_args([*common, "--amp", "bf16"]))["amp"] == "bf16"
+        warn_slow_amp("fp16", torch.device("cpu"), "train")
+        warn_slow_amp("bf16", torch.device("meta"), "train")  # not a CPU: nothing to say
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2
+    assert msgs[0].startswith("train bench: --amp bf16 on a CPU without fast bf16 kernels") and "--amp off" in msgs[0]
+    assert msgs[1].startswith("train: --amp fp16 on the CPU has no fast kernels")
+
+
 def test_train_bench_profile_names_the_step_ops(capsys):
     """--profile N: one more step under torch.profiler after the timing, its N costliest ops
     printed and kept in the result (where the GPU step's time goes)."""

@@ -52,7 +52,7 @@ import torch
 
 from .cliargs import float_range, int_list, int_min, writable_file
 from .config import FULL_ATD, FULL_DENOISER
-from .errors import NonFiniteOutputError
+from .errors import NonFiniteOutputError, cpu_has_fast_bf16
 from .fast import enable_fast
 from .imageio import write_text
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
@@ -78,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", type=int_list(1), default=None,
                    help="LR sides, e.g. 64,128,256 (default: CUDA 64,128,256; CPU 64)")
     p.add_argument("--batches", type=int_list(1), default=None, help="batch sizes (default: CUDA 1,8; CPU 1)")
-    p.add_argument("--dtypes", default=None, help="fp32,tf32,bf16,fp16 (default: CUDA all; CPU fp32,bf16)")
+    p.add_argument("--dtypes", default=None, help="fp32,tf32,bf16,fp16 (default: CUDA all; CPU fp32,bf16, "
+                   "fp32 alone on a CPU without fast bf16 kernels)")
     p.add_argument("--tiled", type=int_min(0), default=None,
                    help="LR side of the tiled row (default: CUDA 1024; CPU none; 0: none)")
     p.add_argument("--tiled-dtypes", default="bf16", help="dtypes of the tiled row")
@@ -394,7 +395,9 @@ def run_bench(args: argparse.Namespace) -> int:
     cuda = dev.type == "cuda"
     sizes = args.sizes or ([64, 128, 256] if cuda else [64])
     batch_sizes = args.batches or ([1, 8] if cuda else [1])
-    dtypes = _dtypes(args.dtypes) if args.dtypes else (["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
+    slow_bf16 = dev.type == "cpu" and not cpu_has_fast_bf16()  # bf16 convs ~250x slower than fp32 there
+    dtypes = _dtypes(args.dtypes) if args.dtypes else (["fp32", "tf32", "bf16", "fp16"] if cuda
+                                                       else ["fp32"] if slow_bf16 else ["fp32", "bf16"])
     tiled = args.tiled if args.tiled is not None else (1024 if cuda else 0)
     tiled_dtypes = _dtypes(args.tiled_dtypes)  # checked with or without a tiled row
     tiled_dtypes = tiled_dtypes if tiled else []
@@ -439,6 +442,9 @@ def run_bench(args: argparse.Namespace) -> int:
     table = Table(args.json, meta)
     if args.compile == "on" and not cuda:
         table.comment("compile rows skipped: --compile on times compiled CUDA graphs, on CUDA only")
+    if slow_bf16 and not args.dtypes:
+        table.comment("no bf16 row: this CPU has no fast bf16 kernels (no AVX-512/AMX), where bf16 convolutions "
+                      "run ~250x slower than fp32; --dtypes fp32,bf16 times it anyway")
     if not cuda:
         if args.graphs == "on":
             table.comment(f"--graphs on: a CUDA switch, without effect on {dev.type}")

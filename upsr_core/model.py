@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import build_denoiser, build_estimator, read_checkpoint, split_nets
 from .config import METADATA_CONFIG_ERRORS, ATDConfig, DenoiserConfig, atd_config_from_state_dict
-from .errors import NonFiniteOutputError, UnsupportedCheckpointError, check_device, is_int
+from .errors import NonFiniteOutputError, UnsupportedCheckpointError, check_device, cpu_has_fast_bf16, is_int
 from .nets import ATD, UPSRDenoiser
 from .pipeline import (
     SCALE,
@@ -181,11 +181,20 @@ class UPSRModel:
         return self
 
     def _warn_if_slow(self) -> None:
-        """Once per model: fp16 runs on the CPU, but without fast kernels (say so, never silently)."""
-        if self.dtype == torch.float16 and self.device.type == "cpu" and not self._warned_slow:
+        """Once per model: fp16 on the CPU, or bf16 on a CPU without fast bf16 kernels
+        (:func:`errors.cpu_has_fast_bf16`), runs, but far slower than fp32: say so, never silently."""
+        if self.device.type != "cpu" or self._warned_slow:
+            return
+        if self.dtype == torch.float16:
             self._warned_slow = True
             log.warning("the denoiser runs in fp16 on the CPU, which has no fast fp16 kernels: about 190x slower than "
-                        "fp32 (demo model, LR 64, 2-core x86, 2026-11-26); use fp32 or bf16 on the CPU")
+                        "fp32 (demo model, LR 64, 2-core x86, 2026-11-26); use fp32 on the CPU (or bf16 where it "
+                        "has AVX-512 or AMX)")
+        elif self.dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+            self._warned_slow = True
+            log.warning("the nets run in bf16 on a CPU without fast bf16 kernels (oneDNN finds no AVX-512, AMX "
+                        "or Arm BF16 here): its convolutions run about 250x slower than in fp32 (2-core AVX2 x86, "
+                        "2026-11-28); use fp32 on this CPU")
 
     def _checked(self, sr: torch.Tensor) -> torch.Tensor:
         """``sr`` if it holds no NaN, else NonFiniteOutputError (one sum over the output: no
@@ -238,6 +247,7 @@ class UPSRModel:
         check_progress(progress)
         if block is not None:
             check_block(block, "block")
+        self._warn_if_slow()
         lr_pm = pad_lr(lr.float().cpu(), self.multiple_of)
         bic = torch.cat([bicubic_x4(lr_pm[i : i + 1]) for i in range(lr_pm.shape[0])])
         y_hat = torch.empty_like(bic)

@@ -42,12 +42,14 @@ class RandomFeed:
 def add_bench_parser(stages: argparse._SubParsersAction) -> None:
     b = stages.add_parser("bench", help="s/iter and peak memory of a denoiser training step (random data)",
                           description="Times the step the official training was timed with: by default the full "
-                                      "config at batch 16, HR 256, bf16 autocast (on any device), not a --config "
-                                      "preset's batch and crop; give --batch/--crop/--amp to time those.")
+                                      "config at batch 16, HR 256, bf16 autocast on CUDA (off on the CPU, as in "
+                                      "train), not a --config preset's batch and crop; give --batch/--crop/--amp to "
+                                      "time those.")
     b.add_argument("--config", default="full", choices=["small", "full", "tiny"])
     b.add_argument("--batch", type=int_min(1), default=16)
     b.add_argument("--crop", type=int_min(1), default=256, help="HR side")
-    b.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
+    b.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
+                   help="default: bf16 on CUDA, off on the CPU (as train)")
     b.add_argument("--fused", choices=["auto", "on", "off"], default="auto")
     b.add_argument("--triton-norm", choices=["auto", "on", "off"], default="auto",
                    help="Triton GroupNorm with a backward (auto: with --channels-last where Triton runs)")
@@ -65,15 +67,23 @@ def add_bench_parser(stages: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import check_compile_mode, check_crop, hardware, set_fused, set_triton_norm, setup_device, triton_norm_ran
+    from .cli import (
+        check_compile_mode,
+        check_crop,
+        hardware,
+        set_fused,
+        set_triton_norm,
+        setup_device,
+        triton_norm_ran,
+        warn_slow_amp,
+    )
 
     check_compile_mode(args)
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
     di = setup_device(args.device)
-    if args.amp == "fp16" and di.device.type == "cpu":
-        log.warning("train bench: --amp fp16 on the CPU has no fast kernels (9x slower than bf16 in a 2-core "
-                    "probe); bf16 is the CPU's half precision")
+    amp = args.amp or ("bf16" if di.device.type == "cuda" else "off")
+    warn_slow_amp(amp, di.device, "train bench")
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)
@@ -83,7 +93,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     fused = set_fused(args.fused, di.device, den, est)
     triton_norm = set_triton_norm(args.triton_norm, di.device, den, args.channels_last)
     task = DenoiserTask(den, est, RandomFeed(args.crop, di.device), args.batch, degradation="bicubic")
-    cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=args.amp, progress=False,
+    cfg = LoopConfig(steps=args.warmup + args.iters, batch=args.batch, lr=1e-4, amp=amp, progress=False,
                      ema_decay=0.999, grad_clip=None)
     tr = Trainer(task, cfg, di)
     if args.compile:
@@ -104,7 +114,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             warm.append(dt)
             log.info("train bench: warm-up step %d/%d took %.1f s", i + 1, args.warmup, dt)
     res = {
-        "config": args.config, "batch": args.batch, "hr": args.crop, "amp": args.amp, "fused": fused,
+        "config": args.config, "batch": args.batch, "hr": args.crop, "amp": amp, "fused": fused,
         "compile": tr.compiled, "compile_mode": args.compile_mode if tr.compiled else None,
         "channels_last": args.channels_last,
         # what normalised: compiled nets fuse their own norm; a failed kernel fell back to the native one

@@ -41,7 +41,7 @@ from ..checkpoint import (
 from ..cliargs import B_U_ARG, PSI_MAX_ARG, float_range, int_min, off_or, writable_file
 from ..config import METADATA_CONFIG_ERRORS, ATDConfig, DenoiserConfig
 from ..cpu_memory import for_cpu_run
-from ..errors import UnsupportedCheckpointError
+from ..errors import UnsupportedCheckpointError, cpu_has_fast_bf16
 from ..imageio import write_text
 from ..nets import ATD
 from ..nets.attention import WindowAttention
@@ -327,8 +327,23 @@ def check_crop(crop: int, stage: str, denoiser_config: DenoiserConfig | None = N
     return crop
 
 
+def warn_slow_amp(amp: str, device: torch.device, what: str) -> None:
+    """--amp fp16 on the CPU, or bf16 on a CPU without fast bf16 kernels
+    (:func:`upsr_core.errors.cpu_has_fast_bf16`), runs but far slower than fp32: say so."""
+    if device.type != "cpu":
+        return
+    if amp == "fp16":
+        log.warning("%s: --amp fp16 on the CPU has no fast kernels (9x slower than bf16 on an AVX-512 BF16 CPU, "
+                    "2-core probe); use --amp off", what)
+    elif amp == "bf16" and not cpu_has_fast_bf16():
+        log.warning("%s: --amp bf16 on a CPU without fast bf16 kernels (oneDNN finds no AVX-512, AMX or Arm BF16 "
+                    "here): its convolutions run about 250x slower than in fp32; use --amp off", what)
+
+
 def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
     stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
+    amp = args.amp or ("bf16" if di.device.type == "cuda" else "off")
+    warn_slow_amp(amp, di.device, "train")
     return LoopConfig(
         # "is None", not "or": an explicit 0 must reach the checks below, not turn into the preset's value
         steps=preset.total_steps if args.steps is None else args.steps, max_minutes=args.max_minutes,
@@ -340,7 +355,7 @@ def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> L
         grad_clip=preset.grad_clip if args.grad_clip is None else (None if args.grad_clip == "off" else args.grad_clip),
         # trained weights need no warm-up of their average; the official training has none either
         ema_warmup=args.init is None if args.ema_warmup == "auto" else args.ema_warmup == "on",
-        amp=args.amp or ("bf16" if di.device.type == "cuda" else "off"), seed=args.seed,
+        amp=amp, seed=args.seed,
         checkpoint=str(out / f"{args.stage}.ckpt"), ckpt_every=args.ckpt_every, log_every=args.log_every,
     )
 
