@@ -762,7 +762,7 @@ def test_train_bench_takes_trains_amp_and_warns_of_slow_cpu_half_precision(monke
     import argparse
 
     from upsr_core.train.bench import add_bench_parser, run_bench
-    from upsr_core.train.cli import warn_slow_amp
+    from upsr_core.train.cli import training_amp
 
     monkeypatch.setattr("upsr_core.train.cli.cpu_has_fast_bf16", lambda: False)
     ap = argparse.ArgumentParser()
@@ -773,8 +773,8 @@ def test_train_bench_takes_trains_amp_and_warns_of_slow_cpu_half_precision(monke
         assert run_bench(ap.parse_args(common))["amp"] == "off"
         assert not caplog.records
         assert run_bench(ap.parse_args([*common, "--amp", "bf16"]))["amp"] == "bf16"
-        warn_slow_amp("fp16", torch.device("cpu"), "train")
-        warn_slow_amp("bf16", torch.device("meta"), "train")  # not a CPU: nothing to say
+        assert training_amp("fp16", torch.device("cpu"), "train") == "fp16"
+        assert training_amp("bf16", torch.device("meta"), "train") == "bf16"  # not a CPU: nothing to say
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 2
     assert msgs[0].startswith("train bench: --amp bf16 on a CPU without fast bf16 kernels") and "--amp off" in msgs[0]

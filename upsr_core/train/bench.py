@@ -74,16 +74,15 @@ def run_bench(args: argparse.Namespace) -> dict:
         set_fused,
         set_triton_norm,
         setup_device,
+        training_amp,
         triton_norm_ran,
-        warn_slow_amp,
     )
 
     check_compile_mode(args)
     preset = get_preset(args.config)
     check_crop(args.crop, "denoiser", preset.denoiser)
     di = setup_device(args.device)
-    amp = args.amp or ("bf16" if di.device.type == "cuda" else "off")
-    warn_slow_amp(amp, di.device, "train bench")
+    amp = training_amp(args.amp, di.device, "train bench")
     torch.backends.cudnn.benchmark = True  # fixed shapes here (no degradations)
     torch.manual_seed(0)
     den = build_denoiser_net(preset.denoiser)

@@ -327,23 +327,24 @@ def check_crop(crop: int, stage: str, denoiser_config: DenoiserConfig | None = N
     return crop
 
 
-def warn_slow_amp(amp: str, device: torch.device, what: str) -> None:
-    """--amp fp16 on the CPU, or bf16 on a CPU without fast bf16 kernels
-    (:func:`upsr_core.errors.cpu_has_fast_bf16`), runs but far slower than fp32: say so."""
-    if device.type != "cpu":
-        return
-    if amp == "fp16":
+def training_amp(amp: str | None, device: torch.device, what: str) -> str:
+    """The autocast of a training step on ``device``: ``amp`` (bf16, fp16, off) if given, else bf16
+    on CUDA and off on the CPU. fp16 on the CPU, or bf16 on a CPU without fast bf16 kernels
+    (:func:`upsr_core.errors.cpu_has_fast_bf16`), runs but far slower than fp32: logged, named by
+    ``what`` (the command)."""
+    amp = amp or ("bf16" if device.type == "cuda" else "off")
+    if device.type == "cpu" and amp == "fp16":
         log.warning("%s: --amp fp16 on the CPU has no fast kernels (9x slower than bf16 on an AVX-512 BF16 CPU, "
                     "2-core probe); use --amp off", what)
-    elif amp == "bf16" and not cpu_has_fast_bf16():
+    elif device.type == "cpu" and amp == "bf16" and not cpu_has_fast_bf16():
         log.warning("%s: --amp bf16 on a CPU without fast bf16 kernels (oneDNN finds no AVX-512, AMX or Arm BF16 "
                     "here): its convolutions run about 250x slower than in fp32; use --amp off", what)
+    return amp
 
 
 def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
     stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
-    amp = args.amp or ("bf16" if di.device.type == "cuda" else "off")
-    warn_slow_amp(amp, di.device, "train")
+    amp = training_amp(args.amp, di.device, "train")
     return LoopConfig(
         # "is None", not "or": an explicit 0 must reach the checks below, not turn into the preset's value
         steps=preset.total_steps if args.steps is None else args.steps, max_minutes=args.max_minutes,
