@@ -26,8 +26,28 @@ from _support import load_tool, tiny_upsr
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton); "
                                                             "its interpreter runs the kernels on the CPU")
-if HAS_TRITON:  # before the kernels are first built: the interpreter is chosen when they are decorated
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The interpreter needs TRITON_INTERPRET=1 both when triton is imported (its standard library, tl.sum
+# and the like, is decorated then) and when the kernels are first built; collection imports this
+# module before any test runs, so import triton under it here, then take it back: set for the whole
+# run, it made other modules' channels-last training run its GroupNorm through the interpreter —
+# 73 s a test instead of 1, and another path than the same test run alone (found 2026-11-28).
+_INTERPRET = "TRITON_INTERPRET" not in os.environ
+if HAS_TRITON and _INTERPRET:
+    with pytest.MonkeyPatch.context() as _mp:
+        _mp.setenv("TRITON_INTERPRET", "1")
+        import triton.language  # noqa: F401
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """TRITON_INTERPRET=1 for this module's tests only (where the caller has not set it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if HAS_TRITON and _INTERPRET:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
 
 ULP = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
