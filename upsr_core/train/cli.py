@@ -333,10 +333,12 @@ def training_amp(amp: str | None, device: torch.device, what: str) -> str:
     (:func:`upsr_core.errors.cpu_has_fast_bf16`), runs but far slower than fp32: logged, named by
     ``what`` (the command)."""
     amp = amp or ("bf16" if device.type == "cuda" else "off")
-    if device.type == "cpu" and amp == "fp16":
+    if device.type != "cpu":
+        return amp
+    if amp == "fp16":
         log.warning("%s: --amp fp16 on the CPU has no fast kernels (9x slower than bf16 on an AVX-512 BF16 CPU, "
                     "2-core probe); use --amp off", what)
-    elif device.type == "cpu" and amp == "bf16" and not cpu_has_fast_bf16():
+    elif amp == "bf16" and not cpu_has_fast_bf16():
         log.warning("%s: --amp bf16 on a CPU without fast bf16 kernels (oneDNN finds no AVX-512, AMX or Arm BF16 "
                     "here): its convolutions run about 250x slower than in fp32; use --amp off", what)
     return amp
