@@ -16,7 +16,8 @@ dominates ``max|d|``; trained weights sort stably).
 * fast = :func:`upsr_core.fast.enable_fast` with the denoiser in fp32 / tf32 (fp32 weights,
   TF32 matmuls and convs; CUDA only) / bf16 / fp16; the estimator (ATD, 4% of the FLOPs) runs
   in the row's dtype, except in fp16 rows, where it stays fp32;
-* ``fast+compile``: the same with ``torch.compile`` (CUDA only, when time is left).
+* ``fast+compile``: the same with ``torch.compile`` (CUDA; the CPU with ``--compile on``, where
+  Inductor freezes the weights; when time is left).
 
 Without ``--model`` the full-size nets (``--small``: the demo-size nets) get a seeded random
 init, with the last conv scaled so x̂0 has an image-like std of 0.5; the timing does not
@@ -91,11 +92,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CUDA memory cap for the fast rows (default: 6 for the tiled row, none for the others; "
                         "0 = none)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="add fast+compile rows (auto: CUDA with Triton, while the budget allows)")
-    p.add_argument("--compile-sizes", type=int_list(1), default=[64, 256],
-                   help="LR sides of the compiled rows (batch 1)")
-    p.add_argument("--compile-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                   help="dtype of the compiled rows (default bf16)")
+                   help="add fast+compile rows (auto: CUDA with Triton, while the budget allows; on: also on "
+                        "the CPU, where the compile freezes the weights and takes minutes)")
+    p.add_argument("--compile-sizes", type=int_list(1), default=None,
+                   help="LR sides of the compiled rows (batch 1; default 64,256 on CUDA, 64 on the CPU)")
+    p.add_argument("--compile-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the compiled rows (default bf16; fp32 on a CPU without fast bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="channels-last denoiser in the fast path (auto: CUDA with the Triton GroupNorm)")
@@ -440,8 +442,6 @@ def run_bench(args: argparse.Namespace) -> int:
         except ValueError as e:  # its words are the library's: name the flags
             raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
     table = Table(args.json, meta)
-    if args.compile == "on" and not cuda:
-        table.comment("compile rows skipped: --compile on times compiled CUDA graphs, on CUDA only")
     if slow_bf16 and not args.dtypes:
         table.comment("no bf16 row: this CPU has no fast bf16 kernels (no AVX-512/AMX), where bf16 convolutions "
                       "run ~250x slower than fp32; --dtypes fp32,bf16 times it anyway")
@@ -546,8 +546,10 @@ def run_bench(args: argparse.Namespace) -> int:
                               {"lr": label, "batch": b, "path": path, "dtype": name, "oom": True, "mem_cap_gib": cap})
             finally:
                 _tf32(False)
-    if args.compile != "off" and cuda:
-        _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs)
+    if args.compile == "on" or (args.compile == "auto" and cuda):
+        _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs, reps,
+                      args.compile_dtype or ("fp32" if slow_bf16 else "bf16"),
+                      args.compile_sizes or ([64, 256] if cuda else [64]))
     print(f"# done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
@@ -595,16 +597,17 @@ def _resident(model: UPSRModel, dev: torch.device, cap_gib: float = 0.0):
             torch.cuda.empty_cache()
 
 
-def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
-    """fast+compile rows (``--compile-dtype``, batch 1), each only if >= 90 s of the budget are left."""
+def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs, reps: int, dtype: str,
+                  sizes: list[int]) -> None:
+    """fast+compile rows (``dtype``, batch 1, LR ``sizes``), each only if >= 90 s of the budget are left."""
     import importlib.util
 
     if args.compile == "auto" and importlib.util.find_spec("triton") is None:
         table.comment("compile rows skipped: Triton is not installed")
         return
-    m = _fast_model(den, atd, dev, _DTYPES[args.compile_dtype], args, compile=True)
+    m = _fast_model(den, atd, dev, _DTYPES[dtype], args, compile=True)
     with _resident(m, dev):
-        for s in args.compile_sizes:
+        for s in sizes:
             if out_of_time(90.0):
                 table.comment(f"compile row LR {s} skipped: less than 90 s of the budget left")
                 continue
@@ -613,12 +616,12 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs) -> None:
             noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
             kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)
             # the warm-up call compiles, warms up and captures: its seconds are the row's warmup_s
-            out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 1, args.reps or 10)
+            out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 1, reps)
             ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1
                             and r["path"] == "reference"), None)
             fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
             ref_s = ref_row["s_per_img"] if ref_row else None
-            table.add(_row(str(s), 1, "fast+compile", args.compile_dtype, timed, fl, ref_s,
+            table.add(_row(str(s), 1, "fast+compile", dtype, timed, fl, ref_s,
                            out, refs.get((s, 1)), compiled=",".join(m.compiled) or "none"))
             m.graphs.clear()
 

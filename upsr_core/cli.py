@@ -128,7 +128,9 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                    help="the fast path: fused attention, the sampling loop on the device, CUDA graphs (see bench)")
     p.add_argument("--compile", action="store_true",
                    help="with --fast: also torch.compile the denoiser and the estimator (compiles for minutes per "
-                        "new image size; pays off over many same-size images; falls back to eager if compiling fails)")
+                        "new image size; pays off over many same-size images; falls back to eager if compiling fails; "
+                        "on the CPU it freezes the weights: ~4 min to compile at full size on 2 cores, then 11-15%% "
+                        "faster)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--bits", choices=["auto", "8", "16"], default="auto", help="PNG bit depth (auto: as the input)")
     p.add_argument("-q", "--quiet", action="store_true",
