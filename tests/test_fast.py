@@ -970,7 +970,7 @@ def _has_cxx() -> bool:
 @pytest.mark.skipif(not _has_cxx(), reason="Inductor's CPU backend needs a C++ compiler")
 def test_cpu_compile_freezes_weights_and_recompiles_when_they_change(caplog):
     """On the CPU, compile=True compiles with Inductor's weight freezing (oneDNN-prepacked convs
-    with fused epilogues; ~25 % faster at full size on a 2-core AVX2 VM). Frozen code holds copies
+    with fused epilogues; 11–15 % faster at full size on a 2-core AVX2 VM). Frozen code holds copies
     of the weights, so new values written in place must lead to a new compile, not to stale
     results: here conv_last ×2, then the result must equal the eager path's with the new weights.
     Real Inductor (no stand-in backend): ~2–3 min on 2 CPU cores, most of it compiling.

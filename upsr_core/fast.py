@@ -329,8 +329,8 @@ class FastUPSRModel(UPSRModel):
         prepacked for oneDNN and their bias and pointwise epilogues fused; full size at LR 64 on
         a 2-core AVX2 VM, fp32, eager and compiled calls interleaved: median 5.76 against 6.76 s,
         6.21 against 6.94 s with the CLI's allocator setting, 2026-11-28), so the compiled code
-        holds copies of the weights: new values (a
-        patcher's ``copy_``, ``load_state_dict``) need a new compile. Dynamo keeps what it
+        holds copies of the weights: new values (a patcher's ``copy_``, ``load_state_dict``)
+        need a new compile. Dynamo keeps what it
         compiled on the function's code object, where a new ``torch.compile`` of the same method
         would find the stale code, so each frozen compile gets a fresh copy of the code object."""
         frozen = self.device.type == "cpu"
@@ -350,7 +350,11 @@ class FastUPSRModel(UPSRModel):
         for name, (net, fn) in nets.items():
             if name not in self._compile_failed:
                 self._compiled[name] = torch.compile(_method(net, fn, fresh=frozen), **kw)
-        self._frozen = frozen
+
+    @property
+    def _frozen(self) -> bool:
+        """Whether the compiled callables freeze the weights (made for the CPU)."""
+        return self._compiled_for is not None and self._compiled_for[0] == "frozen"
 
     def _placement(self) -> tuple:
         # the nets' identities too: a net assigned anew (model.estimator = …) has other dicts
