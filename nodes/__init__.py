@@ -1,4 +1,9 @@
-"""The UPSR node pack: LoadUPSRModel → EstimateUncertainty → WeightNoise → UPSRSample (or UPSRUpscale)."""
+"""The UPSR node pack: LoadUPSRModel → EstimateUncertainty → WeightNoise → UPSRSample (or UPSRUpscale).
+
+The nodes import ComfyUI's versioned node API, ``comfy_api.v0_0_2`` (present in 0.3.64, the oldest
+ComfyUI this pack supports): ComfyUI means its vX_Y_Z modules to stay backward compatible for node
+packs, while ``comfy_api.latest`` follows its development.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .load_model import LoadUPSRModel
 from .sample import UPSRSample, UPSRUpscale

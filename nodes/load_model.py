@@ -9,7 +9,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from upsr_core import UPSRModel, load_upsr
 from upsr_core.cli import DEMO_MODEL, WEIGHTS_DIR

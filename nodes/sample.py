@@ -8,7 +8,7 @@ from typing import TypeVar
 import comfy.model_management as mm
 import comfy.utils
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
 from upsr_core.errors import is_out_of_memory, is_size_limit

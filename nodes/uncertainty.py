@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import comfy.utils
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from upsr_core.model import ESTIMATOR_BLOCK
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map

@@ -82,7 +82,7 @@ def pack(tmp_path_factory) -> Pack:
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
-        from comfy_api.latest import io
+        from comfy_api.v0_0_2 import io
 
         folder_paths.stub_reset(str(base))
         extra = base / "extra_models" / "upsr"  # what extra_model_paths.yaml `upsr: ...` registers
@@ -98,7 +98,7 @@ def pack(tmp_path_factory) -> Pack:
         spec.loader.exec_module(module)
         assert not hasattr(module, "NODE_CLASS_MAPPINGS"), "a V3 pack must not define NODE_CLASS_MAPPINGS"
         ext = asyncio.run(module.comfy_entrypoint())
-        from comfy_api.latest import ComfyExtension
+        from comfy_api.v0_0_2 import ComfyExtension
 
         assert isinstance(ext, ComfyExtension)
         node_list = asyncio.run(ext.get_node_list())

@@ -30,7 +30,7 @@ def main() -> None:
     import comfy.model_patcher
     import comfy.utils
     import folder_paths
-    from comfy_api.latest import ComfyExtension, io, ui
+    from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
     out: dict = {}
     callables = {
