@@ -330,9 +330,9 @@ class FastUPSRModel(UPSRModel):
         a 2-core AVX2 VM, fp32, eager and compiled calls interleaved: median 5.76 against 6.76 s,
         6.21 against 6.94 s with the CLI's allocator setting, 2026-11-28), so the compiled code
         holds copies of the weights: new values (a patcher's ``copy_``, ``load_state_dict``)
-        need a new compile. Dynamo keeps what it
-        compiled on the function's code object, where a new ``torch.compile`` of the same method
-        would find the stale code, so each frozen compile gets a fresh copy of the code object."""
+        need a new compile. Dynamo keeps what it compiled on the function's code object, where a
+        new ``torch.compile`` of the same method would find the stale code, so each frozen
+        compile gets a fresh copy of the code object."""
         frozen = self.device.type == "cpu"
         key = ("frozen", self._placed) if frozen else ("guarded",)
         if key == self._compiled_for:
