@@ -8,6 +8,7 @@ steps × tiles, and Cancel within one denoiser step.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -322,6 +323,23 @@ def test_an_upscale_model_as_estimator_reports_each_tile(server, client, e2e, ob
     entry, msgs = run_watched(client, e2e, prompt)
     assert entry["status"]["status_str"] == "success", failure(entry)
     assert progress_of(msgs, "4") == [(1, 2), (2, 2)]
+
+
+def test_one_server_runs_every_setting_in_turn(server, client, e2e):
+    """tools/comfy_soak.py, shortened: one long-lived server runs upsr_basic with every
+    implementation × precision × tile setting in turn (the model reloaded at each switch) on
+    LR sizes that change every run; each result is downloaded and is ×4 its input (the tool
+    raises otherwise). The memory figures are the tool's to print (a long run is in
+    docs/RELIABILITY.md), not asserted: glibc's RSS moves by tens of MiB from run to run."""
+    spec = importlib.util.spec_from_file_location("comfy_soak", REPO / "tools" / "comfy_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    t0 = time.perf_counter()
+    rows = soak.soak(client, e2e, server, runs=2 * len(soak.SETTINGS), switch_every=2, log=lambda m: None)
+    TIMINGS["soak"] = time.perf_counter() - t0
+    assert [(r["implementation"], r["precision"], r["tile"]) for r in rows[::2]] == [s[:3] for s in soak.SETTINGS]
+    assert [tuple(r["lr"]) for r in rows] == soak.SIZES[: len(rows)]
+    assert len(soak.cycle_means(rows, 2)) == 1 and all(r["rss_mib"] > 0 for r in rows)
 
 
 def test_report_timings(server):
