@@ -300,6 +300,31 @@ def test_flicker_probe_tool(model_file, capsys):
         probe.clips(lr, 3, 16, 24, 2.0)
 
 
+def test_make_overview_tool(model, model_file, tmp_path):
+    """tools/make_overview.py (the README's first figure) on the tiny nets: four panels of 4h x 4w
+    side by side, the first bicubic x4 of the input and the last the model's own result for seed
+    0 (both rounded to 8 bits, as the sheet stores them)."""
+    from _support import load_tool
+
+    lr8 = np.random.default_rng(3).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    Image.fromarray(lr8).save(tmp_path / "lr.png")
+    out = tmp_path / "overview.png"
+    tool = load_tool("make_overview")
+    assert tool.main(["--model", str(model_file), "--input", str(tmp_path / "lr.png"), "--out", str(out)]) == 0
+    sheet = np.asarray(Image.open(out))
+    h, w = 48, 80
+    assert sheet.shape == (h + 24, 4 * w + 30, 3)
+    lr = torch.from_numpy(lr8).permute(2, 0, 1)[None].float() / 255
+    bic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    sr = model.upscale(lr, seed=0)
+
+    def as8(x):
+        return (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    np.testing.assert_array_equal(sheet[24:, :w], as8(bic))
+    np.testing.assert_array_equal(sheet[24:, 3 * (w + 10) : 3 * (w + 10) + w], as8(sr))
+
+
 # ------------------------------------------------------------------ torch's default dtype
 @pytest.fixture(scope="module")
 def fast_model() -> UPSRModel:
