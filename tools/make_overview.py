@@ -3,7 +3,8 @@
     python tools/make_overview.py [--model PATH] [--input docs/sample_lr.png] [--out docs/overview.png]
 
 Defaults: the bundled demo model, seed 0, b_u 0.4, ψ_max 0.05, the reference path on the CPU
-(the figure of 2026-11-26, remade on 2026-11-29: 1 level apart on 0.005 % of its bytes).
+(remade on 2026-11-29 on the 2-core AVX2 VM: 1 level from the 2026-11-26 figure on 0.005 % of its
+bytes, a difference of machines, as the code of that day gives today's bytes here).
 """
 from __future__ import annotations
 
