@@ -20,6 +20,8 @@ from upsr_core.evaluate import (
     manifest_ids,
     mod_crop,
     pair_files,
+    paired,
+    paired_table,
     run_methods,
     table,
 )
@@ -280,6 +282,14 @@ def test_eval_leaves_non_finite_values_out_of_every_methods_mean(tiny_pairs, mon
         assert res["mean"][m]["ssim"] == pytest.approx((rows["img0"][m]["ssim"] + rows["img1"][m]["ssim"]) / 2)
     assert "psnr: left out of the means (not finite for some method): img1" in (out / "results.md").read_text()
     assert "psnr is not finite for 1 image(s) (img1" in caplog.text
+    # image by image against bicubic, over the same images as the means
+    (cmp,) = res["paired"].values()
+    assert list(res["paired"]) == ["bicubic"] and list(cmp) == ["estimator"]
+    assert cmp["estimator"]["psnr"]["n"] == 1 and cmp["estimator"]["psnr"]["se"] is None  # NaN: one image
+    assert cmp["estimator"]["psnr"]["diff"] == pytest.approx(res["mean"]["estimator"]["psnr"]
+                                                             - res["mean"]["bicubic"]["psnr"])
+    assert cmp["estimator"]["ssim"]["n"] == 2
+    assert "| against bicubic | psnr | psnr_y | ssim | ssim_y |" in (out / "results.md").read_text()
 
 
 def test_table_shows_a_mean_without_finite_values_as_a_dash():
@@ -287,6 +297,28 @@ def test_table_shows_a_mean_without_finite_values_as_a_dash():
     means = _means(rows)
     assert math.isnan(means["bicubic"]["niqe"]) and means["bicubic"]["psnr"] == 20.0
     assert table(means).splitlines()[-1] == "| bicubic | – | 20.000 |"
+
+
+def test_paired_differences_their_standard_error_and_the_images_better():
+    """paired() by hand: differences 1 and 3 dB give +2 ± stdev/√2 = 1; NIQE counts lower as
+    better; an image whose PSNR is not finite for any method leaves that metric's comparison, as it
+    leaves its means; the reference itself is no row, and a missing reference gives {}."""
+    rows = [{"image": "a", "metrics": {"bicubic": {"psnr": 20.0, "niqe": 9.0}, "upsr": {"psnr": 21.0, "niqe": 8.0}}},
+            {"image": "b", "metrics": {"bicubic": {"psnr": 22.0, "niqe": 9.0}, "upsr": {"psnr": 25.0, "niqe": 9.5}}},
+            {"image": "c", "metrics": {"bicubic": {"psnr": math.inf, "niqe": 7.0}, "upsr": {"psnr": 30.0,
+                                                                                             "niqe": 7.0}}}]
+    cmp = paired(rows)
+    assert list(cmp) == ["upsr"]
+    assert cmp["upsr"]["psnr"] == {"diff": 2.0, "se": 1.0, "better": 2, "n": 2}
+    niqe = cmp["upsr"]["niqe"]
+    assert (niqe["diff"], niqe["better"], niqe["n"]) == (pytest.approx(-1 / 6), 1, 3)  # -1, +0.5, 0
+    assert niqe["se"] == pytest.approx(math.sqrt(7 / 12) / math.sqrt(3))  # stdev of (-1, 0.5, 0)
+    assert paired(rows, "estimator") == {}
+    assert paired(rows[:1])["upsr"]["psnr"]["se"] != paired(rows[:1])["upsr"]["psnr"]["se"]  # NaN: one image
+    assert paired_table(cmp).splitlines() == ["| against bicubic | psnr | niqe |", "|---|---|---|",
+                                              "| upsr | +2.000 ± 1.000 (2/2) | -0.167 ± 0.441 (1/3) |"]
+    assert paired_table(paired(rows[:1])).splitlines()[-1] == "| upsr | +1.000 (1/1) | -1.000 (1/1) |"
+    assert paired_table({}) == ""
 
 
 def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):
@@ -307,6 +339,15 @@ def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):
     assert res["mean"]["upsr b_u=1 psi_max=0.2"] == res["mean"]["upsr_w1"]
     assert res["mean"]["upsr"] != res["mean"]["upsr b_u=0.4 psi_max=0.2"]
     assert Image.open(out / "contact_sheet.png").size == (192 * 7, 16 + 192)
+    # image by image: no bicubic row asked for, so only UPSR against UPSR with w ≡ 1 (every weighting)
+    assert list(res["paired"]) == ["upsr_w1"]
+    assert list(res["paired"]["upsr_w1"]) == list(res["mean"])[1:]
+    assert res["paired"]["upsr_w1"]["upsr b_u=1 psi_max=0.2"]["psnr"] == {"diff": 0.0, "se": 0.0, "better": 0,
+                                                                         "n": 2}
+    psnr = {r["image"]: r["metrics"]["upsr"]["psnr"] - r["metrics"]["upsr_w1"]["psnr"] for r in res["per_image"]}
+    assert res["paired"]["upsr_w1"]["upsr"]["psnr"]["diff"] == pytest.approx(sum(psnr.values()) / 2)
+    md = (out / "results.md").read_text()
+    assert "| against upsr_w1 | psnr | psnr_y | ssim | ssim_y |" in md and "against bicubic" not in md
 
 
 @pytest.mark.parametrize("b_u,psi_max,match", [("0.4,x", "0.05", "comma list of numbers, got '0.4,x'"),
@@ -416,6 +457,35 @@ def test_eval_without_hr_refuses_what_it_cannot_measure(tiny_pairs, tmp_path, mo
     assert not (tmp_path / "o").exists()
     assert main([*base[:2], str(tmp_path / "missing"), *base[3:]]) == 2
     assert "missing' does not exist" in capsys.readouterr().err
+
+
+def test_eval_compares_pyiqa_metrics_in_their_own_direction(tiny_pairs, tmp_path, monkeypatch):
+    """A pyiqa metric says which way is better (``lower_better``): the paired table counts the
+    images better that way, and its note names the lower-is-better metrics present (NIQE off)."""
+    import sys
+    import types
+
+    class FakeMetric:
+        def __init__(self, name):
+            self.device, self.lower_better = "cpu", name == "lpips"
+            self.metric_mode = "FR" if name == "lpips" else "NR"
+
+        def __call__(self, sr, hr=None):
+            return (sr - hr).abs().mean() if hr is not None else sr.std()
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=lambda n, device: FakeMetric(n)))
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    root, model = tiny_pairs
+    out = tmp_path / "o"
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--device", "cpu",
+                 "--out", str(out), "--sheet", "0", "--method", "bicubic,estimator", "--pyiqa", "lpips,musiq"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = [r["metrics"] for r in res["per_image"]]
+    cmp = res["paired"]["bicubic"]["estimator"]
+    assert cmp["lpips"]["better"] == sum(r["estimator"]["lpips"] < r["bicubic"]["lpips"] for r in rows)
+    assert cmp["musiq"]["better"] == sum(r["estimator"]["musiq"] > r["bicubic"]["musiq"] for r in rows)
+    assert {cmp["lpips"]["better"], cmp["musiq"]["better"]} != {0}  # the directions were exercised
+    assert "lower is better for lpips)." in (out / "results.md").read_text()
 
 
 def test_pairing_refuses_two_images_of_one_name_and_names_the_unpaired(tiny_pairs, caplog):

@@ -16,7 +16,10 @@ from the same ε — a sweep of the weighting function (the paper set it by hand
 Metrics: PSNR / SSIM on RGB and on Y (BT.601), NIQE with the official pristine model
 (optional: see :mod:`upsr_core.niqe`), and — when ``pyiqa`` with its weights is installed —
 ``--pyiqa lpips,clipiqa,musiq,maniqa``. Writes ``OUT/results.json``, ``OUT/results.md`` and
-``OUT/contact_sheet.png`` (rows: images; columns: LR, methods, HR).
+``OUT/contact_sheet.png`` (rows: images; columns: LR, methods, HR). Beside the means, image by
+image (:func:`paired`), every method against bicubic and UPSR against UPSR with w ≡ 1: the mean
+difference, its standard error and the images where the method is better, so that a difference
+can be told from the images' spread.
 HR/LR pairs are matched by their path below ``--hr`` and ``--lr`` (searched recursively), then by
 name without a scale tag (DIV2K ``x4``, DRealSR ``_x1``/``_x4``, RealSR V3 ``_HR``/``_LR4`` in one
 folder given as both): :func:`pair_files`; ``--manifest``+``--group`` keep one split group.
@@ -546,6 +549,54 @@ def _means(rows: list) -> dict:
     return {m: {k: mean(m, k) for k in rows[0]["metrics"][m]} for m in rows[0]["metrics"]}
 
 
+LOWER_IS_BETTER = frozenset({"niqe"})
+"""The built-in metrics where lower is better (PSNR and SSIM: higher); pyiqa's metrics say it
+themselves (``lower_better``)."""
+
+
+def paired(rows: list, reference: str = "bicubic", lower_better: Collection[str] = LOWER_IS_BETTER) -> dict:
+    """Every other method against ``reference``, image by image: {method: {metric: {"diff": mean of
+    (method − reference), "se": the standard error of that mean (NaN for one image), "better":
+    images where the method is better (``lower_better`` metrics: lower), "n": images}}}, over the
+    images each metric's mean is taken over (:func:`unscored` left out). A mean difference of
+    0.3 dB with a standard error of 0.2 is within the spread of the images; the table's means
+    alone cannot say that. {} if ``reference`` is not among the methods."""
+    if not rows or reference not in rows[0]["metrics"]:
+        return {}
+    left = unscored(rows)
+    out: dict = {}
+    for m in rows[0]["metrics"]:
+        if m == reference:
+            continue
+        out[m] = {}
+        for k in rows[0]["metrics"][m]:
+            d = [r["metrics"][m][k] - r["metrics"][reference][k] for r in rows if r["image"] not in left.get(k, ())]
+            sign = -1.0 if k in lower_better else 1.0
+            out[m][k] = {"diff": statistics.fmean(d) if d else math.nan,
+                         "se": statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan,
+                         "better": sum(sign * x > 0 for x in d), "n": len(d)}
+    return out
+
+
+def paired_table(cmp: dict, reference: str = "bicubic") -> str:
+    """Markdown table of :func:`paired`: "+0.270 ± 0.051 (25/32)" = mean difference ± its
+    standard error (images better / images); "" if there is nothing to compare."""
+    if not cmp:
+        return ""
+    keys = list(next(iter(cmp.values())))
+    lines = [f"| against {reference} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m, r in cmp.items():
+        cells = []
+        for k in keys:
+            c = r[k]
+            f = ".4f" if "ssim" in k else ".3f"
+            cells.append("–" if not math.isfinite(c["diff"]) else
+                         f"{c['diff']:+{f}}" + ("" if not math.isfinite(c["se"]) else f" ± {c['se']:{f}}")
+                         + f" ({c['better']}/{c['n']})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _finite_or_none(obj):
     """``obj`` with every non-finite float as None, for strict JSON (no NaN/Infinity tokens)."""
     if isinstance(obj, float):
@@ -758,6 +809,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         means, rows, stopped = e.means, e.rows, e.code
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
+    lower = LOWER_IS_BETTER | {k for k, v in (extra or {}).items() if getattr(v, "lower_better", False)}
+    # every method against bicubic; UPSR (each weighting of a sweep) against UPSR without weighting
+    cmp = {ref: {m: c for m, c in paired(rows, ref, lower).items() if keep(m)}
+           for ref, keep in (("bicubic", lambda m: True), ("upsr_w1", lambda m: m.startswith("upsr")))}
+    cmp = {ref: c for ref, c in cmp.items() if c}
+    cmp_md = "\n\n".join(paired_table(c, ref) for ref, c in cmp.items())
+    if cmp_md:
+        low = sorted(k for k in next(iter(means.values())) if k in lower)
+        cmp_md += ("\n\nImage by image: the mean difference ± its standard error (images where the method is "
+                   f"better / images; {'lower is better for ' + ', '.join(low) if low else 'higher is better'}).\n")
     left = unscored(rows)  # (evaluate logged them)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
             "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
@@ -766,17 +827,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
             "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}",
             "left_out_of_means": left}  # {metric: images}; their values are null (not finite)
-    doc = {"info": info, "mean": means, "per_image": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
+    doc = {"info": info, "mean": means, "paired": cmp,
+           "per_image": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
     write_text(out / "results.json", json.dumps(_finite_or_none(doc), indent=1, allow_nan=False) + "\n")
     what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
     if stopped is not None:
         what = f"PARTIAL: the first {len(rows)} of {what} (interrupted)"
     left_md = "".join(f"\n{k}: left out of the means (not finite for some method): {', '.join(v)}\n"
                       for k, v in left.items())
-    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left_md}")
+    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left_md}" + (f"\n{cmp_md}" if cmp_md else ""))
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)
+    if cmp_md:
+        print("\n" + cmp_md, end="")
     if stopped is not None:
         print(f"interrupted after {len(rows)} of {len(pairs)} images: the means above are theirs, written to "
               f"{out / 'results.json'} (marked partial)", file=sys.stderr)
