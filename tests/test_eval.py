@@ -350,6 +350,37 @@ def test_eval_sweeps_the_weighting_function(tiny_pairs, monkeypatch):
     assert "| against upsr_w1 | psnr | psnr_y | ssim | ssim_y |" in md and "against bicubic" not in md
 
 
+def test_eval_seeds_average_the_noisy_methods_over_samples(tiny_pairs, monkeypatch, capsys):
+    """--seeds 3 --seed 5: upsr and upsr_w1 are scored on seeds 5, 6, 7 and each image's row holds
+    the mean; every sample's scores are kept (per_seed), each equal to a one-seed run with that
+    seed; bicubic, which has no noise, runs once. A last seed past 2**63 − 1 is refused before
+    the model loads."""
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+
+    def run(out: str, *extra: str) -> dict:
+        assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out",
+                     str(root / out), "--device", "cpu", "--sheet", "0", "--method", "bicubic,upsr_w1,upsr",
+                     *extra]) == 0
+        return json.loads((root / out / "results.json").read_text())
+
+    three = run("s3", "--seed", "5", "--seeds", "3")
+    assert three["info"]["seed"] == 5 and three["info"]["seeds"] == 3
+    singles = [run(f"s{k}", "--seed", str(k)) for k in (5, 6, 7)]
+    for i, row in enumerate(three["per_image"]):
+        assert set(row["per_seed"]) == {"upsr_w1", "upsr"}  # bicubic: no noise, one run
+        for m in ("upsr_w1", "upsr"):
+            assert row["per_seed"][m] == [one["per_image"][i]["metrics"][m] for one in singles]
+            for k, v in row["metrics"][m].items():
+                assert v == pytest.approx(sum(s[k] for s in row["per_seed"][m]) / 3, rel=1e-12)
+        assert row["metrics"]["bicubic"] == singles[0]["per_image"][i]["metrics"]["bicubic"]
+    assert three["per_image"][0]["metrics"]["upsr"] != singles[0]["per_image"][0]["metrics"]["upsr"]
+    assert "per_seed" not in singles[0]["per_image"][0]
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(root / "missing.pth"),
+                 "--seed", str(2**63 - 1), "--seeds", "2", "--out", str(root / "bad")]) == 2
+    assert f"the last seed, {2**63}, is past 2**63 − 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("b_u,psi_max,match", [("0.4,x", "0.05", "comma list of numbers, got '0.4,x'"),
                                                ("", "0.05", "--b-u is empty"),
                                                ("1.5", "0.05", "--b-u / --psi-max: b_u must be in"),

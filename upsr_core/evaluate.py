@@ -11,7 +11,9 @@ its luma, as ``upscale`` writes it):
 
 ``--b-u`` and ``--psi-max`` take comma lists: ``upsr`` then runs once per (b_u, ψ_max) pair of
 the grid, each a row ``upsr b_u=… psi_max=…`` (the official pair keeps the name ``upsr``), all
-from the same ε — a sweep of the weighting function (the paper set it by hand).
+from the same ε — a sweep of the weighting function (the paper set it by hand). ``--seeds N``
+scores the UPSR methods on N samples (seeds ``--seed`` … ``--seed`` + N − 1) and reports each
+image's mean over them: one sample is a draw.
 
 Metrics: PSNR / SSIM on RGB and on Y (BT.601), NIQE with the official pristine model
 (optional: see :mod:`upsr_core.niqe`), and — when ``pyiqa`` with its weights is installed —
@@ -46,6 +48,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
+from .errors import is_int
 from .imageio import (
     IMAGE_SUFFIXES,
     is_hidden,
@@ -87,6 +90,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int_min(1), default=None, help="evaluate at most this many pairs")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--seed", type=SEED_ARG, default=0)
+    p.add_argument("--seeds", type=int_min(1), default=1,
+                   help="score the UPSR methods over this many samples (seeds --seed, --seed + 1, …) and report "
+                        "each image's mean over them (bicubic and g(y) have no noise: run once); the sheet and the "
+                        "saved images show the first; results.json keeps every sample's scores (per_seed)")
     p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
     p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
     p.add_argument("--device", default="auto")
@@ -415,6 +422,10 @@ def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
     return grid
 
 
+NOISY_METHODS = ("upsr_w1", "upsr")
+"""The methods whose result depends on the seed (``--seeds`` samples them)."""
+
+
 @torch.no_grad()
 def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
                 grid: list[tuple[float, float]] | None = None, *, gray: bool = False) -> dict[str, torch.Tensor]:
@@ -465,7 +476,7 @@ def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str, paired_with:
     return hr[..., :h, :w]
 
 
-def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *, seed: int = 0,
+def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *, seed: int = 0, seeds: int = 1,
              crop_border: int = 0, niqe_params=None, extra: dict | None = None, keep: int = 0,
              grid: list[tuple[float, float]] | None = None, save_dir: str | Path | None = None,
              root: str | Path | None = None) -> tuple[dict, list]:
@@ -477,6 +488,11 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     of that metric's mean for every method, so the means compare the same images
     (:func:`unscored`; logged as a warning). A metric with no finite value left has mean NaN.
 
+    ``seeds``: each UPSR method (``upsr``, ``upsr_w1``: the ones with noise) is scored on this
+    many samples, seeds ``seed`` … ``seed + seeds − 1``, and its row holds each metric's mean over
+    them (a value not finite for any sample makes the mean not finite) and, under ``per_seed``,
+    every sample's scores; the kept images are the first sample's.
+
     ``pairs``: (hr, lr) paths (:func:`pair_files`), or all (None, lr) for a no-reference run
     (:func:`lr_files`): then only NIQE and the no-reference ``extra`` metrics are computed.
     ``save_dir``: each method's output is also written there as the 8-bit PNG that was scored,
@@ -487,6 +503,9 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     """
     if not pairs:
         raise ValueError("pairs is empty: give at least one (hr, lr) or (None, lr) pair")
+    if not is_int(seeds) or seeds < 1 or not is_int(seed) or seed < 0 or seed + seeds - 1 > 2**63 - 1:
+        raise ValueError(f"seed {seed!r} and seeds {seeds!r}: expected seeds >= 1 and seeds seed … seed + seeds − 1 "
+                         "in [0, 2**63 − 1]")
     no_ref = pairs[0][0] is None
     odd = next(((hp, lp) for hp, lp in pairs if (hp is None) != no_ref), None)
     if odd is not None:
@@ -502,7 +521,7 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
                              "no-reference pyiqa metrics")
     rows: list = []
     try:
-        _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid, rows,
+        _score_pairs(model, pairs, methods, (seed, seeds), crop_border, niqe_params, extra, full_ref, keep, grid, rows,
                      None if save_dir is None else Path(save_dir), root)
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, SIGTERM (the CLI's handler): keep what is done
         if not rows:
@@ -608,9 +627,12 @@ def _finite_or_none(obj):
     return obj
 
 
-def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, full_ref, keep, grid,
+def _score_pairs(model, pairs, methods, seeds: tuple[int, int], crop_border, niqe_params, extra, full_ref, keep, grid,
                  rows: list, save_dir: Path | None, root: str | Path | None) -> None:
-    """The loop of :func:`evaluate`: appends one row per pair to ``rows`` as it finishes."""
+    """The loop of :func:`evaluate`: appends one row per pair to ``rows`` as it finishes.
+    ``seeds``: (first seed, number of samples of the methods with noise)."""
+    seed, n_seeds = seeds
+    noisy = [m for m in methods if m in NOISY_METHODS]
     names = _row_names(pairs, root)
     for i, (hp, lp) in enumerate(pairs):
         lr_img = read_image(lp)
@@ -630,12 +652,19 @@ def _score_pairs(model, pairs, methods, seed, crop_border, niqe_params, extra, f
         row = {"image": names[i], "metrics": {}}
         for m, sr in outs.items() if save_dir is not None else ():
             write_png(save_dir / method_folder(m) / f"{names[i]}.png", sr[0], gray=lr_img.gray)
-        for m, sr in outs.items():
-            try:
-                row["metrics"][m] = _scores(sr, hr, crop_border, niqe_params, extra, full_ref)
-            except ValueError as e:  # e.g. SSIM's 11-px window on a small image after --crop-border
-                raise ValueError(f"{row['image']}: {e}"
-                                 + (f" (after --crop-border {crop_border})" if crop_border else "")) from None
+        samples = [outs] + [run_methods(model, lr, noisy, seed + k, grid, gray=lr_img.gray)
+                            for k in range(1, n_seeds if noisy else 1)]
+        per_seed: dict[str, list[dict[str, float]]] = {}
+        for k, sample in enumerate(samples):
+            for m, sr in sample.items():
+                try:
+                    per_seed.setdefault(m, []).append(_scores(sr, hr, crop_border, niqe_params, extra, full_ref))
+                except ValueError as e:  # e.g. SSIM's 11-px window on a small image after --crop-border
+                    raise ValueError(f"{row['image']}: {e}"
+                                     + (f" (after --crop-border {crop_border})" if crop_border else "")) from None
+        row["metrics"] = {m: {k: statistics.fmean(s[k] for s in v) for k in v[0]} for m, v in per_seed.items()}
+        if n_seeds > 1 and noisy:
+            row["per_seed"] = {m: v for m, v in per_seed.items() if len(v) > 1}
         if i < keep:
             row["images"] = {"lr": lr, **outs} | ({} if hr is None else {"hr": hr})
         rows.append(row)
@@ -746,6 +775,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if (args.manifest is None) != (args.group is None):
         raise ValueError("--manifest and --group go together")
     grid = parse_grid(args.b_u, args.psi_max)
+    if args.seed + args.seeds - 1 > 2**63 - 1:
+        raise ValueError(f"--seed {args.seed} with --seeds {args.seeds}: the last seed, {args.seed + args.seeds - 1}, "
+                         "is past 2**63 − 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; expected a folder for the results")
@@ -801,7 +833,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         write_text(out / EVAL_MARK, "upsr_core eval output: the images below are results, not a test set\n")
     stopped = None
     try:
-        means, rows = evaluate(model, pairs, methods, seed=args.seed, crop_border=args.crop_border,
+        means, rows = evaluate(model, pairs, methods, seed=args.seed, seeds=args.seeds, crop_border=args.crop_border,
                                niqe_params=params, extra=extra, keep=args.sheet, grid=grid,
                                save_dir=out / "images" if args.save_images else None,
                                root=args.lr if args.hr is None else args.hr)
@@ -821,7 +853,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    f"better / images; {'lower is better for ' + ', '.join(low) if low else 'higher is better'}).\n")
     left = unscored(rows)  # (evaluate logged them)
     info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
-            "group": args.group, "seed": args.seed, "crop_border": args.crop_border, "niqe": params is not None,
+            "group": args.group, "seed": args.seed, "seeds": args.seeds, "crop_border": args.crop_border,
+            "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
             "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
