@@ -43,6 +43,7 @@ def fails(capsys, *argv) -> str:
     (["eval", "--hr", "h", "--lr", "l", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),  # was [: -1]
     (["eval", "--hr", "h", "--lr", "l", "--crop-border", "-1"], "argument --crop-border: must be >= 0, got -1"),
     (["eval", "--hr", "h", "--lr", "l", "--sheet", "-1"], "argument --sheet: must be >= 0, got -1"),
+    (["eval", "--hr", "h", "--lr", "l", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
     (["eval", "--hr", "h", "--lr", "l", "--seed", "-1"],
      "argument --seed: must be in [0, 9223372036854775807], got -1"),
     (["bench", "--sizes", "0"], "argument --sizes: must be >= 1, got 0"),
