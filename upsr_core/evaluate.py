@@ -655,7 +655,7 @@ def _score_pairs(model, pairs, methods, seeds: tuple[int, int], crop_border, niq
         samples = [outs] + [run_methods(model, lr, noisy, seed + k, grid, gray=lr_img.gray)
                             for k in range(1, n_seeds if noisy else 1)]
         per_seed: dict[str, list[dict[str, float]]] = {}
-        for k, sample in enumerate(samples):
+        for sample in samples:
             for m, sr in sample.items():
                 try:
                     per_seed.setdefault(m, []).append(_scores(sr, hr, crop_border, niqe_params, extra, full_ref))
@@ -843,8 +843,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     md = table(means)
     lower = LOWER_IS_BETTER | {k for k, v in (extra or {}).items() if getattr(v, "lower_better", False)}
     # every method against bicubic; UPSR (each weighting of a sweep) against UPSR without weighting
-    cmp = {ref: {m: c for m, c in paired(rows, ref, lower).items() if keep(m)}
-           for ref, keep in (("bicubic", lambda m: True), ("upsr_w1", lambda m: m.startswith("upsr")))}
+    cmp = {ref: {m: c for m, c in paired(rows, ref, lower).items() if wanted(m)}
+           for ref, wanted in (("bicubic", lambda m: True), ("upsr_w1", lambda m: m.startswith("upsr")))}
     cmp = {ref: c for ref, c in cmp.items() if c}
     cmp_md = "\n\n".join(paired_table(c, ref) for ref, c in cmp.items())
     if cmp_md:
