@@ -62,7 +62,7 @@ from .imageio import (
 )
 from .metrics import psnr, ssim, to_uint8_levels
 from .niqe import NIQEUnavailable, load_niqe_params, niqe
-from .pipeline import bicubic_x4, crop_hr
+from .pipeline import _check_seed, bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
 __all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid",
@@ -503,9 +503,9 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     """
     if not pairs:
         raise ValueError("pairs is empty: give at least one (hr, lr) or (None, lr) pair")
-    if not is_int(seeds) or seeds < 1 or not is_int(seed) or seed < 0 or seed + seeds - 1 > 2**63 - 1:
-        raise ValueError(f"seed {seed!r} and seeds {seeds!r}: expected seeds >= 1 and seeds seed … seed + seeds − 1 "
-                         "in [0, 2**63 − 1]")
+    if not is_int(seeds) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    _check_seed(seed, seeds)  # seed … seed + seeds − 1 must all be seeds, as for a batch of that many images
     no_ref = pairs[0][0] is None
     odd = next(((hp, lp) for hp, lp in pairs if (hp is None) != no_ref), None)
     if odd is not None:

@@ -8,7 +8,6 @@ steps × tiles, and Cancel within one denoiser step.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -331,9 +330,9 @@ def test_one_server_runs_every_setting_in_turn(server, client, e2e):
     LR sizes that change every run; each result is downloaded and is ×4 its input (the tool
     raises otherwise). The memory figures are the tool's to print (a long run is in
     docs/RELIABILITY.md), not asserted: glibc's RSS moves by tens of MiB from run to run."""
-    spec = importlib.util.spec_from_file_location("comfy_soak", REPO / "tools" / "comfy_soak.py")
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    from _support import load_tool
+
+    soak = load_tool("comfy_soak")
     t0 = time.perf_counter()
     rows = soak.soak(client, e2e, server, runs=2 * len(soak.SETTINGS), switch_every=2, log=lambda m: None)
     TIMINGS["soak"] = time.perf_counter() - t0
