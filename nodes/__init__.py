@@ -1,4 +1,5 @@
-"""The UPSR node pack: LoadUPSRModel → EstimateUncertainty → WeightNoise → UPSRSample (or UPSRUpscale).
+"""The UPSR node pack: LoadUPSRModel → EstimateUncertainty → WeightNoise → UPSRSample (or UPSRUpscale),
+optionally → UPSRColorFix.
 
 The nodes import ComfyUI's versioned node API, ``comfy_api.v0_0_2`` (present in 0.3.64, the oldest
 ComfyUI this pack supports): ComfyUI means its vX_Y_Z modules to stay backward compatible for node
@@ -13,13 +14,15 @@ from pathlib import Path
 import folder_paths
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from .colorfix import UPSRColorFix
 from .load_model import LoadUPSRModel
 from .sample import UPSRSample, UPSRUpscale
 from .uncertainty import EstimateUncertainty, WeightNoise
 
 log = logging.getLogger(__name__)
 
-NODES: list[type[io.ComfyNode]] = [LoadUPSRModel, EstimateUncertainty, WeightNoise, UPSRSample, UPSRUpscale]
+NODES: list[type[io.ComfyNode]] = [LoadUPSRModel, EstimateUncertainty, WeightNoise, UPSRSample, UPSRUpscale,
+                                   UPSRColorFix]
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 EXAMPLE_INPUT_GLOB = "upsr_example_*"
 

@@ -155,6 +155,8 @@ def test_quiet_silences_the_notes_and_restores_the_log_level(small_model_file, t
     ("default-overlap", ["--tile", "64"], "--overlap (64; default 64) must be less than --tile (64)"),
     ("seed", ["--seed", "-1"], "argument --seed: must be in [0, 9223372036854775807], got -1"),
     ("seed-64-bit", ["--seed", str(2**63)], "argument --seed: must be in [0, 9223372036854775807], got 9223372"),
+    ("color-fix", ["--color-fix", "9"], "argument --color-fix: must be in [0, 8], got 9"),
+    ("color-fix-name", ["--color-fix", "wavelet"], "--color-fix: expected an integer in [0, 8], got 'wavelet'"),
 ])
 def test_bad_inputs_exit_2_with_one_line(small_model_file, tmp_path, capsys, case, extra, match):
     src = tmp_path / "in.png"

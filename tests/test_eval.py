@@ -27,6 +27,7 @@ from upsr_core.evaluate import (
 )
 from upsr_core.imageio import read_image, write_png
 from upsr_core.metrics import psnr, rgb_to_y, ssim, to_uint8_levels
+from upsr_core.model import load_upsr
 from upsr_core.niqe import (
     NIQEUnavailable,
     _resize_matrix,
@@ -35,7 +36,7 @@ from upsr_core.niqe import (
     matlab_resize_half,
     niqe,
 )
-from upsr_core.pipeline import bicubic_x4
+from upsr_core.pipeline import bicubic_x4, default_weight
 from upsr_core.train.denoiser import build_denoiser_net
 from upsr_core.train.estimator import build_estimator_net
 from upsr_core.train.presets import get_preset
@@ -219,7 +220,6 @@ def test_gray_pairs_are_scored_as_the_grayscale_png_upscale_writes(tiny_pairs, t
     from upsr_core.evaluate import evaluate, pair_files
     from upsr_core.imageio import read_image, write_png
     from upsr_core.metrics import psnr
-    from upsr_core.model import load_upsr
     from upsr_core.pipeline import crop_hr
 
     root, model_file = tiny_pairs
@@ -254,6 +254,30 @@ def test_eval_cli_tiny(tiny_pairs, monkeypatch):
     assert len(res["per_image"]) == 1 and not res["info"]["niqe"]
     assert Image.open(out / "contact_sheet.png").size == (192 * 6, 16 + 192)
     assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--method", "nope"]) == 2
+
+
+def test_upsr_cf_is_the_upsr_sample_colour_fixed_and_not_a_default(tiny_pairs, monkeypatch):
+    from upsr_core.colorfix import wavelet_color_fix
+    from upsr_core.evaluate import ALL_METHODS, METHODS
+
+    assert "upsr_cf" in ALL_METHODS and "upsr_cf" not in METHODS  # not in the official pipeline: asked for
+    root, model = tiny_pairs
+    m = load_upsr(model, device="cpu")
+    lr = read_image(root / "lr" / "img0.png").rgb[None]
+    both = run_methods(m, lr, ["upsr", "upsr_cf"], 3)
+    alone = run_methods(m, lr, ["upsr_cf"], 3)  # the official sample is drawn for it
+    raw = m.denoise(m.estimate(lr), default_weight(m.estimate(lr)), seed=3)
+    want = to_uint8_levels(wavelet_color_fix(raw.clamp(0, 1), lr))
+    assert torch.equal(both["upsr_cf"], want) and torch.equal(alone["upsr_cf"], want)
+    assert torch.equal(both["upsr"], to_uint8_levels(raw.clamp(0, 1)))
+    monkeypatch.setattr("upsr_core.niqe.find_niqe_params", lambda: None)
+    out = root / "ev"
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
+                 "--device", "cpu", "--sheet", "0", "--method", "bicubic,upsr,upsr_cf", "--seeds", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["mean"]) == ["bicubic", "upsr", "upsr_cf"]
+    assert set(res["paired"]["bicubic"]) == {"upsr", "upsr_cf"}
+    assert set(res["per_image"][0]["per_seed"]) == {"upsr", "upsr_cf"}  # sampled, as the noise it fixes
 
 
 def test_eval_leaves_non_finite_values_out_of_every_methods_mean(tiny_pairs, monkeypatch, caplog):
@@ -424,7 +448,6 @@ def test_eval_without_hr_is_a_no_reference_run(tiny_pairs, tmp_path):
     same values NIQE gives the methods' outputs directly; the sheet has no HR column and keeps
     a 32×24 image's aspect (white letterbox)."""
     from upsr_core.imageio import read_image
-    from upsr_core.model import load_upsr
 
     root, model = tiny_pairs
     lr_dir = tmp_path / "lr_only"

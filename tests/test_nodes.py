@@ -153,8 +153,9 @@ def chain(pack: Pack, handle, image: torch.Tensor, **sample_overrides):
 
 
 # ----------------------------------------------------------------------------- registration and schemas
-def test_entrypoint_lists_the_five_nodes(pack):
-    assert list(pack.nodes) == ["LoadUPSRModel", "EstimateUncertainty", "WeightNoise", "UPSRSample", "UPSRUpscale"]
+def test_entrypoint_lists_the_six_nodes(pack):
+    assert list(pack.nodes) == ["LoadUPSRModel", "EstimateUncertainty", "WeightNoise", "UPSRSample", "UPSRUpscale",
+                                "UPSRColorFix"]
     for cls in pack.nodes.values():
         assert cls.GET_SCHEMA().category == "image/upscaling/UPSR"
         assert cls.GET_SCHEMA().display_name
@@ -192,6 +193,7 @@ def test_schema_types_and_order(pack):
                                      "tile_batch"], "optional": ["same_noise"]}, ["IMAGE"], ["image"]),
         "UPSRUpscale": ({"required": ["upsr_model", "image", "seed", "b_u", "psi_max", "tile", "overlap",
                                       "tile_batch"], "optional": ["same_noise"]}, ["IMAGE"], ["image"]),
+        "UPSRColorFix": ({"required": ["image", "reference", "levels"]}, ["IMAGE"], ["IMAGE"]),
     }
     for node_id, (order, outputs, names) in expect.items():
         info, _ = _spec(pack, node_id)
@@ -201,7 +203,7 @@ def test_schema_types_and_order(pack):
              "uncertainty": "IMAGE", "uncertainty_mask": "MASK", "upscale_model": "UPSCALE_MODEL", "seed": "INT",
              "tile": "INT", "overlap": "INT", "tile_batch": "INT", "b_u": "FLOAT", "psi_max": "FLOAT",
              "model_name": "COMBO", "estimator_name": "COMBO", "precision": "COMBO",
-             "implementation": "COMBO", "same_noise": "BOOLEAN"}
+             "implementation": "COMBO", "same_noise": "BOOLEAN", "reference": "IMAGE", "levels": "INT"}
     for node_id in expect:
         for name, (typ, _opts) in _spec(pack, node_id)[1].items():
             assert typ == types[name], (node_id, name)
@@ -236,6 +238,9 @@ def test_schema_defaults_and_slider_ranges(pack):
     assert s["model_name"][1]["options"] == [DEMO] and s["model_name"][1]["default"] == DEMO
     assert s["estimator_name"][1]["options"] == ["(from the model file)", DEMO]
     assert s["estimator_name"][1]["default"] == "(from the model file)"
+    _, s = _spec(pack, "UPSRColorFix")
+    assert {k: s["levels"][1][k] for k in ("default", "min", "max", "display")} == \
+        {"default": 5, "min": 1, "max": 8, "display": "slider"}
 
 
 def test_model_folder_keeps_extra_paths_first_and_adds_models_upsr_and_bundled_weights(pack):
@@ -678,6 +683,33 @@ def test_upscale_model_that_is_not_x4_is_named_before_comfy_tiling_fails(pack, h
                                          r"upscale ×4"):
         run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=g)
     assert g.moves[-1] == "cpu"
+
+
+# ----------------------------------------------------------------------------- UPSRColorFix
+def test_color_fix_node_is_the_core_function_after_the_upscale(pack, handle):
+    from upsr_core.colorfix import wavelet_color_fix
+
+    img = lr_image(16, 24, b=2)
+    sr = run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))[0]
+    out = run(pack, "UPSRColorFix", image=sr, reference=img, levels=3)[0]
+    want = wavelet_color_fix(sr.movedim(-1, 1).contiguous(), img.movedim(-1, 1).contiguous(), levels=3)
+    assert out.shape == sr.shape == (2, 64, 96, 3) and out.is_contiguous()
+    assert torch.equal(out, want.movedim(1, -1))
+    # a reference of the result's size, and one reference for the batch
+    same = run(pack, "UPSRColorFix", image=sr, reference=sr[:1], **defaults(pack, "UPSRColorFix"))[0]
+    assert torch.equal(same, wavelet_color_fix(sr.movedim(-1, 1).contiguous(),
+                                               sr[:1].movedim(-1, 1).contiguous()).movedim(1, -1))
+
+
+def test_color_fix_node_refuses_wrong_inputs_by_name(pack, handle):
+    img = lr_image(16, 24)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    with pytest.raises(ValueError, match=r"reference is 20×16 and image 96×64"):
+        run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=lr_image(16, 20), levels=5)
+    with pytest.raises(ValueError, match="reference: got UPSR Estimate Uncertainty's uncertainty"):
+        run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=est[1], levels=5)
+    with pytest.raises(ValueError, match="image: the image has an alpha channel"):
+        run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 4), reference=img, levels=5)
 
 
 # ----------------------------------------------------------------------------- progress, cancel, OOM

@@ -15,6 +15,7 @@ from PIL import Image
 import upsr_core.batch as batch_mod
 from upsr_core import cli
 from upsr_core.checkpoint import save_converted
+from upsr_core.colorfix import wavelet_color_fix
 from upsr_core.imageio import PngStreamWriter, read_image, write_png
 from upsr_core.model import UPSRModel
 
@@ -159,8 +160,9 @@ def run_cli(model_file, src, dst, *extra) -> int:
                      "--tile", "8", "--overlap", "2", *map(str, extra)])
 
 
+@pytest.mark.parametrize("fix", [0, 5])  # --color-fix 5: its low-pass reaches 31 rows, ~one tile row of 32
 @pytest.mark.parametrize("kind", ["rgb", "rgba", "gray16"])
-def test_cli_streams_multi_row_images_unchanged(model, model_file, tmp_path, monkeypatch, kind):
+def test_cli_streams_multi_row_images_unchanged(model, model_file, tmp_path, monkeypatch, kind, fix):
     rng = np.random.default_rng(5)
     h, w = 21, 10  # padded 24: 4 tile rows of 8 with overlap 2
     if kind == "rgb":
@@ -173,17 +175,17 @@ def test_cli_streams_multi_row_images_unchanged(model, model_file, tmp_path, mon
     calls = []
     real = PngStreamWriter.write_rows
     monkeypatch.setattr(PngStreamWriter, "write_rows", lambda self, *a: calls.append(1) or real(self, *a))
-    assert run_cli(model_file, tmp_path / "in.png", tmp_path / "s.png", "--seed", 4) == 0
-    assert len(calls) >= 4  # it streamed
+    assert run_cli(model_file, tmp_path / "in.png", tmp_path / "s.png", "--seed", 4, "--color-fix", fix) == 0
+    assert len(calls) >= (3 if fix else 4)  # it streamed (the colour fix holds back the last strips' rows)
     monkeypatch.setattr(batch_mod, "_tile_rows", lambda *a: 1)  # the whole-canvas path
-    assert run_cli(model_file, tmp_path / "in.png", tmp_path / "ref.png", "--seed", 4) == 0
-    assert len(calls) >= 4
+    assert run_cli(model_file, tmp_path / "in.png", tmp_path / "ref.png", "--seed", 4, "--color-fix", fix) == 0
     a, ma = decode(tmp_path / "ref.png")
     s, ms = decode(tmp_path / "s.png")
     assert ma == ms and a.shape == (4 * h, 4 * w) + a.shape[2:] and np.array_equal(a, s)
     if kind == "rgb":  # and both equal model.upscale + write_png
-        write_png(tmp_path / "m.png", model.upscale(read_image(tmp_path / "in.png").rgb[None], seed=4,
-                                                    tile=8, overlap=2)[0])
+        lr = read_image(tmp_path / "in.png").rgb[None]
+        sr = model.upscale(lr, seed=4, tile=8, overlap=2)
+        write_png(tmp_path / "m.png", (wavelet_color_fix(sr, lr, levels=fix) if fix else sr)[0])
         assert np.array_equal(decode(tmp_path / "m.png")[0], s)
     if kind == "gray16":
         assert read_image(tmp_path / "s.png").bits == 16

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .colorfix import StreamedColorFix, bicubic_rows, wavelet_color_fix
 from .imageio import (
     IMAGE_SUFFIXES,
     LoadedImage,
@@ -249,6 +250,8 @@ def _upscale_group(model: UPSRModel, group: list[tuple[LoadedImage, Path, Path]]
     noise = starting_noise(args.seed, 1, (hp, wp)).expand(len(group), -1, -1, -1).contiguous()
     sr = model.upscale(lr, noise=noise, progress=bar.update, **kw)
     bar.close()
+    if args.color_fix:
+        sr = wavelet_color_fix(sr, lr.to(sr.device), levels=args.color_fix)
     for (img, _, dst), out in zip(group, sr):
         alpha = None
         if img.alpha is not None:  # alpha is upscaled on its own, never fed to the model
@@ -265,11 +268,15 @@ def _upscale_streamed(model: UPSRModel, img: LoadedImage, dst: Path, args: argpa
     h4, w4 = SCALE * img.rgb.shape[-2], SCALE * img.rgb.shape[-1]
     with PngStreamWriter(dst, w4, h4, bits=_bits(img, args), gray=img.gray, alpha=img.alpha is not None,
                          icc=img.icc) as png:  # rows go to dst.part, renamed when all are written
-        def sink(_i: int, y0: int, rows: torch.Tensor) -> None:
-            a = None if img.alpha is None else _alpha_rows(img.alpha, y0, rows.shape[1])
+        def write(y0: int, rows: torch.Tensor) -> None:
+            a = None if img.alpha is None else bicubic_rows(img.alpha, y0, rows.shape[1])
             png.write_rows(rows, a)
 
-        model.upscale(img.rgb[None], seed=args.seed, sink=sink, progress=bar.update, **kw)
+        fix = StreamedColorFix(img.rgb, write, levels=args.color_fix) if args.color_fix else write
+        model.upscale(img.rgb[None], seed=args.seed, sink=lambda _i, y0, rows: fix(y0, rows), progress=bar.update,
+                      **kw)
+        if args.color_fix:
+            fix.close()
     bar.close()
     if not args.quiet:
         log.info("wrote %s (%dx%d)", dst, w4, h4)
@@ -283,14 +290,3 @@ def _tile_rows(model: UPSRModel, lr: torch.Tensor, tile: int, overlap: int) -> i
         return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})
     except (TypeError, ValueError):
         return 1  # bad tiling: let upscale raise its own error
-
-
-def _alpha_rows(alpha: torch.Tensor, y0: int, n: int, margin: int = 2) -> torch.Tensor:
-    """HR rows [y0, y0 + n) of the bicubic ×4 of alpha (1, h, w), clamped to [0, 1], from the
-    LR rows they need plus ``margin`` (the bicubic support): equal to the same rows of the
-    whole-image ``F.interpolate`` (as the non-streaming path)."""
-    h = alpha.shape[-2]
-    ly0, ly1 = max(y0 // SCALE - margin, 0), min(-(-(y0 + n) // SCALE) + margin, h)
-    up = F.interpolate(alpha[None, :, ly0:ly1], scale_factor=SCALE, mode="bicubic", align_corners=False)[0]
-    off = y0 - SCALE * ly0
-    return up[:, off : off + n].clamp(0, 1)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, OneLineParser, UsageError, int_min, png_or_folder, writable_file
+from .colorfix import DEFAULT_LEVELS, MAX_LEVELS
 from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, check_device
@@ -131,6 +132,11 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                         "new image size; pays off over many same-size images; falls back to eager if compiling fails; "
                         "on the CPU it freezes the weights: ~4 min to compile at full size on 2 cores, then 11-15%% "
                         "faster)")
+    p.add_argument("--color-fix", type=int_min(0, MAX_LEVELS), default=0, metavar="LEVELS",
+                   help="wavelet colour fix after sampling (not in the official pipeline; off by default): the "
+                        "result's detail over the low frequencies of the bicubic ×4 of the input, with this many "
+                        f"levels (1-{MAX_LEVELS}; {DEFAULT_LEVELS} keeps structures up to ~32 px of the result); "
+                        "0: off")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--bits", choices=["auto", "8", "16"], default="auto", help="PNG bit depth (auto: as the input)")
     p.add_argument("-q", "--quiet", action="store_true",

@@ -8,6 +8,8 @@ its luma, as ``upscale`` writes it):
 * ``estimator``— g(y), the SR estimate alone
 * ``upsr_w1``  — UPSR with w ≡ 1 (no uncertainty weighting, b_u = 1), same ε
 * ``upsr``     — UPSR with the model's uncertainty-weighted noise (b_u 0.4, ψ_max 0.05)
+* ``upsr_cf``  — that same sample with the wavelet colour fix (:mod:`upsr_core.colorfix`, 5 levels;
+  not in the official pipeline, so not in the default list)
 
 ``--b-u`` and ``--psi-max`` take comma lists: ``upsr`` then runs once per (b_u, ψ_max) pair of
 the grid, each a row ``upsr b_u=… psi_max=…`` (the official pair keeps the name ``upsr``), all
@@ -48,6 +50,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cliargs import SEED_ARG, int_min
+from .colorfix import wavelet_color_fix
 from .errors import is_int
 from .imageio import (
     IMAGE_SUFFIXES,
@@ -65,11 +68,14 @@ from .niqe import NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import _check_seed, bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
-__all__ = ["add_parser", "evaluate", "METHODS", "pair_files", "lr_files", "manifest_ids", "upsr_label", "parse_grid",
+__all__ = ["add_parser", "evaluate", "METHODS", "ALL_METHODS", "pair_files",
+           "lr_files", "manifest_ids", "upsr_label", "parse_grid",
            "method_folder", "unscored", "manifest_entries"]
 
 log = logging.getLogger(__name__)
 METHODS = ("bicubic", "estimator", "upsr_w1", "upsr")
+"""The default ``--method`` list: the paper's comparison."""
+ALL_METHODS = (*METHODS, "upsr_cf")
 EVAL_MARK = ".upsr-eval"  # in an --out with saved images: skipped as input, as a folder of results is
 
 
@@ -84,7 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "as x4, _x4, _LR4 / _HR, _x1 aside; RealSR V3's one folder: give it as both)")
     p.add_argument("--model", default=None, help="converted .safetensors with both nets (default: the demo model)")
     p.add_argument("--estimator", default=None, help="ATD file when --model holds only the denoiser")
-    p.add_argument("--method", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--method", default=",".join(METHODS),
+                   help=f"comma list of {', '.join(ALL_METHODS)} (default: {','.join(METHODS)})")
     p.add_argument("--manifest", default=None, help="manifest.jsonl with 'id' and 'group' per image")
     p.add_argument("--group", default=None, help="keep only this manifest group (e.g. A_val)")
     p.add_argument("--limit", type=int_min(1), default=None, help="evaluate at most this many pairs")
@@ -422,7 +429,7 @@ def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
     return grid
 
 
-NOISY_METHODS = ("upsr_w1", "upsr")
+NOISY_METHODS = ("upsr_w1", "upsr", "upsr_cf")
 """The methods whose result depends on the seed (``--seeds`` samples them)."""
 
 
@@ -451,6 +458,9 @@ def run_methods(model, lr: torch.Tensor, methods: list[str], seed: int,
         if "upsr" in methods:
             for b_u, psi_max in grid:
                 out[upsr_label(b_u, psi_max)] = model.denoise(est, default_weight(est, b_u, psi_max), seed=seed)
+        if "upsr_cf" in methods:  # the official pair's sample (drawn here if the grid or the list lacks it)
+            sr = out["upsr"] if "upsr" in out else model.denoise(est, default_weight(est), seed=seed)
+            out["upsr_cf"] = wavelet_color_fix(sr.float().clamp(0, 1), lr.to(sr.device))
     keys = [k for m in methods for k in ([upsr_label(*g) for g in grid] if m == "upsr" else [m])]
     def levels(x: torch.Tensor) -> torch.Tensor:
         x = x.cpu().float().clamp(0, 1)
@@ -713,7 +723,7 @@ def table(means: dict) -> str:
 
 # column titles of the contact sheet (ASCII: PIL's default font); sweep labels pass through
 SHEET_TITLES = {"lr": "LR (nearest x4)", "bicubic": "bicubic", "estimator": "g(y) (estimator)",
-                "upsr_w1": "UPSR, w = 1", "upsr": "UPSR", "hr": "HR"}
+                "upsr_w1": "UPSR, w = 1", "upsr": "UPSR", "upsr_cf": "UPSR + colour fix", "hr": "HR"}
 
 
 def _label(metrics: dict[str, float]) -> str:
@@ -769,9 +779,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .model import load_upsr
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
-        raise ValueError(f"--method: unknown {bad or methods}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"--method: unknown {bad or methods}; choose from {', '.join(ALL_METHODS)}")
     if (args.manifest is None) != (args.group is None):
         raise ValueError("--manifest and --group go together")
     grid = parse_grid(args.b_u, args.psi_max)

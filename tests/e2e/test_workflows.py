@@ -141,7 +141,7 @@ def test_templates_are_served(server, client):
 def test_node_help_pages_are_served(server, client, object_info):
     """The frontend's node Help fetches /extensions/<pack folder>/docs/<node id>.md (WEB_DIRECTORY)."""
     ours = sorted(k for k, v in object_info.items() if v.get("python_module", "").endswith(comfy_server.PACK_DIR_NAME))
-    assert len(ours) == 5, ours
+    assert len(ours) == 6, ours
     for node_id in ours:
         page = client._req("GET", f"/extensions/{comfy_server.PACK_DIR_NAME}/docs/{node_id}.md").decode("utf-8")
         assert page.startswith(f"# {object_info[node_id]['display_name']}\n"), node_id
@@ -181,6 +181,23 @@ def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
     entry = client.run(one, timeout=900)["history"]
     (out_one,) = outputs(client, entry, save, tmp_path / "one")
     assert np.array_equal(out_one, out)
+
+
+def test_color_fix_after_the_basic_chain_equals_the_cli(server, client, e2e, object_info, tmp_path):
+    """upsr_basic with UPSR Color Fix (reference: the loaded LR) between UPSR Sample and Save Image
+    gives upscale --color-fix's float result exactly, and its PNG within SaveImage's truncation."""
+    prompt = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
+    (smp,), (save,), (load,) = (nodes_of(prompt, c) for c in ("UPSRSample", "SaveImage", "LoadImage"))
+    prompt["cf"] = {"class_type": "UPSRColorFix", "inputs": {"image": [smp, 0], "reference": [load, 0], "levels": 4}}
+    prompt[save]["inputs"] |= {"images": ["cf", 0], "filename_prefix": "UPSR/basic_color_fix"}
+    entry = client.run(prompt, timeout=900)["history"]
+    assert entry["status"]["status_str"] == "success", failure(entry)
+    (out,) = outputs(client, entry, save, tmp_path / "out")
+    inp = prompt[smp]["inputs"]
+    cli, ref = reference(server, prompt[load]["inputs"]["image"], tmp_path, fast=is_fast(prompt), color_fix=4,
+                         seed=inp["seed"], tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
+    assert np.array_equal(as_saveimage(ref), out)
+    assert int(np.abs(cli.astype(int) - out).max()) <= 1  # SaveImage truncates, the CLI rounds
 
 
 def test_paint_uncertainty(server, client, e2e, object_info, tmp_path):

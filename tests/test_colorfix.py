@@ -1,0 +1,139 @@
+"""The wavelet colour fix (upsr_core.colorfix): formula, exact properties, streaming, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upsr_core.colorfix import (
+    MAX_LEVELS,
+    StreamedColorFix,
+    bicubic_rows,
+    halo,
+    wavelet_color_fix,
+    wavelet_lowpass,
+)
+from upsr_core.pipeline import bicubic_x4
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def lowpass_by_conv(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """The low-pass written independently: a 2-D 3×3 binomial kernel, dilated, on a replicate-padded
+    float64 image (F.pad's replicate needs the pad below the size: the test images are larger)."""
+    k = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    k = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)
+    x = x.double()
+    for i in range(levels):
+        r = 2**i
+        x = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k, dilation=r, groups=x.shape[1])
+    return x
+
+
+@pytest.mark.parametrize("levels", [1, 3, 5])
+def test_lowpass_is_the_dilated_binomial_cascade(levels):
+    x = rand(2, 3, 70, 45)
+    # float32 sums against float64 ones: values in [0, 1], a few dozen roundings of 6e-8 each
+    torch.testing.assert_close(wavelet_lowpass(x, levels).double(), lowpass_by_conv(x, levels), rtol=0, atol=1e-6)
+
+
+def test_fix_is_detail_of_the_image_over_lowpass_of_the_reference():
+    x, ref = rand(1, 3, 64, 48, seed=1), rand(1, 3, 64, 48, seed=2) * 0.5 + 0.25
+    want = (x.double() - lowpass_by_conv(x, 5) + lowpass_by_conv(ref, 5)).clamp(0, 1)
+    torch.testing.assert_close(wavelet_color_fix(x, ref).double(), want, rtol=0, atol=2e-6)
+
+
+def test_a_flat_image_takes_the_reference_colour_exactly():
+    # blurring a constant c gives (c + c + 2c) / 4 = c in floating point too: no rounding at all
+    x = torch.full((2, 3, 40, 36), 0.3)
+    ref = torch.tensor([0.125, 0.5, 0.875]).view(1, 3, 1, 1).expand(1, 3, 40, 36)
+    out = wavelet_color_fix(x, ref)
+    assert out.shape == (2, 3, 40, 36) and out.dtype == torch.float32
+    assert torch.equal(out, ref.expand(2, -1, -1, -1))
+
+
+def test_the_image_as_its_own_reference_is_unchanged_up_to_rounding():
+    x = rand(1, 3, 50, 50, seed=3)
+    torch.testing.assert_close(wavelet_color_fix(x, x), x, rtol=0, atol=2e-7)  # (x − a) + a: one rounding each
+
+
+def test_an_lr_reference_is_its_clamped_bicubic_x4():
+    x, lr = rand(2, 3, 48, 40, seed=4), rand(2, 3, 12, 10, seed=5)
+    up = bicubic_x4(lr).clamp(0, 1)
+    assert torch.equal(wavelet_color_fix(x, lr, levels=4), wavelet_color_fix(x, up, levels=4))
+    # one reference for a batch
+    assert torch.equal(wavelet_color_fix(x, lr[:1]), wavelet_color_fix(x, lr[:1].expand(2, -1, -1, -1)))
+
+
+def test_levels_beyond_the_image_size_replicate_the_edges():
+    x, ref = rand(1, 3, 8, 12, seed=6), rand(1, 3, 2, 3, seed=7)
+    out = wavelet_color_fix(x, ref, levels=MAX_LEVELS)  # reach 255 px on an 8 × 12 image
+    assert out.shape == x.shape and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize("y0, n", [(0, 1), (0, 40), (3, 17), (21, 19), (39, 1)])
+def test_bicubic_rows_equal_the_whole_image_rows(y0, n):
+    lr = rand(3, 10, 7, seed=8) * 1.2 - 0.1  # overshoots: clamped as the whole image is
+    whole = F.interpolate(lr[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    assert torch.equal(bicubic_rows(lr, y0, n), whole[:, y0 : y0 + n])
+
+
+@pytest.mark.parametrize("levels, strips", [
+    (1, [5, 40, 1, 70, 32]),   # strips shorter and longer than the reach (1 row)
+    (3, [148]),                # the whole image at once
+    (5, [32] * 4 + [20]),      # the CLI's tile rows: each strip ~ the reach (31 rows)
+    (5, [1] * 148),            # one row at a time
+    (8, [100, 48]),            # the reach (255) beyond the image: everything waits for the end
+])
+def test_streamed_rows_equal_the_whole_image_bit_for_bit(levels, strips):
+    # the blur is gathers and element-wise sums: a value never depends on the tensor's extent
+    lr, x = rand(3, 37, 29, seed=9), rand(1, 3, 148, 116, seed=10)
+    whole = wavelet_color_fix(x, lr[None], levels=levels)[0]
+    got: list[tuple[int, torch.Tensor]] = []
+    fix = StreamedColorFix(lr, lambda y0, rows: got.append((y0, rows)), levels=levels)
+    y = 0
+    for n in strips:
+        fix(y, x[0, :, y : y + n])
+        y += n
+        assert sum(r.shape[1] for _, r in got) >= max(0, y - halo(levels)) or y == 148  # rows leave once ready
+    fix.close()
+    assert [y0 for y0, _ in got] == [sum(r.shape[1] for _, r in got[:i]) for i in range(len(got))]
+    assert torch.equal(torch.cat([r for _, r in got], dim=1), whole)
+
+
+def test_stream_holds_only_its_context():
+    lr, x = rand(3, 64, 8, seed=11), rand(1, 3, 256, 32, seed=12)
+    fix = StreamedColorFix(lr, lambda *_: None, levels=3)
+    for y in range(0, 256, 16):
+        fix(y, x[0, :, y : y + 16])
+        assert fix.buf.shape[1] <= 16 + 2 * halo(3)
+    fix.close()
+
+
+def test_errors_name_the_bad_value():
+    x, lr = rand(1, 3, 16, 16), rand(1, 3, 4, 4)
+    for bad in (0, MAX_LEVELS + 1, 2.5, True, "5"):
+        with pytest.raises(ValueError, match=rf"levels must be an integer in \[1, {MAX_LEVELS}\], got"):
+            wavelet_color_fix(x, lr, levels=bad)
+    with pytest.raises(ValueError, match=r"reference is 5×4 and image 16×16: .* \(×4 smaller, 4×4\)"):
+        wavelet_color_fix(x, rand(1, 3, 4, 5))
+    with pytest.raises(ValueError, match="reference has 2 images, image 1"):
+        wavelet_color_fix(x, rand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"image must be a float \(B, 3, H, W\) tensor, got shape \(3, 16, 16\)"):
+        wavelet_color_fix(x[0], lr)
+    with pytest.raises(ValueError, match="reference holds NaN or Inf"):
+        wavelet_color_fix(x, torch.full((1, 3, 4, 4), float("nan")))
+    fix = StreamedColorFix(lr[0], lambda *_: None)
+    with pytest.raises(ValueError, match="expected row 0 next, got 4"):
+        fix(4, x[0, :, 4:8])
+    with pytest.raises(ValueError, match=r"rows must be \(3, n, 16\), got \(3, 4, 12\)"):
+        fix(0, x[0, :, :4, :12])
+    fix(0, x[0, :, :8])
+    with pytest.raises(ValueError, match=r"rows \[8, 20\) run past the image's 16 rows"):
+        fix(8, torch.zeros(3, 12, 16))
+    with pytest.raises(RuntimeError, match="got 8 of 16 rows"):
+        fix.close()
+    with pytest.raises(ValueError, match=r"rows \[14, 18\) are not inside"):
+        bicubic_rows(lr[0], 14, 4)

@@ -1,0 +1,161 @@
+"""Wavelet colour fix: the result's fine detail on the reference's colours and low frequencies.
+
+An optional post-processing step, not part of the official pipeline (which has none): the
+result is split by an à-trous wavelet decomposition into its detail and its low-pass residue;
+the residue is replaced by the reference's (the bicubic ×4 of the LR image)::
+
+    fixed = clamp(x − L(x) + L(ref), 0, 1),   L = B_{2^(n−1)} ∘ … ∘ B_2 ∘ B_1
+
+where B_r is the 3×3 binomial blur ([1, 2, 1] ⊗ [1, 2, 1] / 16) with dilation r and edge
+replication, and n the number of levels. Five levels (the default, as in StableSR's colour fix)
+keep structures up to ~2⁵ px of the result; the low-pass L reaches 2ⁿ − 1 px each way.
+
+The blur is written as gathers and element-wise sums, so each output value is computed by the
+same operations whatever the tensor's size: a strip of rows with 2ⁿ − 1 rows of context each
+side gives bit for bit the rows of the whole image (:class:`StreamedColorFix`, for results
+streamed to disk row by row).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import is_int
+from .pipeline import SCALE
+
+__all__ = ["DEFAULT_LEVELS", "MAX_LEVELS", "wavelet_color_fix", "wavelet_lowpass", "halo", "bicubic_rows",
+           "StreamedColorFix"]
+
+DEFAULT_LEVELS = 5
+MAX_LEVELS = 8  # L reaches 255 px each way: beyond that the "low frequencies" are the image's mean colour
+
+
+def _check_levels(levels: object) -> int:
+    if not is_int(levels) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels must be an integer in [1, {MAX_LEVELS}], got {levels!r}")
+    return int(levels)
+
+
+def halo(levels: int) -> int:
+    """How far (in pixels, each way) the low-pass of ``levels`` levels reaches: 2^levels − 1."""
+    return 2 ** _check_levels(levels) - 1
+
+
+def _blur(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """[1, 2, 1] / 4 along ``dim`` with dilation r, edges replicated (any r, even r ≥ the size):
+    (x[i − r] + x[i + r] + 2·x[i]) · ¼ on views of one padded copy (2·x is exact, so the
+    fused ``add_(…, alpha=2)`` rounds as the plain sum does)."""
+    n = x.shape[dim]
+    edge = [x.narrow(dim, i, 1).expand(*x.shape[:dim % x.ndim], r, *x.shape[dim % x.ndim + 1:]) for i in (0, n - 1)]
+    p = torch.cat([edge[0], x, edge[1]], dim=dim)
+    out = p.narrow(dim, 0, n) + p.narrow(dim, 2 * r, n)
+    return out.add_(p.narrow(dim, r, n), alpha=2).mul_(0.25)
+
+
+def wavelet_lowpass(x: torch.Tensor, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
+    """L(x): ``levels`` binomial blurs of dilation 1, 2, 4, …, (B, C, H, W) float -> same shape."""
+    levels = _check_levels(levels)
+    for k in range(levels):
+        x = _blur(_blur(x, 2**k, -2), 2**k, -1)
+    return x
+
+
+def _check(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a float (B, 3, H, W) tensor, got {what}")
+    if x.shape[0] == 0 or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return x
+
+
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
+    """The result ``image`` with its low frequencies (colour, shading) taken from ``reference``.
+
+    image: (B, 3, H, W) float in [0, 1], e.g. UPSR's ×4 result. reference: (B or 1, 3, H, W) in
+    [0, 1] of the same size, or the LR image itself at (H/4, W/4), which is then upscaled
+    bicubically (as UPSR's bicubic(y), clamped to [0, 1]). levels: 1 … 8 (default 5).
+    Returns (B, 3, H, W) float32 in [0, 1] on ``image``'s device.
+    """
+    image, reference = _check(image, "image"), _check(reference, "reference")
+    levels = _check_levels(levels)
+    b, _, h, w = image.shape
+    if reference.shape[0] not in (1, b):
+        raise ValueError(f"reference has {reference.shape[0]} images, image {b}: give one reference or one per image")
+    rh, rw = reference.shape[-2:]
+    if (rh * SCALE, rw * SCALE) == (h, w):
+        reference = bicubic_rows(reference.float(), 0, h)
+    elif (rh, rw) != (h, w):
+        raise ValueError(f"reference is {rw}×{rh} and image {w}×{h}: the reference must be the same size "
+                         f"or the LR image (×{SCALE} smaller, {w / SCALE:g}×{h / SCALE:g})")
+    x = image.float()
+    ref = reference.to(x.device, torch.float32)
+    return (x - wavelet_lowpass(x, levels) + wavelet_lowpass(ref, levels)).clamp_(0, 1)
+
+
+def bicubic_rows(lr: torch.Tensor, y0: int, n: int, margin: int = 2) -> torch.Tensor:
+    """Rows [y0, y0 + n) of the bicubic ×4 of ``lr`` (…, C, h, w) in [0, 1], clamped to [0, 1],
+    computed from the LR rows they need plus ``margin`` (the bicubic support): equal to the same
+    rows of the whole-image ``F.interpolate``. -> (…, C, n, 4w)."""
+    h = lr.shape[-2]
+    if not (0 <= y0 and n > 0 and y0 + n <= SCALE * h):
+        raise ValueError(f"rows [{y0}, {y0 + n}) are not inside the ×{SCALE} image's {SCALE * h} rows")
+    ly0, ly1 = max(y0 // SCALE - margin, 0), min(-(-(y0 + n) // SCALE) + margin, h)
+    lead = lr.shape[:-3]
+    x = lr[..., ly0:ly1, :].reshape(-1, *lr.shape[-3:-2], ly1 - ly0, lr.shape[-1])
+    up = F.interpolate(x, scale_factor=SCALE, mode="bicubic", align_corners=False)
+    off = y0 - SCALE * ly0
+    return up[:, :, off : off + n].clamp(0, 1).reshape(*lead, *up.shape[1:2], n, up.shape[-1])
+
+
+class StreamedColorFix:
+    """:func:`wavelet_color_fix` for a result that arrives as strips of rows, top to bottom.
+
+    ``lr``: the LR image (3, h, w) in [0, 1] (the reference's source); ``emit(y0, rows)``
+    receives the fixed rows (3, n, 4w) in order, each strip once 2^levels − 1 rows below it
+    have arrived (or the image has ended). Holds at most those context rows plus one strip:
+    the rows equal, bit for bit, those of the whole-image function. Call it as a row sink
+    ``(y0, rows)``; :meth:`close` checks that every row arrived.
+    """
+
+    def __init__(self, lr: torch.Tensor, emit: Callable[[int, torch.Tensor], None], *,
+                 levels: int = DEFAULT_LEVELS):
+        if not isinstance(lr, torch.Tensor) or lr.ndim != 3 or lr.shape[0] != 3:
+            what = tuple(lr.shape) if isinstance(lr, torch.Tensor) else type(lr).__name__
+            raise ValueError(f"lr must be a (3, h, w) tensor, got {what}")
+        self.levels, self.halo = _check_levels(levels), halo(levels)
+        self.lr, self.emit = lr.float(), emit
+        self.height = SCALE * lr.shape[-2]
+        self.buf: torch.Tensor | None = None  # rows [start, end) of the result
+        self.start = self.end = self.done = 0
+
+    def __call__(self, y0: int, rows: torch.Tensor) -> None:
+        if y0 != self.end:
+            raise ValueError(f"rows must arrive in order: expected row {self.end} next, got {y0}")
+        if rows.ndim != 3 or rows.shape[0] != 3 or rows.shape[-1] != SCALE * self.lr.shape[-1]:
+            raise ValueError(f"rows must be (3, n, {SCALE * self.lr.shape[-1]}), got {tuple(rows.shape)}")
+        if self.end + rows.shape[1] > self.height:
+            raise ValueError(f"rows [{y0}, {y0 + rows.shape[1]}) run past the image's {self.height} rows")
+        rows = rows.float()
+        self.buf = rows if self.buf is None else torch.cat([self.buf, rows.to(self.buf.device)], dim=1)
+        self.end += rows.shape[1]
+        ready = self.height if self.end == self.height else self.end - self.halo
+        if ready <= self.done:
+            return
+        w0 = max(self.done - self.halo, 0)  # the context the low-pass needs above; below, the buffer's end
+        win = self.buf[None, :, w0 - self.start :]
+        ref = bicubic_rows(self.lr, w0, self.end - w0).to(win.device)[None]
+        fixed = win - wavelet_lowpass(win, self.levels) + wavelet_lowpass(ref, self.levels)
+        a, b = self.done - w0, ready - w0
+        self.emit(self.done, fixed[0, :, a:b].clamp_(0, 1))
+        self.done = ready
+        keep = max(ready - self.halo, 0)  # the next strip's context above
+        self.buf, self.start = self.buf[:, keep - self.start :].clone(), keep
+
+    def close(self) -> None:
+        if self.done != self.height:
+            raise RuntimeError(f"the colour fix got {self.end} of {self.height} rows")
