@@ -84,6 +84,7 @@ def reference(server, image: str, tmp: Path, **kw) -> tuple[np.ndarray, np.ndarr
     """(CLI PNG, float result) from the server's python for the shipped LR ``image``."""
     spec = {"model": str(server.model_file), "image": str(server.input_dir / image), "png": str(tmp / "cli.png"),
             "npy": str(tmp / "ref.npy"), **kw}
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "spec.json").write_text(json.dumps(spec))
     subprocess.run([comfy_server.comfyui_python(), str(Path(__file__).with_name("reference.py")),
                     str(tmp / "spec.json")], check=True, cwd=REPO, timeout=900)
@@ -183,21 +184,31 @@ def test_basic_equals_the_cli(server, client, e2e, object_info, tmp_path):
     assert np.array_equal(out_one, out)
 
 
-def test_color_fix_after_the_basic_chain_equals_the_cli(server, client, e2e, object_info, tmp_path):
-    """upsr_basic with UPSR Color Fix (reference: the loaded LR) between UPSR Sample and Save Image
-    gives upscale --color-fix's float result exactly, and its PNG within SaveImage's truncation."""
-    prompt = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
-    (smp,), (save,), (load,) = (nodes_of(prompt, c) for c in ("UPSRSample", "SaveImage", "LoadImage"))
-    prompt["cf"] = {"class_type": "UPSRColorFix", "inputs": {"image": [smp, 0], "reference": [load, 0], "levels": 4}}
-    prompt[save]["inputs"] |= {"images": ["cf", 0], "filename_prefix": "UPSR/basic_color_fix"}
+def test_color_fix(server, client, e2e, object_info, tmp_path):
+    """upsr_color_fix as shipped: its preview is UPSR Upscale ×4's result, its saved image the
+    colour-fixed one, equal to what upscale --color-fix computes (exactly before SaveImage's
+    truncation, within one level of the CLI's rounded PNG)."""
+    prompt = e2e.ui_to_api(load_workflow("upsr_color_fix"), object_info)
+    (up,), (cf,), (prev,), (save,), (load,) = (nodes_of(prompt, c) for c in (
+        "UPSRUpscale", "UPSRColorFix", "PreviewImage", "SaveImage", "LoadImage"))
+    t0 = time.monotonic()
     entry = client.run(prompt, timeout=900)["history"]
+    TIMINGS["upsr_color_fix"] = time.monotonic() - t0
     assert entry["status"]["status_str"] == "success", failure(entry)
-    (out,) = outputs(client, entry, save, tmp_path / "out")
-    inp = prompt[smp]["inputs"]
-    cli, ref = reference(server, prompt[load]["inputs"]["image"], tmp_path, fast=is_fast(prompt), color_fix=4,
-                         seed=inp["seed"], tile=inp["tile"], overlap=inp["overlap"], tile_batch=inp["tile_batch"])
+    (out,), (raw,) = outputs(client, entry, save, tmp_path / "out"), outputs(client, entry, prev, tmp_path / "prev")
+    h, w = lr_size(prompt, server)
+    assert out.shape == raw.shape == (4 * h, 4 * w, 3)
+    inp, image = prompt[up]["inputs"], prompt[load]["inputs"]["image"]
+    kw = dict(fast=is_fast(prompt), seed=inp["seed"], tile=inp["tile"], overlap=inp["overlap"],
+              tile_batch=inp["tile_batch"])
+    levels = prompt[cf]["inputs"]["levels"]
+    assert levels == 5
+    cli, ref = reference(server, image, tmp_path / "fixed", color_fix=levels, **kw)
     assert np.array_equal(as_saveimage(ref), out)
     assert int(np.abs(cli.astype(int) - out).max()) <= 1  # SaveImage truncates, the CLI rounds
+    _, ref_raw = reference(server, image, tmp_path / "raw", **kw)
+    assert np.array_equal(as_saveimage(ref_raw), raw)
+    assert not np.array_equal(raw, out)
 
 
 def test_paint_uncertainty(server, client, e2e, object_info, tmp_path):
@@ -263,7 +274,7 @@ def test_same_noise_makes_a_batch_of_frames_steady(server, client, e2e, object_i
 
 def test_every_workflow_was_run():
     """Guards against a new example workflow without an e2e test above."""
-    assert set(WORKFLOWS) == {"upsr_basic", "upsr_paint_uncertainty", "upsr_large_tiled"}
+    assert set(WORKFLOWS) == {"upsr_basic", "upsr_paint_uncertainty", "upsr_large_tiled", "upsr_color_fix"}
 
 
 # ----------------------------------------------------------------------------- cancel
