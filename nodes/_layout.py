@@ -47,14 +47,15 @@ def image_in(image: torch.Tensor, name: str) -> torch.Tensor:
     return carry_padding(image, image.movedim(-1, 1).float().contiguous())
 
 
-def lr_in(image: torch.Tensor) -> torch.Tensor:
-    """The LR IMAGE [B,H,W,3] -> (B,3,H,W) float32 in [0, 1]. ComfyUI's bicubic resize does not
-    clamp (its Lanczos goes through 8 bits), so an image scaled down before UPSR overshoots [0, 1] at sharp edges:
-    that is clamped (as ComfyUI's own upscale nodes clamp their output) and logged; values
-    further out, NaN or Inf are an error."""
-    lr, found = clamp_overshoot(image_in(image, "image"), "the image")
+def lr_in(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """The LR IMAGE [B,H,W,3] (or another picture, the input ``name``) -> (B,3,H,W) float32 in
+    [0, 1]. ComfyUI's bicubic resize does not clamp (its Lanczos goes through 8 bits), so an image
+    scaled down before UPSR overshoots [0, 1] at sharp edges: that is clamped (as ComfyUI's own
+    upscale nodes clamp their output) and logged; values further out, NaN or Inf are an error."""
+    what = "the image" if name == "image" else name
+    lr, found = clamp_overshoot(image_in(image, name), what)
     if found is not None:
-        log.info("UPSR: the image holds values in [%.4g, %.4g] (a resize's overshoot): clamped to [0, 1]", *found)
+        log.info("UPSR: %s holds values in [%.4g, %.4g] (a resize's overshoot): clamped to [0, 1]", what, *found)
     return lr
 
 

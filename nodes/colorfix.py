@@ -5,7 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from upsr_core.colorfix import DEFAULT_LEVELS, MAX_LEVELS, wavelet_color_fix
 
-from ._layout import check_role, image_in, image_out
+from ._layout import check_role, image_out, lr_in
 
 
 class UPSRColorFix(io.ComfyNode):
@@ -37,5 +37,5 @@ class UPSRColorFix(io.ComfyNode):
     def execute(cls, image, reference, levels=DEFAULT_LEVELS) -> io.NodeOutput:
         check_role(image, "image", None)
         check_role(reference, "reference", None)
-        x, ref = image_in(image, "image"), image_in(reference, "reference")
+        x, ref = lr_in(image), lr_in(reference, "reference")  # a resize's overshoot clamped, [0, 255] refused
         return io.NodeOutput(image_out(wavelet_color_fix(x, ref, levels=levels)))

@@ -145,6 +145,17 @@ def test_batch_writes_the_bytes_of_one_by_one(mixed, tmp_path, tiny_model_file):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes(), name
 
 
+def test_batch_with_color_fix_fixes_each_image_by_its_own_input(mixed, tmp_path, tiny_model_file):
+    """--color-fix on grouped images (--batch 4): each output is its own input's fix, the bytes of
+    one by one (a reference shared across the group, or another level, would differ)."""
+    one = _upscale(mixed, tmp_path / "one", tiny_model_file, "--color-fix", "3")
+    four = _upscale(mixed, tmp_path / "four", tiny_model_file, "--batch", "4", "--color-fix", "3")
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes(), name
+    plain = _upscale(mixed, tmp_path / "plain", tiny_model_file, "--batch", "4")
+    assert all(not np.array_equal(plain[n], four[n]) for n in four)
+
+
 def test_fast_batch_agrees_with_one_by_one(mixed, tmp_path, tiny_model_file):
     # tile 32: four padded 16x16 frames fit one fast call (tile_batch x tile^2 pixels); c0 still has 2 tile rows
     one = _upscale(mixed, tmp_path / "one", tiny_model_file, "--fast", tile=32)

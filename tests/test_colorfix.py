@@ -67,10 +67,24 @@ def test_an_lr_reference_is_its_clamped_bicubic_x4():
     assert torch.equal(wavelet_color_fix(x, lr[:1]), wavelet_color_fix(x, lr[:1].expand(2, -1, -1, -1)))
 
 
-def test_levels_beyond_the_image_size_replicate_the_edges():
-    x, ref = rand(1, 3, 8, 12, seed=6), rand(1, 3, 2, 3, seed=7)
-    out = wavelet_color_fix(x, ref, levels=MAX_LEVELS)  # reach 255 px on an 8 × 12 image
-    assert out.shape == x.shape and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+def lowpass_by_gathers(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """The low-pass by clamped indices in float64 (edge replication at any reach, also past the size)."""
+    x = x.double()
+    for k in range(levels):
+        r = 2**k
+        for dim in (-2, -1):
+            n = x.shape[dim]
+            i = torch.arange(n)
+            x = (x.index_select(dim, (i - r).clamp(0, n - 1)) + 2 * x
+                 + x.index_select(dim, (i + r).clamp(0, n - 1))) / 4
+    return x
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 7), (3, 2), (8, 12), (33, 5)])
+@pytest.mark.parametrize("levels", [1, 4, MAX_LEVELS])
+def test_reaches_beyond_the_image_size_replicate_the_edges(h, w, levels):
+    x = rand(2, 3, h, w, seed=h * w + levels)
+    torch.testing.assert_close(wavelet_lowpass(x, levels).double(), lowpass_by_gathers(x, levels), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("y0, n", [(0, 1), (0, 40), (3, 17), (21, 19), (39, 1)])
@@ -123,9 +137,27 @@ def test_errors_name_the_bad_value():
         wavelet_color_fix(x, rand(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"image must be a float \(B, 3, H, W\) tensor, got shape \(3, 16, 16\)"):
         wavelet_color_fix(x[0], lr)
-    with pytest.raises(ValueError, match="reference holds NaN or Inf"):
+    with pytest.raises(ValueError, match="reference contains NaN or Inf"):
         wavelet_color_fix(x, torch.full((1, 3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"reference must hold values in \[0, 1\], got \[.*\] \(divide 8-bit values"):
+        wavelet_color_fix(x, lr * 255)
+    with pytest.raises(ValueError, match=r"image must hold values in \[0, 1\], got \[-.*map \[-1, 1\]"):
+        wavelet_color_fix(x * 2 - 1, lr)
+    with pytest.raises(ValueError, match=r"the same size or the LR image \(×4 smaller\)$"):
+        wavelet_color_fix(rand(1, 3, 17, 16), lr)  # no LR size to suggest for 17 rows
+    with pytest.raises(ValueError, match=r"x must be a float \(…, H, W\) tensor with H, W >= 1, got shape \(5,\)"):
+        wavelet_lowpass(torch.zeros(5))
+    with pytest.raises(ValueError, match=r"got shape \(1, 3, 4, 4\), torch.int64"):
+        wavelet_lowpass(torch.zeros(1, 3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lr must be a float \(3, h, w\) tensor, got shape \(3, 4, 4\), torch.uint8"):
+        StreamedColorFix((lr[0] * 255).to(torch.uint8), lambda *_: None)
+    with pytest.raises(ValueError, match=r"lr is empty: shape \(3, 0, 4\)"):
+        StreamedColorFix(torch.zeros(3, 0, 4), lambda *_: None)
+    with pytest.raises(TypeError, match="emit must be a callable emit"):
+        StreamedColorFix(lr[0], None)
     fix = StreamedColorFix(lr[0], lambda *_: None)
+    with pytest.raises(ValueError, match=r"rows \[0, 4\) contains NaN or Inf"):
+        fix(0, torch.full((3, 4, 16), float("nan")))
     with pytest.raises(ValueError, match="expected row 0 next, got 4"):
         fix(4, x[0, :, 4:8])
     with pytest.raises(ValueError, match=r"rows must be \(3, n, 16\), got \(3, 4, 12\)"):
@@ -137,3 +169,7 @@ def test_errors_name_the_bad_value():
         fix.close()
     with pytest.raises(ValueError, match=r"rows \[14, 18\) are not inside"):
         bicubic_rows(lr[0], 14, 4)
+    with pytest.raises(ValueError, match="n must be >= 1 row, got 0"):
+        bicubic_rows(lr[0], 5, 0)
+    with pytest.raises(ValueError, match=r"lr must be a float \(…, C, h, w\) tensor, got shape \(4, 4\)"):
+        bicubic_rows(lr[0, 0], 0, 4)

@@ -708,6 +708,8 @@ def test_color_fix_node_refuses_wrong_inputs_by_name(pack, handle):
         run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=lr_image(16, 20), levels=5)
     with pytest.raises(ValueError, match="reference: got UPSR Estimate Uncertainty's uncertainty"):
         run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=est[1], levels=5)
+    with pytest.raises(ValueError, match=r"reference must hold values in \[0, 1\], got \[.*\] \(divide 8-bit"):
+        run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=img * 255, levels=5)
     with pytest.raises(ValueError, match="image: the image has an alpha channel"):
         run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 4), reference=img, levels=5)
 

@@ -160,7 +160,7 @@ def run_cli(model_file, src, dst, *extra) -> int:
                      "--tile", "8", "--overlap", "2", *map(str, extra)])
 
 
-@pytest.mark.parametrize("fix", [0, 5])  # --color-fix 5: its low-pass reaches 31 rows, ~one tile row of 32
+@pytest.mark.parametrize("fix", [0, 3, 5])  # --color-fix 5: its low-pass reaches 31 rows, ~one tile row of 32
 @pytest.mark.parametrize("kind", ["rgb", "rgba", "gray16"])
 def test_cli_streams_multi_row_images_unchanged(model, model_file, tmp_path, monkeypatch, kind, fix):
     rng = np.random.default_rng(5)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import is_int
-from .pipeline import SCALE
+from .pipeline import SCALE, check_unit_range
 
 __all__ = ["DEFAULT_LEVELS", "MAX_LEVELS", "wavelet_color_fix", "wavelet_lowpass", "halo", "bicubic_rows",
            "StreamedColorFix"]
@@ -55,21 +55,26 @@ def _blur(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
 
 
 def wavelet_lowpass(x: torch.Tensor, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
-    """L(x): ``levels`` binomial blurs of dilation 1, 2, 4, …, (B, C, H, W) float -> same shape."""
+    """L(x): ``levels`` binomial blurs of dilation 1, 2, 4, … over the last two dimensions of a
+    float (…, H, W) tensor (H, W ≥ 1; any range) -> same shape."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point() or 0 in x.shape[-2:]:
+        what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float (…, H, W) tensor with H, W >= 1, got {what}")
     levels = _check_levels(levels)
     for k in range(levels):
         x = _blur(_blur(x, 2**k, -2), 2**k, -1)
     return x
 
 
-def _check(x: object, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+def _check(x: object, name: str, shape: str = "(B, 3, H, W)") -> torch.Tensor:
+    """A float image in [0, 1] (± a resize's slight overshoot) of ``shape`` (3 channels), non-empty."""
+    ndim = shape.count(",") + 1
+    if not isinstance(x, torch.Tensor) or x.ndim != ndim or x.shape[-3] != 3 or not x.is_floating_point():
         what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a float (B, 3, H, W) tensor, got {what}")
-    if x.shape[0] == 0 or x.shape[-1] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"{name} must be a float {shape} tensor, got {what}")
+    if 0 in x.shape:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} holds NaN or Inf values")
+    check_unit_range(x, name)  # not [0, 255], not [-1, 1], no NaN or Inf
     return x
 
 
@@ -90,8 +95,9 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: i
     if (rh * SCALE, rw * SCALE) == (h, w):
         reference = bicubic_rows(reference.float(), 0, h)
     elif (rh, rw) != (h, w):
+        lr_size = f", {w // SCALE}×{h // SCALE}" if h % SCALE == 0 and w % SCALE == 0 else ""
         raise ValueError(f"reference is {rw}×{rh} and image {w}×{h}: the reference must be the same size "
-                         f"or the LR image (×{SCALE} smaller, {w / SCALE:g}×{h / SCALE:g})")
+                         f"or the LR image (×{SCALE} smaller{lr_size})")
     x = image.float()
     ref = reference.to(x.device, torch.float32)
     return (x - wavelet_lowpass(x, levels) + wavelet_lowpass(ref, levels)).clamp_(0, 1)
@@ -101,8 +107,13 @@ def bicubic_rows(lr: torch.Tensor, y0: int, n: int, margin: int = 2) -> torch.Te
     """Rows [y0, y0 + n) of the bicubic ×4 of ``lr`` (…, C, h, w) in [0, 1], clamped to [0, 1],
     computed from the LR rows they need plus ``margin`` (the bicubic support): equal to the same
     rows of the whole-image ``F.interpolate``. -> (…, C, n, 4w)."""
+    if not isinstance(lr, torch.Tensor) or lr.ndim < 3 or not lr.is_floating_point():
+        what = f"shape {tuple(lr.shape)}, {lr.dtype}" if isinstance(lr, torch.Tensor) else type(lr).__name__
+        raise ValueError(f"lr must be a float (…, C, h, w) tensor, got {what}")
     h = lr.shape[-2]
-    if not (0 <= y0 and n > 0 and y0 + n <= SCALE * h):
+    if n < 1:
+        raise ValueError(f"n must be >= 1 row, got {n}")
+    if not (0 <= y0 and y0 + n <= SCALE * h):
         raise ValueError(f"rows [{y0}, {y0 + n}) are not inside the ×{SCALE} image's {SCALE * h} rows")
     ly0, ly1 = max(y0 // SCALE - margin, 0), min(-(-(y0 + n) // SCALE) + margin, h)
     lead = lr.shape[:-3]
@@ -117,16 +128,18 @@ class StreamedColorFix:
 
     ``lr``: the LR image (3, h, w) in [0, 1] (the reference's source); ``emit(y0, rows)``
     receives the fixed rows (3, n, 4w) in order, each strip once 2^levels − 1 rows below it
-    have arrived (or the image has ended). Holds at most those context rows plus one strip:
-    the rows equal, bit for bit, those of the whole-image function. Call it as a row sink
-    ``(y0, rows)``; :meth:`close` checks that every row arrived.
+    have arrived (or the image has ended). Holds at most one strip and 2 × (2^levels − 1) rows
+    of context (above the rows not yet emitted, and those waiting for the rows below them); the
+    rows equal, bit for bit, those of the whole-image function. Each strip is checked as the
+    image is (float, in [0, 1], finite). Call it as a row sink ``(y0, rows)``; :meth:`close`
+    checks that every row arrived.
     """
 
     def __init__(self, lr: torch.Tensor, emit: Callable[[int, torch.Tensor], None], *,
                  levels: int = DEFAULT_LEVELS):
-        if not isinstance(lr, torch.Tensor) or lr.ndim != 3 or lr.shape[0] != 3:
-            what = tuple(lr.shape) if isinstance(lr, torch.Tensor) else type(lr).__name__
-            raise ValueError(f"lr must be a (3, h, w) tensor, got {what}")
+        _check(lr, "lr", "(3, h, w)")
+        if not callable(emit):
+            raise TypeError(f"emit must be a callable emit(y0, rows), got {type(emit).__name__}")
         self.levels, self.halo = _check_levels(levels), halo(levels)
         self.lr, self.emit = lr.float(), emit
         self.height = SCALE * lr.shape[-2]
@@ -136,8 +149,13 @@ class StreamedColorFix:
     def __call__(self, y0: int, rows: torch.Tensor) -> None:
         if y0 != self.end:
             raise ValueError(f"rows must arrive in order: expected row {self.end} next, got {y0}")
-        if rows.ndim != 3 or rows.shape[0] != 3 or rows.shape[-1] != SCALE * self.lr.shape[-1]:
-            raise ValueError(f"rows must be (3, n, {SCALE * self.lr.shape[-1]}), got {tuple(rows.shape)}")
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 3 or rows.shape[0] != 3 \
+                or rows.shape[-1] != SCALE * self.lr.shape[-1]:
+            what = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(f"rows must be (3, n, {SCALE * self.lr.shape[-1]}), got {what}")
+        if rows.shape[1] == 0:
+            return
+        _check(rows, f"rows [{y0}, {y0 + rows.shape[1]})", "(3, n, W)")
         if self.end + rows.shape[1] > self.height:
             raise ValueError(f"rows [{y0}, {y0 + rows.shape[1]}) run past the image's {self.height} rows")
         rows = rows.float()

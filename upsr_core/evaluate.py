@@ -91,7 +91,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="converted .safetensors with both nets (default: the demo model)")
     p.add_argument("--estimator", default=None, help="ATD file when --model holds only the denoiser")
     p.add_argument("--method", default=",".join(METHODS),
-                   help=f"comma list of {', '.join(ALL_METHODS)} (default: {','.join(METHODS)})")
+                   help=f"comma list of {', '.join(ALL_METHODS)} (default: {','.join(METHODS)}); upsr_cf: "
+                        "the upsr sample at the official b_u 0.4, psi_max 0.05 with the wavelet colour fix "
+                        "(5 levels), whatever --b-u/--psi-max sweep")
     p.add_argument("--manifest", default=None, help="manifest.jsonl with 'id' and 'group' per image")
     p.add_argument("--group", default=None, help="keep only this manifest group (e.g. A_val)")
     p.add_argument("--limit", type=int_min(1), default=None, help="evaluate at most this many pairs")

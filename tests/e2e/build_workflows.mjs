@@ -77,7 +77,7 @@ Raise *tile* on a big GPU (512 = the official size); lower it when memory runs o
   },
   upsr_color_fix: {
     note: [30, 20, 400, 260, `# Colour fix (optional)
-**UPSR Upscale ×4**, then **UPSR Color Fix**: the result keeps its fine detail and takes its colours and soft shading from the input (upscaled bicubically), so colours cannot drift. Compare the two images: the fix is not part of the official UPSR. On the bundled demo model it raised PSNR by 0.22 dB on its validation photos, NIQE unchanged.
+**UPSR Upscale ×4**, then **UPSR Color Fix**: the result keeps its fine detail and takes its colours and soft shading from the input (upscaled bicubically), so its colours stay close to the input's. Compare the two images: the fix is not part of the official UPSR. On the bundled demo model it raised PSNR by 0.22 dB on its validation photos, NIQE unchanged.
 *levels*: detail finer than about 2^levels pixels stays the upscaler's; fewer levels copy more of the blurry input.`],
     nodes: [
       ['img', 'LoadImage', [30, 320], { image: 'upsr_example_bee.png' }, 'Load LR image', [400, 400]],
