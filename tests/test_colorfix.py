@@ -117,6 +117,19 @@ def test_streamed_rows_equal_the_whole_image_bit_for_bit(levels, strips):
     assert torch.equal(torch.cat([r for _, r in got], dim=1), whole)
 
 
+@pytest.mark.parametrize("levels", [2, 5])
+def test_strips_give_the_one_pass_result_bit_for_bit(monkeypatch, levels):
+    import upsr_core.colorfix as cf
+
+    x, lr = rand(2, 3, 200, 36, seed=13), rand(2, 3, 50, 9, seed=14)
+    for ref in (lr, bicubic_x4(lr).clamp(0, 1)):  # the LR reference (rows of its bicubic) and a same-size one
+        monkeypatch.setattr(cf, "STRIP_ROWS", 10_000)  # one window: the whole image
+        whole = wavelet_color_fix(x, ref, levels=levels)
+        monkeypatch.setattr(cf, "STRIP_ROWS", 16)  # 16 rows a strip, or 4 × the reach
+        assert cf.strip_rows(levels) < 200
+        assert torch.equal(wavelet_color_fix(x, ref, levels=levels), whole)
+
+
 def test_stream_holds_only_its_context():
     lr, x = rand(3, 64, 8, seed=11), rand(1, 3, 256, 32, seed=12)
     fix = StreamedColorFix(lr, lambda *_: None, levels=3)

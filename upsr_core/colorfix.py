@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from .errors import is_int
 from .pipeline import SCALE, check_unit_range
 
-__all__ = ["DEFAULT_LEVELS", "MAX_LEVELS", "wavelet_color_fix", "wavelet_lowpass", "halo", "bicubic_rows",
-           "StreamedColorFix"]
+__all__ = ["DEFAULT_LEVELS", "MAX_LEVELS", "wavelet_color_fix", "wavelet_lowpass", "halo", "strip_rows",
+           "bicubic_rows", "StreamedColorFix"]
 
 DEFAULT_LEVELS = 5
 MAX_LEVELS = 8  # L reaches 255 px each way: beyond that the "low frequencies" are the image's mean colour
+STRIP_ROWS = 256  # rows fixed at a time (at least; :func:`strip_rows`)
 
 
 def _check_levels(levels: object) -> int:
@@ -85,6 +86,10 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: i
     [0, 1] of the same size, or the LR image itself at (H/4, W/4), which is then upscaled
     bicubically (as UPSR's bicubic(y), clamped to [0, 1]). levels: 1 … 8 (default 5).
     Returns (B, 3, H, W) float32 in [0, 1] on ``image``'s device.
+
+    Works in strips of :func:`strip_rows` rows with 2^levels − 1 rows of context each side, so
+    the memory it needs beside the result is a few strips, not a few images (the same values as
+    one pass over the whole image, bit for bit).
     """
     image, reference = _check(image, "image"), _check(reference, "reference")
     levels = _check_levels(levels)
@@ -92,15 +97,28 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: i
     if reference.shape[0] not in (1, b):
         raise ValueError(f"reference has {reference.shape[0]} images, image {b}: give one reference or one per image")
     rh, rw = reference.shape[-2:]
-    if (rh * SCALE, rw * SCALE) == (h, w):
-        reference = bicubic_rows(reference.float(), 0, h)
-    elif (rh, rw) != (h, w):
+    if (rh * SCALE, rw * SCALE) != (h, w) and (rh, rw) != (h, w):
         lr_size = f", {w // SCALE}×{h // SCALE}" if h % SCALE == 0 and w % SCALE == 0 else ""
         raise ValueError(f"reference is {rw}×{rh} and image {w}×{h}: the reference must be the same size "
                          f"or the LR image (×{SCALE} smaller{lr_size})")
-    x = image.float()
-    ref = reference.to(x.device, torch.float32)
-    return (x - wavelet_lowpass(x, levels) + wavelet_lowpass(ref, levels)).clamp_(0, 1)
+    lr_reference = (rh, rw) != (h, w)
+    x, reference = image.float(), reference.float()
+    out = torch.empty_like(x)
+    reach, strip = halo(levels), strip_rows(levels)
+    for y0 in range(0, h, strip):  # rows [y0, y1) from the window [w0, w1) around them
+        y1 = min(y0 + strip, h)
+        w0, w1 = max(y0 - reach, 0), min(y1 + reach, h)
+        win = x[:, :, w0:w1]
+        ref = bicubic_rows(reference, w0, w1 - w0) if lr_reference else reference[:, :, w0:w1]
+        fixed = win - wavelet_lowpass(win, levels) + wavelet_lowpass(ref.to(x.device), levels)
+        out[:, :, y0:y1] = fixed[:, :, y0 - w0 : y1 - w0].clamp_(0, 1)
+    return out
+
+
+def strip_rows(levels: int) -> int:
+    """The rows :func:`wavelet_color_fix` fixes at a time: 256, or 4 × the low-pass's reach where
+    that is more (the context then costs at most half again the work)."""
+    return max(STRIP_ROWS, 4 * halo(levels))
 
 
 def bicubic_rows(lr: torch.Tensor, y0: int, n: int, margin: int = 2) -> torch.Tensor:
