@@ -110,9 +110,14 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: i
         w0, w1 = max(y0 - reach, 0), min(y1 + reach, h)
         win = x[:, :, w0:w1]
         ref = bicubic_rows(reference, w0, w1 - w0) if lr_reference else reference[:, :, w0:w1]
-        fixed = win - wavelet_lowpass(win, levels) + wavelet_lowpass(ref.to(x.device), levels)
-        out[:, :, y0:y1] = fixed[:, :, y0 - w0 : y1 - w0].clamp_(0, 1)
+        out[:, :, y0:y1] = _fixed_rows(win, ref.to(x.device), levels, y0 - w0, y1 - w0)
     return out
+
+
+def _fixed_rows(win: torch.Tensor, ref: torch.Tensor, levels: int, a: int, b: int) -> torch.Tensor:
+    """Rows [a, b) of a window's fix, clamp(win − L(win) + L(ref), 0, 1), for (…, rows, W) windows
+    of the result and the reference; exact where the rows lie 2^levels − 1 rows inside a cut edge."""
+    return (win - wavelet_lowpass(win, levels) + wavelet_lowpass(ref, levels))[..., a:b, :].clamp_(0, 1)
 
 
 def strip_rows(levels: int) -> int:
@@ -185,9 +190,7 @@ class StreamedColorFix:
         w0 = max(self.done - self.halo, 0)  # the context the low-pass needs above; below, the buffer's end
         win = self.buf[None, :, w0 - self.start :]
         ref = bicubic_rows(self.lr, w0, self.end - w0).to(win.device)[None]
-        fixed = win - wavelet_lowpass(win, self.levels) + wavelet_lowpass(ref, self.levels)
-        a, b = self.done - w0, ready - w0
-        self.emit(self.done, fixed[0, :, a:b].clamp_(0, 1))
+        self.emit(self.done, _fixed_rows(win, ref, self.levels, self.done - w0, ready - w0)[0])
         self.done = ready
         keep = max(ready - self.halo, 0)  # the next strip's context above
         self.buf, self.start = self.buf[:, keep - self.start :].clone(), keep

@@ -500,7 +500,7 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     of that metric's mean for every method, so the means compare the same images
     (:func:`unscored`; logged as a warning). A metric with no finite value left has mean NaN.
 
-    ``seeds``: each UPSR method (``upsr``, ``upsr_w1``: the ones with noise) is scored on this
+    ``seeds``: each UPSR method (:data:`NOISY_METHODS`: the ones with noise) is scored on this
     many samples, seeds ``seed`` … ``seed + seeds − 1``, and its row holds each metric's mean over
     them (a value not finite for any sample makes the mean not finite) and, under ``per_seed``,
     every sample's scores; the kept images are the first sample's.
