@@ -103,6 +103,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="channels-last denoiser in the fast path (auto: CUDA with the Triton GroupNorm)")
     p.add_argument("--subpixel", choices=["auto", "on", "off"], default="auto",
                    help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
+    p.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
+                   help="NNPACK's Winograd 3x3 convs in the fast path on the CPU (auto: AVX2-class x86 CPUs; "
+                        "never in the compiled rows)")
     p.add_argument("--variants", default="",
                    help="extra fast-path rows (not tiled) to A/B in the same run, comma-separated: "
                         + ", ".join(f"{k} ({v[1]})" for k, v in VARIANTS.items()))
@@ -337,7 +340,8 @@ def _how(m: UPSRModel) -> dict:
     return {"layout": "channels_last" if opts.channels_last else "nchw",
             "norm": "triton" if triton else "nhwc" if opts.nhwc_norm else "native",
             "conv_epilogue": triton and any(g.fuse_bias for g in norms),
-            "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel}
+            "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel,
+            "winograd": bool(opts.winograd and m.device.type == "cpu")}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
     "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
@@ -351,6 +355,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "no-graphs-nchw": ({"cuda_graphs": False, "channels_last": False},
                        "the nodes' path on CUDA without Triton: no CUDA graphs, NCHW"),
     "subpixel": ({"subpixel": True}, "nearest x2 + conv as four 2x2 sub-pixel convs (the CPU default)"),
+    "no-winograd": ({"winograd": False}, "oneDNN's direct 3x3 convs on the CPU (the default on AVX-512 CPUs)"),
+    "winograd": ({"winograd": True}, "NNPACK's Winograd 3x3 convs on the CPU (the default on AVX2 CPUs)"),
     "no-epilogue": ({"conv_epilogue": False},
                     "Triton norm, but the convs add their own biases (the default before the conv epilogue)"),
 }
@@ -373,6 +379,8 @@ def _fast_model(den: UPSRDenoiser, atd: ATD, dev: torch.device, dtype: torch.dty
     m = UPSRModel(copy.deepcopy(den).to(dev, dtype), copy.deepcopy(atd).to(dev, torch.float32), dtype=dtype)
     kw = dict(cuda_graphs=_SWITCH[args.graphs], subpixel=_SWITCH[args.subpixel],
               channels_last=_SWITCH[args.channels_last])
+    if not compile:  # Winograd runs eagerly: the compiled rows keep oneDNN's convs
+        kw["winograd"] = _SWITCH[args.winograd]
     m = enable_fast(m, compile=compile, **{**kw, **overrides})
     return m.to("cpu")
 
@@ -430,7 +438,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"),
             "estimator_dtype": "the row's, fp32 in fp16 rows",
-            "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel,
+            "cudnn_benchmark": cuda, "graphs": args.graphs, "subpixel": args.subpixel, "winograd": args.winograd,
             "channels_last": args.channels_last, "variants": variants,
             "load_avg_1min": _load(), "cpus": os.cpu_count(), "argv": sys.argv[1:]}
     print(f"# bench on {meta['device']} ({dev}), torch {meta['torch']}, {meta['threads']} threads, "
