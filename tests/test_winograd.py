@@ -80,6 +80,17 @@ def test_winograd_conv2d_runs_nnpack_only_where_it_applies(monkeypatch):
     y.sum().backward()
     assert len(calls) == 1 and big.grad is not None
     assert torch.equal(y.detach(), plain(big).detach())
+    big = big.detach()
+    conv.weight.requires_grad_(False)  # only the bias trains: still recorded, still PyTorch's conv
+    assert torch.equal(conv(big), plain(big)) and len(calls) == 1
+    conv.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: its bf16 conv, as nn.Conv2d gives
+        y = conv(big)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, plain(big))
+    with torch.backends.nnpack.flags(enabled=False):  # NNPACK switched off for the process
+        assert torch.equal(conv(big), plain(big))
+    assert len(calls) == 1
+    assert not torch.equal(conv(big), plain(big)) and len(calls) == 2  # and back on
 
 
 @needs_nnpack
@@ -106,6 +117,26 @@ def test_a_failing_nnpack_falls_back_once_with_a_warning(monkeypatch, caplog):
     assert "PyTorch's convolution from now on" in msgs[0]
 
 
+@needs_nnpack
+def test_out_of_memory_and_wrong_inputs_are_not_nnpack_failures(monkeypatch, caplog):
+    monkeypatch.setattr(winograd, "_FAILED", [])
+
+    def no_memory(*a):
+        raise RuntimeError("posix_memalign failed:Cannot allocate memory (12)")  # the wrapper's workspace
+
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", no_memory)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    set_winograd(conv, True)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="upsr_core"):
+        with pytest.raises(RuntimeError, match="Cannot allocate memory"):  # raised: the caller shrinks the tiles
+            conv(torch.randn(1, 4, 64, 64))
+        monkeypatch.setattr(torch, "_nnpack_spatial_convolution", real)
+        with pytest.raises(RuntimeError, match=r"expected input\[1, 8, 64, 64\] to have 4 channels"):
+            conv(torch.randn(1, 8, 64, 64))  # PyTorch's own error, not blamed on NNPACK
+    assert not winograd._FAILED and not caplog.records
+
+
 def test_set_winograd_switches_the_3x3_stride_1_convs_and_back():
     den = tiny_upsr().denoiser
     keys = list(den.state_dict())
@@ -128,16 +159,16 @@ def test_fast_path_with_winograd_agrees_with_oneDNN(monkeypatch):
     real = torch._nnpack_spatial_convolution
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[0].shape) or real(*a))
     base = tiny_upsr()
-    lr = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(1))
+    lr = torch.rand(1, 3, 64, 72, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         off = enable_fast(copy.deepcopy(base), device="cpu", winograd=False).upscale(lr, seed=3)
         assert not calls
         on_model = enable_fast(copy.deepcopy(base), device="cpu", winograd=True)
         on = on_model.upscale(lr, seed=3)
-    assert calls  # the 64×48 body maps and the ×4 head took NNPACK
+    assert {c[-2:] for c in calls} == {(64, 72), (256, 288)}  # the body's 64×72 maps and the ×4 head
     assert not any(isinstance(m, WinogradConv2d) for m in on_model.estimator.modules())  # ATD keeps oneDNN
-    # measured 9.5e-7 (the fast path against the reference: 1.1e-6; AVX2 VM, 2026-11-29); 1e-4 is
-    # 1/40 of an 8-bit level and 100× the measurement
+    # measured 1.4e-5 (the fast path without it against the reference: 1.5e-6; AVX2 VM,
+    # 2026-11-29); 1e-4 is 1/40 of an 8-bit level and 7× the measurement
     assert (on - off).abs().max() < 1e-4
     assert (on - off).abs().max() > 0
 
@@ -168,3 +199,48 @@ def test_moving_a_winograd_model_off_the_cpu_restores_plain_convs(monkeypatch):
     monkeypatch.setattr(type(m), "device", property(lambda self: torch.device("meta")))
     m._prepare()  # what a move to another device runs (the placement changed)
     assert not any(isinstance(c, WinogradConv2d) for c in m.denoiser.modules())
+    monkeypatch.undo()
+    m.denoiser.to(torch.float64).to(torch.float32)  # moved by someone else (ComfyUI), back on the CPU
+    m._follow()
+    assert any(isinstance(c, WinogradConv2d) for c in m.denoiser.modules())
+
+
+def test_set_winograd_refuses_where_nnpack_does_not_run(monkeypatch):
+    monkeypatch.setattr(winograd, "_READY", [False])
+    with pytest.raises(ValueError, match="set_winograd.*needs NNPACK"):
+        set_winograd(nn.Conv2d(4, 4, 3, padding=1), True)
+    assert set_winograd(nn.Conv2d(4, 4, 3, padding=1), False) == 1
+
+
+def _bench_args(tmp_path, *extra):
+    import argparse
+
+    from upsr_core.bench import add_parser
+    from upsr_core.checkpoint import save_converted
+
+    m = tiny_upsr()
+    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    return ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--reps", "1",
+                          "--dtypes", "fp32", "--json", str(tmp_path / "b.json"), *extra])
+
+
+@needs_nnpack
+def test_bench_rows_say_where_winograd_ran(tmp_path):
+    import json
+
+    args = _bench_args(tmp_path, "--sizes", "64", "--winograd", "on", "--variants", "no-winograd")
+    assert args.func(args) == 0
+    rows = [r for r in json.loads((tmp_path / "b.json").read_text())["rows"] if "dtype" in r]
+    assert [(r["path"], r.get("winograd")) for r in rows] == [
+        ("reference", None), ("fast", True), ("fast/no-winograd", False)]
+    assert all(r["max_abs"] < 1e-4 for r in rows[1:])  # the bound of the fast-path test above
+
+
+def test_bench_winograd_on_without_nnpack_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(winograd, "_READY", [False])
+    args = _bench_args(tmp_path, "--sizes", "16", "--winograd", "on")
+    with pytest.raises(ValueError, match=r"^--winograd on: winograd=True needs the CPU and a PyTorch build whose "
+                                         r"NNPACK runs on it"):
+        args.func(args)

@@ -341,7 +341,9 @@ def _how(m: UPSRModel) -> dict:
             "norm": "triton" if triton else "nhwc" if opts.nhwc_norm else "native",
             "conv_epilogue": triton and any(g.fuse_bias for g in norms),
             "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel,
-            "winograd": bool(opts.winograd and m.device.type == "cpu")}
+            # where its convs can take NNPACK: float32 NCHW maps on the CPU (bf16 and channels-last rows: never)
+            "winograd": bool(opts.winograd and m.device.type == "cpu" and m.dtype == torch.float32
+                             and not opts.channels_last)}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
     "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
@@ -433,7 +435,8 @@ def run_bench(args: argparse.Namespace) -> int:
         try:
             fast[(v, n)] = _fast_model(den, atd, dev, _DTYPES[n], args, **(VARIANTS[v][0] if v else {}))
         except ValueError as e:  # e.g. a Triton variant without Triton or CUDA: name the flag
-            raise ValueError(f"--variants {v}: {e}" if v else str(e)) from None
+            flag = f"--variants {v}" if v else "--winograd on" if "winograd=True" in str(e) else None
+            raise ValueError(f"{flag}: {e}" if flag else str(e)) from None
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"),

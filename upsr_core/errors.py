@@ -20,7 +20,8 @@ def is_int(v: object) -> bool:
 # CPU allocator ("can't allocate memory"), MPS ("MPS backend out of memory", and "Invalid
 # buffer size" for one buffer over the device's limit) and DirectML ("not enough GPU video
 # memory") raise plain RuntimeErrors
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "Invalid buffer size", "not enough GPU video memory")
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "Invalid buffer size", "not enough GPU video memory",
+                 "Cannot allocate memory")  # the last: strerror(ENOMEM), e.g. NNPACK's workspace (posix_memalign)
 # the ones no amount of free memory cures, only a smaller tensor: one buffer over a device's
 # per-buffer limit (MPS's own message, and the ×4 head's check before Metal would abort)
 _SIZE_LIMIT_MESSAGES = ("Invalid buffer size", "per-tensor limit")

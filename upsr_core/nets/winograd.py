@@ -17,8 +17,12 @@ where a map's rows start beyond that rounding: large maps run in row bands
 (:data:`BAND_BYTES`), as NNPACK keeps a workspace of ~3.6× its input for the life of the
 thread (128 ch at 1024² would have held 1.8 GB more; banded, ~0.1 GB).
 
-Inference only (no gradient); float32 CPU tensors only: anything else runs PyTorch's own
-convolution, as does every call after NNPACK fails once (with one warning).
+Inference only (no gradient, no autocast); float32 CPU tensors only: anything else runs
+PyTorch's own convolution, as does every call after NNPACK fails once (with one warning) or
+while ``torch.backends.nnpack.set_flags(False)`` is in force. An out-of-memory error is raised as it is
+(the caller retries with smaller tiles). NNPACK runs on a thread pool of its own, sized from
+``torch.get_num_threads()`` at its first call and never resized by a later
+``torch.set_num_threads``.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import is_out_of_memory
 
 __all__ = ["WinogradConv2d", "set_winograd", "available", "auto_on", "winograd_conv3x3",
            "MIN_PIXELS", "BAND_BYTES"]
@@ -45,19 +51,37 @@ output tile), each with its one-row halo. On the AVX2 VM 16–32 MiB bands were 
 workspace stays ~3.6× a band."""
 
 _FAILED: list[str] = []  # the first NNPACK failure (then PyTorch's convolution from there on)
+_READY: list[bool] = []  # available()'s answer, once asked in this process
 
 
 def available() -> bool:
     """Whether this PyTorch build has NNPACK and it initialised on this CPU (the check also
-    initialises it: NNPACK's convolution fails until it has run)."""
-    fn = getattr(torch, "_nnpack_available", None)
-    return bool(fn is not None and fn())
+    initialises it: NNPACK's convolution fails until it has run, also in a process that
+    unpickled a model made elsewhere)."""
+    if not _READY:
+        fn = getattr(torch, "_nnpack_available", None)
+        _READY.append(bool(fn is not None and fn()))
+    return _READY[0]
 
 
 def auto_on() -> bool:
     """The fast path's default on the CPU: on where PyTorch's best kernels are AVX2 (x86
-    without AVX-512, where NNPACK was faster than oneDNN) and NNPACK runs."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX2" and available()
+    without AVX-512, where NNPACK was faster than oneDNN), NNPACK runs and
+    NNPACK is not switched off (``torch.backends.nnpack.set_flags``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and _nnpack_enabled() and available()
+
+
+def _nnpack_enabled() -> bool:
+    """``torch.backends.nnpack.set_flags(enabled)``'s current value (True where torch lacks it)."""
+    get = getattr(torch._C, "_get_nnpack_enabled", None)
+    return bool(get()) if get is not None else True
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def _eligible_module(conv: nn.Module) -> bool:
@@ -94,18 +118,24 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (3×3, stride 1, padding 1; the same parameters and state-dict keys)
     whose forward takes :func:`winograd_conv3x3` where it applies: float32 on the CPU,
-    NCHW-contiguous maps of at least :data:`MIN_PIXELS`, nothing recording gradients, not
-    while torch.compile traces. Elsewhere, and after NNPACK has failed once, ``nn.Conv2d``'s
-    own forward. Made by :func:`set_winograd`, which also undoes it."""
+    NCHW-contiguous maps of at least :data:`MIN_PIXELS`, nothing recording gradients, no CPU
+    autocast, not while torch.compile traces, NNPACK not switched off (``torch.backends.nnpack.set_flags``). Elsewhere,
+    and after NNPACK has failed once, ``nn.Conv2d``'s own forward. Made by
+    :func:`set_winograd`, which also undoes it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not _FAILED and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and x.shape[-2] * x.shape[-1] >= MIN_PIXELS
-                and x.is_contiguous() and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+                and self.weight.dtype == torch.float32 and x.shape[1] == self.in_channels
+                and x.shape[-2] * x.shape[-1] >= MIN_PIXELS and x.is_contiguous()
+                and not torch.compiler.is_compiling() and not _autocast_cpu()
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in (x, self.weight, self.bias)))
+                and _nnpack_enabled() and available()):
             try:
                 return winograd_conv3x3(x, self.weight, self.bias)
-            except RuntimeError as e:  # NNPACK reports every failure (no memory, no init) as one
+            except RuntimeError as e:
+                if is_out_of_memory(e):  # not NNPACK's fault: the caller shrinks the tiles or reports
+                    raise
                 _FAILED.append(str(e))
                 log.warning("NNPACK's Winograd convolution failed (%s): using PyTorch's convolution from now on",
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -115,7 +145,11 @@ class WinogradConv2d(nn.Conv2d):
 def set_winograd(net: nn.Module, on: bool) -> int:
     """Turn every 3×3 stride-1 padding-1 ``nn.Conv2d`` of ``net`` into a
     :class:`WinogradConv2d` (``on``) or back (in place: same parameters, keys and hooks);
-    returns how many convolutions it switched to or left in that state."""
+    returns how many convolutions it switched to or left in that state. ``on`` where NNPACK
+    does not run (:func:`available`) is a ValueError."""
+    if on and not available():
+        raise ValueError("set_winograd(net, True) needs NNPACK, which this PyTorch build lacks or which does "
+                         "not run on this CPU")
     n = 0
     for m in net.modules():
         if _eligible_module(m):
