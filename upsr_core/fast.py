@@ -173,8 +173,8 @@ def enable_fast(
     kernels (:mod:`upsr_core.nets.winograd`; float32 only, eager only, so not with ``compile``;
     outputs within ~1e-4 of oneDNN's per conv; auto: on x86 CPUs whose best PyTorch kernels
     are AVX2, where NNPACK runs, when not compiling; full-size denoiser pass on a 2-core AVX2
-    VM, 2026-11-29: LR 64 1.32 → 1.10 s, LR 128 5.7 → 4.7 s, LR 256 27.4 → 21.3 s). On MPS
-    (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
+    VM, 2026-11-29: LR 64 1.32 → 1.10 s, LR 128 5.41 → 4.73 s, LR 256 27.4 → 21.3 s with the
+    cut at 32²). On MPS (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
     went through batch_norm in the input precision: fp16 sums of squares overflow there).
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
