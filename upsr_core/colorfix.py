@@ -55,12 +55,16 @@ def _blur(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     return out.add_(p.narrow(dim, r, n), alpha=2).mul_(0.25)
 
 
+def _what(x: object) -> str:
+    """How an error message names a wrong argument: a tensor's shape and dtype, else its type."""
+    return f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def wavelet_lowpass(x: torch.Tensor, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
     """L(x): ``levels`` binomial blurs of dilation 1, 2, 4, … over the last two dimensions of a
     float (…, H, W) tensor (H, W ≥ 1; any range) -> same shape."""
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point() or 0 in x.shape[-2:]:
-        what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a float (…, H, W) tensor with H, W >= 1, got {what}")
+        raise ValueError(f"x must be a float (…, H, W) tensor with H, W >= 1, got {_what(x)}")
     levels = _check_levels(levels)
     for k in range(levels):
         x = _blur(_blur(x, 2**k, -2), 2**k, -1)
@@ -71,8 +75,7 @@ def _check(x: object, name: str, shape: str = "(B, 3, H, W)") -> torch.Tensor:
     """A float image in [0, 1] (± a resize's slight overshoot) of ``shape`` (3 channels), non-empty."""
     ndim = shape.count(",") + 1
     if not isinstance(x, torch.Tensor) or x.ndim != ndim or x.shape[-3] != 3 or not x.is_floating_point():
-        what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a float {shape} tensor, got {what}")
+        raise ValueError(f"{name} must be a float {shape} tensor, got {_what(x)}")
     if 0 in x.shape:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
     check_unit_range(x, name)  # not [0, 255], not [-1, 1], no NaN or Inf
@@ -131,8 +134,7 @@ def bicubic_rows(lr: torch.Tensor, y0: int, n: int, margin: int = 2) -> torch.Te
     computed from the LR rows they need plus ``margin`` (the bicubic support): equal to the same
     rows of the whole-image ``F.interpolate``. -> (…, C, n, 4w)."""
     if not isinstance(lr, torch.Tensor) or lr.ndim < 3 or not lr.is_floating_point():
-        what = f"shape {tuple(lr.shape)}, {lr.dtype}" if isinstance(lr, torch.Tensor) else type(lr).__name__
-        raise ValueError(f"lr must be a float (…, C, h, w) tensor, got {what}")
+        raise ValueError(f"lr must be a float (…, C, h, w) tensor, got {_what(lr)}")
     h = lr.shape[-2]
     if n < 1:
         raise ValueError(f"n must be >= 1 row, got {n}")
