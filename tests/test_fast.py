@@ -378,6 +378,63 @@ def test_subpixel_upsample_conv_equals_nearest_then_conv(hw):
         torch.testing.assert_close(upsample_conv(x, conv), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (6, 4)])
+def test_subpixel_upsample_conv_keeps_channels_last_maps_channels_last(hw):
+    """The channels-last form writes each sub-pixel map into its places of a channels-last
+    output: the values of the NCHW form (other kernels, so float rounding: fan-in 32, 1e-5),
+    the layout of the input (a 1×1 map is NCHW-contiguous too and takes the NCHW form)."""
+    from upsr_core.nets.denoiser import channels_last, prepare_subpixel, upsample_conv
+
+    conv = torch.nn.Conv2d(8, 5, 3, padding=1)
+    x = torch.randn(2, 8, *hw)
+    with torch.no_grad():
+        prepare_subpixel(conv)
+        ref = upsample_conv(x, conv)
+        out = upsample_conv(x.contiguous(memory_format=torch.channels_last), conv)
+    assert not channels_last(ref) and ref.is_contiguous()
+    assert channels_last(out) == (hw != (1, 1)) and out.shape == ref.shape == (2, 5, 2 * hw[0], 2 * hw[1])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_enable_fast_decides_the_channels_last_head(monkeypatch):
+    from upsr_core.nets import winograd
+
+    m = tiny_upsr()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # no Winograd by default
+    fast = enable_fast(copy.deepcopy(m), device="cpu")
+    assert fast.fast_options.channels_last_head and fast.denoiser.head_channels_last
+    assert not m.denoiser.head_channels_last  # the reference path's head stays NCHW
+    assert not enable_fast(copy.deepcopy(m), device="cpu", compile=True).fast_options.channels_last_head
+    assert not enable_fast(copy.deepcopy(m), device="cpu", channels_last_head=False).denoiser.head_channels_last
+    if winograd.available():  # NNPACK takes NCHW maps: the head stays NCHW unless asked
+        assert not enable_fast(copy.deepcopy(m), device="cpu", winograd=True).fast_options.channels_last_head
+        assert enable_fast(copy.deepcopy(m), device="cpu", winograd=True,
+                           channels_last_head=True).fast_options.channels_last_head
+    with pytest.raises(ValueError, match=r"channels_last_head must be True, False or 'auto', got 'yes'"):
+        enable_fast(copy.deepcopy(m), device="cpu", channels_last_head="yes")
+
+
+def test_channels_last_head_gives_the_nchw_heads_result():
+    """The fast path's channels-last ×4 head against its NCHW head on the same input and noise:
+    float rounding only (measured 6e-8 at full size on the CPU; 1e-5 here, where the tiny net's
+    gain of 10 on conv_last spreads outputs over ±5), and the head's convs did see channels-last
+    maps while the output leaves NCHW."""
+    base = tiny_upsr()
+    lr = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(2))
+    seen = []
+    with torch.no_grad():
+        nchw = enable_fast(copy.deepcopy(base), device="cpu", winograd=False, channels_last_head=False)
+        cl = enable_fast(copy.deepcopy(base), device="cpu", winograd=False, channels_last_head=True)
+        cl.denoiser.conv_hr.register_forward_pre_hook(
+            lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        a, b = nchw.upscale(lr, seed=4), cl.upscale(lr, seed=4)
+        x = torch.randn(1, 48, 12, 16)
+        head_out = cl.denoiser(x, torch.tensor([2]), torch.randn(1, 96, 12, 16))
+    assert seen and all(seen)
+    assert head_out.is_contiguous()
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
 def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsys):
     """The bench end to end on a tiny checkpoint: one table, the JSON rows, and the
     denoiser-only column: fast fp32 with the reference's ŷ and w equals the reference to

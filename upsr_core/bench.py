@@ -343,7 +343,8 @@ def _how(m: UPSRModel) -> dict:
             "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel,
             # where its convs can take NNPACK: float32 NCHW maps on the CPU (bf16 and channels-last rows: never)
             "winograd": bool(opts.winograd and m.device.type == "cpu" and m.dtype == torch.float32
-                             and not opts.channels_last)}
+                             and not opts.channels_last),
+            "head_layout": "channels_last" if opts.channels_last or opts.channels_last_head else "nchw"}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
     "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
@@ -359,6 +360,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "subpixel": ({"subpixel": True}, "nearest x2 + conv as four 2x2 sub-pixel convs (the CPU default)"),
     "no-winograd": ({"winograd": False}, "oneDNN's direct 3x3 convs on the CPU (the default on AVX-512 CPUs)"),
     "winograd": ({"winograd": True}, "NNPACK's Winograd 3x3 convs on the CPU (the default on AVX2 CPUs)"),
+    "cl-head": ({"channels_last_head": True}, "the x4 head on channels-last maps (the CPU default without Winograd)"),
+    "nchw-head": ({"channels_last_head": False}, "the x4 head on NCHW maps"),
     "no-epilogue": ({"conv_epilogue": False},
                     "Triton norm, but the convs add their own biases (the default before the conv epilogue)"),
 }

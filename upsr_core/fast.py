@@ -105,6 +105,7 @@ class FastOptions:
     triton_norm: bool = False
     conv_epilogue: bool = False
     winograd: bool = False
+    channels_last_head: bool = False
 
 
 def _resolve(name: str, value: bool | str, auto: bool) -> bool:
@@ -130,6 +131,7 @@ def enable_fast(
     conv_epilogue: bool | str = "auto",
     cudnn_benchmark: bool | str = "auto",
     winograd: bool | str = "auto",
+    channels_last_head: bool | str = "auto",
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
@@ -174,7 +176,13 @@ def enable_fast(
     outputs within ~1e-4 of oneDNN's per conv; auto: on x86 CPUs whose best PyTorch kernels
     are AVX2, where NNPACK runs, when not compiling; full-size denoiser pass on a 2-core AVX2
     VM, 2026-11-29: LR 64 1.32 → 1.10 s, LR 128 5.41 → 4.73 s, LR 256 27.4 → 21.3 s with the
-    cut at 32²). On MPS (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
+    cut at 32²); ``channels_last_head``: the denoiser's ×4 head (two upsamplings, ``conv_hr``,
+    ``conv_last``) runs on channels-last maps, the rest of the net as it is (auto: on the CPU
+    when neither ``winograd`` nor ``compile`` is on — NNPACK takes only NCHW maps, and the
+    compiled code chooses its own layouts; oneDNN's channels-last kernels ran the head's HR-size
+    convs faster, 128→3 channels at 256² 16.8 → 6.2 ms, and the sub-pixel maps go straight to
+    their places: full size at LR 64 on a 2-core AVX-512 VM, 2026-11-29, 2.57 → 2.41 s per
+    image). On MPS (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
     went through batch_norm in the input precision: fp16 sums of squares overflow there).
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
@@ -232,6 +240,8 @@ def enable_fast(
                              "choose it or compile=True")
     opts = dataclasses.replace(opts, winograd=_resolve(
         "winograd", winograd, dev.type == "cpu" and not opts.compile and winograd_auto()))
+    opts = dataclasses.replace(opts, channels_last_head=_resolve(
+        "channels_last_head", channels_last_head, dev.type == "cpu" and not opts.compile and not opts.winograd))
     if opts.nhwc_norm and opts.triton_norm:
         raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
     if _resolve("cudnn_benchmark", cudnn_benchmark, cuda):
@@ -324,6 +334,7 @@ class FastUPSRModel(UPSRModel):
             self.denoiser.to(memory_format=torch.channels_last)
         # NNPACK's convs only where they run (the model may have been moved off the CPU)
         set_winograd(self.denoiser, self.fast_options.winograd and self.device.type == "cpu")
+        den.head_channels_last = self.fast_options.channels_last_head
         if self.estimator is not None:
             self.estimator.prepare_fast()
         co = make_schedule().f32()

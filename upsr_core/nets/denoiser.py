@@ -295,12 +295,26 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     kernels = getattr(conv, "subpixel", None)
     if kernels is None:
         return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-    h, w = x.shape[-2:]
+    n, _, h, w = x.shape
     xp = F.pad(x, (1, 1, 1, 1))
+    if channels_last(x):  # each sub-pixel map straight into its places of a channels-last output
+        out = x.new_empty(n, 2 * h, 2 * w, conv.out_channels)
+        grid = out.view(n, h, 2, w, 2, conv.out_channels)
+        for a in (0, 1):
+            for b in (0, 1):
+                y = F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias)
+                grid[:, :, a, :, b] = y.permute(0, 2, 3, 1)
+        return out.permute(0, 3, 1, 2)
     y = torch.stack([F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias)
                      for a in (0, 1) for b in (0, 1)], 2)
-    n, c = y.shape[:2]
+    c = y.shape[1]
     return y.view(n, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, 2 * h, 2 * w)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-d map is laid out channels-last (and not also NCHW-contiguous, as maps with
+    one channel or one pixel are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 # Metal (MPS) buffers are limited to 4 GiB per tensor, and a larger one aborts the process
@@ -538,6 +552,9 @@ class UPSRDenoiser(nn.Module):
         self.conv_hr = nn.Conv2d(nf, nf, 3, padding=1)
         self.conv_last = nn.Conv2d(nf, cfg.out_channels, 3, padding=1)
         self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        # fast path (CPU): the ×4 head on channels-last maps, where oneDNN's convs at the HR
+        # size run faster; the output comes back NCHW
+        self.head_channels_last = False
 
     @property
     def multiple_of(self) -> int:
@@ -618,6 +635,9 @@ class UPSRDenoiser(nn.Module):
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """(B, num_feat, h, w) -> (B, out_ch, 4h, 4w): the ×4 upsampling head. Slope 0.01 on the
         first LeakyReLU (in conv_before_upsample), 0.2 on the rest (SPEC §8.8)."""
+        if self.head_channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         h = self.lrelu(upsample_conv(h, self.conv_up1))
         h = self.lrelu(upsample_conv(h, self.conv_up2))
-        return self.conv_last(self.lrelu(self.conv_hr(h)))
+        out = self.conv_last(self.lrelu(self.conv_hr(h)))
+        return out.contiguous() if self.head_channels_last else out
