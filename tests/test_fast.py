@@ -394,6 +394,8 @@ def test_subpixel_upsample_conv_keeps_channels_last_maps_channels_last(hw):
     assert not channels_last(ref) and ref.is_contiguous()
     assert channels_last(out) == (hw != (1, 1)) and out.shape == ref.shape == (2, 5, 2 * hw[0], 2 * hw[1])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the conv's dtype, as in the NCHW form
+        assert upsample_conv(x.contiguous(memory_format=torch.channels_last), conv).dtype == torch.bfloat16
 
 
 def test_enable_fast_decides_the_channels_last_head(monkeypatch):

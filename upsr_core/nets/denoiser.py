@@ -291,18 +291,21 @@ def prepare_subpixel(conv: nn.Conv2d) -> None:
 
 
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(nearest ×2 (x)), (B,C,h,w) -> (B,Cout,2h,2w); sub-pixel form after :func:`prepare_subpixel`."""
+    """conv(nearest ×2 (x)), (B,C,h,w) -> (B,Cout,2h,2w); sub-pixel form after :func:`prepare_subpixel`,
+    which keeps a channels-last ``x``'s layout (each sub-pixel map written straight to its places)."""
     kernels = getattr(conv, "subpixel", None)
     if kernels is None:
         return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
     n, _, h, w = x.shape
     xp = F.pad(x, (1, 1, 1, 1))
-    if channels_last(x):  # each sub-pixel map straight into its places of a channels-last output
-        out = x.new_empty(n, 2 * h, 2 * w, conv.out_channels)
-        grid = out.view(n, h, 2, w, 2, conv.out_channels)
+    if channels_last(x):
+        out = grid = None
         for a in (0, 1):
             for b in (0, 1):
                 y = F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias)
+                if out is None:  # the conv's dtype (autocast may change it), channels-last
+                    out = y.new_empty(n, 2 * h, 2 * w, y.shape[1])
+                    grid = out.view(n, h, 2, w, 2, y.shape[1])
                 grid[:, :, a, :, b] = y.permute(0, 2, 3, 1)
         return out.permute(0, 3, 1, 2)
     y = torch.stack([F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias)
