@@ -100,7 +100,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the compiled rows (default bf16; fp32 on a CPU without fast bf16)")
     p.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs in the fast path")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="channels-last denoiser in the fast path (auto: CUDA with the Triton GroupNorm)")
+                   help="channels-last denoiser in the fast path (auto: CUDA with the Triton GroupNorm; the CPU "
+                        "without Winograd or compile)")
     p.add_argument("--subpixel", choices=["auto", "on", "off"], default="auto",
                    help="sub-pixel form of the upsampling convs in the fast path (auto: CPU only)")
     p.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
@@ -343,11 +344,10 @@ def _how(m: UPSRModel) -> dict:
             "cuda_graphs": bool(opts.cuda_graphs and m.device.type == "cuda"), "subpixel": opts.subpixel,
             # where its convs can take NNPACK: float32 NCHW maps on the CPU (bf16 and channels-last rows: never)
             "winograd": bool(opts.winograd and m.device.type == "cpu" and m.dtype == torch.float32
-                             and not opts.channels_last),
-            "head_layout": "channels_last" if opts.channels_last or opts.channels_last_head else "nchw"}
+                             and not opts.channels_last)}
 
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "nchw": ({"channels_last": False}, "denoiser in NCHW: no layout copies around F.group_norm"),
+    "nchw": ({"channels_last": False}, "denoiser in NCHW (CUDA: no layout copies around F.group_norm)"),
     "nhwc-norm": ({"channels_last": True, "nhwc_norm": True}, "channels-last with group_norm_nhwc"),
     "no-graphs": ({"cuda_graphs": False}, "no CUDA graphs, as the ComfyUI nodes run"),
     "triton-norm": ({"channels_last": True, "triton_norm": True}, "channels-last with the Triton GroupNorm(+SiLU)"),
@@ -360,8 +360,6 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "subpixel": ({"subpixel": True}, "nearest x2 + conv as four 2x2 sub-pixel convs (the CPU default)"),
     "no-winograd": ({"winograd": False}, "oneDNN's direct 3x3 convs on the CPU (the default on AVX-512 CPUs)"),
     "winograd": ({"winograd": True}, "NNPACK's Winograd 3x3 convs on the CPU (the default on AVX2 CPUs)"),
-    "cl-head": ({"channels_last_head": True}, "the x4 head on channels-last maps (the CPU default without Winograd)"),
-    "nchw-head": ({"channels_last_head": False}, "the x4 head on NCHW maps"),
     "no-epilogue": ({"conv_epilogue": False},
                     "Triton norm, but the convs add their own biases (the default before the conv epilogue)"),
 }

@@ -105,7 +105,6 @@ class FastOptions:
     triton_norm: bool = False
     conv_epilogue: bool = False
     winograd: bool = False
-    channels_last_head: bool = False
 
 
 def _resolve(name: str, value: bool | str, auto: bool) -> bool:
@@ -131,7 +130,6 @@ def enable_fast(
     conv_epilogue: bool | str = "auto",
     cudnn_benchmark: bool | str = "auto",
     winograd: bool | str = "auto",
-    channels_last_head: bool | str = "auto",
 ) -> "FastUPSRModel":
     """Switch ``model`` (in place) to the fast path and return it.
 
@@ -145,8 +143,14 @@ def enable_fast(
     weights changed later are compiled anew on the next call);
     ``cuda_graphs``: capture fixed shapes as CUDA graphs (auto: on CUDA);
     ``channels_last``: channels-last denoiser (auto: on CUDA with a GroupNorm that reads
-    channels-last memory in place, the Triton one or ``nhwc_norm``; PyTorch's copies it to NCHW
-    and back, so without Triton the denoiser stays NCHW); ``subpixel``: run each nearest
+    channels-last memory in place, the Triton one or ``nhwc_norm`` — PyTorch's CUDA norm copies
+    it to NCHW and back, so without Triton the denoiser stays NCHW there; and on the CPU when
+    neither ``winograd`` nor ``compile`` is on — PyTorch's CPU GroupNorm reads channels-last
+    maps, oneDNN ran the 1x1 convs on large maps and the ×4 head's convs 2–6× faster so, and
+    the sub-pixel maps go straight to their places: full size on a 2-core AVX-512 VM,
+    2026-11-29, fp32 LR 64 2.39 → 2.32 s, LR 128 9.01 → 8.21 s, bf16 LR 128 5.32 → 4.71 s, the
+    demo model at LR 256 ~12.2 → 9.8 s; NNPACK takes only NCHW maps, and the compiled code
+    chooses its own layouts); ``subpixel``: run each nearest
     ×2 + 3x3 conv pair as four 2x2 convs at the low resolution, 13% fewer denoiser FLOPs
     (auto: on the CPU, where the FLOPs are the time; on CUDA and MPS the extra interleave copy
     may cost what it saves); ``compile_mode``: passed to
@@ -176,13 +180,7 @@ def enable_fast(
     outputs within ~1e-4 of oneDNN's per conv; auto: on x86 CPUs whose best PyTorch kernels
     are AVX2, where NNPACK runs, when not compiling; full-size denoiser pass on a 2-core AVX2
     VM, 2026-11-29: LR 64 1.32 → 1.10 s, LR 128 5.41 → 4.73 s, LR 256 27.4 → 21.3 s with the
-    cut at 32²); ``channels_last_head``: the denoiser's ×4 head (two upsamplings, ``conv_hr``,
-    ``conv_last``) runs on channels-last maps, the rest of the net as it is (auto: on the CPU
-    when neither ``winograd`` nor ``compile`` is on — NNPACK takes only NCHW maps, and the
-    compiled code chooses its own layouts; oneDNN's channels-last kernels ran the head's HR-size
-    convs faster, 128→3 channels at 256² 16.8 → 6.2 ms, and the sub-pixel maps go straight to
-    their places: full size at LR 64 on a 2-core AVX-512 VM, 2026-11-29, 2.57 → 2.41 s per
-    image). On MPS (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
+    cut at 32²). On MPS (Apple silicon) ``compile`` is refused with a warning (Inductor's MPS backend is a
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
     went through batch_norm in the input precision: fp16 sums of squares overflow there).
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
@@ -212,7 +210,19 @@ def enable_fast(
     # channels-last pays on CUDA with a norm that reads it in place; PyTorch's GroupNorm copies
     # it to NCHW and back (on the H100, LR 256: 173 ms channels-last against 154 ms NCHW, bf16)
     norm_in_place = want_nhwc or (triton_norm is not False and kernels_run)
-    want_cl = _resolve("channels_last", channels_last, cuda and norm_in_place)
+    cpu = dev.type == "cpu"
+    if winograd is True:
+        if not cpu or not winograd_available():
+            raise ValueError(f"winograd=True needs the CPU and a PyTorch build whose NNPACK runs on it; the model "
+                             f"is for {dev}, NNPACK {'runs' if winograd_available() else 'does not run'} here")
+        if want_compile:
+            raise ValueError("winograd=True runs eagerly (the compiled code keeps oneDNN's convolutions): "
+                             "choose it or compile=True")
+    # NNPACK takes NCHW maps: not where the denoiser is asked to be channels-last
+    want_winograd = _resolve("winograd", winograd, cpu and not want_compile and channels_last is not True
+                             and winograd_auto())
+    want_cl = _resolve("channels_last", channels_last,
+                       (cuda and norm_in_place) or (cpu and not want_compile and not want_winograd))
     opts = FastOptions(
         compile=want_compile and not mps,
         cuda_graphs=_resolve("cuda_graphs", cuda_graphs, cuda),
@@ -222,6 +232,7 @@ def enable_fast(
         max_graphs=max_graphs,
         nhwc_norm=want_nhwc,
         triton_norm=_resolve("triton_norm", triton_norm, cuda and want_cl and not want_nhwc and kernels_run),
+        winograd=want_winograd,
     )
     for name in ("nhwc_norm", "triton_norm"):
         if getattr(opts, name) and not opts.channels_last:
@@ -231,17 +242,6 @@ def enable_fast(
         raise ValueError("conv_epilogue=True needs triton_norm (its kernels add the conv biases); "
                          "got triton_norm off")
     opts = dataclasses.replace(opts, conv_epilogue=_resolve("conv_epilogue", conv_epilogue, opts.triton_norm))
-    if winograd is True:
-        if dev.type != "cpu" or not winograd_available():
-            raise ValueError(f"winograd=True needs the CPU and a PyTorch build whose NNPACK runs on it; the model "
-                             f"is for {dev}, NNPACK {'runs' if winograd_available() else 'does not run'} here")
-        if opts.compile:
-            raise ValueError("winograd=True runs eagerly (the compiled code keeps oneDNN's convolutions): "
-                             "choose it or compile=True")
-    opts = dataclasses.replace(opts, winograd=_resolve(
-        "winograd", winograd, dev.type == "cpu" and not opts.compile and winograd_auto()))
-    opts = dataclasses.replace(opts, channels_last_head=_resolve(
-        "channels_last_head", channels_last_head, dev.type == "cpu" and not opts.compile and not opts.winograd))
     if opts.nhwc_norm and opts.triton_norm:
         raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
     if _resolve("cudnn_benchmark", cudnn_benchmark, cuda):
@@ -334,7 +334,6 @@ class FastUPSRModel(UPSRModel):
             self.denoiser.to(memory_format=torch.channels_last)
         # NNPACK's convs only where they run (the model may have been moved off the CPU)
         set_winograd(self.denoiser, self.fast_options.winograd and self.device.type == "cpu")
-        den.head_channels_last = self.fast_options.channels_last_head
         if self.estimator is not None:
             self.estimator.prepare_fast()
         co = make_schedule().f32()

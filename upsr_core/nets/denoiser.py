@@ -555,9 +555,6 @@ class UPSRDenoiser(nn.Module):
         self.conv_hr = nn.Conv2d(nf, nf, 3, padding=1)
         self.conv_last = nn.Conv2d(nf, cfg.out_channels, 3, padding=1)
         self.lrelu = nn.LeakyReLU(0.2, inplace=True)
-        # fast path (CPU): the ×4 head on channels-last maps, where oneDNN's convs at the HR
-        # size run faster; the output comes back NCHW
-        self.head_channels_last = False
 
     @property
     def multiple_of(self) -> int:
@@ -638,9 +635,6 @@ class UPSRDenoiser(nn.Module):
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """(B, num_feat, h, w) -> (B, out_ch, 4h, 4w): the ×4 upsampling head. Slope 0.01 on the
         first LeakyReLU (in conv_before_upsample), 0.2 on the rest (SPEC §8.8)."""
-        if self.head_channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
         h = self.lrelu(upsample_conv(h, self.conv_up1))
         h = self.lrelu(upsample_conv(h, self.conv_up2))
-        out = self.conv_last(self.lrelu(self.conv_hr(h)))
-        return out.contiguous() if self.head_channels_last else out
+        return self.conv_last(self.lrelu(self.conv_hr(h)))
