@@ -12,6 +12,7 @@ the x0 prediction (B, out_channels, 4h, 4w) in [-1, 1] space (not clamped). ``h`
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -298,20 +299,18 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
     n, _, h, w = x.shape
     xp = F.pad(x, (1, 1, 1, 1))
-    if channels_last(x):
-        out = grid = None
-        for a in (0, 1):
-            for b in (0, 1):
-                y = F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias)
-                if out is None:  # the conv's dtype (autocast may change it), channels-last
-                    out = y.new_empty(n, 2 * h, 2 * w, y.shape[1])
-                    grid = out.view(n, h, 2, w, 2, y.shape[1])
-                grid[:, :, a, :, b] = y.permute(0, 2, 3, 1)
-        return out.permute(0, 3, 1, 2)
-    y = torch.stack([F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias)
-                     for a in (0, 1) for b in (0, 1)], 2)
-    c = y.shape[1]
-    return y.view(n, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, 2 * h, 2 * w)
+    places = [(a, b) for a in (0, 1) for b in (0, 1)]  # output row/column parity of each sub-pixel map
+    maps = (F.conv2d(xp[:, :, a : a + h + 1, b : b + w + 1], kernels[2 * a + b], conv.bias) for a, b in places)
+    if not channels_last(x):
+        y = torch.stack(list(maps), 2)
+        c = y.shape[1]
+        return y.view(n, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, 2 * h, 2 * w)
+    first = next(maps)  # the output takes the conv's dtype (autocast may change it), channels-last
+    out = first.new_empty(n, 2 * h, 2 * w, first.shape[1])
+    grid = out.view(n, h, 2, w, 2, first.shape[1])
+    for (a, b), y in zip(places, itertools.chain([first], maps)):  # one map alive at a time
+        grid[:, :, a, :, b] = y.permute(0, 2, 3, 1)
+    return out.permute(0, 3, 1, 2)
 
 
 def channels_last(x: torch.Tensor) -> bool:
