@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upsr_core.fast import enable_fast
+from upsr_core.fast import FastUPSRModel, enable_fast
 from upsr_core.nets import winograd
 from upsr_core.nets.winograd import WinogradConv2d, set_winograd, winograd_conv3x3
 
@@ -193,6 +193,22 @@ def test_enable_fast_decides_winograd_for_the_cpu(monkeypatch):
 
 
 @needs_nnpack
+def test_enable_fast_refuses_winograd_with_channels_last():
+    """NNPACK takes NCHW maps only: with both asked for, every Winograd conv would quietly
+    hand its channels-last map to oneDNN, so the pair is refused, naming both keywords."""
+    from upsr_core.errors import FastOptionError
+
+    m = tiny_upsr()
+    with pytest.raises(FastOptionError, match=r"^winograd=True takes NCHW maps .*channels_last=True$") as e:
+        enable_fast(copy.deepcopy(m), device="cpu", winograd=True, channels_last=True)
+    assert e.value.options == ("winograd", "channels_last")
+    assert not isinstance(m, FastUPSRModel)  # refused before the model was switched
+    with pytest.raises(FastOptionError) as e:
+        enable_fast(copy.deepcopy(m), device="cpu", winograd=True, compile=True)
+    assert e.value.options == ("winograd", "compile")
+
+
+@needs_nnpack
 def test_moving_a_winograd_model_off_the_cpu_restores_plain_convs(monkeypatch):
     m = enable_fast(tiny_upsr(), device="cpu", winograd=True)
     assert any(isinstance(c, WinogradConv2d) for c in m.denoiser.modules())
@@ -243,4 +259,18 @@ def test_bench_winograd_on_without_nnpack_names_the_flag(tmp_path, monkeypatch):
     args = _bench_args(tmp_path, "--sizes", "16", "--winograd", "on")
     with pytest.raises(ValueError, match=r"^--winograd on: winograd=True needs the CPU and a PyTorch build whose "
                                          r"NNPACK runs on it"):
+        args.func(args)
+
+
+@needs_nnpack
+@pytest.mark.parametrize(("extra", "named"), [
+    (("--winograd", "on", "--channels-last", "on"), "--winograd on --channels-last on"),
+    (("--winograd", "on", "--variants", "native-norm"), "--variants native-norm --winograd on"),
+    (("--channels-last", "on", "--variants", "winograd"), "--variants winograd --channels-last on"),
+])
+def test_bench_names_the_flags_that_conflict(tmp_path, extra, named):
+    """bench names its own flags from the keywords the FastOptionError carries: the ones set on
+    the command line, and the variant whose overrides took part (not the flags it overrode)."""
+    args = _bench_args(tmp_path, "--sizes", "16", *extra)
+    with pytest.raises(ValueError, match=rf"^{named}: winograd=True takes NCHW maps"):
         args.func(args)

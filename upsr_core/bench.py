@@ -53,7 +53,7 @@ import torch
 
 from .cliargs import float_range, int_list, int_min, writable_file
 from .config import FULL_ATD, FULL_DENOISER
-from .errors import NonFiniteOutputError, cpu_has_fast_bf16
+from .errors import FastOptionError, NonFiniteOutputError, cpu_has_fast_bf16
 from .fast import enable_fast
 from .imageio import write_text
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
@@ -328,6 +328,9 @@ def _row(lr, b, path, dtype, timed, flops, ref_s, out, ref_out, **extra) -> dict
 
 
 _SWITCH = {"auto": "auto", "on": True, "off": False}
+# enable_fast's keywords that bench's own flags set (a FastOptionError names keywords)
+_FLAG_OF = {"winograd": "winograd", "channels_last": "channels_last", "cuda_graphs": "graphs",
+            "subpixel": "subpixel"}  # keyword: its argparse dest
 
 
 def _how(m: UPSRModel) -> dict:
@@ -433,11 +436,14 @@ def run_bench(args: argparse.Namespace) -> int:
     keys = [("", n) for n in dtypes + tiled_dtypes] + [(v, n) for v in variants for n in dtypes]
     fast = {}
     for v, n in dict.fromkeys((v, _model_dtype(n)) for v, n in keys):
+        overrides = VARIANTS[v][0] if v else {}
         try:
-            fast[(v, n)] = _fast_model(den, atd, dev, _DTYPES[n], args, **(VARIANTS[v][0] if v else {}))
-        except ValueError as e:  # e.g. a Triton variant without Triton or CUDA: name the flag
-            flag = f"--variants {v}" if v else "--winograd on" if "winograd=True" in str(e) else None
-            raise ValueError(f"{flag}: {e}" if flag else str(e)) from None
+            fast[(v, n)] = _fast_model(den, atd, dev, _DTYPES[n], args, **overrides)
+        except FastOptionError as e:  # e.g. a Triton variant without Triton or CUDA: name the flags
+            flags = [f"--variants {v}"] if v else []
+            flags += [f"--{_FLAG_OF[o].replace('_', '-')} {getattr(args, _FLAG_OF[o])}" for o in e.options
+                      if o in _FLAG_OF and o not in overrides and getattr(args, _FLAG_OF[o]) != "auto"]
+            raise ValueError(f"{' '.join(flags)}: {e}" if flags else str(e)) from None
     meta = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "weights": args.model or
             ("random demo-size" if args.small else "random full-size"),

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "check_device", "cpu_has_fast_bf16",
+__all__ = ["UnsupportedCheckpointError", "NonFiniteOutputError", "FastOptionError", "check_device", "cpu_has_fast_bf16",
            "describe_state_dict", "is_int", "is_out_of_memory", "is_size_limit"]
 
 
@@ -59,6 +59,16 @@ class UnsupportedCheckpointError(ValueError):
         if sd is not None:
             message = f"{message}; the file holds {describe_state_dict(sd)}"
         super().__init__(message)
+
+
+class FastOptionError(ValueError):
+    """:func:`upsr_core.fast.enable_fast` was asked for switches that cannot run here or not
+    together. ``options`` names them as enable_fast's keywords (e.g. ``("winograd",
+    "channels_last")``), so that a front end can name its own flags without reading the message."""
+
+    def __init__(self, message: str, *options: str):
+        super().__init__(message)
+        self.options = options
 
 
 class NonFiniteOutputError(FloatingPointError):

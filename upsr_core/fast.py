@@ -42,7 +42,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .errors import is_out_of_memory
+from .errors import FastOptionError, is_out_of_memory
 from .graphs import GraphCache, check_max_graphs
 from .model import (
     DEFAULT_OVERLAP,
@@ -176,7 +176,8 @@ def enable_fast(
     official test script does (auto: on CUDA; a host with its own setting, such as ComfyUI,
     passes False and the flag is left alone); ``winograd``: on the CPU, the denoiser's 3x3
     stride-1 convolutions on maps of at least 64² run through NNPACK's Winograd F(6×6, 3×3)
-    kernels (:mod:`upsr_core.nets.winograd`; float32 only, eager only, so not with ``compile``;
+    kernels (:mod:`upsr_core.nets.winograd`; float32 only, eager only, so not with ``compile``,
+    and NCHW only, so not with ``channels_last=True``;
     outputs within ~1e-4 of oneDNN's per conv; auto: on x86 CPUs whose best PyTorch kernels
     are AVX2, where NNPACK runs, when not compiling; full-size denoiser pass on a 2-core AVX2
     VM, 2026-11-29: LR 64 1.32 → 1.10 s, LR 128 5.41 → 4.73 s, LR 256 27.4 → 21.3 s with the
@@ -184,6 +185,8 @@ def enable_fast(
     prototype) and the GroupNorms keep their float32 statistics (MPS's native group norm
     went through batch_norm in the input precision: fp16 sums of squares overflow there).
     Call it after loading and after ``model.to(...)`` (``FastUPSRModel.to`` re-prepares).
+    Switches that cannot run on ``device`` or together raise :class:`upsr_core.errors.FastOptionError`
+    (a ValueError naming the keywords in ``options``), before the model is touched.
     """
     if not isinstance(model, UPSRModel):
         raise TypeError(f"enable_fast expects an UPSRModel, got {type(model).__name__}")
@@ -204,20 +207,24 @@ def enable_fast(
     want_nhwc = _resolve("nhwc_norm", nhwc_norm, False)
     kernels_run = triton_norm_runs(dev)  # the Triton GroupNorm can run on dev
     if triton_norm is True and not kernels_run:
-        raise ValueError(f"triton_norm=True needs Triton and a CUDA device of compute capability >= 7.0 "
-                         f"(or TRITON_INTERPRET=1); the model is for {dev}, Triton "
-                         f"{'is' if triton else 'is not'} installed")
+        raise FastOptionError(f"triton_norm=True needs Triton and a CUDA device of compute capability >= 7.0 "
+                              f"(or TRITON_INTERPRET=1); the model is for {dev}, Triton "
+                              f"{'is' if triton else 'is not'} installed", "triton_norm")
     # channels-last pays on CUDA with a norm that reads it in place; PyTorch's GroupNorm copies
     # it to NCHW and back (on the H100, LR 256: 173 ms channels-last against 154 ms NCHW, bf16)
     norm_in_place = want_nhwc or (triton_norm is not False and kernels_run)
     cpu = dev.type == "cpu"
     if winograd is True:
         if not cpu or not winograd_available():
-            raise ValueError(f"winograd=True needs the CPU and a PyTorch build whose NNPACK runs on it; the model "
-                             f"is for {dev}, NNPACK {'runs' if winograd_available() else 'does not run'} here")
+            raise FastOptionError(f"winograd=True needs the CPU and a PyTorch build whose NNPACK runs on it; the "
+                                  f"model is for {dev}, NNPACK {'runs' if winograd_available() else 'does not run'} "
+                                  "here", "winograd")
         if want_compile:
-            raise ValueError("winograd=True runs eagerly (the compiled code keeps oneDNN's convolutions): "
-                             "choose it or compile=True")
+            raise FastOptionError("winograd=True runs eagerly (the compiled code keeps oneDNN's convolutions): "
+                                  "choose it or compile=True", "winograd", "compile")
+        if channels_last is True:  # the Winograd convs would pass every channels-last map to oneDNN
+            raise FastOptionError("winograd=True takes NCHW maps (NNPACK has no channels-last kernels): choose it "
+                                  "or channels_last=True", "winograd", "channels_last")
     # NNPACK takes NCHW maps: not where the denoiser is asked to be channels-last
     want_winograd = _resolve("winograd", winograd, cpu and not want_compile and channels_last is not True
                              and winograd_auto())
@@ -236,14 +243,15 @@ def enable_fast(
     )
     for name in ("nhwc_norm", "triton_norm"):
         if getattr(opts, name) and not opts.channels_last:
-            raise ValueError(f"{name}=True needs channels_last (it normalises channels-last maps); "
-                             "got channels_last=False")
+            raise FastOptionError(f"{name}=True needs channels_last (it normalises channels-last maps); "
+                                  "got channels_last=False", name, "channels_last")
     if conv_epilogue is True and not opts.triton_norm:
-        raise ValueError("conv_epilogue=True needs triton_norm (its kernels add the conv biases); "
-                         "got triton_norm off")
+        raise FastOptionError("conv_epilogue=True needs triton_norm (its kernels add the conv biases); "
+                              "got triton_norm off", "conv_epilogue", "triton_norm")
     opts = dataclasses.replace(opts, conv_epilogue=_resolve("conv_epilogue", conv_epilogue, opts.triton_norm))
     if opts.nhwc_norm and opts.triton_norm:
-        raise ValueError("nhwc_norm and triton_norm are two implementations of the same norm: choose one")
+        raise FastOptionError("nhwc_norm and triton_norm are two implementations of the same norm: choose one",
+                              "nhwc_norm", "triton_norm")
     if _resolve("cudnn_benchmark", cudnn_benchmark, cuda):
         torch.backends.cudnn.benchmark = True
     # every argument was checked above: from here on the model is the caller's only if it is ready
