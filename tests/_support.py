@@ -102,6 +102,24 @@ def tiny_upsr(denoiser_gain: float = 10.0, estimator_gain: float = 1.0) -> UPSRM
     return UPSRModel(den.eval().requires_grad_(False), atd.eval().requires_grad_(False))
 
 
+def bench_args(tmp_path: Path, *argv: str, model: UPSRModel | None = None):
+    """``bench --device cpu --model <checkpoint> *argv`` parsed by bench's own parser (what
+    ``python -m upsr_core bench`` runs): the checkpoint is ``model``, or :func:`tiny_upsr`'s
+    nets, saved as ``tmp_path/tiny.safetensors`` (the tiny nets once per folder)."""
+    import argparse
+
+    from upsr_core.bench import add_parser
+    from upsr_core.checkpoint import save_converted
+
+    path = tmp_path / "tiny.safetensors"
+    if model is not None or not path.exists():
+        m = model if model is not None else tiny_upsr()
+        save_converted(path, m.denoiser, m.estimator)
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    return ap.parse_args(["bench", "--device", "cpu", "--model", str(path), *argv])
+
+
 def packed_crops(tmp_path: Path, n: int = 4, s: int = 48) -> Path:
     """A packed-crops training file (uint8 (n, 3, s, s), fixed random content) in ``tmp_path``."""
     p = tmp_path / "pack.npy"

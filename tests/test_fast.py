@@ -24,7 +24,7 @@ from upsr_core.nets.denoiser import GroupNorm32, SwinBlock
 from upsr_core.pipeline import padded_size, starting_noise
 from upsr_core.uncertainty import weight_noise
 
-from _support import tiny_upsr
+from _support import bench_args, tiny_upsr
 
 FP32_ATOL = 5e-5  # see the module docstring
 # max / mean |Δ| in [0,1] of a half-precision denoiser vs the fp32 reference on the oracle
@@ -441,19 +441,10 @@ def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsy
     """The bench end to end on a tiny checkpoint: one table, the JSON rows, and the
     denoiser-only column: fast fp32 with the reference's ŷ and w equals the reference to
     float rounding (5e-5, the same bound as the fp32 equality tests above)."""
-    import argparse
     import json
 
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
-
-    m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
     out = tmp_path / "bench.json"
-    args = ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"),
-                          "--sizes", "16", "--dtypes", "fp32,bf16", "--reps", "1", "--json", str(out)])
+    args = bench_args(tmp_path, "--sizes", "16", "--dtypes", "fp32,bf16", "--reps", "1", "--json", str(out))
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "den max|d|" in text and "1st GiB" in text
@@ -469,19 +460,10 @@ def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsy
 def test_bench_cpu_default_dtypes_follow_the_cpus_bf16(fast_bf16, tmp_path, capsys, monkeypatch):
     """The CPU default is fp32 and bf16, but fp32 alone where bf16 has no fast kernels (a bf16
     row of the full-size nets would take ~20 min on an AVX2-only 2-core CPU): a comment line says why."""
-    import argparse
     import json
 
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
-
     monkeypatch.setattr("upsr_core.bench.cpu_has_fast_bf16", lambda: fast_bf16)
-    m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
-    args = ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"),
-                          "--sizes", "16", "--reps", "1", "--json", str(tmp_path / "b.json")])
+    args = bench_args(tmp_path, "--sizes", "16", "--reps", "1", "--json", str(tmp_path / "b.json"))
     assert args.func(args) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["dtype"] for r in rows if "dtype" in r] == ["fp32", "fp32"] + ["bf16"] * fast_bf16
@@ -494,25 +476,16 @@ def test_bench_compile_on_times_a_cpu_row(fast_bf16, tmp_path, monkeypatch):
     --compile-sizes says otherwise (here 16), in fp32 where bf16 has no fast kernels, else bf16.
     A stand-in backend that runs the traced graphs eagerly (Inductor would compile for minutes):
     the fp32 row then equals the reference to fp32 rounding (5e-5)."""
-    import argparse
     import json
-
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
 
     monkeypatch.setattr("upsr_core.bench.cpu_has_fast_bf16", lambda: fast_bf16)
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=kw.get("dynamic")))
-    m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
-    argv = ["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--sizes", "16",
-            "--dtypes", "fp32", "--reps", "1", "--json", str(tmp_path / "b.json")]
+    argv = ["--sizes", "16", "--dtypes", "fp32", "--reps", "1", "--json", str(tmp_path / "b.json")]
     for extra, want in (([], []), (["--compile", "on", "--compile-sizes", "16"],
                                    [("fast+compile", "bf16" if fast_bf16 else "fp32", "16")])):
         torch._dynamo.reset()
-        args = ap.parse_args(argv + extra)
+        args = bench_args(tmp_path, *argv, *extra)
         assert args.func(args) == 0
         rows = json.loads((tmp_path / "b.json").read_text())["rows"]
         got = [(r["path"], r["dtype"], r["lr"]) for r in rows if r.get("path") == "fast+compile"]
@@ -528,33 +501,27 @@ def test_bench_names_every_row_its_budget_leaves_out(tmp_path, capsys):
     """--budget-s 0: no row starts, and each one left out is a comment line and a JSON row (the
     fast rows of a size were dropped without a word, and no JSON was written when no row ran);
     a size padded to the nets' multiple says so; a --tiled-dtypes typo is refused without a tiled row."""
-    import argparse
     import json
 
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
     from upsr_core.pipeline import padded_size
 
     m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
     out = tmp_path / "bench.json"
-    base = ["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--reps", "1"]
-    args = ap.parse_args([*base, "--sizes", "16,24", "--dtypes", "fp32", "--budget-s", "0", "--json", str(out)])
+    args = bench_args(tmp_path, "--reps", "1", "--sizes", "16,24", "--dtypes", "fp32", "--budget-s", "0",
+                      "--json", str(out), model=m)
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "# budget reached: LR 16 batch 1 skipped" in text and "# budget reached: LR 24 batch 1 skipped" in text
     rows = json.loads(out.read_text())["rows"]
     assert [(r["lr"], r["skipped"]) for r in rows] == [("16", "budget"), ("24", "budget")]
-    args = ap.parse_args([*base, "--sizes", "13", "--dtypes", "fp32", "--json", str(out)])
+    args = bench_args(tmp_path, "--reps", "1", "--sizes", "13", "--dtypes", "fp32", "--json", str(out))
     assert args.func(args) == 0
     mult, hp = m.multiple_of, padded_size(13, 13, m.multiple_of)[0]
     assert hp != 13
     note = f"# LR 13 runs padded to {hp} (the nets' multiple of {mult}): its rows time that work"
     assert note in capsys.readouterr().out
     with pytest.raises(ValueError, match="bogus"):
-        args = ap.parse_args([*base, "--sizes", "16", "--tiled-dtypes", "bogus"])
+        args = bench_args(tmp_path, "--reps", "1", "--sizes", "16", "--tiled-dtypes", "bogus")
         args.func(args)
 
 
@@ -649,16 +616,11 @@ def test_large_canvas_is_blended_on_the_host_with_the_same_result(fast32, monkey
 def test_bench_records_a_nan_row_and_goes_on(tmp_path, capsys, monkeypatch):
     """A precision whose output is NaN (fp16 overflowing with some weights) is a row of the table
     ("non-finite"), not the end of the benchmark run."""
-    import argparse
     import json
 
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
     from upsr_core.errors import NonFiniteOutputError
     from upsr_core.fast import FastUPSRModel
 
-    m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
     real = FastUPSRModel.upscale
 
     def upscale(self, *a, **k):
@@ -667,11 +629,8 @@ def test_bench_records_a_nan_row_and_goes_on(tmp_path, capsys, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(FastUPSRModel, "upscale", upscale)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
     out = tmp_path / "bench.json"
-    args = ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--sizes", "16",
-                          "--dtypes", "bf16,fp32", "--reps", "1", "--json", str(out)])
+    args = bench_args(tmp_path, "--sizes", "16", "--dtypes", "bf16,fp32", "--reps", "1", "--json", str(out))
     assert args.func(args) == 0
     assert "fast bf16: the denoiser (bfloat16) produced NaN" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
@@ -756,20 +715,11 @@ def test_fast_nhwc_norm_equals_reference(small_model, small_nets):
 def test_bench_variants_add_labelled_rows(tmp_path, capsys):
     """--variants runs each named fast-path variant as its own row in the same table;
     an unknown name fails before any row runs."""
-    import argparse
     import json
 
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
-
-    m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
     out = tmp_path / "bench.json"
-    base = ["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--sizes", "16",
-            "--dtypes", "fp32", "--reps", "1", "--json", str(out), "--channels-last", "on"]
-    args = ap.parse_args([*base, "--variants", "nchw,nhwc-norm"])
+    base = ["--sizes", "16", "--dtypes", "fp32", "--reps", "1", "--json", str(out), "--channels-last", "on"]
+    args = bench_args(tmp_path, *base, "--variants", "nchw,nhwc-norm")
     assert args.func(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["path"] for r in rows] == ["reference", "fast", "fast/nchw", "fast/nhwc-norm"]
@@ -780,10 +730,10 @@ def test_bench_variants_add_labelled_rows(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fast/nhwc-norm" in text and "runs as fast does" not in text  # both differ from fast here
     # a variant whose switches resolve to the plain fast path on this device is called noise, not an effect
-    args = ap.parse_args([*base, "--variants", "no-graphs", "--budget-s", "0"])
+    args = bench_args(tmp_path, *base, "--variants", "no-graphs", "--budget-s", "0")
     assert args.func(args) == 0
     assert "# fast/no-graphs runs as fast does on cpu (fp32)" in capsys.readouterr().out
-    args = ap.parse_args([*base, "--variants", "nchw,turbo"])
+    args = bench_args(tmp_path, *base, "--variants", "nchw,turbo")
     with pytest.raises(ValueError, match="'turbo'"):
         args.func(args)
     assert "reference" not in capsys.readouterr().out

@@ -12,7 +12,7 @@ from upsr_core.fast import FastUPSRModel, enable_fast
 from upsr_core.nets import winograd
 from upsr_core.nets.winograd import WinogradConv2d, set_winograd, winograd_conv3x3
 
-from _support import tiny_upsr
+from _support import bench_args, tiny_upsr
 
 needs_nnpack = pytest.mark.skipif(not winograd.available(), reason="this PyTorch build has no NNPACK that runs on "
                                   "this CPU (the fast path then keeps oneDNN's convolutions)")
@@ -229,17 +229,7 @@ def test_set_winograd_refuses_where_nnpack_does_not_run(monkeypatch):
 
 
 def _bench_args(tmp_path, *extra):
-    import argparse
-
-    from upsr_core.bench import add_parser
-    from upsr_core.checkpoint import save_converted
-
-    m = tiny_upsr()
-    save_converted(tmp_path / "tiny.safetensors", m.denoiser, m.estimator)
-    ap = argparse.ArgumentParser()
-    add_parser(ap.add_subparsers(dest="command"))
-    return ap.parse_args(["bench", "--device", "cpu", "--model", str(tmp_path / "tiny.safetensors"), "--reps", "1",
-                          "--dtypes", "fp32", "--json", str(tmp_path / "b.json"), *extra])
+    return bench_args(tmp_path, "--reps", "1", "--dtypes", "fp32", "--json", str(tmp_path / "b.json"), *extra)
 
 
 @needs_nnpack
