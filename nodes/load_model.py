@@ -54,8 +54,8 @@ def make_fast(model: UPSRModel, device: torch.device) -> UPSRModel:
     (minutes of compiling for every new image size), and cuDNN's process-wide benchmark mode
     (ComfyUI sets it itself, under ``--fast autotune``). The nets are still on the CPU here, so
     the device-dependent switches ("auto": on CUDA the Triton GroupNorm on a channels-last
-    denoiser where Triton can run, else NCHW; sub-pixel convs on the CPU) are decided for
-    ``device``."""
+    denoiser where Triton can run, else NCHW; on the CPU sub-pixel convs, and NNPACK's
+    Winograd convs on AVX2 CPUs, else a channels-last denoiser) are decided for ``device``."""
     return enable_fast(model, device=device, compile=False, cuda_graphs=False, cudnn_benchmark=False)
 
 

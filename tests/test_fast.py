@@ -435,6 +435,27 @@ def test_cpu_channels_last_gives_the_nchw_result():
         a, b = nchw.upscale(lr, seed=4), cl.upscale(lr, seed=4)
     assert seen and all(seen)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    # the image comes back NCHW-contiguous as the reference path's (the channels-last x̂0 carried its
+    # layout through the sampler's updates into the result), batched and tiled alike
+    assert b.is_contiguous() and a.is_contiguous()
+    with torch.no_grad():
+        assert cl.upscale(lr.expand(2, -1, -1, -1), seed=4).is_contiguous()
+        assert cl.upscale(torch.rand(1, 3, 24, 40), seed=4, tile=16, overlap=8).is_contiguous()
+
+
+def test_enable_fast_turns_a_channels_last_denoiser_back_to_nchw():
+    """A denoiser already channels-last (an earlier enable_fast, or made so by its owner) is
+    turned back to NCHW when the fast path runs it NCHW: left channels-last, oneDNN would keep
+    its maps channels-last and NNPACK's Winograd convs would hand every one of them on."""
+    m = enable_fast(tiny_upsr(), device="cpu", winograd=False, channels_last=True)
+    assert m.denoiser.conv_hr.weight.is_contiguous(memory_format=torch.channels_last)
+    m = enable_fast(m, device="cpu", winograd=False, channels_last=False)
+    assert all(p.is_contiguous() for p in m.denoiser.parameters())
+    seen = []
+    m.denoiser.conv_hr.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        m.upscale(torch.rand(1, 3, 8, 8), seed=0)
+    assert seen and all(seen)
 
 
 def test_bench_runs_on_cpu_and_separates_the_denoiser_difference(tmp_path, capsys):

@@ -193,6 +193,20 @@ def test_enable_fast_decides_winograd_for_the_cpu(monkeypatch):
 
 
 @needs_nnpack
+@pytest.mark.parametrize("norm", ["nhwc_norm", "triton_norm"])
+def test_winograd_auto_gives_way_to_a_channels_last_norm(monkeypatch, norm):
+    """On an AVX2 CPU Winograd's auto is on, but a norm of channels-last maps asked for by name
+    keeps it off (and the denoiser channels-last) instead of failing on the layout it left."""
+    import upsr_core.fast as fast_mod
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    if norm == "triton_norm":  # as under TRITON_INTERPRET=1: the kernels run on the CPU
+        monkeypatch.setattr(fast_mod, "triton_norm_runs", lambda dev: True)
+    opts = enable_fast(tiny_upsr(), device="cpu", **{norm: True}).fast_options
+    assert getattr(opts, norm) and opts.channels_last and not opts.winograd
+
+
+@needs_nnpack
 def test_enable_fast_refuses_winograd_with_channels_last():
     """NNPACK takes NCHW maps only: with both asked for, every Winograd conv would quietly
     hand its channels-last map to oneDNN, so the pair is refused, naming both keywords."""

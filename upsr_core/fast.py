@@ -14,8 +14,11 @@ What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
 * every stage stays on the model's device: padding, bicubic, ATD, ψ/w, the 5 DDIM steps,
   crop and clamp; the schedule constants live on the device, so the sampling loop has no
   host-device sync and no host copy;
-* on AVX2 CPUs the denoiser's 3x3 convolutions on maps of 64² and more run through NNPACK's
-  Winograd kernels (:mod:`upsr_core.nets.winograd`; 6–16 % faster at LR 64, ~12 % at LR 128);
+* on the CPU each nearest ×2 + 3x3 conv pair runs as four 2x2 sub-pixel convs at the low
+  resolution (13 % fewer denoiser FLOPs); on AVX2 CPUs the denoiser's 3x3 convolutions on
+  maps of 64² and more run through NNPACK's Winograd kernels (:mod:`upsr_core.nets.winograd`;
+  6–16 % faster at LR 64, ~12 % at LR 128); on other CPUs (timed on AVX-512) the denoiser
+  runs channels-last;
 * on CUDA each fixed shape is captured once as a CUDA graph and replayed
   (:class:`upsr_core.graphs.GraphCache`); images that fit in one tile run as ONE graph;
   tiles are batched (``tile_batch``) and blended on the device; progress (and with it a
@@ -225,9 +228,10 @@ def enable_fast(
         if channels_last is True:  # the Winograd convs would pass every channels-last map to oneDNN
             raise FastOptionError("winograd=True takes NCHW maps (NNPACK has no channels-last kernels): choose it "
                                   "or channels_last=True", "winograd", "channels_last")
-    # NNPACK takes NCHW maps: not where the denoiser is asked to be channels-last
+    # NNPACK takes NCHW maps: not where the denoiser is asked to be channels-last, or for a norm of
+    # channels-last maps
     want_winograd = _resolve("winograd", winograd, cpu and not want_compile and channels_last is not True
-                             and winograd_auto())
+                             and nhwc_norm is not True and triton_norm is not True and winograd_auto())
     want_cl = _resolve("channels_last", channels_last,
                        (cuda and norm_in_place) or (cpu and not want_compile and not want_winograd))
     opts = FastOptions(
@@ -258,6 +262,13 @@ def enable_fast(
     model.__class__ = FastUPSRModel
     model._setup(opts)  # type: ignore[attr-defined]
     return model  # type: ignore[return-value]
+
+
+def _f32_nchw(x: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output as float32 NCHW (one cast or copy, none where it already is): a
+    channels-last denoiser's x̂0 would otherwise carry its layout through the sampler's updates
+    into the returned image, which callers expect NCHW-contiguous like the reference path's."""
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def param_dicts(*nets: torch.nn.Module | None) -> list[dict]:
@@ -338,8 +349,10 @@ class FastUPSRModel(UPSRModel):
                 prepare_subpixel(conv)
             else:
                 conv.subpixel = None
-        if self.fast_options.channels_last:
-            self.denoiser.to(memory_format=torch.channels_last)
+        # both ways: a denoiser made channels-last before (an earlier enable_fast, or by its owner)
+        # would otherwise stay so, and NNPACK's convs would pass its maps to oneDNN
+        self.denoiser.to(memory_format=torch.channels_last if self.fast_options.channels_last
+                         else torch.contiguous_format)
         # NNPACK's convs only where they run (the model may have been moved off the CPU)
         set_winograd(self.denoiser, self.fast_options.winograd and self.device.type == "cpu")
         if self.estimator is not None:
@@ -456,7 +469,7 @@ class FastUPSRModel(UPSRModel):
 
     def _denoiser_call(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         # the sampler's t is torch.full((B,), step): one step for the batch (pipeline.denoise_estimate)
-        return self._net(self._net_input(x), t[:1], self._net_input(lq)).float()
+        return _f32_nchw(self._net(self._net_input(x), t[:1], self._net_input(lq)))
 
     # ------------------------------------------------------------------ device stages (no syncs)
     def _estimate_core(self, lr_pm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +490,7 @@ class FastUPSRModel(UPSRModel):
         for t in reversed(range(len(self._steps))):
             std, k, m, c = self._steps[t]
             # ResShift eq. 7 input scaling, then DDIM (η = 0): x_{t−1} = k_t x̂0 + m_t x_t + c_t y
-            x0 = F.pixel_unshuffle(self._net(self._net_input(x / std), self._ts[t], lq).float(), SCALE)
+            x0 = F.pixel_unshuffle(_f32_nchw(self._net(self._net_input(x / std), self._ts[t], lq)), SCALE)
             x = x0 * k + x * m + y * c
             if on_step is not None:
                 on_step()
