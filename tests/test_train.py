@@ -332,6 +332,29 @@ def test_resume_gives_the_same_weights(tmp_path, pool):
         torch.testing.assert_close(c.ema.shadow[k], v, rtol=0, atol=0)
 
 
+def test_a_cuda_checkpoint_resumes_on_the_cpu_with_reseeded_streams(tmp_path, caplog):
+    """A CUDA run's generator state (16 bytes) does not fit a CPU generator (5056): set_state's raw
+    RuntimeError ended the resume. The streams are reseeded (as other ranks are, by step), with a
+    warning; the weights, optimiser and step continue."""
+    pack = packed_crops(tmp_path)
+    a = _trainer(pack, tmp_path / "a.ckpt")
+    a.cfg.steps = 2
+    a.fit()
+    sd = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    sd["generator"] = torch.zeros(16, dtype=torch.uint8)  # what torch.Generator("cuda").get_state() holds
+    torch.save(sd, tmp_path / "a.ckpt")
+    b = _trainer(pack, tmp_path / "a.ckpt")
+    with caplog.at_level(logging.WARNING, logger="upsr_core.train.loop"):
+        b.load(tmp_path / "a.ckpt")
+    assert b.step == 2 and "trainer's random stream was written on another kind of device" in caplog.text
+    want = torch.Generator().manual_seed(b.cfg.seed + 1_000_003 * 2)
+    assert torch.equal(b.generator.get_state(), want.get_state())
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v)
+    b.fit()
+    assert b.step == 4
+
+
 class _Payload:
     """Pickles as a call to os.system: what a hostile 'checkpoint' would hold."""
 

@@ -44,6 +44,7 @@ from .data import (
     to_uint8,
 )
 from .degradations import RealESRGANDegradation, bicubic_degrade, degrade
+from .loop import restore_generator
 
 __all__ = ["PackedFeed", "PhotoFeed", "FolderFeed", "PairPool", "DegradedPairs", "make_feed", "make_lr",
            "default_pool_size", "degradation_seed", "PACKED_SUFFIXES", "FEEDS"]
@@ -471,9 +472,8 @@ class DegradedPairs:
         elif "pool" in sd and sd["pool"].get("filled"):
             log.warning("the checkpoint holds a pair pool of %d pairs but this run has none (--pool 0): "
                         "its pairs are dropped", sd["pool"]["size"])
-        if self.deg_generator is not None and "deg_generator" in sd:
-            self.deg_generator.set_state(sd["deg_generator"])
-            self.restored_deg_generator = True
+        if self.deg_generator is not None and "deg_generator" in sd:  # not restored: the caller reseeds it
+            self.restored_deg_generator = restore_generator(self.deg_generator, sd["deg_generator"], "degradation")
 
     def snapshot(self) -> tuple:
         """State to :meth:`restore` if a step is redone with the same draws (compile fallback)."""

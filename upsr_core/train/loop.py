@@ -50,6 +50,21 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ma
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
+def restore_generator(gen: torch.Generator, state: torch.Tensor, name: str) -> bool:
+    """Set ``gen`` to a checkpoint's ``state`` (uint8, from ``Generator.get_state``); returns
+    False, with a warning, where the state is another device type's — a CUDA run resumed on
+    the CPU or the reverse (a CUDA stream's state is 16 bytes, the CPU's 5056) — and leaves
+    ``gen`` for the caller to reseed: the run goes on, its draws from here on differ from an
+    uninterrupted run's. Any other unfitting state is set_state's RuntimeError."""
+    if state.numel() != gen.get_state().numel():
+        log.warning("the checkpoint's %s stream was written on another kind of device than this run's %s (%d "
+                    "state bytes against %d): reseeded, so from here on its draws differ from the run that wrote it",
+                    name, gen.device.type, state.numel(), gen.get_state().numel())
+        return False
+    gen.set_state(state)
+    return True
+
+
 @dataclass
 class LoopConfig:
     """Optimisation and bookkeeping settings of one training run."""
@@ -261,7 +276,8 @@ class Trainer:
             self.scaler.load_state_dict(sd["scaler"])
         self.step, self.elapsed_before = int(sd["step"]), float(sd["elapsed"])
         if self.di.rank == 0:  # the checkpoint holds rank 0's streams (and pair pool): it continues exactly
-            self.generator.set_state(sd["generator"])
+            if not restore_generator(self.generator, sd["generator"], "trainer's random"):
+                self.generator.manual_seed(self.cfg.seed + 1_000_003 * self.step)  # as the other ranks reseed
             torch.set_rng_state(sd["cpu_rng"])
             if hasattr(self.task, "load_training_state"):
                 self.task.load_training_state(sd.get("task", {}), self.device)
