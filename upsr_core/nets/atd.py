@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import ATDConfig
 from .attention import (
+    CarriesFastTensors,
     SizeCache,
     attend,
     attend_windows,
@@ -103,8 +104,11 @@ class ConvFFN(nn.Module):
         return self.fc2(x + self.dwconv(x, hw))
 
 
-class WindowBranch(nn.Module):
+class WindowBranch(CarriesFastTensors):
     """ATD window attention on a precomputed qkv (no qkv layer of its own)."""
+
+    fast_masks: tuple | None = None  # prepare_fast's
+    _fast_tensors = ("fast_masks",)
 
     def __init__(self, dim: int, heads: int, window: int):
         super().__init__()
@@ -150,10 +154,11 @@ class WindowBranch(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
-class TokenDictionaryAttention(nn.Module):
+class TokenDictionaryAttention(CarriesFastTensors):
     """ATD-CA: cross-attention from image tokens to the m dictionary tokens."""
 
     fast_gain: torch.Tensor | None = None  # inference: the logit gain, precomputed (prepare_fast)
+    _fast_tensors = ("fast_gain",)
 
     def __init__(self, dim: int, reducted: int, num_tokens: int):
         super().__init__()

@@ -21,6 +21,7 @@ __all__ = [
     "attend",
     "attend_windows",
     "WindowAttention",
+    "CarriesFastTensors",
 ]
 
 Fixup = tuple[slice, slice, torch.Tensor]
@@ -188,10 +189,41 @@ def attend_windows(
     return out
 
 
-class WindowAttention(nn.Module):
+def _map_tensors(obj, fn):
+    """``obj`` (a tensor, None, or tuples of them) with ``fn`` applied to every tensor; a tensor
+    that was contiguous stays so (``Module.to(memory_format=channels_last)`` converts 4-D ones)."""
+    if isinstance(obj, torch.Tensor):
+        out = fn(obj)
+        return out.contiguous() if obj.is_contiguous() else out
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    return obj
+
+
+class CarriesFastTensors(nn.Module):
+    """A module whose precomputed fast-path tensors — the attributes named in ``_fast_tensors``,
+    each a tensor, None or tuples of them — move and cast with its weights, as buffers would,
+    without entering its state dict. A host that moves the nets itself (ComfyUI offloading them
+    to the CPU between runs) thus takes these off the GPU too (the official ATD's masks are
+    ~60 MiB in fp32); the fast path still rebuilds them for a new placement."""
+
+    _fast_tensors: tuple[str, ...] = ()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        for name in self._fast_tensors:
+            value = self.__dict__.get(name)
+            if value is not None:
+                self.__dict__[name] = _map_tensors(value, fn)
+        return out
+
+
+class WindowAttention(CarriesFastTensors):
     """Denoiser Swin attention: ``qkv`` and ``proj`` Linear, bias table ((2w-1)², heads)."""
 
     fused: bool = False
+    fast_masks: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prepare_fast's
+    _fast_tensors = ("fast_masks",)
 
     def __init__(self, dim: int, heads: int, window: int, index_key: str = "relative_position_index"):
         super().__init__()
@@ -225,7 +257,7 @@ class WindowAttention(nn.Module):
     def forward_windows(self, x: torch.Tensor, grid: tuple[int, int, int], rows: slice | None) -> torch.Tensor:
         """Fast path: x (B·nWh·nWw, N, C) -> same; windows in ``rows`` use the shift mask."""
         bw, n, c = x.shape
-        masks = getattr(self, "fast_masks", None)
+        masks = self.fast_masks
         if masks is None:
             raise ValueError("WindowAttention.forward_windows needs prepare_fast() first (see upsr_core.fast)")
         qkv = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DenoiserConfig
-from .attention import SizeCache, WindowAttention, window_index, window_partition, window_reverse
+from .attention import CarriesFastTensors, SizeCache, WindowAttention, window_index, window_partition, window_reverse
 
 __all__ = ["UPSRDenoiser", "timestep_embedding", "group_norm_nhwc", "set_triton_train_norm"]
 
@@ -506,8 +506,11 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-class UPSRDenoiser(nn.Module):
+class UPSRDenoiser(CarriesFastTensors):
     """Swin-UNet x0-predictor of UPSR, key-compatible with the official ``UNetModelSwin``."""
+
+    _step_table: torch.Tensor | None = None  # prepare_steps'
+    _fast_tensors = ("_step_table",)
 
     def __init__(self, config: DenoiserConfig):
         super().__init__()
@@ -603,7 +606,7 @@ class UPSRDenoiser(nn.Module):
         MLP and its scale-shift are read from the precomputed table and applied by the
         second norm's affine: one gather instead of ~5 small ops per ResBlock. Same shapes
         and value range as :meth:`forward`; same math, other rounding."""
-        table = getattr(self, "_step_table", None)
+        table = self._step_table
         if table is None:
             raise RuntimeError("forward_step needs prepare_steps(num_steps, dtype) first")
         row = table.index_select(0, t.reshape(1))[0]
