@@ -443,6 +443,38 @@ def test_cpu_channels_last_gives_the_nchw_result():
         assert cl.upscale(torch.rand(1, 3, 24, 40), seed=4, tile=16, overlap=8).is_contiguous()
 
 
+def test_fast_tensors_move_with_the_nets():
+    """The precomputed masks, logit gains and step table follow a move that someone else makes
+    (ComfyUI offloads the nets with Module.to): they left GPU memory only at the next UPSR run.
+    The state dicts do not change, and a channels-last conversion leaves the masks contiguous."""
+    from upsr_core.nets.attention import CarriesFastTensors
+
+    def fast_tensors(m):
+        out = []
+
+        def walk(v):
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif isinstance(v, tuple):
+                for x in v:
+                    walk(x)
+        for mod in (*m.denoiser.modules(), *m.estimator.modules()):
+            if isinstance(mod, CarriesFastTensors):
+                for name in mod._fast_tensors:
+                    walk(getattr(mod, name))
+        return out
+
+    base = tiny_upsr()
+    keys = (list(base.denoiser.state_dict()), list(base.estimator.state_dict()))
+    m = enable_fast(base, device="cpu", winograd=False, channels_last=True)
+    tensors = fast_tensors(m)
+    assert len(tensors) > 5 and all(t.is_contiguous() for t in tensors)
+    assert (list(m.denoiser.state_dict()), list(m.estimator.state_dict())) == keys
+    m.denoiser.to("meta")
+    m.estimator.to("meta")
+    assert all(t.device.type == "meta" for t in fast_tensors(m))
+
+
 def test_enable_fast_turns_a_channels_last_denoiser_back_to_nchw():
     """A denoiser already channels-last (an earlier enable_fast, or made so by its owner) is
     turned back to NCHW when the fast path runs it NCHW: left channels-last, oneDNN would keep
@@ -632,6 +664,38 @@ def test_large_canvas_is_blended_on_the_host_with_the_same_result(fast32, monkey
     monkeypatch.setattr(fast, "CANVAS_DEVICE_MAX_BYTES", 0)
     got = fast32.upscale(lr, **kw)
     assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("same_noise", [False, True])
+def test_a_batch_of_one_tile_images_runs_call_by_call(fast32, monkeypatch, same_noise):
+    """Images that each fit one tile run a few per call (tile_batch · tile² pixels): each call's
+    LR and ε go to the device alone and the ε is drawn per call — image i's from seed + i, the
+    same numbers as the whole batch's field — and past CANVAS_DEVICE_MAX_BYTES the results are
+    gathered on the CPU (120 video frames of LR 512 held ε, results and their concatenation on
+    the GPU: ~17 GiB). The same bytes every way, also with a caller's ε."""
+    from upsr_core import fast
+    from upsr_core.pipeline import starting_noise
+
+    m = fast32.multiple_of
+    lr = torch.rand(3, 3, m - 3, m, generator=torch.Generator().manual_seed(1))  # padded to one m² tile
+    kw = dict(seed=7, tile=m, overlap=0, same_noise=same_noise)
+    # each image alone with its own seed: what a call of one image must give (a batched call
+    # rounds differently: other GEMM blockings)
+    whole = torch.cat([fast32.upscale(lr[i : i + 1], seed=7 if same_noise else 7 + i, tile=m, overlap=0)
+                       for i in range(3)])
+    calls, drawn = [], []
+    real, real_noise = fast32._upscale_core, fast.starting_noise
+    monkeypatch.setattr(fast32, "_upscale_core", lambda x, n, *a: calls.append(x.shape[0]) or real(x, n, *a))
+    monkeypatch.setattr(fast, "starting_noise", lambda s, b, *a, **k: drawn.append((s, b)) or real_noise(s, b, *a, **k))
+    parts = fast32.upscale(lr, tile_batch=1, **kw)  # one image per call
+    assert calls == [1] * 3 and torch.equal(parts, whole)
+    assert drawn == ([(7, 1)] * 3 if same_noise else [(7, 1), (8, 1), (9, 1)])  # not the batch's whole field
+    monkeypatch.setattr(fast, "CANVAS_DEVICE_MAX_BYTES", 0)
+    on_host = fast32.upscale(lr, tile_batch=1, **kw)
+    assert on_host.device.type == "cpu" and torch.equal(on_host, whole)
+    eps = starting_noise(7, 3, (m, m), same_noise=same_noise)
+    given = fast32.upscale(lr, tile_batch=1, seed=0, tile=m, overlap=0, noise=eps)
+    assert torch.equal(given, whole)
 
 
 def test_bench_records_a_nan_row_and_goes_on(tmp_path, capsys, monkeypatch):

@@ -28,8 +28,9 @@ What changes (the reference path, ``UPSRModel`` as loaded, is untouched):
   constants and graphs for the new placement.
 
 The SR results of :meth:`FastUPSRModel.denoise` / ``upscale`` stay on the model's device
-(the reference returns CPU tensors), except tiled results whose canvas exceeds
-``CANVAS_DEVICE_MAX_BYTES`` (1 GiB): those are blended and returned on the CPU. The fast path is for inference only.
+(the reference returns CPU tensors), except results that together would exceed
+``CANVAS_DEVICE_MAX_BYTES`` (1 GiB; a tiled image's canvas, or a batch of images run a few
+per call): those are gathered and returned on the CPU. The fast path is for inference only.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ from .pipeline import (
     bicubic_x4,
     check_lr,
     check_noise_choice,
+    check_seed,
     check_weight_and_noise,
     crop_hr,
     pad_lr,
@@ -89,7 +91,9 @@ launch overhead is negligible, and one memory pool keeps the peak at one tile gr
 CANVAS_DEVICE_MAX_BYTES = 1 << 30
 """A tiled image's output canvas and blend norm (float32, ``(3B + 1) · 4h · 4w`` values) stay on
 the device up to this size; larger ones are kept (and returned) on the CPU, so device memory
-stays bounded by the tile, not the image (LR 2048² → HR 8192²: 1.07 GB)."""
+stays bounded by the tile, not the image (LR 2048² → HR 8192²: 1.07 GB). The same holds for the
+results of a batch of one-tile images that runs in several calls (e.g. video frames); the
+tiles' blend ramps wait on the CPU and go to the canvas one at a time."""
 
 
 @dataclass(frozen=True)
@@ -531,7 +535,8 @@ class FastUPSRModel(UPSRModel):
         cdev = torch.device("cpu") if host else dev
         out = torch.zeros(b, 3, h4, w4, device=cdev, dtype=torch.float32)
         norm = torch.zeros(h4, w4, device=cdev, dtype=torch.float32)
-        weights = [tile_weight(t, tiles, SCALE).to(cdev) if len(tiles) > 1 else None for t in tiles]
+        # the tiles' blend ramps (together ~0.4 canvas) wait on the CPU: each goes to cdev for its use
+        weights = [tile_weight(t, tiles, SCALE) if len(tiles) > 1 else None for t in tiles]
         nb = min(tile_batch, len(tiles))
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(list(range(len(tiles))), nb):
@@ -550,7 +555,7 @@ class FastUPSRModel(UPSRModel):
                 for k, j in enumerate(group):
                     r = tiles[j].scaled(SCALE)
                     hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
-                    wt = weights[j][:hh, :ww] if weights[j] is not None else 1.0
+                    wt = weights[j][:hh, :ww].to(cdev) if weights[j] is not None else 1.0
                     out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww].to(cdev) * wt
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
@@ -576,8 +581,7 @@ class FastUPSRModel(UPSRModel):
                        tile_batch: int = 1) -> int:
         """:meth:`UPSRModel.working_memory` plus the tiled output canvas and blend norm while they
         stay on the device (up to ``CANVAS_DEVICE_MAX_BYTES``)."""
-        hp, wp = padded_size(*lr_size, self.multiple_of)
-        canvas = (3 * batch + 1) * (4 * hp) * (4 * wp) * 4
+        canvas = (3 * batch + 1) * (SCALE * lr_size[0]) * (SCALE * lr_size[1]) * 4  # as _tile_loop sizes it
         act = super().working_memory(lr_size, batch=batch, tile=tile, tile_batch=tile_batch)
         return act + (canvas if canvas <= CANVAS_DEVICE_MAX_BYTES else 0)
 
@@ -627,32 +631,47 @@ class FastUPSRModel(UPSRModel):
                                    same_noise=same_noise, estimator_block=estimator_block)
         check_noise_choice(noise, same_noise)
         given = noise is not None  # a caller's ε is checked for NaN/Inf as the reference path does;
-        if not given:              # one made here is finite (and checking it would sync the host)
-            noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
-        check_weight_and_noise(None, noise, b, (hp, wp), values=given)
+        if given:                  # one made here is finite (and checking it would sync the host)
+            check_weight_and_noise(None, noise, b, (hp, wp), values=True)
+        else:  # drawn per call below (the same numbers: image i's ε comes from seed + i)
+            seed = check_seed(seed, b, same_noise=same_noise)
         self._warn_if_slow()  # (the base class's upscale, above, warns itself)
         dev = self.device
-        lr, noise = lr.to(dev, torch.float32), noise.to(dev, torch.float32)
         per = self._images_per_call(b, hp, wp, tile, tile_batch)
         steps = len(self._steps)
-        outs: list[torch.Tensor] = []
         counter = StepCounter(progress, steps * b)
+        # the device holds one call's images; a batch's results as the tiled canvas would be: on
+        # the device up to CANVAS_DEVICE_MAX_BYTES, else gathered on the CPU (e.g. many video frames)
+        out = None
+        if b > per:
+            host = (3 * b + 1) * (SCALE * h) * (SCALE * w) * 4 > CANVAS_DEVICE_MAX_BYTES
+            out = torch.empty(b, 3, SCALE * h, SCALE * w, device="cpu" if host else dev)
         for i in range(0, b, per):
             counter.check()  # the estimator reports nothing: a Cancel is seen before it runs
-            x, n = lr[i : i + per], noise[i : i + per]
+            k = min(per, b - i)
+            x = lr[i : i + k].to(dev, torch.float32)
+            n = (noise[i : i + k] if given else
+                 starting_noise(seed if same_noise else seed + i, k, (hp, wp), same_noise=same_noise))
+            n = n.to(dev, torch.float32)
             key = self._key("up", *x.shape, b_u, psi_max)
             if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only
                 lr_pm = pad_lr(x, m)
                 bic, y_hat = self._estimate_core(lr_pm)
                 args = (bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), n)
                 (sr,) = self.graphs.run(self._key("den", *n.shape), self._diffuse_core, *args)
-                outs.append(crop_hr(sr, (h, w)).clamp(-1, 1) * 0.5 + 0.5)
+                sr = crop_hr(sr, (h, w)).clamp(-1, 1) * 0.5 + 0.5
+                graphed = True
             elif self.graphs.replays(key, dev):
                 core = lambda x, n: self._upscale_core(x, n, b_u, psi_max)  # noqa: E731 (constants are in the key)
-                outs.append(self.graphs.run(key, core, x, n)[0])
+                (sr,) = self.graphs.run(key, core, x, n)
+                graphed = True
             else:  # eager (CPU, graphs off): progress after every step
-                outs.extend(self._upscale_core(x, n, b_u, psi_max, partial(counter, x.shape[0])))
-                continue
-            for _ in range(steps):  # a graph cannot call back: the steps are reported after it
-                counter(x.shape[0])
-        return self._checked(torch.cat(outs) if len(outs) > 1 else outs[0])
+                (sr,) = self._upscale_core(x, n, b_u, psi_max, partial(counter, k))
+                graphed = False
+            if graphed:  # a graph cannot call back: the steps are reported after it
+                for _ in range(steps):
+                    counter(k)
+            if out is None:
+                return self._checked(sr)
+            out[i : i + k] = sr
+        return self._checked(out)

@@ -282,6 +282,12 @@ def _check_seed(seed: object, batch: int) -> int:
     return int(seed)
 
 
+def check_seed(seed: object, batch: int, *, same_noise: bool = False) -> int:
+    """The seed of ``batch`` images (one with ``same_noise``) as an int, checked as
+    :func:`starting_noise` checks it: for a caller that draws the batch's noise in parts."""
+    return _check_seed(seed, 1 if same_noise else batch)
+
+
 def generator_seed(seed: int) -> int:
     """A seed in [0, 2**64) as the seed in [0, 2**32) that draws the same noise: the CPU generator
     (Mersenne Twister) keeps only the low 32 bits of a seed, so ``seed % 2**32`` gives the same ε,
