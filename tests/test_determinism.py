@@ -20,6 +20,7 @@ devices, or across thread counts (equal here for 1 and 2 threads, but not promis
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import subprocess
@@ -280,6 +281,33 @@ def test_noise_field_bands_equal_the_whole_field(hw):
     same = NoiseField(11, 3, hw, same_noise=True)
     for i in (2, 0, 1):  # any order: image i's band is image 0's
         assert torch.equal(same[i, :, 5 : hw[0] - 3, 2:40], full[0, :, 5 : hw[0] - 3, 2:40])
+
+
+@pytest.mark.parametrize("hw", [(256, 64), (200, 48), (96, 40), (24, 12)])
+def test_noise_field_restarts_bands_from_kept_states(hw, monkeypatch):
+    """Bands in any order, overlapping, across images, equal the whole field; after an image's
+    first band (one pass over its stream) a band draws only from the block of rows it starts
+    in, not the whole stream again (tile rows of a tall image each redrew all 48 planes)."""
+    from upsr_core.pipeline import NoiseField
+
+    full = starting_noise(5, 2, hw)
+    field = NoiseField(5, 2, hw)
+    rng = random.Random(0)
+    for _ in range(30):
+        i, y0 = rng.randrange(2), rng.randrange(hw[0])
+        y1 = rng.randrange(y0, hw[0] + 1)
+        assert torch.equal(field[i, :, y0:y1, 3:17], full[i, :, y0:y1, 3:17])
+    drawn = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(math.prod(a[:2])) or real(*a, **k))
+    field = NoiseField(5, 1, hw)
+    field[0, :, 0 : min(32, hw[0]), :]
+    assert sum(drawn) == 48 * hw[0] * hw[1]  # the first band: one pass
+    drawn.clear()
+    y0 = max(hw[0] - 40, 1)
+    assert torch.equal(field[0, :, y0 : y0 + 32, :], full[0, :, y0 : y0 + 32])
+    rows, end = field.rows_per_state, (y0 + 32 if hw[1] % 16 == 0 else hw[0])  # (rows of 12: whole planes)
+    assert sum(drawn) == 48 * (end - y0 // rows * rows) * hw[1]  # from its block's start only
 
 
 def test_flicker_probe_tool(model_file, capsys):
