@@ -943,6 +943,8 @@ def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, 
     other = object()
     monkeypatch.setattr(pack.mm, "stub_others", [other])
     monkeypatch.setattr(pack.mm, "stub_free_calls", [])
+    # as on a GPU, where the others go to the CPU (the stub runs on the CPU: offload elsewhere)
+    monkeypatch.setattr(handle.patcher, "offload_device", torch.device("meta"))
     shapes = _oom_on_first_calls(model, monkeypatch, 1)
     with caplog.at_level(logging.WARNING):
         sr = run(pack, node_id, upsr_model=handle, image=img, **inputs, **defaults(pack, node_id))[0]
@@ -951,6 +953,23 @@ def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, 
     assert device == handle.patcher.load_device and keep == [pack.mm.LoadedModel(handle.patcher)]
     assert "out of memory with tile 512, overlap 64: unloaded 1 other model(s), retrying the same" in caplog.text
     assert shapes[0] == shapes[1] and torch.equal(sr, want)
+
+
+def test_oom_where_models_offload_to_their_own_device_shrinks_at_once(pack, handle, model, monkeypatch, caplog):
+    """Under --cpu (or --gpu-only) models are offloaded to the device they run on: unloading the
+    others frees nothing, and retrying the same tiles cost a whole failing attempt (minutes on a
+    CPU) and dropped the user's models from ComfyUI's list. The tile shrinks at once."""
+    assert handle.patcher.offload_device == handle.patcher.load_device  # the stub: both the CPU
+    img = lr_image(16, 128, seed=4)
+    other = object()
+    monkeypatch.setattr(pack.mm, "stub_others", [other])
+    monkeypatch.setattr(pack.mm, "stub_free_calls", [])
+    shapes = _oom_on_first_calls(model, monkeypatch, 1)
+    with caplog.at_level(logging.WARNING):
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"overlap": 16})
+    assert pack.mm.stub_others == [other] and pack.mm.stub_free_calls == []
+    assert "retrying with tile 64, overlap 16" in caplog.text and "unloaded" not in caplog.text
+    assert shapes[0][-2:] == (16, 128) and shapes[1][-2:] == (16, 56)
 
 
 @pytest.mark.parametrize("error", [
