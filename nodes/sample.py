@@ -13,34 +13,22 @@ from comfy_api.v0_0_2 import io
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
 from upsr_core.errors import is_out_of_memory, is_size_limit
 from upsr_core.model import ESTIMATOR_BLOCK, Progress
-from upsr_core.pipeline import SCALE, generator_seed, padded_size
+from upsr_core.pipeline import SCALE, generator_seed
 from upsr_core.stages import sample_maps
+from upsr_core.tiling import MIN_RETRY_TILE, smaller_tiles
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT
 
 from ._layout import check_role, image_in, image_out, lr_in
 from .load_model import UPSRModelType
 
 log = logging.getLogger(__name__)
-MIN_TILE = 64  # LR pixels: the OOM retry gives up below this
+MIN_TILE = MIN_RETRY_TILE  # LR pixels: the smallest tile widget value; the OOM retry gives up below it
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # as KSampler's; upsr_core.pipeline.generator_seed maps it onto the generator
 
 Run = Callable[[int, int, int, Progress], torch.Tensor]
 """run(tile, overlap, estimator_block, progress) -> sr (B,3,4h,4w)."""
 S = TypeVar("S")
 R = TypeVar("R")
-
-
-def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: int) -> tuple[int, int] | None:
-    """The next (tile, overlap) to try after running out of memory, or None below MIN_TILE.
-
-    Halves the tile actually used (a tile larger than the padded image is the image), keeps it a
-    multiple of ``multiple`` (the model's padding) and the overlap below half of it.
-    """
-    padded = max(padded_size(*lr_size, multiple))
-    new = min(tile, padded) // 2 // multiple * multiple
-    if new < max(MIN_TILE, multiple):
-        return None
-    return new, min(overlap, new // 2)
 
 
 def progress_bar() -> Progress:
@@ -102,11 +90,6 @@ def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multi
 
     progress = progress_bar()
     return retry_on_oom(lambda s: run(*s, progress), (tile, overlap, ESTIMATOR_BLOCK), shrink, describe, free_others)
-
-
-def smaller_block(block: int) -> int | None:
-    """The next estimator block after running out of memory, or None below MIN_TILE."""
-    return block // 2 if block // 2 >= MIN_TILE else None
 
 
 TILE_MAX, OVERLAP_MAX = 4096, 1024

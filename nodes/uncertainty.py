@@ -10,11 +10,12 @@ from comfy_api.v0_0_2 import io, ui
 
 from upsr_core.model import ESTIMATOR_BLOCK
 from upsr_core.stages import estimate_maps, heatmap, uncertainty_mask, weight_map
+from upsr_core.tiling import smaller_block
 from upsr_core.uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
 from ._layout import check_role, image_in, image_out, lr_in, mask_in, mask_out
 from .load_model import UPSRModelType
-from .sample import progress_bar, retry_on_oom, smaller_block
+from .sample import progress_bar, retry_on_oom
 
 MASK_PSI_MAX = 1.0  # the slider's top: a painted MASK holds values up to 1 (computed ψ: PSI_MAX_LIMIT)
 

@@ -1014,14 +1014,6 @@ def test_tiling_widgets_are_checked_before_the_prompt_runs(pack, node_id):
         "tile must be a multiple of 64 LR pixels (64, 128, …, 512, …), got 100: try 64")
 
 
-def test_smaller_tiles_policy(pack):
-    smaller = sys.modules[PACK + ".nodes.sample"].smaller_tiles
-    assert smaller(512, 64, (1000, 700), 64) == (256, 64)
-    assert smaller(512, 64, (100, 90), 64) == (64, 32)  # halves the 128-px padded image, not the 512 tile
-    assert smaller(128, 64, (300, 300), 64) == (64, 32)
-    assert smaller(64, 32, (300, 300), 64) is None
-
-
 def test_cpu_out_of_memory_is_not_retried(pack, handle, model, monkeypatch):
     """A CPU allocation failure is a plain RuntimeError (not comfy's OOM_EXCEPTION): it propagates."""
     def fail(original, *a, **k):

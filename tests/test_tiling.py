@@ -255,3 +255,17 @@ def test_padded_size_is_the_size_pad_lr_gives(h, w, m):
     from upsr_core.pipeline import pad_lr, padded_size
 
     assert padded_size(h, w, m) == tuple(pad_lr(torch.rand(1, 3, h, w), m).shape[-2:])
+
+
+def test_smaller_tiles_and_blocks_after_out_of_memory():
+    """The retry policy the nodes use (upsr_core.tiling: the nodes hold no arithmetic)."""
+    from upsr_core.tiling import smaller_block, smaller_tiles
+
+    assert smaller_tiles(512, 64, (1000, 700), 64) == (256, 64)
+    assert smaller_tiles(512, 64, (100, 90), 64) == (64, 32)  # halves the 128-px padded image, not the 512 tile
+    assert smaller_tiles(128, 64, (300, 300), 64) == (64, 32)
+    assert smaller_tiles(64, 32, (300, 300), 64) is None
+    assert smaller_tiles(512, 64, (300, 300), 8) == (152, 64)  # a multiple of 8: the padded 304 halved
+    assert smaller_tiles(64, 16, (300, 300), 8) is None  # 32 < the minimum of 64
+    assert smaller_tiles(64, 16, (300, 300), 8, minimum=16) == (32, 16)
+    assert [smaller_block(512), smaller_block(128), smaller_block(64)] == [256, 64, None]

@@ -20,7 +20,10 @@ import torch
 from .errors import is_int
 
 __all__ = ["Tile", "tile_starts", "plan_tiles", "partition", "tile_weight", "official_chop_starts", "check_tiling",
-           "check_tile_batch", "tile_size"]
+           "check_tile_batch", "tile_size", "smaller_tiles", "smaller_block", "MIN_RETRY_TILE"]
+
+MIN_RETRY_TILE = 64
+"""LR pixels: a retry after running out of memory shrinks tiles and blocks down to this size."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,26 @@ def tile_weight(t: Tile, tiles: list[Tile], scale: int = 1) -> torch.Tensor:
     wy = _ramp(t.h, t.h * scale, max(up, 0) * scale, max(down, 0) * scale)
     wx = _ramp(t.w, t.w * scale, max(left, 0) * scale, max(right, 0) * scale)
     return (wy[:, None] * wx[None, :]).float()
+
+
+def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: int,
+                  minimum: int = MIN_RETRY_TILE) -> tuple[int, int] | None:
+    """The next (tile, overlap) to try after running out of memory, or None below ``minimum``.
+
+    Halves the tile actually used (a tile larger than the padded image is the image), keeps it a
+    multiple of ``multiple`` (the model's padding) and the overlap at most half of it. Sizes in
+    LR pixels; ``lr_size`` is (h, w).
+    """
+    padded = max(-(-side // multiple) * multiple for side in lr_size)  # pipeline.padded_size's rounding
+    new = min(tile, padded) // 2 // multiple * multiple
+    if new < max(minimum, multiple):
+        return None
+    return new, min(overlap, new // 2)
+
+
+def smaller_block(block: int, minimum: int = MIN_RETRY_TILE) -> int | None:
+    """The next estimator block (LR pixels) after running out of memory: half, or None below ``minimum``."""
+    return block // 2 if block // 2 >= minimum else None
 
 
 def batches(items: list, size: int) -> Iterator[list]:
