@@ -24,13 +24,14 @@ ROLES = {  # the pack's IMAGE maps, tagged so that a map wired into the wrong in
 _ROLE = "_upsr_role"
 
 
-def check_role(image: object, name: str, expected: str | None) -> None:
+def check_role(image: object, name: str, expected: str | None, want: str | None = None) -> None:
     """A ValueError when ``image`` is one of the pack's maps other than ``expected`` (None: the
-    LR image, which is none of them). Untagged IMAGEs (any other node's, or a map edited on the
-    way) pass: only the pack's own outputs, wired as they are, carry a role."""
+    LR image, which is none of them); ``want`` says what the input takes where that is not
+    ``expected``'s name. Untagged IMAGEs (any other node's, or a map edited on the way) pass:
+    only the pack's own outputs, wired as they are, carry a role."""
     role = getattr(image, _ROLE, None)
     if role is not None and role != expected:
-        want = ROLES[expected] if expected else "the low-resolution image"
+        want = want or (ROLES[expected] if expected else "the low-resolution image")
         raise ValueError(f"{name}: got {ROLES[role]}; connect {want} here")
 
 

@@ -35,7 +35,9 @@ class UPSRColorFix(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, reference, levels=DEFAULT_LEVELS) -> io.NodeOutput:
-        check_role(image, "image", None)
-        check_role(reference, "reference", None)
+        # g(y) is a ×4 picture like any upscaler's: allowed in both; ψ, w and the heatmap are not pictures
+        check_role(image, "image", "sr_estimate", "the ×4 result to fix (UPSR's image, or any ×4 upscaler's)")
+        check_role(reference, "reference", "sr_estimate",
+                   "the low-resolution image (or a picture of the result's size) whose colours to keep")
         x, ref = lr_in(image), lr_in(reference, "reference")  # a resize's overshoot clamped, [0, 255] refused
         return io.NodeOutput(image_out(wavelet_color_fix(x, ref, levels=levels)))

@@ -707,8 +707,16 @@ def test_color_fix_node_refuses_wrong_inputs_by_name(pack, handle):
     est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
     with pytest.raises(ValueError, match=r"reference is 20×16 and image 96×64"):
         run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=lr_image(16, 20), levels=5)
-    with pytest.raises(ValueError, match="reference: got UPSR Estimate Uncertainty's uncertainty"):
+    with pytest.raises(ValueError, match=r"^reference: got UPSR Estimate Uncertainty's uncertainty \(ψ\); connect the "
+                                         r"low-resolution image \(or a picture of the result's size\) whose colours"):
         run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=est[1], levels=5)
+    w, heat = run(pack, "WeightNoise", **defaults(pack, "WeightNoise"), uncertainty=est[1])
+    with pytest.raises(ValueError, match=r"^image: got UPSR Weight Noise's heatmap .*; connect the ×4 result to fix "
+                                         r"\(UPSR's image, or any ×4 upscaler's\) here$"):
+        run(pack, "UPSRColorFix", image=heat, reference=img, levels=5)
+    # g(y) is a ×4 picture as any upscaler's: it was refused with "connect the low-resolution image here"
+    fixed = run(pack, "UPSRColorFix", image=est[0], reference=img, levels=5)[0]
+    assert fixed.shape == est[0].shape
     with pytest.raises(ValueError, match=r"reference must hold values in \[0, 1\], got \[.*\] \(divide 8-bit"):
         run(pack, "UPSRColorFix", image=torch.rand(1, 64, 96, 3), reference=img * 255, levels=5)
     with pytest.raises(ValueError, match="image: the image has an alpha channel"):
