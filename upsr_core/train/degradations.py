@@ -9,12 +9,17 @@ UPSR training recipe:
     final       : [resize to H/scale → sinc → JPEG] or [JPEG → resize → sinc] (p = ½ each)
     clamp, round to 8-bit levels
 
-Randomness, as in Real-ESRGAN's training loop:
+Randomness (each image sees Real-ESRGAN's probabilities; where the official loop draws once
+per batch and this draws per image, noted below):
 
-* per image: blur kernels k1, k2, whether k2 is applied, the final sinc filter (applied with
-  ``final_sinc_prob``), noise type / strength / gray-vs-colour, JPEG qualities;
+* per image: blur kernels k1, k2, whether k2 is applied and Gaussian-vs-Poisson noise (both
+  drawn once per batch by the official ``feed_data``), the final sinc filter (applied with
+  ``final_sinc_prob``), noise strength / gray-vs-colour, JPEG qualities;
 * per batch (they change the tensor size, so one value serves the whole batch): the resize
-  kind, factor and interpolation mode of each order, the final order and resize mode.
+  kind, factor and interpolation mode of each order, the final order and resize mode. The
+  first order resizes to an explicit size, round(H·s) × round(W·s); the official call passes
+  ``scale_factor=s``, whose sampling grid uses 1/s instead of the in/out ratio (up to ~2 HR px
+  apart at the far edge of a 256-px crop), so its LR is slightly stretched against its HR.
 
 All draws come from ``generator`` in a fixed order, so the same generator state and input
 give the same output. Scalars are drawn first on the generator's device and moved to the CPU
@@ -126,7 +131,8 @@ class RealESRGANDegradation:
     sinc draws its size from ``second.kernel_sizes``. ``kernel_probs``: probabilities of
     ``KERNEL_TYPES``; ``final_sinc_omega``: cut-off range (radians) of the final sinc.
     ``jpeg``: ``"libjpeg"`` (the artefacts of real JPEG files; default) or ``"diffjpeg"`` (the
-    official training's DiffJPEG model, see :func:`.jpeg.diffjpeg_compress`).
+    official training's DiffJPEG model, see :func:`.jpeg.diffjpeg_compress`; ``train --jpeg
+    diffjpeg`` for parity with the official training, which the default is not).
     """
 
     first: DegradationStage = field(default_factory=_first_stage)

@@ -4,7 +4,9 @@
 training options (``options/000_UPSR_RealSR_x4.yml``): AdamW lr 1e-4, weight decay 0,
 EMA 0.999, no gradient clipping, batch 16 per GPU, HR crops 256² (LR 64²), 5000 warm-up
 iterations, 200k iterations. The official run used 2 GPUs (global batch 32): on one GPU,
-``--accum 2`` gives the same global batch.
+``--accum 2`` gives the same global batch. Two ``train`` defaults are not the official run's
+and apply to ``full`` too: the EMA warm-up of fresh nets (``--ema-warmup off``) and libjpeg's
+JPEG (``--jpeg diffjpeg``); docs/TRAINING.md gives the whole parity command.
 
 ``small`` is the bundled demo model: trainable in a few minutes on one H100 and still
 runnable on a CPU. Denoiser 9.56M params (model_channels 64, channel_mult (1,2,2,2),
