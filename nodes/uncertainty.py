@@ -20,7 +20,7 @@ from .sample import progress_bar, retry_on_oom
 MASK_PSI_MAX = 1.0  # the slider's top: a painted MASK holds values up to 1 (computed ψ: PSI_MAX_LIMIT)
 
 
-EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel: g(y) is what it would give
+EXTERNAL_TILE, EXTERNAL_OVERLAP = 512, 32  # core's ImageUpscaleWithModel's tiling (on the padded LR: close to its g(y))
 
 
 class TileProgress:
