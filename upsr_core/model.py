@@ -392,7 +392,9 @@ class UPSRModel:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile.
 
         Streams: bicubic, ŷ, ψ and w are made per tile (ŷ from cached estimator blocks), so
-        besides the LR, the noise field and the output canvas nothing grows with the image.
+        besides the LR, the noise field and the output canvas, only the block cache grows with
+        the image — with its width: the estimator blocks of the tile rows in use (up to two
+        rows of 512-px blocks, ~50 MB per block at ×4 in float32; at an LR width of 8192 ~1.6 GB).
         Equals ``denoise(estimate(lr), weight_noise(ψ))`` bit for bit.
 
         ``sink``: if given, the output canvas is not kept either: as each tile row finishes,
