@@ -96,6 +96,34 @@ def test_safetensors_layouts(sds, tmp_path, kind, layout):
     assert_same_weights(load_one(path, kind), sds[kind])
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "raw-pickle"])
+def test_a_pth_named_safetensors_is_read_as_the_pickle_it_is(sds, tmp_path, legacy):
+    """Renaming upsr.pth to .safetensors (an easy mistake) was refused with "its safetensors header
+    is 578712552184433488 bytes … a crafted one": the content decides, not the suffix."""
+    path = tmp_path / "net.safetensors"
+    torch.save(sds["estimator"], path, _use_new_zipfile_serialization=not legacy)
+    assert_same_weights(load_one(path, "estimator"), sds["estimator"])
+
+
+def test_pickled_checkpoints_are_refused_on_a_torch_whose_weights_only_loader_is_unsafe(sds, tmp_path, monkeypatch):
+    """Before torch 2.6 a crafted pickle could run code through weights_only=True (CVE-2025-32434):
+    there a .pth is refused with the way out; a .safetensors file still loads."""
+    import upsr_core.checkpoint as ck
+
+    pth, st = tmp_path / "net.pth", tmp_path / "net.safetensors"
+    torch.save(sds["estimator"], pth)
+    save_file({k: v.contiguous() for k, v in sds["estimator"].items()}, str(st))
+    monkeypatch.setattr(ck.torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(UnsupportedCheckpointError, match=r"net\.pth: a pickled checkpoint is not loaded with torch "
+                                                         r"2\.5\.1\+cu121: .*\(CVE-2025-32434\)\. Upgrade torch, or "
+                                                         r"convert the file where torch is newer"):
+        read_checkpoint(pth)
+    assert_same_weights(load_one(st, "estimator"), sds["estimator"])
+    monkeypatch.setattr(ck.torch, "__version__", "2.6.0")
+    assert_same_weights(load_one(pth, "estimator"), sds["estimator"])
+    assert ck._torch_version() == (2, 6)
+
+
 HALF_CASES = [("estimator", dt, sfx) for dt in (torch.float16, torch.bfloat16) for sfx in (".pth", ".safetensors")]
 HALF_CASES += [("denoiser", torch.float16, ".safetensors"), ("denoiser", torch.bfloat16, ".pth")]
 

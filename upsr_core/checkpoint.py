@@ -58,6 +58,23 @@ def _looks_like_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < n < 100_000_000
 
 
+SAFE_PICKLE_TORCH = (2, 6)
+"""The oldest torch whose ``torch.load(weights_only=True)`` is taken as safe: before 2.6 a
+crafted pickle could run code through it (CVE-2025-32434, fixed in torch 2.6.0), so pickled
+checkpoints (.pth/.pt/.ckpt) are refused there; safetensors files load on any torch."""
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _is_pickle_file(head: bytes) -> bool:
+    """torch.save writes a zip archive (``PK``) or a raw pickle (protocol 2+: ``0x80`` then the
+    protocol number)."""
+    return head.startswith(b"PK") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
 MAX_SAFETENSORS_HEADER = 8 * 1024 * 1024
 """The largest safetensors header (JSON: names, shapes, metadata) read: the official full-size
 nets' 1261 tensors take ~0.2 MB and the demo file's 96 KB. safetensors itself allows 100 MB, and
@@ -85,7 +102,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; expected a .pth or .safetensors file"
                                 if path.is_dir() else f"checkpoint not found: {str(path)!r}")
-    if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # by content first: an official .pth renamed .safetensors is read as the pickle it is
+    if _looks_like_safetensors(path) or (path.suffix.lower() == ".safetensors" and not _is_pickle_file(head)):
         check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -94,6 +114,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except (SafetensorError, OSError, ValueError) as e:
             raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
         return _canonical(sd, path), meta
+    if _torch_version() < SAFE_PICKLE_TORCH:  # a model file from elsewhere (a training run's own checkpoint
+        raise UnsupportedCheckpointError(       # in --out still resumes: load_pickled)
+            f"{path}: a pickled checkpoint is not loaded with torch {torch.__version__}: its weights-only "
+            f"loader could be made to run code before torch {'.'.join(map(str, SAFE_PICKLE_TORCH))} "
+            "(CVE-2025-32434). Upgrade torch, or convert the file where torch is newer (python -m upsr_core "
+            "convert … -o model.safetensors): .safetensors files load on any torch")
     return _canonical(load_pickled(path), path), {}
 
 
@@ -113,7 +139,8 @@ def load_pickled(path: Path) -> object:
     try:
         with warnings.catch_warnings():  # a corrupted pickle's "Detected pickle protocol" warning: the error says it
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsupportedCheckpointError(
             f"{path}: refused to load — expected a state dict of plain tensors, but the pickle asks for "
