@@ -124,6 +124,21 @@ def test_pickled_checkpoints_are_refused_on_a_torch_whose_weights_only_loader_is
     assert ck._torch_version() == (2, 6)
 
 
+@pytest.mark.parametrize("kind", ["estimator", "denoiser"])
+@pytest.mark.parametrize("damage", ["out-of-range", "in-range"])
+def test_a_damaged_relative_position_index_is_refused_at_load(sds, tmp_path, kind, damage):
+    """The index buffers are read, not rebuilt: one out of range failed only at inference (a CUDA
+    device-side assert), one in range made wrong images silently. Refused at load, naming it."""
+    sd = dict(sds[kind])
+    key = next(k for k in sd if k.rsplit(".", 1)[-1].startswith("relative_position_index"))
+    idx = sd[key]
+    sd[key] = {"out-of-range": idx + 10_000, "in-range": idx.flip(0)}[damage]
+    path = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(UnsupportedCheckpointError, match=rf"its {key} is not the relative-position index of a "):
+        load_one(path, kind)
+
+
 HALF_CASES = [("estimator", dt, sfx) for dt in (torch.float16, torch.bfloat16) for sfx in (".pth", ".safetensors")]
 HALF_CASES += [("denoiser", torch.float16, ".safetensors"), ("denoiser", torch.bfloat16, ".pth")]
 

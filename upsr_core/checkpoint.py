@@ -14,6 +14,7 @@ fp16/bf16 weights are up-cast to float32 on load. A file of the wrong kind raise
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import warnings
@@ -29,6 +30,7 @@ from .config import ATDConfig, DenoiserConfig, atd_config_from_state_dict, denoi
 from .errors import UnsupportedCheckpointError, describe_state_dict
 from .imageio import write_atomically
 from .nets import ATD, UPSRDenoiser
+from .nets.attention import relative_position_index
 
 __all__ = [
     "read_checkpoint",
@@ -320,7 +322,24 @@ def _build(kind: str, sd: Mapping[str, torch.Tensor], config):
             raise
         raise UnsupportedCheckpointError(f"{what}: the tensor shapes do not describe a consistent net: {e}", sd) from e
     _load_strict(net, sd, what)
+    _check_index_buffers(net, what)
     return net.eval().requires_grad_(False)
+
+
+def _check_index_buffers(net: torch.nn.Module, what: str) -> None:
+    """The stored relative-position indices must be the standard Swin index of their window
+    (the nets read the bias table through them: an index out of range failed only at inference,
+    on CUDA as a device-side assert that breaks the process, and a wrong one in range gave
+    wrong images without a word)."""
+    for name, buf in net.named_buffers():
+        if not name.rsplit(".", 1)[-1].startswith("relative_position_index"):
+            continue
+        window = math.isqrt(buf.shape[-1])
+        want = relative_position_index(window)
+        if buf.shape != want.shape or not torch.equal(buf.long(), want):
+            raise UnsupportedCheckpointError(
+                f"{what}: its {name} is not the relative-position index of a {window}×{window} window "
+                f"(the standard Swin index, which the weights were trained with): a damaged or crafted file")
 
 
 def build_denoiser(sd: Mapping[str, torch.Tensor], config: DenoiserConfig | None = None) -> UPSRDenoiser:
