@@ -139,6 +139,45 @@ def test_a_damaged_relative_position_index_is_refused_at_load(sds, tmp_path, kin
         load_one(path, kind)
 
 
+def test_another_projects_safetensors_is_refused_before_its_tensors_are_read(tmp_path, monkeypatch):
+    """An SDXL checkpoint picked by mistake (~7 GB) was read whole before the 'expected an UPSR
+    denoiser' error; the key names decide first, and no tensor is read."""
+    import upsr_core.checkpoint as ck
+
+    path = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
+               "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.zeros(2)}, str(path))
+    read = []
+    real = ck.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def metadata(self):
+            return self.inner.metadata()
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self.inner.get_tensor(k)
+
+    monkeypatch.setattr(ck, "safe_open", Spy)
+    with pytest.raises(UnsupportedCheckpointError, match=r"sdxl\.safetensors: expected an UPSR denoiser .*"
+                                                         r"'model\.diffusion_model\.input_blocks"):
+        read_checkpoint(path)
+    assert read == []
+
+
 HALF_CASES = [("estimator", dt, sfx) for dt in (torch.float16, torch.bfloat16) for sfx in (".pth", ".safetensors")]
 HALF_CASES += [("denoiser", torch.float16, ".safetensors"), ("denoiser", torch.bfloat16, ".pth")]
 

@@ -111,8 +111,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+                meta, names = dict(f.metadata() or {}), list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+        # which nets the file holds, from its key names, before any tensor is read: another
+        # project's model given by mistake (an SDXL checkpoint: ~7 GB) is refused without loading it
+        split_nets(dict.fromkeys(k.removeprefix("module.") for k in names), str(path))
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                sd = {k: f.get_tensor(k) for k in names}
         except (SafetensorError, OSError, ValueError) as e:
             raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
         return _canonical(sd, path), meta
