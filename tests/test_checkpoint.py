@@ -178,6 +178,20 @@ def test_another_projects_safetensors_is_refused_before_its_tensors_are_read(tmp
     assert read == []
 
 
+def test_convert_to_fp16_refuses_weights_that_overflow_it(tmp_path):
+    """--dtype fp16 of a weight over 65504 wrote Inf, a file the loader then refused."""
+    from upsr_core.checkpoint import save_converted
+
+    from _support import tiny_upsr
+
+    m = tiny_upsr()
+    m.denoiser.conv_last.weight.data[0, 0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"^denoiser\.conv_last\.weight does not fit fp16: up to 1e\+05 in magnitude"):
+        save_converted(tmp_path / "x.safetensors", m.denoiser, m.estimator, dtype="fp16")
+    assert not (tmp_path / "x.safetensors").exists()
+    save_converted(tmp_path / "x.safetensors", m.denoiser, m.estimator, dtype="bf16")  # bf16's range holds it
+
+
 HALF_CASES = [("estimator", dt, sfx) for dt in (torch.float16, torch.bfloat16) for sfx in (".pth", ".safetensors")]
 HALF_CASES += [("denoiser", torch.float16, ".safetensors"), ("denoiser", torch.bfloat16, ".pth")]
 

@@ -395,7 +395,13 @@ def save_converted(
             continue
         for k, v in net.state_dict().items():
             v = v.detach().cpu()
-            tensors[f"{name}.{k}"] = (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+            if v.is_floating_point():
+                cast = v.to(_DTYPES[dtype])
+                if cast.isfinite().all() < v.isfinite().all():  # the loader refuses non-finite weights
+                    raise ValueError(f"{name}.{k} does not fit {dtype}: up to {v.abs().max().item():.3g} in "
+                                     f"magnitude (fp16 holds 65504); write it as bf16 or fp32")
+                v = cast
+            tensors[f"{name}.{k}"] = v.contiguous()
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
