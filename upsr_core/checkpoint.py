@@ -95,10 +95,13 @@ def check_safetensors_header(path: str | os.PathLike) -> None:
             "read here (a real model's is under 1 MB): not a model file, or a crafted one")
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(path: str | os.PathLike, *, source: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a checkpoint file -> (flat state dict of CPU tensors, metadata dict).
 
     Never executes pickled code. Raises FileNotFoundError or UnsupportedCheckpointError.
+    ``source`` starts the message of a file that holds no UPSR net (default: the path), e.g.
+    ``"'m.safetensors' (the model)"``, as :func:`split_nets` takes it.
     """
     path = Path(path)
     if not path.is_file():
@@ -116,7 +119,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
         # which nets the file holds, from its key names, before any tensor is read: another
         # project's model given by mistake (an SDXL checkpoint: ~7 GB) is refused without loading it
-        split_nets(dict.fromkeys(k.removeprefix("module.") for k in names), str(path))
+        split_nets(dict.fromkeys(k.removeprefix("module.") for k in names), source or str(path))
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 sd = {k: f.get_tensor(k) for k in names}

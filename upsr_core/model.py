@@ -517,7 +517,7 @@ def load_upsr(
         if not (isinstance(path, (str, os.PathLike)) or (name == "estimator" and path is None)):
             raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__}")
     device = check_device(device)
-    sd, meta = read_checkpoint(model)
+    sd, meta = read_checkpoint(model, source=f"{os.fspath(model)!r} (the model)")
     nets = split_nets(sd, f"{os.fspath(model)!r} (the model)")
     if "denoiser" not in nets:
         raise UnsupportedCheckpointError(
@@ -528,7 +528,7 @@ def load_upsr(
     den = build_denoiser(nets["denoiser"], dcfg)
     est_net = None
     if estimator is not None:
-        esd, emeta = read_checkpoint(estimator)
+        esd, emeta = read_checkpoint(estimator, source=f"{os.fspath(estimator)!r} (the estimator)")
         enets = split_nets(esd, f"{os.fspath(estimator)!r} (the estimator)")
         if "estimator" not in enets:
             raise UnsupportedCheckpointError(

@@ -251,7 +251,7 @@ def _read_net(path: str | Path, stage: str, flag: str):
                          "beside it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
-    sd, meta = read_checkpoint(path)
+    sd, meta = read_checkpoint(path, source=f"{flag} {str(path)!r}")
     nets = split_nets(sd, f"{flag} {str(path)!r}")
     if key not in nets:
         raise UnsupportedCheckpointError(
