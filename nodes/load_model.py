@@ -121,8 +121,8 @@ class UPSRHandle:
 
     def free_others(self) -> int:
         """Unload every other model from this model's device (after an out-of-memory: the
-        diffusion model of an earlier stage may still sit there); how many were unloaded. None
-        where models are offloaded to the device they run on (``--cpu``; ``--gpu-only``):
+        diffusion model of an earlier stage may still sit there); how many were unloaded. Nothing
+        (0) where models are offloaded to the device they run on (``--cpu``; ``--gpu-only``):
         unloading would free nothing there, and the retry of the same tiles would fail again."""
         if self.patcher.offload_device == self.patcher.load_device:
             return 0

@@ -49,11 +49,10 @@ FORMAT_VERSION = "1"
 _PREFIXES = {"denoiser": ("denoiser.",), "estimator": ("estimator.", "atd.")}
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """By content, not suffix: a safetensors file starts with a little-endian u64 header
-    length followed by a JSON object; zip (``PK``) and pickle (``0x80``) files do not."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+def _looks_like_safetensors(head: bytes, path: Path) -> bool:
+    """By content (``head``: the file's first 9 bytes), not suffix: a safetensors file starts with
+    a little-endian u64 header length followed by a JSON object; zip (``PK``) and pickle
+    (``0x80``) files do not."""
     if len(head) < 9:
         return path.suffix.lower() == ".safetensors"  # too short for either: let the named reader say so
     n = int.from_bytes(head[:8], "little")
@@ -108,21 +107,19 @@ def read_checkpoint(path: str | os.PathLike, *, source: str | None = None
         raise FileNotFoundError(f"checkpoint {str(path)!r} is a folder; expected a .pth or .safetensors file"
                                 if path.is_dir() else f"checkpoint not found: {str(path)!r}")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     # by content first: an official .pth renamed .safetensors is read as the pickle it is
-    if _looks_like_safetensors(path) or (path.suffix.lower() == ".safetensors" and not _is_pickle_file(head)):
+    if _looks_like_safetensors(head, path) or (path.suffix.lower() == ".safetensors" and not _is_pickle_file(head)):
         check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta, names = dict(f.metadata() or {}), list(f.keys())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
-        # which nets the file holds, from its key names, before any tensor is read: another
-        # project's model given by mistake (an SDXL checkpoint: ~7 GB) is refused without loading it
-        split_nets(dict.fromkeys(k.removeprefix("module.") for k in names), source or str(path))
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+                # which nets the file holds, from its key names, before any tensor is read: another
+                # project's model given by mistake (an SDXL checkpoint: ~7 GB) is refused unread
+                split_nets(dict.fromkeys(k.removeprefix("module.") for k in names), source or str(path))
                 sd = {k: f.get_tensor(k) for k in names}
+        except UnsupportedCheckpointError:
+            raise
         except (SafetensorError, OSError, ValueError) as e:
             raise UnsupportedCheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
         return _canonical(sd, path), meta

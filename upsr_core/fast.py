@@ -268,6 +268,12 @@ def enable_fast(
     return model  # type: ignore[return-value]
 
 
+def _canvas_bytes(b: int, h: int, w: int) -> int:
+    """Bytes of ``b`` float32 ×4 results of an h × w LR and their blend norm, ``(3b + 1) · 4h · 4w``
+    values: what stays on the device up to :data:`CANVAS_DEVICE_MAX_BYTES`."""
+    return (3 * b + 1) * (SCALE * h) * (SCALE * w) * 4
+
+
 def _f32_nchw(x: torch.Tensor) -> torch.Tensor:
     """The denoiser's output as float32 NCHW (one cast or copy, none where it already is): a
     channels-last denoiser's x̂0 would otherwise carry its layout through the sampler's updates
@@ -531,7 +537,7 @@ class FastUPSRModel(UPSRModel):
         steps = len(self._steps)
         counter = StepCounter(progress, steps * len(tiles) * b)
         dev = self.device
-        host = (3 * b + 1) * h4 * w4 * 4 > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
+        host = _canvas_bytes(b, *size) > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
         cdev = torch.device("cpu") if host else dev
         out = torch.zeros(b, 3, h4, w4, device=cdev, dtype=torch.float32)
         norm = torch.zeros(h4, w4, device=cdev, dtype=torch.float32)
@@ -581,7 +587,7 @@ class FastUPSRModel(UPSRModel):
                        tile_batch: int = 1) -> int:
         """:meth:`UPSRModel.working_memory` plus the tiled output canvas and blend norm while they
         stay on the device (up to ``CANVAS_DEVICE_MAX_BYTES``)."""
-        canvas = (3 * batch + 1) * (SCALE * lr_size[0]) * (SCALE * lr_size[1]) * 4  # as _tile_loop sizes it
+        canvas = _canvas_bytes(batch, *lr_size)
         act = super().working_memory(lr_size, batch=batch, tile=tile, tile_batch=tile_batch)
         return act + (canvas if canvas <= CANVAS_DEVICE_MAX_BYTES else 0)
 
@@ -644,7 +650,7 @@ class FastUPSRModel(UPSRModel):
         # the device up to CANVAS_DEVICE_MAX_BYTES, else gathered on the CPU (e.g. many video frames)
         out = None
         if b > per:
-            host = (3 * b + 1) * (SCALE * h) * (SCALE * w) * 4 > CANVAS_DEVICE_MAX_BYTES
+            host = _canvas_bytes(b, h, w) > CANVAS_DEVICE_MAX_BYTES
             out = torch.empty(b, 3, SCALE * h, SCALE * w, device="cpu" if host else dev)
         for i in range(0, b, per):
             counter.check()  # the estimator reports nothing: a Cancel is seen before it runs

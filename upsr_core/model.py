@@ -517,8 +517,9 @@ def load_upsr(
         if not (isinstance(path, (str, os.PathLike)) or (name == "estimator" and path is None)):
             raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__}")
     device = check_device(device)
-    sd, meta = read_checkpoint(model, source=f"{os.fspath(model)!r} (the model)")
-    nets = split_nets(sd, f"{os.fspath(model)!r} (the model)")
+    source = f"{os.fspath(model)!r} (the model)"  # what the errors call the file
+    sd, meta = read_checkpoint(model, source=source)
+    nets = split_nets(sd, source)
     if "denoiser" not in nets:
         raise UnsupportedCheckpointError(
             f"{os.fspath(model)!r} holds ATD estimator weights; pass it as the estimator and give the "
@@ -528,8 +529,9 @@ def load_upsr(
     den = build_denoiser(nets["denoiser"], dcfg)
     est_net = None
     if estimator is not None:
-        esd, emeta = read_checkpoint(estimator, source=f"{os.fspath(estimator)!r} (the estimator)")
-        enets = split_nets(esd, f"{os.fspath(estimator)!r} (the estimator)")
+        source = f"{os.fspath(estimator)!r} (the estimator)"
+        esd, emeta = read_checkpoint(estimator, source=source)
+        enets = split_nets(esd, source)
         if "estimator" not in enets:
             raise UnsupportedCheckpointError(
                 f"{os.fspath(estimator)!r} holds UPSR denoiser weights, expected the ATD estimator (atd_real.pth)"

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from .errors import is_int
+from .pipeline import padded_size
 
 __all__ = ["Tile", "tile_starts", "plan_tiles", "partition", "tile_weight", "official_chop_starts", "check_tiling",
            "check_tile_batch", "tile_size", "smaller_tiles", "smaller_block", "MIN_RETRY_TILE"]
@@ -123,7 +124,7 @@ def smaller_tiles(tile: int, overlap: int, lr_size: tuple[int, int], multiple: i
     multiple of ``multiple`` (the model's padding) and the overlap at most half of it. Sizes in
     LR pixels; ``lr_size`` is (h, w).
     """
-    padded = max(-(-side // multiple) * multiple for side in lr_size)  # pipeline.padded_size's rounding
+    padded = max(padded_size(*lr_size, multiple))
     new = min(tile, padded) // 2 // multiple * multiple
     if new < max(minimum, multiple):
         return None

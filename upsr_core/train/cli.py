@@ -251,8 +251,9 @@ def _read_net(path: str | Path, stage: str, flag: str):
                          "beside it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {str(path)!r} does not exist")
-    sd, meta = read_checkpoint(path, source=f"{flag} {str(path)!r}")
-    nets = split_nets(sd, f"{flag} {str(path)!r}")
+    source = f"{flag} {str(path)!r}"  # what the errors call the file
+    sd, meta = read_checkpoint(path, source=source)
+    nets = split_nets(sd, source)
     if key not in nets:
         raise UnsupportedCheckpointError(
             f"{flag} {str(path)!r} holds no {what} weights (it holds: {', '.join(sorted(nets))}); expected {expected}")
