@@ -559,3 +559,104 @@ def test_outputs_differing_only_in_case_are_refused_where_case_is_ignored(tmp_pa
     monkeypatch.setattr(batch, "_case_insensitive", lambda folder: True)
     with pytest.raises(ValueError, match=r"would write .*A\.png' and .*a\.png', one file on this case-insensitive"):
         batch.plan_outputs(found, str(out), False)
+
+
+def test_a_file_given_twice_through_nested_inputs_is_refused(folder, tmp_path, tiny_model_file, capsys):
+    """`upscale in in/sub` wrote in/sub/x.png twice (out/sub/x.png and out/x.png): the check for a
+    repeated input only fired when both copies mapped to one output."""
+    (folder / "sub").mkdir()
+    (folder / "img0.png").rename(folder / "sub" / "x.png")
+    for extra in (folder / "sub", folder / "sub" / "x.png"):
+        rc = main(["upscale", str(folder), str(extra), "-o", str(tmp_path / "out"), "--model", str(tiny_model_file),
+                   "--device", "cpu", "-q"])
+        assert rc == 2
+        assert f"input {str(folder / 'sub' / 'x.png')!r} is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_named_as_a_folder_is_refused_and_never_counts_as_done(tmp_path, tiny_model_file, capsys,
+                                                                         monkeypatch):
+    """d1/a.png/b.png (a folder named a.png) beside d2/a.jpg: the first run died renaming a.png.part
+    onto the folder, and every rerun then skipped a.jpg as "done" (the folder existed)."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rng = np.random.default_rng(1)
+    for rel in ("d1/a.png/b.png", "d2/a.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / rel)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_file), "--device", "cpu", "-q"]
+    assert main(["upscale", str(tmp_path / "d1"), str(tmp_path / "d2"), "-o", str(out), *args]) == 2
+    assert (f"would write {str(out / 'a.png')!r} and {str(out / 'a.png' / 'b.png')!r} inside it, a file and a "
+            "folder of one name") in capsys.readouterr().err
+    one = tmp_path / "one"
+    (one / "a.png").mkdir(parents=True)
+    (tmp_path / "d1" / "a.png" / "b.png").rename(one / "a.png" / "b.png")
+    (tmp_path / "d2" / "a.jpg").rename(one / "a.jpg")
+    assert main(["upscale", str(one), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"would write {str(out / 'a.png')!r} and {str(out / 'a.png' / 'b.png')!r} inside it" in err
+    assert not out.exists()
+    # an existing folder where an output goes is refused, not taken as that output done
+    (out / "a.png").mkdir(parents=True)
+    (one / "a.png" / "b.png").unlink()
+    (one / "a.png").rmdir()
+    assert main(["upscale", str(one), "-o", str(out), *args]) == 2
+    assert f"{str(out / 'a.png')!r}, is an existing folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, match", [({"WORLD_SIZE": "3"}, "WORLD_SIZE='3' is set but RANK is not"),
+                                        ({"RANK": "1"}, "RANK='1' is set but WORLD_SIZE is not"),
+                                        ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' and WORLD_SIZE='2' must be "
+                                                                              "integers")])
+def test_torchrun_variables_come_in_pairs(folder, tmp_path, tiny_model_file, monkeypatch, capsys, env, match):
+    """A stray WORLD_SIZE=3 in the shell wrote 2 of 5 images and exited 0; RANK=abc said only
+    "invalid literal for int()"."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["upscale", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_model_file), "--device",
+               "cpu", "-q"])
+    assert rc == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_loads_no_model_and_a_rank_logs_its_share(folder, tmp_path, tiny_model_file, monkeypatch,
+                                                                 caplog):
+    import upsr_core.batch as batch
+
+    out = tmp_path / "out"
+    _run(folder, out, tiny_model_file, monkeypatch)
+    monkeypatch.setattr(batch, "load_upsr", lambda *a, **k: pytest.fail("model loaded with nothing to do"))
+    with caplog.at_level("INFO", logger="upsr_core"):
+        _run(folder, out, tiny_model_file, monkeypatch, rank=1, world=2, quiet=False)
+    assert "skipping 2 image(s)" in caplog.text
+    assert "rank 1 of 2: 2 of 5 files (list " in caplog.text
+
+
+def test_symlinked_folders_are_named_in_the_log_not_skipped_silently(folder, tmp_path, tiny_model_file,
+                                                                     monkeypatch, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "broken.png").symlink_to(tmp_path / "gone.png")
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        _run(folder, tmp_path / "out", tiny_model_file, monkeypatch)
+    assert "2 symbolic link(s) to folders or to nothing not followed" in caplog.text
+    assert str(folder / "linked") in caplog.text and str(folder / "broken.png") in caplog.text
+
+
+def test_an_unwritable_output_folder_is_named_as_such_not_as_case_insensitive(tmp_path, monkeypatch):
+    """The case probe of an output folder where nothing can be written counted it as
+    case-insensitive, and `A.jpg` beside `a.png` into /proc/x4 said so."""
+    import tempfile
+
+    import upsr_core.batch as batch
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(ValueError, match=r"^-o: cannot write into '.*' \(Permission denied\)$"):
+        batch._case_insensitive(tmp_path)

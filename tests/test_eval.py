@@ -764,13 +764,14 @@ def test_eval_saves_the_outputs_it_scored(tiny_pairs, monkeypatch):
             assert float(psnr(sr, hr)[0]) == row["metrics"][m]["psnr"]
 
 
-def test_a_metric_error_names_the_image_and_the_crop_border(tiny_pairs):
-    from upsr_core.evaluate import evaluate, pair_files
+def test_a_crop_border_too_large_for_ssim_is_found_before_any_image_is_scored(tiny_pairs, monkeypatch):
+    from upsr_core import evaluate as ev
 
     root, _ = tiny_pairs
-    with pytest.raises(ValueError, match=r"^img0: SSIM needs images of at least 11×11, got \(4, 4\) \(after "
-                                         r"--crop-border 30\)$"):
-        evaluate(None, pair_files(root / "hr", root / "lr"), ["bicubic"], crop_border=30)
+    monkeypatch.setattr(ev, "run_methods", lambda *a, **k: pytest.fail("an image was scored before the check"))
+    with pytest.raises(ValueError, match=r"^\S*img0\.png: 64×64 px \(×4 of its LR\) is 4×4 after --crop-border 30; "
+                                         r"SSIM needs at least 11×11$"):
+        ev.evaluate(None, ev.pair_files(root / "hr", root / "lr"), ["bicubic"], crop_border=30)
 
 
 def test_eval_warns_when_hr_and_lr_differ_in_colour(tiny_pairs, caplog):
@@ -875,3 +876,173 @@ def test_an_interrupted_eval_writes_the_images_it_finished(tiny_pairs, monkeypat
     assert res["mean"]["upsr"]["psnr"] == res["per_image"][0]["metrics"]["upsr"]["psnr"]
     assert (out / "results.md").read_text().startswith("PARTIAL: the first 1 of 2 pairs")
     assert "interrupted after 1 of 2 images" in capsys.readouterr().err
+
+
+def test_an_hr_of_the_wrong_size_stops_eval_before_any_image_is_scored(tiny_pairs, monkeypatch, capsys):
+    """The pairs' sizes come from the files' headers first: a wrong pair at image k of a large set
+    used to stop the run there, after k − 1 images' work, with nothing written."""
+    import upsr_core.evaluate as ev
+
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    Image.new("RGB", (64, 68)).save(root / "hr" / "img1.png")  # 68 rows: 4 more than ×4 of the LR's 16
+    monkeypatch.setattr(ev, "run_methods", lambda *a, **k: pytest.fail("an image was scored before the check"))
+    rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out",
+               str(root / "ev"), "--device", "cpu", "--method", "bicubic"])
+    assert rc == 2
+    assert "img1.png: HR (68, 64) is not ×4 of LR (16, 16)" in capsys.readouterr().err
+    assert not (root / "ev" / "results.json").exists()
+
+
+def test_an_image_that_fails_to_decode_part_way_keeps_the_scores_before_it(tiny_pairs, monkeypatch, capsys):
+    """A truncated PNG (its header reads, its pixels do not) as the second LR: the first image's
+    scores are written, marked partial with the error, and the error is still the run's outcome."""
+    root, model = tiny_pairs
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    data = (root / "lr" / "img1.png").read_bytes()
+    (root / "lr" / "img1.png").write_bytes(data[: len(data) // 2])
+    out = root / "ev"
+    rc = main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--model", str(model), "--out", str(out),
+               "--device", "cpu", "--method", "bicubic"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "img1.png: not a readable image" in err
+    assert "stopped by an error after 1 of 2 images" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["info"]["partial"].startswith("stopped by an error after 1 of 2: ")
+    assert "img1.png: not a readable image" in res["info"]["partial"]
+    assert [r["image"] for r in res["per_image"]] == ["img0"]
+    assert res["mean"]["bicubic"]["psnr"] == res["per_image"][0]["metrics"]["bicubic"]["psnr"]
+    assert (out / "results.md").read_text().startswith("PARTIAL: the first 1 of 2 pairs (error: ")
+
+
+def test_evaluate_attaches_the_finished_rows_to_an_error(tiny_pairs, monkeypatch):
+    import upsr_core.evaluate as ev
+
+    root, _ = tiny_pairs
+    real, calls = ev.run_methods, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "run_methods", second_fails)
+    with pytest.raises(ValueError, match="^boom$") as info:
+        ev.evaluate(None, ev.pair_files(root / "hr", root / "lr"), ["bicubic"])
+    means, rows = info.value.partial_results
+    assert [r["image"] for r in rows] == ["img0"] and means["bicubic"]["psnr"] == rows[0]["metrics"]["bicubic"]["psnr"]
+
+
+def test_image_size_reads_the_header_and_applies_the_exif_orientation(tmp_path):
+    from upsr_core.imageio import image_size
+
+    im = Image.new("RGB", (40, 24), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° to display
+    im.save(tmp_path / "turned.jpg", exif=exif)
+    im.save(tmp_path / "plain.png")
+    assert image_size(tmp_path / "turned.jpg") == (40, 24) == tuple(read_image(tmp_path / "turned.jpg").rgb.shape[1:])
+    assert image_size(tmp_path / "plain.png") == (24, 40) == tuple(read_image(tmp_path / "plain.png").rgb.shape[1:])
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"junk\.png: not a readable image: corrupt"):
+        image_size(tmp_path / "junk.png")
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        image_size(tmp_path / "missing.png")
+
+
+def test_niqe_of_an_image_under_96_px_is_left_out_not_fatal(tiny_pairs):
+    """The README promises that an image NIQE cannot score is left out of NIQE's means (null in
+    results.json); one under NIQE's 96-px block used to stop the whole run."""
+    from upsr_core.evaluate import _scores, evaluate, pair_files, unscored
+    from upsr_core.niqe import NIQE_BLOCK
+
+    root, _ = tiny_pairs
+    sr = torch.rand(1, 3, 64, 64)
+    params = object()  # never used: the image is too small for NIQE to be computed at all
+    assert math.isnan(_scores(sr, None, 0, params, None, [])["niqe"])
+    means, rows = evaluate(None, pair_files(root / "hr", root / "lr"), ["bicubic"], niqe_params=params)
+    assert all(math.isnan(r["metrics"]["bicubic"]["niqe"]) for r in rows) and math.isnan(means["bicubic"]["niqe"])
+    assert unscored(rows) == {"niqe": ["img0", "img1"]} and math.isfinite(means["bicubic"]["psnr"])
+    assert NIQE_BLOCK == 96
+
+
+def test_pyiqa_metrics_see_the_crop_border_as_the_built_in_ones_do():
+    from upsr_core.evaluate import _scores
+
+    seen = {}
+
+    class FR:
+        metric_mode = "FR"
+
+        def __call__(self, sr, hr):
+            seen["fr"] = (tuple(sr.shape), tuple(hr.shape))
+            return torch.tensor(0.5)
+
+    def nr(sr):
+        seen["nr"] = tuple(sr.shape)
+        return torch.tensor(1.5)
+
+    sr, hr = torch.rand(1, 3, 40, 48), torch.rand(1, 3, 40, 48)
+    r = _scores(sr, hr, 4, None, {"lpips": FR(), "musiq": nr}, ["lpips"])
+    assert seen == {"fr": ((1, 3, 32, 40), (1, 3, 32, 40)), "nr": (1, 3, 32, 40)}
+    assert r["lpips"] == 0.5 and r["musiq"] == 1.5 and r["psnr"] == float(psnr(sr, hr, crop_border=4)[0])
+
+
+@pytest.mark.parametrize("size, view", [((256, 256), (32, 32, 192, 192, 1)), ((64, 64), (0, 0, 64, 64, 3)),
+                                        ((256, 100), (32, 0, 192, 100, 1)), ((100, 400), (0, 104, 100, 192, 1)),
+                                        ((40, 96), (0, 0, 40, 96, 2))])
+def test_sheet_view_is_a_centre_region_on_the_lr_grid(size, view):
+    from upsr_core.evaluate import sheet_view
+
+    assert sheet_view(size, 192) == view
+    top, left, h, w, _ = view
+    assert top % 4 == left % 4 == h % 4 == w % 4 == 0
+
+
+def test_the_contact_sheet_shows_pixels_as_scored_and_labels_the_sample_shown(tmp_path, monkeypatch):
+    """Tiles are exact crops (no bicubic resampling that would blur the texture being compared) of
+    one region in every column, the LR at nearest ×4; a --seeds run labels the pictured (first)
+    sample with its own score, not the mean over seeds."""
+    import upsr_core.evaluate as ev
+
+    g = torch.Generator().manual_seed(0)
+    up = to_uint8_levels(torch.rand(1, 3, 256, 256, generator=g))
+    lr = to_uint8_levels(torch.rand(1, 3, 64, 64, generator=g))
+    labels = []
+    monkeypatch.setattr(ev, "_label", lambda m: labels.append(m) or "x")
+    row = {"image": "a", "images": {"lr": lr, "upsr": up, "hr": up},
+           "metrics": {"upsr": {"psnr": 20.0}}, "per_seed": {"upsr": [{"psnr": 21.0}, {"psnr": 19.0}]}}
+    ev.contact_sheet([row], ["upsr"], tmp_path / "sheet.png")
+    sheet = torch.from_numpy(np.asarray(Image.open(tmp_path / "sheet.png"))).permute(2, 0, 1).float() / 255
+    head, tile = 16, 192
+    below_label = slice(head + 40, head + tile)  # under the label box
+    lr_tile, up_tile = sheet[:, below_label, :tile], sheet[:, below_label, tile:2 * tile]
+    assert torch.equal(up_tile, up[0, :, 72:224, 32:224])  # centre 192 × 192: rows 32 + 40 …
+    assert torch.equal(lr_tile, lr[0, :, 18:56, 8:56].repeat_interleave(4, 1).repeat_interleave(4, 2))
+    assert labels == [{"psnr": 21.0}]
+
+
+def test_image_size_finds_a_png_exif_orientation_after_the_pixels_without_decoding_them(tmp_path, monkeypatch):
+    """Pillow writes a PNG's eXIf chunk after IDAT and reads it only by decoding the pixels; the
+    header-only size walks the chunks instead and agrees with read_image."""
+    import struct
+
+    from upsr_core.imageio import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (40, 24)).save(tmp_path / "turned.png", exif=exif)  # Pillow writes eXIf before IDAT
+    data, chunks, at = (tmp_path / "turned.png").read_bytes(), [], 8
+    while at < len(data):
+        n = struct.unpack(">I", data[at:at + 4])[0]
+        chunks.append(data[at:at + n + 12])
+        at += n + 12
+    tags = [c[4:8] for c in chunks]
+    assert tags == [b"IHDR", b"eXIf", b"IDAT", b"IEND"]
+    chunks = [chunks[0], chunks[2], chunks[1], chunks[3]]  # eXIf after the pixels, as other writers place it
+    (tmp_path / "turned.png").write_bytes(data[:8] + b"".join(chunks))
+    assert "exif" not in Image.open(tmp_path / "turned.png").info  # not in the header Pillow reads
+    assert tuple(read_image(tmp_path / "turned.png").rgb.shape[1:]) == (40, 24)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels decoded"))
+    assert image_size(tmp_path / "turned.png") == (40, 24)

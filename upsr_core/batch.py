@@ -11,6 +11,7 @@ With ``torchrun --nproc-per-node N``, rank r takes files r, r+N, … (no process
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ from .imageio import (
     PngStreamWriter,
     is_hidden,
     is_inside,
+    log_unfollowed_links,
     read_image,
     same_place,
     write_png,
@@ -55,7 +57,9 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
                 raise ValueError(f"-o {output!r} is the input folder {it!r} itself: the next run would read the "
                                  f"results as inputs; write to another folder (e.g. {str(Path(it) / 'x4')!r})")
             inner = skip is not None and is_inside(skip, p)
-            found = [f for f in p.rglob("*") if f.is_file() and not (inner and is_inside(f, skip))]
+            entries = list(p.rglob("*"))
+            log_unfollowed_links(entries, it)
+            found = [f for f in entries if f.is_file() and not (inner and is_inside(f, skip))]
             shown = [f for f in found if not is_hidden(f, p)]
             if len(shown) < len(found):
                 log.info("%s: %d hidden file(s) skipped (names starting with '.', __MACOSX/)", it,
@@ -93,19 +97,30 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
     else:
         outs = [out / f.relative_to(root).with_suffix(".png") for f, root in inputs]
     seen: dict[Path, Path] = {}
+    sources: dict[Path, Path] = {}
     for (src, _), dst in zip(inputs, outs):
+        first = sources.setdefault(src.resolve(), src)
+        if first is not src:  # `upscale in in/sub`: in/sub/x.png would be upscaled twice, to two names
+            raise ValueError(f"input {str(src)!r} is given twice (as {str(first)!r} too: a file, or one inside a "
+                             "folder given too): give it once")
+        if dst.is_dir():
+            raise ValueError(f"-o {output!r}: the output of {str(src)!r}, {str(dst)!r}, is an existing folder; "
+                             "rename or move that folder, or write to another -o")
         key = dst.resolve()
         # samefile: another name for the same file (a hard link, or the other case of the name on
         # a case-insensitive file system: macOS, Windows), which resolve() does not show
         if key == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
             raise ValueError(f"-o {output!r}: the output of {str(src)!r} would overwrite the input itself; "
                              "write to another file or folder")
-        if key in seen and seen[key].resolve() == src.resolve():
-            raise ValueError(f"input {str(src)!r} is given twice (or inside a folder given too): give it once")
         if key in seen:
             raise ValueError(f"inputs {str(seen[key])!r} and {str(src)!r} would both write {str(dst)!r}; "
                              "upscale them into different folders")
         seen[key] = src
+    holder = next((d for d in seen if any(p in seen for p in d.parents)), None)
+    if holder is not None:  # a.png (from a.jpg) and a.png/b.png (from a folder named a.png): a file and a folder
+        over = next(p for p in holder.parents if p in seen)
+        raise ValueError(f"inputs {str(seen[over])!r} and {str(seen[holder])!r} would write {str(over)!r} and "
+                         f"{str(holder)!r} inside it, a file and a folder of one name; rename one of them")
     _refuse_case_collisions(seen, output)
     return outs
 
@@ -127,14 +142,14 @@ def _refuse_case_collisions(seen: dict[Path, Path], output: str) -> None:
 def _case_insensitive(folder: Path) -> bool:
     """Whether the file system holding ``folder`` (or its nearest existing parent) ignores case:
     a probe file with a lower-case name is created there and looked up in upper case. A folder
-    where no probe can be written counts as insensitive (the caller then refuses, which is safe)."""
+    where no probe can be written is a ValueError saying so, as :func:`check_writable`'s."""
     where = folder.resolve()
     while not where.is_dir() and where != where.parent:
         where = where.parent
     try:
         fd, probe = tempfile.mkstemp(prefix="upsr-case-probe-", dir=where)
-    except OSError:
-        return True
+    except OSError as e:
+        raise ValueError(f"-o: cannot write into {str(where)!r} ({e.strerror or e})") from None
     os.close(fd)
     try:
         upper = os.path.join(os.path.dirname(probe), os.path.basename(probe).upper())
@@ -144,7 +159,19 @@ def _case_insensitive(folder: Path) -> bool:
 
 
 def _shard(n: int) -> range:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """This process's files of ``n``: ``range(RANK, n, WORLD_SIZE)`` under torchrun (which sets both
+    variables), all of them where neither is set."""
+    given = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    if len(given) == 1:  # a stray WORLD_SIZE in the shell would silently do a third of the files
+        (k, v), = given.items()
+        other = "WORLD_SIZE" if k == "RANK" else "RANK"
+        raise ValueError(f"{k}={v!r} is set but {other} is not: torchrun sets both (unset {k} for a run of "
+                         "one process)")
+    try:
+        rank, world = (int(given.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
+    except ValueError:
+        raise ValueError(f"RANK={given['RANK']!r} and WORLD_SIZE={given['WORLD_SIZE']!r} must be integers "
+                         "(as torchrun sets them)") from None
     if not 0 <= rank < world:
         raise ValueError(f"RANK {rank} must be in [0, WORLD_SIZE {world})")
     return range(rank, n, world)
@@ -166,7 +193,16 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     inputs = collect_inputs(args.inputs, args.output)  # not the results of an earlier run under -o
     single = len(inputs) == 1 and Path(args.inputs[0]).is_file() and len(args.inputs) == 1
     outputs = plan_outputs(inputs, args.output, single)
-    check_writable({outputs[i].parent for i in _shard(len(inputs))})  # not after the model and the first image
+    mine = _shard(len(inputs))
+    check_writable({outputs[i].parent for i in mine})  # not after the model and the first image
+    if mine.step > 1:  # every rank must list the same files: the counts and the list's digest show it
+        digest = hashlib.sha256("\n".join(str(f) for f, _ in inputs).encode()).hexdigest()[:12]
+        log.info("rank %d of %d: %d of %d files (list %s)", mine.start, mine.step, len(mine), len(inputs), digest)
+    todo = [i for i in mine if args.overwrite or not outputs[i].is_file()]  # a folder of that name is not done
+    if len(todo) < len(mine):
+        log.info("skipping %d image(s) whose output exists (use --overwrite to redo)", len(mine) - len(todo))
+    if not todo:
+        return 0  # a finished run, or a rank whose share is done: no model to load (or compile)
     model_path = args.model or default_model_path()
     if args.model is None and not Path(model_path).is_file():
         raise FileNotFoundError(f"the bundled demo model is missing ({model_path}); pass --model")
@@ -177,10 +213,6 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         from .fast import enable_fast
 
         enable_fast(model, compile=args.compile)
-    todo = [i for i in _shard(len(inputs)) if args.overwrite or not outputs[i].exists()]
-    skipped = len(_shard(len(inputs))) - len(todo)
-    if skipped:
-        log.info("skipping %d image(s) whose output exists (use --overwrite to redo)", skipped)
     show = not args.quiet
     kw = dict(b_u=args.b_u, psi_max=args.psi_max, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch)
     group: list[tuple[LoadedImage, Path, Path]] = []  # same-size one-tile-row images waiting for one call

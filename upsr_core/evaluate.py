@@ -54,8 +54,10 @@ from .colorfix import wavelet_color_fix
 from .errors import is_int
 from .imageio import (
     IMAGE_SUFFIXES,
+    image_size,
     is_hidden,
     is_inside,
+    log_unfollowed_links,
     luma,
     read_image,
     same_place,
@@ -63,8 +65,8 @@ from .imageio import (
     write_png,
     write_text,
 )
-from .metrics import psnr, ssim, to_uint8_levels
-from .niqe import NIQEUnavailable, load_niqe_params, niqe
+from .metrics import SSIM_WINDOW, psnr, ssim, to_uint8_levels
+from .niqe import NIQE_BLOCK, NIQEUnavailable, load_niqe_params, niqe
 from .pipeline import _check_seed, bicubic_x4, crop_hr
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, PSI_MAX_LIMIT, check_weight_params
 
@@ -300,7 +302,9 @@ def _image_files(folder: str | Path, ids: Collection[str] | None = None, *,
                  _first_names([str(r.relative_to(folder)) for r in results]))
         skip += [r.resolve() for r in results]
     seen: dict[str, Path] = {}
-    for p in sorted(folder.rglob("*")):
+    entries = sorted(folder.rglob("*"))
+    log_unfollowed_links(entries, folder)
+    for p in entries:
         if (p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or is_hidden(p, folder)
                 or any(p.resolve().is_relative_to(s) for s in skip)):
             continue
@@ -478,14 +482,38 @@ def mod_crop(hr: torch.Tensor, lr_size: tuple[int, int], name: str, paired_with:
     4w..4w+3 (LR made from an HR whose sides are not multiples of 4, as BasicSR's and UPSR's
     test sets: the same crop, logged); any other size is a ValueError naming both sizes, and
     ``paired_with`` (the LR image's name), so that a wrong pairing shows."""
-    h, w = (4 * s for s in lr_size)
-    if not (h <= hr.shape[-2] < h + 4 and w <= hr.shape[-1] < w + 4):
-        lr_name = f" ({paired_with})" if paired_with else ""
-        raise ValueError(f"{name}: HR {tuple(hr.shape[-2:])} is not ×4 of LR {tuple(lr_size)}{lr_name} (or up to 3 px "
-                         "more)" + (": is that its LR image? (the model is ×4 only)" if paired_with else ""))
+    h, w = check_x4(tuple(hr.shape[-2:]), lr_size, name, paired_with)
     if hr.shape[-2:] != (h, w):
         log.info("%s: HR %s cropped to %s (×4 of the LR), at the top left", name, tuple(hr.shape[-2:]), (h, w))
     return hr[..., :h, :w]
+
+
+def check_x4(hr_size: tuple[int, int], lr_size: tuple[int, int], name: str,
+             paired_with: str | None = None) -> tuple[int, int]:
+    """``(4h, 4w)`` for an LR of ``lr_size`` (h, w) when the HR's ``hr_size`` is 4h..4h+3 by
+    4w..4w+3 (what :func:`mod_crop` cuts it to); any other size is the ValueError mod_crop names."""
+    h, w = (4 * s for s in lr_size)
+    if not (h <= hr_size[0] < h + 4 and w <= hr_size[1] < w + 4):
+        lr_name = f" ({paired_with})" if paired_with else ""
+        raise ValueError(f"{name}: HR {tuple(hr_size)} is not ×4 of LR {tuple(lr_size)}{lr_name} (or up to 3 px "
+                         "more)" + (": is that its LR image? (the model is ×4 only)" if paired_with else ""))
+    return h, w
+
+
+def check_pairs(pairs: list[tuple[Path | None, Path]], crop_border: int = 0) -> None:
+    """Every pair's sizes from the files' headers (:func:`~upsr_core.imageio.image_size`), before
+    any image is scored: an HR that is not ×4 of its LR (:func:`check_x4`), an unreadable header,
+    or an HR too small for SSIM's 11-px window after ``crop_border``, found at image 900 of 1000,
+    would stop the run there. A ValueError naming the first such file."""
+    for hp, lp in pairs:
+        lr_size = image_size(lp)
+        if hp is None:
+            continue
+        h, w = check_x4(image_size(hp), lr_size, str(hp), paired_with=str(lp))
+        if min(h, w) - 2 * crop_border < SSIM_WINDOW:
+            raise ValueError(f"{hp}: {h}×{w} px (×4 of its LR) is " + (f"{h - 2 * crop_border}×{w - 2 * crop_border} "
+                             f"after --crop-border {crop_border}; " if crop_border else "")
+                             + f"SSIM needs at least {SSIM_WINDOW}×{SSIM_WINDOW}")
 
 
 def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *, seed: int = 0, seeds: int = 1,
@@ -496,7 +524,7 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     the first ``keep`` images' outputs inside the rows (key 'images') for the contact sheet.
 
     A value that is not finite (PSNR is ∞ where an output equals its HR; NIQE is NaN on an image
-    without a textured 96-px block, e.g. a flat one) stays in its row, and that image is left out
+    under 96 px or without a textured 96-px block, e.g. a flat one) stays in its row, and that image is left out
     of that metric's mean for every method, so the means compare the same images
     (:func:`unscored`; logged as a warning). A metric with no finite value left has mean NaN.
 
@@ -512,6 +540,11 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
     other scoring tools or a side-by-side look. ``root``: the folder the row names are paths
     below (eval: ``--hr``, else ``--lr``), so a subset's rows are named as in the whole set;
     default: the folder the images share.
+
+    Every pair's sizes are checked from the files' headers first (:func:`check_pairs`). An error
+    part-way (an image that cannot be decoded or scored) is raised as it is, with the scores of the
+    images done before it as its ``partial_results`` attribute, ``(means, rows)``; Ctrl-C or SIGTERM
+    after some images is :class:`EvalInterrupted`, carrying the same.
     """
     if not pairs:
         raise ValueError("pairs is empty: give at least one (hr, lr) or (None, lr) pair")
@@ -531,6 +564,7 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
         if niqe_params is None and not extra:
             raise ValueError("a no-reference run has nothing to measure: give NIQE's parameters or "
                              "no-reference pyiqa metrics")
+    check_pairs(pairs, crop_border)
     rows: list = []
     try:
         _score_pairs(model, pairs, methods, (seed, seeds), crop_border, niqe_params, extra, full_ref, keep, grid, rows,
@@ -540,6 +574,10 @@ def evaluate(model, pairs: list[tuple[Path | None, Path]], methods: list[str], *
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else e.code
         raise EvalInterrupted(_means(rows), rows, code if isinstance(code, int) else 130) from None
+    except Exception as e:  # an image that cannot be read or scored, after others were: theirs travel with it
+        if rows:
+            e.partial_results = (_means(rows), rows)
+        raise
     return _means(rows), rows
 
 
@@ -570,8 +608,8 @@ def _means(rows: list) -> dict:
     for k, names in left.items():
         log.warning("%s is not finite for %d image(s) (%s%s): left out of its means for every method (%s)",
                     k, len(names), ", ".join(names[:3]), ", …" if len(names) > 3 else "",
-                    "NIQE: no textured 96-px block" if k == "niqe" else "PSNR: an output equal to its HR"
-                    if k.startswith("psnr") else "see results.json")
+                    f"NIQE: smaller than {NIQE_BLOCK} px or no textured {NIQE_BLOCK}-px block" if k == "niqe"
+                    else "PSNR: an output equal to its HR" if k.startswith("psnr") else "see results.json")
 
     def mean(m: str, k: str) -> float:
         vals = [r["metrics"][m][k] for r in rows if r["image"] not in left.get(k, ())]
@@ -698,7 +736,9 @@ def _row_names(pairs: list[tuple[Path | None, Path]], root: str | Path | None = 
 
 def _scores(sr: torch.Tensor, hr: torch.Tensor | None, crop_border: int, niqe_params, extra: dict | None,
             full_ref: list[str]) -> dict[str, float]:
-    """The metrics of one result ``sr`` (1,3,H,W) in [0,1] against ``hr`` (or none: no-reference)."""
+    """The metrics of one result ``sr`` (1,3,H,W) in [0,1] against ``hr`` (or none: no-reference),
+    each on the image less ``crop_border`` px on every side. NIQE is NaN (left out of the means, as
+    for an image without a textured block) where a side is under NIQE's 96-px block."""
     r = {}
     if hr is not None:
         r = {"psnr": float(psnr(sr, hr, crop_border=crop_border)[0]),
@@ -706,7 +746,10 @@ def _scores(sr: torch.Tensor, hr: torch.Tensor | None, crop_border: int, niqe_pa
              "ssim": float(ssim(sr, hr, crop_border=crop_border)[0]),
              "ssim_y": float(ssim(sr, hr, crop_border=crop_border, y_channel=True)[0])}
     if niqe_params is not None:
-        r["niqe"] = float(niqe(sr, niqe_params, crop_border=crop_border)[0])
+        small = min(sr.shape[-2:]) - 2 * crop_border < NIQE_BLOCK
+        r["niqe"] = math.nan if small else float(niqe(sr, niqe_params, crop_border=crop_border)[0])
+    if extra and crop_border:
+        sr, hr = (None if x is None else x[..., crop_border:-crop_border, crop_border:-crop_border] for x in (sr, hr))
     for name, metric in (extra or {}).items():
         dev = getattr(metric, "device", "cpu")
         r[name] = float(metric(sr.to(dev), hr.to(dev)) if name in full_ref else metric(sr.to(dev)))
@@ -736,20 +779,39 @@ def _label(metrics: dict[str, float]) -> str:
     return f"{key.upper() if key == 'niqe' else key} {metrics[key]:.3f}"
 
 
-def _fit(im: Image.Image, tile: int, resample: int) -> Image.Image:
-    """``im`` scaled to fit a tile × tile square (aspect kept), centred on white."""
-    w, h = im.size
-    s = tile / max(w, h)
-    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
+def sheet_view(size: tuple[int, int], tile: int) -> tuple[int, int, int, int, int]:
+    """Which part of a ×4 output of ``size`` (H, W) a contact-sheet tile shows, and how large:
+    ``(top, left, height, width, zoom)`` — the centre region that fits ``tile`` at ``zoom``
+    (an integer: 1 unless the whole image fits the tile twice or more), its corners on multiples
+    of 4 so that the LR's region is whole pixels (top/4 … (top + height)/4)."""
+    h, w = size
+    zoom = max(1, tile // max(h, w))
+    rh, rw = (min(n, tile // zoom) // 4 * 4 for n in (h, w))
+    return (h - rh) // 8 * 4, (w - rw) // 8 * 4, rh, rw, zoom
+
+
+def _sheet_tile(x: torch.Tensor, view: tuple[int, int, int, int, int], scale: int, tile: int) -> Image.Image:
+    """(3, H, W) in [0, 1] at ``1/scale`` of the output's resolution (4 for the LR, 1 for the
+    others): the :func:`sheet_view` region, nearest-neighbour enlarged by ``scale`` × zoom (pixels
+    shown as they are, not resampled), centred on a white tile."""
+    top, left, h, w, zoom = view
+    x = x[:, top // scale:(top + h) // scale, left // scale:(left + w) // scale].clamp(0, 1)
+    a = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    im = Image.fromarray(a)
+    if scale * zoom > 1:
+        im = im.resize((im.width * scale * zoom, im.height * scale * zoom), Image.NEAREST)
     out = Image.new("RGB", (tile, tile), (255, 255, 255))
     out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
     return out
 
 
 def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -> None:
-    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR (when there is one); each
-    image fits its tile with its aspect kept; each method's tile carries its RGB PSNR (NIQE in a
-    no-reference run) on a dark box (readable on light and dark images)."""
+    """PNG grid: a row per image, columns LR (nearest ×4), methods, HR (when there is one). Every
+    tile of a row shows the same centre region pixel for pixel (:func:`sheet_view`: a crop of a
+    large image, an integer nearest-neighbour zoom of a small one; no resampling, which would blur
+    the texture the methods differ in); each method's tile carries its RGB PSNR (NIQE in a
+    no-reference run) on a dark box (readable on light and dark images) — of the sample shown
+    (the first seed) where ``--seeds`` scored more."""
     rows = [r for r in rows if "images" in r]
     if not rows:
         return
@@ -760,14 +822,14 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
     for j, c in enumerate(cols):
         draw.text((j * tile + 4, 2), SHEET_TITLES.get(c, c), fill=(0, 0, 0))
     for i, r in enumerate(rows):
+        view = sheet_view(tuple(r["images"][methods[0]].shape[-2:]), tile)
+        shown = {m: v[0] for m, v in r.get("per_seed", {}).items()}  # the first seed's sample is the one kept
         for j, c in enumerate(cols):
-            x = r["images"][c][0].clamp(0, 1)
-            a = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            im = _fit(Image.fromarray(a), tile, Image.NEAREST if c == "lr" else Image.BICUBIC)
+            im = _sheet_tile(r["images"][c][0], view, 4 if c == "lr" else 1, tile)
             sheet.paste(im, (j * tile, head + i * tile))
             if c in r["metrics"]:
                 xy = (j * tile + 4, head + i * tile + 4)
-                label = _label(r["metrics"][c])
+                label = _label(shown.get(c, r["metrics"][c]))
                 left, top, right, bottom = draw.textbbox(xy, label)
                 draw.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=(0, 0, 0))
                 draw.text(xy, label, fill=(255, 255, 255))
@@ -843,7 +905,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.save_images:  # a run stopped before its results (kill -9) still marks its images as no set's
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / EVAL_MARK, "upsr_core eval output: the images below are results, not a test set\n")
-    stopped = None
+    stopped = failed = None
     try:
         means, rows = evaluate(model, pairs, methods, seed=args.seed, seeds=args.seeds, crop_border=args.crop_border,
                                niqe_params=params, extra=extra, keep=args.sheet, grid=grid,
@@ -851,6 +913,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                root=args.lr if args.hr is None else args.hr)
     except EvalInterrupted as e:  # hours into a large set: the images done are written, marked partial
         means, rows, stopped = e.means, e.rows, e.code
+    except Exception as e:  # an image that cannot be decoded or scored: the ones before it are written, then e
+        if not hasattr(e, "partial_results"):
+            raise
+        (means, rows), failed = e.partial_results, e
     out.mkdir(parents=True, exist_ok=True)
     md = table(means)
     lower = LOWER_IS_BETTER | {k for k, v in (extra or {}).items() if getattr(v, "lower_better", False)}
@@ -870,14 +936,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
             "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
-            "partial": None if stopped is None else f"interrupted after {len(rows)} of {len(pairs)}",
+            "partial": (f"interrupted after {len(rows)} of {len(pairs)}" if stopped is not None else
+                        f"stopped by an error after {len(rows)} of {len(pairs)}: {failed}" if failed is not None
+                        else None),
             "left_out_of_means": left}  # {metric: images}; their values are null (not finite)
     doc = {"info": info, "mean": means, "paired": cmp,
            "per_image": [{k: v for k, v in r.items() if k != "images"} for r in rows]}
     write_text(out / "results.json", json.dumps(_finite_or_none(doc), indent=1, allow_nan=False) + "\n")
     what = f"{len(pairs)} pairs" if args.hr is not None else f"{len(pairs)} images, no reference"
-    if stopped is not None:
-        what = f"PARTIAL: the first {len(rows)} of {what} (interrupted)"
+    if stopped is not None or failed is not None:
+        what = f"PARTIAL: the first {len(rows)} of {what} ({'interrupted' if failed is None else f'error: {failed}'})"
     left_md = "".join(f"\n{k}: left out of the means (not finite for some method): {', '.join(v)}\n"
                       for k, v in left.items())
     write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left_md}" + (f"\n{cmp_md}" if cmp_md else ""))
@@ -886,8 +954,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(md)
     if cmp_md:
         print("\n" + cmp_md, end="")
-    if stopped is not None:
-        print(f"interrupted after {len(rows)} of {len(pairs)} images: the means above are theirs, written to "
-              f"{out / 'results.json'} (marked partial)", file=sys.stderr)
-        return stopped
-    return 0
+    if stopped is not None or failed is not None:
+        print(f"{'interrupted' if failed is None else 'stopped by an error'} after {len(rows)} of {len(pairs)} "
+              f"images: the means above are theirs, written to {out / 'results.json'} (marked partial)",
+              file=sys.stderr)
+    if failed is not None:
+        raise failed
+    return stopped or 0

@@ -21,10 +21,10 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["LoadedImage", "read_image", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
-           "same_place", "is_inside",
+__all__ = ["LoadedImage", "read_image", "image_size", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
+           "same_place", "is_inside", "log_unfollowed_links",
            "write_atomically",
            "write_text"]
 
@@ -54,6 +54,17 @@ def is_hidden(path: Path, root: Path) -> bool:
     each file on non-Apple disks, and zips made on a Mac carry them in ``__MACOSX/``: they have
     image suffixes but are not images (read as one, they stopped a whole run)."""
     return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
+def log_unfollowed_links(entries: list[Path], root: str | os.PathLike) -> None:
+    """Log the symbolic links among a recursive listing's ``entries`` (``Path.rglob``) that it did
+    not take: links to folders (not followed, so a link loop cannot run forever) and broken links.
+    Their images would otherwise be missing from a run without a word."""
+    links = [str(p) for p in entries if p.is_symlink() and (p.is_dir() or not p.exists())]
+    if links:
+        log.warning("%s: %d symbolic link(s) to folders or to nothing not followed (their images are not "
+                    "included; give such a folder as its own input): %s%s", root, len(links), ", ".join(links[:3]),
+                    ", …" if len(links) > 3 else "")
 
 
 def same_place(a: Path, b: Path) -> bool:
@@ -153,11 +164,54 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     except MemoryError:  # within MAX_PIXELS: a real image larger than this machine's free memory
         what = f"its {size[0]}x{size[1]} px" if size else "it"
         raise ValueError(f"{name}: out of memory while decoding {what}") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: not a readable image: corrupt, or in a format not read here (read: "
-                         f"{', '.join(image_formats())}, whatever the file name says)") from None
     except _DECODE_ERRORS as e:
-        raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+        raise _unreadable(name, e) from None
+
+
+def _unreadable(name: str, e: Exception) -> ValueError:
+    """The error for a file Pillow could not open or decode (one of ``_DECODE_ERRORS``)."""
+    if isinstance(e, UnidentifiedImageError):
+        return ValueError(f"{name}: not a readable image: corrupt, or in a format not read here (read: "
+                          f"{', '.join(image_formats())}, whatever the file name says)")
+    return ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})")
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of the image :func:`read_image` would return for ``path`` (EXIF
+    orientation applied), from the file's header: no pixels are decoded, so a whole set's sizes
+    can be checked before hours of work. An unreadable header is the ValueError read_image gives."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input not found: {str(path)!r}")
+    try:
+        with pixel_limit(None):
+            opened = Image.open(path, formats=image_formats())
+        with opened as im:
+            w, h = im.size
+            # orientations 5-8 turn the picture by 90°, as ImageOps.exif_transpose does in read_image
+            return (w, h) if _orientation(im, path) in (5, 6, 7, 8) else (h, w)
+    except _DECODE_ERRORS as e:
+        raise _unreadable(str(path), e) from None
+
+
+def _orientation(im: Image.Image, path: Path) -> int:
+    """The EXIF orientation (1-8) of an opened image, without decoding its pixels: a PNG's eXIf
+    chunk after its image data is one Pillow finds only by decoding them, so that file's chunks
+    are walked (headers only) instead."""
+    if im.format != "PNG" or "exif" in im.info:
+        return im.getexif().get(ExifTags.Base.Orientation, 1)
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature Pillow has checked
+        while len(head := f.read(8)) == 8:
+            length, tag = struct.unpack(">I4s", head)
+            if tag == b"eXIf":
+                exif = Image.Exif()
+                exif.load(b"Exif\x00\x00" + f.read(length).removeprefix(b"Exif\x00\x00"))
+                return exif.get(ExifTags.Base.Orientation, 1)
+            if tag == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return 1
 
 
 def _colour_16bit(im: Image.Image) -> str:

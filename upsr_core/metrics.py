@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .pipeline import check_unit_range
 
-__all__ = ["psnr", "ssim", "rgb_to_y", "to_uint8_levels"]
+__all__ = ["SSIM_WINDOW", "psnr", "ssim", "rgb_to_y", "to_uint8_levels"]
 
 
 def _batch(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -78,13 +78,17 @@ def _gauss_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, devic
     return torch.outer(g, g)
 
 
+SSIM_WINDOW = 11
+"""SSIM's Gaussian window (σ 1.5), in pixels: images need sides of at least this after cropping."""
+
+
 def ssim(img: torch.Tensor, ref: torch.Tensor, *, crop_border: int = 0, y_channel: bool = False) -> torch.Tensor:
     """SSIM per image, shape (B,); 1 for identical images. Images need sides >= 11 after cropping."""
     a, b = _pair(img, ref, crop_border, y_channel)
-    if min(a.shape[-2:]) < 11:
-        raise ValueError(f"SSIM needs images of at least 11×11, got {tuple(a.shape[-2:])}")
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}×{SSIM_WINDOW}, got {tuple(a.shape[-2:])}")
     c = a.shape[1]
-    win = _gauss_window(device=a.device).expand(c, 1, 11, 11)
+    win = _gauss_window(SSIM_WINDOW, device=a.device).expand(c, 1, SSIM_WINDOW, SSIM_WINDOW)
     filt = lambda z: F.conv2d(z, win, groups=c)  # noqa: E731
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mu_a, mu_b = filt(a), filt(b)

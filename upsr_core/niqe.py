@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from .pipeline import check_unit_range
 
-__all__ = ["NIQEParams", "NIQEUnavailable", "load_niqe_params", "niqe", "find_niqe_params", "matlab_resize_half"]
+__all__ = ["NIQE_BLOCK", "NIQEParams", "NIQEUnavailable", "load_niqe_params", "niqe", "find_niqe_params",
+           "matlab_resize_half"]
 
 _HINT = ("NIQE needs the official pristine parameters 'niqe_pris_params.npz': `pip install --no-deps iqa-torch` "
          "(only that file is read, the package is never imported; --no-deps keeps pip from installing "
@@ -159,7 +160,11 @@ def _features(blocks: torch.Tensor) -> torch.Tensor:
     return torch.stack(feats, dim=1)
 
 
-def _niqe_y(y: torch.Tensor, params: NIQEParams, block: int = 96) -> float:
+NIQE_BLOCK = 96
+"""NIQE's block side in pixels (the official release's): images need sides of at least this."""
+
+
+def _niqe_y(y: torch.Tensor, params: NIQEParams, block: int = NIQE_BLOCK) -> float:
     """NIQE of one luma image (H, W) float64 in [0, 255]."""
     h, w = y.shape
     nh, nw = h // block, w // block

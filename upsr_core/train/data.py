@@ -34,7 +34,15 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from ..cliargs import OneLineParser, UsageError, float_range, int_min, writable_file
-from ..imageio import _colour_16bit, image_formats, is_hidden, pixel_limit, write_atomically, write_text
+from ..imageio import (
+    _colour_16bit,
+    image_formats,
+    is_hidden,
+    log_unfollowed_links,
+    pixel_limit,
+    write_atomically,
+    write_text,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "SeededSampler", "augment_dihedral", "list_images",
@@ -54,8 +62,9 @@ def list_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
+    entries = list(root.rglob("*"))
+    log_unfollowed_links(entries, root)
+    return sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
 
 
 def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
