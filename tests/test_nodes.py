@@ -517,27 +517,82 @@ def test_same_noise_gives_identical_frames_identical_results(pack, handle):
 # ----------------------------------------------------------------------------- the mask path
 @pytest.mark.slow
 def test_mask_path(pack, handle, model):
+    """The MASK is ψ's channel mean; given back unedited it stands for ψ per channel (and its padded
+    border), so the chain through it is the CLI's result; painted in part, only the painted pixels
+    change (the rest keeps ψ per channel)."""
     img = lr_image(16, 24, seed=3)
-    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    sr_chain, est, wn = chain(pack, handle, img)
     mask = est[2]
-    w = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=mask)[0]
     lr = img.movedim(-1, 1).contiguous()
     sr_est, psi = estimate_maps(model, lr)
-    want_w = weight_map(uncertainty_mask(psi), 0.4, 0.05)
-    assert torch.equal(w[..., 0], want_w[:, 0]) and torch.equal(w[..., 0], w[..., 2])
+    assert torch.equal(mask, uncertainty_mask(psi)[:, 0])
+    w = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=mask.clone())[0]
+    assert torch.equal(w, wn[0]) and not torch.equal(w[..., 0], w[..., 2])  # ψ per channel, as the IMAGE path
+    kw = defaults(pack, "UPSRSample")
+    sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w, **kw)[0]
+    assert torch.equal(sr, sr_chain)
     # an edited mask: zero uncertainty on the left half -> w = b_u there, full noise (1) where painted white
     edited = mask.clone()
-    edited[:, :, : edited.shape[2] // 2] = 0
+    half = edited.shape[2] // 2
+    edited[:, :, :half] = 0
     edited[:, :8, -8:] = 1
     w2, _ = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=edited).args
-    assert torch.allclose(w2[:, :, : w2.shape[2] // 2], torch.tensor(0.4)) and torch.all(w2[:, :8, -8:] == 1)
+    assert torch.allclose(w2[:, :, :half], torch.tensor(0.4)) and torch.all(w2[:, :8, -8:] == 1)
+    assert torch.equal(w2[:, 8:, half:], wn[0][:, 8:, half:])  # not painted: ψ per channel, as before
     grey = torch.full_like(mask, 0.5)  # ψ_max 1: a 50 % grey brush is halfway between b_u and full noise
     assert torch.allclose(run(pack, "WeightNoise", b_u=0.4, psi_max=1.0, uncertainty_mask=grey)[0], torch.tensor(0.7))
-    sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w2,
-             **defaults(pack, "UPSRSample"))[0]
-    want = sample_maps(model, lr, sr_est, w2.movedim(-1, 1)[:, :1], seed=0)
+    sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0], noise_weight=w2, **kw)[0]
+    want = sample_maps(model, lr, sr_est, w2.movedim(-1, 1).contiguous(), seed=0)
     assert torch.equal(sr, want.movedim(1, -1))
-    assert not torch.equal(sr, chain(pack, handle, img)[0])
+    assert not torch.equal(sr, sr_chain)
+
+
+@pytest.mark.slow
+def test_copies_of_the_maps_give_the_chain_result(pack, handle):
+    """A node that hands a map on as a new tensor with the same values (a copy, an identity resize)
+    lost the padded original the map carried, and the padded border (86 % of the canvas here) was
+    mirrored instead: up to 0.04 off with the demo model. The original is found by value now."""
+    img = lr_image(20, 28, seed=4)
+    sr_chain, est, wn = chain(pack, handle, img)
+    copied = [t.clone() for t in (est[0], wn[0])]
+    assert not any(hasattr(t, "_upsr_full") for t in copied)
+    sr = run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=copied[0], noise_weight=copied[1],
+             **defaults(pack, "UPSRSample"))[0]
+    assert torch.equal(sr, sr_chain)
+
+
+def test_an_edit_keeps_the_padded_border_and_the_unedited_values():
+    """A map edited in part keeps its original everywhere else, border included; the border pixels
+    that mirror an edited pixel (the LR's reflection: padded HR rows 28…31 mirror rows 7…4) take the
+    edit. A map with no original left is mirror-padded as before."""
+    from upsr_core.stages import make_visible, mirror_pad_hr, recover_full
+
+    lr_size, padded = (5, 7), (8, 8)
+    full = torch.rand(1, 3, 32, 32)
+    vis = make_visible(full, lr_size)
+    assert torch.equal(recover_full(vis.clone(), lr_size, padded), full)  # a copy: the original itself
+    edited = vis.clone()
+    edited[..., 2:6, 3:9] = 0.25
+    want = full.clone()
+    want[..., 2:6, 3:9] = 0.25
+    want[..., 30:32, 3:9] = 0.25  # rows 4 and 5 mirrored to 31 and 30
+    assert torch.equal(recover_full(edited, lr_size, padded), want)
+    mostly = vis.clone()
+    mostly[..., :12, :] = 0.5  # 60 % changed: still that map, edited
+    got = recover_full(mostly, lr_size, padded)
+    assert torch.equal(got[..., 12:24, :], full[..., 12:24, :])  # rows 20…23 mirror 15…12: not edited
+    assert torch.all(got[..., :12, :] == 0.5) and torch.all(got[..., 24:, :] == 0.5)  # 24…31 mirror 11…4
+    other = torch.rand(1, 3, 20, 28)  # not one of the maps made here: mirror-padded, as before
+    assert torch.equal(recover_full(other, lr_size, padded), mirror_pad_hr(other, lr_size, padded))
+
+
+def test_one_sr_estimate_for_a_batch_of_images_is_refused(pack, handle):
+    img = lr_image(16, 24, b=2, seed=5)
+    est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    wn = run(pack, "WeightNoise", **defaults(pack, "WeightNoise") | {"uncertainty": est[1]})
+    with pytest.raises(ValueError, match=r"one g\(y\) per image"):
+        run(pack, "UPSRSample", upsr_model=handle, image=img, sr_estimate=est[0][:1].clone(),
+            noise_weight=wn[0], **defaults(pack, "UPSRSample"))
 
 
 # ----------------------------------------------------------------------------- bad input

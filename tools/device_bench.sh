@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
-PY=${PY:-python}
+PY=${PY:-python3}  # the device machine's Python with torch
 BUDGET=${BUDGET:-140}
 LIMIT=${LIMIT:-170}
 mkdir -p "$OUT"

@@ -39,10 +39,10 @@
 #     [".devcarry/train_photos", ".devcarry/train_pack/A_val", ".devcarry/niqe"]
 # (the 31 MiB packed crops .devcarry/train_pack/A_train_256.npy are not needed).
 #
-# Outputs in $OUT: the export (whole, or parts + .sha256), estimator.safetensors (finetune: the
-# stage-1 EMA weights, fp32, 1.7 MB), training_log.json (both stages, per-step history),
-# estimator_log.json, denoiser_log.json, eval/{results.json,results.md,contact_sheet.png},
-# bench.json (optional, BENCH=1), env.txt, and the console log train.log.
+# Outputs in $OUT, at most the 8 files a device run returns: the export (whole, or parts + .sha256;
+# it holds the estimator too), training_log.json (both stages' logs, per-step history),
+# eval/{results.json,results.md,contact_sheet.png} and the console log train.log (the environment
+# at its top); bench.json (optional, BENCH=1) is a ninth where the export is split: leave it off then.
 # Everything it needs is torch + numpy + pillow + safetensors (all in the device image) and this
 # repository. CPU dry run (proves the script end to end; minutes of CPU):
 #   MODE=finetune DEVICE=cpu STAGE1_MIN=0.2 STAGE2_MIN=0.3 BATCH=1 EVAL_ARGS="--limit 2" OUT=/tmp/ft_out \
@@ -58,7 +58,7 @@ EVAL_LR=${EVAL_LR:-$PACK/A_val/lr256_realesrgan}
 NIQE_NPZ=${NIQE_NPZ:-.devcarry/niqe/niqe_pris_params.npz}
 DEVICE=${DEVICE:-auto}
 BENCH=${BENCH:-0}
-PY=${PYTHON:-python3}
+PY=${PY:-${PYTHON:-python3}}  # PY as tools/device_bench.sh reads it (PYTHON too)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 case "$MODE" in
     scratch)
@@ -115,7 +115,7 @@ T0=$(date +%s)
          "BATCH=${BATCH:-preset} CROP=${CROP:-preset} EXPORT_DTYPE=$EXPORT_DTYPE" \
          "KERNELS=${KERNELS:-realesrgan} POOL=${POOL:-default}" \
          "${TOTAL_MIN:+TOTAL_MIN=$TOTAL_MIN LR1=$LR1 LR2=$LR2 WARMUP=$WARMUP MIN_TEXTURE=$MIN_TEXTURE INIT=$INIT}"
-} | tee "$OUT/env.txt"
+}  # (into train.log, as everything printed)
 
 # Preflight (seconds): the degradations with a generator on the GPU; fall back to a CPU generator.
 DEG_RNG=device
@@ -157,9 +157,7 @@ else
         echo "== stage 1 skipped (STAGE1_MIN=$STAGE1_MIN): stage 2 uses the estimator of $INIT"; EST="$INIT"
     else
         echo "== stage 1: estimator from $INIT, ${STAGE1_MIN} min, peak lr $LR1"
-        if "$PY" -m upsr_core train estimator "${DATA[@]}" "${COMMON[@]}" --max-minutes "$STAGE1_MIN" --lr "$LR1"; then
-            cp "$EST" "$RUN/estimator_log.json" "$OUT/"
-        else
+        if ! "$PY" -m upsr_core train estimator "${DATA[@]}" "${COMMON[@]}" --max-minutes "$STAGE1_MIN" --lr "$LR1"; then
             echo "warning: stage 1 failed: stage 2 uses the estimator of $INIT"; EST="$INIT"
         fi
     fi
@@ -171,13 +169,12 @@ else
         --lr "$LR2" --export "$EXPORT" --export-dtype "$EXPORT_DTYPE" \
         --data-note "fine-tuned from $(basename "$INIT") on random crops of the 41 A_train photos ($PHOTOS, JPEG q95, min texture $MIN_TEXTURE), Real-ESRGAN degradation on the GPU"
 fi
-for s in estimator denoiser; do if [[ -f "$RUN/${s}_log.json" ]]; then cp "$RUN/${s}_log.json" "$OUT/"; fi; done
-"$PY" - "$OUT" <<'PYEOF'
+"$PY" - "$RUN" "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-log = {s: json.loads((out / f"{s}_log.json").read_text()) for s in ("estimator", "denoiser")
-       if (out / f"{s}_log.json").is_file()}
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+log = {s: json.loads((run / f"{s}_log.json").read_text()) for s in ("estimator", "denoiser")
+       if (run / f"{s}_log.json").is_file()}
 (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 print({s: v["summary"] for s, v in log.items()})
 PYEOF

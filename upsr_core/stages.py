@@ -2,15 +2,23 @@
 (the ComfyUI nodes): estimate -> ψ -> w -> sample, each on (B, C, 4h, 4w) tensors.
 
 The networks work on the LR padded to a multiple of 64, and the official result depends
-on the estimator's output in that padded border. Each visible map therefore carries its
-padded original as an attribute; :func:`recover_full` takes it back when the visible
-map is unchanged (checked by exact equality) and otherwise — an edited map, or one
-made elsewhere — pads the visible map by the HR mirror of the LR reflection. So the
-default chain gives exactly :meth:`UPSRModel.upscale`, and edited maps still work.
+on the estimator's output in that padded border (most of the canvas for a small image: 86 %
+for an LR of 20×28) and on ψ per colour channel. Each visible map therefore carries its
+padded original as an attribute, and the originals of the maps made here are remembered
+(weakly: while a map, or a copy of its attribute, is alive — ComfyUI keeps node outputs).
+:func:`recover_full` finds a map's original by its values, not by the tensor object: a map
+that comes back unchanged — itself, a node's copy, an identity resize — gives the original
+exactly; one edited in part (painted) gives the original with the edited pixels replaced,
+so an edit changes only what was edited (the border follows the pixels it mirrors); the
+channel mean :func:`uncertainty_mask` makes of ψ, unchanged or painted in part, gives ψ per
+channel where it was not painted. A map with no original (made elsewhere, or none of its
+values left) is padded by the HR mirror of the LR reflection. So the default chain gives exactly
+:meth:`UPSRModel.upscale`, with a MASK in it too, and edited maps still work.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -31,16 +39,24 @@ __all__ = [
 ]
 
 _ATTR = "_upsr_full"
+_LIVE: list[tuple[weakref.ref, bool]] = []
+"""(padded original, pm) of every visible map made here, held weakly (see the module docstring)."""
 
 
 def make_visible(full: torch.Tensor, size: tuple[int, int], *, pm: bool = False) -> torch.Tensor:
     """Visible part (B, C, 4h, 4w) of a padded HR map; ``pm`` maps [-1,1] to [0,1] first.
 
-    The padded original rides along as an attribute (see :func:`recover_full`).
+    The padded original rides along as an attribute and is remembered (see :func:`recover_full`).
     """
-    vis = crop_hr(full * 0.5 + 0.5 if pm else full, size).contiguous()
+    vis = _visible(full, size, pm).contiguous()
     setattr(vis, _ATTR, (full, pm))
+    _LIVE[:] = [e for e in _LIVE if e[0]() is not None]
+    _LIVE.append((weakref.ref(full), pm))
     return vis
+
+
+def _visible(full: torch.Tensor, size: tuple[int, int], pm: bool) -> torch.Tensor:
+    return crop_hr(full * 0.5 + 0.5 if pm else full, size)
 
 
 def carry_padding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -70,7 +86,8 @@ def mirror_pad_hr(x: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[in
 
 def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int], *,
                  pm: bool = False) -> torch.Tensor:
-    """The padded map behind ``vis`` if ``vis`` is unchanged, else ``vis`` mirror-padded.
+    """The padded map behind ``vis``: its original where ``vis`` is one of the maps made here,
+    unchanged or edited in part (the edited pixels replaced), else ``vis`` mirror-padded.
 
     Returns [-1,1] values when ``pm`` (``vis`` itself is always in [0,1] units).
     """
@@ -81,27 +98,60 @@ def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[i
     return mirror_pad_hr(x, lr_size, padded_lr)
 
 
+def _channel_mean(psi: torch.Tensor) -> torch.Tensor:
+    return psi.mean(dim=1, keepdim=True).clamp(0, 1)
+
+
 def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool,
               hr_size: tuple[int, int] | None = None) -> torch.Tensor | None:
-    """The padded original ``vis`` carries if ``vis`` is still exactly its visible part (and the
-    original is ``hr_size`` when given), else None: an edited map, or one made elsewhere."""
-    info = getattr(vis, _ATTR, None)
-    if info is None:
+    """The padded original of ``vis``, found by value among the maps made here (the one ``vis``
+    carries first): of the right size and channels (or, for a 1-channel ``vis``, a 3-channel ψ
+    whose :func:`uncertainty_mask` it is), the one sharing most of its values; None where none
+    shares any. Where ``vis`` differs from it (an edit), ``vis`` is taken — in the border too,
+    wherever the border mirrors an edited pixel (as :func:`mirror_pad_hr` pads) — so that an
+    unchanged map gives the original exactly and an edit changes only what was edited."""
+    carried = getattr(vis, _ATTR, None)
+    live = [(f, p) for f, p in ((r(), p) for r, p in _LIVE) if f is not None]
+    best, best_eq, best_share = None, None, 0.0
+    for full, was_pm in ([carried] if carried is not None else []) + live:
+        c = full.shape[1]
+        if (was_pm != pm or full.shape[0] != vis.shape[0] or not (c == vis.shape[1] or (c, vis.shape[1]) == (3, 1))
+                or (hr_size is not None and full.shape[-2:] != hr_size)
+                or full.shape[-2] < SCALE * lr_size[0] or full.shape[-1] < SCALE * lr_size[1]):
+            continue
+        again = _visible(full, lr_size, pm)
+        if again.shape[-2:] != vis.shape[-2:]:
+            continue
+        again = again.to(vis.device)
+        seen = again if c == vis.shape[1] else _channel_mean(again.contiguous())  # a mask of this ψ
+        eq = seen == vis
+        share = eq.float().mean().item()
+        if share == 1.0 and c == vis.shape[1]:
+            return full
+        if share > best_share:
+            best, best_eq, best_share = full, eq, share
+            if share == 1.0:
+                break
+    if best is None:
         return None
-    full, was_pm = info
-    if was_pm != pm or full.shape[:2] != vis.shape[:2] or (hr_size is not None and full.shape[-2:] != hr_size):
-        return None
-    again = crop_hr(full * 0.5 + 0.5 if pm else full, lr_size)
-    return full if again.shape == vis.shape and torch.equal(again.to(vis.device), vis) else None
+    padded_lr = (best.shape[-2] // SCALE, best.shape[-1] // SCALE)
+    kept = mirror_pad_hr(best_eq, lr_size, padded_lr).to(best.device)
+    edits = mirror_pad_hr((vis - 0.5) / 0.5 if pm else vis, lr_size, padded_lr).to(best.device, best.dtype)
+    return torch.where(kept, best, edits)  # a painted mask value stands for every channel
 
 
-def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...]) -> None:
+def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...], shared: bool = True) -> None:
+    """``x`` is (B, C, 4h, 4w) for the LR batch (B, 3, h, w), C in ``channels``; ``shared``: a
+    batch of 1 stands for every image too (one noise weight for all frames)."""
     b, _, h, w = lr.shape
     want = (SCALE * h, SCALE * w)
-    if x.ndim != 4 or x.shape[1] not in channels or tuple(x.shape[-2:]) != want or x.shape[0] not in (1, b):
+    batches = (1, b) if shared else (b,)
+    if x.ndim != 4 or x.shape[1] not in channels or tuple(x.shape[-2:]) != want or x.shape[0] not in batches:
         raise ValueError(
-            f"{name} has shape {tuple(x.shape)}; expected ({b} or 1, {'|'.join(map(str, channels))}, "
-            f"{want[0]}, {want[1]}) to match the LR image {tuple(lr.shape)} at ×{SCALE}"
+            f"{name} has shape {tuple(x.shape)}; expected ({' or '.join(map(str, sorted(set(batches))))}, "
+            f"{'|'.join(map(str, channels))}, {want[0]}, {want[1]}) to match the LR image {tuple(lr.shape)} at "
+            f"×{SCALE}" + ("" if shared or x.ndim != 4 or x.shape[0] == b else
+                           ": one g(y) per image (the estimate of one image is not another's)")
         )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf values")
@@ -148,7 +198,9 @@ def estimate_maps(
 def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
     """ψ (B, 1|3, H, W) in [0,1] units -> w (same shape) in [b_u, 1].
 
-    When ψ is an unchanged visible map, w is computed on its padded original too.
+    When ψ is one of the maps made here (or the :func:`uncertainty_mask` of one), unchanged or
+    edited in part, w is computed on its padded original too, and is 3-channel (see
+    :func:`recover_full`).
     """
     if psi.ndim != 4 or psi.shape[1] not in (1, 3):
         raise ValueError(f"uncertainty must be (B, 1|3, H, W), got {tuple(psi.shape)}")
@@ -160,8 +212,9 @@ def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEF
 
 
 def uncertainty_mask(psi: torch.Tensor) -> torch.Tensor:
-    """ψ (B, 3, H, W) -> an editable one-channel map (B, 1, H, W): the channel mean, in [0, 1]."""
-    return psi.mean(dim=1, keepdim=True).clamp(0, 1)
+    """ψ (B, 3, H, W) -> an editable one-channel map (B, 1, H, W): the channel mean, in [0, 1].
+    Given back to :func:`weight_map`, its pixels left as they are stand for ψ per channel again."""
+    return _channel_mean(psi.contiguous())
 
 
 def sample_maps(
@@ -179,17 +232,18 @@ def sample_maps(
 ) -> torch.Tensor:
     """Diffusion stage from visible maps -> sr (B,3,4h,4w) in [0,1].
 
-    lr (B,3,h,w) [0,1]; sr_estimate (B|1,3,4h,4w) [0,1]; weight (B|1,1|3,4h,4w) in [0,1].
+    lr (B,3,h,w) [0,1]; sr_estimate (B,3,4h,4w) [0,1] (each image's own); weight (B|1,1|3,4h,4w)
+    in [0,1] (a batch of 1: the same weight for every image).
     Image i's noise comes from seed + i, or from seed for every image with ``same_noise``.
     """
     check_lr(lr)
-    _check_map("sr_estimate", sr_estimate, lr, (3,))
+    _check_map("sr_estimate", sr_estimate, lr, (3,), shared=False)
     _check_map("noise weight", weight, lr, (1, 3))  # its range: model.denoise checks it
     lr = lr.float().cpu()
     lr_pm = pad_lr(lr, model.multiple_of)
     size, padded = tuple(lr.shape[-2:]), tuple(lr_pm.shape[-2:])
     b = lr.shape[0]
-    y_hat = recover_full(sr_estimate.float().cpu(), size, padded, pm=True).expand(b, -1, -1, -1)
+    y_hat = recover_full(sr_estimate.float().cpu(), size, padded, pm=True)
     w = recover_full(weight.float().cpu(), size, padded).expand(b, -1, -1, -1)
     est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, size)
     return model.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress,

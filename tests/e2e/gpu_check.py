@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -35,7 +36,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from upsr_core.pipeline import generator_seed  # noqa: E402
+
 report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
+def save() -> None:
+    """The report so far, written after each section: a later crash or a kill keeps the earlier ones."""
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+
+
 base = Path(tempfile.mkdtemp(prefix="upsr-gpu-"))
 folder_paths.stub_reset(str(base))
 folder_paths.add_model_folder_path("upsr", str(base / "extra"))
@@ -81,6 +92,7 @@ for p in ("fp32", "auto", "bf16", "fp16"):
         "denoiser": str(next(h.model.denoiser.parameters()).dtype), "on": str(h.model.device),
         "estimator": str(next(h.model.estimator.parameters()).dtype), "seconds": round(time.perf_counter() - t0, 2),
         "finite": bool(torch.isfinite(sr).all()), "range": [round(float(sr.min()), 4), round(float(sr.max()), 4)]}
+    save()
 
 # 2. chain == CLI on the same GPU, UPSRUpscale == chain, for both implementations
 Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(base / "lr.png")
@@ -99,6 +111,7 @@ for impl in ("fast", "reference"):
                                           "max_abs_png": int(np.abs(ours.astype(int) - cli).max())}
     report[f"upscale_vs_chain_gpu_{impl}"] = {"equal": bool(torch.equal(one, sr)),
                                               "max_abs": float((one - sr).abs().max())}
+save()
 h = load("fp32")  # fast, for the checks below
 
 # 2b. ComfyUI offloads the nets to the CPU and loads them back: the fast model follows (same result)
@@ -106,6 +119,7 @@ first = chain(h, img)
 h.patcher.model.to("cpu")
 again = chain(h, img)
 report["fast_after_offload_reload"] = {"equal": bool(torch.equal(again, first)), "on": str(h.model.device)}
+save()
 
 # 2c. a tiled image whose canvas is blended on the CPU (as above 1 GiB) gives the device-canvas result
 from upsr_core import fast  # noqa: E402
@@ -131,6 +145,7 @@ for impl in ("fast", "reference"):
     report[f"chain_fp16_seconds_{impl}"] = round(time.perf_counter() - t0, 3)
     del hh
     torch.cuda.empty_cache()
+save()
 
 # 3. a real CUDA OOM: cap the allocator below a whole-image run's peak
 big = torch.rand(1, 768, 768, 3, generator=g)
@@ -159,12 +174,18 @@ except torch.OutOfMemoryError as e:
     retried, oom = None, {"ok": False, "error": str(e)[:200]}
 torch.cuda.set_per_process_memory_fraction(1.0)
 oom.update(peak_whole_image_mb=round(peak / 2**20), warnings=warnings)
-if retried is not None and warnings:
-    tile = int(warnings[-1].split("retrying with tile ")[1].split(",")[0])
-    overlap = int(warnings[-1].split("overlap ")[1])
-    direct = run("UPSRUpscale", upsr_model=h, image=big, **kw | {"tile": tile, "overlap": overlap})[0]
-    oom["equals_direct_run_at_that_tile"] = bool(torch.equal(retried, direct))
+retry = [m for w in warnings if (m := re.search(r"retrying with tile (\d+), overlap (\d+)(?:, estimator block (\d+))?",
+                                                 w))]
+if retried is not None and retry:
+    tile, overlap, block = (int(v) if v else None for v in retry[-1].groups())
+    # the node's last setting, run directly (the node has no estimator-block input)
+    direct = h.model.upscale(big.movedim(-1, 1).contiguous(), seed=generator_seed(kw["seed"]), b_u=kw["b_u"],
+                             psi_max=kw["psi_max"], tile=tile, overlap=overlap, tile_batch=kw["tile_batch"],
+                             **({} if block is None else {"estimator_block": block}))
+    oom["retried_with"] = {"tile": tile, "overlap": overlap, "estimator_block": block}
+    oom["equals_direct_run_at_that_tile"] = bool(torch.equal(retried, direct.movedim(1, -1).cpu()))
 report["real_oom_retry"] = oom
+save()
 
 # 4. Cancel on the GPU within one step
 calls = [0]
@@ -185,6 +206,7 @@ try:
 except mm.InterruptProcessingException:
     report["cancel"] = {"denoiser_calls": calls[0], "flag_cleared": not mm.processing_interrupted()}
 del h.model.denoiser.forward, h.model.denoiser.forward_step
+save()
 
 # 5. The Triton switches the nodes' fast path set, and whether any kernel failed (then PyTorch's ops ran)
 from upsr_core.nets import denoiser as _den  # noqa: E402
@@ -197,7 +219,5 @@ report["triton"] = {"available": _tn.available(torch.device("cuda")),
                     "norm": any(m.triton for m in norms), "conv_epilogue": any(m.fuse_bias for m in norms),
                     "failed": list(_den._TRITON_NORM_FAILED)}
 
-text = json.dumps(report, indent=1)
-print(text)
-if len(sys.argv) > 1:
-    Path(sys.argv[1]).write_text(text)
+save()
+print(json.dumps(report, indent=1))
