@@ -660,3 +660,30 @@ def test_an_unwritable_output_folder_is_named_as_such_not_as_case_insensitive(tm
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(ValueError, match=r"^-o: cannot write into '.*' \(Permission denied\)$"):
         batch._case_insensitive(tmp_path)
+
+
+def test_two_links_to_one_file_are_two_inputs(tmp_path, tiny_model_file, monkeypatch):
+    """A folder of links into a blob store (git-annex, DVC, deduplicated frames) upscales every
+    name; only one file reached twice through the folders given is refused."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "blobs" / "b1.png")
+    for n in ("0001.png", "0002.png"):
+        (tmp_path / "frames" / n).symlink_to(tmp_path / "blobs" / "b1.png")
+    out = tmp_path / "out"
+    assert main(["upscale", str(tmp_path / "frames"), "-o", str(out), "--model", str(tiny_model_file),
+                 "--device", "cpu", "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0001.png", "0002.png"]
+
+
+@pytest.mark.parametrize("env", [{"RANK": "0"}, {"WORLD_SIZE": "1"}])
+def test_a_lone_single_process_value_is_not_an_error(env, monkeypatch):
+    from upsr_core.batch import _shard
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert _shard(5) == range(0, 5, 1)

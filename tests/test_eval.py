@@ -1023,26 +1023,46 @@ def test_the_contact_sheet_shows_pixels_as_scored_and_labels_the_sample_shown(tm
     assert labels == [{"psnr": 21.0}]
 
 
-def test_image_size_finds_a_png_exif_orientation_after_the_pixels_without_decoding_them(tmp_path, monkeypatch):
-    """Pillow writes a PNG's eXIf chunk after IDAT and reads it only by decoding the pixels; the
-    header-only size walks the chunks instead and agrees with read_image."""
+def test_image_size_agrees_with_read_image_on_png_orientations(tmp_path, monkeypatch):
+    """Pillow writes a PNG's eXIf chunk before IDAT, other writers after it (where Pillow reads it
+    only by decoding); XMP's tiff:Orientation counts too. A PNG with none of them is sized from its
+    header alone."""
     import struct
+
+    from PIL import PngImagePlugin
 
     from upsr_core.imageio import image_size
 
     exif = Image.Exif()
     exif[0x0112] = 8
-    Image.new("RGB", (40, 24)).save(tmp_path / "turned.png", exif=exif)  # Pillow writes eXIf before IDAT
+    Image.new("RGB", (40, 24)).save(tmp_path / "turned.png", exif=exif)
     data, chunks, at = (tmp_path / "turned.png").read_bytes(), [], 8
     while at < len(data):
         n = struct.unpack(">I", data[at:at + 4])[0]
         chunks.append(data[at:at + n + 12])
         at += n + 12
-    tags = [c[4:8] for c in chunks]
-    assert tags == [b"IHDR", b"eXIf", b"IDAT", b"IEND"]
+    assert [c[4:8] for c in chunks] == [b"IHDR", b"eXIf", b"IDAT", b"IEND"]
     chunks = [chunks[0], chunks[2], chunks[1], chunks[3]]  # eXIf after the pixels, as other writers place it
-    (tmp_path / "turned.png").write_bytes(data[:8] + b"".join(chunks))
-    assert "exif" not in Image.open(tmp_path / "turned.png").info  # not in the header Pillow reads
-    assert tuple(read_image(tmp_path / "turned.png").rgb.shape[1:]) == (40, 24)
+    (tmp_path / "late.png").write_bytes(data[:8] + b"".join(chunks))
+    assert "exif" not in Image.open(tmp_path / "late.png").info  # not in the header Pillow reads
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+    Image.new("RGB", (40, 24)).save(tmp_path / "xmp.png", pnginfo=info)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "a paint program")
+    Image.new("RGB", (40, 24)).save(tmp_path / "plain.png", pnginfo=info)
+    for name, want in (("turned.png", (40, 24)), ("late.png", (40, 24)), ("xmp.png", (40, 24)),
+                       ("plain.png", (24, 40))):
+        assert image_size(tmp_path / name) == want == tuple(read_image(tmp_path / name).rgb.shape[1:]), name
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels decoded"))
-    assert image_size(tmp_path / "turned.png") == (40, 24)
+    assert image_size(tmp_path / "plain.png") == (24, 40)  # no orientation anywhere: the header alone
+
+
+def test_image_size_refuses_what_read_image_refuses_from_the_header(tmp_path):
+    from upsr_core.imageio import image_size
+
+    frames = [Image.new("RGB", (8, 8), c) for c in ((0, 0, 0), (255, 255, 255))]
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+    for f in (image_size, read_image):
+        with pytest.raises(ValueError, match=r"two\.gif: has 2 frames"):
+            f(tmp_path / "two.gif")

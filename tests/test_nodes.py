@@ -584,6 +584,9 @@ def test_an_edit_keeps_the_padded_border_and_the_unedited_values():
     assert torch.all(got[..., :12, :] == 0.5) and torch.all(got[..., 24:, :] == 0.5)  # 24…31 mirror 11…4
     other = torch.rand(1, 3, 20, 28)  # not one of the maps made here: mirror-padded, as before
     assert torch.equal(recover_full(other, lr_size, padded), mirror_pad_hr(other, lr_size, padded))
+    scattered = vis.clone()
+    scattered[..., :16, :] = 0.5  # 80 % changed (a global edit leaves scattered values): a map of its own
+    assert torch.equal(recover_full(scattered, lr_size, padded), mirror_pad_hr(scattered, lr_size, padded))
 
 
 def test_one_sr_estimate_for_a_batch_of_images_is_refused(pack, handle):
@@ -1192,3 +1195,28 @@ def test_cpu_runs_log_the_glibc_start_up_hint_once(pack, handle, monkeypatch, ca
     with caplog.at_level(logging.INFO):
         run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
     assert "MALLOC_ARENA_MAX" not in caplog.text
+
+
+def test_another_images_maps_are_never_taken_as_originals(model):
+    """Maps are recognised by value, but only among those of the same kind made from the same LR:
+    with image A's maps alive, image B sampled with a weight made elsewhere (all ones: w is exactly
+    1 wherever ψ ≥ ψ_max, so A's w shares many values with it) gave a result moved by up to 0.03;
+    a solid mask (ψ_max 1) took A's live w as if it were ψ."""
+    import gc
+
+    from upsr_core.stages import _original
+
+    g = torch.Generator().manual_seed(6)
+    lr_a, lr_b = torch.rand(1, 3, 20, 28, generator=g), torch.rand(1, 3, 20, 28, generator=g)
+    ones = torch.ones(1, 3, 80, 112)
+    sr_b, _ = estimate_maps(model, lr_b)
+    alone = sample_maps(model, lr_b, sr_b, ones, seed=0)
+    sr_a, psi_a = estimate_maps(model, lr_a)
+    w_a = weight_map(psi_a, 0.4, 0.001)  # nearly all exactly 1
+    assert (w_a == 1).float().mean() > 0.9
+    assert torch.equal(sample_maps(model, lr_b, sr_b, ones, seed=0), alone)
+    solid = torch.ones(1, 1, 80, 112)
+    assert _original(solid, (20, 28), pm=False, role="uncertainty") is None  # w_a is no ψ
+    assert torch.equal(weight_map(solid, 0.4, 1.0), torch.ones(1, 1, 80, 112))
+    del sr_a, psi_a, w_a
+    gc.collect()

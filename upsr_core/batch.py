@@ -99,7 +99,9 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
     seen: dict[Path, Path] = {}
     sources: dict[Path, Path] = {}
     for (src, _), dst in zip(inputs, outs):
-        first = sources.setdefault(src.resolve(), src)
+        # by the folder it is listed in, not by what a link points to: two links to one file (a
+        # git-annex or DVC folder, deduplicated frames) are two inputs; `in in/sub` is one file twice
+        first = sources.setdefault(src.parent.resolve() / src.name, src)
         if first is not src:  # `upscale in in/sub`: in/sub/x.png would be upscaled twice, to two names
             raise ValueError(f"input {str(src)!r} is given twice (as {str(first)!r} too: a file, or one inside a "
                              "folder given too): give it once")
@@ -162,6 +164,8 @@ def _shard(n: int) -> range:
     """This process's files of ``n``: ``range(RANK, n, WORLD_SIZE)`` under torchrun (which sets both
     variables), all of them where neither is set."""
     given = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    if given in ({"RANK": "0"}, {"WORLD_SIZE": "1"}):  # a single process's values, left by some launcher
+        given = {}
     if len(given) == 1:  # a stray WORLD_SIZE in the shell would silently do a third of the files
         (k, v), = given.items()
         other = "WORLD_SIZE" if k == "RANK" else "RANK"

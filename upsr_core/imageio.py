@@ -137,18 +137,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
             opened = Image.open(path, formats=image_formats())
         with opened as im:
             size = im.size
-            if im.width * im.height > MAX_PIXELS:
-                raise _Refused(f"{name}: image too large ({im.width}x{im.height} px, more than "
-                               f"{MAX_PIXELS} px)")
-            # an MPO (the JPEG of many cameras and phones: a primary photo plus previews, a depth or
-            # gain map) opens at its primary image; other formats' frames are images of equal standing
-            if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
-                raise _Refused(f"{name}: has {im.n_frames} frames; extract the frames first "
-                               "(one image per file)")
-            if raw := _colour_16bit(im):
-                what, fix = (("16-bit gray with alpha", "8-bit gray + alpha, or 16-bit grayscale without alpha")
-                             if raw.startswith("LA") else ("16-bit colour", "8-bit colour or 16-bit grayscale"))
-                raise _Refused(f"{name}: {what}, which Pillow can only read at 8 bits; save it as {fix}")
+            _refuse_header(im, name)
             im.load()
             icc = im.info.get("icc_profile") or None
             if icc is not None and im.mode in _CONVERTED_MODES:
@@ -168,6 +157,21 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise _unreadable(name, e) from None
 
 
+def _refuse_header(im: Image.Image, name: str) -> None:
+    """The refusals an opened image's header decides (a :class:`_Refused`): too many pixels,
+    several frames, 16-bit colour that Pillow would read at 8 bits."""
+    if im.width * im.height > MAX_PIXELS:
+        raise _Refused(f"{name}: image too large ({im.width}x{im.height} px, more than {MAX_PIXELS} px)")
+    # an MPO (the JPEG of many cameras and phones: a primary photo plus previews, a depth or
+    # gain map) opens at its primary image; other formats' frames are images of equal standing
+    if im.format != "MPO" and getattr(im, "n_frames", 1) > 1:
+        raise _Refused(f"{name}: has {im.n_frames} frames; extract the frames first (one image per file)")
+    if raw := _colour_16bit(im):
+        what, fix = (("16-bit gray with alpha", "8-bit gray + alpha, or 16-bit grayscale without alpha")
+                     if raw.startswith("LA") else ("16-bit colour", "8-bit colour or 16-bit grayscale"))
+        raise _Refused(f"{name}: {what}, which Pillow can only read at 8 bits; save it as {fix}")
+
+
 def _unreadable(name: str, e: Exception) -> ValueError:
     """The error for a file Pillow could not open or decode (one of ``_DECODE_ERRORS``)."""
     if isinstance(e, UnidentifiedImageError):
@@ -179,7 +183,8 @@ def _unreadable(name: str, e: Exception) -> ValueError:
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` of the image :func:`read_image` would return for ``path`` (EXIF
     orientation applied), from the file's header: no pixels are decoded, so a whole set's sizes
-    can be checked before hours of work. An unreadable header is the ValueError read_image gives."""
+    can be checked before hours of work. What read_image refuses from the header (too many pixels,
+    several frames, 16-bit colour) and an unreadable header are the ValueErrors read_image gives."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {str(path)!r}")
@@ -187,31 +192,50 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with pixel_limit(None):
             opened = Image.open(path, formats=image_formats())
         with opened as im:
+            _refuse_header(im, str(path))
             w, h = im.size
             # orientations 5-8 turn the picture by 90°, as ImageOps.exif_transpose does in read_image
             return (w, h) if _orientation(im, path) in (5, 6, 7, 8) else (h, w)
+    except _Refused:
+        raise
     except _DECODE_ERRORS as e:
         raise _unreadable(str(path), e) from None
 
 
+_PNG_ORIENTATION_TEXT = (b"XML:com.adobe.xmp", b"Raw profile type exif", b"Raw profile type APP1")
+"""Keywords of PNG text chunks that can carry an orientation (XMP's tiff:Orientation, raw EXIF),
+which Pillow's getexif reads as well as an eXIf chunk."""
+
+
 def _orientation(im: Image.Image, path: Path) -> int:
-    """The EXIF orientation (1-8) of an opened image, without decoding its pixels: a PNG's eXIf
-    chunk after its image data is one Pillow finds only by decoding them, so that file's chunks
-    are walked (headers only) instead."""
-    if im.format != "PNG" or "exif" in im.info:
-        return im.getexif().get(ExifTags.Base.Orientation, 1)
+    """The EXIF orientation (1-8) of an opened image, as :func:`ImageOps.exif_transpose` will
+    find it. A PNG whose header chunks hold no EXIF is walked chunk by chunk (headers and text
+    keywords only): with no eXIf chunk nor an orientation-carrying text chunk anywhere, it has
+    none; with one (after the pixels, where Pillow reads it only by decoding them), Pillow's own
+    getexif decides, decoding the pixels."""
+    if im.format == "PNG" and "exif" not in im.info and "XML:com.adobe.xmp" not in im.info:
+        if not _png_has_orientation_chunk(path):
+            return 1
+    return im.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _png_has_orientation_chunk(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(8)  # the signature Pillow has checked
         while len(head := f.read(8)) == 8:
             length, tag = struct.unpack(">I4s", head)
             if tag == b"eXIf":
-                exif = Image.Exif()
-                exif.load(b"Exif\x00\x00" + f.read(length).removeprefix(b"Exif\x00\x00"))
-                return exif.get(ExifTags.Base.Orientation, 1)
-            if tag == b"IEND":
+                return True
+            if tag in (b"tEXt", b"zTXt", b"iTXt"):
+                keyword = f.read(min(length, 80)).split(b"\x00", 1)[0]
+                if keyword in _PNG_ORIENTATION_TEXT:
+                    return True
+                f.seek(length - min(length, 80) + 4, os.SEEK_CUR)
+            elif tag == b"IEND":
                 break
-            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
-    return 1
+            else:
+                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return False
 
 
 def _colour_16bit(im: Image.Image) -> str:

@@ -11,14 +11,17 @@ that comes back unchanged — itself, a node's copy, an identity resize — give
 exactly; one edited in part (painted) gives the original with the edited pixels replaced,
 so an edit changes only what was edited (the border follows the pixels it mirrors); the
 channel mean :func:`uncertainty_mask` makes of ψ, unchanged or painted in part, gives ψ per
-channel where it was not painted. A map with no original (made elsewhere, or none of its
-values left) is padded by the HR mirror of the LR reflection. So the default chain gives exactly
+channel where it was not painted. Only maps of the same kind (g(y), ψ, w) made from the same
+LR image (by value) are candidates. A map with no original (made elsewhere, or with less than
+a quarter of its values left) is padded by the HR mirror of the LR reflection. So the default chain gives exactly
 :meth:`UPSRModel.upscale`, with a MASK in it too, and edited maps still work.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -39,24 +42,52 @@ __all__ = [
 ]
 
 _ATTR = "_upsr_full"
-_LIVE: list[tuple[weakref.ref, bool]] = []
-"""(padded original, pm) of every visible map made here, held weakly (see the module docstring)."""
+MATCH_MIN = 0.25
+"""The share of a map's values that must still equal its original's for the map to count as that
+original edited in part (:func:`recover_full`); a map changed further (a blur, a grown mask, a
+scaled w: scattered values left) is a map of its own, padded by mirroring."""
 
 
-def make_visible(full: torch.Tensor, size: tuple[int, int], *, pm: bool = False) -> torch.Tensor:
+@dataclass(eq=False)
+class _Original:
+    """A visible map's padded original: ``full`` (its [-1, 1] values where ``pm``), ``role``
+    (``"sr_estimate"``, ``"uncertainty"``, ``"noise_weight"`` or None) and ``lr_key``, the
+    :func:`lr_digest` of the LR image it was made from (None: unknown)."""
+    full: torch.Tensor
+    pm: bool
+    role: str | None = None
+    lr_key: str | None = None
+
+
+_LIVE: list[weakref.ref] = []
+"""The :class:`_Original` of every visible map made here, held weakly: alive while a map (or a
+view carrying its attribute) is (see the module docstring)."""
+
+
+def lr_digest(lr: torch.Tensor) -> str:
+    """A digest of an LR batch's values (as float32): which image a remembered map belongs to."""
+    a = lr.detach().float().cpu().contiguous()
+    return hashlib.blake2b(a.numpy().tobytes() + str(tuple(a.shape)).encode(), digest_size=16).hexdigest()
+
+
+def make_visible(full: torch.Tensor, size: tuple[int, int], *, pm: bool = False, role: str | None = None,
+                 lr_key: str | None = None) -> torch.Tensor:
     """Visible part (B, C, 4h, 4w) of a padded HR map; ``pm`` maps [-1,1] to [0,1] first.
 
-    The padded original rides along as an attribute and is remembered (see :func:`recover_full`).
+    The padded original rides along as an attribute and is remembered with its ``role`` and the
+    :func:`lr_digest` of its LR image (see :func:`recover_full`).
     """
     vis = _visible(full, size, pm).contiguous()
-    setattr(vis, _ATTR, (full, pm))
-    _LIVE[:] = [e for e in _LIVE if e[0]() is not None]
-    _LIVE.append((weakref.ref(full), pm))
+    entry = _Original(full, pm, role, lr_key)
+    setattr(vis, _ATTR, entry)
+    _LIVE[:] = [r for r in _LIVE if r() is not None]
+    _LIVE.append(weakref.ref(entry))
     return vis
 
 
 def _visible(full: torch.Tensor, size: tuple[int, int], pm: bool) -> torch.Tensor:
-    return crop_hr(full * 0.5 + 0.5 if pm else full, size)
+    vis = crop_hr(full, size)  # cropped first: the same values, without a scaled copy of the border
+    return vis * 0.5 + 0.5 if pm else vis
 
 
 def carry_padding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -85,15 +116,16 @@ def mirror_pad_hr(x: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[in
 
 
 def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int], *,
-                 pm: bool = False) -> torch.Tensor:
-    """The padded map behind ``vis``: its original where ``vis`` is one of the maps made here,
-    unchanged or edited in part (the edited pixels replaced), else ``vis`` mirror-padded.
+                 pm: bool = False, role: str | None = None, lr_key: str | None = None) -> torch.Tensor:
+    """The padded map behind ``vis``: its original where ``vis`` is one of the maps made here
+    (of that ``role`` and made from the LR of that :func:`lr_digest`, where given), unchanged or
+    edited in part (the edited pixels replaced), else ``vis`` mirror-padded.
 
     Returns [-1,1] values when ``pm`` (``vis`` itself is always in [0,1] units).
     """
-    full = _original(vis, lr_size, pm, (SCALE * padded_lr[0], SCALE * padded_lr[1]))
-    if full is not None:
-        return full
+    found = _original(vis, lr_size, pm, (SCALE * padded_lr[0], SCALE * padded_lr[1]), role=role, lr_key=lr_key)
+    if found is not None:
+        return found[0]
     x = (vis - 0.5) / 0.5 if pm else vis
     return mirror_pad_hr(x, lr_size, padded_lr)
 
@@ -102,20 +134,23 @@ def _channel_mean(psi: torch.Tensor) -> torch.Tensor:
     return psi.mean(dim=1, keepdim=True).clamp(0, 1)
 
 
-def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool,
-              hr_size: tuple[int, int] | None = None) -> torch.Tensor | None:
-    """The padded original of ``vis``, found by value among the maps made here (the one ``vis``
-    carries first): of the right size and channels (or, for a 1-channel ``vis``, a 3-channel ψ
-    whose :func:`uncertainty_mask` it is), the one sharing most of its values; None where none
-    shares any. Where ``vis`` differs from it (an edit), ``vis`` is taken — in the border too,
-    wherever the border mirrors an edited pixel (as :func:`mirror_pad_hr` pads) — so that an
-    unchanged map gives the original exactly and an edit changes only what was edited."""
+def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool, hr_size: tuple[int, int] | None = None, *,
+              role: str | None = None, lr_key: str | None = None) -> tuple[torch.Tensor, _Original] | None:
+    """The padded original of ``vis`` and its record, found by value among the maps made here (the
+    one ``vis`` carries first) of that ``role`` and LR (where given), the right size and channels
+    (or, for a 1-channel ``vis``, a 3-channel ψ whose :func:`uncertainty_mask` it is): the one
+    sharing most of its values, at least :data:`MATCH_MIN` of them; else None. Where ``vis``
+    differs from it (an edit), ``vis`` is taken — in the border too, wherever the border mirrors an
+    edited pixel (as :func:`mirror_pad_hr` pads) — so that an unchanged map gives the original
+    exactly and an edit changes only what was edited."""
     carried = getattr(vis, _ATTR, None)
-    live = [(f, p) for f, p in ((r(), p) for r, p in _LIVE) if f is not None]
-    best, best_eq, best_share = None, None, 0.0
-    for full, was_pm in ([carried] if carried is not None else []) + live:
-        c = full.shape[1]
-        if (was_pm != pm or full.shape[0] != vis.shape[0] or not (c == vis.shape[1] or (c, vis.shape[1]) == (3, 1))
+    entries = [carried] if carried is not None else []
+    entries += [e for e in (r() for r in _LIVE) if e is not None and e is not carried]
+    best, best_eq, best_share = None, None, MATCH_MIN
+    for e in entries:
+        full, c = e.full, e.full.shape[1]
+        if (e.pm != pm or (role is not None and e.role != role) or (lr_key is not None and e.lr_key != lr_key)
+                or full.shape[0] != vis.shape[0] or not (c == vis.shape[1] or (c, vis.shape[1]) == (3, 1))
                 or (hr_size is not None and full.shape[-2:] != hr_size)
                 or full.shape[-2] < SCALE * lr_size[0] or full.shape[-1] < SCALE * lr_size[1]):
             continue
@@ -125,19 +160,20 @@ def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool,
         again = again.to(vis.device)
         seen = again if c == vis.shape[1] else _channel_mean(again.contiguous())  # a mask of this ψ
         eq = seen == vis
-        share = eq.float().mean().item()
+        share = eq.count_nonzero().item() / eq.numel()
         if share == 1.0 and c == vis.shape[1]:
-            return full
-        if share > best_share:
-            best, best_eq, best_share = full, eq, share
+            return full, e
+        if share >= best_share:
+            best, best_eq, best_share = e, eq, share
             if share == 1.0:
                 break
     if best is None:
         return None
-    padded_lr = (best.shape[-2] // SCALE, best.shape[-1] // SCALE)
-    kept = mirror_pad_hr(best_eq, lr_size, padded_lr).to(best.device)
-    edits = mirror_pad_hr((vis - 0.5) / 0.5 if pm else vis, lr_size, padded_lr).to(best.device, best.dtype)
-    return torch.where(kept, best, edits)  # a painted mask value stands for every channel
+    full = best.full
+    padded_lr = (full.shape[-2] // SCALE, full.shape[-1] // SCALE)
+    kept = mirror_pad_hr(best_eq, lr_size, padded_lr).to(full.device)
+    edits = mirror_pad_hr((vis - 0.5) / 0.5 if pm else vis, lr_size, padded_lr).to(full.device, full.dtype)
+    return torch.where(kept, full, edits), best  # a painted mask value stands for every channel
 
 
 def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...], shared: bool = True) -> None:
@@ -192,7 +228,9 @@ def estimate_maps(
                 progress(i + 1, lr_pm.shape[0])
         y_hat = torch.cat(parts)
         est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, tuple(lr.shape[-2:]))
-    return make_visible(est.sr_estimate_pm, est.size, pm=True), make_visible(est.uncertainty(), est.size)
+    key = lr_digest(lr)
+    return (make_visible(est.sr_estimate_pm, est.size, pm=True, role="sr_estimate", lr_key=key),
+            make_visible(est.uncertainty(), est.size, role="uncertainty", lr_key=key))
 
 
 def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
@@ -205,9 +243,10 @@ def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEF
     if psi.ndim != 4 or psi.shape[1] not in (1, 3):
         raise ValueError(f"uncertainty must be (B, 1|3, H, W), got {tuple(psi.shape)}")
     size = (psi.shape[-2] // SCALE, psi.shape[-1] // SCALE)
-    full = _original(psi, size, pm=False)
-    if full is not None:
-        return make_visible(weight_noise(full, b_u, psi_max), size)
+    found = _original(psi, size, pm=False, role="uncertainty")
+    if found is not None:
+        full, of = found
+        return make_visible(weight_noise(full, b_u, psi_max), size, role="noise_weight", lr_key=of.lr_key)
     return weight_noise(psi, b_u, psi_max)
 
 
@@ -243,8 +282,9 @@ def sample_maps(
     lr_pm = pad_lr(lr, model.multiple_of)
     size, padded = tuple(lr.shape[-2:]), tuple(lr_pm.shape[-2:])
     b = lr.shape[0]
-    y_hat = recover_full(sr_estimate.float().cpu(), size, padded, pm=True)
-    w = recover_full(weight.float().cpu(), size, padded).expand(b, -1, -1, -1)
+    key = lr_digest(lr)  # only this image's own maps are its originals
+    y_hat = recover_full(sr_estimate.float().cpu(), size, padded, pm=True, role="sr_estimate", lr_key=key)
+    w = recover_full(weight.float().cpu(), size, padded, role="noise_weight", lr_key=key).expand(b, -1, -1, -1)
     est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, size)
     return model.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress,
                          same_noise=same_noise)
