@@ -1014,7 +1014,7 @@ def test_the_contact_sheet_shows_pixels_as_scored_and_labels_the_sample_shown(tm
     row = {"image": "a", "images": {"lr": lr, "upsr": up, "hr": up},
            "metrics": {"upsr": {"psnr": 20.0}}, "per_seed": {"upsr": [{"psnr": 21.0}, {"psnr": 19.0}]}}
     ev.contact_sheet([row], ["upsr"], tmp_path / "sheet.png")
-    sheet = torch.from_numpy(np.asarray(Image.open(tmp_path / "sheet.png"))).permute(2, 0, 1).float() / 255
+    sheet = torch.from_numpy(np.array(Image.open(tmp_path / "sheet.png"))).permute(2, 0, 1).float() / 255
     head, tile = 16, 192
     below_label = slice(head + 40, head + tile)  # under the label box
     lr_tile, up_tile = sheet[:, below_label, :tile], sheet[:, below_label, tile:2 * tile]
