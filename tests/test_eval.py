@@ -1025,8 +1025,8 @@ def test_the_contact_sheet_shows_pixels_as_scored_and_labels_the_sample_shown(tm
 
 def test_image_size_agrees_with_read_image_on_png_orientations(tmp_path, monkeypatch):
     """Pillow writes a PNG's eXIf chunk before IDAT, other writers after it (where Pillow reads it
-    only by decoding); XMP's tiff:Orientation counts too. A PNG with none of them is sized from its
-    header alone."""
+    only by decoding); XMP's tiff:Orientation counts too. Only a PNG with such a chunk after its
+    pixels is decoded for its size."""
     import struct
 
     from PIL import PngImagePlugin
@@ -1055,7 +1055,8 @@ def test_image_size_agrees_with_read_image_on_png_orientations(tmp_path, monkeyp
                        ("plain.png", (24, 40))):
         assert image_size(tmp_path / name) == want == tuple(read_image(tmp_path / name).rgb.shape[1:]), name
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels decoded"))
-    assert image_size(tmp_path / "plain.png") == (24, 40)  # no orientation anywhere: the header alone
+    assert image_size(tmp_path / "plain.png") == (24, 40)  # the chunks before the pixels suffice
+    assert image_size(tmp_path / "xmp.png") == (40, 24)
 
 
 def test_image_size_refuses_what_read_image_refuses_from_the_header(tmp_path):

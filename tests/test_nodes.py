@@ -448,6 +448,11 @@ def test_an_image_resized_by_comfy_s_bicubic_is_clamped_not_refused(pack, handle
     assert "(a resize's overshoot): clamped to [0, 1]" in caplog.text
     est = run(pack, "EstimateUncertainty", upsr_model=handle, image=over)
     assert torch.equal(est[0], run(pack, "EstimateUncertainty", upsr_model=handle, image=over.clamp(0, 1))[0])
+    # the chain through copies of its maps: each found again by the LR both nodes clamp alike
+    wn = run(pack, "WeightNoise", **defaults(pack, "WeightNoise") | {"uncertainty": est[1]})
+    chained = run(pack, "UPSRSample", upsr_model=handle, image=over, sr_estimate=est[0].clone(),
+                  noise_weight=wn[0].clone(), **defaults(pack, "UPSRSample"))[0]
+    assert torch.equal(chained, run(pack, "UPSRUpscale", upsr_model=handle, image=over.clamp(0, 1), **d)[0])
     with pytest.raises(ValueError, match=r"divide 8-bit values by 255"):  # not an overshoot: still an error
         run(pack, "UPSRUpscale", upsr_model=handle, image=img * 255, **d)
 
@@ -1220,3 +1225,18 @@ def test_another_images_maps_are_never_taken_as_originals(model):
     assert torch.equal(weight_map(solid, 0.4, 1.0), torch.ones(1, 1, 80, 112))
     del sr_a, psi_a, w_a
     gc.collect()
+
+
+def test_one_images_weight_for_a_batch_keeps_its_original(model):
+    """A w made from one frame and given for a batch of frames ("one weight for all") is that
+    frame's map: its original (padded border) is found, as for that frame alone."""
+    from upsr_core.stages import _original, lr_digest
+
+    g = torch.Generator().manual_seed(8)
+    frames = torch.rand(2, 3, 20, 28, generator=g)
+    _, psi0 = estimate_maps(model, frames[:1])
+    w = weight_map(psi0)  # alive, as ComfyUI keeps a node's outputs
+    w0 = w.clone()
+    found = _original(w0, (20, 28), pm=False, role="noise_weight", lr_key=lr_digest(frames))
+    assert found is not None and found[1].lr_key == lr_digest(frames[:1])
+    assert _original(w0, (20, 28), pm=False, role="noise_weight", lr_key=lr_digest(frames[1:])) is None

@@ -1225,8 +1225,9 @@ def test_folder_feed_scales_its_epoch_and_cache_to_the_folder(tmp_path, monkeypa
     small = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
     assert small.dataset.repeat == 100_000 // 3 and small.dataset._cache is not None
     monkeypatch.setattr(FolderFeed, "EPOCH_SAMPLES", 2)
-    monkeypatch.setattr(FolderFeed, "CACHE_MAX_IMAGES", 2)
-    big = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
+    monkeypatch.setattr(FolderFeed, "CACHE_MAX_BYTES", 3 * 40 * 40 * 3 * 2 - 1)  # 2 workers' copies: just over
+    assert FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=1).dataset._cache is not None
+    big = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=2)
     assert big.dataset.repeat == 1 and big.dataset._cache is None
     assert big.next(2, torch.Generator()).shape == (2, 3, 32, 32)
 
@@ -1362,3 +1363,80 @@ def test_a_process_with_live_loader_workers_still_exits(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "(2, 3, 32, 32)" in done.stdout, done.stderr
+
+
+def test_an_image_cut_short_is_skipped_with_a_warning_not_the_end_of_the_run(tmp_path, caplog):
+    """The start reads headers only: a truncated file was found hours in and stopped the run (and
+    every resume). Its crops are drawn from other images instead, the same way on every run."""
+    from PIL import Image
+
+    from upsr_core.train.data import ImageFolderDataset
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    data = (tmp_path / "1.png").read_bytes()
+    (tmp_path / "1.png").write_bytes(data[: len(data) // 2])
+    ds = ImageFolderDataset(tmp_path, 32)
+    with caplog.at_level("WARNING"):
+        a, b = ds[(1, 7)], ds[(1, 7)]
+        ds[(2, 8)]
+    assert torch.equal(a, b) and a.shape == (3, 32, 32)
+    assert caplog.text.count("1.png") == 1 and "training goes on without it" in caplog.text
+    for i in (0, 2):
+        (tmp_path / f"{i}.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot decode the image .*and 20 other images drawn after it"):
+        ImageFolderDataset(tmp_path, 32)[(0, 1)]
+
+
+def test_the_device_feed_refuses_a_folder_that_does_not_fit_before_decoding_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import upsr_core.train.feed as feed
+
+    for i in range(2):
+        Image.new("RGB", (100, 80), (i, 2, 3)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(feed, "_free_bytes", lambda device: 100 * 80 * 2 * (3 + 16))  # exactly: over 90 %
+    monkeypatch.setattr(feed, "load_image_array", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match=r"--feed device: the 2 images .* need about 0\.0 GiB on cpu with the texture "
+                                         r"tables of --min-texture, and 0\.0 GiB is free: use --feed loader"):
+        feed.PhotoFeed(tmp_path, 64, torch.device("cpu"), min_texture=3)
+
+
+def test_the_device_feed_texture_tables_are_the_summed_areas_of_each_image(tmp_path):
+    """Written image by image into one buffer: each image's box sums equal a direct sum."""
+    from PIL import Image
+
+    from upsr_core.train.data import LUMA
+    from upsr_core.train.feed import PhotoFeed
+
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate(((70, 50), (48, 90))):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    f = PhotoFeed(tmp_path, 32, torch.device("cpu"), min_texture=1)
+    for i, img in enumerate(f.images):
+        y = (img.double() * torch.tensor(LUMA, dtype=torch.float64)[:, None, None]).sum(0)
+        for y0, x0 in ((0, 0), (5, 9), (img.shape[1] - 32, img.shape[2] - 32)):
+            c = y[y0:y0 + 32, x0:x0 + 32]
+            want = ((c[1:] - c[:-1]).abs().sum() + (c[:, 1:] - c[:, :-1]).abs().sum()) / (2 * 32 * 31)
+            got = f.texture(torch.tensor([i]), torch.tensor([y0]), torch.tensor([x0]))
+            assert torch.allclose(got, want.reshape(1), rtol=1e-5), (i, y0, x0)
+
+
+def test_pack_crops_tells_files_of_one_name_in_two_folders_apart(tmp_path):
+    from PIL import Image
+
+    from upsr_core.train.data import pack_crops
+
+    rng = np.random.default_rng(2)
+    for d in ("day1", "day2"):
+        (tmp_path / "in" / d).mkdir(parents=True)
+        Image.fromarray((rng.random((90, 90, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / d / "IMG_1.png")
+    info = pack_crops(tmp_path / "in", tmp_path / "p.npy", crop=32, per_image=3, seed=0)
+    files = [it["file"] for it in info["items"]]
+    assert files == ["day1/IMG_1.png"] * 3 + ["day2/IMG_1.png"] * 3
+    pos = [(it["y"], it["x"]) for it in info["items"]]
+    assert pos[:3] != pos[3:]
+    with pytest.raises(ValueError, match=r"files \['IMG_1\.png'\] are given more than once by name"):
+        pack_crops(None, tmp_path / "q.npy", crop=32, per_image=3, seed=0,
+                   files=[tmp_path / "in" / d / "IMG_1.png" for d in ("day1", "day2")])

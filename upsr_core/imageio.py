@@ -209,32 +209,38 @@ which Pillow's getexif reads as well as an eXIf chunk."""
 
 def _orientation(im: Image.Image, path: Path) -> int:
     """The EXIF orientation (1-8) of an opened image, as :func:`ImageOps.exif_transpose` will
-    find it. A PNG whose header chunks hold no EXIF is walked chunk by chunk (headers and text
-    keywords only): with no eXIf chunk nor an orientation-carrying text chunk anywhere, it has
-    none; with one (after the pixels, where Pillow reads it only by decoding them), Pillow's own
-    getexif decides, decoding the pixels."""
-    if im.format == "PNG" and "exif" not in im.info and "XML:com.adobe.xmp" not in im.info:
-        if not _png_has_orientation_chunk(path):
-            return 1
+    find it after decoding. Pillow reads a PNG's chunks up to the pixels at open, and an eXIf or
+    an orientation-carrying text chunk after them only when it decodes them: such a file (found
+    by walking the chunk headers) is decoded for it; any other is answered from what Pillow read
+    at open (``Image.getexif`` of the base class, which a PNG's own does not load pixels for)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        if _png_orientation_after_pixels(path):
+            return im.getexif().get(ExifTags.Base.Orientation, 1)
+        return Image.Image.getexif(im).get(ExifTags.Base.Orientation, 1)
     return im.getexif().get(ExifTags.Base.Orientation, 1)
 
 
-def _png_has_orientation_chunk(path: Path) -> bool:
+def _png_orientation_after_pixels(path: Path) -> bool:
+    """Whether a PNG has an eXIf chunk, or a text chunk of :data:`_PNG_ORIENTATION_TEXT`, after
+    its first IDAT (chunk headers and text keywords read, nothing else)."""
     with open(path, "rb") as f:
         f.seek(8)  # the signature Pillow has checked
+        seen_pixels = False
         while len(head := f.read(8)) == 8:
             length, tag = struct.unpack(">I4s", head)
-            if tag == b"eXIf":
+            if tag == b"IDAT":
+                seen_pixels = True
+            elif tag == b"IEND":
+                break
+            elif seen_pixels and tag == b"eXIf":
                 return True
-            if tag in (b"tEXt", b"zTXt", b"iTXt"):
+            elif seen_pixels and tag in (b"tEXt", b"zTXt", b"iTXt"):
                 keyword = f.read(min(length, 80)).split(b"\x00", 1)[0]
                 if keyword in _PNG_ORIENTATION_TEXT:
                     return True
                 f.seek(length - min(length, 80) + 4, os.SEEK_CUR)
-            elif tag == b"IEND":
-                break
-            else:
-                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+                continue
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
     return False
 
 

@@ -52,11 +52,11 @@ scaled w: scattered values left) is a map of its own, padded by mirroring."""
 class _Original:
     """A visible map's padded original: ``full`` (its [-1, 1] values where ``pm``), ``role``
     (``"sr_estimate"``, ``"uncertainty"``, ``"noise_weight"`` or None) and ``lr_key``, the
-    :func:`lr_digest` of the LR image it was made from (None: unknown)."""
+    :func:`lr_digest` of the LR images it was made from, one per image (None: unknown)."""
     full: torch.Tensor
     pm: bool
     role: str | None = None
-    lr_key: str | None = None
+    lr_key: tuple[str, ...] | None = None
 
 
 _LIVE: list[weakref.ref] = []
@@ -64,14 +64,28 @@ _LIVE: list[weakref.ref] = []
 view carrying its attribute) is (see the module docstring)."""
 
 
-def lr_digest(lr: torch.Tensor) -> str:
-    """A digest of an LR batch's values (as float32): which image a remembered map belongs to."""
+def lr_digest(lr: torch.Tensor) -> tuple[str, ...]:
+    """A digest of each image of an LR batch (B, C, h, w) (its values as float32): which image a
+    remembered map belongs to."""
     a = lr.detach().float().cpu().contiguous()
-    return hashlib.blake2b(a.numpy().tobytes() + str(tuple(a.shape)).encode(), digest_size=16).hexdigest()
+    out = []
+    for im in a:
+        h = hashlib.blake2b(str(tuple(im.shape)).encode(), digest_size=16)
+        h.update(memoryview(im.numpy()).cast("B"))
+        out.append(h.hexdigest())
+    return tuple(out)
+
+
+def _same_images(made_from: tuple[str, ...] | None, lr: tuple[str, ...] | None) -> bool:
+    """A map made from the LR images ``made_from`` belongs to the LR batch ``lr``: the same images,
+    or one image of it (a map of one image given for the whole batch)."""
+    if lr is None:
+        return True
+    return made_from == lr or (made_from is not None and len(made_from) == 1 and made_from[0] in lr)
 
 
 def make_visible(full: torch.Tensor, size: tuple[int, int], *, pm: bool = False, role: str | None = None,
-                 lr_key: str | None = None) -> torch.Tensor:
+                 lr_key: tuple[str, ...] | None = None) -> torch.Tensor:
     """Visible part (B, C, 4h, 4w) of a padded HR map; ``pm`` maps [-1,1] to [0,1] first.
 
     The padded original rides along as an attribute and is remembered with its ``role`` and the
@@ -116,7 +130,8 @@ def mirror_pad_hr(x: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[in
 
 
 def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[int, int], *,
-                 pm: bool = False, role: str | None = None, lr_key: str | None = None) -> torch.Tensor:
+                 pm: bool = False, role: str | None = None,
+                 lr_key: tuple[str, ...] | None = None) -> torch.Tensor:
     """The padded map behind ``vis``: its original where ``vis`` is one of the maps made here
     (of that ``role`` and made from the LR of that :func:`lr_digest`, where given), unchanged or
     edited in part (the edited pixels replaced), else ``vis`` mirror-padded.
@@ -135,7 +150,8 @@ def _channel_mean(psi: torch.Tensor) -> torch.Tensor:
 
 
 def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool, hr_size: tuple[int, int] | None = None, *,
-              role: str | None = None, lr_key: str | None = None) -> tuple[torch.Tensor, _Original] | None:
+              role: str | None = None,
+              lr_key: tuple[str, ...] | None = None) -> tuple[torch.Tensor, _Original] | None:
     """The padded original of ``vis`` and its record, found by value among the maps made here (the
     one ``vis`` carries first) of that ``role`` and LR (where given), the right size and channels
     (or, for a 1-channel ``vis``, a 3-channel ψ whose :func:`uncertainty_mask` it is): the one
@@ -146,10 +162,10 @@ def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool, hr_size: tu
     carried = getattr(vis, _ATTR, None)
     entries = [carried] if carried is not None else []
     entries += [e for e in (r() for r in _LIVE) if e is not None and e is not carried]
-    best, best_eq, best_share = None, None, MATCH_MIN
+    best, best_eq, best_share = None, None, 0.0
     for e in entries:
         full, c = e.full, e.full.shape[1]
-        if (e.pm != pm or (role is not None and e.role != role) or (lr_key is not None and e.lr_key != lr_key)
+        if (e.pm != pm or (role is not None and e.role != role) or not _same_images(e.lr_key, lr_key)
                 or full.shape[0] != vis.shape[0] or not (c == vis.shape[1] or (c, vis.shape[1]) == (3, 1))
                 or (hr_size is not None and full.shape[-2:] != hr_size)
                 or full.shape[-2] < SCALE * lr_size[0] or full.shape[-1] < SCALE * lr_size[1]):
@@ -163,7 +179,7 @@ def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool, hr_size: tu
         share = eq.count_nonzero().item() / eq.numel()
         if share == 1.0 and c == vis.shape[1]:
             return full, e
-        if share >= best_share:
+        if share >= MATCH_MIN and share > best_share:  # a tie keeps the earlier: the map's own first
             best, best_eq, best_share = e, eq, share
             if share == 1.0:
                 break

@@ -211,6 +211,13 @@ def _prescaled_sizes(files: Sequence[Path], prescale: Prescale) -> Iterator[tupl
         yield p, w // f, h // f, f
 
 
+def decoded_bytes(files: Sequence[Path], crop: int, prescale: Prescale = 1) -> int:
+    """Bytes the images of ``files`` take decoded as 8-bit RGB, each reflect-padded to ``crop``
+    (16-bit grayscale takes twice that), from the headers only: what a cache of the folder
+    holds."""
+    return sum(max(w, crop) * max(h, crop) * 3 for _, w, h, _ in _prescaled_sizes(files, prescale))
+
+
 def _keep_large_enough(files: Sequence[Path], crop: int, prescale: Prescale) -> list[Path]:
     kept = []
     for p, w, h, f in _prescaled_sizes(files, prescale):
@@ -247,7 +254,9 @@ class ImageFolderDataset(Dataset):
     ('skip', decided at construction from the file headers). ``augment``: random flips/rotations.
     ``random_crop``: False takes the centre crop. ``prescale``: see ``load_image_array``.
     ``repeat``: the dataset lists every image ``repeat`` times (longer epochs).
-    ``cache``: keep decoded images in memory (per worker process).
+    ``cache``: keep decoded images in memory (per worker process). An image that cannot be
+    decoded when an item needs it is skipped with a warning (another is drawn in its place,
+    from the item's generator), up to ``UNREADABLE_MAX`` in a row.
     ``min_texture``: a random crop whose texture (mean luma gradient in 8-bit units, as
     ``pack_crops`` and the evaluation pairs measure it) is below this is re-drawn, up to
     ``tries`` draws in all, keeping the most textured one (0: every crop is kept).
@@ -279,6 +288,7 @@ class ImageFolderDataset(Dataset):
         self.prescale, self.repeat = prescale, repeat
         self.min_texture, self.tries = float(min_texture), tries
         self._cache: dict[int, tuple[np.ndarray, int]] | None = {} if cache else None
+        self._unreadable: set[int] = set()  # warned about (per worker process)
 
     def __len__(self) -> int:
         return len(self.files) * self.repeat
@@ -292,9 +302,27 @@ class ImageFolderDataset(Dataset):
             self._cache[i] = (a, maxval)
         return a, maxval
 
+    UNREADABLE_MAX = 20
+    """An item whose image cannot be decoded draws another image (from the item's own generator:
+    the same one on every run); after this many in a row the error stands."""
+
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         index, g = _item_key(key, len(self))
-        a, maxval = self._array(index % len(self.files))
+        i = index % len(self.files)
+        for attempt in range(self.UNREADABLE_MAX + 1):
+            try:
+                a, maxval = self._array(i)
+                break
+            except (OSError, ValueError) as e:
+                # the start read only headers: a file cut short is found here, hours in; one bad
+                # file in a large folder should cost its crops, not the run (nor every resume)
+                if attempt == self.UNREADABLE_MAX:
+                    raise ValueError(f"{e} (and {self.UNREADABLE_MAX} other images drawn after it could not be "
+                                     "decoded either)") from None
+                if i not in self._unreadable:
+                    self._unreadable.add(i)
+                    log.warning("%s; training goes on without it (another image is drawn in its place)", e)
+                i = int(torch.randint(0, len(self.files), (), generator=g))
         h, w = a.shape[:2]
         if self.random_crop:
             y, x = textured_position(a, maxval, self.crop, self.min_texture, self.tries, lambda: (
@@ -492,16 +520,24 @@ def pack_crops(
     if not paths:
         raise ValueError(f"no usable images to pack (root={root!r}, crop={crop})")
     crops, items = [], []
-    for p in paths:
+    # each file by its path below ``root`` (a flat folder: its name), so that day1/IMG_0001.JPG and
+    # day2/IMG_0001.JPG get crops of their own and are told apart in the JSON; a list of files by
+    # its name (as before: a group's crops stay the same), and two of one name are refused
+    rels = [p.relative_to(root).as_posix() if files is None else p.name for p in paths]
+    twice = sorted({r for r in rels if rels.count(r) > 1})
+    if twice:
+        raise ValueError(f"files {twice} are given more than once by name (from different folders): their crops "
+                         "and the JSON would not tell them apart; pack their folder instead (root)")
+    for p, rel in zip(paths, rels):
         a, maxval = load_image_array(p, prescale)
         with _open(p) as im:
             factor = _prescale_factor(im.size, prescale)
         a = _pad_to(a, crop)
-        rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
+        rng = np.random.default_rng([seed, zlib.crc32(rel.encode())])
         for y, x, c in _cut(a, maxval, crop, per_image, rng, min_texture):
             crops.append(c.transpose(2, 0, 1))
-            items.append({"file": p.name, "y": y, "x": x, "prescale": factor})
-        log.info("packed %d crops of %s", per_image, p.name)
+            items.append({"file": rel, "y": y, "x": x, "prescale": factor})
+        log.info("packed %d crops of %s", per_image, rel)
     data = np.ascontiguousarray(np.stack(crops))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".npy":

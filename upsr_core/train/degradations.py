@@ -17,9 +17,9 @@ per batch and this draws per image, noted below):
   ``final_sinc_prob``), noise strength / gray-vs-colour, JPEG qualities;
 * per batch (they change the tensor size, so one value serves the whole batch): the resize
   kind, factor and interpolation mode of each order, the final order and resize mode. The
-  first order resizes to an explicit size, round(H·s) × round(W·s); the official call passes
-  ``scale_factor=s``, whose sampling grid uses 1/s instead of the in/out ratio (up to ~2 HR px
-  apart at the far edge of a 256-px crop), so its LR is slightly stretched against its HR.
+  first order resizes to an explicit size, ⌊H·s⌋ × ⌊W·s⌋, the size the official call gets from
+  ``scale_factor=s`` too; but that call's sampling grid uses 1/s instead of the in/out ratio (up
+  to ~2 HR px apart at the far edge of a 256-px crop), so its LR is slightly stretched against its HR.
 
 All draws come from ``generator`` in a fixed order, so the same generator state and input
 give the same output. Scalars are drawn first on the generator's device and moved to the CPU

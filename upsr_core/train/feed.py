@@ -8,7 +8,8 @@
   and cuts a fresh random crop of a whole image per batch item, with the same flips/rotations
   and an optional texture filter evaluated in O(1) per candidate from summed-area tables: like
   PackedFeed no workers (no shared memory), exactly resumable; for folders that fit the device
-  (the 41 training photos: 100 Mpx, 0.3 GB, + 1.6 GB of tables with the filter on).
+  (the 41 training photos: 100 Mpx, 0.3 GB, + 1.6 GB of tables with the filter on; a folder
+  that would not fit the free memory is refused before any image is decoded).
 * :class:`FolderFeed` wraps ``data.ImageFolderDataset`` in a DataLoader (CPU workers), good for
   large folders; its order and every crop's seed come from a ``data.SeededSampler``, so the
   batches are the same with any ``--workers``. Not bit-resumable (the stream restarts at the
@@ -38,6 +39,7 @@ from .data import (
     _pad_to,
     check_small_images,
     check_texture_filter,
+    decoded_bytes,
     list_images,
     load_image_array,
     read_packed,
@@ -106,6 +108,34 @@ def _sat(d: torch.Tensor) -> torch.Tensor:
     return F.pad(d.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
 
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` (CUDA: the driver's count; CPU: Linux's MemAvailable), or None
+    where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def _check_room(files: list[Path], crop: int, device: torch.device, texture: bool, root: str | Path) -> None:
+    """Refuse, before any image is decoded, a folder whose images (uint8, padded to the crop) and,
+    with the texture filter, two float64 summed-area tables per image (16 bytes per pixel) would
+    not fit the memory free on ``device``."""
+    px = decoded_bytes(files, crop) // 3
+    need = px * (3 + (16 if texture else 0))
+    free = _free_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ValueError(f"--feed device: the {len(files)} images of {str(root)!r} ({px / 1e6:.0f} Mpx) need about "
+                         f"{need / 2**30:.1f} GiB on {device}" + (" with the texture tables of --min-texture"
+                                                                  if texture else "")
+                         + f", and {free / 2**30:.1f} GiB is free: use --feed loader (CPU workers decode each batch)"
+                         + (" or --min-texture 0" if texture else ""))
+
+
 class PhotoFeed:
     """Random crops of whole images held on ``device`` (see the module doc).
 
@@ -129,22 +159,30 @@ class PhotoFeed:
         check_small_images(files, crop)
         self.crop, self.device, self.root = crop, device, Path(root)
         self.min_texture, self.tries = float(min_texture), tries if min_texture > 0 else 1
+        _check_room(files, crop, device, self.min_texture > 0, root)
         self.images: list[torch.Tensor] = []
-        sats: dict[str, list[torch.Tensor]] = {"dy": [], "dx": []}
         for p in files:
             a = _pad_to(to_uint8(*load_image_array(p)), crop)
-            img = torch.from_numpy(np.array(a)).to(device).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-            self.images.append(img)
-            if self.min_texture > 0:
-                y = (img.float() * torch.tensor(LUMA, device=device)[:, None, None]).sum(0)
-                sats["dy"].append(_sat((y[1:] - y[:-1]).abs()))
-                sats["dx"].append(_sat((y[:, 1:] - y[:, :-1]).abs()))
+            self.images.append(torch.from_numpy(np.array(a)).to(device).permute(2, 0, 1).contiguous())  # uint8
         self.sizes = torch.tensor([im.shape[1:] for im in self.images], device=device)  # (N, 2): H, W
-        if self.min_texture > 0:  # flat tables + where each image's starts, and its row stride
-            self._flat = {k: torch.cat([t.flatten() for t in v]) for k, v in sats.items()}
-            self._base = {k: torch.tensor(np.cumsum([0] + [t.numel() for t in v[:-1]]), device=device)
-                          for k, v in sats.items()}
-            self._stride = {k: torch.tensor([t.shape[1] for t in v], device=device) for k, v in sats.items()}
+        if self.min_texture > 0:
+            # flat summed-area tables of |dy| and |dx| (float64), written image by image into one
+            # buffer each (a list of tables, then a torch.cat, needed both at once), where each
+            # image's table starts, and its row stride
+            shapes = {"dy": [(h, w + 1) for h, w in self.sizes.tolist()],
+                      "dx": [(h + 1, w) for h, w in self.sizes.tolist()]}
+            self._flat = {k: torch.empty(sum(h * w for h, w in v), dtype=torch.float64, device=device)
+                          for k, v in shapes.items()}
+            self._base = {k: torch.tensor(np.cumsum([0] + [h * w for h, w in v[:-1]]), device=device)
+                          for k, v in shapes.items()}
+            self._stride = {k: torch.tensor([w for _, w in v], device=device) for k, v in shapes.items()}
+            luma = torch.tensor(LUMA, device=device)[:, None, None]
+            for i, img in enumerate(self.images):
+                y = (img.float() * luma).sum(0)
+                for k, d in (("dy", (y[1:] - y[:-1]).abs()), ("dx", (y[:, 1:] - y[:, :-1]).abs())):
+                    start = int(self._base[k][i])
+                    t = _sat(d).flatten()
+                    self._flat[k][start:start + t.numel()] = t
         mpx = sum(im.shape[1] * im.shape[2] for im in self.images) / 1e6
         log.info("photo feed: %d images (%.1f Mpx) from %s on %s, random %d px crops, min texture %g (%d draws)",
                  len(self.images), mpx, root, device, crop, self.min_texture, self.tries)
@@ -189,19 +227,24 @@ class FolderFeed:
 
     An epoch lists every image ``max(1, EPOCH_SAMPLES // n)`` times (a few photos still make long
     epochs; ImageNet's 1.28 M images are listed once: the shuffle of a 1000× list would take tens
-    of GB); folders of at most ``CACHE_MAX_IMAGES`` images are kept decoded in each worker, larger
-    ones are decoded per crop (a cache would grow with every image seen).
+    of GB). A folder whose decoded images (from the headers, :func:`~.data.decoded_bytes`), times
+    the workers that each keep a copy, fit ``CACHE_MAX_BYTES`` is kept decoded in each worker;
+    a larger one is decoded per crop (a cache would grow with every image seen).
     """
 
     EPOCH_SAMPLES = 100_000
-    CACHE_MAX_IMAGES = 2_000
+    CACHE_MAX_BYTES = 8 * 2**30
 
     def __init__(self, root: str | Path, crop: int, device: torch.device, batch: int, *, workers: int = 4,
                  seed: int = 0, min_texture: float = 0.0):
         files = list_images(root)
         n = len(files)
+        held = decoded_bytes(files, crop) * max(workers, 1)  # every worker keeps its own copy
+        cache = held <= self.CACHE_MAX_BYTES
+        log.info("folder feed: %s decoded (%.1f GiB in all %s)", "images kept" if cache else "images read per crop",
+                 held / 2**30, "for its workers" if cache else f"would exceed {self.CACHE_MAX_BYTES / 2**30:g} GiB")
         self.dataset = ImageFolderDataset(root, crop, files=files, repeat=max(1, self.EPOCH_SAMPLES // max(n, 1)),
-                                          cache=n <= self.CACHE_MAX_IMAGES, min_texture=min_texture)
+                                          cache=cache, min_texture=min_texture)
         self.seed = seed
         # Order and per-crop seeds from the sampler (seeded per torchrun rank by make_feed): the
         # same batches with any number of workers. The loader's generator is there only so that the
