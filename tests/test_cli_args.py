@@ -367,17 +367,30 @@ def test_a_folder_of_images_with_a_packed_file_trains_on_the_images(tmp_path, ca
     assert "holds images: training on them, not on crops.npy" in caplog.text
 
 
-@pytest.mark.parametrize("feed", [["--feed", "device"], ["--feed", "loader", "--workers", "1"]],
-                         ids=["device", "loader"])
-def test_an_undecodable_image_is_named(tmp_path, capsys, feed):
+def test_an_undecodable_image_is_named(tmp_path, capsys):
+    """--feed device decodes the folder at the start: a file cut short is an error naming it."""
     photos = _photos(tmp_path / "photos", size=64)
     data = (photos / "p0.png").read_bytes()
     (photos / "p0.png").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
-    rc = main(["train", "estimator", "--data", str(photos), "--config", "tiny", *feed, "--degradation", "bicubic",
-               "--amp", "off", "--batch", "2", "--steps", "30", "--out", str(tmp_path / "run")])
+    rc = main(["train", "estimator", "--data", str(photos), "--config", "tiny", "--feed", "device", "--degradation",
+               "bicubic", "--amp", "off", "--batch", "2", "--steps", "30", "--out", str(tmp_path / "run")])
     assert rc == 2
-    line = one_error(capsys)  # the loader's said "Caught OSError in DataLoader worker process 0. Original Traceback"
+    line = one_error(capsys)
     assert "p0.png" in line and "cannot decode the image" in line
+
+
+def test_an_undecodable_image_met_mid_run_is_named_and_skipped(tmp_path, caplog):
+    """--feed loader decodes per crop, hours in for a large folder: the file is named in a warning
+    and its crops come from other images (it stopped the run, and every resume, before)."""
+    photos = _photos(tmp_path / "photos", size=64)
+    data = (photos / "p0.png").read_bytes()
+    (photos / "p0.png").write_bytes(data[: len(data) // 2])
+    rc = main(["train", "estimator", "--data", str(photos), "--config", "tiny", "--feed", "loader", "--workers", "0",
+               "--degradation", "bicubic", "--amp", "off", "--batch", "2", "--steps", "30", "--out",
+               str(tmp_path / "run")])
+    assert rc == 0 and (tmp_path / "run" / "estimator.safetensors").is_file()
+    warned = [r.getMessage() for r in caplog.records if "p0.png" in r.getMessage()]
+    assert len(warned) == 1 and "cannot decode the image" in warned[0] and "training goes on without it" in warned[0]
 
 
 def test_pack_crops_cli_errors_are_one_line(tmp_path, capsys):
