@@ -687,3 +687,23 @@ def test_a_lone_single_process_value_is_not_an_error(env, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert _shard(5) == range(0, 5, 1)
+
+
+def test_estimator_block_reaches_the_model(folder, tmp_path, tiny_model_file, monkeypatch):
+    """The estimator's blocks were always 512 LR px from the CLI (the nodes halve them on out of
+    memory); --estimator-block sets them, and 512 stays the default."""
+    from upsr_core.model import UPSRModel
+
+    seen, real = [], UPSRModel.upscale
+
+    def spy(self, lr, **kw):
+        seen.append(kw["estimator_block"])
+        return real(self, lr, **kw)
+
+    monkeypatch.setattr(UPSRModel, "upscale", spy)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = [str(folder / "img0.png"), "--model", str(tiny_model_file), "--device", "cpu", "-q"]
+    assert main(["upscale", *args, "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["upscale", *args, "-o", str(tmp_path / "b.png"), "--estimator-block", "64"]) == 0
+    assert seen == [512, 64]

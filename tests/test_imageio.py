@@ -411,3 +411,35 @@ def test_formats_outside_the_list_are_refused_whatever_the_name(tmp_path, monkey
         with pytest.raises(OSError, match="photo_"):  # training's documented error: an OSError naming the file
             load_image_array(path, 1)
     assert calls == []
+
+
+@pytest.mark.parametrize("bits, gray, alpha",
+                         [(8, False, False), (8, False, True), (16, False, False), (16, True, True)])
+def test_streamed_png_filters_rows_up_and_equals_write_png(tmp_path, bits, gray, alpha):
+    """Rows in bands of any height, filter type 2 (Up) across the bands' seams: the pixels of
+    write_png, and not the 1.3-2.4× larger files that filter type 0 gave on smooth images."""
+    import zlib
+
+    from upsr_core.imageio import PngStreamWriter
+
+    g = torch.Generator().manual_seed(0)
+    h, w = 61, 37
+    rgb = torch.nn.functional.interpolate(torch.rand(1, 3, 9, 6, generator=g), size=(h, w), mode="bilinear")[0]
+    a = torch.linspace(0, 1, h * w).view(1, h, w) if alpha else None
+    with PngStreamWriter(tmp_path / "s.png", w, h, bits=bits, gray=gray, alpha=alpha) as png:
+        for y0, y1 in ((0, 1), (1, 14), (14, 40), (40, 61)):
+            png.write_rows(rgb[:, y0:y1], None if a is None else a[:, y0:y1])
+    write_png(tmp_path / "w.png", rgb, a, bits=bits, gray=gray)
+    with Image.open(tmp_path / "s.png") as s, Image.open(tmp_path / "w.png") as ref:
+        assert np.array_equal(np.asarray(s), np.asarray(ref))
+    data = (tmp_path / "s.png").read_bytes()
+    idat, at = b"", 8
+    while at < len(data):
+        n = int.from_bytes(data[at:at + 4], "big")
+        if data[at + 4:at + 8] == b"IDAT":
+            idat += data[at + 8:at + 8 + n]
+        at += n + 12
+    raw = zlib.decompress(idat)
+    stride = 1 + w * ((1 if gray else 3) + alpha) * bits // 8
+    assert {raw[i] for i in range(0, len(raw), stride)} == {2}
+    assert len(data) < 1.25 * (tmp_path / "w.png").stat().st_size

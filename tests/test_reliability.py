@@ -631,7 +631,8 @@ def test_out_of_memory_in_the_cli_is_one_line_with_advice(model_file, tmp_path, 
     assert rc == 2
     line = one_error_line(err)
     assert line.startswith("error: out of memory (") and str(exc).splitlines()[0].split(". ")[0] in line
-    assert line.endswith("; try a smaller --tile (now 32) or --tile-batch 1 (now 4)")
+    assert line.endswith("; try a smaller --tile (now 32) or --tile-batch 1 (now 4); if it ran out in the estimator, "
+                         "a smaller --estimator-block (now 512)")
 
 
 def test_other_runtime_errors_still_show_their_traceback(model_file, tmp_path, monkeypatch):

@@ -87,7 +87,7 @@ def decode(path) -> np.ndarray:
 
 
 def decode_raw(path) -> np.ndarray:
-    """The samples of a PNG whose rows all use filter type 0, as (H, row bytes) uint8."""
+    """The samples of a PNG whose rows use filter type 0 (None) or 2 (Up), as (H, row bytes) uint8."""
     data = path.read_bytes()
     pos, idat, ihdr = 8, b"", None
     while pos < len(data):
@@ -99,8 +99,12 @@ def decode_raw(path) -> np.ndarray:
         pos += 12 + n
     w, h = struct.unpack(">II", ihdr[:8])
     raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, -1)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:]
+    assert set(raw[:, 0].tolist()) <= {0, 2}
+    out = raw[:, 1:].copy()
+    for y in range(h):
+        if raw[y, 0] == 2 and y:  # Up: add the row above (mod 256); above the first row: zeros
+            out[y] += out[y - 1]
+    return out
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -118,7 +122,7 @@ def test_stream_png_equals_write_png(tmp_path, bits, gray, with_alpha):
         for y0, y1 in [(0, 1), (1, 9), (9, 30), (30, 37)]:
             png.write_rows(rgb[:, y0:y1], None if alpha is None else alpha[:, y0:y1])
     if bits == 16 and (not gray or with_alpha):
-        # Pillow cannot decode 16-bit colour/LA at 16 bits: decode both here (filter 0 rows)
+        # Pillow cannot decode 16-bit colour/LA at 16 bits: decode both here
         assert np.array_equal(decode_raw(tmp_path / "ref.png"), decode_raw(tmp_path / "s.png"))
         return
     a, ma = decode(tmp_path / "ref.png")

@@ -218,7 +218,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
 
         enable_fast(model, compile=args.compile)
     show = not args.quiet
-    kw = dict(b_u=args.b_u, psi_max=args.psi_max, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch)
+    kw = dict(b_u=args.b_u, psi_max=args.psi_max, tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
+              estimator_block=args.estimator_block)
     group: list[tuple[LoadedImage, Path, Path]] = []  # same-size one-tile-row images waiting for one call
     done = 0
 

@@ -23,7 +23,7 @@ from .cliargs import B_U_ARG, PSI_MAX_ARG, SEED_ARG, OneLineParser, UsageError, 
 from .colorfix import DEFAULT_LEVELS, MAX_LEVELS
 from .cpu_memory import claim_process, for_cpu_run
 from .errors import NonFiniteOutputError, UnsupportedCheckpointError, is_out_of_memory
-from .model import DEFAULT_OVERLAP, DEFAULT_TILE, check_device
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, check_device
 
 __all__ = ["main", "default_model_path"]
 
@@ -122,6 +122,10 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                         "of at most this size, each as small as the overlap allows")
     p.add_argument("--overlap", type=int_min(0), default=DEFAULT_OVERLAP, help="tile overlap in LR pixels")
     p.add_argument("--tile-batch", type=int_min(1), default=1, help="tiles per denoiser batch")
+    p.add_argument("--estimator-block", type=int_min(1), default=ESTIMATOR_BLOCK,
+                   help=f"the estimator g (ATD) runs on blocks of at most this many LR pixels per side (default "
+                        f"{ESTIMATOR_BLOCK}: whole images up to that size, as the official code); smaller needs less "
+                        "memory and changes g(y) slightly near the blocks' borders")
     p.add_argument("--batch", type=int_min(1), default=1,
                    help="same-size images (of one tile row) per call, e.g. video frames; with --fast they share "
                         "denoiser batches (faster on a GPU, same results up to float rounding)")
@@ -287,4 +291,6 @@ def _out_of_memory_advice(e: RuntimeError, args: argparse.Namespace) -> str:
         advice = f"; try a smaller --tile (now {args.tile})"
         if getattr(args, "tile_batch", 1) > 1:
             advice += f" or --tile-batch 1 (now {args.tile_batch})"
+        if getattr(args, "estimator_block", None) is not None:
+            advice += f"; if it ran out in the estimator, a smaller --estimator-block (now {args.estimator_block})"
     return f"out of memory ({reason}){advice}"
