@@ -550,6 +550,35 @@ def test_bench_compile_on_times_a_cpu_row(fast_bf16, tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_a_failing_compile_row_is_a_finding_not_the_end_of_the_run(tmp_path, monkeypatch):
+    """A compile row whose output is not finite (or that runs out of memory) ended the whole bench
+    with a traceback, losing the rows after it: it is a comment and a JSON row, as in the main loop."""
+    import inspect
+    import json
+
+    import upsr_core.bench as bench
+    from upsr_core.errors import NonFiniteOutputError
+
+    real_time = bench._time
+
+    def fails_when_compiled(fn, dev, warmup, reps):
+        if any(f.function == "_compile_rows" for f in inspect.stack()):
+            raise NonFiniteOutputError("the output holds NaN")
+        return real_time(fn, dev, warmup, reps)
+
+    monkeypatch.setattr(bench, "_time", fails_when_compiled)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=kw.get("dynamic")))
+    torch._dynamo.reset()
+    args = bench_args(tmp_path, "--sizes", "16", "--dtypes", "fp32", "--reps", "1", "--json", str(tmp_path / "b.json"),
+                      "--compile", "on", "--compile-sizes", "16,32", "--compile-dtype", "fp32")
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    failed = [r for r in rows if r.get("path") == "fast+compile"]
+    assert [(r["lr"], r["finite"]) for r in failed] == [("16", False), ("32", False)]  # both sizes reached
+    torch._dynamo.reset()
+
+
 def test_bench_names_every_row_its_budget_leaves_out(tmp_path, capsys):
     """--budget-s 0: no row starts, and each one left out is a comment line and a JSON row (the
     fast rows of a size were dropped without a word, and no JSON was written when no row ran);

@@ -463,6 +463,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if slow_bf16 and not args.dtypes:
         table.comment("no bf16 row: this CPU has no fast bf16 kernels (no AVX-512/AMX), where bf16 convolutions "
                       "run ~250x slower than fp32; --dtypes fp32,bf16 times it anyway")
+    if cuda and args.graphs != "off":
+        table.comment("peak GiB of a row run as a CUDA graph (JSON: graphs > 0) leaves out the graph's memory pool, "
+                      "which its replays reuse without allocating: its 1st GiB (the warm-up, capture included) is "
+                      "what the row needs")
     if not cuda:
         if args.graphs == "on":
             table.comment(f"--graphs on: a CUDA switch, without effect on {dev.type}")
@@ -634,7 +638,15 @@ def _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs, reps: in
             noise = starting_noise(args.seed, 1, (hp, hp)).to(dev)
             kw = dict(tile=max(DEFAULT_TILE, hp), overlap=DEFAULT_OVERLAP)
             # the warm-up call compiles, warms up and captures: its seconds are the row's warmup_s
-            out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 1, reps)
+            try:
+                out, *timed = _time(lambda: m.upscale(lr, noise=noise, **kw), dev, 1, reps)
+            except (NonFiniteOutputError, torch.cuda.OutOfMemoryError) as e:  # a finding; the other rows go on
+                what = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else str(e)
+                table.comment(f"LR {s} batch 1 fast+compile {dtype}: {what}",
+                              {"lr": str(s), "batch": 1, "path": "fast+compile", "dtype": dtype,
+                               **({"oom": True} if what == "OOM" else {"finite": False})})
+                m.graphs.clear()
+                continue
             ref_row = next((r for r in table.rows if r["lr"] == str(s) and r["batch"] == 1
                             and r["path"] == "reference"), None)
             fl = flops.upscale(1, hp, hp, kw["tile"], kw["overlap"])
