@@ -151,7 +151,7 @@ def _case_insensitive(folder: Path) -> bool:
     try:
         fd, probe = tempfile.mkstemp(prefix="upsr-case-probe-", dir=where)
     except OSError as e:
-        raise ValueError(f"-o: cannot write into {str(where)!r} ({e.strerror or e})") from None
+        raise _unwritable("-o", where, e) from None
     os.close(fd)
     try:
         upper = os.path.join(os.path.dirname(probe), os.path.basename(probe).upper())
@@ -266,7 +266,12 @@ def check_writable(folders: set[Path], flag: str = "-o") -> None:
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError as e:
-            raise ValueError(f"{flag}: cannot write into {str(probe)!r} ({e.strerror or e})") from None
+            raise _unwritable(flag, probe, e) from None
+
+
+def _unwritable(flag: str, folder: Path, e: OSError) -> ValueError:
+    """The error for an output folder where no file can be made (:func:`check_writable`, the case probe)."""
+    return ValueError(f"{flag}: cannot write into {str(folder)!r} ({e.strerror or e})")
 
 
 def _label(group: list, done: int, total: int) -> str:

@@ -104,6 +104,11 @@ def _visible(full: torch.Tensor, size: tuple[int, int], pm: bool) -> torch.Tenso
     return vis * 0.5 + 0.5 if pm else vis
 
 
+def _full_units(vis: torch.Tensor, pm: bool) -> torch.Tensor:
+    """A visible map's values in its original's units ([-1, 1] where ``pm``): :func:`_visible` undone."""
+    return (vis - 0.5) / 0.5 if pm else vis
+
+
 def carry_padding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Copy the padded original from ``src`` to ``dst`` (a re-laid-out view of it)."""
     info = getattr(src, _ATTR, None)
@@ -141,8 +146,7 @@ def recover_full(vis: torch.Tensor, lr_size: tuple[int, int], padded_lr: tuple[i
     found = _original(vis, lr_size, pm, (SCALE * padded_lr[0], SCALE * padded_lr[1]), role=role, lr_key=lr_key)
     if found is not None:
         return found[0]
-    x = (vis - 0.5) / 0.5 if pm else vis
-    return mirror_pad_hr(x, lr_size, padded_lr)
+    return mirror_pad_hr(_full_units(vis, pm), lr_size, padded_lr)
 
 
 def _channel_mean(psi: torch.Tensor) -> torch.Tensor:
@@ -188,7 +192,7 @@ def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool, hr_size: tu
     full = best.full
     padded_lr = (full.shape[-2] // SCALE, full.shape[-1] // SCALE)
     kept = mirror_pad_hr(best_eq, lr_size, padded_lr).to(full.device)
-    edits = mirror_pad_hr((vis - 0.5) / 0.5 if pm else vis, lr_size, padded_lr).to(full.device, full.dtype)
+    edits = mirror_pad_hr(_full_units(vis, pm), lr_size, padded_lr).to(full.device, full.dtype)
     return torch.where(kept, full, edits), best  # a painted mask value stands for every channel
 
 
