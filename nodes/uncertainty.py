@@ -117,7 +117,7 @@ class EstimateUncertainty(io.ComfyNode):
                                                                             setting, EXTERNAL_OVERLAP))
                     return g(x, setting, tiles)
 
-                return estimate_maps(model, lr, estimator=one_image)
+                return estimate_maps(model, lr, estimator=one_image, estimator_name="upscale_model")
 
             start, what = (ESTIMATOR_BLOCK, "estimator block") if g is None else (EXTERNAL_TILE, "upscale_model tile")
             sr, psi = retry_on_oom(run, start, smaller_block, lambda v: f"{what} {v}", upsr_model.free_others)

@@ -569,3 +569,106 @@ def test_atd_config_from_many_keys_is_linear(monkeypatch):
 
 
 _match = re.match
+
+
+# ------------------------------------------------------------------ 2026-11-29 house-rules review
+def _bicubic_g(scale: float = 1.0, shift: float = 0.0, nan: bool = False):
+    def g(x):
+        y = torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False) * scale + shift
+        if nan:
+            y[..., 0, 0] = float("nan")
+        return y
+    return g
+
+
+@pytest.mark.parametrize("g, error, match", [
+    (_bicubic_g(255.0), ValueError, r"the estimator must return values in \[0, 1\] .*got \[-?[0-9.]+, 2[0-9.]+\]"),
+    (_bicubic_g(2.0, -1.0), ValueError, r"the estimator must return values in \[0, 1\] .*got \[-1"),
+    (_bicubic_g(nan=True), ValueError, "the estimator returned NaN or Inf values"),
+    (lambda x: x, ValueError, r"the estimator must upscale ×4 to \(1, 3, 32, 32\), got \(1, 3, 8, 8\)"),  # tiny: 8s
+    (lambda x: None, TypeError, "the estimator must return a float tensor .* got NoneType"),
+    (lambda x: (x * 255).to(torch.uint8), TypeError, "got a torch.uint8 tensor"),
+])
+def test_another_estimators_output_is_checked_before_it_becomes_the_estimate(model, g, error, match):
+    """A g returning 0..255 became an estimate with ψ up to 127 (every w 1) and NaN surfaced later as
+    "the denoiser produced NaN … the weights are broken"; None gave an AttributeError."""
+    from upsr_core.pipeline import estimate
+    from upsr_core.stages import estimate_maps
+
+    lr = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(error, match=match):
+        estimate(g, lr, model.multiple_of)
+    with pytest.raises(error, match=match.replace("the estimator", "upscale_model")):
+        estimate_maps(model, lr, estimator=g, estimator_name="upscale_model")
+
+
+def test_another_estimators_overshoot_is_taken_as_it_is(model):
+    from upsr_core.pipeline import estimate
+
+    lr = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    est = estimate(_bicubic_g(1.2, -0.1), lr, model.multiple_of)  # ringing of a sharp ×4 model
+    want = (torch.nn.functional.interpolate(lr_pm := pad_lr(lr, model.multiple_of), scale_factor=4, mode="bicubic",
+                                            align_corners=False) * 0.5 + 0.5) * 1.2 - 0.1
+    torch.testing.assert_close(est.sr_estimate, want, rtol=0, atol=1e-6)  # the [-1,1] round trip: float rounding
+    assert lr_pm.shape == (1, 3, 8, 8)
+
+
+def test_uncertainty_mask_refuses_what_is_no_psi(model):
+    from upsr_core.stages import uncertainty_mask
+
+    psi = torch.rand(1, 3, 8, 8) * 0.1
+    torch.testing.assert_close(uncertainty_mask(psi), psi.mean(1, keepdim=True), rtol=0, atol=0)
+    assert uncertainty_mask(psi + 2.0).unique().tolist() == [1.0]  # a mask's range; w is 1 from ψ_max on anyway
+    with pytest.raises(ValueError, match=r"uncertainty ψ must be finite and >= 0, got values in \[-0\.9"):
+        uncertainty_mask(psi - 1.0)  # came out as all zeros
+    nan = psi.clone()
+    nan[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        uncertainty_mask(nan)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\) tensor, got shape \(3, 8, 8\)"):
+        uncertainty_mask(psi[0])  # gave a (3, 1, 8) "mask"
+    with pytest.raises(TypeError, match="got a torch.int64 tensor"):
+        uncertainty_mask(psi.long())
+
+
+def test_sample_maps_refuses_maps_of_another_range_or_dtype(model):
+    from upsr_core.stages import estimate_maps, sample_maps, weight_map
+
+    lr = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    sr, psi = estimate_maps(model, lr)
+    w = weight_map(psi)
+    with pytest.raises(ValueError, match=r"sr_estimate must hold values in \[0, 1\] .*got \[-?[0-9.]+, [0-9]{2,}"):
+        sample_maps(model, lr, sr * 255, w, **TILE)  # returned an image
+    with pytest.raises(TypeError, match="sr_estimate must be a float tensor in \\[0, 1\\] units, got a torch.int64"):
+        sample_maps(model, lr, sr.round().long(), w, **TILE)
+    with pytest.raises(TypeError, match="noise weight must be a float tensor .* got a torch.int64"):
+        sample_maps(model, lr, sr, torch.ones_like(w, dtype=torch.long), **TILE)  # was taken as w ≡ 1
+
+
+def test_nets_and_helpers_name_inputs_of_the_wrong_dtype_or_size(model):
+    from upsr_core.pipeline import Estimate, bicubic_x4
+
+    atd = model.estimator
+    with pytest.raises(TypeError, match=r"x must be a float image in \[0, 1\], got dtype torch.uint8"):
+        atd((torch.rand(1, 3, 8, 8) * 255).to(torch.uint8))  # returned values in [-125, 140]
+    with pytest.raises(ValueError, match=r"x must be a non-empty \(B, 3, h, w\) image, got \(1, 3, 0, 8\)"):
+        atd(torch.rand(1, 3, 0, 8))
+    with pytest.raises(ValueError, match=r"lr must be a non-empty \(B, 3, h, w\) image, got shape \(1, 3, 0, 5\)"):
+        pad_lr(torch.rand(1, 3, 0, 5))
+    den, c = model.denoiser, model.denoiser.config
+    m = model.multiple_of
+    x, lq = torch.zeros(1, c.in_channels, m, m), torch.zeros(1, c.lq_channels, m, m)
+    with pytest.raises(TypeError, match="timesteps must be integer step indices .* got dtype torch.float32"):
+        den(x, torch.tensor([1.5]), lq)
+    with pytest.raises(TypeError, match="x must be a float tensor, got dtype torch.int64"):
+        den(x.long(), torch.tensor([1]), lq)
+    lr_pm = pad_lr(torch.rand(1, 3, 6, 6), model.multiple_of)
+    est = Estimate(lr_pm, bicubic_x4(lr_pm), bicubic_x4(lr_pm), (6, 6))
+    w, n = torch.ones(1, 3, 4 * m, 4 * m), starting_noise(0, 1, (m, m))
+    with pytest.raises(TypeError, match="schedule must be a ResShiftSchedule .* got str"):
+        denoise_estimate(model.denoiser, est, w, n, schedule="x")  # an AttributeError from the sampler
+    for size in ((0, 10), (10,), (10.5, 10)):
+        with pytest.raises(ValueError, match=r"lr_size must be the LR \(h, w\), two integers >= 1"):
+            model.working_memory(size)  # (0, 10) gave 0 bytes
+    with pytest.raises(ValueError, match=r"got \(1, 4, 6, 6\) \(RGB only: drop an alpha channel, repeat a gray one\)"):
+        model.upscale(torch.rand(1, 4, 6, 6), **TILE)  # the hint pad_lr had never reached upscale's callers

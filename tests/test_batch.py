@@ -81,9 +81,28 @@ def test_files_a_folder_run_skips_are_named(folder, caplog):
     Image.new("RGB", (8, 8)).save(folder / "anim.gif")  # read when named, not from a folder
     (folder / "notes.txt").write_text("x")
     (folder / "README").write_text("x")
-    with caplog.at_level("INFO", logger="upsr_core"):
-        assert [f.name for f, _ in collect_inputs([str(folder)])] == [f"img{k}.png" for k in range(5)]
+    Image.new("RGB", (8, 8)).save(folder / "photo.jfif", "JPEG")  # browsers' name for a JPEG: read
+    with caplog.at_level("WARNING", logger="upsr_core"):  # a warning: -q (notes off) still shows it
+        assert [f.name for f, _ in collect_inputs([str(folder)])] == [f"img{k}.png" for k in range(5)] + ["photo.jfif"]
     assert caplog.messages == [f"{folder}: 3 file(s) with other suffixes skipped ((none), .gif, .txt)"]
+
+
+def test_a_pipe_or_a_folder_given_as_an_image_is_named_as_such(tmp_path):
+    """`upscale <(curl …)` said "input not found" of a pipe that exists (2026-11-29 review)."""
+    import os
+
+    from upsr_core.batch import collect_inputs
+    from upsr_core.imageio import image_size, read_image
+
+    os.mkfifo(tmp_path / "x.png")
+    for call in (lambda p: collect_inputs([str(p)]), read_image, image_size):
+        with pytest.raises(ValueError, match=r"x\.png' is not a regular file \(a pipe, device or socket\); expected "
+                                             r"an image file \(save a stream to a file first\)"):
+            call(tmp_path / "x.png")
+        with pytest.raises(ValueError, match="is a folder; expected an image file"):
+            read_image(tmp_path) if call is read_image else image_size(tmp_path)
+        with pytest.raises(FileNotFoundError, match="input not found"):
+            call(tmp_path / "missing.png")
 
 
 def test_bad_rank_is_an_error(folder, tmp_path, tiny_model_file, monkeypatch, capsys):

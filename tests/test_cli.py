@@ -85,6 +85,36 @@ def test_grayscale_in_grayscale_out(small_model_file, model, tmp_path):
     np.testing.assert_array_equal(out, to_u8(luma))
 
 
+def test_a_gray_palette_image_stays_gray_and_a_profile_of_another_colour_space_is_dropped(small_model_file, tmp_path,
+                                                                                          caplog):
+    """A gray GIF or PNG-8 (mode P, gray entries) came out as colour with casts of up to 24 levels;
+    a gray JPEG with an RGB profile gave a gray PNG with that profile, which PNG forbids (libpng
+    drops it). 2026-11-29 review."""
+    from PIL import ImageCms
+
+    gray = rgb_array(12, 20)[..., 0]
+    Image.fromarray(gray, "L").convert("P").save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.mode == "P"
+    assert read_image(tmp_path / "p.png").gray
+    assert upscale(small_model_file, tmp_path / "p.png", "-o", tmp_path / "p_x4.png") == 0
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    assert upscale(small_model_file, tmp_path / "g.png", "-o", tmp_path / "g_x4.png") == 0
+    with Image.open(tmp_path / "p_x4.png") as a, Image.open(tmp_path / "g_x4.png") as b:
+        assert a.mode == "L" and np.array_equal(np.asarray(a), np.asarray(b))  # the same pixels in: the same out
+    colour = Image.fromarray(rgb_array(12, 20)).convert("P")  # a colour palette stays colour
+    colour.save(tmp_path / "c.png")
+    assert not read_image(tmp_path / "c.png").gray
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(gray, "L").save(tmp_path / "gj.jpg", icc_profile=srgb)
+    with caplog.at_level("INFO", logger="upsr_core"):
+        loaded = read_image(tmp_path / "gj.jpg")
+    assert loaded.gray and loaded.icc is None
+    assert "gj.jpg: its RGB colour profile does not fit a gray image: not carried over" in caplog.text
+    Image.fromarray(rgb_array(12, 20)).save(tmp_path / "cj.jpg", icc_profile=srgb)
+    assert read_image(tmp_path / "cj.jpg").icc == srgb  # a colour image keeps its profile
+
+
 def test_16bit_grayscale_in_16bit_out(small_model_file, tmp_path):
     a = (np.linspace(0, 65535, 12 * 20).reshape(12, 20)).astype(np.uint16)
     Image.fromarray(a).save(tmp_path / "g16.png")

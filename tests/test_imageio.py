@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, features
 
-from upsr_core.imageio import read_image, write_png
+from upsr_core.imageio import image_formats, read_image, write_png
 
 
 def rgb_u8(h: int = 10, w: int = 14) -> np.ndarray:
@@ -223,6 +223,7 @@ def test_out_of_memory_while_decoding_is_one_line_naming_the_file_and_size(tmp_p
     def no_memory(self, *a, **kw):
         raise MemoryError()
 
+    image_formats()  # Pillow's plugins load (and build images) on first use: before load is replaced
     monkeypatch.setattr(Image.Image, "load", no_memory)  # what a large photo on a small machine gives
     with pytest.raises(ValueError) as e:
         read_image(tmp_path / "a.png")
@@ -443,3 +444,57 @@ def test_streamed_png_filters_rows_up_and_equals_write_png(tmp_path, bits, gray,
     stride = 1 + w * ((1 if gray else 3) + alpha) * bits // 8
     assert {raw[i] for i in range(0, len(raw), stride)} == {2}
     assert len(data) < 1.25 * (tmp_path / "w.png").stat().st_size
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16"])
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])
+def test_tiff_orientations_turn_the_picture_as_png_does(tmp_path, mode, compression):
+    """Pillow 13 reports a TIFF of orientation 5-8 at its turned size at open, and its memory-mapped
+    read of an uncompressed one then used that size on the unturned rows: 8-bit gray, 16-bit gray
+    and RGBA came out scrambled at the stored size, and image_size turned every such TIFF twice (eval
+    refused correct pairs). 2026-11-29 review."""
+    from upsr_core.imageio import image_size
+    from upsr_core.train.data import load_image_array
+
+    g = np.random.default_rng(3)
+    if mode == "I;16":
+        src = Image.fromarray(g.integers(0, 65536, (12, 20), dtype=np.uint16))
+    else:
+        src = Image.fromarray(g.integers(0, 256, (12, 20, len(mode)), dtype=np.uint8).squeeze(-1) if mode == "L"
+                              else g.integers(0, 256, (12, 20, len(mode)), dtype=np.uint8), mode)
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        src.save(tmp_path / f"{o}.png", exif=exif)
+        src.save(tmp_path / f"{o}.tif", exif=exif, **({"compression": compression} if compression else {}))
+        want = read_image(tmp_path / f"{o}.png")
+        got = read_image(tmp_path / f"{o}.tif")
+        assert torch.equal(got.rgb, want.rgb), o
+        assert (got.alpha is None) == (want.alpha is None) and (got.alpha is None or torch.equal(got.alpha, want.alpha))
+        turned = (20, 12) if o >= 5 else (12, 20)
+        assert tuple(want.rgb.shape[1:]) == turned == image_size(tmp_path / f"{o}.tif") == image_size(
+            tmp_path / f"{o}.png"), o
+        a, maxval = load_image_array(tmp_path / f"{o}.tif")  # the training reader opens it the same way
+        assert a.shape == (*turned, 3), o
+        if mode != "RGBA":  # (training composites alpha on white)
+            assert np.array_equal(a, (want.rgb.permute(1, 2, 0).numpy() * maxval).round().astype(a.dtype)), o
+
+
+def test_an_image_whose_decoding_would_not_fit_the_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A 7.8 KB 1-bit PNG of 8000² px took 1.3 GB to decode; one at MAX_PIXELS (~200 KB) would take
+    ~27 GB, and the out-of-memory killer ends the process without a word (no MemoryError)."""
+    import upsr_core.imageio as io
+
+    Image.new("1", (300, 200)).save(tmp_path / "bomb.png")
+    need = 300 * 200 * io.DECODE_BYTES_PER_PX
+    monkeypatch.setattr(io, "available_bytes", lambda: need - 1)
+    image_formats()  # Pillow's plugins load (and build images) on first use: before load is replaced
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels decoded"))
+    with pytest.raises(ValueError, match=r"bomb\.png: decoding its 300x200 px needs about 0\.0 GiB of memory and "
+                                         r"0\.0 GiB is available"):
+        read_image(tmp_path / "bomb.png")
+    monkeypatch.undo()
+    monkeypatch.setattr(io, "available_bytes", lambda: need)
+    assert read_image(tmp_path / "bomb.png").rgb.shape == (3, 200, 300)
+    monkeypatch.setattr(io, "available_bytes", lambda: None)  # not Linux: not checked
+    assert read_image(tmp_path / "bomb.png").rgb.shape == (3, 200, 300)

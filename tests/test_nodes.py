@@ -749,6 +749,24 @@ def test_upscale_model_that_is_not_x4_is_named_before_comfy_tiling_fails(pack, h
     assert g.moves[-1] == "cpu"
 
 
+def test_an_upscale_model_returning_another_range_or_nan_is_named(pack, handle):
+    """A model returning 0..255 made ψ up to 127 (the MASK clamped to 1 without a word); NaN was
+    reported by the preview as "heatmap needs a finite float map", naming neither the model nor g."""
+    class Times255(FakeUpscaleModel):
+        def __call__(self, x):
+            return super().__call__(x) * 255
+
+    class GivesNaN(FakeUpscaleModel):
+        def __call__(self, x):
+            return super().__call__(x) * float("nan")
+
+    for g, match in ((Times255(), r"upscale_model must return values in \[0, 1\] .*got \[-?[0-9.]+, 2[0-9.]+\]"),
+                     (GivesNaN(), "upscale_model returned NaN or Inf values")):
+        with pytest.raises(ValueError, match=match):
+            run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16), upscale_model=g)
+        assert g.moves[-1] == "cpu"
+
+
 # ----------------------------------------------------------------------------- UPSRColorFix
 def test_color_fix_node_is_the_core_function_after_the_upscale(pack, handle):
     from upsr_core.colorfix import wavelet_color_fix

@@ -269,3 +269,40 @@ def test_smaller_tiles_and_blocks_after_out_of_memory():
     assert smaller_tiles(64, 16, (300, 300), 8) is None  # 32 < the minimum of 64
     assert smaller_tiles(64, 16, (300, 300), 8, minimum=16) == (32, 16)
     assert [smaller_block(512), smaller_block(128), smaller_block(64)] == [256, 64, None]
+
+
+def test_repeated_reflection_is_the_periodic_mirror_and_size_one_is_replicated():
+    """SPEC §8.1's fallback, by value (only its shape was tested): where the official single
+    reflect pad works (pad < size) it is that pad; beyond it the reflection repeats, i.e. index i
+    reads the mirror-periodic index of period 2(n − 1); a side of 1 px is replicated."""
+    from upsr_core.pipeline import reflect_pad
+
+    def mirror(i: int, n: int) -> int:
+        if n == 1:
+            return 0
+        m = i % (2 * (n - 1))
+        return m if m < n else 2 * (n - 1) - m
+
+    for h in range(1, 11):
+        for w in (1, 2, 3, 7):
+            x = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)
+            for ph, pw in ((0, 0), (h - 1, 0), (17, 5), (63, 61)):
+                if h == 1 and ph == 0 and pw == 0:
+                    continue
+                got = reflect_pad(x, ph, pw)
+                rows = torch.tensor([mirror(i, h) for i in range(h + ph)])
+                cols = torch.tensor([mirror(j, w) for j in range(w + pw)])
+                assert torch.equal(got, x[..., rows[:, None], cols[None, :]]), (h, w, ph, pw)
+                if 0 < ph < h and 0 < pw < w:
+                    assert torch.equal(got, torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect"))
+
+
+def test_bicubic_is_not_clamped():
+    """SPEC §8.13: y↑ keeps its overshoot at a step edge (the denoiser was trained on it)."""
+    from upsr_core.pipeline import bicubic_x4
+
+    step = torch.full((1, 3, 8, 8), -1.0)
+    step[..., 4:] = 1.0
+    up = bicubic_x4(step)
+    assert up.min() < -1.05 and up.max() > 1.05
+    assert torch.equal(up, torch.nn.functional.interpolate(step, scale_factor=4, mode="bicubic", align_corners=False))

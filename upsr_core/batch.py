@@ -26,6 +26,7 @@ from .imageio import (
     IMAGE_SUFFIXES,
     LoadedImage,
     PngStreamWriter,
+    check_input_file,
     is_hidden,
     is_inside,
     log_unfollowed_links,
@@ -67,16 +68,15 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
                 found = shown
             files = sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES)
             others = sorted({f.suffix.lower() or "(none)" for f in found} - IMAGE_SUFFIXES)
-            if others:  # a .gif, say, is read when named, not from a folder: say so rather than skip it silently
-                log.info("%s: %d file(s) with other suffixes skipped (%s)", it, len(found) - len(files),
-                         ", ".join(others))
+            if others:  # a .gif, say, is read when named, not from a folder: say so (also under -q)
+                log.warning("%s: %d file(s) with other suffixes skipped (%s)", it, len(found) - len(files),
+                            ", ".join(others))
             if not files:
                 raise ValueError(f"folder {it!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out += [(f, p) for f in files]
-        elif p.is_file():
-            out.append((p, p.parent))
         else:
-            raise FileNotFoundError(f"input not found: {it!r}")
+            check_input_file(p)  # missing, or a pipe, device or socket: named
+            out.append((p, p.parent))
     return out
 
 

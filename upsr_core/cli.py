@@ -125,7 +125,7 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator-block", type=int_min(1), default=ESTIMATOR_BLOCK,
                    help=f"the estimator g (ATD) runs on blocks of at most this many LR pixels per side (default "
                         f"{ESTIMATOR_BLOCK}: whole images up to that size, as the official code); smaller needs less "
-                        "memory and changes g(y) slightly near the blocks' borders")
+                        "memory and changes g(y) a little everywhere (ATD's token groups are per block)")
     p.add_argument("--batch", type=int_min(1), default=1,
                    help="same-size images (of one tile row) per call, e.g. video frames; with --fast they share "
                         "denoiser batches (faster on a GPU, same results up to float rounding)")

@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 
-__all__ = ["keep_freed_memory", "claim_process", "for_cpu_run", "host_hint", "ENV", "HOST_ENV"]
+__all__ = ["keep_freed_memory", "claim_process", "for_cpu_run", "host_hint", "available_bytes", "ENV", "HOST_ENV"]
 
 log = logging.getLogger(__name__)
 ENV = "UPSR_CPU_MALLOC"
@@ -105,3 +105,15 @@ def host_hint(environ: dict[str, str] | None = None) -> str | None:
     return (f"large images on the CPU run ~1.7x faster when the process starts with {start} (glibc then reuses "
             "freed memory instead of mapping every large tensor afresh; the process keeps its peak memory): "
             "see docs/NODES.md, CPU-only ComfyUI")
+
+
+def available_bytes() -> int | None:
+    """Memory a new allocation can get without swapping (Linux's MemAvailable), or None where it
+    cannot be told (not Linux)."""
+    if not os.path.exists("/proc/meminfo"):
+        return None
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None

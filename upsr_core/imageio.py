@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .cpu_memory import available_bytes
+
 __all__ = ["LoadedImage", "read_image", "image_size", "write_png", "PngStreamWriter", "IMAGE_SUFFIXES", "is_hidden",
-           "same_place", "is_inside", "log_unfollowed_links",
+           "same_place", "is_inside", "log_unfollowed_links", "open_image", "check_input_file",
            "write_atomically",
            "write_text"]
 
@@ -34,7 +36,7 @@ _CONVERTED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")
 """Modes whose pixels read_image converts to RGB (Pillow's plain conversion): a profile of the
 source's colour space would not describe the result, so it is not carried over."""
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"}
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF")
 """The decoders Pillow may use, whatever a file is named (MPO: a phone's multi-picture JPEG): a file
 of another format named .png — EPS, which runs Ghostscript, or a rarely used decoder — is refused
@@ -80,6 +82,10 @@ def is_inside(child: Path, folder: Path) -> bool:
     return folder.exists() and any(same_place(a, folder) for a in (child, *child.resolve().parents) if a.exists())
 
 
+DECODE_BYTES_PER_PX = 36
+"""Peak memory :func:`read_image` takes per pixel while decoding (Pillow's image, the array, the
+float32 RGB; measured 2026-11-29: 35 B/px for an 8-bit RGB PNG, 18 for 1-bit and 8-bit gray)."""
+
 MAX_PIXELS = 40_000 * 40_000
 """The largest image :func:`read_image` opens (width × height): a bound on decompression bombs and
 corrupt headers that still allows large photos. Pillow's process-wide limit is left as it is."""
@@ -98,6 +104,19 @@ def pixel_limit(limit: int | None) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = was
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``Image.open`` of a file among :func:`image_formats`, without Pillow's decompression-bomb
+    limit (callers keep their own bound), closed on leaving. Opened from a file object, which
+    keeps Pillow from memory-mapping the pixels: Pillow 13 maps an uncompressed TIFF with EXIF
+    orientation 5-8 at its turned size over its unturned rows (a scrambled picture, no error)."""
+    with open(path, "rb") as f:
+        with pixel_limit(None):
+            opened = Image.open(f, formats=image_formats())
+        with opened as im:
+            yield im
 
 
 class _Refused(ValueError):
@@ -124,20 +143,30 @@ def _to_float(a: np.ndarray, maxval: float) -> torch.Tensor:
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
 
 
+def check_input_file(path: Path) -> None:
+    """FileNotFoundError unless ``path`` exists; ValueError unless it is a regular file (or a link
+    to one): a pipe (``<(curl …)``), a device or a socket cannot be read twice or seeked."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {str(path)!r}")
+    what = "a folder" if path.is_dir() else "not a regular file (a pipe, device or socket)"
+    raise ValueError(f"{str(path)!r} is {what}; expected an image file (save a stream to a file first)")
+
+
 def read_image(path: str | os.PathLike) -> LoadedImage:
     """Read one still image; raises ValueError with the reason for anything unreadable, naming the
     path as given (in a folder run, ``a/x.png`` and ``b/x.png`` are told apart)."""
     path = Path(path)
     name = str(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input not found: {str(path)!r}")
+    check_input_file(path)
     size = None
     try:
-        with pixel_limit(None):  # MAX_PIXELS below instead: Pillow's own check warns up to twice its limit
-            opened = Image.open(path, formats=image_formats())
-        with opened as im:
+        # MAX_PIXELS below instead of Pillow's limit: its check warns up to twice it
+        with open_image(path) as im:
             size = im.size
             _refuse_header(im, name)
+            _check_room(im, name)
             im.load()
             icc = im.info.get("icc_profile") or None
             if icc is not None and im.mode in _CONVERTED_MODES:
@@ -146,6 +175,11 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
                 icc = None
             im = ImageOps.exif_transpose(im)
             loaded = _decode(im, name)
+            if icc is not None and (icc[16:20] == b"GRAY") != loaded.gray:  # the header's colour space
+                # a PNG's iCCP must match its colour type (libpng drops it, with a warning)
+                log.info("%s: its %s colour profile does not fit a %s image: not carried over", name,
+                         icc[16:20].decode("latin-1").strip() or "unknown", "gray" if loaded.gray else "colour")
+                icc = None
             loaded.icc = icc
             return loaded
     except _Refused:
@@ -172,6 +206,16 @@ def _refuse_header(im: Image.Image, name: str) -> None:
         raise _Refused(f"{name}: {what}, which Pillow can only read at 8 bits; save it as {fix}")
 
 
+def _check_room(im: Image.Image, name: str) -> None:
+    """Refuse (a :class:`_Refused`) an image whose decoding would not fit the memory available:
+    a small file can declare up to MAX_PIXELS (a 200 KB PNG, 40000² px of one colour), and the
+    out-of-memory killer would end the process without a word, which no MemoryError reports."""
+    need, free = im.width * im.height * DECODE_BYTES_PER_PX, available_bytes()
+    if free is not None and need > free:
+        raise _Refused(f"{name}: decoding its {im.width}x{im.height} px needs about {need / 2**30:.1f} GiB of "
+                       f"memory and {free / 2**30:.1f} GiB is available")
+
+
 def _unreadable(name: str, e: Exception) -> ValueError:
     """The error for a file Pillow could not open or decode (one of ``_DECODE_ERRORS``)."""
     if isinstance(e, UnidentifiedImageError):
@@ -186,20 +230,25 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     can be checked before hours of work. What read_image refuses from the header (too many pixels,
     several frames, 16-bit colour) and an unreadable header are the ValueErrors read_image gives."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input not found: {str(path)!r}")
+    check_input_file(path)
     try:
-        with pixel_limit(None):
-            opened = Image.open(path, formats=image_formats())
-        with opened as im:
+        with open_image(path) as im:
             _refuse_header(im, str(path))
-            w, h = im.size
+            w, h = _stored_size(im)
             # orientations 5-8 turn the picture by 90°, as ImageOps.exif_transpose does in read_image
             return (w, h) if _orientation(im, path) in (5, 6, 7, 8) else (h, w)
     except _Refused:
         raise
     except _DECODE_ERRORS as e:
         raise _unreadable(str(path), e) from None
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels as stored, before any EXIF turn: Pillow (13) reports a TIFF of
+    orientation 5-8 at its turned size from the moment it is opened, every other format as stored."""
+    if im.format == "TIFF" and 256 in im.tag_v2 and 257 in im.tag_v2:  # ImageWidth, ImageLength
+        return im.tag_v2[256], im.tag_v2[257]
+    return im.size
 
 
 _PNG_ORIENTATION_TEXT = (b"XML:com.adobe.xmp", b"Raw profile type exif", b"Raw profile type APP1")
@@ -297,6 +346,8 @@ def _decode(im: Image.Image, name: str) -> LoadedImage:
     if mode not in ("RGB", "P", "CMYK", "YCbCr", "LAB", "HSV"):
         raise _Refused(f"{name}: unsupported image mode {mode!r}")
     a = _to_float(np.asarray(im.convert("RGB")), 255.0)
+    if mode == "P" and torch.equal(a[0], a[1]) and torch.equal(a[1], a[2]):  # a gray palette (GIF, PNG-8)
+        return LoadedImage(a, None, 8, True)
     return LoadedImage(a, None, 8, False)
 
 

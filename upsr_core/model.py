@@ -156,6 +156,9 @@ class UPSRModel:
         for name, v in (("batch", batch), ("tile", tile), ("tile_batch", tile_batch)):
             if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(lr_size, (tuple, list, torch.Size)) and len(lr_size) == 2
+                and all(is_int(v) and v >= 1 for v in lr_size)):
+            raise ValueError(f"lr_size must be the LR (h, w), two integers >= 1, got {lr_size!r}")
         hp, wp = padded_size(*lr_size, self.multiple_of)
         px = min(tile_batch * min(tile, hp) * min(tile, wp), batch * hp * wp)
         per_px = self._act_bytes_per_px * self.dtype.itemsize * self.denoiser.config.model_channels / 160
@@ -272,7 +275,7 @@ class UPSRModel:
         noise: torch.Tensor | None = None,
         same_noise: bool = False,
     ) -> torch.Tensor:
-        """Diffusion stage over tiles -> sr (B,3,4h,4w) in [0,1].
+        """Diffusion stage over tiles -> sr (B,3,4h,4w) float32 in [0,1] (whatever the nets' dtype).
 
         weight: w (B, 1|3, 4Hp, 4Wp) in [0,1]. One ε field (seed contract: image i uses
         seed + i; with ``same_noise`` every image uses seed) covers the whole padded image
@@ -389,7 +392,8 @@ class UPSRModel:
         same_noise: bool = False,
         estimator_block: int = ESTIMATOR_BLOCK,
     ) -> torch.Tensor | None:
-        """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1]; the official pipeline for LR <= tile.
+        """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) float32 in [0,1] (whatever the nets' dtype); the
+        official pipeline for LR <= tile.
 
         Streams: bicubic, ŷ, ψ and w are made per tile (ŷ from cached estimator blocks), so
         besides the LR, the noise field and the output canvas, only the block cache grows with
@@ -407,7 +411,9 @@ class UPSRModel:
         is used as it is (B, 48, Hp, Wp).
 
         ``estimator_block``: the estimator's block size in LR px (see :meth:`estimate`); smaller
-        blocks need less memory and change ŷ slightly near block borders.
+        blocks need less memory and change ŷ a little everywhere, not only near the blocks' borders
+        (ATD groups tokens and updates its dictionary per block): blocks of 64 on the sample photo
+        (LR 128×96), demo model: up to 0.051, mean 0.0049 (2026-11-29).
         """
         check_lr(lr)
         check_weight_params(b_u, psi_max)

@@ -45,6 +45,7 @@ __all__ = [
     "crop_hr",
     "check_lr",
     "check_estimate",
+    "check_estimator_output",
     "check_noise_choice",
     "clamp_overshoot",
     "SCALE",
@@ -107,7 +108,8 @@ def check_lr(lr: torch.Tensor) -> None:
     if not isinstance(lr, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(lr).__name__}")
     if lr.ndim != 4 or lr.shape[1] != 3:
-        raise ValueError(f"expected an LR image (B, 3, h, w), got {tuple(lr.shape)}")
+        raise ValueError(f"expected an LR image (B, 3, h, w), got {tuple(lr.shape)}"
+                         + (" (RGB only: drop an alpha channel, repeat a gray one)" if lr.ndim == 4 else ""))
     if lr.shape[0] == 0 or lr.shape[2] == 0 or lr.shape[3] == 0:
         raise ValueError(f"expected a non-empty LR image (B, 3, h, w), got {tuple(lr.shape)}")
     check_unit_range(lr, "the LR image")
@@ -179,6 +181,8 @@ def pad_lr(lr: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     if lr.shape[1] != 3:
         raise ValueError(f"lr must be (B, 3, h, w) in [0, 1], got shape {tuple(lr.shape)} (RGB only: drop an alpha "
                          "channel, repeat a gray one)")
+    if not lr.numel():
+        raise ValueError(f"lr must be a non-empty (B, 3, h, w) image, got shape {tuple(lr.shape)}")
     y0 = (lr.contiguous() - 0.5) / 0.5  # a channels-last input would pick other conv kernels downstream
     h, w = y0.shape[-2:]
     return reflect_pad(y0, (-h) % multiple, (-w) % multiple)
@@ -205,8 +209,29 @@ def bicubic_x4(lr_pm: torch.Tensor) -> torch.Tensor:
 def run_estimator(
     estimator: Callable[[torch.Tensor], torch.Tensor], lr_pm: torch.Tensor
 ) -> torch.Tensor:
-    """ŷ = g(y) in [-1,1] space: the estimator takes [0,1] input (SPEC §2 round trips kept)."""
+    """ŷ = g(y) in [-1,1] space: the estimator takes [0,1] input (SPEC §2 round trips kept).
+    lr_pm (B,3,Hp,Wp) in [-1,1] -> (B,3,4Hp,4Wp) in [-1,1] units (unclamped)."""
     return (estimator(lr_pm * 0.5 + 0.5) - 0.5) / 0.5
+
+
+def check_estimator_output(y: object, want: tuple[int, ...], name: str = "the estimator") -> torch.Tensor:
+    """``y``, what another ×4 model g (not this package's ATD) returned for a [0,1] input, if it is a
+    float tensor of shape ``want`` (B, 3, 4h, 4w) with finite values in [0, 1] (± RESIZE_OVERSHOOT:
+    a network's ringing at sharp edges); else TypeError/ValueError naming ``name``. A model that
+    returns [0, 255] or [-1, 1] would otherwise pass as an estimate with ψ up to 127 (every w 1).
+    Reads the values (a host sync on a GPU; once per image, outside the sampling loop)."""
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        got = f"a {y.dtype} tensor" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"{name} must return a float tensor {want} in [0, 1], got {got}")
+    if tuple(y.shape) != tuple(want):
+        raise ValueError(f"{name} must upscale ×{SCALE} to {tuple(want)}, got {tuple(y.shape)}")
+    lo, hi = (v.item() for v in torch.aminmax(y.detach()))  # NaN and ±Inf reach lo or hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} returned NaN or Inf values")
+    if not _overshoot(lo, hi):
+        raise ValueError(f"{name} must return values in [0, 1] (± {RESIZE_OVERSHOOT} of overshoot), got "
+                         f"[{lo:.4g}, {hi:.4g}] (a model returning 0..255 or [-1, 1] needs rescaling)")
+    return y
 
 
 @dataclass
@@ -236,6 +261,7 @@ class Estimate:
         return estimate_uncertainty(self.sr_estimate_pm * 0.5, self.bicubic_pm * 0.5)
 
     def to(self, device: torch.device | str) -> "Estimate":
+        """The same estimate with its three maps on ``device`` (``size`` kept)."""
         return Estimate(self.lr_pm.to(device), self.bicubic_pm.to(device), self.sr_estimate_pm.to(device), self.size)
 
 
@@ -266,10 +292,15 @@ def check_estimate(est: object) -> None:
 def estimate(
     estimator: Callable[[torch.Tensor], torch.Tensor], lr: torch.Tensor, multiple: int = 64
 ) -> Estimate:
-    """Pad, bicubic and g(y) for lr (B,3,h,w) in [0,1]. Returns an :class:`Estimate`."""
+    """Pad, bicubic and g(y) for lr (B,3,h,w) in [0,1]. Returns an :class:`Estimate`.
+
+    ``estimator`` takes the padded LR (B,3,Hp,Wp) in [0,1] and returns its ×4 (B,3,4Hp,4Wp) in
+    [0,1]: checked by :func:`check_estimator_output`."""
     check_lr(lr)
     lr_pm = pad_lr(lr, multiple)
-    return Estimate(lr_pm, bicubic_x4(lr_pm), run_estimator(estimator, lr_pm), tuple(lr.shape[-2:]))
+    want = (lr_pm.shape[0], 3, SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1])
+    y_hat = run_estimator(lambda x: check_estimator_output(estimator(x), want), lr_pm)
+    return Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, tuple(lr.shape[-2:]))
 
 
 def _check_seed(seed: object, batch: int) -> int:
@@ -428,7 +459,10 @@ def denoise_estimate(
     already (reading them syncs a GPU): :meth:`UPSRModel.denoise`'s tile loop.
     """
     check_estimate(est)
-    schedule = schedule or make_schedule()
+    if schedule is None:
+        schedule = make_schedule()
+    elif not isinstance(schedule, ResShiftSchedule):
+        raise TypeError(f"schedule must be a ResShiftSchedule (make_schedule()), got {type(schedule).__name__}")
     b = est.lr_pm.shape[0]
     hr = est.bicubic_pm.shape[-2:]
     for name, x, want in (("weight", weight, "(B, 1 or 3, 4Hp, 4Wp) in [0, 1] (weight_noise)"),
@@ -452,7 +486,8 @@ def denoise_estimate(
 
 
 def crop_hr(x: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
-    """Crop an HR tensor at the padded size to the visible 4h × 4w; ``lr_size`` = (h, w), the LR size."""
+    """Crop an HR tensor (..., 4Hp, 4Wp) at the padded size, any range, to the visible
+    (..., 4h, 4w) (a view); ``lr_size`` = (h, w), the LR size before padding."""
     if not (isinstance(lr_size, (tuple, list, torch.Size)) and len(lr_size) == 2 and all(map(is_int, lr_size))):
         raise ValueError(f"lr_size must be two integers (h, w), the LR size before padding, got {lr_size!r}")
     h, w = lr_size

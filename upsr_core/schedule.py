@@ -73,6 +73,9 @@ def make_schedule(
 
     SPEC §8.6: the start is min(min_noise_level/kappa, min_noise_level, √0.001), which is
     √0.001 for the official constants; ``etas_end`` is the final √η.
+
+    Ranges: ``num_steps`` an integer >= 2; ``kappa``, ``power``, ``min_noise_level`` finite and
+    > 0; ``etas_end`` in (start, 1). Anything else raises ValueError.
     """
     if not is_int(num_steps) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")

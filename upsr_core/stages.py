@@ -27,8 +27,19 @@ from typing import Callable
 import torch
 
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, Progress, UPSRModel
-from .pipeline import SCALE, Estimate, bicubic_x4, check_lr, crop_hr, pad_lr, reflect_pad, run_estimator
-from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, weight_noise
+from .pipeline import (
+    RESIZE_OVERSHOOT,
+    SCALE,
+    Estimate,
+    bicubic_x4,
+    check_estimator_output,
+    check_lr,
+    crop_hr,
+    pad_lr,
+    reflect_pad,
+    run_estimator,
+)
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, _check_map_tensor, weight_noise
 
 __all__ = [
     "make_visible",
@@ -110,7 +121,8 @@ def _full_units(vis: torch.Tensor, pm: bool) -> torch.Tensor:
 
 
 def carry_padding(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Copy the padded original from ``src`` to ``dst`` (a re-laid-out view of it)."""
+    """Copy the padded original from ``src`` to ``dst`` (a re-laid-out view of it: same values,
+    any layout, e.g. ComfyUI's (B, H, W, C) of a (B, C, H, W) map); returns ``dst``."""
     info = getattr(src, _ATTR, None)
     if info is not None:
         setattr(dst, _ATTR, info)
@@ -196,12 +208,17 @@ def _original(vis: torch.Tensor, lr_size: tuple[int, int], pm: bool, hr_size: tu
     return torch.where(kept, full, edits), best  # a painted mask value stands for every channel
 
 
-def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...], shared: bool = True) -> None:
-    """``x`` is (B, C, 4h, 4w) for the LR batch (B, 3, h, w), C in ``channels``; ``shared``: a
-    batch of 1 stands for every image too (one noise weight for all frames)."""
+def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int, ...], shared: bool = True,
+               unit_range: bool = False) -> None:
+    """``x`` is a finite float (B, C, 4h, 4w) for the LR batch (B, 3, h, w), C in ``channels``;
+    ``shared``: a batch of 1 stands for every image too (one noise weight for all frames);
+    ``unit_range``: its values lie in [0, 1] ± RESIZE_OVERSHOOT (an image, as g(y) is)."""
     b, _, h, w = lr.shape
     want = (SCALE * h, SCALE * w)
     batches = (1, b) if shared else (b,)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a float tensor in [0, 1] units, got {got}")
     if x.ndim != 4 or x.shape[1] not in channels or tuple(x.shape[-2:]) != want or x.shape[0] not in batches:
         raise ValueError(
             f"{name} has shape {tuple(x.shape)}; expected ({' or '.join(map(str, sorted(set(batches))))}, "
@@ -211,6 +228,11 @@ def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int
         )
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf values")
+    if unit_range:
+        lo, hi = (v.item() for v in torch.aminmax(x))
+        if not (-RESIZE_OVERSHOOT <= lo and hi <= 1 + RESIZE_OVERSHOOT):
+            raise ValueError(f"{name} must hold values in [0, 1] (± {RESIZE_OVERSHOOT}: g(y) overshoots a little), "
+                             f"got [{lo:.4g}, {hi:.4g}] (divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
 
 
 @torch.no_grad()
@@ -221,12 +243,14 @@ def estimate_maps(
     estimator: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: Progress | None = None,
     block: int | None = None,
+    estimator_name: str = "the estimator",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lr (B,3,h,w) [0,1] -> (sr_estimate, ψ), both (B,3,4h,4w) in [0,1] units.
 
-    ``estimator``: another ×4 model g (takes and returns (1,3,h,w) [0,1] images) instead of
-    ATD, called once per image. ``progress(done, total)``: after each image (each estimator
-    block of each image for ATD; may raise to cancel). ``block``: ATD's block size in LR px
+    ``estimator``: another ×4 model g (takes a (1,3,h,w) [0,1] image, returns its (1,3,4h,4w) [0,1]
+    ×4: checked by :func:`~upsr_core.pipeline.check_estimator_output`, the errors naming it
+    ``estimator_name``) instead of ATD, called once per image. ``progress(done, total)``: after
+    each image (each estimator block of each image for ATD; may raise to cancel). ``block``: ATD's block size in LR px
     (see :meth:`UPSRModel.estimate`).
     """
     if estimator is None:
@@ -236,14 +260,11 @@ def estimate_maps(
             raise ValueError(f"block={block!r} sets ATD's block size; another estimator runs on whole images")
         check_lr(lr)
         lr_pm = pad_lr(lr.float().cpu(), model.multiple_of)
-        want = (SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1])
+        want = (1, 3, SCALE * lr_pm.shape[-2], SCALE * lr_pm.shape[-1])
         parts = []
         for i in range(lr_pm.shape[0]):
-            y_hat = run_estimator(lambda x: estimator(x).float().cpu(), lr_pm[i : i + 1])
-            if y_hat.shape[-2:] != want:
-                raise ValueError(f"the estimator must upscale ×{SCALE}: {tuple(lr_pm[:1].shape)} gave "
-                                 f"{tuple(y_hat.shape)}")
-            parts.append(y_hat)
+            parts.append(run_estimator(lambda x: check_estimator_output(estimator(x), want, estimator_name)
+                                       .float().cpu(), lr_pm[i : i + 1]))
             if progress is not None:
                 progress(i + 1, lr_pm.shape[0])
         y_hat = torch.cat(parts)
@@ -271,8 +292,14 @@ def weight_map(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEF
 
 
 def uncertainty_mask(psi: torch.Tensor) -> torch.Tensor:
-    """ψ (B, 3, H, W) -> an editable one-channel map (B, 1, H, W): the channel mean, in [0, 1].
+    """ψ (B, 3, H, W), finite and >= 0 in [0,1] units -> an editable one-channel map (B, 1, H, W):
+    the channel mean, clamped to [0, 1] (a mask's range; w is the same for every ψ >= ψ_max <= ½).
     Given back to :func:`weight_map`, its pixels left as they are stand for ψ per channel again."""
+    _check_map_tensor("uncertainty ψ", psi, "(B, 3, H, W)", (3,))
+    if psi.numel():
+        lo, hi = (v.item() for v in torch.aminmax(psi.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0:
+            raise ValueError(f"uncertainty ψ must be finite and >= 0, got values in [{lo:.4g}, {hi:.4g}]")
     return _channel_mean(psi.contiguous())
 
 
@@ -296,7 +323,7 @@ def sample_maps(
     Image i's noise comes from seed + i, or from seed for every image with ``same_noise``.
     """
     check_lr(lr)
-    _check_map("sr_estimate", sr_estimate, lr, (3,), shared=False)
+    _check_map("sr_estimate", sr_estimate, lr, (3,), shared=False, unit_range=True)
     _check_map("noise weight", weight, lr, (1, 3))  # its range: model.denoise checks it
     lr = lr.float().cpu()
     lr_pm = pad_lr(lr, model.multiple_of)

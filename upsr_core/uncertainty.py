@@ -65,7 +65,9 @@ def check_weight_params(b_u: float, psi_max: float) -> None:
 def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
     """Noise weight w = b_u + (1 − b_u)·min(ψ/ψ_max, 1), shape of ψ, values in [b_u, 1].
 
-    ψ may have 1 channel (an edited mask) or 3; it must be finite and >= 0.
+    ψ may have 1 channel (an edited mask) or 3; it must be finite and >= 0. ``b_u`` in [0, 1];
+    ``psi_max`` > 0 (and 2·psi_max a normal float32); beyond ψ_max w is 1, so a ψ_max above
+    :data:`PSI_MAX_LIMIT` never reaches 1. Computed in float32 for half-precision ψ.
     """
     check_weight_params(b_u, psi_max)
     _check_map_tensor("uncertainty ψ", psi, "(B, 1|3, H, W)", (1, 3))

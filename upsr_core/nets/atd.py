@@ -380,6 +380,10 @@ class ATD(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.config.in_chans:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a (B, {self.config.in_chans}, h, w) tensor, got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a float image in [0, 1], got dtype {x.dtype} (divide 8-bit values by 255)")
+        if not x.numel():
+            raise ValueError(f"x must be a non-empty (B, {self.config.in_chans}, h, w) image, got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         ws = self.config.window_size
         ph, pw = (-h) % ws, (-w) % ws

@@ -563,10 +563,20 @@ class UPSRDenoiser(CarriesFastTensors):
         return self.config.multiple_of
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        """x (B,in_ch,h,w), timesteps int (B,), lq (B,96,h,w) -> x0 (B,out_ch,4h,4w), [-1,1] space."""
+        """x (B,in_ch,h,w) float, timesteps int (B,), lq (B,96,h,w) float -> x0 (B,out_ch,4h,4w), [-1,1] space.
+
+        ``x``: x_t scaled by its std (the sampler's ``scale_input``); ``timesteps``: the raw step
+        index, 0 .. T−1 (T = 5 for the official schedule; not rescaled, SPEC §3.2; the range is not
+        checked: reading it would sync a GPU); ``lq``: g(y) and bicubic(y), [-1,1], unshuffled; h, w
+        multiples of the config's ``multiple_of``."""
         for name, v in (("x", x), ("timesteps", timesteps), ("lq", lq)):
             if not isinstance(v, torch.Tensor):  # an int t: torch.full((B,), t) (a deep AttributeError before)
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        for name, v in (("x", x), ("lq", lq)):
+            if not v.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor, got dtype {v.dtype}")
+        if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+            raise TypeError(f"timesteps must be integer step indices (int64), got dtype {timesteps.dtype}")
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be (B, {c.in_channels}, h, w), got {tuple(x.shape)}")

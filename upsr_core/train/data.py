@@ -36,10 +36,9 @@ from torch.utils.data import Dataset, Sampler
 from ..cliargs import OneLineParser, UsageError, float_range, int_min, writable_file
 from ..imageio import (
     _colour_16bit,
-    image_formats,
     is_hidden,
     log_unfollowed_links,
-    pixel_limit,
+    open_image,
     write_atomically,
     write_text,
 )
@@ -50,7 +49,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp")
 Prescale = int | Literal["auto"]
 Small = Literal["pad", "skip"]
 
@@ -84,11 +83,11 @@ def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- pixels
-def _open(path: str | Path) -> Image.Image:
-    """``Image.open`` without Pillow's decompression-bomb limit, for this call only: training photos
-    are the user's own, and large ones exceed it (``upscale`` and ``eval`` keep a bound)."""
-    with pixel_limit(None):
-        return Image.open(path, formats=image_formats())  # not EPS (Ghostscript) named .jpg, say
+def _open(path: str | Path):
+    """:func:`~upsr_core.imageio.open_image` (a context manager): no decompression-bomb limit, as
+    training photos are the user's own and large ones exceed it (``upscale`` and ``eval`` keep a
+    bound); only the formats ``upscale`` reads (not EPS through Ghostscript named .jpg, say)."""
+    return open_image(path)
 
 
 def _prescale_factor(size: tuple[int, int], prescale: Prescale) -> int:

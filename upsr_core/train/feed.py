@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..cpu_memory import available_bytes
 from .data import (
     IMAGE_SUFFIXES,
     LUMA,
@@ -113,12 +114,7 @@ def _free_bytes(device: torch.device) -> int | None:
     where it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return None
+    return available_bytes() if device.type == "cpu" else None
 
 
 def _check_room(files: list[Path], crop: int, device: torch.device, texture: bool, root: str | Path) -> None:
