@@ -64,6 +64,7 @@ def test_q_sample_last_step_is_the_prior():
     torch.testing.assert_close(q_sample(y, y, w, eps, t, sch), prior_sample(y, w, eps, sch))
     # otherwise the mean is x0 + η_T (y − x0): the prior up to (1 − η_T)(x0 − y)
     diff = q_sample(x0, y, w, eps, t, sch) - prior_sample(y, w, eps, sch)
+    # float32 cancellation: the difference of two ~N(0, 1.6²) states computed apart, each to ~1e-7
     torch.testing.assert_close(diff, (1 - float(sch.etas[-1])) * (x0 - y), rtol=1e-4, atol=1e-5)
 
 
@@ -76,6 +77,8 @@ def test_ddim_step_of_exact_x0_follows_the_forward_process():
     for t in range(1, sch.num_steps):
         xt = q_sample(x0, y, w, eps, torch.tensor([t]), sch)
         prev = co["k"][t] * x0 + co["m"][t] * xt + co["c"][t] * y
+        # exact in real numbers; float32 coefficients (k, m, c rounded from float64) times states of
+        # magnitude ~5 (κ√η ε): a few 1e-6, well under 1e-4 — a wrong k/m/c is off by > 1e-2
         torch.testing.assert_close(prev, q_sample(x0, y, w, eps, torch.tensor([t - 1]), sch), rtol=1e-4, atol=1e-4)
 
 
@@ -90,6 +93,41 @@ def test_make_inputs_shapes_and_scaling():
     assert float(inp.weight.min()) >= 0.4 - 1e-6 and float(inp.weight.max()) <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="must be ×4"):
         make_inputs(hr, hr, lambda x: x, sch, g)
+
+
+def test_make_inputs_values_are_what_inference_feeds_the_denoiser():
+    """By value (only shapes and w's range were tested; a 2026-11-29 mutation review found these
+    survived: ψ not halved, lq as [y↑, ŷ] instead of [ŷ, y↑], x_t not scaled by std_t, t never 0).
+    lq and w come from the inference pipeline's own Estimate; x_in from the forward process by hand."""
+    from upsr_core.pipeline import default_weight, estimate
+    from upsr_core.sampler import scale_input
+    from upsr_core.train.losses import make_inputs
+
+    sch = make_schedule()
+    hr = _hr(s=32)
+    lr = F.avg_pool2d(hr, 4)
+
+    def g(x):  # a sharp ×4 guess, so that ψ crosses ψ_max in places and w is not constant
+        return (F.interpolate(x, scale_factor=4, mode="nearest") * 1.3 - 0.15).clamp(0, 1)
+
+    t = torch.tensor([0, 3])
+    eps = torch.randn(2, 48, 8, 8, generator=torch.Generator().manual_seed(5))
+    inp = make_inputs(hr, lr, g, sch, t=t, eps=eps)
+    est = estimate(g, lr, 8)  # 8×8 LR: no padding
+    w = default_weight(est)
+    assert float(w.min()) < 0.41 and float(w.max()) == 1.0  # ψ on both sides of ψ_max
+    assert torch.equal(inp.weight, w)
+    assert torch.equal(inp.lq, F.pixel_unshuffle(torch.cat([est.sr_estimate_pm, est.bicubic_pm], 1), 4))
+    x0, y, wu = (F.pixel_unshuffle(z, 4) for z in (hr * 2 - 1, est.bicubic_pm, w))
+    co = sch.f32()
+    for i, step in enumerate(t.tolist()):
+        eta = float(sch.etas[step])
+        x_t = x0[i] + eta * (y[i] - x0[i]) + sch.kappa * math.sqrt(eta) * wu[i] * eps[i]
+        # float32 rounding of the float64 constants and of the operation order: ~1e-6 of values ~1
+        torch.testing.assert_close(inp.x_in[i], scale_input(x_t, step, co), rtol=0, atol=2e-6)
+    torch.testing.assert_close(inp.target, hr * 2 - 1, rtol=0, atol=0)
+    drawn = make_inputs(_hr(b=64, s=8), F.avg_pool2d(_hr(b=64, s=8), 4), g, sch, torch.Generator().manual_seed(0)).t
+    assert sorted(set(drawn.tolist())) == list(range(sch.num_steps))  # every step, 0 included (64 draws)
 
 
 def test_degradation_and_estimator_run_in_float32_inside_the_step_s_autocast():
@@ -175,6 +213,17 @@ def test_ema_update_and_warmup():
     assert EMA(lin, 0.999).current_decay() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="decay"):
         EMA(lin, 1.5)
+    # the warm-up's n-th update (n = 0, 1, 2) uses decay (1 + n)/(10 + n) — the count moves after the
+    # update (counting first made the first decay 2/11; a 2026-11-29 mutation review found it untested)
+    ema, x = EMA(lin, 0.999), lin.weight.detach().clone().double()
+    for n, step in enumerate((1.0, -2.0, 0.5)):
+        with torch.no_grad():
+            lin.weight.add_(step)
+        d = (1 + n) / (10 + n)
+        x = d * x + (1 - d) * lin.weight.detach().double()
+        ema.update(lin)
+        torch.testing.assert_close(ema.shadow["weight"].double(), x, rtol=0, atol=1e-6)  # float32 lerp
+    assert ema.num_updates == 3 and ema.current_decay() == pytest.approx(4 / 13)
 
 
 class _ScaledTask:
@@ -416,6 +465,9 @@ def test_time_budget_counts_the_minutes_of_earlier_runs(tmp_path, caplog):
     a.fit()
     b = _trainer(pack, tmp_path / "a.ckpt")
     b.load(tmp_path / "a.ckpt")
+    # the earlier run's time comes back from the checkpoint (it was only set by hand below, so a
+    # load that dropped it went unseen: 2026-11-29 mutation review)
+    assert b.elapsed_before == a.elapsed_before > 0 and b.step == a.step == 1
     b.cfg.steps, b.cfg.max_minutes = 4, 1.0
     b.elapsed_before = 60.0  # as if the first run had trained for the whole minute
     with caplog.at_level(logging.WARNING):

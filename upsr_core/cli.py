@@ -142,7 +142,9 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                         f"levels (1-{MAX_LEVELS}; {DEFAULT_LEVELS} keeps structures up to ~32 px of the result); "
                         "0: off")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
-    p.add_argument("--bits", choices=["auto", "8", "16"], default="auto", help="PNG bit depth (auto: as the input)")
+    p.add_argument("--bits", choices=["auto", "8", "16"], default="auto",
+                   help="PNG bit depth (auto: as the input; a 16-bit colour PNG is not read back by upscale or "
+                        "eval: Pillow reads 16-bit colour at 8 bits)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars, per-image lines or notes; warnings and errors still print")
 

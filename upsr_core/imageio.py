@@ -175,7 +175,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
                 icc = None
             im = ImageOps.exif_transpose(im)
             loaded = _decode(im, name)
-            if icc is not None and (icc[16:20] == b"GRAY") != loaded.gray:  # the header's colour space
+            # an ICC header ('acsp' at 36) names its colour space at 16: 'GRAY', 'RGB ', ...
+            if icc is not None and icc[36:40] == b"acsp" and (icc[16:20] == b"GRAY") != loaded.gray:
                 # a PNG's iCCP must match its colour type (libpng drops it, with a warning)
                 log.info("%s: its %s colour profile does not fit a %s image: not carried over", name,
                          icc[16:20].decode("latin-1").strip() or "unknown", "gray" if loaded.gray else "colour")
