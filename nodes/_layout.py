@@ -74,11 +74,11 @@ def image_out(x: torch.Tensor, role: str | None = None) -> torch.Tensor:
 
 
 def mask_in(mask: torch.Tensor, name: str) -> torch.Tensor:
-    """MASK [B,H,W] (or [H,W]) -> (B,1,H,W) float32, contiguous."""
-    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+    """MASK [B,H,W] (or [H,W], or [B,1,H,W] as some nodes pass it) -> (B,1,H,W) float32, contiguous."""
+    if not isinstance(mask, torch.Tensor) or not (mask.ndim in (2, 3) or mask.ndim == 4 and mask.shape[1] == 1):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{name}: expected a MASK [B,H,W], got {shape}")
-    m = mask if mask.ndim == 3 else mask.unsqueeze(0)
+    m = {2: mask.unsqueeze(0), 3: mask, 4: mask[:, 0]}[mask.ndim]
     if m.shape[0] == 0:
         raise ValueError(f"{name}: the mask batch is empty")
     return m.unsqueeze(1).float().contiguous()

@@ -89,12 +89,19 @@ def check_choice(what: str, name: str, files: list[str]) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class UPSRHandle:
     """What flows along UPSR_MODEL wires: the core model and its ComfyUI memory manager."""
 
     model: UPSRModel
     patcher: comfy.model_patcher.ModelPatcher
+
+    def __repr__(self) -> str:
+        # ComfyUI puts str() of every input into a failed node's error and the history: the
+        # default dataclass repr was the whole module tree (30 KB with the demo model)
+        den = self.model.denoiser.config
+        return (f"UPSRHandle(denoiser {den.model_channels} ch, {self.model.device}, "
+                f"{str(self.model.dtype).removeprefix('torch.')})")
 
     def load(self, memory_required: int = 0) -> UPSRModel:
         """Put both nets on ComfyUI's device, offloading other models the ComfyUI way, so that
@@ -122,9 +129,13 @@ class UPSRHandle:
     def free_others(self) -> int:
         """Unload every other model from this model's device (after an out-of-memory: the
         diffusion model of an earlier stage may still sit there); how many were unloaded. Nothing
-        (0) where models are offloaded to the device they run on (``--cpu``; ``--gpu-only``):
-        unloading would free nothing there, and the retry of the same tiles would fail again."""
-        if self.patcher.offload_device == self.patcher.load_device:
+        (0) where no other model there is offloaded elsewhere (``--cpu``; ``--gpu-only``):
+        unloading would free nothing, and the retry of the same tiles would fail again. Under
+        ``--highvram`` diffusion models stay on the GPU but text encoders and VAEs go to the CPU."""
+        dev = self.patcher.load_device
+        movable = [m for m in mm.current_loaded_models
+                   if m.device == dev and m.model is not self.patcher and m.model.offload_device != dev]
+        if not movable:
             return 0
         keep = [mm.LoadedModel(self.patcher)]  # LoadedModel compares by the patcher it wraps
         return len(mm.free_memory(1e30, self.patcher.load_device, keep_loaded=keep))

@@ -500,3 +500,50 @@ def test_the_installed_upsr_command_runs_as_python_m_upsr_core(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "main", lambda argv=None, **kw: calls.append((argv, kw)) or 0)
     assert cli.console_main() == 0 and calls == [(None, {"own_process": True})]
+
+
+# ------------------------------------------------------------------ 2026-11-29 training review
+def test_train_a_non_image_named_jpg_is_left_out_with_a_warning(tmp_path, caplog):
+    """An HTML page saved as z.jpg stopped training at the header scan with Pillow's "cannot identify
+    image file <_io.BufferedReader …>", though the docs promise an undecodable image is skipped."""
+    photos = _photos(tmp_path / "photos")
+    (photos / "z.jpg").write_text("<html>not found</html>")
+    for feed in ("device", "loader"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["train", "estimator", "--data", str(photos), *TINY[:2], "--feed", feed, *TINY[4:],
+                         "--workers", "0", "--out", str(tmp_path / feed), "--steps", "1"]) == 0
+        assert f"{photos / 'z.jpg'}: not a readable image" in caplog.text and "goes on without it" in caplog.text
+
+
+def test_train_denoiser_resume_notices_an_estimator_retrained_in_place_and_refuses_to_export_onto_it(
+        tmp_path, capsys, caplog):
+    """The estimator was compared by path: retraining it in place went unnoticed on resume (and a
+    moved run folder was reported as a change); --export onto it silently replaced stage 1; a
+    wrong --estimator was named only after the data folder's setup; a rerun with nothing to train
+    rewrote the log with an empty summary."""
+    assert _train(tmp_path, "--steps", "1", out="est") == 0
+    est = tmp_path / "est" / "estimator.safetensors"
+    capsys.readouterr()
+    rc = _train(tmp_path, "--steps", "1", "--estimator", est, "--export", est, stage="denoiser", out="den")
+    assert rc == 2 and f"--export {str(est)!r} is --estimator" in one_error(capsys)
+    assert _train(tmp_path, "--steps", "1", "--estimator", est, stage="denoiser", out="den") == 0
+    before = json.loads((tmp_path / "den" / "denoiser_log.json").read_text())
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # nothing to train: the log keeps the last run's record
+        assert _train(tmp_path, "--steps", "1", "--estimator", est, stage="denoiser", out="den") == 0
+    assert "keeps the last run's record" in caplog.text
+    assert json.loads((tmp_path / "den" / "denoiser_log.json").read_text()) == before
+    assert _train(tmp_path, "--steps", "2", "--seed", "9", "--fresh", out="est") == 0  # retrained in place
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train(tmp_path, "--steps", "2", "--estimator", est, stage="denoiser", out="den") == 0
+    assert "other settings than its last run: estimator_sha256 " in caplog.text
+    assert "seed" not in json.loads((tmp_path / "den" / "denoiser_log.json").read_text())["changed_on_resume"]
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = _train(tmp_path, "--steps", "1", "--estimator", tmp_path / "nope.safetensors", stage="denoiser",
+                    out="d2")
+    assert rc == 2 and "nope.safetensors" in one_error(capsys)
+    assert "feed" not in caplog.text.lower()  # named before the data folder is set up

@@ -16,6 +16,7 @@ import json
 import logging
 import platform
 import sys
+import types
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -674,6 +675,11 @@ def test_bad_input_gives_clear_errors(pack, handle):
         sample(noise_weight=est[2])  # wrong wiring: a MASK into an IMAGE input
     with pytest.raises(ValueError, match=r"uncertainty_mask: expected a MASK \[B,H,W\], got \(1, 48, 64, 3\)"):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[1])
+    # a [B,1,H,W] mask (some nodes pass masks so; ComfyUI's own reshape them) is that mask (2026-11-29 review)
+    w3 = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[2])[0]
+    w4 = run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty_mask=est[2].unsqueeze(1).clone())[0]
+    assert torch.equal(w3, w4)
+    assert len(repr(handle)) < 120 and repr(handle).startswith("UPSRHandle(denoiser ")  # not the module tree
     with pytest.raises(ValueError, match="connect exactly one of .* got both"):
         run(pack, "WeightNoise", b_u=0.4, psi_max=0.05, uncertainty=est[1], uncertainty_mask=est[2])
     with pytest.raises(ValueError, match="connect exactly one of .* got neither"):
@@ -1033,7 +1039,7 @@ def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, 
     monkeypatch.setattr(pack.mm, "stub_others", [other])
     monkeypatch.setattr(pack.mm, "stub_free_calls", [])
     # as on a GPU, where the others go to the CPU (the stub runs on the CPU: offload elsewhere)
-    monkeypatch.setattr(handle.patcher, "offload_device", torch.device("meta"))
+    monkeypatch.setattr(pack.mm, "current_loaded_models", [_loaded_elsewhere(handle, "meta")])
     shapes = _oom_on_first_calls(model, monkeypatch, 1)
     with caplog.at_level(logging.WARNING):
         sr = run(pack, node_id, upsr_model=handle, image=img, **inputs, **defaults(pack, node_id))[0]
@@ -1042,6 +1048,28 @@ def test_oom_first_unloads_other_models_and_keeps_the_tile(pack, handle, model, 
     assert device == handle.patcher.load_device and keep == [pack.mm.LoadedModel(handle.patcher)]
     assert "out of memory with tile 512, overlap 64: unloaded 1 other model(s), retrying the same" in caplog.text
     assert shapes[0] == shapes[1] and torch.equal(sr, want)
+
+
+def _loaded_elsewhere(handle, offload: str):
+    """Another model in ComfyUI's list, on UPSR's device, offloaded to ``offload``."""
+    fake = types.SimpleNamespace(load_device=handle.patcher.load_device, offload_device=torch.device(offload))
+    return types.SimpleNamespace(device=handle.patcher.load_device, model=fake)
+
+
+@pytest.mark.parametrize("upsr_offload, other_offload, freed", [
+    ("meta", "meta", 1),  # a GPU's default: everything goes to the CPU ("meta" plays it here)
+    ("cpu", "meta", 1),  # --highvram: UPSR stays (offload = load device), a text encoder goes
+    ("cpu", "cpu", 0),  # --cpu / --gpu-only: nothing is offloaded anywhere else
+])
+def test_free_others_unloads_where_another_model_would_leave_the_device(pack, handle, monkeypatch, upsr_offload,
+                                                                      other_offload, freed):
+    """Under --highvram it gave up at once because UPSR's own offload device is its load device,
+    though the text encoders and VAE there go to the CPU (2026-11-29 review)."""
+    monkeypatch.setattr(handle.patcher, "offload_device", torch.device(upsr_offload))
+    monkeypatch.setattr(pack.mm, "stub_others", [object()])
+    monkeypatch.setattr(pack.mm, "stub_free_calls", [])
+    monkeypatch.setattr(pack.mm, "current_loaded_models", [_loaded_elsewhere(handle, other_offload)])
+    assert handle.free_others() == freed and len(pack.mm.stub_free_calls) == freed
 
 
 def test_oom_where_models_offload_to_their_own_device_shrinks_at_once(pack, handle, model, monkeypatch, caplog):

@@ -1178,8 +1178,36 @@ def test_pair_pool_state_round_trip():
     for hr, lr in batches[3:]:
         x, y = a(hr, lr, g), b(hr, lr, g2)
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
-    with pytest.raises(ValueError, match=r"holds 4 pairs, this run's 8 \(its default follows --batch .* --pool 4 if"):
-        PairPool(8).load_state_dict(a.state_dict(), torch.device("cpu"))
+
+
+
+def test_a_pair_pool_resumed_with_another_batch_keeps_what_fits_and_fills_on(caplog):
+    """A resume with another --batch (whose default pool size follows it) said "the run goes on with
+    the new ones", then stopped at its first step: "holds 6 pairs, not a multiple of the batch 4" or
+    "the checkpoint's pair pool holds 160 pairs, this run's 159" (2026-11-29 review)."""
+    g = torch.Generator().manual_seed(1)
+
+    def batch(start: int, b: int):
+        hr = torch.arange(start, start + b, dtype=torch.float32).reshape(b, 1, 1, 1).expand(b, 3, 8, 8).clone()
+        return hr, hr[..., :2, :2] * 10
+
+    a = PairPool(6)
+    for k in range(3):  # filled 6 of 6 with batches of 2 (pairs 0-5)
+        a(*batch(2 * k, 2), g)
+    b = PairPool(8)  # resumed with batch 4: the default size follows it
+    with caplog.at_level(logging.INFO):
+        b.load_state_dict(a.state_dict(), torch.device("cpu"))
+    assert "pair pool: the checkpoint's held 6 of 6 pairs, this run's holds 8: 6 kept, filling on" in caplog.text
+    out = b(*batch(100, 4), g)  # two of the new pairs fill the pool, the batch passes through
+    assert b.filled == 8 and out[0][:, 0, 0, 0].tolist() == [100, 101, 102, 103]
+    assert sorted(b.hr[:, 0, 0, 0].tolist()) == [0, 1, 2, 3, 4, 5, 100, 101]
+    out = b(*batch(200, 4), g)  # full: four stored pairs out, the new ones in, pairs kept together
+    assert torch.equal(out[1], out[0][..., :2, :2] * 10)
+    assert sorted(out[0][:, 0, 0, 0].tolist() + b.hr[:, 0, 0, 0].tolist()) == [0, 1, 2, 3, 4, 5, 100, 101, 200, 201,
+                                                                                202, 203]
+    c = PairPool(3)  # resumed with batch 3 and --pool 3: the first 3 stored pairs kept
+    c.load_state_dict(a.state_dict(), torch.device("cpu"))
+    assert c.filled == 3 and c.hr[:, 0, 0, 0].tolist() == [0, 1, 2]
 
 
 def test_pool_defaults_and_cli_check(tmp_path, capsys):
@@ -1209,7 +1237,8 @@ def test_cli_degradation_recipe_reaches_the_task(tmp_path, monkeypatch):
 
 def test_pair_pool_checkpoint_is_compact_and_exact():
     """Pairs on 8-bit levels are stored as uint8 (4× smaller) and come back bit-identical; others
-    keep their float values. Resuming a filling pool with another batch is an error."""
+    keep their float values. A filling pool resumed with another batch fills on (the new batch's
+    first pairs complete it)."""
     pool, g = PairPool(4), torch.Generator().manual_seed(0)
     hr = torch.randint(0, 256, (2, 3, 8, 8), generator=g).float() / 255
     lr = torch.rand(2, 3, 2, 2, generator=g)  # not on 8-bit levels
@@ -1219,8 +1248,8 @@ def test_pair_pool_checkpoint_is_compact_and_exact():
     back = PairPool(4)
     back.load_state_dict(sd, torch.device("cpu"))
     assert torch.equal(back.hr[:2], hr) and torch.equal(back.lr[:2], lr) and back.filled == 2
-    with pytest.raises(ValueError, match="holds 2 pairs, not a multiple of the batch 4"):
-        back(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 2, 2), g)
+    back(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 2, 2), g)
+    assert back.filled == 4 and torch.equal(back.hr[:2], hr) and not back.hr[2:].any()
 
 
 def test_task_snapshot_undoes_a_step_s_pool_and_degradation_draws():

@@ -75,9 +75,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "too, as --steps counts their steps (raise it to train on)")
     p.add_argument("--batch", type=int_min(1), default=None, help="micro-batch per device (default: the preset's)")
     p.add_argument("--accum", type=int_min(1), default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float_range(0, lo_open=True), default=None)
-    p.add_argument("--warmup", type=int_min(0), default=None)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=None,
+                   help="peak AdamW learning rate (default: the --config preset's)")
+    p.add_argument("--warmup", type=int_min(0), default=None,
+                   help="steps of linear learning-rate warm-up from lr/warmup (default: the preset's)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant, or cosine from --lr down to 0.1×--lr, over --steps or "
+                        "--max-minutes, whichever ends first")
     p.add_argument("--ema-decay", type=float_range(0, 1, hi_open=True), default=None)
     p.add_argument("--ema-warmup", choices=["auto", "on", "off"], default="auto",
                    help="EMA decay min(decay, (1+n)/(10+n)) over the first updates (auto: on for fresh nets, off "
@@ -433,9 +437,19 @@ def _writable_folder(folder: Path, flag: str, check: bool = True) -> bool:
 def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, init_net, init, out: Path) -> dict:
     if args.stage == "denoiser" and args.export and di.main:  # written after training: checked before it
         _writable_folder(Path(args.export).parent, "--export's folder")
+        export = Path(args.export).resolve()
+        for what, path in (("--estimator", Path(args.estimator)),
+                           ("this stage's output", out / "denoiser.safetensors")):
+            if export == path.resolve():
+                raise ValueError(f"--export {args.export!r} is {what} ({str(path)!r}), which the export would "
+                                 "overwrite; export to another file")
     cfg = _loop_config(args, preset, di, out)
     den_cfg = None if args.stage == "estimator" else (init_net.config if init_net is not None else preset.denoiser)
     crop = check_crop(preset.hr_size if args.crop is None else args.crop, args.stage, den_cfg)
+    if args.stage == "denoiser":  # before the data folder's setup (a header scan of minutes, or its decoding)
+        # and before the seed: LPIPS's own random init must not move the net's initial weights
+        est = load_estimator_file(args.estimator)[0].to(di.device)
+        lp = LPIPSHook.from_name(args.lpips, di.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     feed = make_feed(args.data, crop, di.device, cfg.batch, shard=(di.rank, di.world), workers=args.workers,
                      seed=args.seed, min_texture=args.min_texture, feed=args.feed)
@@ -449,9 +463,7 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
         net = init_net if init_net is not None else build_estimator_net(preset.estimator)
         task = EstimatorTask(net, feed, cfg.batch, args.degradation, deg_gen, pool, deg_cfg)
     else:
-        est = load_estimator_file(args.estimator)[0].to(di.device)
         net = init_net if init_net is not None else build_denoiser_net(preset.denoiser)
-        lp = LPIPSHook.from_name(args.lpips, di.device)
         if not lp.available:
             log.info("LPIPS term off (--lpips off): loss = MSE only")
         task = DenoiserTask(net, est, feed, cfg.batch, args.degradation, args.b_u, args.psi_max, lp,
@@ -523,11 +535,27 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
         record |= {"b_u": args.b_u, "psi_max": args.psi_max, "lpips": args.lpips if task.lpips.available else "off",
                    "lpips_weight": args.lpips_weight,
                    "estimator_file": str(args.estimator)}
+    if resumed and not summary.get("steps_this_run"):
+        last = _last_record(out / f"{args.stage}_log.json")
+        if last is not None:  # nothing trained: the log and the exports keep what the weights came from
+            log.info("nothing trained this run: %s_log.json (and any export) keeps the last run's record",
+                     args.stage)
+            record = last
     if di.main:
         _write_outputs(args, trainer, net, record, out)
     if di.world > 1:
         torch.distributed.barrier()  # the other ranks exit once rank 0 has written everything
     return record
+
+
+def _last_record(path: Path) -> dict | None:
+    """The training record a run wrote to ``path`` (its ``*_log.json``), or None where there is
+    none or it cannot be read (then this run's is written)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "summary" in record else None
 
 
 def _run_settings(args: argparse.Namespace, cfg: LoopConfig, config: str, crop: int, pool: int) -> dict:
@@ -539,7 +567,8 @@ def _run_settings(args: argparse.Namespace, cfg: LoopConfig, config: str, crop: 
                 "seed": cfg.seed, "crop": crop, "pool": pool, "degradation": args.degradation,
                 "kernels": args.kernels, "jpeg": args.jpeg, "data": str(Path(args.data).resolve())}
     if args.stage == "denoiser":
-        settings |= {"estimator": str(Path(args.estimator).resolve()), "b_u": args.b_u, "psi_max": args.psi_max,
+        # by content: a file retrained in place is another estimator, a moved run folder is not
+        settings |= {"estimator_sha256": _sha256(args.estimator), "b_u": args.b_u, "psi_max": args.psi_max,
                      "lpips": args.lpips, "lpips_weight": args.lpips_weight}
     return settings
 

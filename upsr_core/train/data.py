@@ -35,7 +35,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ..cliargs import OneLineParser, UsageError, float_range, int_min, writable_file
 from ..imageio import (
+    _DECODE_ERRORS,
     _colour_16bit,
+    _unreadable,
     is_hidden,
     log_unfollowed_links,
     open_image,
@@ -55,6 +57,11 @@ Small = Literal["pad", "skip"]
 
 
 # ----------------------------------------------------------------------------- files
+_UNREADABLE: set[Path] = set()
+"""Files whose header :func:`_prescaled_sizes` could not read (warned about once, until
+:func:`list_images` lists them again); the datasets leave them out."""
+
+
 def list_images(root: str | Path) -> list[Path]:
     """All images under ``root`` (recursive, suffix in ``IMAGE_SUFFIXES``, any case; hidden files
     and folders, such as macOS's ``._x.jpg`` and ``__MACOSX/``, skipped), sorted."""
@@ -63,7 +70,9 @@ def list_images(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     entries = list(root.rglob("*"))
     log_unfollowed_links(entries, root)
-    return sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
+    found = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
+    _UNREADABLE.difference_update(found)  # a new listing checks them again (a file may have been replaced)
+    return found
 
 
 def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
@@ -202,12 +211,25 @@ def _check_small(small: str) -> None:
 
 def _prescaled_sizes(files: Sequence[Path], prescale: Prescale) -> Iterator[tuple[Path, int, int, int]]:
     """(path, width, height after prescale, prescale factor) per file, from the headers only
-    (EXIF rotation does not change the short side)."""
+    (EXIF rotation does not change the short side). A file whose header cannot be read (an HTML
+    page saved as .jpg, an empty file) is left out with a warning and noted in ``_UNREADABLE``."""
     for p in files:
-        with _open(p) as im:
-            w, h = im.size
+        try:
+            with _open(p) as im:
+                w, h = im.size
+        except _DECODE_ERRORS as e:
+            if p not in _UNREADABLE:
+                _UNREADABLE.add(p)
+                log.warning("%s; training goes on without it", _unreadable(str(p), e))
+            continue
         f = _prescale_factor((w, h), prescale)
         yield p, w // f, h // f, f
+
+
+def readable(files: Sequence[Path]) -> list[Path]:
+    """``files`` less those whose header a scan (:func:`decoded_bytes`, :func:`check_small_images`)
+    found unreadable."""
+    return [p for p in files if p not in _UNREADABLE]
 
 
 def decoded_bytes(files: Sequence[Path], crop: int, prescale: Prescale = 1) -> int:
@@ -231,8 +253,9 @@ def check_small_images(files: Sequence[Path], crop: int, prescale: Prescale = 1)
     """How many of ``files`` (after ``prescale``) have a side below ``crop`` and will be
     reflect-padded: a warning names them; a ValueError if every one of them is (a crop larger
     than the photos trains on mirrored borders). Reads the file headers only."""
-    small = [(p, w, h) for p, w, h, _ in _prescaled_sizes(files, prescale) if min(w, h) < crop]
-    if small and len(small) == len(files):
+    sizes = list(_prescaled_sizes(files, prescale))
+    small = [(p, w, h) for p, w, h, _ in sizes if min(w, h) < crop]
+    if small and len(small) == len(sizes):
         biggest = max(small, key=lambda t: min(t[1], t[2]))
         raise ValueError(f"--crop {crop} is larger than every image ({len(files)}; the largest short side is "
                          f"{min(biggest[1], biggest[2])} px, {biggest[0].name} {biggest[1]}x{biggest[2]}): "
@@ -278,6 +301,7 @@ class ImageFolderDataset(Dataset):
             paths = _keep_large_enough(paths, crop, prescale)
         elif paths:
             check_small_images(paths, crop, prescale)
+            paths = readable(paths)
         if not paths:
             where = f"in {str(root)!r}" if root is not None else "among the files given"
             size = f" of at least {crop} px on the short side" if small == "skip" else ""

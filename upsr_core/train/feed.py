@@ -44,6 +44,7 @@ from .data import (
     list_images,
     load_image_array,
     read_packed,
+    readable,
     to_uint8,
 )
 from .degradations import RealESRGANDegradation, bicubic_degrade, degrade
@@ -153,6 +154,9 @@ class PhotoFeed:
             raise ValueError(f"no images in {str(root)!r} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: "
                              "convert it to PNG)")
         check_small_images(files, crop)
+        files = readable(files)
+        if not files:
+            raise ValueError(f"no readable images in {str(root)!r} (the warnings above name them)")
         self.crop, self.device, self.root = crop, device, Path(root)
         self.min_texture, self.tries = float(min_texture), tries if min_texture > 0 else 1
         _check_room(files, crop, device, self.min_texture > 0, root)
@@ -388,7 +392,8 @@ class PairPool:
     batch passes through unchanged and is stored; once full, each call shuffles the pool with
     ``generator``, returns its first ``b`` pairs and puts the new batch in their place.
     ``size`` must be a multiple of the batch. Its contents are part of the training checkpoint
-    (:meth:`state_dict`), so a resumed run continues exactly.
+    (:meth:`state_dict`), so a resumed run continues exactly; a run resumed with another batch
+    (another default size) keeps what fits of the stored pairs and fills on from there.
     """
 
     def __init__(self, size: int):
@@ -411,12 +416,10 @@ class PairPool:
             self.lr = lr.new_empty((self.size, *lr.shape[1:]))
             self.filled = 0
         if self.filled < self.size:
-            if self.filled % b:  # a checkpoint written while filling with another batch size
-                raise ValueError(f"the pair pool holds {self.filled} pairs, not a multiple of the batch {b}: "
-                                 "resume with the batch it was filled with, or --fresh")
-            self.hr[self.filled:self.filled + b] = hr
-            self.lr[self.filled:self.filled + b] = lr
-            self.filled += b
+            n = min(b, self.size - self.filled)  # < b: filled with another batch before a resume
+            self.hr[self.filled:self.filled + n] = hr[:n]
+            self.lr[self.filled:self.filled + n] = lr[:n]
+            self.filled += n
             return hr, lr
         idx = torch.randperm(self.size, generator=generator, device=generator.device).to(self.hr.device)
         self.hr, self.lr = self.hr[idx], self.lr[idx]
@@ -443,15 +446,14 @@ class PairPool:
                 "lr": _compact(self.lr[:self.filled])}
 
     def load_state_dict(self, sd: dict, device: torch.device) -> None:
-        if int(sd["size"]) != self.size:
-            raise ValueError(f"the checkpoint's pair pool holds {sd['size']} pairs, this run's {self.size} (its "
-                             "default follows --batch and --degradation): resume with the checkpoint's --batch, or "
-                             f"with --pool {sd['size']} if that is a multiple of this --batch (or --fresh)")
-        self.filled = int(sd["filled"])
+        self.filled = min(int(sd["filled"]), self.size)
+        if int(sd["size"]) != self.size:  # another --batch (the default size follows it) or --pool
+            log.info("pair pool: the checkpoint's held %s of %s pairs, this run's holds %d: %d kept, filling on",
+                     sd["filled"], sd["size"], self.size, self.filled)
         if self.filled == 0:
             self.hr = self.lr = None
             return
-        hr, lr = _expand(sd["hr"], device), _expand(sd["lr"], device)
+        hr, lr = _expand(sd["hr"], device)[:self.filled], _expand(sd["lr"], device)[:self.filled]
         self.hr = hr.new_empty((self.size, *hr.shape[1:]))
         self.lr = lr.new_empty((self.size, *lr.shape[1:]))
         self.hr[:self.filled], self.lr[:self.filled] = hr, lr

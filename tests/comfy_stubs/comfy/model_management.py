@@ -34,6 +34,7 @@ stub_loaded: list[list] = []
 stub_memory_required: list = []
 stub_empty_cache_calls = 0
 stub_others: list = []
+current_loaded_models: list = []  # ComfyUI's LoadedModel list (here only what a test puts in)
 stub_free_calls: list[tuple] = []
 
 
@@ -83,6 +84,10 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
 class LoadedModel:
     def __init__(self, model):
         self.model = model
+
+    @property
+    def device(self):
+        return self.model.load_device
 
     def __eq__(self, other):
         return self.model is other.model
