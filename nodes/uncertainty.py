@@ -103,9 +103,10 @@ class EstimateUncertainty(io.ComfyNode):
     def execute(cls, upsr_model, image, upscale_model=None) -> io.NodeOutput:
         check_role(image, "image", None)
         lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
-        model = upsr_model.load()
+        # another g needs none of the UPSR nets here: they are not loaded (which could evict other models)
+        model = upsr_model.load() if upscale_model is None else upsr_model.model
         progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
-        with external_estimator(upscale_model, model.device) as g:
+        with external_estimator(upscale_model, upsr_model.patcher.load_device) as g:
             # out of memory: unload other models, then halve ATD's blocks (or the upscale model's tile)
             def run(setting: int) -> tuple[torch.Tensor, torch.Tensor]:
                 if g is None:

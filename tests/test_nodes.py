@@ -731,8 +731,10 @@ class FakeUpscaleModel:
 def test_upscale_model_as_estimator(pack, handle, monkeypatch):
     g = FakeUpscaleModel()
     monkeypatch.setattr(pack.utils, "stub_tiled_calls", [])
+    monkeypatch.setattr(pack.mm, "stub_loaded", [])
     est = run(pack, "EstimateUncertainty", upsr_model=handle, image=lr_image(12, 16, b=2), upscale_model=g)
     assert est[1].abs().max() < 1e-5  # g = bicubic: no uncertainty
+    assert pack.mm.stub_loaded == []  # the UPSR nets are not needed (loading them could evict other models)
     assert g.moves[-1] == "cpu" and len(g.moves) == 2
     # one image at a time through ComfyUI's tiling, with core's Upscale-node settings (not the whole
     # batch in one call: a batch of video frames ran out of memory where core's node did not)
