@@ -6,6 +6,7 @@ from comfy_api.v0_0_2 import io
 from upsr_core.colorfix import DEFAULT_LEVELS, MAX_LEVELS, wavelet_color_fix
 
 from ._layout import check_role, image_out, lr_in
+from .sample import progress_bar
 
 
 class UPSRColorFix(io.ComfyNode):
@@ -40,4 +41,5 @@ class UPSRColorFix(io.ComfyNode):
         check_role(reference, "reference", "sr_estimate",
                    "the low-resolution image (or a picture of the result's size) whose colours to keep")
         x, ref = lr_in(image), lr_in(reference, "reference")  # a resize's overshoot clamped, [0, 255] refused
-        return io.NodeOutput(image_out(wavelet_color_fix(x, ref, levels=levels)))
+        # a progress bar that also checks Cancel after each strip (a large video batch took minutes)
+        return io.NodeOutput(image_out(wavelet_color_fix(x, ref, levels=levels, progress=progress_bar())))

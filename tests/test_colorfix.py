@@ -186,3 +186,21 @@ def test_errors_name_the_bad_value():
         bicubic_rows(lr[0], 5, 0)
     with pytest.raises(ValueError, match=r"lr must be a float \(…, C, h, w\) tensor, got shape \(4, 4\)"):
         bicubic_rows(lr[0, 0], 0, 4)
+
+
+def test_progress_is_called_after_each_strip_and_can_cancel():
+    from upsr_core.colorfix import strip_rows
+
+    x = torch.rand(1, 3, strip_rows(2) + 5, 12, generator=torch.Generator().manual_seed(0))
+    seen = []
+    want = wavelet_color_fix(x, x.flip(-1), levels=2)
+    assert torch.equal(wavelet_color_fix(x, x.flip(-1), levels=2, progress=lambda d, t: seen.append((d, t))), want)
+    assert seen == [(1, 2), (2, 2)]
+
+    def cancel(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wavelet_color_fix(x, x, levels=2, progress=cancel)
+    with pytest.raises(TypeError, match="progress must be a callable progress\\(done, total\\) or None, got str"):
+        wavelet_color_fix(x, x, progress="bar")

@@ -835,6 +835,22 @@ def interrupt(request, pack, monkeypatch):
     return cls
 
 
+def test_color_fix_reports_progress_per_strip_and_can_be_cancelled(pack, monkeypatch, interrupt):
+    """UPSR Color Fix had no progress bar and no Cancel check (a large video batch ran to its end)."""
+    from upsr_core.colorfix import strip_rows
+
+    seen = []
+    monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: seen.append((v, t)))
+    rows = 2 * strip_rows(3) + 8  # three strips
+    sr, ref = lr_image(rows, 16, b=2, seed=1), lr_image(rows, 16, b=2, seed=2)
+    run(pack, "UPSRColorFix", image=sr, reference=ref, levels=3)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    pack.mm.interrupt_current_processing(True)
+    with pytest.raises(interrupt):
+        run(pack, "UPSRColorFix", image=sr, reference=ref, levels=3)
+    assert not pack.mm.processing_interrupted()
+
+
 def test_estimate_uncertainty_reports_progress_and_can_be_cancelled(pack, handle, model, monkeypatch, interrupt):
     seen = []
     monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: seen.append((v, t)))

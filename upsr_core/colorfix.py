@@ -82,7 +82,8 @@ def _check(x: object, name: str, shape: str = "(B, 3, H, W)") -> torch.Tensor:
     return x
 
 
-def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: int = DEFAULT_LEVELS) -> torch.Tensor:
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: int = DEFAULT_LEVELS,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The result ``image`` with its low frequencies (colour, shading) taken from ``reference``.
 
     image: (B, 3, H, W) float in [0, 1], e.g. UPSR's ×4 result. reference: (B or 1, 3, H, W) in
@@ -92,8 +93,11 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: i
 
     Works in strips of :func:`strip_rows` rows with 2^levels − 1 rows of context each side, so
     the memory it needs beside the result is a few strips, not a few images (the same values as
-    one pass over the whole image, bit for bit).
+    one pass over the whole image, bit for bit). ``progress(done, total)``: after each strip (of
+    the whole batch); it may raise to cancel.
     """
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
     image, reference = _check(image, "image"), _check(reference, "reference")
     levels = _check_levels(levels)
     b, _, h, w = image.shape
@@ -108,12 +112,15 @@ def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, *, levels: i
     x, reference = image.float(), reference.float()
     out = torch.empty_like(x)
     reach, strip = halo(levels), strip_rows(levels)
-    for y0 in range(0, h, strip):  # rows [y0, y1) from the window [w0, w1) around them
+    starts = range(0, h, strip)
+    for k, y0 in enumerate(starts):  # rows [y0, y1) from the window [w0, w1) around them
         y1 = min(y0 + strip, h)
         w0, w1 = max(y0 - reach, 0), min(y1 + reach, h)
         win = x[:, :, w0:w1]
         ref = bicubic_rows(reference, w0, w1 - w0) if lr_reference else reference[:, :, w0:w1]
         out[:, :, y0:y1] = _fixed_rows(win, ref.to(x.device), levels, y0 - w0, y1 - w0)
+        if progress is not None:
+            progress(k + 1, len(starts))
     return out
 
 
