@@ -547,3 +547,16 @@ def test_train_denoiser_resume_notices_an_estimator_retrained_in_place_and_refus
                     out="d2")
     assert rc == 2 and "nope.safetensors" in one_error(capsys)
     assert "feed" not in caplog.text.lower()  # named before the data folder is set up
+
+
+def test_train_warns_when_the_warm_up_outlasts_the_run(tmp_path, caplog):
+    """A short fine-tune under a preset's 200 warm-up steps trained at a tiny fraction of --lr
+    without a word (2026-11-29 review)."""
+    with caplog.at_level(logging.WARNING):
+        assert _train(tmp_path, "--steps", "2", "--warmup", "20") == 0
+    assert ("--warmup 20 >= --steps 2: the learning rate never gets past 0.1 of --lr (give a smaller --warmup, "
+            "e.g. a tenth of --steps: 0)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train(tmp_path, "--steps", "4", "--warmup", "1", out="b") == 0
+    assert "--warmup" not in caplog.text

@@ -352,12 +352,18 @@ def training_amp(amp: str | None, device: torch.device, what: str) -> str:
 def _loop_config(args: argparse.Namespace, preset, di: DistInfo, out: Path) -> LoopConfig:
     stage_lr = preset.estimator_lr if args.stage == "estimator" else preset.lr
     amp = training_amp(args.amp, di.device, "train")
+    steps = preset.total_steps if args.steps is None else args.steps
+    warmup = preset.warmup if args.warmup is None else args.warmup
+    if steps and warmup >= steps:
+        # --init DEMO --steps 2 trained at 2.5e-6 and 5e-6 under the small preset's 200 warm-up steps
+        log.warning("--warmup %d >= --steps %d: the learning rate never gets past %.3g of --lr (give a smaller "
+                    "--warmup, e.g. a tenth of --steps: %d)", warmup, steps, steps / warmup, steps // 10)
     return LoopConfig(
         # "is None", not "or": an explicit 0 must reach the checks below, not turn into the preset's value
-        steps=preset.total_steps if args.steps is None else args.steps, max_minutes=args.max_minutes,
+        steps=steps, max_minutes=args.max_minutes,
         batch=preset.batch if args.batch is None else args.batch,
         accum=args.accum, lr=stage_lr if args.lr is None else args.lr,
-        warmup=preset.warmup if args.warmup is None else args.warmup,
+        warmup=warmup,
         schedule=args.schedule, weight_decay=preset.weight_decay,
         ema_decay=preset.ema_decay if args.ema_decay is None else args.ema_decay,
         grad_clip=preset.grad_clip if args.grad_clip is None else (None if args.grad_clip == "off" else args.grad_clip),
