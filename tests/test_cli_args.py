@@ -547,6 +547,10 @@ def test_train_denoiser_resume_notices_an_estimator_retrained_in_place_and_refus
                     out="d2")
     assert rc == 2 and "nope.safetensors" in one_error(capsys)
     assert "feed" not in caplog.text.lower()  # named before the data folder is set up
+    # a stage-2 output alone cannot upscale: the hint names the run's own estimator, not only atd_real.pth
+    rc = main(["upscale", str(_img(tmp_path / "in" / "a.png")), "-o", str(tmp_path / "a_x4.png"), "--model",
+               str(tmp_path / "den" / "denoiser.safetensors")])
+    assert rc == 2 and "the estimator.safetensors its stage 2 was trained with" in one_error(capsys)
 
 
 def test_train_warns_when_the_warm_up_outlasts_the_run(tmp_path, caplog):

@@ -727,6 +727,11 @@ def test_cli_trains_on_a_photo_folder_with_the_device_feed(tmp_path):
                  "--degradation", "bicubic", "--feed", "device", "--min-texture", "3"]) == 0
     rec = json.loads((out / "estimator_log.json").read_text())
     assert rec["feed"] == "PhotoFeed" and rec["min_texture"] == 3 and rec["summary"]["steps"] == 2
+    # packed crops ignore it (filtered when packed): the record said 3 all the same (2026-11-29 review)
+    assert main(["train", "estimator", "--data", str(packed_crops(tmp_path)), "--config", "tiny", "--out",
+                 str(tmp_path / "packed"), "--steps", "1", "--degradation", "bicubic", "--min-texture", "3"]) == 0
+    rec = json.loads((tmp_path / "packed" / "estimator_log.json").read_text())
+    assert rec["feed"] == "PackedFeed" and rec["min_texture"] == 0.0
 
 
 def test_export_with_the_estimator_of_a_two_net_file_records_its_estimator_training(tmp_path):

@@ -212,7 +212,9 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         raise FileNotFoundError(f"the bundled demo model is missing ({model_path}); pass --model")
     model = load_upsr(model_path, args.estimator, device=device, dtype=dtype_of(args.dtype, device))
     if model.estimator is None:
-        raise ValueError("no estimator: --model holds only the denoiser, so pass --estimator atd_real.pth")
+        raise ValueError("no estimator: --model holds only the denoiser, so pass --estimator (atd_real.pth for "
+                         "the official upsr.pth; for a denoiser.safetensors of `train`, the estimator.safetensors "
+                         "its stage 2 was trained with)")
     if args.fast:
         from .fast import enable_fast
 

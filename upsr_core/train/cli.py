@@ -526,7 +526,9 @@ def _train_into(args: argparse.Namespace, di: DistInfo, t_start: float, preset, 
     record = {
         "stage": args.stage, "config": preset.name, "params": n_params,
         "loop": cfg.__dict__ | {"betas": list(cfg.betas)}, "crop": crop, "data": str(args.data),
-        "feed": type(feed).__name__, "min_texture": args.min_texture, "degradation": args.degradation,
+        # packed crops ignore --min-texture (filtered when packed): the record says what ran
+        "feed": type(feed).__name__, "min_texture": 0.0 if type(feed).__name__ == "PackedFeed" else args.min_texture,
+        "degradation": args.degradation,
         "pool": pool_size, "jpeg": args.jpeg if args.degradation == "realesrgan" else None,
         "degrade_rng": args.degrade_rng,
         "kernels": args.kernels if args.degradation == "realesrgan" else None,
