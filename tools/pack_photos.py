@@ -37,9 +37,9 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from upsr_core.imageio import open_image  # noqa: E402
 from upsr_core.train.data import (  # noqa: E402
     IMAGE_SUFFIXES,
-    _open,
     _prescale_factor,
     load_image_array,
     photos_of_group,
@@ -64,7 +64,7 @@ def write_photos(photos: Path, group: str, out: Path, *, quality: int = 95, max_
     items = []
     for p in files:
         a, maxval = load_image_array(p, prescale)
-        with _open(p) as im:  # the user's own photos: no bomb bound, as training
+        with open_image(p) as im:  # the user's own photos: no bomb bound, as training
             orig = im.size
             factor = _prescale_factor(orig, prescale)
         img = Image.fromarray(to_uint8(a, maxval))

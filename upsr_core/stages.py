@@ -31,6 +31,7 @@ from .pipeline import (
     RESIZE_OVERSHOOT,
     SCALE,
     Estimate,
+    _overshoot,
     bicubic_x4,
     check_estimator_output,
     check_lr,
@@ -39,7 +40,7 @@ from .pipeline import (
     reflect_pad,
     run_estimator,
 )
-from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, _check_map_tensor, weight_noise
+from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_psi, weight_noise
 
 __all__ = [
     "make_visible",
@@ -230,7 +231,7 @@ def _check_map(name: str, x: torch.Tensor, lr: torch.Tensor, channels: tuple[int
         raise ValueError(f"{name} contains NaN or Inf values")
     if unit_range:
         lo, hi = (v.item() for v in torch.aminmax(x))
-        if not (-RESIZE_OVERSHOOT <= lo and hi <= 1 + RESIZE_OVERSHOOT):
+        if not _overshoot(lo, hi):
             raise ValueError(f"{name} must hold values in [0, 1] (± {RESIZE_OVERSHOOT}: g(y) overshoots a little), "
                              f"got [{lo:.4g}, {hi:.4g}] (divide 8-bit values by 255; map [-1, 1] with x * 0.5 + 0.5)")
 
@@ -295,11 +296,7 @@ def uncertainty_mask(psi: torch.Tensor) -> torch.Tensor:
     """ψ (B, 3, H, W), finite and >= 0 in [0,1] units -> an editable one-channel map (B, 1, H, W):
     the channel mean, clamped to [0, 1] (a mask's range; w is the same for every ψ >= ψ_max <= ½).
     Given back to :func:`weight_map`, its pixels left as they are stand for ψ per channel again."""
-    _check_map_tensor("uncertainty ψ", psi, "(B, 3, H, W)", (3,))
-    if psi.numel():
-        lo, hi = (v.item() for v in torch.aminmax(psi.detach()))
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0:
-            raise ValueError(f"uncertainty ψ must be finite and >= 0, got values in [{lo:.4g}, {hi:.4g}]")
+    check_psi(psi, (3,))
     return _channel_mean(psi.contiguous())
 
 

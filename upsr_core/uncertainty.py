@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-__all__ = ["estimate_uncertainty", "weight_noise", "DEFAULT_B_U", "DEFAULT_PSI_MAX", "PSI_MAX_LIMIT"]
+__all__ = ["estimate_uncertainty", "weight_noise", "check_psi", "DEFAULT_B_U", "DEFAULT_PSI_MAX", "PSI_MAX_LIMIT"]
 
 DEFAULT_B_U = 0.4
 DEFAULT_PSI_MAX = 0.05
@@ -62,6 +62,15 @@ def check_weight_params(b_u: float, psi_max: float) -> None:
                          f"got {psi_max}")
 
 
+def check_psi(psi: object, channels: tuple[int, ...] = (1, 3)) -> None:
+    """TypeError unless ``psi`` is a float tensor, ValueError unless it is (B, C, H, W) with C in
+    ``channels`` and its values are finite and >= 0 (an empty map passes): what ψ must be."""
+    _check_map_tensor("uncertainty ψ", psi, f"(B, {'|'.join(map(str, channels))}, H, W)", channels)
+    lo, hi = torch.aminmax(psi.detach()) if psi.numel() else (psi.new_zeros(()), psi.new_zeros(()))
+    if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0:  # NaN and ±Inf reach lo or hi
+        raise ValueError(f"uncertainty ψ must be finite and >= 0, got values in [{lo.item():.4g}, {hi.item():.4g}]")
+
+
 def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:
     """Noise weight w = b_u + (1 − b_u)·min(ψ/ψ_max, 1), shape of ψ, values in [b_u, 1].
 
@@ -70,10 +79,7 @@ def weight_noise(psi: torch.Tensor, b_u: float = DEFAULT_B_U, psi_max: float = D
     :data:`PSI_MAX_LIMIT` never reaches 1. Computed in float32 for half-precision ψ.
     """
     check_weight_params(b_u, psi_max)
-    _check_map_tensor("uncertainty ψ", psi, "(B, 1|3, H, W)", (1, 3))
-    lo, hi = torch.aminmax(psi.detach()) if psi.numel() else (psi.new_zeros(()), psi.new_zeros(()))
-    if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0:  # NaN and ±Inf reach lo or hi
-        raise ValueError(f"uncertainty ψ must be finite and >= 0, got values in [{lo.item():.4g}, {hi.item():.4g}]")
+    check_psi(psi)
     # half precision cannot hold a small 2ψ_max: computed in float32, returned in ψ's dtype
     p = psi if psi.dtype in (torch.float32, torch.float64) else psi.float()
     # |g − y| = 2ψ, clamped at 2ψ_max, scaled to [0, 1]: the official operation order.

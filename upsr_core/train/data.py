@@ -92,13 +92,6 @@ def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- pixels
-def _open(path: str | Path):
-    """:func:`~upsr_core.imageio.open_image` (a context manager): no decompression-bomb limit, as
-    training photos are the user's own and large ones exceed it (``upscale`` and ``eval`` keep a
-    bound); only the formats ``upscale`` reads (not EPS through Ghostscript named .jpg, say)."""
-    return open_image(path)
-
-
 def _prescale_factor(size: tuple[int, int], prescale: Prescale) -> int:
     """'auto': reduce by floor(short/1024) when that is >= 2 (as the eval pairs do)."""
     if prescale == "auto":
@@ -123,7 +116,7 @@ def load_image_array(path: str | Path, prescale: Prescale = 1) -> tuple[np.ndarr
 
 
 def _load_image_array(path: str | Path, prescale: Prescale) -> tuple[np.ndarray, int]:
-    with _open(path) as opened:
+    with open_image(path) as opened:
         if _colour_16bit(opened):
             log.warning("%s: 16-bit colour, which Pillow reads at 8 bits: trained on its high bytes", path)
         im = ImageOps.exif_transpose(opened)
@@ -215,7 +208,7 @@ def _prescaled_sizes(files: Sequence[Path], prescale: Prescale) -> Iterator[tupl
     page saved as .jpg, an empty file) is left out with a warning and noted in ``_UNREADABLE``."""
     for p in files:
         try:
-            with _open(p) as im:
+            with open_image(p) as im:
                 w, h = im.size
         except _DECODE_ERRORS as e:
             if p not in _UNREADABLE:
@@ -553,7 +546,7 @@ def pack_crops(
                          "and the JSON would not tell them apart; pack their folder instead (root)")
     for p, rel in zip(paths, rels):
         a, maxval = load_image_array(p, prescale)
-        with _open(p) as im:
+        with open_image(p) as im:
             factor = _prescale_factor(im.size, prescale)
         a = _pad_to(a, crop)
         rng = np.random.default_rng([seed, zlib.crc32(rel.encode())])
