@@ -1526,3 +1526,61 @@ def test_pack_crops_tells_files_of_one_name_in_two_folders_apart(tmp_path):
     with pytest.raises(ValueError, match=r"files \['IMG_1\.png'\] are given more than once by name"):
         pack_crops(None, tmp_path / "q.npy", crop=32, per_image=3, seed=0,
                    files=[tmp_path / "in" / d / "IMG_1.png" for d in ("day1", "day2")])
+
+
+# ------------------------------------------------------------------ 2026-11-29 (session 34)
+def test_a_training_start_reads_each_image_header_once(tmp_path, monkeypatch, caplog):
+    """Both feeds read every header twice at the start (the small-image check, then the memory
+    count): minutes on an ImageNet-size folder. One scan now serves both, and the dataset."""
+    from PIL import Image
+
+    import upsr_core.train.data as data
+    from upsr_core.train.feed import FolderFeed, PhotoFeed
+
+    for i in range(3):
+        Image.new("RGB", (40 + i, 36), (i, 2, 3)).save(tmp_path / f"{i}.png")
+    (tmp_path / "z.jpg").write_text("<html>not found</html>")
+    opened = []
+    real = data.open_image
+    monkeypatch.setattr(data, "open_image", lambda p: opened.append(os.path.basename(p)) or real(p))
+    with caplog.at_level(logging.WARNING):
+        f = FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
+    assert sorted(opened) == ["0.png", "1.png", "2.png", "z.jpg"]  # headers only: nothing decoded yet
+    assert [p.name for p in f.dataset.files] == ["0.png", "1.png", "2.png"]
+    assert caplog.text.count("z.jpg") == 1 and "goes on without it" in caplog.text
+    opened.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        p = PhotoFeed(tmp_path, 32, torch.device("cpu"))
+    # one header each, then one decode of each readable image
+    assert sorted(opened) == ["0.png", "0.png", "1.png", "1.png", "2.png", "2.png", "z.jpg"]
+    assert len(p) == 3 and caplog.text.count("z.jpg") == 1
+
+
+def test_a_folder_feed_with_no_images_says_so_before_anything_else(tmp_path, caplog):
+    """It logged "folder feed: images kept decoded (0.0 GiB …)" and only then "no images"."""
+    from upsr_core.train.feed import FolderFeed
+
+    (tmp_path / "z.jpg").write_text("<html>not found</html>")
+    with caplog.at_level(logging.INFO), pytest.raises(
+            ValueError, match=r"no images in .*unreadable files are named in the warnings above"):
+        FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
+    assert "folder feed" not in caplog.text and "z.jpg: not a readable image" in caplog.text
+
+
+def test_the_dataset_takes_a_header_scan_only_made_with_its_prescale(tmp_path):
+    from PIL import Image
+
+    from upsr_core.train.data import ImageFolderDataset, scan_headers
+
+    Image.new("RGB", (100, 60)).save(tmp_path / "a.png")
+    headers = scan_headers([tmp_path / "a.png"], prescale=2)
+    assert [(h.width, h.height, h.factor) for h in headers] == [(50, 30, 2)]
+    assert ImageFolderDataset(None, 24, headers=headers, prescale=2).files == [tmp_path / "a.png"]
+    with pytest.raises(ValueError, match=r"headers were scanned with prescale 2, the dataset's is 1"):
+        ImageFolderDataset(None, 24, headers=headers)
+    with pytest.raises(ValueError, match="give files or headers, not both"):
+        ImageFolderDataset(None, 24, headers=headers, files=[tmp_path / "a.png"], prescale=2)
+    # 'skip' keeps only what is large enough after the prescale, from the same scan
+    with pytest.raises(ValueError, match=r"no images of at least 32 px on the short side among the files given"):
+        ImageFolderDataset(None, 32, headers=headers, prescale=2, small="skip")

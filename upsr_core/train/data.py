@@ -25,6 +25,7 @@ import logging
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,8 +47,9 @@ from ..imageio import (
 )
 
 __all__ = [
-    "IMAGE_SUFFIXES", "ImageFolderDataset", "PackedCropsDataset", "SeededSampler", "augment_dihedral", "list_images",
-    "load_image_array", "pack_crops", "photos_of_group",
+    "IMAGE_SUFFIXES", "ImageFolderDataset", "ImageHeader", "PackedCropsDataset", "SeededSampler", "augment_dihedral",
+    "check_small_images", "decoded_bytes", "list_images", "load_image_array", "pack_crops", "photos_of_group",
+    "scan_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,6 @@ Small = Literal["pad", "skip"]
 
 
 # ----------------------------------------------------------------------------- files
-_UNREADABLE: set[Path] = set()
-"""Files whose header :func:`_prescaled_sizes` could not read (warned about once, until
-:func:`list_images` lists them again); the datasets leave them out."""
-
-
 def list_images(root: str | Path) -> list[Path]:
     """All images under ``root`` (recursive, suffix in ``IMAGE_SUFFIXES``, any case; hidden files
     and folders, such as macOS's ``._x.jpg`` and ``__MACOSX/``, skipped), sorted."""
@@ -70,9 +67,7 @@ def list_images(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     entries = list(root.rglob("*"))
     log_unfollowed_links(entries, root)
-    found = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
-    _UNREADABLE.difference_update(found)  # a new listing checks them again (a file may have been replaced)
-    return found
+    return sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root))
 
 
 def photos_of_group(photos_dir: str | Path, group: str) -> list[Path]:
@@ -202,71 +197,89 @@ def _check_small(small: str) -> None:
         raise ValueError(f"small must be 'pad' or 'skip', got {small!r}")
 
 
-def _prescaled_sizes(files: Sequence[Path], prescale: Prescale) -> Iterator[tuple[Path, int, int, int]]:
-    """(path, width, height after prescale, prescale factor) per file, from the headers only
-    (EXIF rotation does not change the short side). A file whose header cannot be read (an HTML
-    page saved as .jpg, an empty file) is left out with a warning and noted in ``_UNREADABLE``."""
-    for p in files:
+@dataclass(frozen=True)
+class ImageHeader:
+    """One image file's size from its header: ``width`` × ``height`` after the reduction by
+    ``factor`` that the setting ``prescale`` gives it (EXIF rotation does not change the short
+    side)."""
+
+    path: Path
+    width: int
+    height: int
+    factor: int
+    prescale: Prescale
+
+
+def scan_headers(files: Sequence[str | Path], prescale: Prescale = 1) -> list[ImageHeader]:
+    """Read the header of every file once (no pixels). A file whose header cannot be read (an HTML
+    page saved as .jpg, an empty file) is left out with one warning naming it: training goes on
+    without it. The checks below (:func:`decoded_bytes`, :func:`check_small_images`) and the
+    datasets take this list, so that a training start reads each header once."""
+    found = []
+    for p in map(Path, files):
         try:
             with open_image(p) as im:
                 w, h = im.size
         except _DECODE_ERRORS as e:
-            if p not in _UNREADABLE:
-                _UNREADABLE.add(p)
-                log.warning("%s; training goes on without it", _unreadable(str(p), e))
+            log.warning("%s; training goes on without it", _unreadable(str(p), e))
             continue
         f = _prescale_factor((w, h), prescale)
-        yield p, w // f, h // f, f
+        found.append(ImageHeader(p, w // f, h // f, f, prescale))
+    return found
 
 
-def readable(files: Sequence[Path]) -> list[Path]:
-    """``files`` less those whose header a scan (:func:`decoded_bytes`, :func:`check_small_images`)
-    found unreadable."""
-    return [p for p in files if p not in _UNREADABLE]
+def decoded_bytes(headers: Sequence[ImageHeader], crop: int) -> int:
+    """Bytes the images take decoded as 8-bit RGB, each reflect-padded to ``crop`` (16-bit
+    grayscale takes twice that), from their headers: what a cache of the folder holds."""
+    return sum(max(h.width, crop) * max(h.height, crop) * 3 for h in headers)
 
 
-def decoded_bytes(files: Sequence[Path], crop: int, prescale: Prescale = 1) -> int:
-    """Bytes the images of ``files`` take decoded as 8-bit RGB, each reflect-padded to ``crop``
-    (16-bit grayscale takes twice that), from the headers only: what a cache of the folder
-    holds."""
-    return sum(max(w, crop) * max(h, crop) * 3 for _, w, h, _ in _prescaled_sizes(files, prescale))
-
-
-def _keep_large_enough(files: Sequence[Path], crop: int, prescale: Prescale) -> list[Path]:
+def _keep_large_enough(headers: Sequence[ImageHeader], crop: int) -> list[ImageHeader]:
     kept = []
-    for p, w, h, f in _prescaled_sizes(files, prescale):
-        if min(w, h) >= crop:
-            kept.append(p)
+    for h in headers:
+        if min(h.width, h.height) >= crop:
+            kept.append(h)
         else:
-            log.info("skipping %s: %dx%d (after /%d) is smaller than crop %d", p, w, h, f, crop)
+            log.info("skipping %s: %dx%d (after /%d) is smaller than crop %d", h.path, h.width, h.height, h.factor,
+                     crop)
     return kept
 
 
-def check_small_images(files: Sequence[Path], crop: int, prescale: Prescale = 1) -> int:
-    """How many of ``files`` (after ``prescale``) have a side below ``crop`` and will be
-    reflect-padded: a warning names them; a ValueError if every one of them is (a crop larger
-    than the photos trains on mirrored borders). Reads the file headers only."""
-    sizes = list(_prescaled_sizes(files, prescale))
-    small = [(p, w, h) for p, w, h, _ in sizes if min(w, h) < crop]
-    if small and len(small) == len(sizes):
-        biggest = max(small, key=lambda t: min(t[1], t[2]))
-        raise ValueError(f"--crop {crop} is larger than every image ({len(files)}; the largest short side is "
-                         f"{min(biggest[1], biggest[2])} px, {biggest[0].name} {biggest[1]}x{biggest[2]}): "
-                         "give a smaller --crop")
+def check_small_images(headers: Sequence[ImageHeader], crop: int) -> int:
+    """How many of the images have a side below ``crop`` and will be reflect-padded: a warning
+    names them; a ValueError if every one of them is (a crop larger than the photos trains on
+    mirrored borders)."""
+    small = [h for h in headers if min(h.width, h.height) < crop]
+    if small and len(small) == len(headers):
+        biggest = max(small, key=lambda h: min(h.width, h.height))
+        raise ValueError(f"--crop {crop} is larger than every image ({len(headers)}; the largest short side is "
+                         f"{min(biggest.width, biggest.height)} px, {biggest.path.name} {biggest.width}x"
+                         f"{biggest.height}): give a smaller --crop")
     if small:
         log.warning("%d of %d images have a side below the crop %d and are reflect-padded to it: %s", len(small),
-                    len(files), crop, ", ".join(f"{p.name} {w}x{h}" for p, w, h in small[:5])
+                    len(headers), crop, ", ".join(f"{h.path.name} {h.width}x{h.height}" for h in small[:5])
                     + (" …" if len(small) > 5 else ""))
     return len(small)
+
+
+def no_images(root: str | Path | None, min_side: int | None = None) -> str:
+    """The message for a folder (or list, ``root`` None) with no usable image."""
+    where = f"in {str(root)!r}" if root is not None else "among the files given"
+    size = f" of at least {min_side} px on the short side" if min_side else ""
+    return (f"no images{size} {where} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: convert it to PNG; "
+            "unreadable files are named in the warnings above)")
 
 
 # ----------------------------------------------------------------------------- datasets
 class ImageFolderDataset(Dataset):
     """Random square crops of the images in a folder (or of an explicit file list).
 
-    ``root``: folder searched recursively (ignored when ``files`` is given). ``crop``: side in
-    pixels. ``small``: images with a side below ``crop`` are reflect-padded ('pad') or left out
-    ('skip', decided at construction from the file headers). ``augment``: random flips/rotations.
+    ``root``: folder searched recursively (ignored when ``files`` or ``headers`` is given);
+    ``headers``: a :func:`scan_headers` list made with the same ``prescale``, so that the
+    header of each file is read once. ``crop``: side in pixels. ``small``: images with a side
+    below ``crop`` are reflect-padded ('pad') or left out ('skip', decided at construction from
+    the file headers); a file whose header cannot be read is left out with a warning.
+    ``augment``: random flips/rotations.
     ``random_crop``: False takes the centre crop. ``prescale``: see ``load_image_array``.
     ``repeat``: the dataset lists every image ``repeat`` times (longer epochs).
     ``cache``: keep decoded images in memory (per worker process). An image that cannot be
@@ -283,23 +296,29 @@ class ImageFolderDataset(Dataset):
         self, root: str | Path | None, crop: int = 256, *, files: Sequence[str | Path] | None = None,
         small: Small = "pad", augment: bool = True, random_crop: bool = True, prescale: Prescale = 1,
         repeat: int = 1, cache: bool = False, min_texture: float = 0.0, tries: int = 10,
+        headers: Sequence[ImageHeader] | None = None,
     ) -> None:
         _check_crop(crop)
         _check_small(small)
         if repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {repeat}")
         check_texture_filter(min_texture, tries)
-        paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
+        if files is not None and headers is not None:
+            raise ValueError("give files or headers, not both")
+        if headers is not None:
+            other = sorted({repr(h.prescale) for h in headers} - {repr(prescale)})
+            if other:
+                raise ValueError(f"headers were scanned with prescale {', '.join(other)}, the dataset's is "
+                                 f"{prescale!r}: scan them with scan_headers(files, {prescale!r})")
+        else:
+            headers = scan_headers(files if files is not None else list_images(root or "."), prescale)
         if small == "skip":
-            paths = _keep_large_enough(paths, crop, prescale)
-        elif paths:
-            check_small_images(paths, crop, prescale)
-            paths = readable(paths)
-        if not paths:
-            where = f"in {str(root)!r}" if root is not None else "among the files given"
-            size = f" of at least {crop} px on the short side" if small == "skip" else ""
-            raise ValueError(f"no images{size} {where} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: "
-                             "convert it to PNG)")
+            headers = _keep_large_enough(headers, crop)
+        elif headers:
+            check_small_images(headers, crop)
+        if not headers:
+            raise ValueError(no_images(root, crop if small == "skip" else None))
+        paths = [h.path for h in headers]
         self.files, self.crop, self.augment, self.random_crop = paths, crop, augment, random_crop
         self.prescale, self.repeat = prescale, repeat
         self.min_texture, self.tries = float(min_texture), tries
@@ -531,8 +550,8 @@ def pack_crops(
     if per_image < 1:
         raise ValueError(f"per_image must be >= 1, got {per_image}")
     paths = [Path(p) for p in files] if files is not None else list_images(root or ".")
-    if small == "skip":
-        paths = _keep_large_enough(paths, crop, prescale)
+    if small == "skip":  # (with 'pad', an unreadable image is an error naming it, when it is read)
+        paths = [h.path for h in _keep_large_enough(scan_headers(paths, prescale), crop)]
     if not paths:
         raise ValueError(f"no usable images to pack (root={root!r}, crop={crop})")
     crops, items = [], []

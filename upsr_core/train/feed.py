@@ -36,6 +36,7 @@ from .data import (
     IMAGE_SUFFIXES,
     LUMA,
     ImageFolderDataset,
+    ImageHeader,
     SeededSampler,
     _pad_to,
     check_small_images,
@@ -43,8 +44,9 @@ from .data import (
     decoded_bytes,
     list_images,
     load_image_array,
+    no_images,
     read_packed,
-    readable,
+    scan_headers,
     to_uint8,
 )
 from .degradations import RealESRGANDegradation, bicubic_degrade, degrade
@@ -118,15 +120,16 @@ def _free_bytes(device: torch.device) -> int | None:
     return available_bytes() if device.type == "cpu" else None
 
 
-def _check_room(files: list[Path], crop: int, device: torch.device, texture: bool, root: str | Path) -> None:
+def _check_room(headers: list[ImageHeader], crop: int, device: torch.device, texture: bool,
+                root: str | Path) -> None:
     """Refuse, before any image is decoded, a folder whose images (uint8, padded to the crop) and,
     with the texture filter, two float64 summed-area tables per image (16 bytes per pixel) would
     not fit the memory free on ``device``."""
-    px = decoded_bytes(files, crop) // 3
+    px = decoded_bytes(headers, crop) // 3
     need = px * (3 + (16 if texture else 0))
     free = _free_bytes(device)
     if free is not None and need > 0.9 * free:
-        raise ValueError(f"--feed device: the {len(files)} images of {str(root)!r} ({px / 1e6:.0f} Mpx) need about "
+        raise ValueError(f"--feed device: the {len(headers)} images of {str(root)!r} ({px / 1e6:.0f} Mpx) need about "
                          f"{need / 2**30:.1f} GiB on {device}" + (" with the texture tables of --min-texture"
                                                                   if texture else "")
                          + f", and {free / 2**30:.1f} GiB is free: use --feed loader (CPU workers decode each batch)"
@@ -153,15 +156,15 @@ class PhotoFeed:
         if not files:
             raise ValueError(f"no images in {str(root)!r} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: "
                              "convert it to PNG)")
-        check_small_images(files, crop)
-        files = readable(files)
-        if not files:
+        headers = scan_headers(files)
+        if not headers:
             raise ValueError(f"no readable images in {str(root)!r} (the warnings above name them)")
+        check_small_images(headers, crop)
         self.crop, self.device, self.root = crop, device, Path(root)
         self.min_texture, self.tries = float(min_texture), tries if min_texture > 0 else 1
-        _check_room(files, crop, device, self.min_texture > 0, root)
+        _check_room(headers, crop, device, self.min_texture > 0, root)
         self.images: list[torch.Tensor] = []
-        for p in files:
+        for p in (h.path for h in headers):
             a = _pad_to(to_uint8(*load_image_array(p)), crop)
             self.images.append(torch.from_numpy(np.array(a)).to(device).permute(2, 0, 1).contiguous())  # uint8
         self.sizes = torch.tensor([im.shape[1:] for im in self.images], device=device)  # (N, 2): H, W
@@ -237,14 +240,15 @@ class FolderFeed:
 
     def __init__(self, root: str | Path, crop: int, device: torch.device, batch: int, *, workers: int = 4,
                  seed: int = 0, min_texture: float = 0.0):
-        files = list_images(root)
-        n = len(files)
-        held = decoded_bytes(files, crop) * max(workers, 1)  # every worker keeps its own copy
+        headers = scan_headers(list_images(root))  # each header read once: a large folder takes minutes
+        if not headers:
+            raise ValueError(no_images(root))
+        held = decoded_bytes(headers, crop) * max(workers, 1)  # every worker keeps its own copy
         cache = held <= self.CACHE_MAX_BYTES
         log.info("folder feed: %s decoded (%.1f GiB in all %s)", "images kept" if cache else "images read per crop",
                  held / 2**30, "for its workers" if cache else f"would exceed {self.CACHE_MAX_BYTES / 2**30:g} GiB")
-        self.dataset = ImageFolderDataset(root, crop, files=files, repeat=max(1, self.EPOCH_SAMPLES // max(n, 1)),
-                                          cache=cache, min_texture=min_texture)
+        self.dataset = ImageFolderDataset(root, crop, headers=headers, cache=cache, min_texture=min_texture,
+                                          repeat=max(1, self.EPOCH_SAMPLES // len(headers)))
         self.seed = seed
         # Order and per-crop seeds from the sampler (seeded per torchrun rank by make_feed): the
         # same batches with any number of workers. The loader's generator is there only so that the
