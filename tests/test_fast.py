@@ -282,7 +282,7 @@ def test_fast_reports_progress_after_every_step_off_cuda(fast32, shape, tile):
     lr = torch.rand(shape)
     fast32.upscale(lr, seed=0, tile=tile, overlap=16, progress=lambda d, t: seen.append((d, t)))
     hp, wp = padded_size(*shape[-2:], fast32.multiple_of)
-    n = 5 * shape[0] * len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of))
+    n = 5 * shape[0] * len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of)) + shape[0]  # + 1 estimator block each
     one_call = len(plan_tiles(hp, wp, tile, 16, fast32.multiple_of)) == 1  # a batch of small images: one call
     per = shape[0] if one_call else 1
     # (plus reports that do not advance: before the estimator runs, so a Cancel is seen first)
@@ -1134,3 +1134,29 @@ def test_cpu_compile_freezes_weights_and_recompiles_when_they_change(caplog):
     assert "compiling the nets again (their weights changed or moved, and the CPU compile froze them)" in caplog.text
     assert fast.compiled == ("denoiser", "estimator")  # compiled again, not dropped to eager
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("shape,tile,block", [((2, 3, 8, 8), 512, 512), ((1, 3, 20, 36), 16, 8)])
+def test_upscale_progress_counts_the_estimator_blocks_on_both_paths(shape, tile, block):
+    """The bar of UPSR Upscale sat at 0 while the estimator ran (its blocks were not in the total);
+    each block is now one unit, reported when it is done — on the fast path too, whole images (one
+    call for the batch) or tiled (the same reports in the same order)."""
+    from upsr_core.tiling import partition, plan_tiles
+
+    ref = tiny_upsr()
+    fast = enable_fast(UPSRModel(copy.deepcopy(ref.denoiser), copy.deepcopy(ref.estimator)))
+    lr = torch.rand(shape, generator=torch.Generator().manual_seed(2))
+    hp, wp = padded_size(*shape[-2:], ref.multiple_of)
+    blocks = len(partition(hp, wp, block))
+    n = shape[0] * (5 * len(plan_tiles(hp, wp, tile, 8, ref.multiple_of)) + blocks)
+    seen = {"ref": [], "fast": []}
+    for name, model in (("ref", ref), ("fast", fast)):
+        model.upscale(lr, seed=0, tile=tile, overlap=8, estimator_block=block,
+                      progress=lambda d, t, name=name: seen[name].append((d, t)))
+        assert seen[name][-1] == (n, n) and {t for _, t in seen[name]} == {n}
+        assert [d for d, _ in seen[name]] == sorted(d for d, _ in seen[name])
+    if tile == 512:  # a Cancel check, then the estimator's unit(s) before any denoiser step
+        assert seen["ref"][:3] == [(0, n), (1, n), (2, n)]  # image by image: its block, then its steps
+        assert seen["fast"][:3] == [(0, n), (2, n), (4, n)]  # one call: both estimates, then the steps
+    else:
+        assert blocks == 15 and seen["ref"] == seen["fast"]

@@ -504,9 +504,9 @@ def test_interrupt_stops_within_one_denoiser_step_and_the_model_stays_usable(mod
     ref = run()
     forward_calls = []
     hook = model.denoiser.register_forward_hook(lambda *_: forward_calls.append(1))
-    # mid-way through the sampling of a tile that is not the first (upscale reports once more, before
-    # its estimator block runs)
-    stop = Interrupter(at=7 + (entry == "upscale"))
+    # mid-way through the sampling of a tile that is not the first (upscale reports twice more: before
+    # its estimator block runs, and after it, counting it)
+    stop = Interrupter(at=7 + 2 * (entry == "upscale"))
     try:
         with pytest.raises(KeyboardInterrupt):
             run(stop)
@@ -514,7 +514,7 @@ def test_interrupt_stops_within_one_denoiser_step_and_the_model_stays_usable(mod
         hook.remove()
     assert len(forward_calls) == 7  # the step that reported, and not one more
     done, total = stop.calls[-1]
-    assert total == 5 * 4 and done < total  # 5 steps × 4 tiles; stopped before the end
+    assert total == 5 * 4 + (entry == "upscale") and done < total  # 5 steps × 4 tiles (+ 1 estimator block)
     assert torch.is_grad_enabled()  # the no_grad context was left on the way out
     assert not model.denoiser.training and not model.estimator.training
     assert torch.equal(run(), ref)  # the next run is the normal result, bit for bit

@@ -200,7 +200,8 @@ def test_progress_counts_every_tile_step(toy_model):
     toy_model.upscale(torch.rand(2, 3, 16, 40), tile=16, overlap=8, tile_batch=2,
                       progress=lambda done, total: seen.append((done, total)))
     n_tiles = len(plan_tiles(16, 48, 16, 8))
-    assert seen[-1] == (5 * n_tiles * 2, 5 * n_tiles * 2)
+    n = 5 * n_tiles * 2 + 2  # + the estimator: one block (of 512 LR px) per image
+    assert seen[-1] == (n, n)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 

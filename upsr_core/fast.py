@@ -510,9 +510,12 @@ class FastUPSRModel(UPSRModel):
         return (self._diffuse(bic, y_hat, w, noise),)
 
     def _upscale_core(self, lr: torch.Tensor, noise: torch.Tensor, b_u: float, psi_max: float,
-                      on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor]:
+                      on_step: Callable[[], None] | None = None,
+                      on_estimate: Callable[[], None] | None = None) -> tuple[torch.Tensor]:
         lr_pm = pad_lr(lr, self.multiple_of)
         bic, y_hat = self._estimate_core(lr_pm)
+        if on_estimate is not None:
+            on_estimate()
         x = self._diffuse(bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), noise, on_step)
         return (crop_hr(x, tuple(lr.shape[-2:])).clamp(-1, 1) * 0.5 + 0.5,)
 
@@ -521,21 +524,22 @@ class FastUPSRModel(UPSRModel):
 
     # ------------------------------------------------------------------ orchestration
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
-                   tile_batch: int, progress: Progress | None, sink=None) -> torch.Tensor | None:
+                   tile_batch: int, progress: Progress | None, sink=None,
+                   estimator_units: int = 0) -> torch.Tensor | None:
         """:meth:`UPSRModel._tile_loop` with the canvas on the device and :meth:`_diffuse`
         (graph-replayed for small tiles); the last tile group is padded with repeats so
         every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device, or
         on the CPU when the canvas exceeds ``CANVAS_DEVICE_MAX_BYTES``. With a row ``sink``
         (streamed output) the banded CPU canvas of the base class is used."""
         if sink is not None:
-            return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink)
+            return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink, estimator_units)
         check_tiling(tile, overlap, self.multiple_of)
         check_tile_batch(tile_batch)
         b, _, hp, wp = lr_pm.shape
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         steps = len(self._steps)
-        counter = StepCounter(progress, steps * len(tiles) * b)
+        counter = StepCounter(progress, steps * len(tiles) * b + estimator_units)
         dev = self.device
         host = _canvas_bytes(b, *size) > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
         cdev = torch.device("cpu") if host else dev
@@ -547,7 +551,7 @@ class FastUPSRModel(UPSRModel):
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(list(range(len(tiles))), nb):
                 full = [tiles[j] for j in group + [group[-1]] * (nb - len(group))]
-                sub, w_sub, n_sub = inputs(i, full, counter.check)
+                sub, w_sub, n_sub = inputs(i, full, counter)
                 args = (sub.bicubic_pm.to(dev), sub.sr_estimate_pm.to(dev),
                         w_sub.to(dev, torch.float32).expand_as(sub.bicubic_pm).contiguous(),
                         n_sub.to(dev, torch.float32))
@@ -645,7 +649,7 @@ class FastUPSRModel(UPSRModel):
         dev = self.device
         per = self._images_per_call(b, hp, wp, tile, tile_batch)
         steps = len(self._steps)
-        counter = StepCounter(progress, steps * b)
+        counter = StepCounter(progress, (steps + 1) * b)  # the estimator: one unit per image, as upscale counts
         # the device holds one call's images; a batch's results as the tiled canvas would be: on
         # the device up to CANVAS_DEVICE_MAX_BYTES, else gathered on the CPU (e.g. many video frames)
         out = None
@@ -663,6 +667,7 @@ class FastUPSRModel(UPSRModel):
             if self.graphs.failed(key):  # e.g. the estimator would not capture: graph the 5 steps only
                 lr_pm = pad_lr(x, m)
                 bic, y_hat = self._estimate_core(lr_pm)
+                counter(k)
                 args = (bic, y_hat, noise_weight(y_hat, bic, b_u, psi_max), n)
                 (sr,) = self.graphs.run(self._key("den", *n.shape), self._diffuse_core, *args)
                 sr = crop_hr(sr, (h, w)).clamp(-1, 1) * 0.5 + 0.5
@@ -670,9 +675,10 @@ class FastUPSRModel(UPSRModel):
             elif self.graphs.replays(key, dev):
                 core = lambda x, n: self._upscale_core(x, n, b_u, psi_max)  # noqa: E731 (constants are in the key)
                 (sr,) = self.graphs.run(key, core, x, n)
+                counter(k)  # its estimator
                 graphed = True
             else:  # eager (CPU, graphs off): progress after every step
-                (sr,) = self._upscale_core(x, n, b_u, psi_max, partial(counter, k))
+                (sr,) = self._upscale_core(x, n, b_u, psi_max, partial(counter, k), partial(counter, k))
                 graphed = False
             if graphed:  # a graph cannot call back: the steps are reported after it
                 for _ in range(steps):

@@ -65,13 +65,14 @@ def check_block(block: object, name: str) -> None:
 
 
 Progress = Callable[[int, int], None]
-"""progress(done, total): called after each denoiser step over all tiles (in ``estimate``: after
-each estimator block of each image); may raise to cancel."""
+"""progress(done, total): called after each denoiser step over all tiles and, in ``upscale``, after
+each estimator block of each image, one unit each (in ``estimate``: after each estimator block
+of each image); may raise to cancel."""
 
 
 class StepCounter:
-    """Counts finished denoiser steps × images (or tiles) and reports ``progress(done, total)``
-    after each: ``counter(n)`` adds n. The reference and fast tile loops share it."""
+    """Counts finished denoiser steps × images (or tiles), and estimator blocks, and reports
+    ``progress(done, total)`` after each: ``counter(n)`` adds n. The reference and fast tile loops share it."""
 
     def __init__(self, progress: Progress | None, total: int):
         self.progress, self.total, self.done = progress, total, 0
@@ -290,17 +291,20 @@ class UPSRModel:
         if noise is None:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
-        sr = self._tile_loop(est.lr_pm, est.size, lambda i, group, _check: _gather(est, weight, noise, i, group),
+        sr = self._tile_loop(est.lr_pm, est.size, lambda i, group, _counter: _gather(est, weight, noise, i, group),
                              tile, overlap, tile_batch, progress)
         return self._checked(sr)
 
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
-                   tile_batch: int, progress: Progress | None, sink: RowSink | None = None) -> torch.Tensor | None:
+                   tile_batch: int, progress: Progress | None, sink: RowSink | None = None,
+                   estimator_units: int = 0) -> torch.Tensor | None:
         """Denoise every tile of every image; blend into a (B,3,4h,4w) canvas -> sr in [0,1].
 
-        ``inputs(i, tiles, check)`` returns the (Estimate, weight, noise) batch of image i under
-        ``tiles``, calling ``check()`` (:meth:`StepCounter.check`) before each estimator block it runs.
-        With ``sink``, no full canvas is kept: see :meth:`upscale`; returns None then.
+        ``inputs(i, tiles, counter)`` returns the (Estimate, weight, noise) batch of image i under
+        ``tiles``; around each estimator block it runs it calls ``counter.check()`` before (a
+        Cancel is seen first) and ``counter(1)`` after: ``estimator_units`` such blocks in all are
+        counted in the progress total. With ``sink``, no full canvas is kept: see
+        :meth:`upscale`; returns None then.
         """
         check_tiling(tile, overlap, self.multiple_of)
         check_tile_batch(tile_batch)
@@ -308,7 +312,7 @@ class UPSRModel:
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         schedule = make_schedule()
-        total = schedule.num_steps * len(tiles) * b
+        total = schedule.num_steps * len(tiles) * b + estimator_units
         if sink is not None:
             self._tile_loop_banded(tiles, b, h4, w4, inputs, tile_batch, schedule, total, progress, sink)
             return None
@@ -330,7 +334,7 @@ class UPSRModel:
     def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: StepCounter) -> torch.Tensor:
         """Denoise image i under ``group`` (one batch) -> padded [-1,1] samples on the CPU;
         ``counter`` gets len(group) after every denoiser step."""
-        sub, w_sub, n_sub = inputs(i, group, counter.check)
+        sub, w_sub, n_sub = inputs(i, group, counter)
         dev = self.device
         return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev), schedule=schedule,
                                 callback=lambda _k, _x, _x0: counter(len(group)), crop=False,
@@ -434,7 +438,7 @@ class UPSRModel:
         blocks = partition(hp, wp, estimator_block)
         cache: dict[tuple[int, Tile], torch.Tensor] = {}
 
-        def inputs(i: int, group: list[Tile], check: Callable[[], None]):
+        def inputs(i: int, group: list[Tile], counter: StepCounter):
             for key in [k for k in cache if k[0] != i or k[1].y + k[1].h <= group[0].y]:
                 del cache[key]  # blocks above the current tile row are done with
             subs = []
@@ -444,9 +448,10 @@ class UPSRModel:
                 y_hat = torch.empty_like(bic)
                 for blk in blocks:
                     if blk.y < t.y + t.h and t.y < blk.y + blk.h and blk.x < t.x + t.w and t.x < blk.x + blk.w:
-                        if (i, blk) not in cache:
-                            check()  # a Cancel is seen before the block runs (up to 512² LR px)
+                        if (i, blk) not in cache:  # each block once per image (dropped when done with)
+                            counter.check()  # a Cancel is seen before the block runs (up to 512² LR px)
                             cache[(i, blk)] = self._estimator_block(lr_pm[i : i + 1], blk, ESTIMATOR_MARGIN)
+                            counter(1)
                         _paste(y_hat, cache[(i, blk)], blk, t)
                 subs.append(Estimate(lr_t, bic, y_hat, (t.h, t.w)))
             fields = ("lr_pm", "bicubic_pm", "sr_estimate_pm")
@@ -455,11 +460,12 @@ class UPSRModel:
             n = torch.stack([noise[i, :, t.y : t.y + t.h, t.x : t.x + t.w] for t in group])
             return sub, w, n
 
+        units = len(blocks) * b  # the estimator's share of the progress total
         if sink is None:
             return self._checked(self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch,
-                                                 progress))
+                                                 progress, estimator_units=units))
         self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress,
-                        lambda i, y0, rows: sink(i, y0, self._checked(rows)))
+                        lambda i, y0, rows: sink(i, y0, self._checked(rows)), estimator_units=units)
         return None
 
 
