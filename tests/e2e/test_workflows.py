@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upsr_core.tiling import plan_tiles
+from upsr_core.model import ESTIMATOR_BLOCK
+from upsr_core.tiling import partition, plan_tiles
 
 REPO = comfy_server.REPO
 EXAMPLES = REPO / "example_workflows"
@@ -69,9 +70,11 @@ def progress_of(msgs: list[dict], node_id: str) -> list[tuple[int, int]]:
 
 
 def expected_progress_max(prompt: dict, node_id: str, lr_hw: tuple[int, int], multiple: int = 64) -> int:
+    """Denoiser steps × tiles; UPSR Upscale counts its estimator blocks too (one image)."""
     inp = prompt[node_id]["inputs"]
     hp, wp = (-(-s // multiple) * multiple for s in lr_hw)
-    return STEPS * len(plan_tiles(hp, wp, inp["tile"], inp["overlap"]))
+    blocks = len(partition(hp, wp, ESTIMATOR_BLOCK)) if prompt[node_id]["class_type"] == "UPSRUpscale" else 0
+    return STEPS * len(plan_tiles(hp, wp, inp["tile"], inp["overlap"])) + blocks
 
 
 def lr_size(prompt: dict, server) -> tuple[int, int]:
