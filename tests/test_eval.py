@@ -1021,6 +1021,11 @@ def test_the_contact_sheet_shows_pixels_as_scored_and_labels_the_sample_shown(tm
     assert torch.equal(up_tile, up[0, :, 72:224, 32:224])  # centre 192 × 192: rows 32 + 40 …
     assert torch.equal(lr_tile, lr[0, :, 18:56, 8:56].repeat_interleave(4, 1).repeat_interleave(4, 2))
     assert labels == [{"psnr": 21.0}]
+    # the row's name on the LR tile (a dark box at its top left: rows had no name before)
+    box = sheet[:, head + 6:head + 17, 1:13]
+    assert (box == 0).all(0).float().mean() > 0.5 and (box > 0.5).all(0).any()  # black box, a light letter
+    assert ev._row_name("a" * 40 + "/tail_001", 192) == "..." + ("a" * 40 + "/tail_001")[-26:]
+    assert ev._row_name("café", 192) == "caf?"
 
 
 def test_image_size_agrees_with_read_image_on_png_orientations(tmp_path, monkeypatch):
@@ -1067,3 +1072,103 @@ def test_image_size_refuses_what_read_image_refuses_from_the_header(tmp_path):
     for f in (image_size, read_image):
         with pytest.raises(ValueError, match=r"two\.gif: has 2 frames"):
             f(tmp_path / "two.gif")
+
+
+# ------------------------------------------------------------------ 2026-11-29 (session 34): eval review
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def _fake_pyiqa(monkeypatch, value: float = 123.0):
+    import sys
+    import types
+
+    class FakeMetric:
+        device, lower_better, metric_mode = "cpu", False, "FR"
+
+        def __call__(self, sr, hr=None):
+            return torch.tensor(value)
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=lambda n, device: FakeMetric()))
+
+
+def test_a_pyiqa_metric_named_as_a_built_in_column_gets_a_column_of_its_own(tiny_pairs, tmp_path, monkeypatch):
+    """--pyiqa ssim wrote pyiqa's SSIM into eval's own 'ssim' column (BasicSR's), without a word."""
+    _fake_pyiqa(monkeypatch)
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    root, model = tiny_pairs
+    out = tmp_path / "o"
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--device", "cpu", "--out", str(out),
+                 "--sheet", "0", "--method", "bicubic", "--pyiqa", "ssim,psnr,lpips"]) == 0
+    mean = json.loads((out / "results.json").read_text())["mean"]["bicubic"]
+    assert mean["pyiqa_ssim"] == mean["pyiqa_psnr"] == mean["lpips"] == 123.0
+    assert 0 < mean["ssim"] < 1 and mean["psnr"] < 50  # eval's own, as before
+
+
+def test_a_pyiqa_that_fails_to_import_is_not_called_missing(tiny_pairs, tmp_path, monkeypatch, capsys):
+    import builtins
+    import sys
+
+    real = builtins.__import__
+
+    def broken(name, *a, **k):
+        if name == "pyiqa":
+            raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+        return real(name, *a, **k)
+
+    monkeypatch.delitem(sys.modules, "pyiqa", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    root, _ = tiny_pairs
+    argv = ["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--device", "cpu", "--out",
+            str(tmp_path / "o"), "--method", "bicubic", "--pyiqa", "lpips"]
+    assert main(argv) == 2
+    line = one_error(capsys)
+    assert "pyiqa package is installed but does not import" in line and "No module named 'torchvision'" in line
+
+
+def test_manifest_ids_must_be_strings_and_an_empty_selection_says_what_the_folders_hold(tmp_path):
+    """An int id never matched its image 5.png, and the error then said both folders held
+    "no images" (it described them after the id filter)."""
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"id": 5, "group": "A"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: 'id' must be a string .*got int 5"):
+        manifest_entries(man, "A")
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    _touch_png(hr / "5.png", 32), _touch_png(lr / "5.png", 8)
+    with pytest.raises(ValueError, match=r"\(0 of its 1 image\(s\) selected, none of the selected ids, e\.g\. '5'\) "
+                                         r"and .* among the 1 selected ids"):
+        pair_files(hr, lr, {"6": None})
+
+
+def test_eval_refuses_flags_its_methods_cannot_use_and_records_no_model_it_did_not_load(tiny_pairs, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """--b-u/--psi-max without upsr and --seeds without a noisy method ran, and were recorded as
+    used; results named the default model though none was loaded."""
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    root, _ = tiny_pairs
+    base = ["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--device", "cpu", "--sheet", "0"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--method", "bicubic,upsr_cf", "--b-u", "0.2,0.3"]) == 2
+    assert "--b-u set the upsr method's weighting, and --method 'bicubic,upsr_cf' has no upsr" in one_error(capsys)
+    assert main([*base, "--out", str(tmp_path / "a"), "--method", "bicubic,estimator", "--seeds", "3"]) == 2
+    assert "--seeds 3: none of --method 'bicubic,estimator' draws noise" in one_error(capsys)
+    assert main([*base, "--out", str(tmp_path / "a"), "--method", " , "]) == 2
+    assert "--method: empty (' , ')" in one_error(capsys)
+    assert main([*base, "--out", str(tmp_path / "b"), "--method", "bicubic", "--limit", "1"]) == 0
+    info = json.loads((tmp_path / "b" / "results.json").read_text())["info"]
+    assert info["model"] is None and info["b_u_psi_max"] is None and info["limit"] == 1 and info["manifest"] is None
+    assert "model" not in (tmp_path / "b" / "results.md").read_text().splitlines()[0]
+
+
+def test_sweep_values_that_would_share_a_row_name_are_refused():
+    """0.2 and 0.2000001 both became the row 'upsr b_u=0.2 psi_max=0.05' (one of them dropped), and
+    0.0500000001 passed for the official ψ_max."""
+    from upsr_core.evaluate import parse_grid
+
+    with pytest.raises(ValueError, match=r"\(0\.2, 0\.05\) and \(0\.2000001, 0\.05\) would both be named "
+                                         r"'b_u=0\.2 psi_max=0\.05'"):
+        parse_grid("0.2,0.2000001", "0.05")
+    with pytest.raises(ValueError, match=r"\(0\.4, 0\.05\) and \(0\.4, 0\.0500000001\) would both be named"):
+        parse_grid("0.4", "0.0500000001")
+    assert parse_grid("0.4,0.2", "0.05") == [(0.4, 0.05), (0.2, 0.05)]

@@ -105,8 +105,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="score the UPSR methods over this many samples (seeds --seed, --seed + 1, …) and report "
                         "each image's mean over them (bicubic and g(y) have no noise: run once); the sheet and the "
                         "saved images show the first; results.json keeps every sample's scores (per_seed)")
-    p.add_argument("--b-u", default=str(DEFAULT_B_U), help="noise floor(s) of the upsr method, comma list (a sweep)")
-    p.add_argument("--psi-max", default=str(DEFAULT_PSI_MAX), help="ψ_max value(s) of the upsr method, comma list")
+    p.add_argument("--b-u", default=None,
+                   help=f"noise floor(s) of the upsr method, comma list (a sweep; default {DEFAULT_B_U})")
+    p.add_argument("--psi-max", default=None,
+                   help=f"ψ_max value(s) of the upsr method, comma list (default {DEFAULT_PSI_MAX})")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="denoiser precision (fp32 = the faithful reference path, the default; auto = fp16 on "
@@ -120,7 +122,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="niqe_pris_params.npz (default: $UPSR_NIQE_PARAMS, else the iqa-torch package's; "
                         "a file named either way must exist), or 'off' (also as $UPSR_NIQE_PARAMS) to skip NIQE "
                         "(it runs on the CPU, ~1 s per image and method)")
-    p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa")
+    p.add_argument("--pyiqa", default="", help="comma list of pyiqa metrics, e.g. lpips,clipiqa,musiq,maniqa "
+                                               "(pyiqa's psnr, ssim or niqe: columns pyiqa_psnr, …, beside eval's own)")
     p.add_argument("--sheet", type=int_min(0), default=6, help="images on the contact sheet (0: none)")
     p.add_argument("--save-images", action="store_true",
                    help="also write every method's output, the 8-bit PNG scored, to OUT/images/<method>/<image>.png "
@@ -171,8 +174,13 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | No
     for names in ambiguous:
         log.warning("not paired, as each of these names matches more than one image: %s", ", ".join(names))
     if not pairs:
+        if ids is not None:  # what each folder holds in all, beside what the ids kept
+            held = [_holds(kept, _image_files(d, exclude=skip + ([] if same else [other])))
+                    for kept, d, other in ((hrs, hr_dir, lr_dir), (lrs, lr_dir, hr_dir))]
+        else:
+            held = [_holds(hrs), _holds(lrs)]
         raise ValueError(
-            f"no HR/LR pairs in {str(hr_dir)!r} ({_holds(hrs)}) and {str(lr_dir)!r} ({_holds(lrs)})"
+            f"no HR/LR pairs in {str(hr_dir)!r} ({held[0]}) and {str(lr_dir)!r} ({held[1]})"
             + (f" among the {len(ids)} selected ids" if ids is not None else "")
             + (f", {len(ambiguous)} name(s) ambiguous (see above)" if ambiguous else "")
             + ": images pair by their path below each folder without the suffix, or without a scale tag "
@@ -254,7 +262,13 @@ def _match_tagged(hr_keys: list[str], lr_keys: list[str]) -> tuple[dict[str, str
     return matched, sorted(ambiguous)
 
 
-def _holds(files: dict[str, Path]) -> str:
+def _holds(files: dict[str, Path], every: dict[str, Path] | None = None) -> str:
+    """What a folder holds: ``files``, or, where ids selected them, ``files`` of ``every`` image."""
+    if every is not None:
+        if not every:
+            return "no images"
+        some = f", e.g. {next(iter(files))!r}" if files else f", none of the selected ids, e.g. {next(iter(every))!r}"
+        return f"{len(files)} of its {len(every)} image(s) selected{some}"
     if not files:
         return "no images"
     return f"{len(files)} image(s), e.g. {next(iter(files))!r}"
@@ -372,6 +386,9 @@ def _read_manifest(path: str | Path, group: str, label: str, need_size: bool) ->
                 try:
                     d = json.loads(line)
                     if d["group"] == group:
+                        if not isinstance(d["id"], str):  # an int 5 would never match the image 5.png
+                            raise ValueError(f"{label} {str(path)!r} line {n}: 'id' must be a string (the image's "
+                                             f"name without its suffix), got {type(d['id']).__name__} {d['id']!r}")
                         ids[d["id"]] = d["hr_size"] if need_size else d.get("hr_size")
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                     want = "'id', 'group' and 'hr_size'" if need_size else "'id' and 'group'"
@@ -385,15 +402,20 @@ def _pyiqa_metrics(names: list[str], device: torch.device) -> dict:
         return {}
     try:
         import pyiqa  # type: ignore[import-not-found]
-    except ImportError:
+    except ImportError as e:
+        if e.name != "pyiqa":  # installed, but something it imports is missing or broken
+            raise ValueError(f"--pyiqa {','.join(names)}: the pyiqa package is installed but does not import "
+                             f"({type(e).__name__}: {e}); install what it names") from None
         raise ValueError(f"--pyiqa {','.join(names)} needs the pyiqa package (pip install pyiqa; it downloads "
                          "each metric's weights on first use)") from None
     out = {}
     for n in names:
         try:
-            out[n] = pyiqa.create_metric(n, device=device)
+            metric = pyiqa.create_metric(n, device=device)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"--pyiqa metric {n!r} unavailable: {e}") from None
+        # pyiqa's psnr/ssim/niqe differ from eval's own (BasicSR's; iqa-torch's NIQE): a column of its own
+        out[f"pyiqa_{n}" if n in BUILTIN_COLUMNS else n] = metric
     return out
 
 
@@ -401,7 +423,7 @@ def upsr_label(b_u: float, psi_max: float) -> str:
     """The row name of UPSR with (b_u, ψ_max): ``upsr`` for the official pair."""
     if (b_u, psi_max) == (DEFAULT_B_U, DEFAULT_PSI_MAX):
         return "upsr"
-    return f"upsr b_u={b_u:g} psi_max={psi_max:g}"
+    return f"upsr {_grid_name(b_u, psi_max)}"
 
 
 def method_folder(label: str) -> str:
@@ -432,10 +454,24 @@ def parse_grid(b_u: str, psi_max: str) -> list[tuple[float, float]]:
                              f"{PSI_MAX_LIMIT}), got {m}")
     if len(set(grid)) != len(grid):
         raise ValueError(f"--b-u {b_u!r} / --psi-max {psi_max!r} repeat a value")
+    # each pair is a row named by its values at 6 significant digits: two pairs of one name would be
+    # one row (one dropped), and a pair named as the official one but not it would pass for it
+    named: dict[str, tuple[float, float]] = {_grid_name(DEFAULT_B_U, DEFAULT_PSI_MAX): (DEFAULT_B_U, DEFAULT_PSI_MAX)}
+    for g in grid:
+        other = named.setdefault(_grid_name(*g), g)
+        if other != g:
+            raise ValueError(f"--b-u / --psi-max: the pairs {other} and {g} would both be named "
+                             f"'{_grid_name(*g)}'; give values that differ in their first 6 significant digits")
     return grid
 
 
+def _grid_name(b_u: float, psi_max: float) -> str:
+    return f"b_u={b_u:g} psi_max={psi_max:g}"
+
+
 NOISY_METHODS = ("upsr_w1", "upsr", "upsr_cf")
+BUILTIN_COLUMNS = ("psnr", "psnr_y", "ssim", "ssim_y", "niqe")
+"""eval's own metric columns; a ``--pyiqa`` metric of one of these names gets the column ``pyiqa_<name>``."""
 """The methods whose result depends on the seed (``--seeds`` samples them)."""
 
 
@@ -805,13 +841,21 @@ def _sheet_tile(x: torch.Tensor, view: tuple[int, int, int, int, int], scale: in
     return out
 
 
+def _row_name(name: str, tile: int) -> str:
+    """An image's name for its row of the sheet: ASCII (PIL's default font), the end of it where it
+    is longer than the tile holds (~6 px a character)."""
+    text = name.encode("ascii", "replace").decode()
+    room = max(4, (tile - 14) // 6)
+    return text if len(text) <= room else "..." + text[-(room - 3):]
+
+
 def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -> None:
     """PNG grid: a row per image, columns LR (nearest ×4), methods, HR (when there is one). Every
     tile of a row shows the same centre region pixel for pixel (:func:`sheet_view`: a crop of a
     large image, an integer nearest-neighbour zoom of a small one; no resampling, which would blur
     the texture the methods differ in); each method's tile carries its RGB PSNR (NIQE in a
     no-reference run) on a dark box (readable on light and dark images) — of the sample shown
-    (the first seed) where ``--seeds`` scored more."""
+    (the first seed) where ``--seeds`` scored more — and the LR tile the image's name."""
     rows = [r for r in rows if "images" in r]
     if not rows:
         return
@@ -827,9 +871,11 @@ def contact_sheet(rows: list, methods: list[str], path: Path, tile: int = 192) -
         for j, c in enumerate(cols):
             im = _sheet_tile(r["images"][c][0], view, 4 if c == "lr" else 1, tile)
             sheet.paste(im, (j * tile, head + i * tile))
-            if c in r["metrics"]:
+            # the LR tile carries the image's name (its end, where names differ), the others their score
+            label = (_row_name(r.get("image", ""), tile) if c == "lr"
+                     else _label(shown.get(c, r["metrics"][c])) if c in r["metrics"] else "")
+            if label:
                 xy = (j * tile + 4, head + i * tile + 4)
-                label = _label(shown.get(c, r["metrics"][c]))
                 left, top, right, bottom = draw.textbbox(xy, label)
                 draw.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=(0, 0, 0))
                 draw.text(xy, label, fill=(255, 255, 255))
@@ -845,10 +891,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
-        raise ValueError(f"--method: unknown {bad or methods}; choose from {', '.join(ALL_METHODS)}")
+        raise ValueError(f"--method: {f'unknown {bad}' if bad else f'empty ({args.method!r})'}; choose from "
+                         f"{', '.join(ALL_METHODS)}")
     if (args.manifest is None) != (args.group is None):
         raise ValueError("--manifest and --group go together")
-    grid = parse_grid(args.b_u, args.psi_max)
+    grid = parse_grid(str(DEFAULT_B_U) if args.b_u is None else args.b_u,
+                      str(DEFAULT_PSI_MAX) if args.psi_max is None else args.psi_max)
+    given = [f for f, v in (("--b-u", args.b_u), ("--psi-max", args.psi_max)) if v is not None]
+    if given and "upsr" not in methods:  # (upsr_cf keeps the official pair whatever the sweep)
+        raise ValueError(f"{' and '.join(given)} set the upsr method's weighting, and --method {args.method!r} "
+                         "has no upsr")
+    if args.seeds > 1 and not any(m in NOISY_METHODS for m in methods):
+        raise ValueError(f"--seeds {args.seeds}: none of --method {args.method!r} draws noise (only "
+                         f"{', '.join(NOISY_METHODS)} do); bicubic and g(y) run once")
     if args.seed + args.seeds - 1 > 2**63 - 1:
         raise ValueError(f"--seed {args.seed} with --seeds {args.seeds}: the last seed, {args.seed + args.seeds - 1}, "
                          "is past 2**63 − 1")
@@ -930,12 +985,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cmp_md += ("\n\nImage by image: the mean difference ± its standard error (images where the method is "
                    f"better / images; {'lower is better for ' + ', '.join(low) if low else 'higher is better'}).\n")
     left = unscored(rows)  # (evaluate logged them)
-    info = {"model": str(model_path), "pairs": len(pairs), "hr": args.hr and str(args.hr), "lr": str(args.lr),
-            "group": args.group, "seed": args.seed, "seeds": args.seeds, "crop_border": args.crop_border,
+    info = {"model": str(model_path) if model is not None else None, "pairs": len(pairs),
+            "hr": args.hr and str(args.hr), "lr": str(args.lr), "manifest": args.manifest and str(args.manifest),
+            "group": args.group, "limit": args.limit, "seed": args.seed, "seeds": args.seeds,
+            "crop_border": args.crop_border,
             "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
             "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
-            "b_u_psi_max": grid, "images": str(out / "images") if args.save_images else None,
+            "b_u_psi_max": grid if "upsr" in methods else None,
+            "images": str(out / "images") if args.save_images else None,
             "partial": (f"interrupted after {len(rows)} of {len(pairs)}" if stopped is not None else
                         f"stopped by an error after {len(rows)} of {len(pairs)}: {failed}" if failed is not None
                         else None),
@@ -948,7 +1006,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         what = f"PARTIAL: the first {len(rows)} of {what} ({'interrupted' if failed is None else f'error: {failed}'})"
     left_md = "".join(f"\n{k}: left out of the means (not finite for some method): {', '.join(v)}\n"
                       for k, v in left.items())
-    write_text(out / "results.md", f"{what}, model {model_path}\n\n{md}\n{left_md}" + (f"\n{cmp_md}" if cmp_md else ""))
+    by = f", model {model_path}" if model is not None else ""
+    write_text(out / "results.md", f"{what}{by}\n\n{md}\n{left_md}" + (f"\n{cmp_md}" if cmp_md else ""))
     if args.sheet:
         contact_sheet(rows, list(means), out / "contact_sheet.png")
     print(md)

@@ -9,7 +9,8 @@ to measure what a saved 8-bit PNG would give. ``crop_border`` pixels are dropped
 * PSNR = 10·log10(255² / MSE) per image; ``inf`` for identical images.
 * SSIM: Wang et al. 2004, Gaussian window 11×11 σ = 1.5, C1 = (0.01·255)², C2 = (0.03·255)²,
   'valid' filtering; per-channel maps averaged over pixels then channels.
-* Y = 16 + (65.481 R + 128.553 G + 24.966 B) on [0,1] RGB → [16, 235] (MATLAB rgb2ycbcr).
+* Y = 16 + (65.481 R + 128.553 G + 24.966 B) on [0,1] RGB → [16, 235]: MATLAB rgb2ycbcr's
+  formula, unrounded as BasicSR computes it (MATLAB rounds Y to 8 bits: 0.001–0.03 dB lower PSNR-Y).
 """
 from __future__ import annotations
 
