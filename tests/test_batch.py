@@ -589,7 +589,9 @@ def test_a_file_given_twice_through_nested_inputs_is_refused(folder, tmp_path, t
         rc = main(["upscale", str(folder), str(extra), "-o", str(tmp_path / "out"), "--model", str(tiny_model_file),
                    "--device", "cpu", "-q"])
         assert rc == 2
-        assert f"input {str(folder / 'sub' / 'x.png')!r} is given twice" in capsys.readouterr().err
+        # the two arguments are named (it named the same path twice)
+        assert (f"input {str(folder / 'sub' / 'x.png')!r} is given twice, through {str(folder)!r} and {str(extra)!r}"
+                in capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
@@ -726,3 +728,46 @@ def test_estimator_block_reaches_the_model(folder, tmp_path, tiny_model_file, mo
     assert main(["upscale", *args, "-o", str(tmp_path / "a.png")]) == 0
     assert main(["upscale", *args, "-o", str(tmp_path / "b.png"), "--estimator-block", "64"]) == 0
     assert seen == [512, 64]
+
+
+# ------------------------------------------------------------------ 2026-11-29 (session 34): folder review
+def _upscale_err(capsys, *argv) -> tuple[int, str]:
+    rc = main(["upscale", *map(str, argv), "--device", "cpu", "-q"])
+    return rc, capsys.readouterr().err
+
+
+def test_images_under_an_output_folder_inside_the_input_that_are_not_its_outputs_are_named(
+        folder, tmp_path, tiny_model_file, monkeypatch, caplog, capsys):
+    """`upscale in -o in/sub` left in/sub/d.png, a real input, out without a word."""
+    monkeypatch.delenv("RANK", raising=False)
+    (folder / "sub").mkdir()
+    (folder / "img4.png").rename(folder / "sub" / "d.png")
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        assert _upscale_err(capsys, folder, "-o", folder / "sub", "--model", tiny_model_file)[0] == 0
+    assert f"its images are not read: 1 of them are not outputs of this run and are left out too: " \
+           f"{folder / 'sub' / 'd.png'}" in caplog.text
+    caplog.clear()
+    (folder / "sub" / "d.png").unlink()
+    with caplog.at_level("WARNING", logger="upsr_core"):  # a resume: its own outputs there are no news
+        assert _upscale_err(capsys, folder, "-o", folder / "sub", "--model", tiny_model_file)[0] == 0
+    assert "not outputs of this run" not in caplog.text
+
+
+def test_upscale_names_its_flags_and_says_how_to_get_past_a_bad_file(folder, tmp_path, tiny_model_file,
+                                                                       monkeypatch, caplog, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    rc, err = _upscale_err(capsys, folder, "-o", tmp_path / "o", "--model", tiny_model_file, "--tile", "30",
+                       "--overlap", "4")
+    assert rc == 2 and "error: --tile 30 / --overlap 4: tile size must be a positive multiple of" in err
+    (tmp_path / "one.png").write_bytes(b"")
+    rc, err = _upscale_err(capsys, folder / "img0.png", "-o", f"{tmp_path / 'one.png'}/", "--model", tiny_model_file)
+    assert rc == 2 and "must be a folder when it ends in a separator, and" in err and "is a file" in err
+    (folder / "img2.png").write_text("<html>")
+    rc, err = _upscale_err(capsys, folder, "-o", tmp_path / "o", "--model", tiny_model_file)
+    assert rc == 2 and "img2.png" in err and "move or remove this file" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["img0.png", "img1.png"]  # the ones before it
+    (folder / "img2.png").unlink()
+    (tmp_path / "o" / "img1.png").write_bytes(b"")  # cut short by something else: not done
+    with caplog.at_level("WARNING", logger="upsr_core"):
+        assert _upscale_err(capsys, folder, "-o", tmp_path / "o", "--model", tiny_model_file)[0] == 0
+    assert "1 output(s) are empty files" in caplog.text and (tmp_path / "o" / "img1.png").stat().st_size > 0

@@ -372,8 +372,10 @@ def test_bench_parser_registers():
     add_parser(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["bench", "--device", "cpu", "--sizes", "64"])
     assert callable(args.func) and args.sizes == [64]
-    with pytest.raises(ValueError, match="fp8"):
-        _dtypes("fp32,fp8")
+    with pytest.raises(ValueError, match=r"--tiled-dtypes 'fp32,fp8': unknown dtype\(s\) \['fp8'\]; choose from"):
+        _dtypes("fp32,fp8", "--tiled-dtypes")
+    with pytest.raises(ValueError, match=r"--dtypes ',': empty; choose from bf16, fp16, fp32, tf32"):
+        _dtypes(",", "--dtypes")
 
 
 def test_atd_fast_flag_is_per_instance(small_nets):
@@ -1160,3 +1162,63 @@ def test_upscale_progress_counts_the_estimator_blocks_on_both_paths(shape, tile,
         assert seen["fast"][:3] == [(0, n), (2, n), (4, n)]  # one call: both estimates, then the steps
     else:
         assert blocks == 15 and seen["ref"] == seen["fast"]
+
+
+def test_bench_compile_row_compares_with_the_untiled_reference_of_its_size(tmp_path, monkeypatch):
+    """With --tiled equal to a compile size, the tiled reference replaced the untiled one the
+    compiled row is compared with: its max|d| was the tiles' blend, 1.6e-2 (review, 2026-11-29)."""
+    import json
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=kw.get("dynamic")))
+    torch._dynamo.reset()
+    args = bench_args(tmp_path, "--sizes", "16", "--dtypes", "fp32", "--reps", "1", "--tiled", "16", "--tile", "8",
+                      "--overlap", "4", "--tiled-dtypes", "fp32", "--compile", "on", "--compile-sizes", "16",
+                      "--compile-dtype", "fp32", "--json", str(tmp_path / "b.json"))
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    compiled = next(r for r in rows if r.get("path") == "fast+compile")
+    assert compiled["max_abs"] <= 5e-5  # fp32 rounding
+    # what it was compared with before: the tiled reference, which differs by the tiles' blend
+    m, lr = tiny_upsr(), torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = starting_noise(0, 1, padded_size(16, 16, m.multiple_of))
+    assert (m.upscale(lr, noise=noise, tile=8, overlap=4) - m.upscale(lr, noise=noise)).abs().max() > 1e-3
+    torch._dynamo.reset()
+
+
+def test_bench_refuses_flags_it_would_ignore_and_names_its_own(tmp_path, monkeypatch, capsys):
+    """--estimator without --model ran random nets; --small with --model ignored --small; a --json
+    path whose folder cannot be made said only '[Errno 17] File exists'; on a CPU without fast bf16
+    the tiled row still ran in bf16 (~250x slower) though the table said 'no bf16 row'; tiled and
+    compile settings without those rows did nothing silently."""
+    import json
+
+    from upsr_core.cli import main as cli_main
+
+    def err(*argv):
+        assert cli_main(["bench", "--device", "cpu", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "--estimator 'nothere.pth' goes with --model" in err("--small", "--estimator", "nothere.pth")
+    args = bench_args(tmp_path, "--small")
+    with pytest.raises(ValueError, match=r"--small and --model .*: --small makes random demo-size nets"):
+        args.func(args)
+    (tmp_path / "f").write_text("")
+    args = bench_args(tmp_path, "--json", str(tmp_path / "f" / "b.json"))
+    with pytest.raises(ValueError, match=r"--json: .*cannot be made: .*/f' is a file"):
+        args.func(args)
+    monkeypatch.setattr("upsr_core.bench.cpu_has_fast_bf16", lambda: False)
+    args = bench_args(tmp_path, "--sizes", "16", "--reps", "1", "--tiled", "16", "--tile", "8", "--overlap", "4",
+                      "--no-tiled-ref", "--json", str(tmp_path / "b.json"))
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert {r["dtype"] for r in rows if "dtype" in r} == {"fp32"}
+    assert "# no bf16 row" in capsys.readouterr().out
+    args = bench_args(tmp_path, "--sizes", "16", "--dtypes", "fp32", "--reps", "1", "--tile", "8",
+                      "--compile-dtype", "fp32")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "# --tile: settings of the tiled row, and there is none (--tiled N adds it)" in out
+    assert "# --compile-dtype: settings of the fast+compile rows, and there are none (--compile auto on cpu" in out

@@ -36,7 +36,7 @@ from .imageio import (
 )
 from .model import DEFAULT_OVERLAP, UPSRModel, load_upsr
 from .pipeline import SCALE, padded_size, starting_noise
-from .tiling import plan_tiles
+from .tiling import check_tiling, plan_tiles
 from .uncertainty import check_weight_params
 
 __all__ = ["run_upscale", "collect_inputs", "plan_outputs"]
@@ -50,6 +50,7 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
     (earlier results) are not inputs."""
     out: list[tuple[Path, Path]] = []
     skip = Path(output).resolve() if output else None
+    by: dict[Path, str] = {}  # each file (by the folder it is listed in) -> the argument that gave it
     for it in items:
         p = Path(it)
         if p.is_dir():
@@ -67,17 +68,38 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
                          len(found) - len(shown))
                 found = shown
             files = sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES)
+            if inner:
+                _warn_of_foreign_files(entries, files, p, skip, it, output)
             others = sorted({f.suffix.lower() or "(none)" for f in found} - IMAGE_SUFFIXES)
             if others:  # a .gif, say, is read when named, not from a folder: say so (also under -q)
                 log.warning("%s: %d file(s) with other suffixes skipped (%s)", it, len(found) - len(files),
                             ", ".join(others))
             if not files:
                 raise ValueError(f"folder {it!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out += [(f, p) for f in files]
+            new = [(f, p) for f in files]
         else:
             check_input_file(p)  # missing, or a pipe, device or socket: named
-            out.append((p, p.parent))
+            new = [(p, p.parent)]
+        for f, _ in new:  # `upscale in in/sub`: in/sub/x.png would be upscaled twice, to two names
+            first = by.setdefault(f.parent.resolve() / f.name, it)
+            if first != it:
+                raise ValueError(f"input {str(f)!r} is given twice, through {first!r} and {it!r}: give it once")
+        out += new
     return out
+
+
+def _warn_of_foreign_files(entries: list[Path], files: list[Path], root: Path, out: Path, given: str,
+                           output: str) -> None:
+    """-o inside the input folder ``given``: the images under it are left out as earlier results.
+    Those that are not what this run writes (OUT/<path below root>.png of an input) may be inputs
+    put there: a warning names them (they were dropped without a word)."""
+    ours = {(out / f.relative_to(root).with_suffix(".png")).resolve() for f in files}
+    foreign = sorted(f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                     and is_inside(f, out) and not is_hidden(f, root) and f.resolve() not in ours)
+    if foreign:
+        log.warning("-o %r lies inside the input folder %r, so its images are not read: %d of them are not outputs "
+                    "of this run and are left out too: %s", output, given, len(foreign),
+                    ", ".join(str(f) for f in foreign[:3]) + (" …" if len(foreign) > 3 else ""))
 
 
 def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> list[Path]:
@@ -90,7 +112,9 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
         outs = [out]
     elif out.exists() and not out.is_dir():
         raise NotADirectoryError(f"-o {output!r} must be a folder when "
-                                 + ("several images are given" if not single else "it does not end in .png"))
+                                 + ("several images are given" if not single else
+                                    f"it ends in a separator, and {str(out)!r} is a file" if is_folder
+                                    and out.suffix.lower() == ".png" else "it does not end in .png"))
     elif not single and not is_folder:
         given = f"{len(inputs)} images are given" if len(inputs) > 1 else "the input is a folder"
         raise ValueError(f"-o {output!r} names a .png file, but {given}: pass a folder")
@@ -202,7 +226,12 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     if mine.step > 1:  # every rank must list the same files: the counts and the list's digest show it
         digest = hashlib.sha256("\n".join(str(f) for f, _ in inputs).encode()).hexdigest()[:12]
         log.info("rank %d of %d: %d of %d files (list %s)", mine.start, mine.step, len(mine), len(inputs), digest)
-    todo = [i for i in mine if args.overwrite or not outputs[i].is_file()]  # a folder of that name is not done
+    empty = [outputs[i] for i in mine if outputs[i].is_file() and outputs[i].stat().st_size == 0]
+    if empty and not args.overwrite:  # (this command writes whole files only: .part, then a rename)
+        log.warning("%d output(s) are empty files, written by something else or cut short, and are made again: %s",
+                    len(empty), ", ".join(str(p) for p in empty[:3]) + (" …" if len(empty) > 3 else ""))
+    # a folder of that name is not done, nor an empty file
+    todo = [i for i in mine if args.overwrite or not outputs[i].is_file() or outputs[i].stat().st_size == 0]
     if len(todo) < len(mine):
         log.info("skipping %d image(s) whose output exists (use --overwrite to redo)", len(mine) - len(todo))
     if not todo:
@@ -215,6 +244,11 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         raise ValueError("no estimator: --model holds only the denoiser, so pass --estimator (atd_real.pth for "
                          "the official upsr.pth; for a denoiser.safetensors of `train`, the estimator.safetensors "
                          "its stage 2 was trained with)")
+    try:  # the nets' multiple is known now: before the first image, in the flags' names
+        check_tiling(args.tile, args.overlap, model.multiple_of)
+    except ValueError as e:
+        raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e} (this model's nets pad the LR to "
+                         f"multiples of {model.multiple_of})") from None
     if args.fast:
         from .fast import enable_fast
 
@@ -236,8 +270,11 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         src, dst = inputs[i][0], outputs[i]
         try:
             img = read_image(src)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
             flush()  # the images read before the bad one are still upscaled and written
+            if len(todo) > 1:  # a rerun would stop here again: say what lets it go on
+                raise type(e)(f"{e} — the images before it are written; move or remove this file (or give the "
+                              "others) and run again: finished outputs are skipped") from None
             raise
         if _tile_rows(model, img.rgb[None], args.tile, args.overlap) > 1:
             flush()  # several tile rows: alone, rows streamed to the PNG (peak memory: one band, not 3 × HR)

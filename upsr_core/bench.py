@@ -72,7 +72,7 @@ HEADER = (f"{'LR':>6} {'batch':>5} {'path':<21} {'dtype':<5} {'s/img':>9} {'img/
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time the fast path against the reference path (one table)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--model", default=None, help="checkpoint to load (default: random full-size nets)")
     p.add_argument("--estimator", default=None, help="ATD checkpoint when --model holds only the denoiser")
     p.add_argument("--small", action="store_true", help="random demo-size nets instead of full size")
@@ -83,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "fp32 alone on a CPU without fast bf16 kernels)")
     p.add_argument("--tiled", type=int_min(0), default=None,
                    help="LR side of the tiled row (default: CUDA 1024; CPU none; 0: none)")
-    p.add_argument("--tiled-dtypes", default="bf16", help="dtypes of the tiled row")
+    p.add_argument("--tiled-dtypes", default=None,
+                   help="dtypes of the tiled row (default bf16; fp32 on a CPU without fast bf16 kernels)")
     p.add_argument("--tile", type=int_min(1), default=DEFAULT_TILE, help="tile size (LR px) for the tiled row")
     p.add_argument("--overlap", type=int_min(0), default=DEFAULT_OVERLAP, help="tile overlap (LR px)")
     p.add_argument("--tile-batch", type=int_min(1), default=1, help="tiles per denoiser call")
@@ -130,11 +131,12 @@ def _model_dtype(name: str) -> str:
     return "fp32" if name == "tf32" else name
 
 
-def _dtypes(s: str) -> list[str]:
+def _dtypes(s: str, flag: str) -> list[str]:
     names = [v.strip() for v in s.split(",") if v.strip()]
     bad = [n for n in names if n not in _DTYPES]
-    if bad:
-        raise ValueError(f"unknown dtype(s) {bad}; choose from {sorted(_DTYPES)}")
+    if bad or not names:
+        raise ValueError(f"{flag} {s!r}: {f'unknown dtype(s) {bad}' if bad else 'empty'}; choose from "
+                         f"{', '.join(sorted(_DTYPES))}")
     return names
 
 
@@ -144,7 +146,9 @@ def _build(args: argparse.Namespace) -> tuple[UPSRDenoiser, ATD]:
 
         m = load_upsr(args.model, args.estimator)
         if m.estimator is None:
-            raise ValueError("bench needs the estimator too: pass --estimator atd_real.pth")
+            raise ValueError(f"--model {args.model!r} holds only the denoiser, and bench needs the estimator too: "
+                             "pass --estimator (the official atd_real.pth, or a training run's "
+                             "estimator.safetensors)")
         return m.denoiser.eval(), m.estimator.eval()
     from .train.presets import get_preset
 
@@ -412,14 +416,23 @@ def run_bench(args: argparse.Namespace) -> int:
     sizes = args.sizes or ([64, 128, 256] if cuda else [64])
     batch_sizes = args.batches or ([1, 8] if cuda else [1])
     slow_bf16 = dev.type == "cpu" and not cpu_has_fast_bf16()  # bf16 convs ~250x slower than fp32 there
-    dtypes = _dtypes(args.dtypes) if args.dtypes else (["fp32", "tf32", "bf16", "fp16"] if cuda
-                                                       else ["fp32"] if slow_bf16 else ["fp32", "bf16"])
+    dtypes = (_dtypes(args.dtypes, "--dtypes") if args.dtypes is not None
+              else ["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32"] if slow_bf16 else ["fp32", "bf16"])
     tiled = args.tiled if args.tiled is not None else (1024 if cuda else 0)
-    tiled_dtypes = _dtypes(args.tiled_dtypes)  # checked with or without a tiled row
+    tiled_dtypes = (_dtypes(args.tiled_dtypes, "--tiled-dtypes") if args.tiled_dtypes is not None  # checked anyway
+                    else ["fp32"] if slow_bf16 else ["bf16"])
     tiled_dtypes = tiled_dtypes if tiled else []
     reps = args.reps or (10 if cuda else 2)
+    if args.estimator is not None and args.model is None:  # it would be ignored: random nets
+        raise ValueError(f"--estimator {args.estimator!r} goes with --model (the denoiser it pairs with); "
+                         "without --model bench times random nets")
+    if args.small and args.model is not None:
+        raise ValueError(f"--small and --model {args.model!r}: --small makes random demo-size nets, --model "
+                         "loads a file's; give one")
     if args.json:  # made now: an unwritable path fails before minutes of timing, not after
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        from .batch import check_writable
+
+        check_writable({Path(args.json).parent}, flag="--json")
     t0 = time.perf_counter()
 
     def out_of_time(need: float = 0.0) -> bool:
@@ -460,9 +473,22 @@ def run_bench(args: argparse.Namespace) -> int:
         except ValueError as e:  # its words are the library's: name the flags
             raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
     table = Table(args.json, meta)
-    if slow_bf16 and not args.dtypes:
+    if slow_bf16 and (args.dtypes is None or (tiled and args.tiled_dtypes is None)):
         table.comment("no bf16 row: this CPU has no fast bf16 kernels (no AVX-512/AMX), where bf16 convolutions "
-                      "run ~250x slower than fp32; --dtypes fp32,bf16 times it anyway")
+                      "run ~250x slower than fp32; --dtypes fp32,bf16 (--tiled-dtypes bf16) times it anyway")
+    tiled_flags = [f for f, given in (("--tiled-dtypes", args.tiled_dtypes is not None),
+                                      ("--tile", args.tile != DEFAULT_TILE),
+                                      ("--overlap", args.overlap != DEFAULT_OVERLAP),
+                                      ("--tile-batch", args.tile_batch != 1), ("--no-tiled-ref", args.no_tiled_ref))
+                   if given]
+    if tiled_flags and not tiled:
+        table.comment(f"{', '.join(tiled_flags)}: settings of the tiled row, and there is none (--tiled N adds it)")
+    compiled = args.compile == "on" or (args.compile == "auto" and cuda)
+    compile_flags = [f for f, v in (("--compile-sizes", args.compile_sizes), ("--compile-dtype", args.compile_dtype))
+                     if v is not None]
+    if compile_flags and not compiled:
+        table.comment(f"{', '.join(compile_flags)}: settings of the fast+compile rows, and there are none "
+                      f"(--compile {args.compile} on {dev.type}; --compile on adds them)")
     if cuda and args.graphs != "off":
         table.comment("peak GiB of a row run as a CUDA graph (JSON: graphs > 0) leaves out the graph's memory pool, "
                       "which its replays reuse without allocating: its 1st GiB (the warm-up, capture included) is "
@@ -519,7 +545,9 @@ def run_bench(args: argparse.Namespace) -> int:
                     table.comment(f"LR {label}: the reference is timed once, cold (cuDNN's algorithm search "
                                   "for its tile shapes included)")
                 ref_out, *timed = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
-                ref_out = refs[(s, b)] = ref_out.float().cpu()
+                ref_out = ref_out.float().cpu()
+                if not is_tiled:  # the compiled rows compare with the untiled run of their size
+                    refs[(s, b)] = ref_out
                 if not is_tiled:  # the reference's estimate and weight, for the denoiser-only difference
                     est = ref.estimate(lr)
                     est = (est, weight_noise(est.uncertainty()))
@@ -568,7 +596,7 @@ def run_bench(args: argparse.Namespace) -> int:
                               {"lr": label, "batch": b, "path": path, "dtype": name, "oom": True, "mem_cap_gib": cap})
             finally:
                 _tf32(False)
-    if args.compile == "on" or (args.compile == "auto" and cuda):
+    if compiled:
         _compile_rows(args, den, atd, dev, flops, table, out_of_time, refs, reps,
                       args.compile_dtype or ("fp32" if slow_bf16 else "bf16"),
                       args.compile_sizes or ([64, 256] if cuda else [64]))

@@ -109,7 +109,8 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
                    help="output .png for one input file, else a folder (made if missing)")
     p.add_argument("--model", default=None, help="upsr.pth, or a converted .safetensors with both nets "
                    "(default: the bundled demo model)")
-    p.add_argument("--estimator", default=None, help="atd_real.pth when --model holds only the denoiser")
+    p.add_argument("--estimator", default=None,
+                   help="when --model holds only the denoiser: atd_real.pth, or a training run's estimator.safetensors")
     p.add_argument("--seed", type=SEED_ARG, default=0)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
@@ -180,7 +181,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                              "another name (the input stays as it is)")
     m = load_upsr(args.model, args.estimator)
     if m.estimator is None:
-        raise ValueError("convert needs the estimator too: pass --estimator atd_real.pth")
+        raise ValueError(f"--model {args.model!r} holds only the denoiser, and convert needs the estimator too: pass "
+                         "--estimator (the official atd_real.pth, or a training run's estimator.safetensors)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_converted(args.output, m.denoiser, m.estimator, dtype=args.dtype)
     print(f"wrote {args.output}")
