@@ -112,12 +112,14 @@ class UPSRHandle:
         mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
         return self.model
 
-    def load_for(self, image: torch.Tensor, tile: int, tile_batch: int) -> UPSRModel:
+    def load_for(self, image: torch.Tensor, tile: int, tile_batch: int, estimator_block: int | None = None
+                 ) -> UPSRModel:
         """:meth:`load` with room for denoising the IMAGE [B,H,W,C] with these tile settings
-        (``UPSRModel.working_memory``: measured per-pixel activations, scaled). On the CPU, the
-        first time, a log line on starting ComfyUI with glibc's settings for large tensors."""
+        (``UPSRModel.working_memory``: measured per-pixel activations, scaled) and, with
+        ``estimator_block``, for the estimator's blocks too. On the CPU, the first time, a log
+        line on starting ComfyUI with glibc's settings for large tensors."""
         model = self.load(self.model.working_memory(tuple(image.shape[1:3]), batch=image.shape[0], tile=tile,
-                                                    tile_batch=tile_batch))
+                                                    tile_batch=tile_batch, estimator_block=estimator_block))
         global _HINTED
         if model.device.type == "cpu" and not _HINTED:
             _HINTED = True

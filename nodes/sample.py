@@ -77,10 +77,11 @@ def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S 
 
 def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int,
               free_others: Callable[[], int] | None = None, *, estimator: bool = False) -> torch.Tensor:
-    """``run`` with a ComfyUI progress bar over steps × tiles, a cancel check after every denoiser
-    step, and :func:`retry_on_oom`: the same tiles after unloading the other models, then
-    smaller tiles (the result is then that of the smaller tile). ``estimator``: ``run`` also runs
-    the estimator, whose blocks then shrink with the tile where they are larger."""
+    """``run`` with a ComfyUI progress bar over steps × tiles (and, in UPSR Upscale, the
+    estimator's blocks), a cancel check after every denoiser step (and before each block), and
+    :func:`retry_on_oom`: the same tiles after unloading the other models, then smaller tiles
+    (the result is then that of the smaller tile). ``estimator``: ``run`` also runs the
+    estimator, whose blocks then shrink with the tile where they are larger."""
     def shrink(s: tuple[int, int, int]) -> tuple[int, int, int] | None:
         smaller = smaller_tiles(s[0], s[1], lr_size, multiple)
         return None if smaller is None else (*smaller, min(s[2], smaller[0]) if estimator else s[2])
@@ -265,7 +266,7 @@ class UPSRUpscale(io.ComfyNode):
         check_tiling_inputs(tile, overlap)  # linked values: unknown to validate_inputs
         check_role(image, "image", None)
         lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
-        model = upsr_model.load_for(image, tile, tile_batch)
+        model = upsr_model.load_for(image, tile, tile_batch, estimator_block=ESTIMATOR_BLOCK)
 
         def run(t: int, o: int, block: int, progress: Progress) -> torch.Tensor:
             return model.upscale(lr, seed=generator_seed(seed), b_u=b_u, psi_max=psi_max, tile=t, overlap=o,

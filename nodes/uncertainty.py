@@ -104,7 +104,9 @@ class EstimateUncertainty(io.ComfyNode):
         check_role(image, "image", None)
         lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
         # another g needs none of the UPSR nets here: they are not loaded (which could evict other models)
-        model = upsr_model.load() if upscale_model is None else upsr_model.model
+        # room for one estimator block beside the nets (the OOM retry below halves the block)
+        model = (upsr_model.load(upsr_model.model.estimator_memory(tuple(lr.shape[-2:])))
+                 if upscale_model is None else upsr_model.model)
         progress = progress_bar()  # after each image (× estimator block); Cancel is checked there
         with external_estimator(upscale_model, upsr_model.patcher.load_device) as g:
             # out of memory: unload other models, then halve ATD's blocks (or the upscale model's tile)

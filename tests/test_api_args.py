@@ -672,3 +672,65 @@ def test_nets_and_helpers_name_inputs_of_the_wrong_dtype_or_size(model):
             model.working_memory(size)  # (0, 10) gave 0 bytes
     with pytest.raises(ValueError, match=r"got \(1, 4, 6, 6\) \(RGB only: drop an alpha channel, repeat a gray one\)"):
         model.upscale(torch.rand(1, 4, 6, 6), **TILE)  # the hint pad_lr had never reached upscale's callers
+
+
+# ------------------------------------------------------------------ 2026-11-29 (session 34)
+def test_estimator_memory_is_the_measured_activations_of_one_block():
+    """ATD's share of a run's device memory (ComfyUI asked for none for it): 16.1 KB per LR px of
+    a block (full-size ATD, fp32, the live tensors of one call counted on the CPU, LR 64 and 128;
+    11.6 KB with fused attention), x 1.19 (the denoiser's GPU / CPU-count ratio), + 1/4; one
+    block with its margin at a time, the image whole when it fits one; scaled by width and dtype;
+    the larger of it and the denoiser's in a run."""
+    from upsr_core.config import ATDConfig, DenoiserConfig
+    from upsr_core.model import ESTIMATOR_MARGIN, UPSRModel
+    from upsr_core.nets import ATD, UPSRDenoiser
+
+    def full(dtype=torch.float32, est_dtype=torch.float32):
+        with torch.device("meta"):  # full-size shapes, no memory
+            return UPSRDenoiser(DenoiserConfig()).to(dtype), ATD(ATDConfig()).to(est_dtype)
+
+    m = UPSRModel(*full())
+    assert m.estimator_memory((128, 128)) == 128 * 128 * 24000  # counted 252 MiB there (x 1.19 on a GPU): 375 MiB asked
+    side = 512 + 2 * ESTIMATOR_MARGIN
+    assert m.estimator_memory((1000, 700)) == side * side * 24000  # one block of 512 with its margins
+    assert m.estimator_memory((1000, 700), block=128) == (128 + 64) ** 2 * 24000
+    assert m.estimator_memory((128, 128), images=3) == 3 * 128 * 128 * 24000
+    assert UPSRModel(*full(est_dtype=torch.bfloat16)).estimator_memory((128, 128)) == 128 * 128 * 12000
+    assert UPSRModel(full()[0], None).estimator_memory((128, 128)) == 0
+    # in a run: the larger of the two (they do not run at once)
+    assert m.working_memory((128, 128), estimator_block=512) == max(m.working_memory((128, 128)),
+                                                                   m.estimator_memory((128, 128)))
+    from upsr_core.fast import FastUPSRModel
+
+    fast = FastUPSRModel.__new__(FastUPSRModel)  # its memory rule alone (enable_fast cannot prepare meta nets)
+    fast.__dict__.update(vars(UPSRModel(*full(torch.float16), dtype=torch.float16)))
+    # the fast path runs a batch of small images through ATD in one call
+    assert fast._images_per_call(8, 64, 64, 512, 1) == 8
+    assert fast.estimator_memory((64, 64), images=8) == 8 * 64 * 64 * 17000
+    den_call = 8 * 64 * 64 * 7000 * 2  # the denoiser too: all 8 images in its call (it counted one 64² tile)
+    canvas = (3 * 8 + 1) * 256 * 256 * 4  # the fast path's output canvases and norm stay on the device
+    assert fast.working_memory((64, 64), batch=8, estimator_block=512) == \
+        max(den_call, fast.estimator_memory((64, 64), images=8)) + canvas
+    assert fast.working_memory((64, 64), batch=8) == 64 * 64 * 7000 * 2 + canvas  # denoise: one at a time
+    # fp16 fast path, a large image: ATD's block (fp32, 576² px) outweighs the denoiser's 512² tile
+    assert fast.working_memory((1024, 1024), estimator_block=512) > fast.working_memory((1024, 1024))
+    with pytest.raises(ValueError, match="block must be an integer >= 1, got 0"):
+        m.estimator_memory((64, 64), block=0)
+    with pytest.raises(ValueError, match="estimator_block must be an integer >= 1, got 0"):
+        m.working_memory((64, 64), estimator_block=0)
+
+
+def test_the_activation_counter_behind_those_constants_counts_live_storages():
+    """tools/activation_memory.py's LivePeak: the peak of the summed sizes of the tensors alive at
+    once (views of a counted storage not again; freed tensors no longer)."""
+    from _support import load_tool
+
+    am = load_tool("activation_memory")
+    with am.LivePeak() as p:
+        a = torch.zeros(1000)  # 4000 B
+        b = a + 1  # 4000 B more: 8000 alive
+        v = b[:10].clone()  # 40 B: 8040
+        del a  # 4040 alive
+        c = torch.zeros(500) * 2  # a temporary of 2000 B and c, 2000 B: 8040 at most
+        assert p.now == 4040 + 2000
+    assert p.peak == 8040 and (b.numel(), v.numel(), c.numel()) == (1000, 10, 500)

@@ -771,3 +771,13 @@ def test_upscale_names_its_flags_and_says_how_to_get_past_a_bad_file(folder, tmp
     with caplog.at_level("WARNING", logger="upsr_core"):
         assert _upscale_err(capsys, folder, "-o", tmp_path / "o", "--model", tiny_model_file)[0] == 0
     assert "1 output(s) are empty files" in caplog.text and (tmp_path / "o" / "img1.png").stat().st_size > 0
+
+
+def test_the_same_file_twice_names_its_argument_and_a_separator_on_a_file_says_so(folder, tmp_path,
+                                                                                  tiny_model_file, capsys):
+    f = folder / "img0.png"
+    rc, err = _upscale_err(capsys, f, f, "-o", tmp_path / "o", "--model", tiny_model_file)
+    assert rc == 2 and f"is given twice, through {str(f)!r} and {str(f)!r}" in err
+    (tmp_path / "x.jpg").write_bytes(b"")
+    rc, err = _upscale_err(capsys, f, "-o", f"{tmp_path / 'x.jpg'}/", "--model", tiny_model_file)
+    assert rc == 2 and "must be a folder when it ends in a separator" in err

@@ -1172,3 +1172,33 @@ def test_sweep_values_that_would_share_a_row_name_are_refused():
     with pytest.raises(ValueError, match=r"\(0\.4, 0\.05\) and \(0\.4, 0\.0500000001\) would both be named"):
         parse_grid("0.4", "0.0500000001")
     assert parse_grid("0.4,0.2", "0.05") == [(0.4, 0.05), (0.2, 0.05)]
+
+
+def test_eval_review_follow_ups(tiny_pairs, tmp_path, monkeypatch, capsys, caplog):
+    """A full-reference --pyiqa psnr in a no-reference run was named by its column (pyiqa_psnr);
+    the one-folder layout said it held 0 HR images when the ids selected none; counting a folder
+    for that message tripped on a duplicate name the ids had left out; --model, --fast, --dtype
+    with --method bicubic ran nothing and were recorded."""
+    _fake_pyiqa(monkeypatch)  # full-reference metrics
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    root, model = tiny_pairs
+    assert main(["eval", "--lr", str(root / "lr"), "--device", "cpu", "--out", str(tmp_path / "a"),
+                 "--pyiqa", "psnr"]) == 2
+    assert "--pyiqa psnr: full-reference, needs --hr" in one_error(capsys)
+    rs = tmp_path / "rs"
+    _touch_png(rs / "Canon_001_HR.png", 32), _touch_png(rs / "Canon_001_LR4.png", 8)
+    with pytest.raises(ValueError, match=r"0 HR and 0 ×4 LR image\(s\) so tagged among the 1 selected ids"):
+        pair_files(rs, rs, {"Canon_002": None})
+    hr, lr = tmp_path / "hr2", tmp_path / "lr2"
+    for p, size in ((hr / "5.png", 32), (hr / "5.jpg", 32), (hr / "7.png", 32), (lr / "7.png", 8)):
+        _touch_png(p, size)
+    with pytest.raises(ValueError, match=r"\(0 of its 2 image\(s\) selected, none of the selected ids"):
+        pair_files(hr, lr, {"6": None})
+    for flag in (["--model", str(model)], ["--fast"], ["--dtype", "bf16"]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="upsr_core"):
+            assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--device", "cpu", "--out",
+                         str(tmp_path / "b"), "--method", "bicubic", "--sheet", "0", *flag]) == 0
+        assert f"{flag[0]}: settings of the model, and --method 'bicubic' runs none (not used)" in caplog.text
+        info = json.loads((tmp_path / "b" / "results.json").read_text())["info"]
+        assert info["model"] is None and info["path"] is None and info["dtype"] is None

@@ -1222,3 +1222,16 @@ def test_bench_refuses_flags_it_would_ignore_and_names_its_own(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "# --tile: settings of the tiled row, and there is none (--tiled N adds it)" in out
     assert "# --compile-dtype: settings of the fast+compile rows, and there are none (--compile auto on cpu" in out
+
+
+def test_bench_makes_a_new_json_folder_and_notes_no_bf16_only_when_there_is_none(tmp_path, monkeypatch, capsys):
+    """A --json in a folder yet to be made failed at the end ('.part' not found) after the check
+    that replaced the mkdir; 'no bf16 row' was printed beside a bf16 row asked for."""
+    import json
+
+    monkeypatch.setattr("upsr_core.bench.cpu_has_fast_bf16", lambda: False)
+    out = tmp_path / "new" / "sub" / "b.json"
+    args = bench_args(tmp_path, "--sizes", "16", "--dtypes", "fp32,bf16", "--reps", "1", "--json", str(out))
+    assert args.func(args) == 0
+    assert {r["dtype"] for r in json.loads(out.read_text())["rows"] if "dtype" in r} == {"fp32", "bf16"}
+    assert "# no bf16 row" not in capsys.readouterr().out

@@ -281,8 +281,18 @@ def test_sampling_nodes_ask_comfy_for_room_for_their_tiles(pack, handle, model):
     # so that ComfyUI unloads other models up front instead of the run running out of memory
     img = lr_image(16, 24, b=2)
     run(pack, "UPSRUpscale", upsr_model=handle, image=img, **(defaults(pack, "UPSRUpscale") | {"tile_batch": 2}))
-    want = model.working_memory((16, 24), batch=2, tile=512, tile_batch=2)
+    want = model.working_memory((16, 24), batch=2, tile=512, tile_batch=2, estimator_block=512)
     assert pack.mm.stub_memory_required[-1] == want > 0
+    # EstimateUncertainty asked for no room at all: now for one estimator block (here the image)
+    run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+    assert pack.mm.stub_memory_required[-1] == model.estimator_memory((16, 24)) > 0
+    # UPSR Upscale asks for the estimator's room where it is the larger (the demo-size denoiser's is here)
+    handle.model.estimator_memory = lambda *a, **k: 10**12
+    try:
+        run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale"))
+    finally:
+        del handle.model.estimator_memory
+    assert 10**12 <= pack.mm.stub_memory_required[-1] < 10**12 + 2**20  # (+ the fast path's small canvas)
     # the full-size fast path in fp16 at LR 256 (H100: 0.94 GiB peak, 0.24 GiB weights) -> about 0.9 GiB
     with torch.device("meta"):  # the full-size net's shapes, no memory
         den_full = UPSRDenoiser(DenoiserConfig()).to(torch.float16)
@@ -928,13 +938,13 @@ def test_progress_counts_steps_times_tiles(pack, handle, monkeypatch):
     img = lr_image(16, 40)  # tile 64, overlap 16 on 16x40: 1 tile
     run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"tile": 64,
                                                                                               "overlap": 16})
-    # (0, 5) first: a report (and Cancel check) before the estimator runs, which reports nothing
-    assert seen == [(0, 5)] + [(k, 5) for k in range(1, 6)]
+    # (0, 6) first: a report (and Cancel check) before the estimator runs; its block is one unit
+    assert seen == [(0, 6)] + [(k, 6) for k in range(1, 7)]
     seen.clear()
     img = lr_image(16, 136)  # 3 tiles in a row
     run(pack, "UPSRUpscale", upsr_model=handle, image=img, **defaults(pack, "UPSRUpscale") | {"tile": 64,
                                                                                               "overlap": 16})
-    assert seen == [(0, 15)] + [(k, 15) for k in range(1, 16)]
+    assert seen == [(0, 16)] + [(k, 16) for k in range(1, 17)]
 
 
 @pytest.mark.parametrize("size", [(16, 24), (16, 600)])  # one piece; streamed tiles with 2 estimator blocks

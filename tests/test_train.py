@@ -1563,7 +1563,7 @@ def test_a_folder_feed_with_no_images_says_so_before_anything_else(tmp_path, cap
 
     (tmp_path / "z.jpg").write_text("<html>not found</html>")
     with caplog.at_level(logging.INFO), pytest.raises(
-            ValueError, match=r"no images in .*unreadable files are named in the warnings above"):
+            ValueError, match=r"no readable images in .*1 unreadable file\(s\), named in the warnings above"):
         FolderFeed(tmp_path, 32, torch.device("cpu"), 2, workers=0)
     assert "folder feed" not in caplog.text and "z.jpg: not a readable image" in caplog.text
 

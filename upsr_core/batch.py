@@ -50,8 +50,8 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
     (earlier results) are not inputs."""
     out: list[tuple[Path, Path]] = []
     skip = Path(output).resolve() if output else None
-    by: dict[Path, str] = {}  # each file (by the folder it is listed in) -> the argument that gave it
-    for it in items:
+    by: dict[Path, tuple[int, str]] = {}  # each file (by the folder it is listed in) -> the argument that gave it
+    for k, it in enumerate(items):
         p = Path(it)
         if p.is_dir():
             if skip is not None and same_place(skip, p):
@@ -81,8 +81,8 @@ def collect_inputs(items: list[str], output: str | None = None) -> list[tuple[Pa
             check_input_file(p)  # missing, or a pipe, device or socket: named
             new = [(p, p.parent)]
         for f, _ in new:  # `upscale in in/sub`: in/sub/x.png would be upscaled twice, to two names
-            first = by.setdefault(f.parent.resolve() / f.name, it)
-            if first != it:
+            j, first = by.setdefault(f.parent.resolve() / f.name, (k, it))
+            if j != k:
                 raise ValueError(f"input {str(f)!r} is given twice, through {first!r} and {it!r}: give it once")
         out += new
     return out
@@ -113,8 +113,8 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
     elif out.exists() and not out.is_dir():
         raise NotADirectoryError(f"-o {output!r} must be a folder when "
                                  + ("several images are given" if not single else
-                                    f"it ends in a separator, and {str(out)!r} is a file" if is_folder
-                                    and out.suffix.lower() == ".png" else "it does not end in .png"))
+                                    f"it ends in a separator, and {str(out)!r} is a file"
+                                    if output.endswith(("/", "\\")) else "it does not end in .png"))
     elif not single and not is_folder:
         given = f"{len(inputs)} images are given" if len(inputs) > 1 else "the input is a folder"
         raise ValueError(f"-o {output!r} names a .png file, but {given}: pass a folder")
@@ -126,7 +126,7 @@ def plan_outputs(inputs: list[tuple[Path, Path]], output: str, single: bool) -> 
         # by the folder it is listed in, not by what a link points to: two links to one file (a
         # git-annex or DVC folder, deduplicated frames) are two inputs; `in in/sub` is one file twice
         first = sources.setdefault(src.parent.resolve() / src.name, src)
-        if first is not src:  # `upscale in in/sub`: in/sub/x.png would be upscaled twice, to two names
+        if first is not src:  # (collect_inputs refuses this naming the arguments; here for other callers)
             raise ValueError(f"input {str(src)!r} is given twice (as {str(first)!r} too: a file, or one inside a "
                              "folder given too): give it once")
         if dst.is_dir():
@@ -247,8 +247,7 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     try:  # the nets' multiple is known now: before the first image, in the flags' names
         check_tiling(args.tile, args.overlap, model.multiple_of)
     except ValueError as e:
-        raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e} (this model's nets pad the LR to "
-                         f"multiples of {model.multiple_of})") from None
+        raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
     if args.fast:
         from .fast import enable_fast
 
@@ -273,8 +272,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         except (OSError, ValueError) as e:
             flush()  # the images read before the bad one are still upscaled and written
             if len(todo) > 1:  # a rerun would stop here again: say what lets it go on
-                raise type(e)(f"{e} — the images before it are written; move or remove this file (or give the "
-                              "others) and run again: finished outputs are skipped") from None
+                raise ValueError(f"{e} — the images before it are written; move or remove this file (or give "
+                                 "the others) and run again: finished outputs are skipped") from e
             raise
         if _tile_rows(model, img.rgb[None], args.tile, args.overlap) > 1:
             flush()  # several tile rows: alone, rows streamed to the PNG (peak memory: one band, not 3 × HR)

@@ -433,6 +433,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from .batch import check_writable
 
         check_writable({Path(args.json).parent}, flag="--json")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     def out_of_time(need: float = 0.0) -> bool:
@@ -473,7 +474,7 @@ def run_bench(args: argparse.Namespace) -> int:
         except ValueError as e:  # its words are the library's: name the flags
             raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
     table = Table(args.json, meta)
-    if slow_bf16 and (args.dtypes is None or (tiled and args.tiled_dtypes is None)):
+    if slow_bf16 and "bf16" not in dtypes + tiled_dtypes:
         table.comment("no bf16 row: this CPU has no fast bf16 kernels (no AVX-512/AMX), where bf16 convolutions "
                       "run ~250x slower than fp32; --dtypes fp32,bf16 (--tiled-dtypes bf16) times it anyway")
     tiled_flags = [f for f, given in (("--tiled-dtypes", args.tiled_dtypes is not None),
@@ -546,9 +547,9 @@ def run_bench(args: argparse.Namespace) -> int:
                                   "for its tile shapes included)")
                 ref_out, *timed = _time(lambda: ref.upscale(lr, noise=noise, **kw), dev, warm, 3 if warm else 1)
                 ref_out = ref_out.float().cpu()
-                if not is_tiled:  # the compiled rows compare with the untiled run of their size
-                    refs[(s, b)] = ref_out
-                if not is_tiled:  # the reference's estimate and weight, for the denoiser-only difference
+                if not is_tiled:
+                    refs[(s, b)] = ref_out  # the compiled rows compare with the untiled run of their size
+                    # the reference's estimate and weight, for the denoiser-only difference
                     est = ref.estimate(lr)
                     est = (est, weight_noise(est.uncertainty()))
             row = _row(label, b, "reference", "fp32", timed, fl, None, ref_out, None, warmup_runs=warm)

@@ -164,7 +164,8 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | No
         if not hrs or not lrs:
             raise ValueError(f"--hr and --lr are one folder, {str(hr_dir)!r}: its HR and LR images are told apart by "
                              f"a tag at the end of the name (HR: _HR, _GT, _x1; LR: _LR, _LR4, _x4), and it holds "
-                             f"{len(hrs)} HR and {len(lrs)} ×4 LR image(s) so tagged")
+                             f"{len(hrs)} HR and {len(lrs)} ×4 LR image(s) so tagged"
+                             + (f" among the {len(ids)} selected ids" if ids is not None else ""))
         matched, ambiguous = _match_tagged(list(hrs), list(lrs))
         pairs = {k: (hrs[k], lrs[m]) for k, m in matched.items()}
     else:
@@ -175,7 +176,7 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | No
         log.warning("not paired, as each of these names matches more than one image: %s", ", ".join(names))
     if not pairs:
         if ids is not None:  # what each folder holds in all, beside what the ids kept
-            held = [_holds(kept, _image_files(d, exclude=skip + ([] if same else [other])))
+            held = [_holds(kept, _image_files(d, exclude=skip + ([] if same else [other]), unique=False))
                     for kept, d, other in ((hrs, hr_dir, lr_dir), (lrs, lr_dir, hr_dir))]
         else:
             held = [_holds(hrs), _holds(lrs)]
@@ -295,13 +296,14 @@ def _first_names(names: list[str], n: int = 5) -> str:
 
 
 def _image_files(folder: str | Path, ids: Collection[str] | None = None, *,
-                 exclude: list[str | Path] | None = None) -> dict[str, Path]:
+                 exclude: list[str | Path] | None = None, unique: bool = True) -> dict[str, Path]:
     """The images below ``folder`` (recursively; by suffix; hidden files such as macOS's ``._x.png``
     skipped, and the files under each ``exclude`` folder that lies inside ``folder``, and under a
     folder holding an earlier eval's results.json and results.md, or its ``.upsr-eval`` mark: one
     stopped before its results, with saved images), keyed by their path below
     ``folder`` without the suffix (``/``-separated), in sorted order; ``ids`` keeps only the keys
-    (with or without a scale tag) among them."""
+    (with or without a scale tag) among them. Two images of one key are a ValueError, or with
+    ``unique`` False the first is kept (to count what a folder holds)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} " + ("is a file, not a folder" if folder.exists()
@@ -324,6 +326,8 @@ def _image_files(folder: str | Path, ids: Collection[str] | None = None, *,
             continue
         key = p.relative_to(folder).with_suffix("").as_posix()
         if ids is not None and key not in ids and _untag(key)[0] not in ids:
+            continue
+        if key in seen and not unique:  # (counting what a folder holds, for a message)
             continue
         if key in seen:  # images are paired by name: two with one name would count one image twice
             raise ValueError(f"{str(folder)!r} holds {str(seen[key].relative_to(folder))!r} and "
@@ -470,9 +474,15 @@ def _grid_name(b_u: float, psi_max: float) -> str:
 
 
 NOISY_METHODS = ("upsr_w1", "upsr", "upsr_cf")
+"""The methods whose result depends on the seed (``--seeds`` samples them)."""
 BUILTIN_COLUMNS = ("psnr", "psnr_y", "ssim", "ssim_y", "niqe")
 """eval's own metric columns; a ``--pyiqa`` metric of one of these names gets the column ``pyiqa_<name>``."""
-"""The methods whose result depends on the seed (``--seeds`` samples them)."""
+
+
+def _pyiqa_name(column: str) -> str:
+    """The --pyiqa name of a metric column (``pyiqa_ssim`` -> ``ssim``)."""
+    bare = column.removeprefix("pyiqa_")
+    return bare if bare != column and bare in BUILTIN_COLUMNS else column
 
 
 @torch.no_grad()
@@ -901,6 +911,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if given and "upsr" not in methods:  # (upsr_cf keeps the official pair whatever the sweep)
         raise ValueError(f"{' and '.join(given)} set the upsr method's weighting, and --method {args.method!r} "
                          "has no upsr")
+    if methods == ["bicubic"]:  # no model runs: say so (results.json records none)
+        unused = [f for f, v in (("--model", args.model), ("--estimator", args.estimator), ("--fast", args.fast),
+                                 ("--dtype", args.dtype != "fp32")) if v]
+        if unused:
+            log.warning("%s: settings of the model, and --method 'bicubic' runs none (not used)", ", ".join(unused))
     if args.seeds > 1 and not any(m in NOISY_METHODS for m in methods):
         raise ValueError(f"--seeds {args.seeds}: none of --method {args.method!r} draws noise (only "
                          f"{', '.join(NOISY_METHODS)} do); bicubic and g(y) run once")
@@ -948,7 +963,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     extra = _pyiqa_metrics(pyiqa_names, dev)
     full_ref = _full_reference(extra)
     if no_ref and full_ref:
-        raise ValueError(f"--pyiqa {','.join(full_ref)}: full-reference, needs --hr; a no-reference run takes "
+        raise ValueError(f"--pyiqa {','.join(map(_pyiqa_name, full_ref))}: full-reference, needs --hr; a "
+                         "no-reference run takes "
                          "clipiqa, musiq, maniqa, niqe …")
     model_path = args.model or default_model_path()
     dtype = _dtype(args.dtype, dev)
@@ -991,7 +1007,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "crop_border": args.crop_border,
             "niqe": params is not None,
             "niqe_luma": "gray" if params is not None else None,
-            "path": "fast" if args.fast else "reference", "dtype": str(dtype).removeprefix("torch."),
+            "path": ("fast" if args.fast else "reference") if model is not None else None,
+            "dtype": str(dtype).removeprefix("torch.") if model is not None else None,
             "b_u_psi_max": grid if "upsr" in methods else None,
             "images": str(out / "images") if args.save_images else None,
             "partial": (f"interrupted after {len(rows)} of {len(pairs)}" if stopped is not None else

@@ -586,14 +586,24 @@ class FastUPSRModel(UPSRModel):
 
     # the fast path in fp16 on the H100 (see UPSRModel): 0.94 GiB peak with 0.24 GiB of weights
     _act_bytes_per_px = 7000
+    _est_bytes_per_px = 17000  # fused attention: 11.6 KB per LR px counted, 13.8 as on a GPU (see UPSRModel), + 1/4
 
     def working_memory(self, lr_size: tuple[int, int], *, batch: int = 1, tile: int = DEFAULT_TILE,
-                       tile_batch: int = 1) -> int:
+                       tile_batch: int = 1, estimator_block: int | None = None) -> int:
         """:meth:`UPSRModel.working_memory` plus the tiled output canvas and blend norm while they
         stay on the device (up to ``CANVAS_DEVICE_MAX_BYTES``)."""
         canvas = _canvas_bytes(batch, *lr_size)
-        act = super().working_memory(lr_size, batch=batch, tile=tile, tile_batch=tile_batch)
+        act = super().working_memory(lr_size, batch=batch, tile=tile, tile_batch=tile_batch,
+                                     estimator_block=estimator_block)
         return act + (canvas if canvas <= CANVAS_DEVICE_MAX_BYTES else 0)
+
+    def _images_at_once(self, hp: int, wp: int, *, batch: int, tile: int, tile_batch: int,
+                        estimator_block: int | None) -> int:
+        # images of one tile and one block: upscale runs the batch in calls of this many (denoise,
+        # and the tiled path, one image at a time)
+        if estimator_block is None or max(hp, wp) > min(tile, estimator_block):
+            return 1
+        return self._images_per_call(batch, hp, wp, tile, tile_batch)
 
     def _images_per_call(self, b: int, hp: int, wp: int, tile: int, tile_batch: int) -> int:
         return max(1, min(b, tile_batch * tile * tile // (hp * wp)))

@@ -146,24 +146,69 @@ class UPSRModel:
     # 2.19 GiB with 0.48 GiB of weights -> 6.8 KB (the fast path: FastUPSRModel). Rounded up by a
     # quarter.
     _act_bytes_per_px = 8500
+    # The same for the estimator, per LR pixel of a block with its margin and per 4 bytes of its
+    # dtype, for the full-size ATD (embed_dim 96): 16.1 KB per LR px counted on the CPU as the
+    # peak of the live tensors of one call (tools/activation_memory.py, 2026-11-29, LR 64 and 128;
+    # 11.6 KB with the fast path's fused attention). The same count gives the denoiser 22.8 KB
+    # per LR px in fp32, where the H100 measured 27 KB (its allocator's rounding, workspaces): ATD
+    # scaled so, 19.1 KB, and rounded up by a quarter as above.
+    _est_bytes_per_px = 24000
 
     def working_memory(self, lr_size: tuple[int, int], *, batch: int = 1, tile: int = DEFAULT_TILE,
-                       tile_batch: int = 1) -> int:
+                       tile_batch: int = 1, estimator_block: int | None = None) -> int:
         """A rough estimate in bytes of the device memory ``upscale``/``denoise`` needs on top of
         the weights for ``batch`` LR images of ``lr_size`` (h, w): activations of one tile batch
         (≤ tile_batch tiles of ≤ tile² LR px, scaled by the net's width), and the fast path's
-        output canvas while it stays on the device. For a host (ComfyUI) that frees memory for
-        a run up front; an under-estimate only means an out-of-memory to retry."""
-        for name, v in (("batch", batch), ("tile", tile), ("tile_batch", tile_batch)):
+        output canvas while it stays on the device. ``estimator_block``: the run includes the
+        estimator (``upscale``) with blocks of this size, which runs between the denoiser's
+        calls: the larger of the two then (:meth:`estimator_memory`). For a host (ComfyUI) that
+        frees memory for a run up front; an under-estimate only means an out-of-memory to retry."""
+        counts = dict(batch=batch, tile=tile, tile_batch=tile_batch)
+        hp, wp = self._check_sizes(lr_size, **counts, **({} if estimator_block is None
+                                                         else {"estimator_block": estimator_block}))
+        per_px = self._act_bytes_per_px * self.dtype.itemsize * self.denoiser.config.model_channels / 160
+        need = int(per_px * self._denoiser_px(hp, wp, **counts, estimator_block=estimator_block))
+        if estimator_block is not None:
+            images = self._images_at_once(hp, wp, **counts, estimator_block=estimator_block)
+            need = max(need, self.estimator_memory(lr_size, block=estimator_block, images=images))
+        return need
+
+    def _denoiser_px(self, hp: int, wp: int, *, batch: int, tile: int, tile_batch: int,
+                     estimator_block: int | None) -> int:
+        """LR pixels in one denoiser call: a tile batch, or a whole image batch of one call."""
+        images = self._images_at_once(hp, wp, batch=batch, tile=tile, tile_batch=tile_batch,
+                                      estimator_block=estimator_block)
+        if images > 1:  # (only images of one tile: the whole image is the tile)
+            return images * hp * wp
+        return min(tile_batch * min(tile, hp) * min(tile, wp), batch * hp * wp)
+
+    def _images_at_once(self, hp: int, wp: int, *, batch: int, tile: int, tile_batch: int,
+                        estimator_block: int | None) -> int:
+        """How many images ``upscale`` (``estimator_block`` given) runs through a net at once: one
+        here (the fast path's one-call batches: :class:`~upsr_core.fast.FastUPSRModel`)."""
+        return 1
+
+    def estimator_memory(self, lr_size: tuple[int, int], *, block: int = ESTIMATOR_BLOCK, images: int = 1) -> int:
+        """A rough estimate in bytes of the device memory the estimator needs on top of its
+        weights for LR images of ``lr_size`` (h, w) in blocks of ``block`` LR px (with their
+        ESTIMATOR_MARGIN of context; an image that fits one block runs whole), ``images`` at once
+        (``estimate`` runs one at a time), scaled by ATD's width and dtype. 0 without an estimator."""
+        hp, wp = self._check_sizes(lr_size, images=images, block=block)
+        if self.estimator is None:
+            return 0
+        side_h, side_w = (n if n <= block else min(n, block + 2 * ESTIMATOR_MARGIN) for n in (hp, wp))
+        itemsize = next(self.estimator.parameters()).dtype.itemsize
+        per_px = self._est_bytes_per_px * itemsize / 4 * self.estimator.config.embed_dim / 96
+        return int(per_px * side_h * side_w * images)
+
+    def _check_sizes(self, lr_size, **counts: int) -> tuple[int, int]:
+        for name, v in counts.items():
             if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not (isinstance(lr_size, (tuple, list, torch.Size)) and len(lr_size) == 2
                 and all(is_int(v) and v >= 1 for v in lr_size)):
             raise ValueError(f"lr_size must be the LR (h, w), two integers >= 1, got {lr_size!r}")
-        hp, wp = padded_size(*lr_size, self.multiple_of)
-        px = min(tile_batch * min(tile, hp) * min(tile, wp), batch * hp * wp)
-        per_px = self._act_bytes_per_px * self.dtype.itemsize * self.denoiser.config.model_channels / 160
-        return int(per_px * px)
+        return padded_size(*lr_size, self.multiple_of)
 
     def to(self, device: torch.device | str | torch.dtype | None = None,
            dtype: torch.dtype | None = None) -> "UPSRModel":

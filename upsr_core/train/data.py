@@ -262,12 +262,14 @@ def check_small_images(headers: Sequence[ImageHeader], crop: int) -> int:
     return len(small)
 
 
-def no_images(root: str | Path | None, min_side: int | None = None) -> str:
-    """The message for a folder (or list, ``root`` None) with no usable image."""
+def no_images(root: str | Path | None, min_side: int | None = None, unreadable: int = 0) -> str:
+    """The message for a folder (or list, ``root`` None) with no usable image; ``unreadable``:
+    how many files were left out for a header that could not be read (warned about)."""
     where = f"in {str(root)!r}" if root is not None else "among the files given"
     size = f" of at least {min_side} px on the short side" if min_side else ""
-    return (f"no images{size} {where} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: convert it to PNG; "
-            "unreadable files are named in the warnings above)")
+    why = f"; {unreadable} unreadable file(s), named in the warnings above" if unreadable else ""
+    return (f"no {'readable ' if unreadable else ''}images{size} {where} (suffixes {' '.join(IMAGE_SUFFIXES)}; "
+            f"TIFF is not read: convert it to PNG{why})")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -310,14 +312,17 @@ class ImageFolderDataset(Dataset):
             if other:
                 raise ValueError(f"headers were scanned with prescale {', '.join(other)}, the dataset's is "
                                  f"{prescale!r}: scan them with scan_headers(files, {prescale!r})")
-        else:
-            headers = scan_headers(files if files is not None else list_images(root or "."), prescale)
+        listed = None
+        if headers is None:
+            listed = files if files is not None else list_images(root or ".")
+            headers = scan_headers(listed, prescale)
+        unreadable = len(listed) - len(headers) if listed is not None else 0
         if small == "skip":
             headers = _keep_large_enough(headers, crop)
         elif headers:
             check_small_images(headers, crop)
         if not headers:
-            raise ValueError(no_images(root, crop if small == "skip" else None))
+            raise ValueError(no_images(root, crop if small == "skip" else None, unreadable))
         paths = [h.path for h in headers]
         self.files, self.crop, self.augment, self.random_crop = paths, crop, augment, random_crop
         self.prescale, self.repeat = prescale, repeat

@@ -14,7 +14,9 @@ per batch and this draws per image, noted below):
 
 * per image: blur kernels k1, k2, whether k2 is applied and Gaussian-vs-Poisson noise (both
   drawn once per batch by the official ``feed_data``), the final sinc filter (applied with
-  ``final_sinc_prob``), noise strength / gray-vs-colour, JPEG qualities;
+  ``final_sinc_prob``), noise strength / gray-vs-colour, JPEG qualities; a gray Gaussian noise
+  map (the official ``generate_gaussian_noise_pt`` draws one map for the batch, which every
+  gray-noise image then gets, scaled by its own sigma);
 * per batch (they change the tensor size, so one value serves the whole batch): the resize
   kind, factor and interpolation mode of each order, the final order and resize mode. The
   first order resizes to an explicit size, ⌊H·s⌋ × ⌊W·s⌋, the size the official call gets from

@@ -153,12 +153,9 @@ class PhotoFeed:
         rank, world = shard
         if world > 1 and len(files) >= world:
             files = files[rank::world]
-        if not files:
-            raise ValueError(f"no images in {str(root)!r} (suffixes {' '.join(IMAGE_SUFFIXES)}; TIFF is not read: "
-                             "convert it to PNG)")
         headers = scan_headers(files)
         if not headers:
-            raise ValueError(f"no readable images in {str(root)!r} (the warnings above name them)")
+            raise ValueError(no_images(root, unreadable=len(files)))
         check_small_images(headers, crop)
         self.crop, self.device, self.root = crop, device, Path(root)
         self.min_texture, self.tries = float(min_texture), tries if min_texture > 0 else 1
@@ -240,9 +237,10 @@ class FolderFeed:
 
     def __init__(self, root: str | Path, crop: int, device: torch.device, batch: int, *, workers: int = 4,
                  seed: int = 0, min_texture: float = 0.0):
-        headers = scan_headers(list_images(root))  # each header read once: a large folder takes minutes
+        listed = list_images(root)
+        headers = scan_headers(listed)  # each header read once: a large folder takes minutes
         if not headers:
-            raise ValueError(no_images(root))
+            raise ValueError(no_images(root, unreadable=len(listed)))
         held = decoded_bytes(headers, crop) * max(workers, 1)  # every worker keeps its own copy
         cache = held <= self.CACHE_MAX_BYTES
         log.info("folder feed: %s decoded (%.1f GiB in all %s)", "images kept" if cache else "images read per crop",
