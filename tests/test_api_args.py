@@ -676,48 +676,86 @@ def test_nets_and_helpers_name_inputs_of_the_wrong_dtype_or_size(model):
 
 # ------------------------------------------------------------------ 2026-11-29 (session 34)
 def test_estimator_memory_is_the_measured_activations_of_one_block():
-    """ATD's share of a run's device memory (ComfyUI asked for none for it): 16.1 KB per LR px of
-    a block (full-size ATD, fp32, the live tensors of one call counted on the CPU, LR 64 and 128;
-    11.6 KB with fused attention), x 1.19 (the denoiser's GPU / CPU-count ratio), + 1/4; one
-    block with its margin at a time, the image whole when it fits one; scaled by width and dtype;
-    the larger of it and the denoiser's in a run."""
+    """ATD's share of a run's device memory (ComfyUI asked for none for it): per LR px of a block,
+    90 B per channel + 3850 B per head in fp32 (fitted to the live tensors of one call counted on
+    the CPU: 16.1 KB for the full-size ATD, 10.6 KB for the demo's; x 1.19, the denoiser's GPU /
+    CPU-count ratio, + 1/4), 100 + 50 B as the fast path runs it (6.5 KB counted); the largest
+    block with its margins, the image whole when it fits one; the larger of the two nets in a run."""
     from upsr_core.config import ATDConfig, DenoiserConfig
-    from upsr_core.model import ESTIMATOR_MARGIN, UPSRModel
+    from upsr_core.fast import FastUPSRModel
+    from upsr_core.model import UPSRModel
     from upsr_core.nets import ATD, UPSRDenoiser
+    from upsr_core.train.presets import get_preset
 
-    def full(dtype=torch.float32, est_dtype=torch.float32):
+    def full(dtype=torch.float32, est_dtype=torch.float32, atd=ATDConfig()):
         with torch.device("meta"):  # full-size shapes, no memory
-            return UPSRDenoiser(DenoiserConfig()).to(dtype), ATD(ATDConfig()).to(est_dtype)
+            return UPSRDenoiser(DenoiserConfig()).to(dtype), ATD(atd).to(est_dtype)
 
+    full_px = 90 * 96 + 3850 * 4
+    assert full_px == 24040  # 16.1 KB counted x 1.48
     m = UPSRModel(*full())
-    assert m.estimator_memory((128, 128)) == 128 * 128 * 24000  # counted 252 MiB there (x 1.19 on a GPU): 375 MiB asked
-    side = 512 + 2 * ESTIMATOR_MARGIN
-    assert m.estimator_memory((1000, 700)) == side * side * 24000  # one block of 512 with its margins
-    assert m.estimator_memory((1000, 700), block=128) == (128 + 64) ** 2 * 24000
-    assert m.estimator_memory((128, 128), images=3) == 3 * 128 * 128 * 24000
-    assert UPSRModel(*full(est_dtype=torch.bfloat16)).estimator_memory((128, 128)) == 128 * 128 * 12000
+    assert m.estimator_memory((128, 128)) == 128 * 128 * full_px
+    # 1000 x 700 pads to 1024 x 704: blocks of 512 get 32 px of context inside the image: 544 a side
+    assert m.estimator_memory((1000, 700)) == 544 * 544 * full_px
+    assert m.estimator_memory((1000, 700), block=128) == (128 + 64) ** 2 * full_px  # inner blocks: both margins
+    assert m.estimator_memory((128, 128), images=3) == 3 * 128 * 128 * full_px
+    assert UPSRModel(*full(est_dtype=torch.bfloat16)).estimator_memory((128, 128)) == 128 * 128 * full_px // 2
+    demo = UPSRModel(*full(atd=get_preset("small").estimator))
+    assert demo.estimator_memory((128, 128)) == 128 * 128 * (90 * 48 + 3850 * 3)  # 15.9 KB: 10.6 counted x 1.48
     assert UPSRModel(full()[0], None).estimator_memory((128, 128)) == 0
     # in a run: the larger of the two (they do not run at once)
     assert m.working_memory((128, 128), estimator_block=512) == max(m.working_memory((128, 128)),
                                                                    m.estimator_memory((128, 128)))
-    from upsr_core.fast import FastUPSRModel
-
     fast = FastUPSRModel.__new__(FastUPSRModel)  # its memory rule alone (enable_fast cannot prepare meta nets)
     fast.__dict__.update(vars(UPSRModel(*full(torch.float16), dtype=torch.float16)))
-    # the fast path runs a batch of small images through ATD in one call
-    assert fast._images_per_call(8, 64, 64, 512, 1) == 8
-    assert fast.estimator_memory((64, 64), images=8) == 8 * 64 * 64 * 17000
+    assert fast.estimator_memory((64, 64), images=8) == 8 * 64 * 64 * (100 * 96 + 50 * 4)  # 9.8 KB: 6.5 x 1.48
     den_call = 8 * 64 * 64 * 7000 * 2  # the denoiser too: all 8 images in its call (it counted one 64² tile)
     canvas = (3 * 8 + 1) * 256 * 256 * 4  # the fast path's output canvases and norm stay on the device
     assert fast.working_memory((64, 64), batch=8, estimator_block=512) == \
         max(den_call, fast.estimator_memory((64, 64), images=8)) + canvas
     assert fast.working_memory((64, 64), batch=8) == 64 * 64 * 7000 * 2 + canvas  # denoise: one at a time
-    # fp16 fast path, a large image: ATD's block (fp32, 576² px) outweighs the denoiser's 512² tile
-    assert fast.working_memory((1024, 1024), estimator_block=512) > fast.working_memory((1024, 1024))
     with pytest.raises(ValueError, match="block must be an integer >= 1, got 0"):
         m.estimator_memory((64, 64), block=0)
     with pytest.raises(ValueError, match="estimator_block must be an integer >= 1, got 0"):
         m.working_memory((64, 64), estimator_block=0)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("b,hw,tile,tile_batch,block", [
+    (4, (16, 16), 512, 2, 512), (3, (20, 12), 512, 1, 8), (2, (40, 24), 16, 3, 512), (1, (40, 72), 16, 2, 16)])
+def test_the_memory_rule_counts_what_upscale_runs_at_once(fast, b, hw, tile, tile_batch, block):
+    """The pixels the rule assumes in one call of each net are the largest a real upscale makes:
+    a batch of small images in one fast call, one image at a time otherwise, a tile batch, a block
+    with its margins."""
+    from upsr_core.model import _largest_block_extent
+    from upsr_core.pipeline import padded_size
+
+    from _support import tiny_upsr
+
+    m = tiny_upsr()
+    if fast:
+        m = enable_fast(m)
+    seen = {"den": 0, "est": 0}
+
+    def record(name):
+        return lambda mod, args, out: seen.__setitem__(name, max(seen[name], args[0].shape[0] * args[0].shape[-2]
+                                                                  * args[0].shape[-1]))
+
+    hooks = [m.denoiser.register_forward_hook(record("den")), m.estimator.register_forward_hook(record("est"))]
+    step = m.denoiser.forward_step  # the fast path's denoiser calls (no forward hook sees them)
+    m.denoiser.forward_step = lambda x, *a: record("den")(None, (x,), None) or step(x, *a)
+    try:
+        m.upscale(torch.rand(b, 3, *hw), tile=tile, overlap=4, tile_batch=tile_batch, estimator_block=block)
+    finally:
+        for h in hooks:
+            h.remove()
+        del m.denoiser.forward_step
+    hp, wp = padded_size(*hw, m.multiple_of)
+    kw = dict(batch=b, tile=tile, tile_batch=tile_batch, estimator_block=block)
+    images = m._images_at_once(hp, wp, **kw)
+    assert seen["den"] == m._denoiser_px(hp, wp, **kw)
+    est_px = _largest_block_extent(hp, block) * _largest_block_extent(wp, block) * images
+    assert seen["est"] <= est_px and (seen["est"] == est_px or block < max(hp, wp))
 
 
 def test_the_activation_counter_behind_those_constants_counts_live_storages():

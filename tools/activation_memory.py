@@ -8,12 +8,15 @@ aside). Random full-size weights; nothing is timed.
 
 Usage::
 
-    python tools/activation_memory.py atd 64 128          # the estimator, math and fused attention
+    python tools/activation_memory.py atd 64 128          # the estimator: reference, fused, fast path
+    python tools/activation_memory.py atd 64 128 --preset small   # the demo's sizes
     python tools/activation_memory.py denoiser 64 128     # the denoiser's five steps on one tile
 
-2026-11-29, 2-core VM, torch 2.13 CPU, fp32: ATD 63.7 / 251.6 MiB at LR 64 / 128 (16.3 / 16.1 KB
-per LR px, 16.0 KB per added px; fused attention 46.2 / 181.9 MiB, 11.6 KB); denoiser (five steps,
-one tile) 89.0 / 355.9 MiB (22.8 KB per LR px; the H100's fp32 reference run at LR 256: 27 KB).
+2026-11-29, 2-core VM, torch 2.13 CPU, fp32, LR 64 / 128, full-size nets: ATD 63.7 / 251.6 MiB
+(16.3 / 16.1 KB per LR px), with the `fused` training flag 46.2 / 181.9 MiB (11.6 KB), as the fast
+path runs it 25.3 / 101.1 MiB (6.5 KB); the demo's ATD (``--preset small``) 10.6 / 7.4 / 3.3 KB;
+denoiser (five steps, one tile) 89.0 / 355.9 MiB (22.8 KB per LR px; the H100's fp32 reference
+run at LR 256: 27 KB).
 """
 from __future__ import annotations
 
@@ -66,12 +69,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("net", choices=["atd", "denoiser"])
     ap.add_argument("sizes", type=int, nargs="+", help="LR sides (square)")
+    ap.add_argument("--preset", choices=["full", "small"], default="full", help="net sizes (small: the demo's)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    atd = ATD(FULL_ATD).eval()
-    model = UPSRModel(UPSRDenoiser(FULL_DENOISER).eval(), atd) if args.net == "denoiser" else None
-    for fused in ([False, True] if args.net == "atd" else [False]):
-        atd.fused = fused
+    if args.preset == "full":
+        dcfg, acfg = FULL_DENOISER, FULL_ATD
+    else:
+        from upsr_core.train.presets import get_preset
+
+        dcfg, acfg = get_preset("small").denoiser, get_preset("small").estimator
+    atd = ATD(acfg).eval()
+    model = UPSRModel(UPSRDenoiser(dcfg).eval(), atd) if args.net == "denoiser" else None
+    # the estimator's three attention paths: the reference (math), the training flag `fused` (SDPA in
+    # the window attention), and what the fast path (enable_fast) runs: prepare_fast()
+    for mode in (["reference", "fused", "fast"] if args.net == "atd" else ["reference"]):
+        atd.fused = mode == "fused"
+        if mode == "fast":
+            atd.prepare_fast()
         last = None
         for s in args.sizes:
             lr = torch.rand(1, 3, s, s)
@@ -83,10 +97,10 @@ def main() -> None:
                 w = weight_noise(est.uncertainty())
                 with LivePeak(model.denoiser, model.estimator) as p:
                     model.denoise(est, w, tile=max(64, s), overlap=16)
-            what = f"{args.net}{' fused' if fused else ''}"
+            what = f"{args.net} {mode}"
             # the slope between two sizes leaves out what does not grow with the image
             slope = f", {(p.peak - last[1]) / (s * s - last[0]):7.0f} B per added LR px" if last else ""
-            print(f"{what:<10} LR {s:>4}: peak {p.peak / 2**20:8.1f} MiB, {p.peak / (s * s):7.0f} B per LR px"
+            print(f"{what:<18} LR {s:>4}: peak {p.peak / 2**20:8.1f} MiB, {p.peak / (s * s):7.0f} B per LR px"
                   f"{slope}", flush=True)
             last = (s * s, p.peak)
 

@@ -586,12 +586,16 @@ class FastUPSRModel(UPSRModel):
 
     # the fast path in fp16 on the H100 (see UPSRModel): 0.94 GiB peak with 0.24 GiB of weights
     _act_bytes_per_px = 7000
-    _est_bytes_per_px = 17000  # fused attention: 11.6 KB per LR px counted, 13.8 as on a GPU (see UPSRModel), + 1/4
+    # the estimator as prepare_fast() runs it (SDPA in both attentions): 6.5 KB per LR px counted
+    # for the full-size ATD, 3.3 KB for the demo's, nearly all per channel (see UPSRModel), x 1.48
+    _est_bytes_per_channel, _est_bytes_per_head = 100, 50
 
     def working_memory(self, lr_size: tuple[int, int], *, batch: int = 1, tile: int = DEFAULT_TILE,
                        tile_batch: int = 1, estimator_block: int | None = None) -> int:
         """:meth:`UPSRModel.working_memory` plus the tiled output canvas and blend norm while they
-        stay on the device (up to ``CANVAS_DEVICE_MAX_BYTES``)."""
+        stay on the device (up to ``CANVAS_DEVICE_MAX_BYTES``); with ``estimator_block``, a batch
+        of images that fit one tile and one block counts as the one call ``upscale`` makes of
+        them (:meth:`_images_per_call`), for both nets."""
         canvas = _canvas_bytes(batch, *lr_size)
         act = super().working_memory(lr_size, batch=batch, tile=tile, tile_batch=tile_batch,
                                      estimator_block=estimator_block)

@@ -147,12 +147,13 @@ class UPSRModel:
     # quarter.
     _act_bytes_per_px = 8500
     # The same for the estimator, per LR pixel of a block with its margin and per 4 bytes of its
-    # dtype, for the full-size ATD (embed_dim 96): 16.1 KB per LR px counted on the CPU as the
-    # peak of the live tensors of one call (tools/activation_memory.py, 2026-11-29, LR 64 and 128;
-    # 11.6 KB with the fast path's fused attention). The same count gives the denoiser 22.8 KB
-    # per LR px in fp32, where the H100 measured 27 KB (its allocator's rounding, workspaces): ATD
-    # scaled so, 19.1 KB, and rounded up by a quarter as above.
-    _est_bytes_per_px = 24000
+    # dtype: a term per channel and one per attention head (its attention maps), fitted to the
+    # peak of the live tensors of one call counted on the CPU (tools/activation_memory.py,
+    # 2026-11-29, LR 64 and 128): 16.1 KB per LR px for the full-size ATD (96 channels, 4 heads),
+    # 10.6 KB for the demo's (48, 3). The same count gives the denoiser 22.8 KB per LR px in fp32
+    # where the H100 measured 27 KB (its allocator's rounding, workspaces): scaled by that ratio
+    # and, as above, rounded up by a quarter (x 1.48 in all): 24.0 and 15.9 KB.
+    _est_bytes_per_channel, _est_bytes_per_head = 90, 3850
 
     def working_memory(self, lr_size: tuple[int, int], *, batch: int = 1, tile: int = DEFAULT_TILE,
                        tile_batch: int = 1, estimator_block: int | None = None) -> int:
@@ -180,7 +181,9 @@ class UPSRModel:
                                       estimator_block=estimator_block)
         if images > 1:  # (only images of one tile: the whole image is the tile)
             return images * hp * wp
-        return min(tile_batch * min(tile, hp) * min(tile, wp), batch * hp * wp)
+        if hp <= tile and wp <= tile:  # one tile per image, and images run one by one
+            return hp * wp
+        return tile_batch * min(tile, hp) * min(tile, wp)
 
     def _images_at_once(self, hp: int, wp: int, *, batch: int, tile: int, tile_batch: int,
                         estimator_block: int | None) -> int:
@@ -196,9 +199,11 @@ class UPSRModel:
         hp, wp = self._check_sizes(lr_size, images=images, block=block)
         if self.estimator is None:
             return 0
-        side_h, side_w = (n if n <= block else min(n, block + 2 * ESTIMATOR_MARGIN) for n in (hp, wp))
+        side_h, side_w = (_largest_block_extent(n, block) for n in (hp, wp))
+        cfg = self.estimator.config
         itemsize = next(self.estimator.parameters()).dtype.itemsize
-        per_px = self._est_bytes_per_px * itemsize / 4 * self.estimator.config.embed_dim / 96
+        per_px = (self._est_bytes_per_channel * cfg.embed_dim + self._est_bytes_per_head * max(cfg.num_heads)) \
+            * itemsize / 4
         return int(per_px * side_h * side_w * images)
 
     def _check_sizes(self, lr_size, **counts: int) -> tuple[int, int]:
@@ -512,6 +517,14 @@ class UPSRModel:
         self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress,
                         lambda i, y0, rows: sink(i, y0, self._checked(rows)), estimator_units=units)
         return None
+
+
+def _largest_block_extent(n: int, block: int) -> int:
+    """LR px along one axis of the largest estimator input: a block with the ESTIMATOR_MARGIN of
+    context it gets on each side inside the image (the whole axis when it fits one block)."""
+    if n <= block:
+        return n
+    return max(min(s + block + ESTIMATOR_MARGIN, n) - max(s - ESTIMATOR_MARGIN, 0) for s in range(0, n, block))
 
 
 def _bicubic_region(lr_pm: torch.Tensor, t: Tile, margin: int = 2) -> torch.Tensor:
