@@ -290,3 +290,16 @@ def test_degrade_turns_autocast_off_itself():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = degrade(hr, _gen(5))
     assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+def test_gray_poisson_noise_takes_torchvisions_luma() -> None:
+    """The official generate_poisson_noise_pt grays the image with torchvision's rgb_to_grayscale
+    (0.2989, 0.587, 0.114); 0.299 was used here (a review of 2026-11-29)."""
+    from upsr_core.train.degradations import poisson_luma
+
+    x = torch.zeros(1, 3, 2, 2)
+    x[:, 0] = 1.0
+    assert torch.allclose(poisson_luma(x) * 255, torch.full((1, 1, 2, 2), 0.2989 * 255))
+    y = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    want = 0.2989 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]
+    assert torch.equal(poisson_luma(y)[:, 0], want)

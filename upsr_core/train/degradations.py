@@ -201,6 +201,12 @@ def _pick(u: float, options: tuple[str, ...]) -> str:
     return options[min(int(u * len(options)), len(options) - 1)]
 
 
+def poisson_luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) gray of (B, 3, H, W) RGB for gray Poisson noise, as the official code takes it
+    (torchvision's ``rgb_to_grayscale``: 0.2989 R + 0.587 G + 0.114 B)."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
 def _add_noise(
     x: torch.Tensor, u: torch.Tensor, stage: DegradationStage, generator: torch.Generator
 ) -> torch.Tensor:
@@ -221,7 +227,7 @@ def _add_noise(
     gauss = torch.where(gray, gauss[:, :1].expand_as(gauss), gauss) * sigma[:, None, None, None]
 
     # Poisson noise on the 8-bit image; photon count = 2^ceil(log2(#distinct levels)) per image
-    luma = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    luma = poisson_luma(x).expand_as(x)
     src = torch.where(gray, luma, x)
     levels = torch.round(src.clamp(0, 1) * 255.0)
     seen = torch.zeros(b, 256, dtype=torch.bool, device=x.device)
