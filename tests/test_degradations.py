@@ -303,3 +303,22 @@ def test_gray_poisson_noise_takes_torchvisions_luma() -> None:
     y = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
     want = 0.2989 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]
     assert torch.equal(poisson_luma(y)[:, 0], want)
+
+
+def test_small_images_are_reflected_by_the_kernels_own_radius() -> None:
+    """Kernels come zero-padded to 21 px, so every filter padded by 10 and an image of 8-10 px fell
+    back to replicate padding where the official code reflects by the kernel's own k // 2 (a
+    review of 2026-11-29: the tiny preset's 32-px crops meet such sizes after the first order)."""
+    from upsr_core.train.degradations import _filter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 9, 10, generator=g, dtype=torch.float64)
+    small = torch.rand(2, 7, 7, generator=g, dtype=torch.float64)
+    small /= small.sum((1, 2), keepdim=True)
+    padded = torch.nn.functional.pad(small, (7, 7, 7, 7))  # as the pipeline hands them: 21 x 21
+    want = torch.stack([torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x[i:i + 1].transpose(0, 1), (3, 3, 3, 3), mode="reflect"), small[i][None, None])
+        .transpose(0, 1)[0] for i in range(2)])
+    assert torch.allclose(_filter(x, padded), want, atol=1e-12)
+    big = torch.rand(1, 3, 40, 40, generator=g, dtype=torch.float64)
+    assert torch.allclose(_filter(big, padded[:1]), _filter(big, small[:1]), atol=1e-12)  # trimming is exact

@@ -170,9 +170,19 @@ class RealESRGANDegradation:
 def _filter(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Per-image 2-D filtering: x (B, C, H, W), kernels (B, k, k) → (B, C, H, W).
 
-    Reflect padding as Real-ESRGAN; images not larger than k // 2 use replicate padding.
+    Reflect padding as Real-ESRGAN, by the largest kernel's own radius (kernels come zero-padded
+    to one size: CPU kernels are trimmed to the rings that hold a weight, so a small image is
+    reflected as the official code reflects it); images not larger than that radius use
+    replicate padding (the official code would fail on them).
     """
     b, c, h, w = x.shape
+    if kernels.device.type == "cpu":  # (on a GPU, finding the rings would be a host sync)
+        k = kernels.shape[-1]
+        used = kernels.abs().amax(0) > 0
+        rows, cols = used.any(1).nonzero().flatten(), used.any(0).nonzero().flatten()
+        if rows.numel():
+            r = int(max((rows - k // 2).abs().max(), (cols - k // 2).abs().max()))
+            kernels = kernels[:, k // 2 - r:k // 2 + r + 1, k // 2 - r:k // 2 + r + 1]
     p = kernels.shape[-1] // 2
     mode = "reflect" if min(h, w) > p else "replicate"
     xp = F.pad(x.reshape(1, b * c, h, w), (p, p, p, p), mode=mode)
