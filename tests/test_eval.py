@@ -1202,3 +1202,23 @@ def test_eval_review_follow_ups(tiny_pairs, tmp_path, monkeypatch, capsys, caplo
         assert f"{flag[0]}: settings of the model, and --method 'bicubic' runs none (not used)" in caplog.text
         info = json.loads((tmp_path / "b" / "results.json").read_text())["info"]
         assert info["model"] is None and info["path"] is None and info["dtype"] is None
+
+
+def test_results_record_the_images_left_unpaired(tiny_pairs, tmp_path, monkeypatch):
+    """Only the log named them: two runs over different coverage looked alike in results.json."""
+    import shutil
+
+    monkeypatch.setenv("UPSR_NIQE_PARAMS", "off")
+    root, _ = tiny_pairs
+    hr, lr = tmp_path / "copy" / "hr", tmp_path / "copy" / "lr"
+    shutil.copytree(root / "hr", hr), shutil.copytree(root / "lr", lr)
+    _touch_png(hr / "sub" / "only_hr.png", 64), _touch_png(lr / "only_lr.png", 16)
+    assert main(["eval", "--hr", str(hr), "--lr", str(lr), "--device", "cpu", "--out", str(tmp_path / "o"),
+                 "--method", "bicubic", "--sheet", "0"]) == 0
+    info = json.loads((tmp_path / "o" / "results.json").read_text())["info"]
+    assert info["pairs"] == 2 and info["unpaired"] == {"hr": ["sub/only_hr.png"], "lr": ["only_lr.png"],
+                                                       "ambiguous": []}
+    assert main(["eval", "--hr", str(root / "hr"), "--lr", str(root / "lr"), "--device", "cpu", "--out",
+                 str(tmp_path / "p"), "--method", "bicubic", "--sheet", "0"]) == 0
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["info"]["unpaired"] == \
+        {"hr": [], "lr": [], "ambiguous": []}

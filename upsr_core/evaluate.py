@@ -133,7 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | None = None, *,
-               exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
+               exclude: str | Path | None = None, left_out: dict | None = None) -> list[tuple[Path, Path]]:
     """(hr, lr) image paths of two folders (searched recursively, as ``upscale`` reads a folder),
     sorted by the HR image's path. Paired by the path below each folder without the suffix; an
     image left over answers also to its name without a scale tag (HR: ``_HR``, ``_GT``, ``_x1``;
@@ -148,7 +148,8 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | No
     never images of the set (eval's ``--out``); a folder holding an earlier eval's results.json
     and results.md is skipped too, as is the other folder where one lies inside the other.
     ValueError when nothing pairs, saying what each folder holds; warnings name the images
-    (and ids) left out."""
+    (and ids) left out, and ``left_out``, a dict, receives them: ``hr`` and ``lr`` (paths below
+    their folders without a partner) and ``ambiguous`` (lists of keys that pair none)."""
     hr_dir, lr_dir = Path(hr_dir), Path(lr_dir)
     same = same_place(hr_dir, lr_dir)
     skip = [] if exclude is None else [Path(exclude)]
@@ -195,6 +196,8 @@ def pair_files(hr_dir: str | Path, lr_dir: str | Path, ids: Collection[str] | No
     if extra:
         log.warning("%d LR image(s) in %r have no HR image of the same name in %r and are left out: %s",
                     len(extra), str(lr_dir), str(hr_dir), _first_names(extra))
+    if left_out is not None:
+        left_out.update(hr=alone, lr=extra, ambiguous=ambiguous)
     if ids is not None:
         _warn_missing_ids(ids, pairs)
     return [pairs[k] for k in sorted(pairs)]
@@ -936,7 +939,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                              "read as images of the set next time; give a folder of their own (default runs/eval)")
     check_writable({out / "images" if args.save_images else out}, flag="--out")  # not after hours of scoring
     ids = manifest_entries(args.manifest, args.group, label="--manifest") if args.manifest else None
-    pairs = (pair_files(args.hr, args.lr, ids, exclude=out) if args.hr is not None
+    unpaired: dict = {}  # recorded in results.json: two runs over different coverage must not look alike
+    pairs = (pair_files(args.hr, args.lr, ids, exclude=out, left_out=unpaired) if args.hr is not None
              else lr_files(args.lr, ids, exclude=out))[: args.limit]
     pyiqa_names = [n.strip() for n in args.pyiqa.split(",") if n.strip()]
     no_ref = args.hr is None
@@ -1003,6 +1007,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     left = unscored(rows)  # (evaluate logged them)
     info = {"model": str(model_path) if model is not None else None, "pairs": len(pairs),
             "hr": args.hr and str(args.hr), "lr": str(args.lr), "manifest": args.manifest and str(args.manifest),
+            "unpaired": unpaired or None,
             "group": args.group, "limit": args.limit, "seed": args.seed, "seeds": args.seeds,
             "crop_border": args.crop_border,
             "niqe": params is not None,
