@@ -727,8 +727,9 @@ def test_the_memory_rule_counts_what_upscale_runs_at_once(fast, b, hw, tile, til
     """The pixels the rule assumes in one call of each net are the largest a real upscale makes:
     a batch of small images in one fast call, one image at a time otherwise, a tile batch, a block
     with its margins."""
-    from upsr_core.model import _largest_block_extent
+    from upsr_core.model import ESTIMATOR_MARGIN, _context_window
     from upsr_core.pipeline import padded_size
+    from upsr_core.tiling import partition
 
     from _support import tiny_upsr
 
@@ -754,7 +755,8 @@ def test_the_memory_rule_counts_what_upscale_runs_at_once(fast, b, hw, tile, til
     kw = dict(batch=b, tile=tile, tile_batch=tile_batch, estimator_block=block)
     images = m._images_at_once(hp, wp, **kw)
     assert seen["den"] == m._denoiser_px(hp, wp, **kw)
-    est_px = _largest_block_extent(hp, block) * _largest_block_extent(wp, block) * images
+    est_px = images * max((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in
+                          (_context_window(blk, ESTIMATOR_MARGIN, hp, wp) for blk in partition(hp, wp, block)))
     assert seen["est"] <= est_px and (seen["est"] == est_px or block < max(hp, wp))
 
 

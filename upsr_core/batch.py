@@ -226,12 +226,13 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
     if mine.step > 1:  # every rank must list the same files: the counts and the list's digest show it
         digest = hashlib.sha256("\n".join(str(f) for f, _ in inputs).encode()).hexdigest()[:12]
         log.info("rank %d of %d: %d of %d files (list %s)", mine.start, mine.step, len(mine), len(inputs), digest)
-    empty = [outputs[i] for i in mine if outputs[i].is_file() and outputs[i].stat().st_size == 0]
+    # each output's size, None where it is not a file (a folder of that name is not done, nor an empty file)
+    size = {i: outputs[i].stat().st_size if outputs[i].is_file() else None for i in mine}
+    empty = [outputs[i] for i in mine if size[i] == 0]
     if empty and not args.overwrite:  # (this command writes whole files only: .part, then a rename)
         log.warning("%d output(s) are empty files, written by something else or cut short, and are made again: %s",
                     len(empty), ", ".join(str(p) for p in empty[:3]) + (" …" if len(empty) > 3 else ""))
-    # a folder of that name is not done, nor an empty file
-    todo = [i for i in mine if args.overwrite or not outputs[i].is_file() or outputs[i].stat().st_size == 0]
+    todo = [i for i in mine if args.overwrite or not size[i]]
     if len(todo) < len(mine):
         log.info("skipping %d image(s) whose output exists (use --overwrite to redo)", len(mine) - len(todo))
     if not todo:

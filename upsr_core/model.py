@@ -199,12 +199,13 @@ class UPSRModel:
         hp, wp = self._check_sizes(lr_size, images=images, block=block)
         if self.estimator is None:
             return 0
-        side_h, side_w = (_largest_block_extent(n, block) for n in (hp, wp))
+        px = max((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in
+                 (_context_window(blk, ESTIMATOR_MARGIN, hp, wp) for blk in partition(hp, wp, block)))
         cfg = self.estimator.config
         itemsize = next(self.estimator.parameters()).dtype.itemsize
         per_px = (self._est_bytes_per_channel * cfg.embed_dim + self._est_bytes_per_head * max(cfg.num_heads)) \
             * itemsize / 4
-        return int(per_px * side_h * side_w * images)
+        return int(per_px * px * images)
 
     def _check_sizes(self, lr_size, **counts: int) -> tuple[int, int]:
         for name, v in counts.items():
@@ -277,9 +278,7 @@ class UPSRModel:
                          counter: StepCounter | None = None) -> torch.Tensor:
         """ŷ (B,3,4·blk.h,4·blk.w) in [-1,1] for one block, computed with ``margin`` LR px of context,
         one image at a time (``counter(1)`` after each)."""
-        hp, wp = lr_pm.shape[-2:]
-        y0, x0 = max(blk.y - margin, 0), max(blk.x - margin, 0)
-        y1, x1 = min(blk.y + blk.h + margin, hp), min(blk.x + blk.w + margin, wp)
+        y0, y1, x0, x1 = _context_window(blk, margin, *lr_pm.shape[-2:])
         parts = []
         for i in range(lr_pm.shape[0]):
             parts.append(run_estimator(self._estimator_call, lr_pm[i : i + 1, :, y0:y1, x0:x1].to(self.device)).cpu())
@@ -519,12 +518,11 @@ class UPSRModel:
         return None
 
 
-def _largest_block_extent(n: int, block: int) -> int:
-    """LR px along one axis of the largest estimator input: a block with the ESTIMATOR_MARGIN of
-    context it gets on each side inside the image (the whole axis when it fits one block)."""
-    if n <= block:
-        return n
-    return max(min(s + block + ESTIMATOR_MARGIN, n) - max(s - ESTIMATOR_MARGIN, 0) for s in range(0, n, block))
+def _context_window(blk: Tile, margin: int, hp: int, wp: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the LR region the estimator sees for ``blk``, the block with ``margin``
+    px of context on each side inside the padded (hp, wp) image."""
+    return (max(blk.y - margin, 0), min(blk.y + blk.h + margin, hp),
+            max(blk.x - margin, 0), min(blk.x + blk.w + margin, wp))
 
 
 def _bicubic_region(lr_pm: torch.Tensor, t: Tile, margin: int = 2) -> torch.Tensor:
