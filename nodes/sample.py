@@ -8,11 +8,13 @@ from typing import TypeVar
 import comfy.model_management as mm
 import comfy.utils
 import torch
+from comfy.cli_args import LatentPreviewMethod, args
 from comfy_api.v0_0_2 import io
 
 from upsr_core import DEFAULT_OVERLAP, DEFAULT_TILE
 from upsr_core.errors import is_out_of_memory, is_size_limit
-from upsr_core.model import ESTIMATOR_BLOCK, Progress
+from upsr_core.imageio import to_pil
+from upsr_core.model import ESTIMATOR_BLOCK, Preview, Progress
 from upsr_core.pipeline import SCALE, generator_seed
 from upsr_core.stages import sample_maps
 from upsr_core.tiling import MIN_RETRY_TILE, smaller_tiles
@@ -25,21 +27,37 @@ log = logging.getLogger(__name__)
 MIN_TILE = MIN_RETRY_TILE  # LR pixels: the smallest tile widget value; the OOM retry gives up below it
 SEED_MAX = 0xFFFFFFFFFFFFFFFF  # as KSampler's; upsr_core.pipeline.generator_seed maps it onto the generator
 
-Run = Callable[[int, int, int, Progress], torch.Tensor]
-"""run(tile, overlap, estimator_block, progress) -> sr (B,3,4h,4w)."""
+Run = Callable[[int, int, int, Progress, Preview | None], torch.Tensor]
+"""run(tile, overlap, estimator_block, progress, preview) -> sr (B,3,4h,4w)."""
 S = TypeVar("S")
 R = TypeVar("R")
 
 
 def progress_bar() -> Progress:
     """A ComfyUI progress bar as a ``progress(done, total)`` callback that also checks for Cancel."""
+    return progress_with_preview()[0]
+
+
+def previews_on() -> bool:
+    """ComfyUI shows sampling previews: started with ``--preview-method`` other than none (any
+    method: UPSR's steps are pixels, no latent decoder is needed)."""
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def progress_with_preview() -> tuple[Progress, Preview | None]:
+    """:func:`progress_bar` and, when :func:`previews_on`, a ``preview(x0)`` that shows a step's
+    x̂0 on the node while it samples (as KSampler's latent preview; JPEG, at most
+    ``--preview-size`` px), else None (nothing is computed for it)."""
     pbar = comfy.utils.ProgressBar(1)
 
     def progress(done: int, total: int) -> None:
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(done, total)
 
-    return progress
+    def preview(x0: torch.Tensor) -> None:
+        pbar.update_absolute(pbar.current, pbar.total, ("JPEG", to_pil(x0), args.preview_size))
+
+    return progress, (preview if previews_on() else None)
 
 
 def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S | None],
@@ -78,7 +96,8 @@ def retry_on_oom(attempt: Callable[[S], R], setting: S, shrink: Callable[[S], S 
 def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multiple: int,
               free_others: Callable[[], int] | None = None, *, estimator: bool = False) -> torch.Tensor:
     """``run`` with a ComfyUI progress bar over steps × tiles (and, in UPSR Upscale, the
-    estimator's blocks), a cancel check after every denoiser step (and before each block), and
+    estimator's blocks), a cancel check after every denoiser step (and before each block), a
+    preview of each step's x̂0 when ComfyUI shows previews (:func:`progress_with_preview`), and
     :func:`retry_on_oom`: the same tiles after unloading the other models, then smaller tiles
     (the result is then that of the smaller tile). ``estimator``: ``run`` also runs the
     estimator, whose blocks then shrink with the tile where they are larger."""
@@ -89,8 +108,9 @@ def run_tiled(run: Run, tile: int, overlap: int, lr_size: tuple[int, int], multi
     def describe(s: tuple[int, int, int]) -> str:
         return f"tile {s[0]}, overlap {s[1]}" + (f", estimator block {s[2]}" if s[2] < ESTIMATOR_BLOCK else "")
 
-    progress = progress_bar()
-    return retry_on_oom(lambda s: run(*s, progress), (tile, overlap, ESTIMATOR_BLOCK), shrink, describe, free_others)
+    progress, preview = progress_with_preview()
+    return retry_on_oom(lambda s: run(*s, progress, preview), (tile, overlap, ESTIMATOR_BLOCK), shrink, describe,
+                        free_others)
 
 
 TILE_MAX, OVERLAP_MAX = 4096, 1024
@@ -222,9 +242,9 @@ class UPSRSample(io.ComfyNode):
         est, w = image_in(sr_estimate, "sr_estimate"), image_in(noise_weight, "noise_weight")
         model = upsr_model.load_for(image, tile, tile_batch)
 
-        def run(t: int, o: int, _block: int, progress: Progress) -> torch.Tensor:
+        def run(t: int, o: int, _block: int, progress: Progress, preview: Preview | None) -> torch.Tensor:
             return sample_maps(model, lr, est, w, seed=generator_seed(seed), tile=t, overlap=o, tile_batch=tile_batch,
-                               progress=progress, same_noise=same_noise)
+                               progress=progress, same_noise=same_noise, preview=preview)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
                                                       upsr_model.free_others)))
@@ -268,10 +288,10 @@ class UPSRUpscale(io.ComfyNode):
         lr = lr_in(image)  # a bad image is refused before the model is loaded (which may offload others)
         model = upsr_model.load_for(image, tile, tile_batch, estimator_block=ESTIMATOR_BLOCK)
 
-        def run(t: int, o: int, block: int, progress: Progress) -> torch.Tensor:
+        def run(t: int, o: int, block: int, progress: Progress, preview: Preview | None) -> torch.Tensor:
             return model.upscale(lr, seed=generator_seed(seed), b_u=b_u, psi_max=psi_max, tile=t, overlap=o,
                                  tile_batch=tile_batch, progress=progress, same_noise=same_noise,
-                                 estimator_block=block)
+                                 estimator_block=block, preview=preview)
 
         return io.NodeOutput(image_out(run_tiled(run, tile, overlap, lr.shape[-2:], model.multiple_of,
                                                       upsr_model.free_others, estimator=True)))

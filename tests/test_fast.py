@@ -1164,6 +1164,67 @@ def test_upscale_progress_counts_the_estimator_blocks_on_both_paths(shape, tile,
         assert blocks == 15 and seen["ref"] == seen["fast"]
 
 
+@pytest.mark.parametrize("shape,tile,tile_batch,streamed", [((2, 3, 8, 8), 512, 1, False),
+                                                              ((1, 3, 20, 36), 16, 2, False),
+                                                              ((2, 3, 20, 36), 16, 1, True)])
+def test_preview_shows_each_steps_estimate_on_both_paths(shape, tile, tile_batch, streamed):
+    """``preview(x0)`` (ComfyUI's live view) gets each eager step's x̂0 right after the step's
+    progress report: of the first image of a call, of the first tile of a tile batch, cut to the
+    image, in [0, 1]; on one tile the last step's x̂0 is the result, bit for bit. Reference and
+    fast paths (whole-image batch, tiled, streamed) show the same pictures."""
+    from upsr_core.tiling import batches, plan_tiles
+
+    ref = tiny_upsr()
+    fast = enable_fast(UPSRModel(copy.deepcopy(ref.denoiser), copy.deepcopy(ref.estimator)))
+    lr = torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    b, h, w = shape[0], *shape[-2:]
+    hp, wp = padded_size(h, w, ref.multiple_of)
+    tiles = plan_tiles(hp, wp, tile, 8, ref.multiple_of)
+    shown = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        log = shown[name] = []
+        out = model.upscale(lr, seed=0, tile=tile, overlap=8, tile_batch=tile_batch,
+                            progress=lambda d, t, log=log: log.append(d),
+                            preview=lambda x0, log=log: log.append(x0),
+                            sink=(lambda *_: None) if streamed else None)
+        pictures = [x for x in log if isinstance(x, torch.Tensor)]
+        done = 0
+        for i, x in enumerate(log):  # each picture right after a progress report that advanced the count
+            if isinstance(x, torch.Tensor):
+                assert isinstance(log[i - 1], int) and log[i - 1] > done
+                done = log[i - 1]
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" and 0 <= p.min() and p.max() <= 1
+                   for p in pictures)
+        if len(tiles) == 1:
+            calls = 1 if name == "fast" else b  # the fast path runs small images as one batch
+            assert len(pictures) == 5 * calls and {tuple(p.shape) for p in pictures} == {(3, 4 * h, 4 * w)}
+            assert torch.equal(pictures[-1], out[-1 if name == "ref" else 0])
+        else:
+            firsts = [g[0] for g in batches(tiles, tile_batch)] * b
+            assert [tuple(p.shape) for p in pictures] == [(3, *t.visible(4, 4 * h, 4 * w)) for t in firsts
+                                                          for _ in range(5)]
+    if len(tiles) > 1:
+        for a, c in zip(*([x for x in shown[k] if isinstance(x, torch.Tensor)] for k in ("ref", "fast")), strict=True):
+            torch.testing.assert_close(a, c, atol=FP32_ATOL, rtol=0)
+
+
+def test_preview_must_be_callable_and_may_cancel():
+    model = tiny_upsr()
+    lr = torch.rand(1, 3, 8, 8)
+    with pytest.raises(TypeError, match="preview must be a callable preview\\(x0\\) or None, got int"):
+        model.upscale(lr, preview=3)
+
+    class Cancelled(Exception):
+        pass
+
+    def stop(_x0):
+        raise Cancelled
+
+    for m in (model, enable_fast(UPSRModel(copy.deepcopy(model.denoiser), copy.deepcopy(model.estimator)))):
+        with pytest.raises(Cancelled):
+            m.upscale(lr, preview=stop)
+
+
 def test_bench_compile_row_compares_with_the_untiled_reference_of_its_size(tmp_path, monkeypatch):
     """With --tiled equal to a compile size, the tiled reference replaced the untiled one the
     compiled row is compared with: its max|d| was the tiles' blend, 1.6e-2 (review, 2026-11-29)."""

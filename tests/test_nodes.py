@@ -947,6 +947,48 @@ def test_progress_counts_steps_times_tiles(pack, handle, monkeypatch):
     assert seen == [(0, 16)] + [(k, 16) for k in range(1, 17)]
 
 
+@pytest.fixture
+def previews(pack, monkeypatch):
+    """ComfyUI started with ``--preview-method auto``: the hook's (value, total, preview) calls."""
+    cli_args = sys.modules["comfy.cli_args"]
+    monkeypatch.setattr(cli_args.args, "preview_method", cli_args.LatentPreviewMethod.Auto)
+    seen = []
+    monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK",
+                        lambda v, t, preview, node_id=None: seen.append((v, t, preview)))
+    return seen
+
+
+@pytest.mark.parametrize("node", ["UPSRSample", "UPSRUpscale"])
+def test_previews_show_each_steps_estimate_when_comfyui_shows_previews(pack, handle, previews, node):
+    """With ``--preview-method`` other than none, the sampling nodes show each step's x̂0 as
+    KSampler shows its latents: after the step's progress report, at the same count, as ("JPEG",
+    PIL image, --preview-size); the last step's x̂0 is the result (one tile: to the 8-bit level)."""
+    img = lr_image(16, 24)
+    kw = defaults(pack, node) | {"upsr_model": handle, "image": img}
+    if node == "UPSRSample":
+        est = run(pack, "EstimateUncertainty", upsr_model=handle, image=img)
+        wn = run(pack, "WeightNoise", **defaults(pack, "WeightNoise") | {"uncertainty": est[1]})
+        kw |= {"sr_estimate": est[0], "noise_weight": wn[0]}
+        assert all(p[2] is None for p in previews)  # the estimator's bar shows none
+        previews.clear()
+    sr = run(pack, node, **kw)[0]
+    shown = [(i, p) for i, p in enumerate(previews) if p[2] is not None]
+    assert len(shown) == 5
+    for i, (v, t, (kind, im, size)) in shown:
+        assert (kind, size, im.mode, im.size) == ("JPEG", 512, "RGB", (96, 64))
+        assert previews[i - 1][:2] == (v, t)  # the step's progress report came first, with the same count
+    last = torch.from_numpy(np.array(shown[-1][1][2][1])).float() / 255
+    assert torch.equal(last, (sr[0] * 255).round() / 255)
+
+
+def test_no_previews_by_default(pack, handle, monkeypatch):
+    """ComfyUI's default ``--preview-method none``: no preview is made (nor its x̂0 copied)."""
+    seen = []
+    monkeypatch.setattr(pack.utils, "PROGRESS_BAR_HOOK", lambda v, t, preview, node_id=None: seen.append(preview))
+    run(pack, "UPSRUpscale", upsr_model=handle, image=lr_image(16, 24), **defaults(pack, "UPSRUpscale"))
+    assert len(seen) == 7 and seen == [None] * 7
+
+
 @pytest.mark.parametrize("size", [(16, 24), (16, 600)])  # one piece; streamed tiles with 2 estimator blocks
 def test_upscale_node_cancelled_before_it_starts_runs_no_estimator_block(pack, handle, model, monkeypatch, size,
                                                                          interrupt):

@@ -52,10 +52,12 @@ from .model import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
     ESTIMATOR_BLOCK,
+    Preview,
     Progress,
     StepCounter,
     UPSRModel,
     check_block,
+    check_preview,
     check_progress,
 )
 from .nets.denoiser import GroupNorm32, SwinBlock, Upsample, prepare_subpixel
@@ -489,10 +491,10 @@ class FastUPSRModel(UPSRModel):
         return bic, run_estimator(self._estimator_call, lr_pm)
 
     def _diffuse(self, bic: torch.Tensor, y_hat: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
-                 on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                 on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """The 5 DDIM steps (SPEC §4), same operations as ``denoise_estimate``; returns the
-        padded sample (B,3,4Hp,4Wp) in [-1,1], not clamped. ``on_step`` is called after each
-        step (eager runs only: a captured graph cannot call back)."""
+        padded sample (B,3,4Hp,4Wp) in [-1,1], not clamped. ``on_step(x0)`` is called after each
+        step with its x̂0 (B,48,Hp,Wp) (eager runs only: a captured graph cannot call back)."""
         y = F.pixel_unshuffle(bic, SCALE)
         lq = self._net_input(F.pixel_unshuffle(torch.cat([y_hat, bic], dim=1), SCALE))
         # UPSR eq. 8: x_T = y + κ√η_T · w ⊙ ε
@@ -503,14 +505,14 @@ class FastUPSRModel(UPSRModel):
             x0 = F.pixel_unshuffle(_f32_nchw(self._net(self._net_input(x / std), self._ts[t], lq)), SCALE)
             x = x0 * k + x * m + y * c
             if on_step is not None:
-                on_step()
+                on_step(x0)
         return F.pixel_shuffle(x, SCALE)
 
     def _diffuse_core(self, bic, y_hat, w, noise) -> tuple[torch.Tensor]:
         return (self._diffuse(bic, y_hat, w, noise),)
 
     def _upscale_core(self, lr: torch.Tensor, noise: torch.Tensor, b_u: float, psi_max: float,
-                      on_step: Callable[[], None] | None = None,
+                      on_step: Callable[[torch.Tensor], None] | None = None,
                       on_estimate: Callable[[], None] | None = None) -> tuple[torch.Tensor]:
         lr_pm = pad_lr(lr, self.multiple_of)
         bic, y_hat = self._estimate_core(lr_pm)
@@ -525,21 +527,22 @@ class FastUPSRModel(UPSRModel):
     # ------------------------------------------------------------------ orchestration
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
                    tile_batch: int, progress: Progress | None, sink=None,
-                   estimator_units: int = 0) -> torch.Tensor | None:
+                   estimator_units: int = 0, preview: Preview | None = None) -> torch.Tensor | None:
         """:meth:`UPSRModel._tile_loop` with the canvas on the device and :meth:`_diffuse`
         (graph-replayed for small tiles); the last tile group is padded with repeats so
         every group has one shape. Returns sr (B,3,4h,4w) in [0,1] on the model's device, or
         on the CPU when the canvas exceeds ``CANVAS_DEVICE_MAX_BYTES``. With a row ``sink``
         (streamed output) the banded CPU canvas of the base class is used."""
         if sink is not None:
-            return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink, estimator_units)
+            return super()._tile_loop(lr_pm, size, inputs, tile, overlap, tile_batch, progress, sink, estimator_units,
+                                      preview)
         check_tiling(tile, overlap, self.multiple_of)
         check_tile_batch(tile_batch)
         b, _, hp, wp = lr_pm.shape
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         steps = len(self._steps)
-        counter = StepCounter(progress, steps * len(tiles) * b + estimator_units)
+        counter = StepCounter(progress, steps * len(tiles) * b + estimator_units, preview)
         dev = self.device
         host = _canvas_bytes(b, *size) > CANVAS_DEVICE_MAX_BYTES  # keep device memory bounded by the tile
         cdev = torch.device("cpu") if host else dev
@@ -561,10 +564,11 @@ class FastUPSRModel(UPSRModel):
                 if graphed:
                     (x,) = self.graphs.run(key, self._diffuse_core, *args)
                 else:  # big tiles (launches are cheap next to the work; one memory pool), CPU, no graphs
-                    x = self._diffuse(*args, on_step=partial(counter, len(group)))
+                    seen = full[0].visible(SCALE, h4, w4)  # the first tile's part of the image: its preview
+                    x = self._diffuse(*args, on_step=lambda x0: counter.step(len(group), x0, seen))
                 for k, j in enumerate(group):
                     r = tiles[j].scaled(SCALE)
-                    hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
+                    hh, ww = tiles[j].visible(SCALE, h4, w4)
                     wt = weights[j][:hh, :ww].to(cdev) if weights[j] is not None else 1.0
                     out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[k, :, :hh, :ww].to(cdev) * wt
                     if i == 0:
@@ -628,13 +632,15 @@ class FastUPSRModel(UPSRModel):
         sink=None,
         same_noise: bool = False,
         estimator_block: int = ESTIMATOR_BLOCK,
+        preview: Preview | None = None,
     ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) in [0,1] on the model's device.
 
         Same contract as :meth:`UPSRModel.upscale`. An image that fits one tile and one
         estimator block runs estimate, ψ/w, the 5 steps and the crop as ONE device function
         (one CUDA graph per shape), images batched within ``tile_batch`` × ``tile``² pixels;
-        larger images stream through the reference tiling with :meth:`_tile_loop`.
+        larger images stream through the reference tiling with :meth:`_tile_loop`. ``preview``
+        gets no call from a replayed graph (small images on CUDA: the 5 steps take milliseconds).
         """
         self._follow()
         check_lr(lr)
@@ -643,6 +649,7 @@ class FastUPSRModel(UPSRModel):
         check_tile_batch(tile_batch)
         check_block(estimator_block, "estimator_block")
         check_progress(progress)
+        check_preview(preview)
         b, _, h, w = lr.shape
         m = self.multiple_of
         hp, wp = padded_size(h, w, m)
@@ -652,7 +659,7 @@ class FastUPSRModel(UPSRModel):
             # ε band by band when not given (a whole field here would be 1 HR of CPU memory)
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,
                                    tile_batch=tile_batch, progress=progress, noise=noise, sink=sink,
-                                   same_noise=same_noise, estimator_block=estimator_block)
+                                   same_noise=same_noise, estimator_block=estimator_block, preview=preview)
         check_noise_choice(noise, same_noise)
         given = noise is not None  # a caller's ε is checked for NaN/Inf as the reference path does;
         if given:                  # one made here is finite (and checking it would sync the host)
@@ -663,7 +670,8 @@ class FastUPSRModel(UPSRModel):
         dev = self.device
         per = self._images_per_call(b, hp, wp, tile, tile_batch)
         steps = len(self._steps)
-        counter = StepCounter(progress, (steps + 1) * b)  # the estimator: one unit per image, as upscale counts
+        # (steps + 1) units per image: the estimator is one, as upscale counts it
+        counter = StepCounter(progress, (steps + 1) * b, preview)
         # the device holds one call's images; a batch's results as the tiled canvas would be: on
         # the device up to CANVAS_DEVICE_MAX_BYTES, else gathered on the CPU (e.g. many video frames)
         out = None
@@ -692,7 +700,8 @@ class FastUPSRModel(UPSRModel):
                 counter(k)  # its estimator
                 graphed = True
             else:  # eager (CPU, graphs off): progress after every step
-                (sr,) = self._upscale_core(x, n, b_u, psi_max, partial(counter, k), partial(counter, k))
+                (sr,) = self._upscale_core(x, n, b_u, psi_max, lambda x0: counter.step(k, x0, (SCALE * h, SCALE * w)),
+                                           partial(counter, k))
                 graphed = False
             if graphed:  # a graph cannot call back: the steps are reported after it
                 for _ in range(steps):

@@ -543,6 +543,15 @@ def _to_ints(rgb: torch.Tensor, alpha: torch.Tensor | None, bits: int, gray: boo
     return (x * maxv).round().permute(1, 2, 0).numpy().astype(dtype)
 
 
+def to_pil(rgb: torch.Tensor) -> Image.Image:
+    """rgb (3, H, W) in [0, 1] (clamped) -> an 8-bit RGB PIL image, rounded as :func:`write_png`
+    writes 8 bits (e.g. a sampling preview for ComfyUI)."""
+    if not isinstance(rgb, torch.Tensor) or rgb.ndim != 3 or rgb.shape[0] != 3 or not rgb.is_floating_point():
+        shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+        raise ValueError(f"to_pil needs a float (3, H, W) image in [0, 1], got {shape}")
+    return Image.fromarray(_to_ints(rgb, None, 8, False))  # (H, W, 3) uint8: RGB
+
+
 def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 

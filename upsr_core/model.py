@@ -36,6 +36,7 @@ from .pipeline import (
     denoise_estimate,
     pad_lr,
     padded_size,
+    preview_image,
     run_estimator,
     starting_noise,
 )
@@ -70,12 +71,33 @@ each estimator block of each image, one unit each (in ``estimate``: after each e
 of each image); may raise to cancel."""
 
 
+Preview = Callable[[torch.Tensor], None]
+"""preview(x0): called after each denoiser step that runs eagerly (not from a replayed CUDA graph),
+after its ``progress`` call, with the step's estimate x̂0 of the first image of the batch being
+denoised — of its first tile when tiled — as (3, H, W) float32 in [0, 1] on the CPU, cut to the
+image; may raise to cancel."""
+
+
+def check_preview(preview: object) -> None:
+    """TypeError unless ``preview`` is None or callable."""
+    if preview is not None and not callable(preview):
+        raise TypeError(f"preview must be a callable preview(x0) or None, got {type(preview).__name__}")
+
+
 class StepCounter:
     """Counts finished denoiser steps × images (or tiles), and estimator blocks, and reports
-    ``progress(done, total)`` after each: ``counter(n)`` adds n. The reference and fast tile loops share it."""
+    ``progress(done, total)`` after each: ``counter(n)`` adds n. The reference and fast tile loops
+    share it; :meth:`step` also hands a step's x̂0 to ``preview``."""
 
-    def __init__(self, progress: Progress | None, total: int):
-        self.progress, self.total, self.done = progress, total, 0
+    def __init__(self, progress: Progress | None, total: int, preview: Preview | None = None):
+        self.progress, self.total, self.done, self.preview = progress, total, 0, preview
+
+    def step(self, n: int, x0_pm: torch.Tensor, hr_size: tuple[int, int]) -> None:
+        """A denoiser step over n images (tiles) is done: ``counter(n)``, then ``preview`` of the
+        first one's x̂0 (x0_pm (n, 48, Hp, Wp) unshuffled), cut to ``hr_size`` (H, W)."""
+        self(n)
+        if self.preview is not None:
+            self.preview(preview_image(x0_pm[0], hr_size))
 
     def __call__(self, n: int) -> None:
         self.done += n
@@ -324,15 +346,17 @@ class UPSRModel:
         progress: Progress | None = None,
         noise: torch.Tensor | None = None,
         same_noise: bool = False,
+        preview: Preview | None = None,
     ) -> torch.Tensor:
         """Diffusion stage over tiles -> sr (B,3,4h,4w) float32 in [0,1] (whatever the nets' dtype).
 
         weight: w (B, 1|3, 4Hp, 4Wp) in [0,1]. One ε field (seed contract: image i uses
         seed + i; with ``same_noise`` every image uses seed) covers the whole padded image
-        and is sliced per tile.
+        and is sliced per tile. ``preview(x0)``: see :data:`Preview`.
         """
         check_estimate(est)
         check_progress(progress)
+        check_preview(preview)
         self._warn_if_slow()
         b, _, hp, wp = est.lr_pm.shape
         check_weight_and_noise(weight, noise, b, (hp, wp))
@@ -341,12 +365,12 @@ class UPSRModel:
             noise = starting_noise(seed, b, (hp, wp), same_noise=same_noise)
         weight = weight.float().cpu().expand(b, 3, *est.bicubic_pm.shape[-2:])
         sr = self._tile_loop(est.lr_pm, est.size, lambda i, group, _counter: _gather(est, weight, noise, i, group),
-                             tile, overlap, tile_batch, progress)
+                             tile, overlap, tile_batch, progress, preview=preview)
         return self._checked(sr)
 
     def _tile_loop(self, lr_pm: torch.Tensor, size: tuple[int, int], inputs, tile: int, overlap: int,
                    tile_batch: int, progress: Progress | None, sink: RowSink | None = None,
-                   estimator_units: int = 0) -> torch.Tensor | None:
+                   estimator_units: int = 0, preview: Preview | None = None) -> torch.Tensor | None:
         """Denoise every tile of every image; blend into a (B,3,4h,4w) canvas -> sr in [0,1].
 
         ``inputs(i, tiles, counter)`` returns the (Estimate, weight, noise) batch of image i under
@@ -361,36 +385,38 @@ class UPSRModel:
         h4, w4 = SCALE * size[0], SCALE * size[1]
         tiles = plan_tiles(hp, wp, tile, overlap, self.multiple_of)
         schedule = make_schedule()
-        total = schedule.num_steps * len(tiles) * b + estimator_units
+        counter = StepCounter(progress, schedule.num_steps * len(tiles) * b + estimator_units, preview)
         if sink is not None:
-            self._tile_loop_banded(tiles, b, h4, w4, inputs, tile_batch, schedule, total, progress, sink)
+            self._tile_loop_banded(tiles, b, h4, w4, inputs, tile_batch, schedule, counter, sink)
             return None
         out = torch.zeros(b, 3, h4, w4, dtype=torch.float32)
         norm = torch.zeros(h4, w4, dtype=torch.float32)
-        counter = StepCounter(progress, total)
         for i in range(b):  # images one by one: memory is bounded by tile_batch tiles
             for group in batches(tiles, tile_batch):
-                x = self._denoise_group(inputs, i, group, schedule, counter)
+                x = self._denoise_group(inputs, i, group, schedule, counter, (h4, w4))
                 for j, t in enumerate(group):
                     r = t.scaled(SCALE)
-                    hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
+                    hh, ww = t.visible(SCALE, h4, w4)
                     wt = tile_weight(t, tiles, SCALE)[:hh, :ww] if len(tiles) > 1 else 1.0
                     out[i, :, r.y : r.y + hh, r.x : r.x + ww] += x[j, :, :hh, :ww] * wt
                     if i == 0:
                         norm[r.y : r.y + hh, r.x : r.x + ww] += wt
         return out.div_(norm).clamp_(-1, 1).mul_(0.5).add_(0.5)  # in place: no extra full-size copies
 
-    def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: StepCounter) -> torch.Tensor:
+    def _denoise_group(self, inputs, i: int, group: list[Tile], schedule, counter: StepCounter,
+                       hr_size: tuple[int, int]) -> torch.Tensor:
         """Denoise image i under ``group`` (one batch) -> padded [-1,1] samples on the CPU;
-        ``counter`` gets len(group) after every denoiser step."""
+        ``counter.step`` gets len(group) and the first tile's x̂0, cut to the image of HR size
+        ``hr_size``, after every denoiser step."""
         sub, w_sub, n_sub = inputs(i, group, counter)
         dev = self.device
+        seen = group[0].visible(SCALE, *hr_size)  # the first tile's part of the image: its preview
         return denoise_estimate(self._denoiser_call, sub.to(dev), w_sub.to(dev), n_sub.to(dev), schedule=schedule,
-                                callback=lambda _k, _x, _x0: counter(len(group)), crop=False,
-                                check_values=False).cpu()  # denoise() checked w and ε once
+                                callback=lambda _k, _x, x0: counter.step(len(group), x0, seen),
+                                crop=False, check_values=False).cpu()  # denoise() checked w and ε once
 
     def _tile_loop_banded(self, tiles: list[Tile], b: int, h4: int, w4: int, inputs, tile_batch: int,
-                          schedule, total: int, progress: Progress | None, sink: RowSink) -> None:
+                          schedule, counter: StepCounter, sink: RowSink) -> None:
         """The tile loop of ``_tile_loop`` with a canvas only for the rows still being blended.
 
         Tiles run row-major, so once every tile starting above LR row y is done, HR rows
@@ -398,17 +424,16 @@ class UPSRModel:
         (each pixel gets the same sums in the same order, so the same bits), handed to
         ``sink(i, y0, rows)`` and dropped.
         """
-        counter = StepCounter(progress, total)
         for i in range(b):
             buf = torch.zeros(3, 0, w4, dtype=torch.float32)  # HR rows [base, base + buf.shape[1])
             nrm = torch.zeros(0, w4, dtype=torch.float32)
             base = 0
             todo = list(tiles)
             for group in batches(tiles, tile_batch):
-                x = self._denoise_group(inputs, i, group, schedule, counter)
+                x = self._denoise_group(inputs, i, group, schedule, counter, (h4, w4))
                 for j, t in enumerate(group):
                     r = t.scaled(SCALE)
-                    hh, ww = min(r.h, h4 - r.y), min(r.w, w4 - r.x)
+                    hh, ww = t.visible(SCALE, h4, w4)
                     need = r.y + hh - base
                     if need > buf.shape[1]:  # grow the band to this tile's last row
                         extra = need - buf.shape[1]
@@ -444,6 +469,7 @@ class UPSRModel:
         sink: RowSink | None = None,
         same_noise: bool = False,
         estimator_block: int = ESTIMATOR_BLOCK,
+        preview: Preview | None = None,
     ) -> torch.Tensor | None:
         """lr (B,3,h,w) in [0,1] -> sr (B,3,4h,4w) float32 in [0,1] (whatever the nets' dtype); the
         official pipeline for LR <= tile.
@@ -467,12 +493,15 @@ class UPSRModel:
         blocks need less memory and change ŷ a little everywhere, not only near the blocks' borders
         (ATD groups tokens and updates its dictionary per block): blocks of 64 on the sample photo
         (LR 128×96), demo model: up to 0.051, mean 0.0049 (2026-11-29).
+
+        ``preview(x0)``: see :data:`Preview` (a live view of the sampling, e.g. ComfyUI's).
         """
         check_lr(lr)
         check_weight_params(b_u, psi_max)
         check_tiling(tile, overlap, self.multiple_of)
         check_block(estimator_block, "estimator_block")
         check_progress(progress)
+        check_preview(preview)
         if sink is not None and not callable(sink):
             raise TypeError(f"sink must be a callable sink(i, y0, rows), got {type(sink).__name__}")
         self._warn_if_slow()
@@ -512,9 +541,9 @@ class UPSRModel:
         units = len(blocks) * b  # the estimator's share of the progress total
         if sink is None:
             return self._checked(self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch,
-                                                 progress, estimator_units=units))
+                                                 progress, estimator_units=units, preview=preview))
         self._tile_loop(lr_pm, tuple(lr.shape[-2:]), inputs, tile, overlap, tile_batch, progress,
-                        lambda i, y0, rows: sink(i, y0, self._checked(rows)), estimator_units=units)
+                        lambda i, y0, rows: sink(i, y0, self._checked(rows)), estimator_units=units, preview=preview)
         return None
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .model import DEFAULT_OVERLAP, DEFAULT_TILE, Progress, UPSRModel
+from .model import DEFAULT_OVERLAP, DEFAULT_TILE, Preview, Progress, UPSRModel
 from .pipeline import (
     RESIZE_OVERSHOOT,
     SCALE,
@@ -312,12 +312,14 @@ def sample_maps(
     tile_batch: int = 1,
     progress: Progress | None = None,
     same_noise: bool = False,
+    preview: Preview | None = None,
 ) -> torch.Tensor:
     """Diffusion stage from visible maps -> sr (B,3,4h,4w) in [0,1].
 
     lr (B,3,h,w) [0,1]; sr_estimate (B,3,4h,4w) [0,1] (each image's own); weight (B|1,1|3,4h,4w)
     in [0,1] (a batch of 1: the same weight for every image).
     Image i's noise comes from seed + i, or from seed for every image with ``same_noise``.
+    ``preview(x0)``: each step's x̂0, see :data:`~upsr_core.model.Preview`.
     """
     check_lr(lr)
     _check_map("sr_estimate", sr_estimate, lr, (3,), shared=False, unit_range=True)
@@ -331,7 +333,7 @@ def sample_maps(
     w = recover_full(weight.float().cpu(), size, padded, role="noise_weight", lr_key=key).expand(b, -1, -1, -1)
     est = Estimate(lr_pm, bicubic_x4(lr_pm), y_hat, size)
     return model.denoise(est, w, seed=seed, tile=tile, overlap=overlap, tile_batch=tile_batch, progress=progress,
-                         same_noise=same_noise)
+                         same_noise=same_noise, preview=preview)
 
 
 def heatmap(x: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:

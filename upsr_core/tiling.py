@@ -42,6 +42,12 @@ class Tile:
     def slices(self) -> tuple[slice, slice]:
         return slice(self.y, self.y + self.h), slice(self.x, self.x + self.w)
 
+    def visible(self, s: int, h: int, w: int) -> tuple[int, int]:
+        """(rows, columns) of this tile at scale ``s`` that lie inside an image of h×w px at that
+        scale (a tile of the padded image reaches past the visible one at its right and bottom)."""
+        r = self.scaled(s)
+        return min(r.h, h - r.y), min(r.w, w - r.x)
+
 
 def check_tiling(tile: int, overlap: int, multiple: int) -> None:
     """Raise ValueError unless tile is a positive multiple of ``multiple`` and 0 <= overlap < tile."""

@@ -131,7 +131,8 @@ def start(base: Path | None = None, *, copy_inputs: bool = True, timeout: float 
     log = base / "server.log"
     cmd = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--disable-auto-launch", "--base-directory", str(base), "--extra-model-paths-config", str(yaml),
-           "--database-url", "sqlite:///:memory:"]
+           "--database-url", "sqlite:///:memory:",
+           "--preview-method", "auto"]  # previews on, as many users run it: the sampling nodes send x̂0 per step
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=comfy, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(proc, f"http://127.0.0.1:{port}", base, model_file, log)

@@ -30,6 +30,7 @@ def main() -> None:
     import comfy.model_patcher
     import comfy.utils
     import folder_paths
+    from comfy.cli_args import LatentPreviewMethod, args
     from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
     out: dict = {}
@@ -68,7 +69,9 @@ def main() -> None:
     out["schema_fields"] = [[f.name, None if f.default is dataclasses.MISSING else repr(f.default)]
                             for f in dataclasses.fields(io.Schema)]
     out["enums"] = {"NumberDisplay": [m.value for m in io.NumberDisplay], "Hidden": [m.value for m in io.Hidden],
-                    "VRAMState": [m.name for m in mm.VRAMState]}
+                    "VRAMState": [m.name for m in mm.VRAMState],
+                    "LatentPreviewMethod": [[m.name, m.value] for m in LatentPreviewMethod]}
+    out["preview_args"] = {"preview_method": args.preview_method.name, "preview_size": args.preview_size}
     out["mm"] = {"OOM_EXCEPTION": mm.OOM_EXCEPTION.__name__,
                  "InterruptProcessingException": [b.__name__ for b in mm.InterruptProcessingException.__mro__]}
     out["supported_pt_extensions"] = sorted(folder_paths.supported_pt_extensions)

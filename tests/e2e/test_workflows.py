@@ -65,8 +65,11 @@ def outputs(client, entry: dict, node_id: str, dest: Path) -> list[np.ndarray]:
 
 
 def progress_of(msgs: list[dict], node_id: str) -> list[tuple[int, int]]:
-    return [(m["data"]["value"], m["data"]["max"]) for m in msgs
+    """The node's progress counts, each once: the server runs with previews on, and a step's
+    preview comes with its count again (ComfyUI's progress hook sends a message per update)."""
+    seen = [(m["data"]["value"], m["data"]["max"]) for m in msgs
             if m["type"] == "progress" and m["data"].get("node") == node_id]
+    return [p for i, p in enumerate(seen) if not i or p != seen[i - 1]]
 
 
 def expected_progress_max(prompt: dict, node_id: str, lr_hw: tuple[int, int], multiple: int = 64) -> int:
@@ -353,6 +356,98 @@ def test_an_upscale_model_as_estimator_reports_each_tile(server, client, e2e, ob
     entry, msgs = run_watched(client, e2e, prompt)
     assert entry["status"]["status_str"] == "success", failure(entry)
     assert progress_of(msgs, "4") == [(1, 2), (2, 2)]
+
+
+def ws_frames(url: str, client_id: str, timeout: float = 300.0):
+    """Yield (opcode, payload) of every websocket frame ComfyUI sends this client, binary ones
+    (previews) included — comfy_e2e.ws_messages yields only the JSON ones. Minimal RFC 6455
+    reader (no TLS, no extensions, no fragmentation: ComfyUI sends whole frames)."""
+    import base64
+    import socket
+    import struct
+    import urllib.parse
+
+    u = urllib.parse.urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
+    sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    buf = b""
+
+    def take(n: int) -> bytes:
+        nonlocal buf
+        while len(buf) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            buf += chunk
+        out, buf = buf[:n], buf[n:]
+        return out
+
+    try:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("websocket handshake failed")
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        assert b" 101 " in head.split(b"\r\n")[0], head[:200]
+        while True:
+            b0, b1 = take(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", take(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", take(8))[0]
+            payload = take(n)  # (server frames are not masked)
+            if b0 & 0x0F == 0x8:
+                return
+            yield b0 & 0x0F, payload
+    finally:
+        sock.close()
+
+
+def test_sampling_previews_reach_the_browser(server, client, e2e, object_info):
+    """The server runs with ``--preview-method auto``: UPSR Upscale sends each step's x̂0 as a
+    preview image over the websocket (binary frame, event 1 PREVIEW_IMAGE, format 1 JPEG), one per
+    denoiser step, at ×4 of the LR, between the node's progress messages."""
+    from io import BytesIO
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
+        server.input_dir / "upsr_preview.png")
+    base = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
+    (loader,) = nodes_of(base, "LoadUPSRModel")
+    prompt = {"1": base[loader], "2": {"class_type": "LoadImage", "inputs": {"image": "upsr_preview.png"}},
+              "3": {"class_type": "UPSRUpscale", "inputs": {"upsr_model": ["1", 0], "image": ["2", 0], "seed": 0,
+                                                            "b_u": 0.4, "psi_max": 0.05, "tile": 512, "overlap": 32,
+                                                            "tile_batch": 1}},
+              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    frames = ws_frames(client.server, client.client_id)
+    next(frames)  # the 'status' greeting: subscribed before queueing
+    pid = client.submit(prompt)
+    previews, progress = [], []
+    try:
+        for op, payload in frames:
+            if op == 0x2:
+                event, fmt = int.from_bytes(payload[:4], "big"), int.from_bytes(payload[4:8], "big")
+                if event == 1:
+                    previews.append((fmt, Image.open(BytesIO(payload[8:])).size, progress[-1] if progress else None))
+                continue
+            m = json.loads(payload)
+            d = m.get("data", {})
+            if d.get("prompt_id") != pid:
+                continue
+            if m["type"] == "progress" and d.get("node") == "3":
+                progress.append(d["value"])
+            if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                assert m["type"] == "execution_success", m
+                break
+    finally:
+        frames.close()
+    assert client.wait(pid, 300)["status"]["status_str"] == "success"
+    assert progress[-1] == STEPS + 1  # one estimator block, then the steps
+    # each after its step's progress message: at counts 2..6 (the estimator's unit is 1)
+    assert previews == [(1, (512, 307), k) for k in range(2, STEPS + 2)]  # 160×96, shown at --preview-size 512
 
 
 def test_one_server_runs_every_setting_in_turn(server, client, e2e):
