@@ -112,7 +112,7 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default=None,
                    help="when --model holds only the denoiser: atd_real.pth, or a training run's estimator.safetensors")
     p.add_argument("--seed", type=SEED_ARG, default=0)
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="denoiser precision (fp32 = the faithful reference path; auto = fp16 on CUDA, else fp32)")
     p.add_argument("--b-u", type=B_U_ARG, default=0.4, help="noise floor b_u in [0, 1]")
