@@ -23,8 +23,6 @@ from upsr_core.nets import ATD, UPSRDenoiser
 
 from _support import atd_config_from_official, denoiser_config_from_official
 
-DTYPES = {"float32": torch.float32, "int64": torch.int64}
-
 
 @pytest.fixture(scope="module")
 def full_nets() -> tuple[UPSRDenoiser, ATD]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from upsr_core.model import UPSRModel
 from upsr_core.pipeline import bicubic_x4, crop_hr, denoise_estimate, estimate, pad_lr, starting_noise
-from upsr_core.tiling import partition, plan_tiles, tile_size, tile_starts, tile_weight
+from upsr_core.tiling import fits_one, partition, plan_tiles, tile_size, tile_starts, tile_weight
 from upsr_core.uncertainty import weight_noise
 
 from _support import ORACLE_ATOL
@@ -307,3 +307,17 @@ def test_bicubic_is_not_clamped():
     up = bicubic_x4(step)
     assert up.min() < -1.05 and up.max() > 1.05
     assert torch.equal(up, torch.nn.functional.interpolate(step, scale_factor=4, mode="bicubic", align_corners=False))
+
+
+def test_fits_one_is_what_plan_tiles_and_partition_say():
+    """The fast path and the memory estimate ask fits_one where the tile loop asks plan_tiles and
+    partition: the same answer for padded sides around every size's boundary, any overlap."""
+    for m in (4, 64):
+        for size in {m, 2 * m, 128, 512}:
+            sides = sorted({s for s in (m, size - m, size, size + m, 2 * size + m, 3 * size) if s > 0})
+            for overlap in (0, size // 2, size - 1):
+                for h in sides:
+                    for w in sides:
+                        one = fits_one(h, w, size)
+                        assert one == (len(plan_tiles(h, w, size, overlap, m)) == 1), (h, w, size, overlap, m)
+                        assert one == (len(partition(h, w, size)) == 1), (h, w, size)

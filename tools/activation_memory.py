@@ -1,10 +1,10 @@
 """Activation memory of the networks per LR pixel, counted as the peak of the live tensors of one call.
 
 What ``UPSRModel.working_memory`` / ``estimator_memory`` ask ComfyUI to free rests on these
-numbers (``_act_bytes_per_px``, ``_est_bytes_per_px``). A ``TorchDispatchMode`` adds up the
-storages that every operator returns while they are alive: on the CPU that is what a GPU's
-allocator would hold for the same tensors (its rounding, fragmentation and kernels' workspaces
-aside). Random full-size weights; nothing is timed.
+numbers (``_act_bytes_per_px``; ``_est_bytes_per_channel``, ``_est_bytes_per_head``). A
+``TorchDispatchMode`` adds up the storages that every operator returns while they are alive: on
+the CPU that is what a GPU's allocator would hold for the same tensors (its rounding,
+fragmentation and kernels' workspaces aside). Random full-size weights; nothing is timed.
 
 Usage::
 

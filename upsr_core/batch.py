@@ -367,7 +367,4 @@ def _tile_rows(model: UPSRModel, lr: torch.Tensor, tile: int, overlap: int) -> i
     """How many tile rows ``upscale`` runs for lr (after padding to the net's multiple)."""
     m = model.multiple_of
     hp, wp = padded_size(*lr.shape[-2:], m)
-    try:
-        return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})
-    except (TypeError, ValueError):
-        return 1  # bad tiling: let upscale raise its own error
+    return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})  # (tiling checked on entry: check_tiling)

@@ -199,14 +199,12 @@ class Flops:
 
     def upscale(self, b: int, hp: int, wp: int, tile: int, overlap: int, steps: int = 5) -> int:
         """Same work split as :meth:`UPSRModel.upscale`: estimator blocks with margin, denoiser tiles."""
-        from .model import ESTIMATOR_MARGIN
+        from .model import ESTIMATOR_MARGIN, _context_window
 
         total = 0
-        for blk in partition(hp, wp, ESTIMATOR_BLOCK):
-            mg = ESTIMATOR_MARGIN if (hp, wp) != (blk.h, blk.w) else 0
-            h = min(blk.y + blk.h + mg, hp) - max(blk.y - mg, 0)
-            w = min(blk.x + blk.w + mg, wp) - max(blk.x - mg, 0)
-            total += b * self.estimator(1, h, w)
+        for blk in partition(hp, wp, ESTIMATOR_BLOCK):  # (one block: the window is the image)
+            y0, y1, x0, x1 = _context_window(blk, ESTIMATOR_MARGIN, hp, wp)
+            total += b * self.estimator(1, y1 - y0, x1 - x0)
         for t in plan_tiles(hp, wp, tile, overlap, self.den.multiple_of):
             total += b * steps * self.denoiser(1, t.h, t.w)
         return total

@@ -79,7 +79,7 @@ from .pipeline import (
     starting_noise,
 )
 from .schedule import make_schedule
-from .tiling import batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
+from .tiling import batches, check_tile_batch, check_tiling, fits_one, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params
 
 __all__ = ["enable_fast", "FastUPSRModel", "FastOptions", "noise_weight", "param_dicts", "placement"]
@@ -609,7 +609,7 @@ class FastUPSRModel(UPSRModel):
                         estimator_block: int | None) -> int:
         # images of one tile and one block: upscale runs the batch in calls of this many (denoise,
         # and the tiled path, one image at a time)
-        if estimator_block is None or max(hp, wp) > min(tile, estimator_block):
+        if estimator_block is None or not fits_one(hp, wp, min(tile, estimator_block)):
             return 1
         return self._images_per_call(batch, hp, wp, tile, tile_batch)
 
@@ -653,8 +653,7 @@ class FastUPSRModel(UPSRModel):
         b, _, h, w = lr.shape
         m = self.multiple_of
         hp, wp = padded_size(h, w, m)
-        if (sink is not None or len(plan_tiles(hp, wp, tile, overlap, m)) > 1
-                or len(partition(hp, wp, estimator_block)) > 1):
+        if sink is not None or not fits_one(hp, wp, min(tile, estimator_block)):
             # several tiles or blocks, or streamed output: the base class's tile loop, which makes
             # ε band by band when not given (a whole field here would be 1 HR of CPU memory)
             return super().upscale(lr, seed=seed, b_u=b_u, psi_max=psi_max, tile=tile, overlap=overlap,

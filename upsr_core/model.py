@@ -41,7 +41,7 @@ from .pipeline import (
     starting_noise,
 )
 from .schedule import make_schedule
-from .tiling import Tile, batches, check_tile_batch, check_tiling, partition, plan_tiles, tile_weight
+from .tiling import Tile, batches, check_tile_batch, check_tiling, fits_one, partition, plan_tiles, tile_weight
 from .uncertainty import DEFAULT_B_U, DEFAULT_PSI_MAX, check_weight_params, weight_noise
 
 log = logging.getLogger("upsr_core")
@@ -203,7 +203,7 @@ class UPSRModel:
                                       estimator_block=estimator_block)
         if images > 1:  # (only images of one tile: the whole image is the tile)
             return images * hp * wp
-        if hp <= tile and wp <= tile:  # one tile per image, and images run one by one
+        if fits_one(hp, wp, tile):  # one tile per image, and images run one by one
             return hp * wp
         return tile_batch * min(tile, hp) * min(tile, wp)
 

@@ -9,7 +9,8 @@ Notation (code name -> paper symbol):
 ``alpha[t]``           α_t = η_t − η_{t−1}
 ``kappa``              κ, noise scale: x_T = y + κ √η_T · w ⊙ ε
 ``std[t]``             input scale of the denoiser, √(η_t κ² var_un + 1/4), var_un = 0.3
-``ddim_m/k/c[t]``      DDIM (η=0) update x_{t−1} = k_t x̂0 + m_t x_t + c_t y
+``m/k/c[t]``           DDIM (η=0) update x_{t−1} = k_t x̂0 + m_t x_t + c_t y (keys of ``f32()``)
+``prior``              κ √η_T, the scale of the starting noise (key of ``f32()``)
 =====================  ==========================================================
 
 All constants are float64 (as the official NumPy code); :meth:`ResShiftSchedule.f32`

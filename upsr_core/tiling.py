@@ -94,6 +94,12 @@ def plan_tiles(h: int, w: int, tile: int, overlap: int, multiple: int = 1) -> li
     return [Tile(y, x, th, tw) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
 
 
+def fits_one(h: int, w: int, size: int) -> bool:
+    """An (h, w) image is one piece of ``size``: one tile of :func:`plan_tiles` (whatever the
+    overlap) and one block of :func:`partition` exactly when both sides are <= size."""
+    return h <= size and w <= size
+
+
 def partition(h: int, w: int, block: int) -> list[Tile]:
     """Disjoint row-major blocks of at most ``block`` covering an (h, w) grid."""
     if block <= 0:
@@ -101,7 +107,7 @@ def partition(h: int, w: int, block: int) -> list[Tile]:
     return [Tile(y, x, min(block, h - y), min(block, w - x)) for y in range(0, h, block) for x in range(0, w, block)]
 
 
-def _ramp(n: int, length: int, before: int, after: int) -> torch.Tensor:
+def _ramp(length: int, before: int, after: int) -> torch.Tensor:
     """1D weights of a tile of ``length`` with ``before``/``after`` samples shared with neighbours."""
     wgt = torch.ones(length, dtype=torch.float64)
     for ov, sl in ((before, slice(0, before)), (after, slice(length - after, length))):
@@ -117,8 +123,8 @@ def tile_weight(t: Tile, tiles: list[Tile], scale: int = 1) -> torch.Tensor:
     down = max((t.y + t.h - o.y for o in tiles if o.y > t.y and o.x == t.x), default=0)
     left = max((o.x + o.w - t.x for o in tiles if o.x < t.x and o.y == t.y), default=0)
     right = max((t.x + t.w - o.x for o in tiles if o.x > t.x and o.y == t.y), default=0)
-    wy = _ramp(t.h, t.h * scale, max(up, 0) * scale, max(down, 0) * scale)
-    wx = _ramp(t.w, t.w * scale, max(left, 0) * scale, max(right, 0) * scale)
+    wy = _ramp(t.h * scale, max(up, 0) * scale, max(down, 0) * scale)
+    wx = _ramp(t.w * scale, max(left, 0) * scale, max(right, 0) * scale)
     return (wy[:, None] * wx[None, :]).float()
 
 

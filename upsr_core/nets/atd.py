@@ -210,8 +210,8 @@ class CategoryAttention(nn.Module):
         with torch.no_grad():
             self.fast_scale = float(self._scale())
 
-    def forward(self, qkv: torch.Tensor, sim: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """qkv (B, n, 3C), sim (B, n, m), perm (B, n) sorting permutation -> (B, n, C)."""
+    def forward(self, qkv: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """qkv (B, n, 3C), perm (B, n) the permutation that sorts the tokens by category -> (B, n, C)."""
         b, n, c3 = qkv.shape
         c = c3 // 3
         gs = min(n, self.category_size)
@@ -266,7 +266,7 @@ class ATDLayer(nn.Module):
         x_atd, sim = self.attn_atd(xn, td)
         category = torch.argmax(sim, dim=-1)
         perm = ctx["sort"](category)
-        x_aca = self.attn_aca(qkv, sim, perm)
+        x_aca = self.attn_aca(qkv, perm)
         s = self.shift
         if ctx["fast"]:  # roll + partition as one row gather, undone by the inverse gather; the same
             # sums in fewer kernels (the /√3 as add's alpha; InstanceNorm1d as the GroupNorm with one

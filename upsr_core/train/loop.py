@@ -17,7 +17,6 @@ the loss is averaged over ranks before the NaN check, so the replicas stay ident
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import UnsupportedCheckpointError, load_pickled
-from ..imageio import write_atomically, write_text
+from ..imageio import write_atomically
 from ..model import check_device
 from .ema import EMA
 
@@ -519,11 +518,6 @@ class Trainer:
         m.load_state_dict(self.model.state_dict())
         self.ema.copy_to(m)
         return m.eval().requires_grad_(False)
-
-    def write_history(self, path: str | os.PathLike) -> None:
-        if self.di.main:
-            write_text(path, json.dumps(self.history, indent=0) + "\n")
-
 
 class _nullcontext:
     def __enter__(self):
