@@ -46,16 +46,18 @@ def previews_on() -> bool:
 
 def progress_with_preview() -> tuple[Progress, Preview | None]:
     """:func:`progress_bar` and, when :func:`previews_on`, a ``preview(x0)`` that shows a step's
-    x̂0 on the node while it samples (as KSampler's latent preview; JPEG, at most
-    ``--preview-size`` px), else None (nothing is computed for it)."""
+    x̂0 on the node while it samples, else None (nothing is computed for it). upsr_core calls
+    ``preview`` just before the step's progress report: the picture (shrunk on the device to
+    ``--preview-size`` px, JPEG) goes out with that report, one update per step as KSampler's."""
     pbar = comfy.utils.ProgressBar(1)
+    pending: list = []  # the picture of the step about to be reported
 
     def progress(done: int, total: int) -> None:
         mm.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(done, total)
+        pbar.update_absolute(done, total, pending.pop() if pending else None)
 
     def preview(x0: torch.Tensor) -> None:
-        pbar.update_absolute(pbar.current, pbar.total, ("JPEG", to_pil(x0), args.preview_size))
+        pending[:] = [("JPEG", to_pil(x0, max_side=args.preview_size), args.preview_size)]
 
     return progress, (preview if previews_on() else None)
 

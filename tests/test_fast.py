@@ -1168,10 +1168,10 @@ def test_upscale_progress_counts_the_estimator_blocks_on_both_paths(shape, tile,
                                                               ((1, 3, 20, 36), 16, 2, False),
                                                               ((2, 3, 20, 36), 16, 1, True)])
 def test_preview_shows_each_steps_estimate_on_both_paths(shape, tile, tile_batch, streamed):
-    """``preview(x0)`` (ComfyUI's live view) gets each eager step's x̂0 right after the step's
+    """``preview(x0)`` (ComfyUI's live view) gets each eager step's x̂0 just before the step's
     progress report: of the first image of a call, of the first tile of a tile batch, cut to the
-    image, in [0, 1]; on one tile the last step's x̂0 is the result, bit for bit. Reference and
-    fast paths (whole-image batch, tiled, streamed) show the same pictures."""
+    image, in [0, 1] on the model's device; on one tile the last step's x̂0 is the result, bit for
+    bit. Reference and fast paths (whole-image batch, tiled, streamed) show the same pictures."""
     from upsr_core.tiling import batches, plan_tiles
 
     ref = tiny_upsr()
@@ -1189,10 +1189,10 @@ def test_preview_shows_each_steps_estimate_on_both_paths(shape, tile, tile_batch
                             sink=(lambda *_: None) if streamed else None)
         pictures = [x for x in log if isinstance(x, torch.Tensor)]
         done = 0
-        for i, x in enumerate(log):  # each picture right after a progress report that advanced the count
+        for i, x in enumerate(log):  # each picture right before the report of its step, which advances the count
             if isinstance(x, torch.Tensor):
-                assert isinstance(log[i - 1], int) and log[i - 1] > done
-                done = log[i - 1]
+                assert isinstance(log[i + 1], int) and log[i + 1] > done
+                done = log[i + 1]
         assert all(p.dtype == torch.float32 and p.device.type == "cpu" and 0 <= p.min() and p.max() <= 1
                    for p in pictures)
         if len(tiles) == 1:

@@ -498,3 +498,22 @@ def test_an_image_whose_decoding_would_not_fit_the_memory_is_refused_before_deco
     assert read_image(tmp_path / "bomb.png").rgb.shape == (3, 200, 300)
     monkeypatch.setattr(io, "available_bytes", lambda: None)  # not Linux: not checked
     assert read_image(tmp_path / "bomb.png").rgb.shape == (3, 200, 300)
+
+
+def test_to_pil_rounds_as_write_png_and_shrinks_to_max_side(tmp_path):
+    """to_pil (the nodes' step previews): 8-bit as write_png writes it; ``max_side`` shrinks a larger
+    image on its device, antialiased (a constant stays that constant; aspect kept), not a smaller one."""
+    from upsr_core.imageio import to_pil, write_png
+
+    x = torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # clamped like write_png
+    write_png(tmp_path / "x.png", x)
+    assert np.array_equal(np.asarray(to_pil(x)), np.asarray(Image.open(tmp_path / "x.png")))
+    assert to_pil(x, max_side=40).size == (40, 24)
+    big = torch.full((3, 2048, 1536), 0.25)
+    small = to_pil(big, max_side=512)
+    assert small.size == (384, 512) and np.unique(np.asarray(small)).tolist() == [64]
+    for bad in (0, 1.5, "512"):
+        with pytest.raises(ValueError, match=f"max_side must be an integer >= 1 or None, got {bad!r}"):
+            to_pil(x, max_side=bad)
+    with pytest.raises(ValueError, match=r"to_pil needs a float \(3, H, W\) image in \[0, 1\], got \(1, 3, 24, 40\)"):
+        to_pil(x[None])

@@ -640,7 +640,8 @@ class FastUPSRModel(UPSRModel):
         estimator block runs estimate, ψ/w, the 5 steps and the crop as ONE device function
         (one CUDA graph per shape), images batched within ``tile_batch`` × ``tile``² pixels;
         larger images stream through the reference tiling with :meth:`_tile_loop`. ``preview``
-        gets no call from a replayed graph (small images on CUDA: the 5 steps take milliseconds).
+        gets no call from a replayed graph (CUDA graphs on, as the CLI's ``--fast`` runs: images
+        and tile groups up to GRAPH_MAX_PIXELS, whose 5 steps take milliseconds).
         """
         self._follow()
         check_lr(lr)

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .cpu_memory import available_bytes
@@ -543,12 +544,22 @@ def _to_ints(rgb: torch.Tensor, alpha: torch.Tensor | None, bits: int, gray: boo
     return (x * maxv).round().permute(1, 2, 0).numpy().astype(dtype)
 
 
-def to_pil(rgb: torch.Tensor) -> Image.Image:
-    """rgb (3, H, W) in [0, 1] (clamped) -> an 8-bit RGB PIL image, rounded as :func:`write_png`
-    writes 8 bits (e.g. a sampling preview for ComfyUI)."""
+def to_pil(rgb: torch.Tensor, max_side: int | None = None) -> Image.Image:
+    """rgb (3, H, W) in [0, 1] (clamped), on any device -> an 8-bit RGB PIL image, rounded as
+    :func:`write_png` writes 8 bits (e.g. a sampling preview for ComfyUI). ``max_side``: a larger
+    image is first shrunk (antialiased bilinear, on its device: only the small copy crosses to
+    the CPU) so that its longer side is ``max_side`` px."""
     if not isinstance(rgb, torch.Tensor) or rgb.ndim != 3 or rgb.shape[0] != 3 or not rgb.is_floating_point():
         shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
         raise ValueError(f"to_pil needs a float (3, H, W) image in [0, 1], got {shape}")
+    if max_side is not None and not (isinstance(max_side, int) and max_side >= 1):
+        raise ValueError(f"max_side must be an integer >= 1 or None, got {max_side!r}")
+    h, w = rgb.shape[-2:]
+    if max_side is not None and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        x = rgb.float() if rgb.device.type != "mps" else rgb.float().cpu()  # (antialias: not on every MPS torch)
+        rgb = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
     return Image.fromarray(_to_ints(rgb, None, 8, False))  # (H, W, 3) uint8: RGB
 
 

@@ -72,10 +72,12 @@ of each image); may raise to cancel."""
 
 
 Preview = Callable[[torch.Tensor], None]
-"""preview(x0): called after each denoiser step that runs eagerly (not from a replayed CUDA graph),
-after its ``progress`` call, with the step's estimate x̂0 of the first image of the batch being
-denoised — of its first tile when tiled — as (3, H, W) float32 in [0, 1] on the CPU, cut to the
-image; may raise to cancel."""
+"""preview(x0): called after each denoiser step run step by step (not inside a CUDA graph: the
+fast path's graph replays, and a first call whose capture failed, call none), just before that
+step's ``progress`` report, with the step's estimate x̂0 of the first image of the batch being
+denoised — of its first tile when tiled, before the blend — as (3, H, W) float32 in [0, 1] on the
+model's device, cut to the image; may raise to cancel. (The host can merge the two calls into one
+update, as ComfyUI's step previews are.)"""
 
 
 def check_preview(preview: object) -> None:
@@ -93,11 +95,11 @@ class StepCounter:
         self.progress, self.total, self.done, self.preview = progress, total, 0, preview
 
     def step(self, n: int, x0_pm: torch.Tensor, hr_size: tuple[int, int]) -> None:
-        """A denoiser step over n images (tiles) is done: ``counter(n)``, then ``preview`` of the
-        first one's x̂0 (x0_pm (n, 48, Hp, Wp) unshuffled), cut to ``hr_size`` (H, W)."""
-        self(n)
+        """A denoiser step over n images (tiles) is done: ``preview`` of the first one's x̂0
+        (x0_pm (n, 48, Hp, Wp) unshuffled), cut to ``hr_size`` (H, W), then ``counter(n)``."""
         if self.preview is not None:
             self.preview(preview_image(x0_pm[0], hr_size))
+        self(n)
 
     def __call__(self, n: int) -> None:
         self.done += n

@@ -499,8 +499,8 @@ def crop_hr(x: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
 
 def preview_image(x0_pm: torch.Tensor, hr_size: tuple[int, int]) -> torch.Tensor:
     """A denoiser step's x̂0 of one image (48, Hp, Wp), PixelUnshuffled in [-1, 1] space, as a
-    picture: (3, H, W) float32 in [0, 1] on the CPU, cut to ``hr_size`` = (H, W) <= (4Hp, 4Wp)
-    (the image's or its tile's visible part), clamped as the final output is."""
+    picture: (3, H, W) float32 in [0, 1] on x0_pm's device, cut to ``hr_size`` = (H, W) <= (4Hp,
+    4Wp) (the image's or its tile's visible part), clamped as the final output is."""
     if x0_pm.ndim != 3 or x0_pm.shape[0] != 3 * SCALE * SCALE:
         raise ValueError(f"x0_pm must be one image's unshuffled x̂0 ({3 * SCALE * SCALE}, Hp, Wp), "
                          f"got {tuple(x0_pm.shape)}")
@@ -509,7 +509,7 @@ def preview_image(x0_pm: torch.Tensor, hr_size: tuple[int, int]) -> torch.Tensor
         raise ValueError(f"hr_size {tuple(hr_size)} must be >= 1 and fit the step's "
                          f"{SCALE * x0_pm.shape[-2]}x{SCALE * x0_pm.shape[-1]}")
     x = F.pixel_shuffle(x0_pm[None, :, : -(-h // SCALE), : -(-w // SCALE)], SCALE)[0, :, :h, :w]
-    return x.float().clamp(-1, 1).mul(0.5).add(0.5).cpu()
+    return x.float().clamp(-1, 1).mul(0.5).add(0.5)
 
 
 def default_weight(est: Estimate, b_u: float = DEFAULT_B_U, psi_max: float = DEFAULT_PSI_MAX) -> torch.Tensor:

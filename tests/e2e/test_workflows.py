@@ -65,11 +65,8 @@ def outputs(client, entry: dict, node_id: str, dest: Path) -> list[np.ndarray]:
 
 
 def progress_of(msgs: list[dict], node_id: str) -> list[tuple[int, int]]:
-    """The node's progress counts, each once: the server runs with previews on, and a step's
-    preview comes with its count again (ComfyUI's progress hook sends a message per update)."""
-    seen = [(m["data"]["value"], m["data"]["max"]) for m in msgs
+    return [(m["data"]["value"], m["data"]["max"]) for m in msgs
             if m["type"] == "progress" and m["data"].get("node") == node_id]
-    return [p for i, p in enumerate(seen) if not i or p != seen[i - 1]]
 
 
 def expected_progress_max(prompt: dict, node_id: str, lr_hw: tuple[int, int], multiple: int = 64) -> int:
@@ -358,10 +355,11 @@ def test_an_upscale_model_as_estimator_reports_each_tile(server, client, e2e, ob
     assert progress_of(msgs, "4") == [(1, 2), (2, 2)]
 
 
-def ws_frames(url: str, client_id: str, timeout: float = 300.0):
+def ws_frames(url: str, client_id: str, timeout: float = 300.0, flags: dict | None = None):
     """Yield (opcode, payload) of every websocket frame ComfyUI sends this client, binary ones
     (previews) included — comfy_e2e.ws_messages yields only the JSON ones. Minimal RFC 6455
-    reader (no TLS, no extensions, no fragmentation: ComfyUI sends whole frames)."""
+    reader (no TLS, no extensions, no fragmentation: ComfyUI sends whole frames). ``flags``: sent
+    first as the client's feature flags, as the frontend does."""
     import base64
     import socket
     import struct
@@ -392,6 +390,10 @@ def ws_frames(url: str, client_id: str, timeout: float = 300.0):
             buf += chunk
         head, buf = buf.split(b"\r\n\r\n", 1)
         assert b" 101 " in head.split(b"\r\n")[0], head[:200]
+        if flags is not None:  # one masked text frame (client frames must be masked), < 126 bytes
+            data, mask = json.dumps({"type": "feature_flags", "data": flags}).encode(), os.urandom(4)
+            assert len(data) < 126
+            sock.sendall(bytes([0x81, 0x80 | len(data)]) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(data)))
         while True:
             b0, b1 = take(2)
             n = b1 & 0x7F
@@ -407,10 +409,12 @@ def ws_frames(url: str, client_id: str, timeout: float = 300.0):
         sock.close()
 
 
-def test_sampling_previews_reach_the_browser(server, client, e2e, object_info):
+@pytest.mark.parametrize("metadata", [False, True])
+def test_sampling_previews_reach_the_browser(server, client, e2e, object_info, metadata):
     """The server runs with ``--preview-method auto``: UPSR Upscale sends each step's x̂0 as a
-    preview image over the websocket (binary frame, event 1 PREVIEW_IMAGE, format 1 JPEG), one per
-    denoiser step, at ×4 of the LR, between the node's progress messages."""
+    preview image over the websocket, one per denoiser step, right after that step's only progress
+    message. To a client without feature flags as event 1 PREVIEW_IMAGE (format 1: JPEG); to one
+    that supports preview metadata, as the 0.3.64 frontend, as event 4 with the node's id."""
     from io import BytesIO
 
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
@@ -418,20 +422,32 @@ def test_sampling_previews_reach_the_browser(server, client, e2e, object_info):
     base = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
     (loader,) = nodes_of(base, "LoadUPSRModel")
     prompt = {"1": base[loader], "2": {"class_type": "LoadImage", "inputs": {"image": "upsr_preview.png"}},
-              "3": {"class_type": "UPSRUpscale", "inputs": {"upsr_model": ["1", 0], "image": ["2", 0], "seed": 0,
+              "3": {"class_type": "UPSRUpscale", "inputs": {"upsr_model": ["1", 0], "image": ["2", 0], "seed": int(metadata),
                                                             "b_u": 0.4, "psi_max": 0.05, "tile": 512, "overlap": 32,
                                                             "tile_batch": 1}},
               "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
-    frames = ws_frames(client.server, client.client_id)
+    # (a seed per case: ComfyUI would take the other case's result from its cache and run nothing)
+    # and a client (websocket id) of its own, with the feature flags of the case
+    own = e2e.ComfyClient(client.server)
+    frames = ws_frames(own.server, own.client_id, flags={"supports_preview_metadata": True} if metadata else None)
     next(frames)  # the 'status' greeting: subscribed before queueing
-    pid = client.submit(prompt)
+    if metadata:
+        assert json.loads(next(frames)[1])["type"] == "feature_flags"  # the server's answer: flags taken
+    pid = own.submit(prompt)
     previews, progress = [], []
     try:
         for op, payload in frames:
             if op == 0x2:
-                event, fmt = int.from_bytes(payload[:4], "big"), int.from_bytes(payload[4:8], "big")
-                if event == 1:
-                    previews.append((fmt, Image.open(BytesIO(payload[8:])).size, progress[-1] if progress else None))
+                event, rest = int.from_bytes(payload[:4], "big"), payload[4:]
+                if event == 1 and not metadata:
+                    kind, jpeg = int.from_bytes(rest[:4], "big"), rest[4:]
+                elif event == 4 and metadata:
+                    n = int.from_bytes(rest[:4], "big")
+                    meta, jpeg = json.loads(rest[4 : 4 + n]), rest[4 + n :]
+                    kind = (meta["image_type"], meta["node_id"], meta["prompt_id"] == pid)
+                else:
+                    raise AssertionError(f"binary event {event} with metadata={metadata}")
+                previews.append((kind, Image.open(BytesIO(jpeg)).size, progress[-1] if progress else None))
                 continue
             m = json.loads(payload)
             d = m.get("data", {})
@@ -444,10 +460,14 @@ def test_sampling_previews_reach_the_browser(server, client, e2e, object_info):
                 break
     finally:
         frames.close()
-    assert client.wait(pid, 300)["status"]["status_str"] == "success"
-    assert progress[-1] == STEPS + 1  # one estimator block, then the steps
-    # each after its step's progress message: at counts 2..6 (the estimator's unit is 1)
-    assert previews == [(1, (512, 307), k) for k in range(2, STEPS + 2)]  # 160×96, shown at --preview-size 512
+    assert own.wait(pid, 300)["status"]["status_str"] == "success"
+    # one estimator block (a check before it at 0), then the steps, each reported once
+    assert progress == list(range(STEPS + 2))
+    # 160×96, shown at --preview-size 512, one per step (counts 2..6: the estimator's unit is 1);
+    # ComfyUI's hook sends the event-4 preview (through its progress registry) before the step's
+    # "progress" message, the event-1 one after it
+    kind, seen_at = (("image/jpeg", "3", True), range(1, STEPS + 1)) if metadata else (1, range(2, STEPS + 2))
+    assert previews == [(kind, (512, 307), k) for k in seen_at]
 
 
 def test_one_server_runs_every_setting_in_turn(server, client, e2e):
