@@ -422,9 +422,9 @@ def test_sampling_previews_reach_the_browser(server, client, e2e, object_info, m
     base = e2e.ui_to_api(load_workflow("upsr_basic"), object_info)
     (loader,) = nodes_of(base, "LoadUPSRModel")
     prompt = {"1": base[loader], "2": {"class_type": "LoadImage", "inputs": {"image": "upsr_preview.png"}},
-              "3": {"class_type": "UPSRUpscale", "inputs": {"upsr_model": ["1", 0], "image": ["2", 0], "seed": int(metadata),
-                                                            "b_u": 0.4, "psi_max": 0.05, "tile": 512, "overlap": 32,
-                                                            "tile_batch": 1}},
+              "3": {"class_type": "UPSRUpscale", "inputs": {"upsr_model": ["1", 0], "image": ["2", 0],
+                                                            "seed": int(metadata), "b_u": 0.4, "psi_max": 0.05,
+                                                            "tile": 512, "overlap": 32, "tile_batch": 1}},
               "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
     # (a seed per case: ComfyUI would take the other case's result from its cache and run nothing)
     # and a client (websocket id) of its own, with the feature flags of the case
