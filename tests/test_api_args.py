@@ -754,7 +754,7 @@ def test_the_memory_rule_counts_what_upscale_runs_at_once(fast, b, hw, tile, til
     hp, wp = padded_size(*hw, m.multiple_of)
     kw = dict(batch=b, tile=tile, tile_batch=tile_batch, estimator_block=block)
     images = m._images_at_once(hp, wp, **kw)
-    assert seen["den"] == m._denoiser_px(hp, wp, **kw)
+    assert seen["den"] == m._denoiser_px(hp, wp, images, tile=tile, tile_batch=tile_batch)
     est_px = images * max((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in
                           (_context_window(blk, ESTIMATOR_MARGIN, hp, wp) for blk in partition(hp, wp, block)))
     assert seen["est"] <= est_px and (seen["est"] == est_px or block < max(hp, wp))

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cliargs import check_tiling_flags
 from .colorfix import StreamedColorFix, bicubic_rows, wavelet_color_fix
 from .imageio import (
     IMAGE_SUFFIXES,
@@ -36,7 +37,7 @@ from .imageio import (
 )
 from .model import DEFAULT_OVERLAP, UPSRModel, load_upsr
 from .pipeline import SCALE, padded_size, starting_noise
-from .tiling import check_tiling, plan_tiles
+from .tiling import plan_tiles
 from .uncertainty import check_weight_params
 
 __all__ = ["run_upscale", "collect_inputs", "plan_outputs"]
@@ -245,10 +246,8 @@ def run_upscale(args: argparse.Namespace, device: torch.device, dtype_of: Callab
         raise ValueError("no estimator: --model holds only the denoiser, so pass --estimator (atd_real.pth for "
                          "the official upsr.pth; for a denoiser.safetensors of `train`, the estimator.safetensors "
                          "its stage 2 was trained with)")
-    try:  # the nets' multiple is known now: before the first image, in the flags' names
-        check_tiling(args.tile, args.overlap, model.multiple_of)
-    except ValueError as e:
-        raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
+    # the nets' multiple is known now: checked before the first image, in the flags' names
+    check_tiling_flags(args.tile, args.overlap, model.multiple_of)
     if args.fast:
         from .fast import enable_fast
 
@@ -367,4 +366,4 @@ def _tile_rows(model: UPSRModel, lr: torch.Tensor, tile: int, overlap: int) -> i
     """How many tile rows ``upscale`` runs for lr (after padding to the net's multiple)."""
     m = model.multiple_of
     hp, wp = padded_size(*lr.shape[-2:], m)
-    return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})  # (tiling checked on entry: check_tiling)
+    return len({t.y for t in plan_tiles(hp, wp, tile, overlap, m)})  # (tiling checked on entry: check_tiling_flags)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .cliargs import float_range, int_list, int_min, writable_file
+from .cliargs import check_tiling_flags, float_range, int_list, int_min, writable_file
 from .config import FULL_ATD, FULL_DENOISER
 from .errors import FastOptionError, NonFiniteOutputError, cpu_has_fast_bf16
 from .fast import enable_fast
@@ -59,7 +59,7 @@ from .imageio import write_text
 from .model import DEFAULT_OVERLAP, DEFAULT_TILE, ESTIMATOR_BLOCK, UPSRModel
 from .nets import ATD, UPSRDenoiser
 from .pipeline import padded_size, starting_noise
-from .tiling import check_tiling, partition, plan_tiles
+from .tiling import partition, plan_tiles
 from .uncertainty import weight_noise
 
 __all__ = ["add_parser", "run_bench"]
@@ -467,10 +467,7 @@ def run_bench(args: argparse.Namespace) -> int:
           f"{meta['weights']} weights, ATD in the row's dtype (fp32 in fp16 rows); fp32 = TF32 off", flush=True)
     mult = ref.multiple_of
     if tiled:  # fail before any row runs, not after minutes of device time
-        try:
-            check_tiling(args.tile, args.overlap, mult)
-        except ValueError as e:  # its words are the library's: name the flags
-            raise ValueError(f"--tile {args.tile} / --overlap {args.overlap}: {e}") from None
+        check_tiling_flags(args.tile, args.overlap, mult)
     table = Table(args.json, meta)
     if slow_bf16 and "bf16" not in dtypes + tiled_dtypes:
         table.comment("no bf16 row: this CPU has no fast bf16 kernels (no AVX-512/AMX), where bf16 convolutions "

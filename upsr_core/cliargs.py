@@ -10,10 +10,20 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from .tiling import check_tiling
 from .uncertainty import PSI_MAX_LIMIT
 
 __all__ = ["UsageError", "OneLineParser", "int_min", "float_range", "off_or", "int_list", "writable_file",
-           "png_or_folder", "B_U_ARG", "PSI_MAX_ARG"]
+           "png_or_folder", "check_tiling_flags", "B_U_ARG", "PSI_MAX_ARG"]
+
+
+def check_tiling_flags(tile: int, overlap: int, multiple: int) -> None:
+    """:func:`~upsr_core.tiling.check_tiling` for ``--tile``/``--overlap`` once the nets' multiple
+    is known (after parsing): its ValueError names the two flags and their values."""
+    try:
+        check_tiling(tile, overlap, multiple)
+    except ValueError as e:  # its words are the library's
+        raise ValueError(f"--tile {tile} / --overlap {overlap}: {e}") from None
 
 
 def int_min(lo: int, hi: int | None = None) -> Callable[[str], int]:

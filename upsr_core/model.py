@@ -192,17 +192,15 @@ class UPSRModel:
         hp, wp = self._check_sizes(lr_size, **counts, **({} if estimator_block is None
                                                          else {"estimator_block": estimator_block}))
         per_px = self._act_bytes_per_px * self.dtype.itemsize * self.denoiser.config.model_channels / 160
-        need = int(per_px * self._denoiser_px(hp, wp, **counts, estimator_block=estimator_block))
+        images = self._images_at_once(hp, wp, **counts, estimator_block=estimator_block)
+        need = int(per_px * self._denoiser_px(hp, wp, images, tile=tile, tile_batch=tile_batch))
         if estimator_block is not None:
-            images = self._images_at_once(hp, wp, **counts, estimator_block=estimator_block)
             need = max(need, self.estimator_memory(lr_size, block=estimator_block, images=images))
         return need
 
-    def _denoiser_px(self, hp: int, wp: int, *, batch: int, tile: int, tile_batch: int,
-                     estimator_block: int | None) -> int:
-        """LR pixels in one denoiser call: a tile batch, or a whole image batch of one call."""
-        images = self._images_at_once(hp, wp, batch=batch, tile=tile, tile_batch=tile_batch,
-                                      estimator_block=estimator_block)
+    def _denoiser_px(self, hp: int, wp: int, images: int, *, tile: int, tile_batch: int) -> int:
+        """LR pixels in one denoiser call: a tile batch, or the ``images`` (:meth:`_images_at_once`)
+        that one call runs whole."""
         if images > 1:  # (only images of one tile: the whole image is the tile)
             return images * hp * wp
         if fits_one(hp, wp, tile):  # one tile per image, and images run one by one
